@@ -1,0 +1,299 @@
+/*
+ * Thin CPython binding over ctl.c.  It owns no policy: each method maps to one
+ * shmf_* call, releases the GIL around anything that can wait, and returns the
+ * status code for shmfeed/_control.py to interpret.  The only exceptions raised
+ * here are for misuse (bad buffer) and for signals that arrive during a wait
+ * (PyErr_CheckSignals, so Ctrl-C reaches the training loop promptly).
+ */
+#define PY_SSIZE_T_CLEAN
+#include <Python.h>
+
+#include <signal.h>
+#include <sys/prctl.h>
+
+#include "shmfeed_ctl.h"
+
+typedef struct {
+    PyObject_HEAD
+    Py_buffer view; /* held for the object's lifetime: keeps the mapping alive */
+    void *base;
+} ControlObject;
+
+static void Control_dealloc(ControlObject *self) {
+    if (self->base) PyBuffer_Release(&self->view);
+    Py_TYPE(self)->tp_free((PyObject *)self);
+}
+
+static int Control_init(ControlObject *self, PyObject *args, PyObject *kwds) {
+    static char *kwlist[] = {"buffer", NULL};
+    PyObject *obj;
+    if (!PyArg_ParseTupleAndKeywords(args, kwds, "O", kwlist, &obj)) return -1;
+    if (self->base) {
+        PyErr_SetString(PyExc_RuntimeError, "Control already initialised");
+        return -1;
+    }
+    if (PyObject_GetBuffer(obj, &self->view, PyBUF_WRITABLE | PyBUF_C_CONTIGUOUS) < 0) return -1;
+    if (((uintptr_t)self->view.buf) % 64 != 0 || (size_t)self->view.len < sizeof(shmf_header)) {
+        PyBuffer_Release(&self->view);
+        PyErr_SetString(PyExc_ValueError, "control buffer must be 64-byte aligned and large enough");
+        return -1;
+    }
+    self->base = self->view.buf;
+    return 0;
+}
+
+/* Turn the status of an interrupted wait into the pending Python exception. */
+static PyObject *status_result(shmf_status st) {
+    if (st == SHMF_INTERRUPTED && PyErr_CheckSignals() < 0) return NULL;
+    return PyLong_FromLong(st);
+}
+
+static PyObject *Control_init_block(ControlObject *self, PyObject *args) {
+    unsigned int n_slots, max_workers;
+    unsigned long long slot_bytes;
+    if (!PyArg_ParseTuple(args, "IIK", &n_slots, &max_workers, &slot_bytes)) return NULL;
+    return PyLong_FromLong(
+        shmf_init(self->base, (size_t)self->view.len, n_slots, max_workers, slot_bytes));
+}
+
+static PyObject *Control_check(ControlObject *self, PyObject *Py_UNUSED(a)) {
+    return PyLong_FromLong(shmf_check(self->base, (size_t)self->view.len));
+}
+
+static PyObject *Control_start_epoch(ControlObject *self, PyObject *args) {
+    unsigned long long epoch, n_batches, slot_base;
+    if (!PyArg_ParseTuple(args, "KKK", &epoch, &n_batches, &slot_base)) return NULL;
+    return PyLong_FromUnsignedLong(shmf_start_epoch(self->base, epoch, n_batches, slot_base));
+}
+
+static PyObject *Control_claim(ControlObject *self, PyObject *args) {
+    unsigned int worker;
+    if (!PyArg_ParseTuple(args, "I", &worker)) return NULL;
+    uint32_t gen = 0, batch = 0;
+    uint64_t epoch = 0;
+    shmf_status st = shmf_claim(self->base, worker, &gen, &epoch, &batch);
+    return Py_BuildValue("iIKI", (int)st, gen, (unsigned long long)epoch, batch);
+}
+
+static PyObject *Control_wait_gen(ControlObject *self, PyObject *args) {
+    unsigned int gen;
+    double timeout_s;
+    if (!PyArg_ParseTuple(args, "Id", &gen, &timeout_s)) return NULL;
+    shmf_status st;
+    Py_BEGIN_ALLOW_THREADS st = shmf_wait_gen(self->base, gen, timeout_s);
+    Py_END_ALLOW_THREADS return status_result(st);
+}
+
+static PyObject *Control_acquire(ControlObject *self, PyObject *args) {
+    unsigned int worker, gen, batch;
+    double timeout_s;
+    if (!PyArg_ParseTuple(args, "IIId", &worker, &gen, &batch, &timeout_s)) return NULL;
+    shmf_status st;
+    Py_BEGIN_ALLOW_THREADS st = shmf_acquire(self->base, worker, gen, batch, timeout_s);
+    Py_END_ALLOW_THREADS return status_result(st);
+}
+
+static PyObject *Control_publish(ControlObject *self, PyObject *args) {
+    unsigned int worker, gen, batch, state;
+    unsigned long long rows, busy_ns;
+    if (!PyArg_ParseTuple(args, "IIIKIK", &worker, &gen, &batch, &rows, &state, &busy_ns))
+        return NULL;
+    return PyLong_FromLong(shmf_publish(self->base, worker, gen, batch, rows, state, busy_ns));
+}
+
+static PyObject *Control_take(ControlObject *self, PyObject *args) {
+    unsigned int gen, batch;
+    double timeout_s;
+    if (!PyArg_ParseTuple(args, "IId", &gen, &batch, &timeout_s)) return NULL;
+    shmf_status st;
+    uint32_t state = 0;
+    uint64_t rows = 0;
+    Py_BEGIN_ALLOW_THREADS st = shmf_take(self->base, gen, batch, timeout_s, &state, &rows);
+    Py_END_ALLOW_THREADS if (st == SHMF_INTERRUPTED && PyErr_CheckSignals() < 0) return NULL;
+    return Py_BuildValue("iIK", (int)st, state, (unsigned long long)rows);
+}
+
+static PyObject *Control_release(ControlObject *self, PyObject *args) {
+    unsigned int slot;
+    unsigned long long tag;
+    if (!PyArg_ParseTuple(args, "IK", &slot, &tag)) return NULL;
+    return PyLong_FromLong(shmf_release(self->base, slot, tag));
+}
+
+static PyObject *Control_reclaim(ControlObject *self, PyObject *args) {
+    unsigned int worker;
+    if (!PyArg_ParseTuple(args, "I", &worker)) return NULL;
+    uint64_t pending = SHMF_NO_CLAIM;
+    shmf_status st = shmf_reclaim(self->base, worker, &pending);
+    return Py_BuildValue("iK", (int)st, (unsigned long long)pending);
+}
+
+static PyObject *Control_set_claim(ControlObject *self, PyObject *args) {
+    unsigned int worker;
+    unsigned long long tag;
+    if (!PyArg_ParseTuple(args, "IK", &worker, &tag)) return NULL;
+    return PyLong_FromLong(shmf_set_claim(self->base, worker, tag));
+}
+
+static PyObject *Control_shutdown(ControlObject *self, PyObject *Py_UNUSED(a)) {
+    return PyLong_FromLong(shmf_shutdown(self->base));
+}
+
+static PyObject *Control_reopen(ControlObject *self, PyObject *Py_UNUSED(a)) {
+    return PyLong_FromLong(shmf_reopen(self->base));
+}
+
+static PyObject *Control_gen_info(ControlObject *self, PyObject *args) {
+    unsigned int gen;
+    if (!PyArg_ParseTuple(args, "I", &gen)) return NULL;
+    const shmf_gen_info *g = &shmf_hdr(self->base)->gens[gen % SHMF_GEN_TABLE];
+    return Py_BuildValue("KKK", (unsigned long long)g->epoch, (unsigned long long)g->n_batches,
+                         (unsigned long long)g->slot_base);
+}
+
+static PyObject *Control_set_fatal(ControlObject *self, PyObject *Py_UNUSED(a)) {
+    return PyLong_FromLong(shmf_set_fatal(self->base));
+}
+
+/* Read-only snapshot of the counters, for stats() and for the supervisor. */
+static PyObject *Control_header(ControlObject *self, PyObject *Py_UNUSED(a)) {
+    shmf_header *h = shmf_hdr(self->base);
+    uint64_t c = atomic_load(&h->claim);
+    return Py_BuildValue("{sIsIsKsKsIsKsIsIsKsK}", "n_slots", h->n_slots, "max_workers",
+                         h->max_workers, "slot_bytes", (unsigned long long)h->slot_bytes,
+                         "data_offset", (unsigned long long)h->data_offset, "gen",
+                         (unsigned int)(c >> 32), "next_claim", (unsigned long long)(uint32_t)c,
+                         "shutdown", (unsigned int)atomic_load(&h->shutdown), "fatal",
+                         (unsigned int)atomic_load(&h->fatal), "restarts",
+                         (unsigned long long)atomic_load(&h->restarts), "consumer_tag",
+                         (unsigned long long)atomic_load(&h->consumer_tag));
+}
+
+static PyObject *Control_add_restart(ControlObject *self, PyObject *Py_UNUSED(a)) {
+    return PyLong_FromUnsignedLongLong(atomic_fetch_add(&shmf_hdr(self->base)->restarts, 1) + 1);
+}
+
+static PyObject *Control_worker(ControlObject *self, PyObject *args) {
+    unsigned int worker;
+    if (!PyArg_ParseTuple(args, "I", &worker)) return NULL;
+    shmf_header *h = shmf_hdr(self->base);
+    if (worker >= h->max_workers) return PyErr_Format(PyExc_IndexError, "worker %u", worker);
+    shmf_worker *w = &shmf_workers(self->base)[worker];
+    return Py_BuildValue("{sisKsKsK}", "pid", (int)atomic_load(&w->pid), "batches",
+                         (unsigned long long)atomic_load(&w->batches), "busy_ns",
+                         (unsigned long long)atomic_load(&w->busy_ns), "claim",
+                         (unsigned long long)atomic_load(&w->claim));
+}
+
+static PyObject *Control_set_worker_pid(ControlObject *self, PyObject *args) {
+    unsigned int worker;
+    int pid;
+    if (!PyArg_ParseTuple(args, "Ii", &worker, &pid)) return NULL;
+    shmf_header *h = shmf_hdr(self->base);
+    if (worker >= h->max_workers) return PyErr_Format(PyExc_IndexError, "worker %u", worker);
+    atomic_store(&shmf_workers(self->base)[worker].pid, pid);
+    Py_RETURN_NONE;
+}
+
+static PyObject *Control_slot(ControlObject *self, PyObject *args) {
+    unsigned int slot;
+    if (!PyArg_ParseTuple(args, "I", &slot)) return NULL;
+    shmf_header *h = shmf_hdr(self->base);
+    if (slot >= h->n_slots) return PyErr_Format(PyExc_IndexError, "slot %u", slot);
+    shmf_slot *s = &shmf_slots(self->base)[slot];
+    return Py_BuildValue("{sIsKsisK}", "state", (unsigned int)atomic_load(&s->state), "tag",
+                         (unsigned long long)atomic_load(&s->tag), "owner",
+                         (int)atomic_load(&s->owner), "rows",
+                         (unsigned long long)atomic_load(&s->rows));
+}
+
+static PyMethodDef Control_methods[] = {
+    {"init_block", (PyCFunction)Control_init_block, METH_VARARGS, "init_block(n_slots, max_workers, slot_bytes) -> status"},
+    {"check", (PyCFunction)Control_check, METH_NOARGS, "check() -> status"},
+    {"start_epoch", (PyCFunction)Control_start_epoch, METH_VARARGS, "start_epoch(epoch, n_batches, slot_base) -> gen"},
+    {"claim", (PyCFunction)Control_claim, METH_VARARGS, "claim(worker) -> (status, gen, epoch, batch)"},
+    {"wait_gen", (PyCFunction)Control_wait_gen, METH_VARARGS, "wait_gen(gen, timeout_s) -> status"},
+    {"acquire", (PyCFunction)Control_acquire, METH_VARARGS, "acquire(worker, gen, batch, timeout_s) -> status"},
+    {"publish", (PyCFunction)Control_publish, METH_VARARGS, "publish(worker, gen, batch, rows, state, busy_ns) -> status"},
+    {"take", (PyCFunction)Control_take, METH_VARARGS, "take(gen, batch, timeout_s) -> (status, state, rows)"},
+    {"release", (PyCFunction)Control_release, METH_VARARGS, "release(slot, tag) -> status"},
+    {"reclaim", (PyCFunction)Control_reclaim, METH_VARARGS, "reclaim(worker) -> (status, pending_tag)"},
+    {"set_claim", (PyCFunction)Control_set_claim, METH_VARARGS, "set_claim(worker, tag) -> status"},
+    {"shutdown", (PyCFunction)Control_shutdown, METH_NOARGS, "shutdown() -> status"},
+    {"reopen", (PyCFunction)Control_reopen, METH_NOARGS, "reopen() -> status"},
+    {"gen_info", (PyCFunction)Control_gen_info, METH_VARARGS, "gen_info(gen) -> (epoch, n_batches, slot_base)"},
+    {"set_fatal", (PyCFunction)Control_set_fatal, METH_NOARGS, "set_fatal() -> status"},
+    {"header", (PyCFunction)Control_header, METH_NOARGS, "header() -> dict"},
+    {"add_restart", (PyCFunction)Control_add_restart, METH_NOARGS, "add_restart() -> restarts so far"},
+    {"worker", (PyCFunction)Control_worker, METH_VARARGS, "worker(i) -> dict"},
+    {"set_worker_pid", (PyCFunction)Control_set_worker_pid, METH_VARARGS, "set_worker_pid(i, pid)"},
+    {"slot", (PyCFunction)Control_slot, METH_VARARGS, "slot(i) -> dict"},
+    {NULL, NULL, 0, NULL},
+};
+
+static PyTypeObject ControlType = {
+    PyVarObject_HEAD_INIT(NULL, 0).tp_name = "shmfeed._core.Control",
+    .tp_basicsize = sizeof(ControlObject),
+    .tp_flags = Py_TPFLAGS_DEFAULT,
+    .tp_doc = "Control(buffer): the control block at the start of a writable buffer.",
+    .tp_new = PyType_GenericNew,
+    .tp_init = (initproc)Control_init,
+    .tp_dealloc = (destructor)Control_dealloc,
+    .tp_methods = Control_methods,
+};
+
+static PyObject *core_layout(PyObject *Py_UNUSED(m), PyObject *args) {
+    unsigned int n_slots, max_workers;
+    if (!PyArg_ParseTuple(args, "II", &n_slots, &max_workers)) return NULL;
+    PyObject *reports = PyList_New(n_slots);
+    if (!reports) return NULL;
+    for (unsigned int i = 0; i < n_slots; i++)
+        PyList_SET_ITEM(reports, i, PyLong_FromSize_t(shmf_report_offset(n_slots, max_workers, i)));
+    return Py_BuildValue("{sNsnsn}", "reports", reports, "fatal",
+                         (Py_ssize_t)shmf_fatal_offset(n_slots, max_workers), "data",
+                         (Py_ssize_t)shmf_data_offset(n_slots, max_workers));
+}
+
+static PyObject *core_address(PyObject *Py_UNUSED(m), PyObject *obj) {
+    Py_buffer view;
+    if (PyObject_GetBuffer(obj, &view, PyBUF_SIMPLE) < 0) return NULL;
+    PyObject *r = PyLong_FromVoidPtr(view.buf);
+    PyBuffer_Release(&view);
+    return r;
+}
+
+static PyObject *core_set_pdeathsig(PyObject *Py_UNUSED(m), PyObject *args) {
+    int sig;
+    if (!PyArg_ParseTuple(args, "i", &sig)) return NULL;
+    if (prctl(PR_SET_PDEATHSIG, sig) != 0) return PyErr_SetFromErrno(PyExc_OSError);
+    Py_RETURN_NONE;
+}
+
+static PyMethodDef core_methods[] = {
+    {"layout", core_layout, METH_VARARGS, "layout(n_slots, max_workers) -> offsets of reports, fatal message and data"},
+    {"address", core_address, METH_O, "address(buffer) -> address of its first byte"},
+    {"set_pdeathsig", core_set_pdeathsig, METH_VARARGS, "set_pdeathsig(sig): deliver sig to this process when its parent dies"},
+    {NULL, NULL, 0, NULL},
+};
+
+static struct PyModuleDef core_module = {
+    PyModuleDef_HEAD_INIT, "shmfeed._core", "shmfeed control plane (see csrc/shmfeed_ctl.h)", -1,
+    core_methods,
+};
+
+PyMODINIT_FUNC PyInit__core(void) {
+    if (PyType_Ready(&ControlType) < 0) return NULL;
+    PyObject *m = PyModule_Create(&core_module);
+    if (!m) return NULL;
+    Py_INCREF(&ControlType);
+    if (PyModule_AddObject(m, "Control", (PyObject *)&ControlType) < 0) return NULL;
+#define ADD(name) if (PyModule_AddIntConstant(m, #name, name) < 0) return NULL
+    ADD(SHMF_FREE); ADD(SHMF_FILLING); ADD(SHMF_READY); ADD(SHMF_HELD); ADD(SHMF_ERROR);
+    ADD(SHMF_OK); ADD(SHMF_TIMEOUT); ADD(SHMF_STALE); ADD(SHMF_SHUTDOWN); ADD(SHMF_EPOCH_DONE);
+    ADD(SHMF_BLOCKED); ADD(SHMF_INTERRUPTED); ADD(SHMF_EINVAL);
+    ADD(SHMF_REPORT_BYTES); ADD(SHMF_DATA_ALIGN); ADD(SHMF_VERSION);
+#undef ADD
+    if (PyModule_AddObject(m, "SHMF_NO_CLAIM", PyLong_FromUnsignedLongLong(SHMF_NO_CLAIM)) < 0)
+        return NULL;
+    return m;
+}

@@ -1,0 +1,337 @@
+/*
+ * shmfeed control plane: lock-free slot transitions and futex waits on a shared
+ * mapping.  See shmfeed_ctl.h for the layout and the slot life cycle.
+ *
+ * Why no locks: a worker can be SIGKILLed at any instruction.  Every transition is
+ * one atomic store or compare-and-swap, so the only thing a dead worker can leave
+ * behind is a slot in FILLING and a claim record, both repaired by shmf_reclaim.
+ *
+ * Why waiter counters: futex_wake is a system call; publishing thousands of small
+ * batches per second should not pay for it when nobody sleeps on the word.  Waiter
+ * and waker both use sequentially consistent operations (increment waiters, re-read
+ * the word / store the word, read waiters), so a wake-up can never be lost.
+ */
+#define _GNU_SOURCE
+#include "shmfeed_ctl.h"
+
+#include <errno.h>
+#include <limits.h>
+#include <linux/futex.h>
+#include <math.h>
+#include <stdatomic.h>
+#include <string.h>
+#include <sys/syscall.h>
+#include <time.h>
+#include <unistd.h>
+
+static size_t round_up(size_t x, size_t a) { return (x + a - 1) / a * a; }
+
+size_t shmf_report_offset(uint32_t n_slots, uint32_t max_workers, uint32_t slot) {
+    size_t base = sizeof(shmf_header) + sizeof(shmf_worker) * (size_t)max_workers +
+                  sizeof(shmf_slot) * (size_t)n_slots;
+    return round_up(base, 64) + (size_t)SHMF_REPORT_BYTES * slot;
+}
+
+size_t shmf_fatal_offset(uint32_t n_slots, uint32_t max_workers) {
+    return shmf_report_offset(n_slots, max_workers, n_slots);
+}
+
+size_t shmf_data_offset(uint32_t n_slots, uint32_t max_workers) {
+    return round_up(shmf_fatal_offset(n_slots, max_workers) + SHMF_REPORT_BYTES, SHMF_DATA_ALIGN);
+}
+
+static double now_s(void) {
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (double)ts.tv_sec + (double)ts.tv_nsec * 1e-9;
+}
+
+/* Sleep on a shared futex word while it equals `expected`, at most `timeout_s`.
+ * Returns 0 when woken or the value changed, ETIMEDOUT, or EINTR. */
+static int futex_wait(_Atomic uint32_t *word, _Atomic uint32_t *waiters, uint32_t expected,
+                      double timeout_s) {
+    if (timeout_s <= 0) return ETIMEDOUT;
+    struct timespec ts;
+    ts.tv_sec = (time_t)timeout_s;
+    ts.tv_nsec = (long)((timeout_s - (double)ts.tv_sec) * 1e9);
+    int rc = 0;
+    atomic_fetch_add(waiters, 1);
+    if (atomic_load(word) == expected) {
+        /* FUTEX_WAIT, not the private variant: the word is in a MAP_SHARED mapping
+         * that other processes wait on too. */
+        long r = syscall(SYS_futex, (uint32_t *)word, FUTEX_WAIT, expected, &ts, NULL, 0);
+        if (r == -1 && (errno == ETIMEDOUT || errno == EINTR)) rc = errno;
+    }
+    atomic_fetch_sub(waiters, 1);
+    return rc;
+}
+
+static void futex_wake(_Atomic uint32_t *word, _Atomic uint32_t *waiters, int force) {
+    if (force || atomic_load(waiters) > 0)
+        syscall(SYS_futex, (uint32_t *)word, FUTEX_WAKE, INT_MAX, NULL, NULL, 0);
+}
+
+static void slot_set(shmf_slot *s, uint32_t state) {
+    atomic_store(&s->state, state);
+    futex_wake(&s->state, &s->waiters, 0);
+}
+
+shmf_status shmf_init(void *base, size_t total_bytes, uint32_t n_slots, uint32_t max_workers,
+                      uint64_t slot_bytes) {
+    if (!base || n_slots == 0 || slot_bytes == 0) return SHMF_EINVAL;
+    size_t data = shmf_data_offset(n_slots, max_workers);
+    if (slot_bytes > (SIZE_MAX - data) / n_slots) return SHMF_EINVAL;
+    if (data + (size_t)slot_bytes * n_slots > total_bytes) return SHMF_EINVAL;
+    memset(base, 0, data);
+    shmf_header *h = shmf_hdr(base);
+    h->version = SHMF_VERSION;
+    h->n_slots = n_slots;
+    h->max_workers = max_workers;
+    h->slot_bytes = slot_bytes;
+    h->data_offset = data;
+    h->total_bytes = total_bytes;
+    shmf_worker *w = shmf_workers(base);
+    for (uint32_t i = 0; i < max_workers; i++) atomic_store(&w[i].claim, SHMF_NO_CLAIM);
+    shmf_slot *s = shmf_slots(base);
+    for (uint32_t i = 0; i < n_slots; i++) {
+        atomic_store(&s[i].owner, -1);
+        atomic_store(&s[i].tag, SHMF_NO_CLAIM);
+    }
+    /* No generation is open yet: the claim word points past an empty epoch 0. */
+    atomic_store(&h->claim, 0);
+    atomic_thread_fence(memory_order_seq_cst);
+    h->magic = SHMF_MAGIC; /* written last: a block with the magic is complete */
+    return SHMF_OK;
+}
+
+shmf_status shmf_check(const void *base, size_t total_bytes) {
+    const shmf_header *h = (const shmf_header *)base;
+    if (!base || total_bytes < sizeof(shmf_header)) return SHMF_EINVAL;
+    if (h->magic != SHMF_MAGIC || h->version != SHMF_VERSION) return SHMF_EINVAL;
+    if (h->total_bytes != total_bytes) return SHMF_EINVAL;
+    if (h->data_offset != shmf_data_offset(h->n_slots, h->max_workers)) return SHMF_EINVAL;
+    return SHMF_OK;
+}
+
+uint32_t shmf_start_epoch(void *base, uint64_t epoch, uint64_t n_batches, uint64_t slot_base) {
+    shmf_header *h = shmf_hdr(base);
+    uint32_t g = atomic_load(&h->gen) + 1;
+    h->gens[g % SHMF_GEN_TABLE].epoch = epoch;
+    h->gens[g % SHMF_GEN_TABLE].n_batches = n_batches;
+    h->gens[g % SHMF_GEN_TABLE].slot_base = slot_base % h->n_slots;
+    /* seq_cst store: a worker that reads the new claim word sees the table entry. */
+    atomic_store(&h->consumer_tag, shmf_tag(g, 0));
+    atomic_store(&h->claim, shmf_tag(g, 0));
+    atomic_store(&h->gen, g);
+    futex_wake(&h->gen, &h->gen_waiters, 0);
+    return g;
+}
+
+shmf_status shmf_claim(void *base, uint32_t worker, uint32_t *gen, uint64_t *epoch,
+                       uint32_t *batch) {
+    shmf_header *h = shmf_hdr(base);
+    if (worker >= h->max_workers) return SHMF_EINVAL;
+    shmf_worker *w = &shmf_workers(base)[worker];
+    for (;;) {
+        if (atomic_load(&h->shutdown)) return SHMF_SHUTDOWN;
+        uint64_t c = atomic_load(&h->claim);
+        uint32_t g = (uint32_t)(c >> 32), b = (uint32_t)c;
+        const shmf_gen_info *info = &h->gens[g % SHMF_GEN_TABLE];
+        *gen = g;
+        *epoch = info->epoch;
+        if (g == 0 || b >= info->n_batches) return SHMF_EPOCH_DONE;
+        /* Record the intent first: if we die after the CAS, shmf_reclaim finds it. */
+        atomic_store(&w->claim, c);
+        if (atomic_compare_exchange_strong(&h->claim, &c, c + 1)) {
+            *batch = b;
+            return SHMF_OK;
+        }
+    }
+}
+
+shmf_status shmf_wait_gen(void *base, uint32_t gen, double timeout_s) {
+    shmf_header *h = shmf_hdr(base);
+    double deadline = now_s() + timeout_s;
+    for (;;) {
+        if (atomic_load(&h->shutdown)) return SHMF_SHUTDOWN;
+        if (atomic_load(&h->gen) != gen) return SHMF_OK;
+        int rc = futex_wait(&h->gen, &h->gen_waiters, gen, deadline - now_s());
+        if (rc == EINTR) return SHMF_INTERRUPTED;
+        if (rc == ETIMEDOUT && atomic_load(&h->gen) == gen) return SHMF_TIMEOUT;
+    }
+}
+
+/* True when the consumer has already moved past `tag` (or to a newer epoch). */
+static int consumer_passed(shmf_header *h, uint64_t tag) {
+    return atomic_load(&h->consumer_tag) > tag;
+}
+
+shmf_status shmf_acquire(void *base, uint32_t worker, uint32_t gen, uint32_t batch,
+                         double timeout_s) {
+    shmf_header *h = shmf_hdr(base);
+    if (worker >= h->max_workers) return SHMF_EINVAL;
+    shmf_slot *s = &shmf_slots(base)[shmf_slot_of(h, gen, batch)];
+    uint64_t tag = shmf_tag(gen, batch);
+    double deadline = now_s() + timeout_s;
+    for (;;) {
+        if (atomic_load(&h->shutdown)) return SHMF_SHUTDOWN;
+        /* A newer epoch, or a batch the consumer already has (a duplicate left by a
+         * dead worker's ambiguous claim): nothing to build. */
+        if ((uint32_t)(atomic_load(&h->claim) >> 32) != gen || consumer_passed(h, tag))
+            return SHMF_STALE;
+        uint32_t st = atomic_load(&s->state);
+        /* Batch b may enter its slot only once the consumer has taken batch
+         * b - n_slots: otherwise a FREE slot (an abandoned batch dropped by the
+         * consumer) could receive a batch a whole ring ahead, which the consumer
+         * would then mistake for a stale one. */
+        uint64_t ctag = atomic_load(&h->consumer_tag);
+        int in_window = (uint32_t)(ctag >> 32) == gen &&
+                        (uint64_t)batch < (uint64_t)(uint32_t)ctag + h->n_slots;
+        if (st == SHMF_FREE && in_window) {
+            uint32_t expected = SHMF_FREE;
+            if (atomic_compare_exchange_strong(&s->state, &expected, SHMF_FILLING)) {
+                atomic_store(&s->owner, (int32_t)worker);
+                atomic_store(&s->tag, tag);
+                atomic_store(&s->rows, 0);
+                return SHMF_OK;
+            }
+            continue;
+        }
+        /* Every step that opens the window changes this slot's state (the consumer
+         * takes batch b - n_slots from it), so sleeping on the state word is enough;
+         * the short cap only bounds the cost of a missed corner. */
+        double left = deadline - now_s();
+        int rc = futex_wait(&s->state, &s->waiters, st, in_window || left < 0.01 ? left : 0.01);
+        if (rc == EINTR) return SHMF_INTERRUPTED;
+        if (now_s() >= deadline) return SHMF_TIMEOUT;
+    }
+}
+
+shmf_status shmf_publish(void *base, uint32_t worker, uint32_t gen, uint32_t batch,
+                         uint64_t rows, uint32_t state, uint64_t busy_ns) {
+    shmf_header *h = shmf_hdr(base);
+    if (worker >= h->max_workers || (state != SHMF_READY && state != SHMF_ERROR))
+        return SHMF_EINVAL;
+    shmf_slot *s = &shmf_slots(base)[shmf_slot_of(h, gen, batch)];
+    shmf_worker *w = &shmf_workers(base)[worker];
+    if (atomic_load(&s->state) != SHMF_FILLING || atomic_load(&s->owner) != (int32_t)worker ||
+        atomic_load(&s->tag) != shmf_tag(gen, batch))
+        return SHMF_EINVAL;
+    atomic_store(&s->rows, rows);
+    atomic_store(&s->owner, -1);
+    atomic_fetch_add(&w->busy_ns, busy_ns);
+    atomic_fetch_add(&w->batches, 1);
+    slot_set(s, state);
+    atomic_store(&w->claim, SHMF_NO_CLAIM);
+    return SHMF_OK;
+}
+
+shmf_status shmf_take(void *base, uint32_t gen, uint32_t batch, double timeout_s,
+                      uint32_t *state, uint64_t *rows) {
+    shmf_header *h = shmf_hdr(base);
+    shmf_slot *s = &shmf_slots(base)[shmf_slot_of(h, gen, batch)];
+    uint64_t want = shmf_tag(gen, batch);
+    double deadline = now_s() + timeout_s;
+    atomic_store(&h->consumer_tag, want);
+    for (;;) {
+        if (atomic_load(&h->shutdown)) return SHMF_SHUTDOWN;
+        uint32_t st = atomic_load(&s->state);
+        uint64_t tag = atomic_load(&s->tag);
+        if (st == SHMF_READY || st == SHMF_ERROR) {
+            /* Anything else in this slot is older than what we want (a slot only
+             * ever moves forward by n_slots batches): an abandoned epoch or a
+             * duplicate.  Drop it so its successor can be built. */
+            uint32_t next = (tag == want) ? SHMF_HELD : SHMF_FREE;
+            uint32_t expected = st;
+            if (atomic_compare_exchange_strong(&s->state, &expected, next)) {
+                if (next == SHMF_HELD) {
+                    *state = st;
+                    *rows = atomic_load(&s->rows);
+                    atomic_store(&h->consumer_tag, want + 1);
+                    return SHMF_OK;
+                }
+                futex_wake(&s->state, &s->waiters, 0);
+            }
+            continue;
+        }
+        if (st == SHMF_HELD) {
+            if (tag == want) return SHMF_EINVAL; /* taken twice: a bug in the caller */
+            return SHMF_BLOCKED;
+        }
+        /* Checked only before sleeping: batches that are ready are still delivered. */
+        if (atomic_load(&h->fatal)) return SHMF_SHUTDOWN;
+        int rc = futex_wait(&s->state, &s->waiters, st, deadline - now_s());
+        if (rc == EINTR) return SHMF_INTERRUPTED;
+        if (rc == ETIMEDOUT && atomic_load(&s->state) == st) return SHMF_TIMEOUT;
+    }
+}
+
+shmf_status shmf_release(void *base, uint32_t slot, uint64_t tag) {
+    shmf_header *h = shmf_hdr(base);
+    if (slot >= h->n_slots) return SHMF_EINVAL;
+    shmf_slot *s = &shmf_slots(base)[slot];
+    if (atomic_load(&s->tag) != tag) return SHMF_STALE;
+    uint32_t expected = SHMF_HELD;
+    if (!atomic_compare_exchange_strong(&s->state, &expected, SHMF_FREE)) return SHMF_STALE;
+    futex_wake(&s->state, &s->waiters, 0);
+    return SHMF_OK;
+}
+
+shmf_status shmf_reclaim(void *base, uint32_t worker, uint64_t *pending) {
+    shmf_header *h = shmf_hdr(base);
+    if (worker >= h->max_workers) return SHMF_EINVAL;
+    shmf_worker *w = &shmf_workers(base)[worker];
+    shmf_slot *slots = shmf_slots(base);
+    *pending = SHMF_NO_CLAIM;
+    /* A half-written slot goes back to FREE; its tag stays, so the consumer keeps
+     * waiting for the same batch, which the replacement rebuilds. */
+    for (uint32_t i = 0; i < h->n_slots; i++) {
+        if (atomic_load(&slots[i].owner) == (int32_t)worker &&
+            atomic_load(&slots[i].state) == SHMF_FILLING) {
+            atomic_store(&slots[i].owner, -1);
+            slot_set(&slots[i], SHMF_FREE);
+        }
+    }
+    uint64_t c = atomic_exchange(&w->claim, SHMF_NO_CLAIM);
+    if (c == SHMF_NO_CLAIM) return SHMF_OK;
+    uint64_t now = atomic_load(&h->claim);
+    /* Claimed only if the claim word moved past it in the same generation, and
+     * nobody has finished it (it died between publishing and clearing its record). */
+    if ((now >> 32) != (c >> 32) || (uint32_t)now <= (uint32_t)c) return SHMF_OK;
+    if (consumer_passed(h, c)) return SHMF_OK;
+    shmf_slot *s = &slots[shmf_slot_of(h, (uint32_t)(c >> 32), (uint32_t)c)];
+    uint32_t st = atomic_load(&s->state);
+    if (atomic_load(&s->tag) == c && st != SHMF_FREE && st != SHMF_FILLING) return SHMF_OK;
+    *pending = c;
+    return SHMF_OK;
+}
+
+shmf_status shmf_set_claim(void *base, uint32_t worker, uint64_t tag) {
+    shmf_header *h = shmf_hdr(base);
+    if (worker >= h->max_workers) return SHMF_EINVAL;
+    atomic_store(&shmf_workers(base)[worker].claim, tag);
+    return SHMF_OK;
+}
+
+shmf_status shmf_shutdown(void *base) {
+    shmf_header *h = shmf_hdr(base);
+    atomic_store(&h->shutdown, 1);
+    futex_wake(&h->gen, &h->gen_waiters, 1);
+    shmf_slot *s = shmf_slots(base);
+    for (uint32_t i = 0; i < h->n_slots; i++) futex_wake(&s[i].state, &s[i].waiters, 1);
+    return SHMF_OK;
+}
+
+shmf_status shmf_reopen(void *base) {
+    atomic_store(&shmf_hdr(base)->shutdown, 0);
+    return SHMF_OK;
+}
+
+shmf_status shmf_set_fatal(void *base) {
+    shmf_header *h = shmf_hdr(base);
+    atomic_store(&h->fatal, 1);
+    /* Wake the consumer wherever it sleeps so it reads the message promptly. */
+    shmf_slot *s = shmf_slots(base);
+    for (uint32_t i = 0; i < h->n_slots; i++) futex_wake(&s[i].state, &s[i].waiters, 1);
+    return SHMF_OK;
+}

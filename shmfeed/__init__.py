@@ -1,0 +1,31 @@
+"""shmfeed: feed JAX/Flax training loops from worker processes through a ring of
+shared-memory slots: zero copy, no pickling, deterministic order, fixed memory.
+
+    loader = shmfeed.Loader(dataset, batch_size=64, num_workers=4, shuffle=True)
+    for epoch in range(3):
+        for batch in loader:          # numpy views into the ring
+            ...
+
+`shmfeed.rng()` inside `__getitem__` gives the random generator of the sample being
+built, keyed by (seed, epoch, index).  `shmfeed.jax.prefetch_to_device` turns batches
+into `jax.Array`s.
+"""
+
+from ._control import SlotState
+from ._errors import LoaderClosedError, RingFullError, ShmfeedError, SpecError, WorkerError
+from ._loader import Loader, Stats
+from ._order import rng, rng_key
+
+__all__ = [
+    "Loader",
+    "LoaderClosedError",
+    "RingFullError",
+    "ShmfeedError",
+    "SlotState",
+    "SpecError",
+    "Stats",
+    "WorkerError",
+    "rng",
+    "rng_key",
+]
+__version__ = "0.1.0"

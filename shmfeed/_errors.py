@@ -1,0 +1,33 @@
+"""shmfeed's exceptions: one base, a few specific kinds.
+
+Messages say what failed with the numbers observed, then the remedy, naming the
+parameter to change in backticks.
+"""
+
+from __future__ import annotations
+
+
+class ShmfeedError(Exception):
+    """Base class of every error shmfeed raises on purpose."""
+
+
+class SpecError(ShmfeedError, ValueError):
+    """A sample or batch does not fit the batch spec (structure, shape, dtype, size),
+    or an argument of the loader is invalid."""
+
+
+class WorkerError(ShmfeedError):
+    """A worker raised, died, hung, or the pool could not be kept alive."""
+
+
+class RingFullError(ShmfeedError):
+    """Every ring slot is held by batches the caller kept, so no new batch can be read."""
+
+
+class LoaderClosedError(ShmfeedError):
+    """The loader was used after `close()`."""
+
+
+def internal(msg: str) -> ShmfeedError:
+    """An error that means shmfeed itself is wrong, not the caller."""
+    return ShmfeedError(f"[INTERNAL ERROR] {msg}; please report it with this message")

@@ -1,0 +1,277 @@
+"""The batch spec: the pytree structure of a batch and, per leaf, its dtype, its shape
+and where it lives in a slot.
+
+The spec is inferred from the first sample (or first batch, for batch-level sources)
+and every later sample or batch is checked against it before a byte is written.
+Errors name the sample or batch index, the field path (`['image']`, `[0]`) and what
+was expected.  Only plain numeric dtypes are allowed (bool, signed and unsigned
+integers, floats, complex): they are what can be shared as raw bytes and handed to
+JAX without conversion.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from ._errors import SpecError
+
+LEAF_ALIGN_BYTES = 128  # every leaf starts on this boundary inside a slot
+SLOT_ALIGN_BYTES = 4096  # slots are whole pages: page-lockable and DMA friendly
+_NUMERIC_KINDS = "biufc"
+_PY_SCALARS = (bool, int, float, complex)
+
+# Tree nodes: ("leaf", index) | ("dict", keys, children) | ("seq", type, children)
+Node = tuple
+
+
+@dataclass(frozen=True)
+class Leaf:
+    path: str  # e.g. "['image']", "[0]", or "" for a batch that is a single array
+    shape: tuple[int, ...]  # shape of one row (a sample; or a batch without its leading axis)
+    dtype: np.dtype
+    offset: int  # byte offset inside a slot
+    capacity_bytes: int  # bytes reserved for `rows` rows
+    pytype: type | None  # the Python scalar type when the first sample gave one
+
+
+@dataclass(frozen=True)
+class Spec:
+    tree: Node
+    leaves: tuple[Leaf, ...]
+    rows: int  # rows a slot holds: batch_size, or the first batch's length
+    batch_level: bool
+    slot_bytes: int
+
+    @property
+    def batch_bytes(self) -> int:
+        return sum(int(np.prod((self.rows,) + lf.shape)) * lf.dtype.itemsize for lf in self.leaves)
+
+    def describe(self) -> str:
+        parts = [f"{lf.path or 'batch'}: {lf.dtype}{list((self.rows,) + lf.shape)}" for lf in self.leaves]
+        return ", ".join(parts)
+
+
+def _path_str(path: tuple) -> str:
+    return "".join(f"[{k!r}]" for k in path)
+
+
+def _where(kind: str, index: int | None) -> str:
+    return f"{kind} {index}" if index is not None else kind
+
+
+def _build_tree(obj: Any, path: tuple, leaves: list, where: str) -> Node:
+    if isinstance(obj, dict):
+        keys = tuple(obj.keys())
+        return ("dict", keys, tuple(_build_tree(obj[k], path + (k,), leaves, where) for k in keys))
+    if isinstance(obj, (tuple, list)):
+        cls = type(obj) if hasattr(obj, "_fields") else (list if isinstance(obj, list) else tuple)
+        return ("seq", cls, tuple(_build_tree(v, path + (i,), leaves, where) for i, v in enumerate(obj)))
+    leaves.append((path, _as_leaf_array(obj, path, where)))
+    return ("leaf", len(leaves) - 1)
+
+
+def _as_leaf_array(obj: Any, path: tuple, where: str) -> tuple[np.ndarray, type | None]:
+    if isinstance(obj, np.ndarray | np.generic):
+        arr = obj
+        pytype = None
+    elif type(obj) in _PY_SCALARS:
+        arr = np.asarray(obj)
+        pytype = type(obj)
+    else:
+        raise SpecError(
+            f"{where}, field {_path_str(path) or '(root)'}: got a value of type "
+            f"{type(obj).__name__}, expected a numpy array or a number (a dict, tuple or "
+            "list of them). Convert it in `__getitem__`, e.g. with np.asarray."
+        )
+    if arr.dtype.kind not in _NUMERIC_KINDS:
+        raise SpecError(
+            f"{where}, field {_path_str(path) or '(root)'}: dtype {arr.dtype} is not supported, "
+            "expected bool, integer, float or complex. Encode strings/objects as numbers "
+            "(e.g. token ids) in `__getitem__`."
+        )
+    return arr, pytype
+
+
+def infer(first: Any, *, rows: int | None, index: int) -> Spec:
+    """Spec of batches built from `first`: one sample when `rows` is the batch size,
+    or a whole batch when `rows` is None (batch-level source)."""
+    batch_level = rows is None
+    where = _where("batch" if batch_level else "sample", index)
+    found: list = []
+    tree = _build_tree(first, (), found, where)
+    if not found:
+        raise SpecError(f"{where}: contains no arrays (an empty dict/tuple/list)")
+    if batch_level:
+        lead = []
+        for path, (arr, _) in found:
+            if arr.ndim == 0:
+                raise SpecError(
+                    f"{where}, field {_path_str(path) or '(root)'}: a 0-d value in a batch-level "
+                    "source, expected an array whose first axis is the batch axis"
+                )
+            lead.append(arr.shape[0])
+        if len(set(lead)) != 1:
+            detail = ", ".join(f"{_path_str(p) or '(root)'}: {n}" for (p, _), n in zip(found, lead))
+            raise SpecError(f"{where}: fields disagree on the batch length ({detail})")
+        rows = lead[0]
+    assert rows is not None
+    protos = [
+        Leaf(_path_str(path), tuple(arr.shape[1:]) if batch_level else tuple(arr.shape), arr.dtype, 0, 0,
+             None if batch_level else pytype)
+        for path, (arr, pytype) in found
+    ]
+    return _lay_out(tree, protos, rows, batch_level)
+
+
+def _lay_out(tree: Node, protos: list[Leaf], rows: int, batch_level: bool) -> Spec:
+    """Place each leaf at an aligned offset with room for `rows` rows."""
+    leaves = []
+    offset = 0
+    for lf in protos:
+        cap = int(np.prod((rows,) + lf.shape, dtype=np.int64)) * lf.dtype.itemsize
+        leaves.append(Leaf(lf.path, lf.shape, lf.dtype, offset, cap, lf.pytype))
+        offset += -(-cap // LEAF_ALIGN_BYTES) * LEAF_ALIGN_BYTES
+    slot_bytes = max(SLOT_ALIGN_BYTES, -(-offset // SLOT_ALIGN_BYTES) * SLOT_ALIGN_BYTES)
+    return Spec(tree, tuple(leaves), rows, batch_level, slot_bytes)
+
+
+def _flatten(obj: Any, node: Node, out: list) -> bool:
+    """Append obj's leaves in spec order; False when the structure differs."""
+    kind = node[0]
+    if kind == "leaf":
+        out.append(obj)
+        return True
+    if kind == "dict":
+        if not isinstance(obj, dict) or len(obj) != len(node[1]):
+            return False
+        try:
+            return all(_flatten(obj[k], child, out) for k, child in zip(node[1], node[2]))
+        except KeyError:
+            return False
+    if not isinstance(obj, (tuple, list)) or len(obj) != len(node[2]):
+        return False
+    return all(_flatten(v, child, out) for v, child in zip(obj, node[2]))
+
+
+def _structure(node: Node) -> str:
+    kind = node[0]
+    if kind == "leaf":
+        return "array"
+    if kind == "dict":
+        return "{" + ", ".join(f"{k!r}: {_structure(c)}" for k, c in zip(node[1], node[2])) + "}"
+    open_, close = ("[", "]") if node[1] is list else ("(", ")")
+    return open_ + ", ".join(_structure(c) for c in node[2]) + close
+
+
+def _structure_error(obj: Any, node: Node, path: tuple, where: str) -> SpecError:
+    kind = node[0]
+    here = _path_str(path) or "(root)"
+    if kind == "dict":
+        if not isinstance(obj, dict):
+            return SpecError(f"{where}, field {here}: got {type(obj).__name__}, expected a dict with keys {list(node[1])} like the first sample")
+        missing = [k for k in node[1] if k not in obj]
+        extra = [k for k in obj if k not in node[1]]
+        if missing or extra:
+            return SpecError(f"{where}, field {here}: keys differ from the first sample's (missing {missing}, unexpected {extra})")
+        for k, child in zip(node[1], node[2]):
+            if not _flatten(obj[k], child, []):
+                return _structure_error(obj[k], child, path + (k,), where)
+    elif kind == "seq":
+        if not isinstance(obj, (tuple, list)) or len(obj) != len(node[2]):
+            got = f"{type(obj).__name__} of length {len(obj)}" if isinstance(obj, (tuple, list)) else type(obj).__name__
+            return SpecError(f"{where}, field {here}: got {got}, expected {_structure(node)} like the first sample")
+        for i, (v, child) in enumerate(zip(obj, node[2])):
+            if not _flatten(v, child, []):
+                return _structure_error(v, child, path + (i,), where)
+    return SpecError(f"{where}, field {here}: structure differs from the first sample's {_structure(node)}")
+
+
+def flatten(obj: Any, spec: Spec, kind: str, index: int | None) -> list:
+    out: list = []
+    if not _flatten(obj, spec.tree, out):
+        raise _structure_error(obj, spec.tree, (), _where(kind, index))
+    return out
+
+
+def check_sample_leaf(x: Any, leaf: Leaf, index: int | None) -> None:
+    """Raise SpecError unless x can be written as one row of `leaf` unchanged."""
+    if isinstance(x, np.ndarray | np.generic):
+        if x.dtype == leaf.dtype and x.shape == leaf.shape:
+            return
+        if x.dtype.kind not in _NUMERIC_KINDS:
+            got = f"dtype {x.dtype}"
+        elif x.shape != leaf.shape:
+            got = f"shape {tuple(x.shape)}"
+        else:
+            got = f"dtype {x.dtype}"
+    elif type(x) in _PY_SCALARS:
+        if leaf.pytype is type(x) and leaf.shape == ():
+            return
+        got = f"a Python {type(x).__name__}"
+    else:
+        got = f"a value of type {type(x).__name__}"
+    raise SpecError(
+        f"sample {index}, field {leaf.path or '(root)'}: got {got}, expected "
+        f"{_leaf_expect(leaf)} like the first sample. Every sample must have the same "
+        "shape and dtype per field: pad, crop or cast in `__getitem__`."
+    )
+
+
+def _leaf_expect(leaf: Leaf) -> str:
+    if leaf.pytype is not None:
+        return f"a Python {leaf.pytype.__name__} ({leaf.dtype})"
+    return f"dtype {leaf.dtype} with shape {leaf.shape}"
+
+
+def check_batch_leaves(leaves: list, spec: Spec, index: int) -> int:
+    """Check a whole batch from a batch-level source; return its length (rows)."""
+    rows = None
+    for x, leaf in zip(leaves, spec.leaves):
+        where = f"batch {index}, field {leaf.path or '(root)'}"
+        if not isinstance(x, np.ndarray):
+            if type(x) in _PY_SCALARS or isinstance(x, np.generic):
+                raise SpecError(f"{where}: got a scalar, expected an array with a leading batch axis")
+            raise SpecError(f"{where}: got a value of type {type(x).__name__}, expected a numpy array. Convert it in `__getitem__`, e.g. with np.asarray.")
+        if x.dtype != leaf.dtype or x.ndim == 0 or tuple(x.shape[1:]) != leaf.shape:
+            raise SpecError(
+                f"{where}: got dtype {x.dtype} shape {tuple(x.shape)}, expected dtype {leaf.dtype} "
+                f"shape (n, {', '.join(map(str, leaf.shape))}) like batch 0"
+                if leaf.shape else
+                f"{where}: got dtype {x.dtype} shape {tuple(x.shape)}, expected dtype {leaf.dtype} shape (n,) like batch 0"
+            )
+        n = x.shape[0]
+        if rows is None:
+            rows = n
+        elif n != rows:
+            raise SpecError(f"{where}: has {n} rows while earlier fields have {rows}; every field of a batch needs the same length")
+    assert rows is not None
+    if rows > spec.rows:
+        raise SpecError(
+            f"batch {index}: has {rows} rows, more than the {spec.rows} a ring slot holds "
+            "(slots are sized from batch 0). Make batch 0 the largest, or pass "
+            "`max_batch_rows` to the Loader."
+        )
+    return rows
+
+
+def unflatten(node: Node, leaves: list) -> Any:
+    kind = node[0]
+    if kind == "leaf":
+        return leaves[node[1]]
+    if kind == "dict":
+        return {k: unflatten(c, leaves) for k, c in zip(node[1], node[2])}
+    cls = node[1]
+    items = [unflatten(c, leaves) for c in node[2]]
+    if cls is list:
+        return items
+    if cls is tuple:
+        return tuple(items)
+    return cls(*items)  # namedtuple
+
+
+def with_rows(spec: Spec, rows: int) -> Spec:
+    """The same spec with room for `rows` rows per slot (for `max_batch_rows`)."""
+    return _lay_out(spec.tree, list(spec.leaves), rows, spec.batch_level)
