@@ -419,13 +419,10 @@ class Loader:
             raise internal(f"in-process claim gave {Status(st).name} {(g, b)} for {(gen, batch)}")
         if ctl.slot(self._ring.slot_of(gen, batch))["state"] == SlotState.HELD:
             self._raise_if_full(gen, batch)
-        saved = (np.random.get_state(), random.getstate()) if self._seed_global_rngs else None
-        try:
-            build_one(self._ring, self._builder, 0, gen, epoch, batch, None)
-        finally:
-            if saved is not None:
-                np.random.set_state(saved[0])
-                random.setstate(saved[1])
+        # With `seed_global_rngs`, np.random and random are re-seeded per batch here
+        # exactly as in a worker (saving and restoring them would cost more than
+        # building a small batch); that is what keeps this mode the reference.
+        build_one(self._ring, self._builder, 0, gen, epoch, batch, None)
 
     def _raise_if_full(self, gen: int, batch: int) -> None:
         ctl, n = self._ring.ctl, self._ring.n_slots

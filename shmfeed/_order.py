@@ -113,9 +113,20 @@ def rng_key() -> tuple[int, int, int] | None:
     return _ctx.key
 
 
+_MASK64 = (1 << 64) - 1
+
+
+def _mix64(x: int) -> int:
+    # splitmix64's finaliser: a cheap, well-spread hash (this runs once per batch).
+    x = (x ^ (x >> 30)) * 0xBF58476D1CE4E5B9 & _MASK64
+    x = (x ^ (x >> 27)) * 0x94D049BB133111EB & _MASK64
+    return x ^ (x >> 31)
+
+
 def global_seed(seed: int, epoch: int, batch: int) -> int:
     """A 32-bit seed for the legacy global RNGs (`np.random`, `random`) of one batch."""
-    return int(np.random.SeedSequence([seed, epoch, batch, _GLOBAL_STREAM]).generate_state(1)[0])
+    h = _mix64(_mix64(_mix64(seed ^ _GLOBAL_STREAM) ^ epoch) ^ batch)
+    return h & 0xFFFFFFFF
 
 
 def seed_global_rngs(seed: int, epoch: int, batch: int) -> None:

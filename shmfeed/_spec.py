@@ -189,11 +189,69 @@ def _structure_error(obj: Any, node: Node, path: tuple, where: str) -> SpecError
     return SpecError(f"{where}, field {here}: structure differs from the first sample's {_structure(node)}")
 
 
+class _Mismatch(Exception):
+    pass
+
+
+def _compile(node: Node):
+    """A function obj -> list of leaves for this tree, raising _Mismatch (or a
+    KeyError/TypeError) when obj's structure differs.  Built once per spec: the
+    generic walk costs more than the copy for small samples."""
+    kind = node[0]
+    if kind == "leaf":
+        return lambda obj: [obj]
+    children = node[2]
+    n = len(children)
+    if kind == "dict":
+        keys = node[1]
+        if all(c[0] == "leaf" for c in children):
+            def flat_dict(obj):
+                if not isinstance(obj, dict) or len(obj) != n:
+                    raise _Mismatch
+                return [obj[k] for k in keys]
+            return flat_dict
+        subs = [(k, _compile(c)) for k, c in zip(keys, children)]
+
+        def nested_dict(obj):
+            if not isinstance(obj, dict) or len(obj) != n:
+                raise _Mismatch
+            out = []
+            for k, f in subs:
+                out += f(obj[k])
+            return out
+        return nested_dict
+    if all(c[0] == "leaf" for c in children):
+        def flat_seq(obj):
+            if not isinstance(obj, (tuple, list)) or len(obj) != n:
+                raise _Mismatch
+            return list(obj)
+        return flat_seq
+    fs = [_compile(c) for c in children]
+
+    def nested_seq(obj):
+        if not isinstance(obj, (tuple, list)) or len(obj) != n:
+            raise _Mismatch
+        out = []
+        for f, v in zip(fs, obj):
+            out += f(v)
+        return out
+    return nested_seq
+
+
+def flattener(spec: Spec):
+    """flatten(obj, kind, index) -> leaves, raising SpecError with the field path."""
+    fast = _compile(spec.tree)
+
+    def flatten(obj: Any, kind: str, index: int | None) -> list:
+        try:
+            return fast(obj)
+        except (_Mismatch, KeyError, TypeError):
+            raise _structure_error(obj, spec.tree, (), _where(kind, index)) from None
+    return flatten
+
+
 def flatten(obj: Any, spec: Spec, kind: str, index: int | None) -> list:
-    out: list = []
-    if not _flatten(obj, spec.tree, out):
-        raise _structure_error(obj, spec.tree, (), _where(kind, index))
-    return out
+    return flattener(spec)(obj, kind, index)
 
 
 def check_sample_leaf(x: Any, leaf: Leaf, index: int | None) -> None:

@@ -23,7 +23,7 @@ from . import _order
 from ._control import NO_CLAIM, REPORT_BYTES, SlotState, Status, untag
 from ._order import Order
 from ._ring import Ring
-from ._spec import Spec, check_batch_leaves, check_sample_leaf, flatten
+from ._spec import Spec, check_batch_leaves, check_sample_leaf, flattener
 
 WAIT_SLICE_S = 0.25  # how often a waiting worker checks that its parent is alive
 _TRACEBACK_CHARS = 5000  # what fits in a report with room for the message
@@ -40,6 +40,7 @@ class Builder:
         self.ring = ring
         self.seed_global_rngs = seed_global_rngs
         self.current_item: int | None = None
+        self._flatten = flattener(spec)
         self._perm_epoch: int | None = None
         self._perm: np.ndarray | None = None
 
@@ -62,21 +63,21 @@ class Builder:
                 index = int(perm[batch])
                 self.current_item = index
                 _order.set_item(seed, epoch, index)
-                leaves = flatten(self.source[index], spec, "batch", index)
+                leaves = self._flatten(self.source[index], "batch", index)
                 rows = check_batch_leaves(leaves, spec, index)
                 for view, x in zip(views, leaves):
                     view[:rows] = x
                 return rows
             items = order.batch_items(perm, batch).tolist()
-            source, tree_leaves = self.source, spec.leaves
+            source, tree_leaves, flatten = self.source, spec.leaves, self._flatten
             for row, index in enumerate(items):
                 self.current_item = index
                 _order.set_item(seed, epoch, index)
-                leaves = flatten(source[index], spec, "sample", index)
+                leaves = flatten(source[index], "sample", index)
                 for view, x, leaf in zip(views, leaves, tree_leaves):
                     # Fast path first: the exact dtype and shape of the first sample.
                     if not (
-                        (type(x) is np.ndarray and x.dtype == leaf.dtype and x.shape == leaf.shape)
+                        (isinstance(x, np.ndarray) and x.dtype == leaf.dtype and x.shape == leaf.shape)
                         or (leaf.pytype is not None and type(x) is leaf.pytype)
                     ):
                         check_sample_leaf(x, leaf, index)

@@ -1,0 +1,72 @@
+"""Every test must leave no child process, no fd, no mapping of a ring and nothing in
+/dev/shm behind.  The checks wait a little (workers are given STOP_TIMEOUT_S to go)
+but never forever."""
+
+from __future__ import annotations
+
+import gc
+import os
+import time
+
+import psutil
+import pytest
+
+LEAK_WAIT_S = 3.0
+
+
+def _fds() -> set[str]:
+    return set(os.listdir("/proc/self/fd"))
+
+
+def _ring_mappings() -> int:
+    with open("/proc/self/maps") as f:
+        return sum("shmfeed-ring" in line for line in f)
+
+
+def _shm() -> set[str]:
+    try:
+        return set(os.listdir("/dev/shm"))
+    except FileNotFoundError:
+        return set()
+
+
+@pytest.fixture(autouse=True)
+def no_leaks(request):
+    me = psutil.Process()
+    before_children = {p.pid for p in me.children(recursive=True)}
+    before_fds = _fds()
+    before_maps = _ring_mappings()
+    before_shm = _shm()
+    yield
+    gc.collect()
+    deadline = time.monotonic() + LEAK_WAIT_S
+    while True:
+        children = [p for p in me.children(recursive=True) if p.pid not in before_children]
+        children = [p for p in children if p.is_running() and p.status() != psutil.STATUS_ZOMBIE]
+        fds = _fds() - before_fds
+        maps = _ring_mappings() - before_maps
+        shm = _shm() - before_shm
+        if not (children or fds or maps > 0 or shm) or time.monotonic() > deadline:
+            break
+        time.sleep(0.05)
+        gc.collect()
+    for p in children:  # do not let one leak cascade into every later test
+        p.kill()
+    problems = []
+    if children:
+        problems.append(f"child processes left: {[(p.pid, p.name()) for p in children]}")
+    if fds:
+        problems.append(f"fds left open: {sorted(fds)} -> {[_readlink(fd) for fd in sorted(fds)]}")
+    if maps > 0:
+        problems.append(f"{maps} mapping(s) of a shmfeed ring still in this process")
+    if shm:
+        problems.append(f"/dev/shm entries left: {sorted(shm)}")
+    if problems:
+        pytest.fail("; ".join(problems))
+
+
+def _readlink(fd: str) -> str:
+    try:
+        return os.readlink(f"/proc/self/fd/{fd}")
+    except OSError:
+        return "?"
