@@ -106,11 +106,11 @@ static PyObject *Control_take(ControlObject *self, PyObject *args) {
     double timeout_s;
     if (!PyArg_ParseTuple(args, "IId", &gen, &batch, &timeout_s)) return NULL;
     shmf_status st;
-    uint32_t state = 0;
+    uint32_t state = 0, slot = 0;
     uint64_t rows = 0;
-    Py_BEGIN_ALLOW_THREADS st = shmf_take(self->base, gen, batch, timeout_s, &state, &rows);
+    Py_BEGIN_ALLOW_THREADS st = shmf_take(self->base, gen, batch, timeout_s, &state, &rows, &slot);
     Py_END_ALLOW_THREADS if (st == SHMF_INTERRUPTED && PyErr_CheckSignals() < 0) return NULL;
-    return Py_BuildValue("iIK", (int)st, state, (unsigned long long)rows);
+    return Py_BuildValue("iIKI", (int)st, state, (unsigned long long)rows, slot);
 }
 
 static PyObject *Control_release(ControlObject *self, PyObject *args) {
@@ -137,6 +137,19 @@ static PyObject *Control_set_claim(ControlObject *self, PyObject *args) {
 
 static PyObject *Control_shutdown(ControlObject *self, PyObject *Py_UNUSED(a)) {
     return PyLong_FromLong(shmf_shutdown(self->base));
+}
+
+static PyObject *Control_slot_of(ControlObject *self, PyObject *args) {
+    unsigned int gen, batch;
+    if (!PyArg_ParseTuple(args, "II", &gen, &batch)) return NULL;
+    uint32_t slot = shmf_slot_of(self->base, gen, batch);
+    if (slot == SHMF_NO_SLOT) return PyLong_FromLong(-1);
+    return PyLong_FromUnsignedLong(slot);
+}
+
+static PyObject *Control_assign_free(ControlObject *self, PyObject *Py_UNUSED(a)) {
+    shmf_assign_free(self->base);
+    Py_RETURN_NONE;
 }
 
 static PyObject *Control_reopen(ControlObject *self, PyObject *Py_UNUSED(a)) {
@@ -215,11 +228,13 @@ static PyMethodDef Control_methods[] = {
     {"wait_gen", (PyCFunction)Control_wait_gen, METH_VARARGS, "wait_gen(gen, timeout_s) -> status"},
     {"acquire", (PyCFunction)Control_acquire, METH_VARARGS, "acquire(worker, gen, batch, timeout_s) -> status"},
     {"publish", (PyCFunction)Control_publish, METH_VARARGS, "publish(worker, gen, batch, rows, state, busy_ns) -> status"},
-    {"take", (PyCFunction)Control_take, METH_VARARGS, "take(gen, batch, timeout_s) -> (status, state, rows)"},
+    {"take", (PyCFunction)Control_take, METH_VARARGS, "take(gen, batch, timeout_s) -> (status, state, rows, slot)"},
     {"release", (PyCFunction)Control_release, METH_VARARGS, "release(slot, tag) -> status"},
     {"reclaim", (PyCFunction)Control_reclaim, METH_VARARGS, "reclaim(worker) -> (status, pending_tag)"},
     {"set_claim", (PyCFunction)Control_set_claim, METH_VARARGS, "set_claim(worker, tag) -> status"},
     {"shutdown", (PyCFunction)Control_shutdown, METH_NOARGS, "shutdown() -> status"},
+    {"slot_of", (PyCFunction)Control_slot_of, METH_VARARGS, "slot_of(gen, batch) -> slot assigned to that batch, or -1"},
+    {"assign_free", (PyCFunction)Control_assign_free, METH_NOARGS, "assign_free(): give free slots to the next batches"},
     {"reopen", (PyCFunction)Control_reopen, METH_NOARGS, "reopen() -> status"},
     {"gen_info", (PyCFunction)Control_gen_info, METH_VARARGS, "gen_info(gen) -> (epoch, n_batches, slot_base)"},
     {"set_fatal", (PyCFunction)Control_set_fatal, METH_NOARGS, "set_fatal() -> status"},
@@ -288,7 +303,7 @@ PyMODINIT_FUNC PyInit__core(void) {
     Py_INCREF(&ControlType);
     if (PyModule_AddObject(m, "Control", (PyObject *)&ControlType) < 0) return NULL;
 #define ADD(name) if (PyModule_AddIntConstant(m, #name, name) < 0) return NULL
-    ADD(SHMF_FREE); ADD(SHMF_FILLING); ADD(SHMF_READY); ADD(SHMF_HELD); ADD(SHMF_ERROR);
+    ADD(SHMF_FREE); ADD(SHMF_FILLING); ADD(SHMF_READY); ADD(SHMF_HELD); ADD(SHMF_ERROR); ADD(SHMF_ASSIGNED); ADD(SHMF_ASSIGNING);
     ADD(SHMF_OK); ADD(SHMF_TIMEOUT); ADD(SHMF_STALE); ADD(SHMF_SHUTDOWN); ADD(SHMF_EPOCH_DONE);
     ADD(SHMF_BLOCKED); ADD(SHMF_INTERRUPTED); ADD(SHMF_EINVAL);
     ADD(SHMF_REPORT_BYTES); ADD(SHMF_DATA_ALIGN); ADD(SHMF_VERSION);

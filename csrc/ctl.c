@@ -2,9 +2,11 @@
  * shmfeed control plane: lock-free slot transitions and futex waits on a shared
  * mapping.  See shmfeed_ctl.h for the layout and the slot life cycle.
  *
- * Why no locks: a worker can be SIGKILLed at any instruction.  Every transition is
- * one atomic store or compare-and-swap, so the only thing a dead worker can leave
- * behind is a slot in FILLING and a claim record, both repaired by shmf_reclaim.
+ * Why no locks: a worker can be SIGKILLed at any instruction.  Every transition a
+ * worker makes is one atomic store or compare-and-swap, so the only thing a dead
+ * worker can leave behind is a slot in FILLING and a claim record, both repaired by
+ * shmf_reclaim.  Slot assignment (FREE -> ASSIGNING -> ASSIGNED) runs only in the
+ * training process, whose death ends everything anyway.
  *
  * Why waiter counters: futex_wake is a system call; publishing thousands of small
  * batches per second should not pay for it when nobody sleeps on the word.  Waiter
@@ -17,8 +19,6 @@
 #include <errno.h>
 #include <limits.h>
 #include <linux/futex.h>
-#include <math.h>
-#include <stdatomic.h>
 #include <string.h>
 #include <sys/syscall.h>
 #include <time.h>
@@ -28,7 +28,7 @@ static size_t round_up(size_t x, size_t a) { return (x + a - 1) / a * a; }
 
 size_t shmf_report_offset(uint32_t n_slots, uint32_t max_workers, uint32_t slot) {
     size_t base = sizeof(shmf_header) + sizeof(shmf_worker) * (size_t)max_workers +
-                  sizeof(shmf_slot) * (size_t)n_slots;
+                  (sizeof(shmf_slot) + sizeof(shmf_assign)) * (size_t)n_slots;
     return round_up(base, 64) + (size_t)SHMF_REPORT_BYTES * slot;
 }
 
@@ -71,9 +71,23 @@ static void futex_wake(_Atomic uint32_t *word, _Atomic uint32_t *waiters, int fo
         syscall(SYS_futex, (uint32_t *)word, FUTEX_WAKE, INT_MAX, NULL, NULL, 0);
 }
 
-static void slot_set(shmf_slot *s, uint32_t state) {
-    atomic_store(&s->state, state);
-    futex_wake(&s->state, &s->waiters, 0);
+/* Something the consumer may be waiting for happened. */
+static void bump_progress(shmf_header *h) {
+    atomic_fetch_add(&h->progress, 1);
+    futex_wake(&h->progress, &h->progress_waiters, 0);
+}
+
+/* Something a worker may be waiting for happened (a slot was assigned). */
+static void bump_assign(shmf_header *h) {
+    atomic_fetch_add(&h->assign_seq, 1);
+    futex_wake(&h->assign_seq, &h->assign_waiters, 0);
+}
+
+static uint32_t current_gen(shmf_header *h) { return (uint32_t)(atomic_load(&h->claim) >> 32); }
+
+/* True when the consumer has moved past `tag` (a later batch, or a newer epoch). */
+static int consumer_passed(shmf_header *h, uint64_t tag) {
+    return atomic_load(&h->consumer_tag) > tag;
 }
 
 shmf_status shmf_init(void *base, size_t total_bytes, uint32_t n_slots, uint32_t max_workers,
@@ -93,12 +107,16 @@ shmf_status shmf_init(void *base, size_t total_bytes, uint32_t n_slots, uint32_t
     shmf_worker *w = shmf_workers(base);
     for (uint32_t i = 0; i < max_workers; i++) atomic_store(&w[i].claim, SHMF_NO_CLAIM);
     shmf_slot *s = shmf_slots(base);
+    shmf_assign *a = shmf_assigns(base);
     for (uint32_t i = 0; i < n_slots; i++) {
         atomic_store(&s[i].owner, -1);
         atomic_store(&s[i].tag, SHMF_NO_CLAIM);
+        atomic_store(&a[i].tag, SHMF_NO_CLAIM);
+        atomic_store(&a[i].slot, SHMF_NO_SLOT);
     }
-    /* No generation is open yet: the claim word points past an empty epoch 0. */
+    /* No generation is open yet: generation 0 is an empty epoch. */
     atomic_store(&h->claim, 0);
+    atomic_store(&h->assign_next, 0);
     atomic_thread_fence(memory_order_seq_cst);
     h->magic = SHMF_MAGIC; /* written last: a block with the magic is complete */
     return SHMF_OK;
@@ -113,17 +131,76 @@ shmf_status shmf_check(const void *base, size_t total_bytes) {
     return SHMF_OK;
 }
 
+void shmf_assign_free(void *base) {
+    shmf_header *h = shmf_hdr(base);
+    shmf_slot *slots = shmf_slots(base);
+    shmf_assign *table = shmf_assigns(base);
+    uint32_t n = h->n_slots;
+    uint64_t ctag = atomic_load(&h->consumer_tag);
+    uint32_t start = (uint32_t)(h->gens[(uint32_t)(ctag >> 32) % SHMF_GEN_TABLE].slot_base % n);
+    /* 1. Batches nobody will take: an abandoned epoch's, or a duplicate of one
+     *    already delivered (left by a dead worker's ambiguous claim). */
+    for (uint32_t i = 0; i < n; i++) {
+        shmf_slot *s = &slots[i];
+        uint32_t st = atomic_load(&s->state);
+        if (st != SHMF_READY && st != SHMF_ERROR && st != SHMF_ASSIGNED) continue;
+        if (atomic_load(&s->tag) >= ctag) continue;
+        if (atomic_compare_exchange_strong(&s->state, &st, SHMF_FREE))
+            futex_wake(&s->state, &s->waiters, 0);
+    }
+    /* 2. Every free slot goes to the next batch number, in order. */
+    int assigned = 0;
+    for (uint32_t k = 0; k < n; k++) {
+        shmf_slot *s = &slots[(start + k) % n];
+        uint32_t st = SHMF_FREE;
+        if (!atomic_compare_exchange_strong(&s->state, &st, SHMF_ASSIGNING)) continue;
+        uint64_t a;
+        for (;;) {
+            a = atomic_load(&h->assign_next);
+            const shmf_gen_info *info = &h->gens[(uint32_t)(a >> 32) % SHMF_GEN_TABLE];
+            if ((a >> 32) == 0 || (uint32_t)a >= info->n_batches) {
+                atomic_store(&s->state, SHMF_FREE); /* the epoch has no batch left */
+                goto done;
+            }
+            if (atomic_compare_exchange_strong(&h->assign_next, &a, a + 1)) break;
+        }
+        atomic_store(&s->tag, a);
+        atomic_store(&s->owner, -1);
+        atomic_store(&s->rows, 0);
+        atomic_store(&s->state, SHMF_ASSIGNED);
+        shmf_assign *e = &table[(uint32_t)a % n];
+        atomic_store(&e->slot, (uint32_t)(s - slots));
+        atomic_store(&e->tag, a); /* last: a reader that sees the tag sees the slot */
+        assigned = 1;
+    }
+done:
+    if (assigned) bump_assign(h);
+}
+
+uint32_t shmf_slot_of(void *base, uint32_t gen, uint32_t batch) {
+    shmf_header *h = shmf_hdr(base);
+    shmf_assign *e = &shmf_assigns(base)[batch % h->n_slots];
+    if (atomic_load(&e->tag) != shmf_tag(gen, batch)) return SHMF_NO_SLOT;
+    uint32_t slot = atomic_load(&e->slot);
+    /* The entry could be reused between the two loads; the slot's own tag decides. */
+    if (slot >= h->n_slots || atomic_load(&shmf_slots(base)[slot].tag) != shmf_tag(gen, batch))
+        return SHMF_NO_SLOT;
+    return slot;
+}
+
 uint32_t shmf_start_epoch(void *base, uint64_t epoch, uint64_t n_batches, uint64_t slot_base) {
     shmf_header *h = shmf_hdr(base);
     uint32_t g = atomic_load(&h->gen) + 1;
     h->gens[g % SHMF_GEN_TABLE].epoch = epoch;
     h->gens[g % SHMF_GEN_TABLE].n_batches = n_batches;
-    h->gens[g % SHMF_GEN_TABLE].slot_base = slot_base % h->n_slots;
-    /* seq_cst store: a worker that reads the new claim word sees the table entry. */
+    h->gens[g % SHMF_GEN_TABLE].slot_base = slot_base;
+    /* seq_cst stores: a worker that reads the new claim word sees the table entry. */
     atomic_store(&h->consumer_tag, shmf_tag(g, 0));
+    atomic_store(&h->assign_next, shmf_tag(g, 0));
     atomic_store(&h->claim, shmf_tag(g, 0));
     atomic_store(&h->gen, g);
     futex_wake(&h->gen, &h->gen_waiters, 0);
+    shmf_assign_free(base);
     return g;
 }
 
@@ -161,47 +238,32 @@ shmf_status shmf_wait_gen(void *base, uint32_t gen, double timeout_s) {
     }
 }
 
-/* True when the consumer has already moved past `tag` (or to a newer epoch). */
-static int consumer_passed(shmf_header *h, uint64_t tag) {
-    return atomic_load(&h->consumer_tag) > tag;
-}
-
 shmf_status shmf_acquire(void *base, uint32_t worker, uint32_t gen, uint32_t batch,
                          double timeout_s) {
     shmf_header *h = shmf_hdr(base);
     if (worker >= h->max_workers) return SHMF_EINVAL;
-    shmf_slot *s = &shmf_slots(base)[shmf_slot_of(h, gen, batch)];
     uint64_t tag = shmf_tag(gen, batch);
     double deadline = now_s() + timeout_s;
     for (;;) {
         if (atomic_load(&h->shutdown)) return SHMF_SHUTDOWN;
-        /* A newer epoch, or a batch the consumer already has (a duplicate left by a
-         * dead worker's ambiguous claim): nothing to build. */
-        if ((uint32_t)(atomic_load(&h->claim) >> 32) != gen || consumer_passed(h, tag))
-            return SHMF_STALE;
-        uint32_t st = atomic_load(&s->state);
-        /* Batch b may enter its slot only once the consumer has taken batch
-         * b - n_slots: otherwise a FREE slot (an abandoned batch dropped by the
-         * consumer) could receive a batch a whole ring ahead, which the consumer
-         * would then mistake for a stale one. */
-        uint64_t ctag = atomic_load(&h->consumer_tag);
-        int in_window = (uint32_t)(ctag >> 32) == gen &&
-                        (uint64_t)batch < (uint64_t)(uint32_t)ctag + h->n_slots;
-        if (st == SHMF_FREE && in_window) {
-            uint32_t expected = SHMF_FREE;
-            if (atomic_compare_exchange_strong(&s->state, &expected, SHMF_FILLING)) {
-                atomic_store(&s->owner, (int32_t)worker);
-                atomic_store(&s->tag, tag);
-                atomic_store(&s->rows, 0);
-                return SHMF_OK;
+        if (current_gen(h) != gen || consumer_passed(h, tag)) return SHMF_STALE;
+        uint32_t seq = atomic_load(&h->assign_seq);
+        uint32_t slot = shmf_slot_of(base, gen, batch);
+        if (slot != SHMF_NO_SLOT) {
+            shmf_slot *s = &shmf_slots(base)[slot];
+            uint32_t st = SHMF_ASSIGNED;
+            if (atomic_compare_exchange_strong(&s->state, &st, SHMF_FILLING)) {
+                if (atomic_load(&s->tag) == tag) {
+                    atomic_store(&s->owner, (int32_t)worker);
+                    return SHMF_OK;
+                }
+                /* Reassigned between our look-up and the CAS: give it back. */
+                atomic_store(&s->state, SHMF_ASSIGNED);
             }
-            continue;
+            /* Otherwise someone else builds this batch (a duplicate claim): wait
+             * until the consumer passes it. */
         }
-        /* Every step that opens the window changes this slot's state (the consumer
-         * takes batch b - n_slots from it), so sleeping on the state word is enough;
-         * the short cap only bounds the cost of a missed corner. */
-        double left = deadline - now_s();
-        int rc = futex_wait(&s->state, &s->waiters, st, in_window || left < 0.01 ? left : 0.01);
+        int rc = futex_wait(&h->assign_seq, &h->assign_waiters, seq, deadline - now_s());
         if (rc == EINTR) return SHMF_INTERRUPTED;
         if (now_s() >= deadline) return SHMF_TIMEOUT;
     }
@@ -212,57 +274,66 @@ shmf_status shmf_publish(void *base, uint32_t worker, uint32_t gen, uint32_t bat
     shmf_header *h = shmf_hdr(base);
     if (worker >= h->max_workers || (state != SHMF_READY && state != SHMF_ERROR))
         return SHMF_EINVAL;
-    shmf_slot *s = &shmf_slots(base)[shmf_slot_of(h, gen, batch)];
+    uint64_t tag = shmf_tag(gen, batch);
+    uint32_t slot = shmf_slot_of(base, gen, batch);
+    if (slot == SHMF_NO_SLOT) return SHMF_EINVAL;
+    shmf_slot *s = &shmf_slots(base)[slot];
     shmf_worker *w = &shmf_workers(base)[worker];
     if (atomic_load(&s->state) != SHMF_FILLING || atomic_load(&s->owner) != (int32_t)worker ||
-        atomic_load(&s->tag) != shmf_tag(gen, batch))
+        atomic_load(&s->tag) != tag)
         return SHMF_EINVAL;
     atomic_store(&s->rows, rows);
     atomic_store(&s->owner, -1);
     atomic_fetch_add(&w->busy_ns, busy_ns);
     atomic_fetch_add(&w->batches, 1);
-    slot_set(s, state);
+    /* A batch of an abandoned epoch is not worth a slot: free it at once. */
+    int stale = current_gen(h) != gen || consumer_passed(h, tag);
+    atomic_store(&s->state, stale ? SHMF_FREE : state);
+    futex_wake(&s->state, &s->waiters, 0);
     atomic_store(&w->claim, SHMF_NO_CLAIM);
+    bump_progress(h);
     return SHMF_OK;
 }
 
 shmf_status shmf_take(void *base, uint32_t gen, uint32_t batch, double timeout_s,
-                      uint32_t *state, uint64_t *rows) {
+                      uint32_t *state, uint64_t *rows, uint32_t *slot_out) {
     shmf_header *h = shmf_hdr(base);
-    shmf_slot *s = &shmf_slots(base)[shmf_slot_of(h, gen, batch)];
+    shmf_slot *slots = shmf_slots(base);
     uint64_t want = shmf_tag(gen, batch);
     double deadline = now_s() + timeout_s;
     atomic_store(&h->consumer_tag, want);
     for (;;) {
         if (atomic_load(&h->shutdown)) return SHMF_SHUTDOWN;
-        uint32_t st = atomic_load(&s->state);
-        uint64_t tag = atomic_load(&s->tag);
-        if (st == SHMF_READY || st == SHMF_ERROR) {
-            /* Anything else in this slot is older than what we want (a slot only
-             * ever moves forward by n_slots batches): an abandoned epoch or a
-             * duplicate.  Drop it so its successor can be built. */
-            uint32_t next = (tag == want) ? SHMF_HELD : SHMF_FREE;
-            uint32_t expected = st;
-            if (atomic_compare_exchange_strong(&s->state, &expected, next)) {
-                if (next == SHMF_HELD) {
-                    *state = st;
-                    *rows = atomic_load(&s->rows);
-                    atomic_store(&h->consumer_tag, want + 1);
-                    return SHMF_OK;
-                }
-                futex_wake(&s->state, &s->waiters, 0);
-            }
-            continue;
+        uint32_t seq = atomic_load(&h->progress);
+        uint32_t slot = shmf_slot_of(base, gen, batch);
+        if (slot == SHMF_NO_SLOT) {
+            shmf_assign_free(base);
+            slot = shmf_slot_of(base, gen, batch);
         }
-        if (st == SHMF_HELD) {
-            if (tag == want) return SHMF_EINVAL; /* taken twice: a bug in the caller */
-            return SHMF_BLOCKED;
+        if (slot != SHMF_NO_SLOT) {
+            shmf_slot *s = &slots[slot];
+            uint32_t st = atomic_load(&s->state);
+            if ((st == SHMF_READY || st == SHMF_ERROR) &&
+                atomic_compare_exchange_strong(&s->state, &st, SHMF_HELD)) {
+                *state = st;
+                *rows = atomic_load(&s->rows);
+                *slot_out = slot;
+                atomic_store(&h->consumer_tag, want + 1);
+                return SHMF_OK;
+            }
+        } else {
+            /* No slot for this batch: if every slot is held by the consumer itself,
+             * waiting cannot help. */
+            uint32_t held = 0;
+            for (uint32_t i = 0; i < h->n_slots; i++)
+                held += atomic_load(&slots[i].state) == SHMF_HELD;
+            if (held == h->n_slots) return SHMF_BLOCKED;
         }
         /* Checked only before sleeping: batches that are ready are still delivered. */
         if (atomic_load(&h->fatal)) return SHMF_SHUTDOWN;
-        int rc = futex_wait(&s->state, &s->waiters, st, deadline - now_s());
+        int rc = futex_wait(&h->progress, &h->progress_waiters, seq, deadline - now_s());
         if (rc == EINTR) return SHMF_INTERRUPTED;
-        if (rc == ETIMEDOUT && atomic_load(&s->state) == st) return SHMF_TIMEOUT;
+        if (now_s() >= deadline) return SHMF_TIMEOUT;
     }
 }
 
@@ -274,6 +345,9 @@ shmf_status shmf_release(void *base, uint32_t slot, uint64_t tag) {
     uint32_t expected = SHMF_HELD;
     if (!atomic_compare_exchange_strong(&s->state, &expected, SHMF_FREE)) return SHMF_STALE;
     futex_wake(&s->state, &s->waiters, 0);
+    /* Hand it to the next batch now, so a worker can start while the step runs. */
+    shmf_assign_free(base);
+    bump_progress(h);
     return SHMF_OK;
 }
 
@@ -283,15 +357,18 @@ shmf_status shmf_reclaim(void *base, uint32_t worker, uint64_t *pending) {
     shmf_worker *w = &shmf_workers(base)[worker];
     shmf_slot *slots = shmf_slots(base);
     *pending = SHMF_NO_CLAIM;
-    /* A half-written slot goes back to FREE; its tag stays, so the consumer keeps
-     * waiting for the same batch, which the replacement rebuilds. */
+    /* A half-written slot goes back to ASSIGNED with its tag: the replacement (or
+     * whoever claims the batch) rebuilds it in place. */
+    int reset = 0;
     for (uint32_t i = 0; i < h->n_slots; i++) {
         if (atomic_load(&slots[i].owner) == (int32_t)worker &&
             atomic_load(&slots[i].state) == SHMF_FILLING) {
             atomic_store(&slots[i].owner, -1);
-            slot_set(&slots[i], SHMF_FREE);
+            atomic_store(&slots[i].state, SHMF_ASSIGNED);
+            reset = 1;
         }
     }
+    if (reset) bump_assign(h);
     uint64_t c = atomic_exchange(&w->claim, SHMF_NO_CLAIM);
     if (c == SHMF_NO_CLAIM) return SHMF_OK;
     uint64_t now = atomic_load(&h->claim);
@@ -299,9 +376,11 @@ shmf_status shmf_reclaim(void *base, uint32_t worker, uint64_t *pending) {
      * nobody has finished it (it died between publishing and clearing its record). */
     if ((now >> 32) != (c >> 32) || (uint32_t)now <= (uint32_t)c) return SHMF_OK;
     if (consumer_passed(h, c)) return SHMF_OK;
-    shmf_slot *s = &slots[shmf_slot_of(h, (uint32_t)(c >> 32), (uint32_t)c)];
-    uint32_t st = atomic_load(&s->state);
-    if (atomic_load(&s->tag) == c && st != SHMF_FREE && st != SHMF_FILLING) return SHMF_OK;
+    uint32_t slot = shmf_slot_of(base, (uint32_t)(c >> 32), (uint32_t)c);
+    if (slot != SHMF_NO_SLOT) {
+        uint32_t st = atomic_load(&slots[slot].state);
+        if (st == SHMF_READY || st == SHMF_ERROR || st == SHMF_HELD) return SHMF_OK;
+    }
     *pending = c;
     return SHMF_OK;
 }
@@ -317,8 +396,8 @@ shmf_status shmf_shutdown(void *base) {
     shmf_header *h = shmf_hdr(base);
     atomic_store(&h->shutdown, 1);
     futex_wake(&h->gen, &h->gen_waiters, 1);
-    shmf_slot *s = shmf_slots(base);
-    for (uint32_t i = 0; i < h->n_slots; i++) futex_wake(&s[i].state, &s[i].waiters, 1);
+    futex_wake(&h->assign_seq, &h->assign_waiters, 1);
+    futex_wake(&h->progress, &h->progress_waiters, 1);
     return SHMF_OK;
 }
 
@@ -331,7 +410,6 @@ shmf_status shmf_set_fatal(void *base) {
     shmf_header *h = shmf_hdr(base);
     atomic_store(&h->fatal, 1);
     /* Wake the consumer wherever it sleeps so it reads the message promptly. */
-    shmf_slot *s = shmf_slots(base);
-    for (uint32_t i = 0; i < h->n_slots; i++) futex_wake(&s[i].state, &s[i].waiters, 1);
+    futex_wake(&h->progress, &h->progress_waiters, 1);
     return SHMF_OK;
 }

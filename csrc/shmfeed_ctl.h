@@ -8,25 +8,28 @@
  *
  * Mapping layout (all offsets from the start of the mapping):
  *
- *   [shmf_header][shmf_worker x max_workers][shmf_slot x n_slots]
+ *   [shmf_header][shmf_worker x max_workers][shmf_slot x n_slots][shmf_assign x n_slots]
  *   [report area: SHMF_REPORT_BYTES x n_slots][fatal message: SHMF_REPORT_BYTES]
  *   ... padding to SHMF_DATA_ALIGN ...
  *   [slot 0 data: slot_bytes][slot 1 data] ...
  *
- * Slot life cycle (state word, also the futex word):
+ * Slot life cycle (state word, also a futex word):
  *
- *   FREE --worker acquire--> FILLING --publish--> READY --consumer take--> HELD
- *     ^                         |                                           |
- *     |                         +--publish error--> ERROR --consumer take---+
- *     +------------------ consumer release (last reference died) -----------+
+ *   FREE --consumer assigns--> ASSIGNED --worker acquires--> FILLING --publish--> READY
+ *     ^   (ASSIGNING in between)                                |                  |
+ *     |                                                         +-> ERROR ---------+
+ *     |                                                                            v
+ *     +----------------- consumer release (last reference died) <------------- HELD
  *
- * Batch b of the epoch with generation g lives in slot (slot_base(g) + b) % n_slots,
- * where each epoch starts at the slot after the last one the consumer took, so the
- * batch a training loop still holds across an epoch boundary is never in the way; a slot
- * carries the tag (g << 32 | b) of the batch it holds.  Claims come from one
+ * Batches are numbered per epoch ("generation" g, bumped at every epoch start).
+ * Slots are handed to batch numbers in order, by the training process only, as slots
+ * become FREE: a batch the caller keeps simply pins its slot and the others keep
+ * circulating.  The assignment table maps batch b to its slot at index b % n_slots;
+ * at most n_slots batches are assigned and not yet taken, so an entry is reused only
+ * after its batch was taken.  Claims (which worker builds which batch) come from one
  * 64-bit word (g << 32 | next batch), advanced by compare-and-swap after the worker
- * has recorded what it is about to claim, so the claim of a worker that dies at any
- * point can be recovered exactly.
+ * recorded what it is about to claim, so the claim of a worker that dies at any
+ * point can be recovered.
  */
 #ifndef SHMFEED_CTL_H
 #define SHMFEED_CTL_H
@@ -36,11 +39,12 @@
 #include <stdatomic.h>
 
 #define SHMF_MAGIC 0x3144454546484d53ULL /* "SHMFEED1" little-endian */
-#define SHMF_VERSION 1u
+#define SHMF_VERSION 2u
 #define SHMF_DATA_ALIGN 4096u    /* slot data starts page aligned */
 #define SHMF_REPORT_BYTES 8192u  /* per-slot error report (pickled by Python) */
 #define SHMF_GEN_TABLE 64u       /* epoch parameters kept for this many generations */
 #define SHMF_NO_CLAIM UINT64_MAX
+#define SHMF_NO_SLOT UINT32_MAX
 
 typedef enum {
     SHMF_FREE = 0,
@@ -48,15 +52,17 @@ typedef enum {
     SHMF_READY = 2,
     SHMF_HELD = 3,
     SHMF_ERROR = 4,
+    SHMF_ASSIGNED = 5,   /* given to a batch number, waiting for its builder */
+    SHMF_ASSIGNING = 6,  /* transient, inside shmf_assign_free */
 } shmf_slot_state;
 
 typedef enum {
     SHMF_OK = 0,
     SHMF_TIMEOUT = 1,     /* the wait ran out; the caller checks liveness and retries */
-    SHMF_STALE = 2,       /* a newer epoch started; drop what you were doing */
-    SHMF_SHUTDOWN = 3,    /* the loader is closing */
+    SHMF_STALE = 2,       /* a newer epoch started, or the batch was delivered already */
+    SHMF_SHUTDOWN = 3,    /* the loader is closing (or the pool gave up: see `fatal`) */
     SHMF_EPOCH_DONE = 4,  /* every batch of this epoch has been claimed */
-    SHMF_BLOCKED = 5,     /* the slot the consumer needs is held by the consumer itself */
+    SHMF_BLOCKED = 5,     /* every slot is held by the consumer: nothing can be assigned */
     SHMF_INTERRUPTED = 6, /* a signal arrived during a wait (EINTR) */
     SHMF_EINVAL = -1,     /* bad argument or corrupt block */
 } shmf_status;
@@ -64,7 +70,7 @@ typedef enum {
 typedef struct {
     uint64_t epoch;
     uint64_t n_batches;
-    uint64_t slot_base; /* batch b of this generation lives in slot (slot_base + b) % n_slots */
+    uint64_t slot_base; /* slot where the epoch's assignment scan starts (locality only) */
 } shmf_gen_info;
 
 typedef struct {
@@ -76,13 +82,18 @@ typedef struct {
     uint64_t slot_bytes;
     uint64_t data_offset;
     uint64_t total_bytes;
-    _Alignas(64) _Atomic uint64_t claim;    /* gen << 32 | next batch */
+    _Alignas(64) _Atomic uint64_t claim;    /* gen << 32 | next batch to claim */
     _Alignas(64) _Atomic uint32_t gen;      /* futex word: bumped at each epoch start */
     _Atomic uint32_t gen_waiters;
-    _Atomic uint32_t shutdown;              /* futex word too: wakes every waiter */
+    _Atomic uint32_t shutdown;
     _Atomic uint32_t fatal;                 /* set once by the supervisor; message in fatal area */
     _Atomic uint64_t restarts;              /* workers replaced so far */
-    _Atomic uint64_t consumer_tag;          /* tag of the batch the consumer waits for next */
+    _Atomic uint64_t consumer_tag;          /* tag of the batch the consumer takes next */
+    _Atomic uint64_t assign_next;           /* gen << 32 | next batch to give a slot */
+    _Alignas(64) _Atomic uint32_t assign_seq; /* futex word for workers: bumped per assignment */
+    _Atomic uint32_t assign_waiters;
+    _Alignas(64) _Atomic uint32_t progress; /* futex word for the consumer: bumped per publish */
+    _Atomic uint32_t progress_waiters;
     shmf_gen_info gens[SHMF_GEN_TABLE];
 } shmf_header;
 
@@ -94,17 +105,19 @@ typedef struct {
 } shmf_worker;
 
 typedef struct {
-    _Alignas(64) _Atomic uint32_t state;    /* shmf_slot_state; futex word */
+    _Alignas(64) _Atomic uint32_t state;    /* shmf_slot_state */
     _Atomic uint32_t waiters;
-    _Atomic uint64_t tag;                   /* gen << 32 | batch */
+    _Atomic uint64_t tag;                   /* gen << 32 | batch it holds or is assigned */
     _Atomic int32_t owner;                  /* worker index while FILLING, -1 otherwise */
     uint32_t _pad;
     _Atomic uint64_t rows;                  /* rows actually written (short last batch) */
 } shmf_slot;
 
-static inline uint32_t shmf_slot_of(const shmf_header *h, uint32_t gen, uint32_t batch) {
-    return (uint32_t)((h->gens[gen % SHMF_GEN_TABLE].slot_base + batch) % h->n_slots);
-}
+typedef struct {
+    _Atomic uint64_t tag;   /* batch this entry describes (written last) */
+    _Atomic uint32_t slot;  /* its slot */
+    uint32_t _pad;
+} shmf_assign;
 
 static inline uint64_t shmf_tag(uint32_t gen, uint32_t batch) {
     return ((uint64_t)gen << 32) | batch;
@@ -119,7 +132,8 @@ shmf_status shmf_init(void *base, size_t total_bytes, uint32_t n_slots, uint32_t
                       uint64_t slot_bytes);
 shmf_status shmf_check(const void *base, size_t total_bytes);
 
-/* Consumer: open a new epoch (generation).  Returns the new generation. */
+/* Consumer: open a new epoch (generation) and hand the free slots to its first
+ * batches.  Returns the new generation. */
 uint32_t shmf_start_epoch(void *base, uint64_t epoch, uint64_t n_batches, uint64_t slot_base);
 
 /* Worker: claim the next batch of the current epoch. */
@@ -127,7 +141,7 @@ shmf_status shmf_claim(void *base, uint32_t worker, uint32_t *gen, uint64_t *epo
                        uint32_t *batch);
 /* Worker: wait until the generation differs from `gen` (or timeout/shutdown). */
 shmf_status shmf_wait_gen(void *base, uint32_t gen, double timeout_s);
-/* Worker: wait for the batch's slot to be FREE and take it (FILLING). */
+/* Worker: wait until the batch has a slot and take it (ASSIGNED -> FILLING). */
 shmf_status shmf_acquire(void *base, uint32_t worker, uint32_t gen, uint32_t batch,
                          double timeout_s);
 /* Worker: finish a slot taken with shmf_acquire (state READY or ERROR). */
@@ -137,9 +151,16 @@ shmf_status shmf_publish(void *base, uint32_t worker, uint32_t gen, uint32_t bat
 /* Consumer: wait for batch `batch` of generation `gen`; on SHMF_OK *state is READY or
  * ERROR and the slot is now HELD by the consumer. */
 shmf_status shmf_take(void *base, uint32_t gen, uint32_t batch, double timeout_s,
-                      uint32_t *state, uint64_t *rows);
-/* Consumer: give a HELD slot back; a no-op when the tag no longer matches. */
+                      uint32_t *state, uint64_t *rows, uint32_t *slot);
+/* Consumer: give a HELD slot back (and to the next batch); a no-op when the tag no
+ * longer matches. */
 shmf_status shmf_release(void *base, uint32_t slot, uint64_t tag);
+/* Consumer: drop slots holding batches nobody will take, and give every free slot to
+ * the next batch numbers.  Called by start/take/release; exposed for the in-process
+ * builder. */
+void shmf_assign_free(void *base);
+/* The slot assigned to batch `batch` of `gen`, or SHMF_NO_SLOT. */
+uint32_t shmf_slot_of(void *base, uint32_t gen, uint32_t batch);
 
 /* Supervisor, after reaping worker `worker`: put back what it left half done.
  * *pending is the tag it had claimed and not published, or SHMF_NO_CLAIM. */
@@ -160,6 +181,9 @@ static inline shmf_worker *shmf_workers(void *base) {
 static inline shmf_slot *shmf_slots(void *base) {
     shmf_header *h = shmf_hdr(base);
     return (shmf_slot *)((char *)base + sizeof(shmf_header) + sizeof(shmf_worker) * h->max_workers);
+}
+static inline shmf_assign *shmf_assigns(void *base) {
+    return (shmf_assign *)(shmf_slots(base) + shmf_hdr(base)->n_slots);
 }
 
 #endif

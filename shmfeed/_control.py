@@ -21,6 +21,8 @@ class SlotState(enum.IntEnum):
     READY = _core.SHMF_READY
     HELD = _core.SHMF_HELD
     ERROR = _core.SHMF_ERROR
+    ASSIGNED = _core.SHMF_ASSIGNED
+    ASSIGNING = _core.SHMF_ASSIGNING
 
 
 class Status(enum.IntEnum):

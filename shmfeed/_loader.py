@@ -40,6 +40,8 @@ log = logging.getLogger("shmfeed")
 
 TAKE_SLICE_S = 0.1  # how often a waiting consumer checks the pool's health
 START_METHODS = ("auto", "fork", "spawn")
+# Batch numbers no real batch has, to key the global RNGs for the epoch hooks.
+_HOOK_BATCH = {"on_epoch_begin": 0xFFFFFFFE, "on_epoch_end": 0xFFFFFFFF}
 _said_spawn = False
 
 
@@ -357,10 +359,7 @@ class Loader:
         self._check_open()
         epoch = self._epoch
         self._epoch += 1
-        hook = _epoch_hook(self._source, "on_epoch_begin")
-        if hook is not None:
-            hook()
-            self._pool_stale = True
+        self._call_hook("on_epoch_begin", epoch)
         if self._num_workers and self._pool_stale:
             self._res.stop_pool()
             self._start_pool()
@@ -383,10 +382,20 @@ class Loader:
                     f"epoch {epoch}'s iterator was used after a newer epoch started; "
                     "iterate one epoch at a time")
             yield self._next_batch(gen, epoch, b)
-        hook = _epoch_hook(self._source, "on_epoch_end")
-        if hook is not None:
-            hook()
-            self._pool_stale = True
+        self._call_hook("on_epoch_end", epoch)
+
+    def _call_hook(self, name: str, epoch: int) -> None:
+        """Run the source's epoch hook here, in the training process, as Keras does;
+        the pool is then restarted so the workers see what it changed."""
+        hook = _epoch_hook(self._source, name)
+        if hook is None:
+            return
+        if self._seed_global_rngs:
+            # Tutorial hooks reshuffle with np.random: key it so that the result does
+            # not depend on how many batches were built in this process.
+            _order.seed_global_rngs(self._order.seed, epoch, _HOOK_BATCH[name])
+        hook()
+        self._pool_stale = True
 
     def _next_batch(self, gen: int, epoch: int, batch: int) -> Any:
         self._check_open()
@@ -396,11 +405,10 @@ class Loader:
             self._t_first = t0
         if self._builder is not None:
             self._build_here(gen, epoch, batch)
-        st, state, rows = ctl.take(gen, batch, TAKE_SLICE_S)
+        st, state, rows, slot = ctl.take(gen, batch, TAKE_SLICE_S)
         if st != Status.OK:
-            state, rows = self._slow_take(st, gen, epoch, batch, t0)
+            state, rows, slot = self._slow_take(st, gen, epoch, batch, t0)
         self._stats.wait_s += time.perf_counter() - t0
-        slot = ring.slot_of(gen, batch)
         self._next_slot = (slot + 1) % ring.n_slots
         if state == SlotState.ERROR:
             report = ring.read_report(slot)
@@ -417,34 +425,38 @@ class Loader:
         st, g, e, b = ctl.claim(0)
         if st != Status.OK or (g, b) != (gen, batch):
             raise internal(f"in-process claim gave {Status(st).name} {(g, b)} for {(gen, batch)}")
-        if ctl.slot(self._ring.slot_of(gen, batch))["state"] == SlotState.HELD:
+        if self._ring.slot_of(gen, batch) < 0:
             self._raise_if_full(gen, batch)
+            if self._ring.slot_of(gen, batch) < 0:
+                raise internal(f"batch {batch} has no slot although not every slot is held")
         # With `seed_global_rngs`, np.random and random are re-seeded per batch here
         # exactly as in a worker (saving and restoring them would cost more than
         # building a small batch); that is what keeps this mode the reference.
         build_one(self._ring, self._builder, 0, gen, epoch, batch, None)
 
     def _raise_if_full(self, gen: int, batch: int) -> None:
+        """Batch `batch` has no slot: unless a garbage collection frees one, every
+        slot is pinned by a batch the caller still references."""
         ctl, n = self._ring.ctl, self._ring.n_slots
-        slot = self._ring.slot_of(gen, batch)
         gc.collect()  # batches caught in reference cycles
-        info = ctl.slot(slot)
-        if info["state"] != SlotState.HELD:
+        ctl.assign_free()
+        if self._ring.slot_of(gen, batch) >= 0:
             return
         held = sum(ctl.slot(s)["state"] == SlotState.HELD for s in range(n))
-        _, old = untag(info["tag"])
+        if held < n:
+            return  # a slot is on its way back (a worker is finishing a stale batch)
         raise RingFullError(
-            f"batch {batch} needs ring slot {slot}, which still holds batch {old} that is still "
-            f"referenced; {held} of {n} slots are held by batches kept alive (e.g. appended to a "
-            "list). Copy what you keep (`np.array(x)`, or `jax.device_put`), drop references "
+            f"batch {batch} has no ring slot: all {n} slots hold batches that are still "
+            "referenced (e.g. appended to a list, or held by in-flight device transfers). "
+            "Copy what you keep (`np.array(x)`, or `jax.device_put`), drop references "
             f"sooner, or give the loader more slots (`num_slots`, now {n})."
         )
 
-    def _slow_take(self, st: int, gen: int, epoch: int, batch: int, t0: float) -> tuple[int, int]:
+    def _slow_take(self, st: int, gen: int, epoch: int, batch: int, t0: float) -> tuple[int, int, int]:
         ctl = self._ring.ctl
         while True:
             if st == Status.OK:
-                return state, rows  # noqa: F821 - set by the take below
+                return state, rows, slot  # noqa: F821 - set by the take below
             if st == Status.BLOCKED:
                 self._raise_if_full(gen, batch)
             elif st == Status.SHUTDOWN:
@@ -455,7 +467,7 @@ class Loader:
                 raise internal(f"take({gen}, {batch}) returned EINVAL")
             elif st == Status.TIMEOUT:
                 self._check_health(epoch, batch, t0)
-            st, state, rows = ctl.take(gen, batch, TAKE_SLICE_S)
+            st, state, rows, slot = ctl.take(gen, batch, TAKE_SLICE_S)
 
     def _check_health(self, epoch: int, batch: int, t0: float) -> None:
         pool = self._res.pool

@@ -240,8 +240,11 @@ class Pool:
             self.pid = pid
         else:
             assert source_bytes is not None
-            payload = pickle.dumps((multiprocessing.spawn.get_preparation_data("shmfeed-pool"),
-                                    cfg, source_bytes))
+            prep = multiprocessing.spawn.get_preparation_data("shmfeed-pool")
+            # The pool never talks to multiprocessing managers, so it needs no authkey
+            # (an AuthenticationString refuses to be pickled outside multiprocessing).
+            prep.pop("authkey", None)
+            payload = pickle.dumps((prep, cfg, source_bytes))
             # The payload goes through a memfd, not a pipe: writing it can never block.
             pfd = os.memfd_create("shmfeed-payload", os.MFD_CLOEXEC)
             try:

@@ -96,8 +96,8 @@ class Ring:
         return np.frombuffer(self.mm, np.uint8, count=self.n_slots * self.slot_bytes, offset=self.data_offset)
 
     def slot_of(self, gen: int, batch: int) -> int:
-        """The slot of batch `batch` of generation `gen` (see shmf_slot_of)."""
-        return (self.ctl.gen_info(gen)[2] + batch) % self.n_slots
+        """The slot assigned to batch `batch` of generation `gen`, or -1."""
+        return self.ctl.slot_of(gen, batch)
 
     # -- worker side ------------------------------------------------------------------
     def write_views(self, slot: int) -> list[np.ndarray]:

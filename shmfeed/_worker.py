@@ -135,7 +135,7 @@ def build_one(ring: Ring, builder: Builder, worker: int, gen: int, epoch: int, b
             raise _Exit()
         if parent_pid is not None and os.getppid() != parent_pid:
             raise _Exit()
-    slot = ring.slot_of(gen, batch)
+    slot = ring.slot_of(gen, batch)  # ours while FILLING: it cannot change now
     t0 = time.perf_counter_ns()
     try:
         rows = builder.fill(slot, epoch, batch)

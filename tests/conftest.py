@@ -70,3 +70,10 @@ def _readlink(fd: str) -> str:
         return os.readlink(f"/proc/self/fd/{fd}")
     except OSError:
         return "?"
+
+
+def pytest_collection_modifyitems(config, items):
+    """Tests that start JAX's backend run last: once it runs in this process, every
+    later Loader starts its workers from a fresh interpreter instead of forking, and
+    the other tests should exercise the fork path they were written for."""
+    items.sort(key=lambda item: "jax" in item.module.__name__ if item.module else False)

@@ -1,0 +1,7 @@
+"""`python -m shmfeed`: the same command line as the `shmfeed` console script."""
+
+import sys
+
+from ._cli import main
+
+sys.exit(main())

@@ -1,0 +1,127 @@
+"""The measuring loop, run in a fresh interpreter for one (workload, loader) pair:
+
+    python -m shmfeed._bench.child JOB.json RESULT.json
+
+Owns what "a batch was delivered" means and how it is timed.
+
+- Startup is construction of the loader to the first batch in hand.
+- The rate is measured from the first batch for `seconds`: batches taken after it,
+  bytes of their leaves, over the time they took.  Epochs follow one another as in
+  training; the time a loader spends between epochs counts.
+- Every delivered batch is touched (`touch`): the first and last element of every
+  leaf are read, so a loader cannot win by handing out work it has not done, and the
+  batch is dropped before the next is asked for, as a training step would.
+- The input wait is the time spent inside `next()` over the measured time.
+
+The parent (runner.py) samples this process tree's memory from outside, so that the
+measurement costs this process nothing.  The result is a JSON object:
+`{"status": "ok", ...}`, `{"status": "skipped", "reason": ...}` or
+`{"status": "error", "reason": ..., "traceback": ...}`.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+import traceback
+from typing import Any
+
+import numpy as np
+import psutil
+
+from . import workloads
+from .loaders import LOADERS, Job, adapter_module
+
+
+def touch(batch: Any) -> int:
+    """Read the first and last element of every leaf of `batch`; its bytes."""
+    if isinstance(batch, dict):
+        return sum(touch(v) for v in batch.values())
+    if isinstance(batch, (tuple, list)):
+        return sum(touch(v) for v in batch)
+    arr = batch if isinstance(batch, np.ndarray) else np.asarray(batch)  # torch: no copy
+    if arr.size:
+        flat = arr.reshape(-1)
+        flat[0].item()
+        flat[-1].item()
+    return arr.nbytes
+
+
+def measure(job: Job) -> dict:
+    workload = workloads.WORKLOADS[job.workload]
+    try:
+        module = adapter_module(job.loader)
+    except ImportError as exc:
+        return {"status": "skipped", "reason": f"cannot import {LOADERS[job.loader].requires}: {exc}"}
+    source = workloads.make_source(workload, job.data_path, batch_size=job.batch_size,
+                                   length=job.length, seed=job.seed)
+    rss_base = psutil.Process().memory_info().rss
+
+    t_construct = time.perf_counter()
+    adapter = module.Adapter(source, job)
+    try:
+        epoch = 0
+        it = iter(adapter.epoch(epoch))
+        batch = next(it)
+        t_first = time.perf_counter()
+        touch(batch)
+        del batch
+        deadline = t_first + job.seconds
+        n = nbytes = 0
+        wait_s = 0.0
+        now = t_first
+        while now < deadline:
+            t = time.perf_counter()
+            try:
+                batch = next(it)
+            except StopIteration:
+                epoch += 1
+                it = iter(adapter.epoch(epoch))
+                now = time.perf_counter()
+                wait_s += now - t
+                continue
+            now = time.perf_counter()
+            wait_s += now - t
+            nbytes += touch(batch)
+            del batch
+            n += 1
+        elapsed_s = now - t_first
+        del it
+        stats = adapter.stats()
+    finally:
+        t_close = time.perf_counter()
+        adapter.close()
+        close_s = time.perf_counter() - t_close
+    return {
+        "status": "ok",
+        "batches": n,
+        "bytes": nbytes,
+        "elapsed_s": elapsed_s,
+        "batches_per_s": n / elapsed_s,
+        "MB_per_s": nbytes / elapsed_s / 1e6,
+        "startup_s": t_first - t_construct,
+        "input_wait_fraction": wait_s / elapsed_s,
+        "epochs_started": epoch + 1,
+        "close_s": close_s,
+        "rss_before_loader_MB": rss_base / 1e6,
+        "loader_stats": stats,
+    }
+
+
+def main(argv: list[str]) -> int:
+    job_path, result_path = argv
+    with open(job_path) as f:
+        job = Job(**json.load(f))
+    try:
+        result = measure(job)
+    except BaseException as exc:  # noqa: B036 - any failure is a result to report
+        result = {"status": "error", "reason": f"{type(exc).__name__}: {exc}",
+                  "traceback": traceback.format_exc()}
+    with open(result_path, "w") as f:
+        json.dump(result, f, default=str)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

@@ -1,0 +1,73 @@
+"""`multiprocessing.Pool.imap` with pickled batches: each worker assembles a whole
+batch (`workloads.collate`) and the batch travels back pickled through a pipe.
+
+The pool is forked once and kept across epochs.  `imap` alone would queue every
+batch of the epoch as fast as the workers make them, so memory would grow without
+bound whenever the training loop is the slower side; batches in flight are capped
+at shmfeed's default ring size (`2 * workers + 4`, or `--slots`), which is also what
+a careful user of `Pool` writes.
+"""
+
+from __future__ import annotations
+
+import multiprocessing
+import threading
+from typing import Any
+
+from .. import workloads
+from . import Job
+
+FEED_POLL_S = 0.05  # how often a blocked feeder checks that the pool is closing
+
+_source: Any = None  # the dataset, in each worker (inherited through fork)
+
+
+def _init_worker(source: Any) -> None:
+    global _source
+    _source = source
+
+
+def _build(item: Any) -> Any:
+    if isinstance(item, int):  # batch-level source: a batch number
+        return _source[item]
+    return workloads.collate([_source[i] for i in item])
+
+
+class Adapter:
+    def __init__(self, source: Any, job: Job):
+        self.source = source
+        self.job = job
+        self.batch_level = isinstance(source, workloads.BatchSource)
+        self.in_flight = job.slots or 2 * job.workers + 4
+        self.closing = threading.Event()
+        ctx = multiprocessing.get_context("fork")
+        self.pool = ctx.Pool(job.workers, initializer=_init_worker, initargs=(source,))
+
+    def _items(self, epoch: int, credits: threading.Semaphore):
+        """Task items for `imap`; runs in the pool's task-feeding thread, which it
+        blocks (never forever) while `in_flight` batches are unconsumed."""
+        job = self.job
+        order = workloads.epoch_order(len(self.source), job.shuffle, job.seed, epoch)
+        if self.batch_level:
+            items = (int(b) for b in order)
+        else:
+            items = (order[s : s + job.batch_size] for s in range(0, len(order), job.batch_size))
+        for item in items:
+            while not credits.acquire(timeout=FEED_POLL_S):
+                if self.closing.is_set():
+                    return
+            yield item
+
+    def epoch(self, epoch: int):
+        credits = threading.Semaphore(self.in_flight)
+        for batch in self.pool.imap(_build, self._items(epoch, credits), chunksize=1):
+            credits.release()
+            yield batch
+
+    def stats(self) -> None:
+        return None
+
+    def close(self) -> None:
+        self.closing.set()
+        self.pool.terminate()
+        self.pool.join()

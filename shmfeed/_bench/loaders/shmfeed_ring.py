@@ -1,0 +1,39 @@
+"""shmfeed itself: `shmfeed.Loader` with the job's workers, slots and shuffle.
+
+Batches are numpy views into the ring; the measuring loop drops each one before
+taking the next, so a slot returns to the ring as soon as it has been read.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import shmfeed
+
+from .. import workloads
+from . import Job
+
+
+class Adapter:
+    def __init__(self, source: Any, job: Job):
+        batch_level = isinstance(source, workloads.BatchSource)
+        self.loader = shmfeed.Loader(
+            source,
+            batch_size=None if batch_level else job.batch_size,
+            num_workers=job.workers,
+            shuffle=job.shuffle,
+            seed=job.seed,
+            num_slots=job.slots,
+        )
+
+    def epoch(self, epoch: int):
+        self.loader.set_epoch(epoch)
+        return iter(self.loader)
+
+    def stats(self) -> dict:
+        s = self.loader.stats().as_dict()
+        s["repr"] = repr(self.loader)
+        return s
+
+    def close(self) -> None:
+        self.loader.close()

@@ -1,0 +1,164 @@
+"""Turning the runs into answers: medians over repeats, ratios, the table, the JSON
+document and the bar chart.
+
+Owns the meaning of every column:
+- batches/s, MB/s: medians over repeats (MB = 10^6 bytes of delivered leaves);
+- x shmfeed: the loader's median batches/s over shmfeed's, in the same run;
+- memcpy: MB/s as a fraction of the memcpy bound (copying one batch-sized buffer,
+  measured in the same run), i.e. how close the loader gets to a single copy;
+- startup: construction of the loader to the first batch in hand;
+- peak PSS (RSS where PSS is not readable): of the measuring process and all its
+  descendants, sampled every 0.1 s; shared memory is split among the processes that
+  map it in PSS and counted once per process in RSS;
+- input wait: fraction of the measured time the training loop spent in `next()`.
+"""
+
+from __future__ import annotations
+
+import json
+import statistics
+import sys
+from typing import IO
+
+MEDIAN_FIELDS = ("batches_per_s", "MB_per_s", "startup_s", "input_wait_fraction",
+                 "peak_rss_MB", "peak_pss_MB", "close_s")
+
+
+def summarise(doc: dict) -> dict:
+    """Add a `summary` to each loader of each workload of `doc` (in place); return doc."""
+    for entry in doc["workloads"].values():
+        for info in entry["loaders"].values():
+            runs = info["runs"]
+            ok = [r for r in runs if r["status"] == "ok"]
+            summary: dict = {"status": "ok" if ok else runs[0]["status"], "repeats": len(ok)}
+            if not ok:
+                summary["reason"] = runs[0].get("reason", "")
+            else:
+                for key in MEDIAN_FIELDS:
+                    values = [r[key] for r in ok if r.get(key) is not None]
+                    summary[key] = statistics.median(values) if values else None
+                failed = [r for r in runs if r["status"] != "ok"]
+                if failed:
+                    summary["failed_repeats"] = len(failed)
+                    summary["reason"] = failed[0].get("reason", "")
+            info["summary"] = summary
+        base = entry["loaders"]["shmfeed"]["summary"]
+        for info in entry["loaders"].values():
+            s = info["summary"]
+            if s["status"] != "ok":
+                continue
+            s["ratio_to_shmfeed"] = (s["batches_per_s"] / base["batches_per_s"]
+                                     if base["status"] == "ok" and base["batches_per_s"] else None)
+            s["memcpy_fraction"] = s["MB_per_s"] / entry["memcpy_MB_per_s"]
+    return doc
+
+
+def failures(doc: dict) -> list[str]:
+    """'workload/loader: reason' for every measurement that failed (skips are not failures)."""
+    out = []
+    for wname, entry in doc["workloads"].items():
+        for lname, info in entry["loaders"].items():
+            for r in info["runs"]:
+                if r["status"] == "error":
+                    out.append(f"{wname}/{lname} (repeat {r.get('repeat', 0) + 1}): {r['reason']}")
+    return out
+
+
+# -- the table --------------------------------------------------------------------------
+COLUMNS = ("workload", "loader", "batches/s", "MB/s", "x shmfeed", "memcpy", "startup s",
+           "peak PSS MB", "input wait")
+
+
+def _row(wname: str, label: str, s: dict) -> list[str]:
+    if s["status"] != "ok":
+        return [wname, label, f"{s['status']}: {s['reason']}"]
+    memory = s["peak_pss_MB"] if s["peak_pss_MB"] is not None else s["peak_rss_MB"]
+    ratio = s["ratio_to_shmfeed"]
+    return [
+        wname, label,
+        f"{s['batches_per_s']:,.0f}" if s["batches_per_s"] >= 100 else f"{s['batches_per_s']:,.1f}",
+        f"{s['MB_per_s']:,.0f}",
+        "-" if ratio is None else f"{ratio:.2f}",
+        f"{s['memcpy_fraction']:.0%}",
+        f"{s['startup_s']:.2f}",
+        f"{memory:,.0f}" + ("" if s["peak_pss_MB"] is not None else " (RSS)"),
+        f"{s['input_wait_fraction']:.2f}",
+    ]
+
+
+def table(doc: dict) -> str:
+    """A Markdown pipe table, aligned so that it also reads well in a terminal."""
+    rows = []
+    for wname, entry in doc["workloads"].items():
+        for info in entry["loaders"].values():
+            rows.append(_row(wname, info["label"], info["summary"]))
+    full = [r for r in rows if len(r) == len(COLUMNS)]
+    widths = [max([len(c)] + [len(r[i]) for r in full]) for i, c in enumerate(COLUMNS)]
+
+    def line(cells: list[str]) -> str:
+        if len(cells) < len(COLUMNS):  # a skipped or failed loader: its reason spans the rest
+            cells = cells + [""] * (len(COLUMNS) - len(cells))
+            return "| " + " | ".join(c.ljust(w) for c, w in zip(cells[:2], widths)) + " | " + cells[2] + " |"
+        return "| " + " | ".join(c.ljust(w) if i < 2 else c.rjust(w)
+                                 for i, (c, w) in enumerate(zip(cells, widths))) + " |"
+
+    sep = "|" + "|".join("-" * (w + 1) + (":" if i >= 2 else "-") for i, w in enumerate(widths)) + "|"
+    return "\n".join([line(list(COLUMNS)), sep] + [line(r) for r in rows])
+
+
+def heading(doc: dict) -> str:
+    o, m = doc["options"], doc["machine"]
+    lines = [
+        f"shmfeed {doc['shmfeed_version']} bench: {o['workers']} workers, {o['seconds']:g} s per loader, "
+        f"{o['repeat']} repeat(s) (medians), shuffle={o['shuffle']}; "
+        f"{m['cpus_usable']} CPUs ({m['cpu_model']}), Python {m['python']}",
+    ]
+    for wname, e in doc["workloads"].items():
+        lines.append(f"  {wname}: batch {e['batch_size']} = {e['batch_bytes'] / 1e6:.3g} MB, "
+                     f"memcpy bound {e['memcpy_MB_per_s']:,.0f} MB/s, "
+                     f"one item in-process {e['item_us_in_process']:,.1f} us")
+    return "\n".join(lines)
+
+
+def write_json(doc: dict, dest: str, stdout: IO[str] = sys.stdout) -> None:
+    text = json.dumps(doc, indent=2, default=str)
+    if dest == "-":
+        stdout.write(text + "\n")
+    else:
+        with open(dest, "w") as f:
+            f.write(text + "\n")
+
+
+# -- the chart ----------------------------------------------------------------------------
+def plot(doc: dict, dest: str) -> str | None:
+    """Draw batches/s per loader, one panel per workload; None, or why it was not drawn."""
+    try:
+        import matplotlib
+    except ImportError:
+        return "matplotlib is not installed (pip install 'shmfeed[plot]')"
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = list(doc["workloads"])
+    fig, axes = plt.subplots(len(names), 1, figsize=(8, 1.2 + 1.6 * len(names)), squeeze=False)
+    for ax, wname in zip(axes[:, 0], names):
+        loaders = [(i["label"], i["summary"]) for i in doc["workloads"][wname]["loaders"].values()
+                   if i["summary"]["status"] == "ok"]
+        labels = [lab for lab, _ in loaders][::-1]
+        rates = [s["batches_per_s"] for _, s in loaders][::-1]
+        colors = ["tab:orange" if lab == "shmfeed" else "tab:blue" for lab in labels]
+        bars = ax.barh(labels, rates, color=colors)
+        for bar, (_, s) in zip(bars, loaders[::-1]):
+            ratio = s.get("ratio_to_shmfeed")
+            ax.annotate(f" {s['batches_per_s']:,.0f}" + (f"  ({ratio:.2f}x)" if ratio else ""),
+                        (bar.get_width(), bar.get_y() + bar.get_height() / 2),
+                        va="center", fontsize=8)
+        ax.set_title(f"{wname}: batches/s (median)", fontsize=10, loc="left")
+        ax.set_xlim(0, max(rates, default=1) * 1.35)
+        ax.tick_params(labelsize=8)
+    o = doc["options"]
+    fig.suptitle(f"shmfeed bench, {o['workers']} workers, {doc['machine']['cpus_usable']} CPUs", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(dest, dpi=120)
+    plt.close(fig)
+    return None

@@ -1,0 +1,305 @@
+"""The parent side of `shmfeed bench`: prepare the data, measure the memcpy bound,
+run every (workload, repeat, loader) in its own child interpreter (child.py), and
+sample the memory of each child's process tree while it runs.
+
+Invariants:
+- Loaders run one after the other, never two at once; within a repeat every loader
+  of a workload runs back to back, so a slow drift of the machine hits all alike.
+- A child runs in its own session, so that a child that outlives its time limit is
+  killed with everything it started (`CHILD_SLACK_S` after its `seconds`).
+- The memory sampler lives here, not in the measured process: it costs the measured
+  loop no GIL time.  It sums RSS and, where /proc allows, PSS over the child and all
+  its descendants every `MEMORY_SAMPLE_S`, and keeps the peaks.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import platform
+import signal
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import psutil
+
+from . import workloads
+from .loaders import LOADERS, Job, not_installed
+
+CHILD_SLACK_S = 180.0  # a child may take this long beyond `seconds` (imports, startup, close)
+MEMORY_SAMPLE_S = 0.1  # memory sampling period of a child's process tree
+PROGRESS_S = 0.2  # refresh period of the progress line on a terminal
+MEMCPY_BUDGET_S = 0.3  # time spent measuring the memcpy bound of one workload
+MEMCPY_GROUP_S = 0.002  # copies are timed in groups at least this long
+SAMPLE_COST_ITEMS = 20  # items read in-process to report what one costs
+
+
+@dataclass
+class BenchOptions:
+    workloads: list[str]
+    peers: list[str]  # loaders compared with shmfeed, in the order asked
+    batch_size: int | None = None  # None: each workload's default
+    workers: int = 2
+    seconds: float = 3.0
+    slots: int | None = None
+    shuffle: bool = False
+    seed: int = 0
+    repeat: int = 1
+    data_dir: Path = field(default_factory=workloads.default_data_dir)
+    data_rows: int | None = None  # rows of each data file (tests make small ones)
+    length: int | None = None  # samples (batches) per epoch; None: the workload's default
+    progress: bool = True
+
+    def as_dict(self) -> dict:
+        d = asdict(self)
+        d["data_dir"] = str(self.data_dir)
+        return d
+
+
+# -- in-process references ---------------------------------------------------------------
+def memcpy_bandwidth(nbytes: int) -> float:
+    """Best bytes/s of copying an `nbytes` buffer into another (both already faulted in)."""
+    src = np.ones(nbytes, np.uint8)
+    dst = np.empty_like(src)
+    np.copyto(dst, src)
+    t = time.perf_counter()
+    np.copyto(dst, src)
+    one = max(time.perf_counter() - t, 1e-7)
+    group = max(1, int(MEMCPY_GROUP_S / one))
+    best = 0.0
+    end = time.perf_counter() + MEMCPY_BUDGET_S
+    while time.perf_counter() < end:
+        t = time.perf_counter()
+        for _ in range(group):
+            np.copyto(dst, src)
+        best = max(best, group * nbytes / (time.perf_counter() - t))
+    return best
+
+
+def describe_batch(workload: workloads.Workload, source, batch_size: int) -> tuple[int, float]:
+    """(bytes of one batch, microseconds to read one item of `source` in this process)."""
+    source[0]
+    t = time.perf_counter()
+    for i in range(SAMPLE_COST_ITEMS):
+        item = source[i]
+    item_us = (time.perf_counter() - t) / SAMPLE_COST_ITEMS * 1e6
+    if workload.batch_level:
+        return item.nbytes, item_us
+    return (item["x"].nbytes + np.dtype(np.int64).itemsize) * batch_size, item_us  # y stacks to int64
+
+
+# -- one child ------------------------------------------------------------------------------
+class TreeMemory:
+    """Peak RSS and PSS (bytes) of a process and all its descendants, sampled in a thread."""
+
+    def __init__(self, pid: int):
+        self.root = psutil.Process(pid)
+        self.peak_rss = 0
+        self.peak_pss: int | None = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="shmfeed-bench-memory", daemon=True)
+        self._thread.start()
+
+    def _sample(self) -> None:
+        try:
+            procs = [self.root] + self.root.children(recursive=True)
+        except psutil.Error:
+            return
+        rss = pss = 0
+        for p in procs:
+            try:
+                rss += p.memory_info().rss
+                if self.peak_pss is not None:
+                    pss += p.memory_full_info().pss
+            except psutil.AccessDenied:
+                self.peak_pss = None
+            except psutil.Error:
+                pass  # it just exited
+        self.peak_rss = max(self.peak_rss, rss)
+        if self.peak_pss is not None:
+            self.peak_pss = max(self.peak_pss, pss)
+
+    def _run(self) -> None:
+        while not self._stop.wait(MEMORY_SAMPLE_S):
+            self._sample()
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join()
+
+
+def _child_env(loader: str) -> dict:
+    env = dict(os.environ)
+    if loader == "keras":
+        # Keras must import a backend; this benchmark computes nothing with it.
+        env.setdefault("KERAS_BACKEND", "numpy")
+    return env
+
+
+def run_child(job: Job, tick: Callable[[float], None]) -> dict:
+    """Measure one job in a child interpreter; the child's result plus peak memory."""
+    with tempfile.TemporaryDirectory(prefix="shmfeed-bench-") as tmp:
+        job_path, result_path, log_path = (os.path.join(tmp, n) for n in ("job.json", "result.json", "log"))
+        with open(job_path, "w") as f:
+            json.dump(job.as_dict(), f)
+        with open(log_path, "wb") as log:
+            child = subprocess.Popen(
+                [sys.executable, "-m", "shmfeed._bench.child", job_path, result_path],
+                stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
+                env=_child_env(job.loader), start_new_session=True)
+        t0 = time.monotonic()
+        limit_s = job.seconds + CHILD_SLACK_S
+        memory = TreeMemory(child.pid)
+        timed_out = False
+        try:
+            while child.poll() is None:
+                waited = time.monotonic() - t0
+                if waited > limit_s:
+                    timed_out = True
+                    break
+                tick(waited)
+                with contextlib.suppress(subprocess.TimeoutExpired):
+                    child.wait(PROGRESS_S)
+        finally:
+            memory.stop()
+            if child.poll() is None:
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(child.pid, signal.SIGKILL)
+                child.wait()
+        with open(log_path, errors="replace") as f:
+            log_tail = f.read()[-4000:]
+        if timed_out:
+            return {"status": "error", "reason": f"no result after {limit_s:.0f} s; the child was killed",
+                    "log": log_tail}
+        try:
+            with open(result_path) as f:
+                result = json.load(f)
+        except (OSError, ValueError):
+            return {"status": "error", "reason": f"the child exited with code {child.returncode} "
+                    "and no result", "log": log_tail}
+    if result["status"] == "ok":
+        result["peak_rss_MB"] = memory.peak_rss / 1e6
+        result["peak_pss_MB"] = None if memory.peak_pss is None else memory.peak_pss / 1e6
+    elif result["status"] == "error":
+        result["log"] = log_tail
+    return result
+
+
+# -- the whole run --------------------------------------------------------------------------
+def _machine() -> dict:
+    try:
+        cpus = len(os.sched_getaffinity(0))
+    except AttributeError:
+        cpus = os.cpu_count()
+    model = platform.processor()
+    with contextlib.suppress(OSError), open("/proc/cpuinfo") as f:
+        for line in f:
+            if line.startswith("model name"):
+                model = line.split(":", 1)[1].strip()
+                break
+    return {"cpus_usable": cpus, "cpu_count": os.cpu_count(), "cpu_model": model,
+            "memory_GB": psutil.virtual_memory().total / 1e9, "python": platform.python_version(),
+            "numpy": np.__version__, "platform": platform.platform()}
+
+
+class Progress:
+    """One self-rewriting line on a terminal; one line per result otherwise."""
+
+    def __init__(self, enabled: bool, total: int):
+        self.tty = enabled and sys.stderr.isatty()
+        self.enabled = enabled
+        self.total = total
+        self.done = 0
+        self.what = ""
+
+    def start(self, what: str) -> None:
+        self.what = what
+        self.tick(0.0)
+
+    def tick(self, waited: float) -> None:
+        if self.tty:
+            sys.stderr.write(f"\r\x1b[K[{self.done + 1}/{self.total}] {self.what} {waited:5.1f} s")
+            sys.stderr.flush()
+
+    def finish(self, line: str) -> None:
+        self.done += 1
+        if self.tty:
+            sys.stderr.write("\r\x1b[K")
+        if self.enabled:
+            sys.stderr.write(f"[{self.done}/{self.total}] {self.what}: {line}\n")
+            sys.stderr.flush()
+
+    def say(self, line: str) -> None:
+        if self.enabled:
+            sys.stderr.write(line + "\n")
+            sys.stderr.flush()
+
+
+def _summary(result: dict) -> str:
+    if result["status"] != "ok":
+        return f"{result['status']}: {result['reason']}"
+    return (f"{result['batches_per_s']:,.0f} batches/s, {result['MB_per_s']:,.0f} MB/s, "
+            f"startup {result['startup_s']:.2f} s")
+
+
+def run_bench(opts: BenchOptions) -> dict:
+    """Run the benchmark; the JSON document `report.py` renders."""
+    loaders = ["shmfeed"] + [p for p in opts.peers if p != "shmfeed"]
+    missing = {name: not_installed(name) for name in loaders}
+    runnable = [n for n in loaders if missing[n] is None]
+    progress = Progress(opts.progress, len(opts.workloads) * opts.repeat * len(runnable))
+    doc: dict = {
+        "shmfeed_version": _shmfeed_version(),
+        "machine": _machine(),
+        "options": opts.as_dict(),
+        "workloads": {},
+    }
+    for name in opts.workloads:
+        workload = workloads.WORKLOADS[name]
+        path, made = workloads.ensure_file(workload.data, opts.data_dir, opts.data_rows)
+        progress.say(f"data: {path} ({'generated' if made else 'cached'})")
+        workloads.warm_page_cache(path)
+        batch_size = opts.batch_size or workload.batch_size
+        source = workloads.make_source(workload, str(path), batch_size=batch_size,
+                                       length=opts.length, seed=opts.seed)
+        batch_bytes, item_us = describe_batch(workload, source, batch_size)
+        del source
+        entry = {
+            "about": workload.about,
+            "data_path": str(path),
+            "batch_size": batch_size,
+            "batch_bytes": batch_bytes,
+            "item_us_in_process": item_us,
+            "memcpy_MB_per_s": memcpy_bandwidth(batch_bytes) / 1e6,
+            "loaders": {n: {"label": LOADERS[n].label, "runs": []} for n in loaders},
+        }
+        doc["workloads"][name] = entry
+        for n in loaders:
+            if missing[n] is not None:
+                entry["loaders"][n]["runs"].append({"status": "skipped", "reason": missing[n]})
+        for rep in range(opts.repeat):
+            for n in runnable:
+                job = Job(workload=name, loader=n, data_path=str(path), length=opts.length,
+                          batch_size=batch_size, workers=opts.workers, slots=opts.slots,
+                          shuffle=opts.shuffle, seed=opts.seed, seconds=opts.seconds)
+                rep_note = f" (repeat {rep + 1}/{opts.repeat})" if opts.repeat > 1 else ""
+                progress.start(f"{name} / {n}{rep_note}")
+                result = run_child(job, progress.tick)
+                result["repeat"] = rep
+                progress.finish(_summary(result))
+                entry["loaders"][n]["runs"].append(result)
+    return doc
+
+
+def _shmfeed_version() -> str:
+    import shmfeed
+
+    return shmfeed.__version__

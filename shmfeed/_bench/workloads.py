@@ -1,0 +1,259 @@
+"""The benchmark's workloads: what data, what per-sample work, what batch size.
+
+Owns the synthetic data files and the datasets every loader reads them through.
+
+Invariants:
+- Data files are a pure function of (kind, shape, dtype, rows, `DATA_VERSION`): they
+  are generated once, deterministically, into the cache directory, written under a
+  temporary name and renamed, so a reader never sees half a file and concurrent runs
+  can share the cache.
+- Every loader reads the very same dataset object type: a per-sample source
+  `ds[i] -> {"x": array, "y": int}` over `np.load(path, mmap_mode="r")` (opened lazily
+  in the process that reads, so forked workers each map the file themselves), or,
+  for `batchlevel`, a batch-level source `ds[b] -> int32[rows, 512]` slicing an
+  in-memory array.  Adapters add no work of their own beyond their loader's.
+- A dataset is longer than its file: sample `i` reads row `i % rows`.  Epochs are
+  then long enough that a few-seconds measurement is not dominated by epoch ends,
+  while the file stays small enough to live in the page cache.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+import shmfeed
+
+DATA_VERSION = 1  # bump when the generator changes: old files are then ignored
+DATA_SEED = 20240605
+WARM_CHUNK_BYTES = 16 << 20  # page-cache warming reads the file in pieces this big
+GENERATE_CHUNK_BYTES = 64 << 20  # the generator fills the file in pieces this big
+SAMPLES_PER_EPOCH = 1 << 20  # per-sample workloads: samples in one epoch
+BATCHES_PER_EPOCH = 1 << 17  # batch-level workload: batches in one epoch
+N_CLASSES = 1000  # labels `y` are in [0, N_CLASSES)
+
+# The `images` augmentation: a random CROP x CROP window, a random horizontal flip,
+# per-channel normalisation to float32.
+CROP = 192
+MEAN = np.array([123.7, 116.3, 103.5], np.float32)
+INV_STD = (1.0 / np.array([58.4, 57.1, 57.4], np.float32)).astype(np.float32)
+# The `compute` work: this many rounds of y = tanh(1.5 y + 0.25) on a 64x64x3 float32
+# sample, about 1 ms on a 2020s x86 core (the JSON reports what it cost in the run).
+COMPUTE_ROUNDS = 64
+_PEER_RNG_STREAM = 0x42454E43  # "BENC": keys the generator peers get (see sample_rng)
+
+
+@dataclass(frozen=True)
+class DataFile:
+    kind: str
+    shape: tuple[int, ...]  # of one row
+    dtype: str
+    rows: int  # default number of rows; `--data-rows` overrides it
+
+    def file_name(self, rows: int) -> str:
+        dims = "x".join(map(str, self.shape))
+        return f"{self.kind}-{dims}-{self.dtype}-r{rows}-v{DATA_VERSION}.npy"
+
+
+IMAGES = DataFile("images", (224, 224, 3), "uint8", 1024)  # 154 MB
+FEATURES = DataFile("features", (64, 64, 3), "float32", 1024)  # 50 MB
+TOKENS = DataFile("tokens", (512,), "int32", 16384)  # 34 MB
+
+
+@dataclass(frozen=True)
+class Workload:
+    name: str
+    data: DataFile
+    batch_size: int  # default; for `batchlevel`, the rows of each source batch
+    work: str  # "none" | "augment" | "compute"
+    batch_level: bool
+    about: str
+
+
+WORKLOADS: dict[str, Workload] = {w.name: w for w in [
+    Workload("transport", IMAGES, 64, "none", False,
+             "224x224x3 uint8 samples from a memory-mapped file, no work (batch 64: 9.6 MB)"),
+    Workload("images", IMAGES, 64, "augment", False,
+             f"224x224x3 uint8 samples, random {CROP}x{CROP} crop, flip and normalise to float32 "
+             "with the sample's keyed RNG"),
+    Workload("compute", FEATURES, 32, "compute", False,
+             "64x64x3 float32 samples with ~1 ms of numpy work each (batch 32)"),
+    Workload("tokens", TOKENS, 32, "none", False, "512 int32 tokens per sample, no work (batch 32)"),
+    Workload("batchlevel", TOKENS, 32, "none", True,
+             "a batch-level source (`batch_size=None`): source[b] is a 32x512 int32 slice "
+             "of an in-memory array"),
+]}
+
+
+def default_data_dir() -> Path:
+    env = os.environ.get("SHMFEED_BENCH_DATA")
+    if env:
+        return Path(env)
+    cache = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return Path(cache) / "shmfeed" / "bench"
+
+
+def _matches(path: Path, data: DataFile, rows: int) -> bool:
+    try:
+        arr = np.load(path, mmap_mode="r")
+    except (OSError, ValueError):
+        return False
+    return arr.shape == (rows,) + data.shape and arr.dtype == np.dtype(data.dtype)
+
+
+def ensure_file(data: DataFile, data_dir: Path, rows: int | None = None) -> tuple[Path, bool]:
+    """The path of `data`'s file in `data_dir`, generating it if missing; and whether
+    it was generated now."""
+    rows = rows or data.rows
+    path = data_dir / data.file_name(rows)
+    if path.exists() and _matches(path, data, rows):
+        return path, False
+    data_dir.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        out = np.lib.format.open_memmap(tmp, mode="w+", dtype=data.dtype, shape=(rows,) + data.shape)
+        rng = np.random.default_rng([DATA_SEED, DATA_VERSION, sum(map(ord, data.kind))])
+        step = max(1, GENERATE_CHUNK_BYTES // max(1, out[0].nbytes))
+        for start in range(0, rows, step):
+            chunk = out[start : start + step]
+            if data.dtype == "uint8":
+                chunk[...] = rng.integers(0, 256, chunk.shape, dtype=np.uint8)
+            elif data.dtype == "int32":
+                chunk[...] = rng.integers(0, 50_000, chunk.shape, dtype=np.int32)  # a vocabulary
+            else:
+                chunk[...] = rng.random(chunk.shape, dtype=np.float32)
+        out.flush()
+        del out
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+    return path, True
+
+
+def warm_page_cache(path: Path) -> None:
+    """Read the file once so that every loader starts with it in the page cache."""
+    buf = bytearray(WARM_CHUNK_BYTES)
+    with open(path, "rb", buffering=0) as f:
+        while f.readinto(buf):
+            pass
+
+
+# -- per-sample work -----------------------------------------------------------------
+def sample_rng(seed: int, index: int) -> np.random.Generator:
+    """shmfeed's keyed generator when shmfeed builds the sample; for the peers (where
+    `shmfeed.rng()` does not apply) a generator keyed the same way, at the same cost."""
+    if shmfeed.rng_key() is not None:
+        return shmfeed.rng()
+    return np.random.default_rng(np.random.SeedSequence([seed, 0, index, _PEER_RNG_STREAM]))
+
+
+def augment(x: np.ndarray, g: np.random.Generator) -> np.ndarray:
+    top, left = g.integers(0, x.shape[0] - CROP + 1, 2)
+    view = x[top : top + CROP, left : left + CROP]
+    if g.random() < 0.5:
+        view = view[:, ::-1]
+    out = view.astype(np.float32)
+    out -= MEAN
+    out *= INV_STD
+    return out
+
+
+def compute(x: np.ndarray) -> np.ndarray:
+    y = np.array(x, dtype=np.float32)
+    for _ in range(COMPUTE_ROUNDS):
+        np.multiply(y, 1.5, out=y)
+        np.add(y, 0.25, out=y)
+        np.tanh(y, out=y)
+    return y
+
+
+# -- the datasets ----------------------------------------------------------------------
+class SampleSource:
+    """`ds[i] -> {"x": array, "y": int}`, reading row `i % rows` of a memory-mapped file."""
+
+    def __init__(self, path: str, length: int, work: str, seed: int):
+        self.path = str(path)
+        self.length = int(length)
+        self.work = work
+        self.seed = int(seed)
+        self._pid: int | None = None
+        self._data: np.ndarray | None = None
+        self._rows = 0
+
+    def __getstate__(self) -> dict:
+        state = dict(self.__dict__)
+        state["_pid"], state["_data"] = None, None  # each process maps the file itself
+        return state
+
+    def __len__(self) -> int:
+        return self.length
+
+    def _open(self) -> np.ndarray:
+        self._data = np.load(self.path, mmap_mode="r")
+        self._rows = len(self._data)
+        self._pid = os.getpid()
+        return self._data
+
+    def __getitem__(self, i: int) -> dict:
+        data = self._data if self._pid == os.getpid() else self._open()
+        i = int(i)
+        if not 0 <= i < self.length:
+            raise IndexError(f"sample {i} out of range [0, {self.length})")
+        x = data[i % self._rows]
+        if self.work == "augment":
+            x = augment(x, sample_rng(self.seed, i))
+        elif self.work == "compute":
+            x = compute(x)
+        return {"x": x, "y": i % N_CLASSES}
+
+
+class BatchSource:
+    """A batch-level source: `ds[b]` is rows `[j*r, (j+1)*r)` of an in-memory array,
+    `j = b % (rows // r)`.  The array is read from the file at construction."""
+
+    def __init__(self, path: str, batch_rows: int, length: int):
+        data = np.load(path)
+        self.batch_rows = int(batch_rows)
+        self.n_distinct = len(data) // self.batch_rows
+        if self.n_distinct < 1:
+            raise ValueError(f"{path} has {len(data)} rows, fewer than one batch of {batch_rows}")
+        self.data = np.ascontiguousarray(data[: self.n_distinct * self.batch_rows])
+        self.length = int(length)
+
+    def __len__(self) -> int:
+        return self.length
+
+    def __getitem__(self, b: int) -> np.ndarray:
+        b = int(b)
+        if not 0 <= b < self.length:
+            raise IndexError(f"batch {b} out of range [0, {self.length})")
+        j = b % self.n_distinct
+        r = self.batch_rows
+        return self.data[j * r : (j + 1) * r]
+
+
+def make_source(workload: Workload, path: str, *, batch_size: int, length: int | None, seed: int):
+    if workload.batch_level:
+        return BatchSource(path, batch_size, length or BATCHES_PER_EPOCH)
+    return SampleSource(path, length or SAMPLES_PER_EPOCH, workload.work, seed)
+
+
+# -- what the in-process, pickling and Keras adapters assemble -------------------------
+def collate(samples: list[dict]) -> dict:
+    """Stack samples `{"x": array, "y": int}` into `{"x": array[n, ...], "y": int64[n]}`
+    (what shmfeed and torch's default_collate also produce)."""
+    return {
+        "x": np.stack([s["x"] for s in samples]),
+        "y": np.array([s["y"] for s in samples], dtype=np.int64),
+    }
+
+
+def epoch_order(length: int, shuffle: bool, seed: int, epoch: int) -> np.ndarray:
+    """Sample (or batch) order of one epoch for the adapters that choose it themselves."""
+    if shuffle:
+        return np.random.default_rng([seed, epoch]).permutation(length)
+    return np.arange(length)

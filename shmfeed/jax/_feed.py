@@ -1,0 +1,299 @@
+"""The device feed: `prefetch_to_device` and the host-side transfers behind it.
+
+Owns: choosing a transfer for the target devices, starting each batch's upload
+`size` batches ahead of the one the training step is using, and deciding when the
+host memory an upload reads (a ring slot) may go back to the ring.
+
+Transfers:
+- "copy" (default on CPU): each device's rows are copied once into private,
+  64-byte-aligned host memory that XLA:CPU adopts without a second copy.  Needed
+  because XLA:CPU's `device_put` *aliases* an aligned numpy array instead of copying
+  it (jax 0.10.2 does so even with `may_alias=False`): an array made straight from
+  the ring would pin its slot for as long as the caller keeps it.
+- "xla": `jax.device_put` / `jax.make_array_from_process_local_data` straight from
+  the ring (page-locked first on a CUDA GPU when CuPy is there).  On CPU the result
+  aliases the ring; JAX keeps the batch's numpy base, and so its slot, alive until
+  the array dies, so it is safe but the caller must not keep many batches.
+- "cupy" (default on a CUDA GPU with CuPy): see _gpu.py.
+
+Invariants:
+1. A ring slot is given back only when no transfer can still read it: the numpy
+   leaves of a batch (whose last reference releases its slot) are held until its
+   upload is complete ("copy": when the copy returns; "xla": when the arrays are
+   ready; "cupy": when the events recorded after the copies have completed).
+2. With "copy" and "cupy", a yielded jax.Array never points into the ring: the caller
+   may keep it forever without stalling the loader.
+3. Batches come out in the iterator's order.  An error of the iterator or of an
+   upload is raised after the batches before it have been yielded.
+4. At most `size + 1` uploads (and fewer than the loader's `num_slots`) hold ring
+   slots at once; beyond that the feed waits for the oldest to complete rather than
+   let the loader run out of slots.
+5. Leaving the loop early waits for the uploads in flight, then releases their
+   slots; nothing is left reading the ring.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import deque
+from collections.abc import Callable, Iterable, Iterator
+from typing import Any
+
+import jax
+import numpy as np
+
+from .._errors import SpecError
+from .._loader import Loader
+from ._shard import Placement, Target, host_slice
+
+log = logging.getLogger("shmfeed")
+
+TRANSFERS = ("auto", "copy", "xla", "cupy")
+# Which GPU transfer "auto" picks when CuPy is installed.  The CuPy path is the design
+# (pinned ring, own stream, DLPack); benchmarks/bench_jax.py --device measures it
+# against XLA's device_put from the registered ring, and this is where to flip it.
+GPU_DEFAULT_TRANSFER = "cupy"
+HOST_ALIGN_BYTES = 64  # XLA:CPU adopts host buffers aligned to this without a copy
+
+
+class Pending:
+    """Host memory of one batch that a transfer may still be reading."""
+
+    __slots__ = ("host", "ready", "wait")
+
+    def __init__(self, host: list, ready: Callable[[], bool], wait: Callable[[], None]):
+        self.host = host  # the ring leaves: their last reference releases the slot
+        self.ready = ready
+        self.wait = wait
+
+
+class Transfer:
+    """Moves one host leaf to its devices.  Subclasses say how."""
+
+    name = "?"
+
+    def __init__(self, target: Target):
+        self.target = target
+
+    def upload_leaves(self, leaves: list[np.ndarray], plans: list[Placement]) -> tuple[list, Pending | None]:
+        raise NotImplementedError
+
+    def close(self) -> None:
+        """The feed is done with this transfer (every upload has completed)."""
+
+
+class HostCopyTransfer(Transfer):
+    """One private, aligned host copy per device piece, then `jax.device_put`."""
+
+    name = "copy"
+
+    def upload_leaves(self, leaves, plans):
+        out = []
+        for leaf, plan in zip(leaves, plans):
+            if plan.sharding is None:
+                out.append(jax.device_put(aligned_copy(leaf)))
+                continue
+            shards = [jax.device_put(aligned_copy(host_slice(leaf, idx)), d) for d, idx in plan.pieces]
+            out.append(jax.make_array_from_single_device_arrays(plan.global_shape, plan.sharding, shards))
+        return out, None  # the ring is not read any more
+
+
+class XlaTransfer(Transfer):
+    """XLA's own transfer straight from the ring."""
+
+    name = "xla"
+
+    def upload_leaves(self, leaves, plans):
+        out = []
+        for leaf, plan in zip(leaves, plans):
+            if plan.sharding is None:
+                out.append(jax.device_put(leaf))
+            else:
+                out.append(jax.make_array_from_process_local_data(plan.sharding, leaf, plan.global_shape))
+        return out, Pending(list(leaves), lambda: all(a.is_ready() for a in out),
+                            lambda: jax.block_until_ready(out))
+
+
+def aligned_copy(x: np.ndarray) -> np.ndarray:
+    """A C-contiguous copy of `x` whose data starts on a HOST_ALIGN_BYTES boundary."""
+    raw = np.empty(x.nbytes + HOST_ALIGN_BYTES, np.uint8)
+    off = (-raw.ctypes.data) % HOST_ALIGN_BYTES
+    out = raw[off : off + x.nbytes].view(x.dtype).reshape(x.shape)
+    np.copyto(out, x, casting="no")
+    return out
+
+
+class Uploader:
+    """Flattens a batch, places each leaf, and hands the leaves to the transfer."""
+
+    def __init__(self, transfer: Transfer):
+        self.transfer = transfer
+        self.target = transfer.target
+
+    def upload(self, batch: Any) -> tuple[Any, Pending | None]:
+        flat, treedef = jax.tree_util.tree_flatten_with_path(batch)
+        host, plans, host_pos = [], [], []
+        out: list[Any] = [None] * len(flat)
+        for i, (path, leaf) in enumerate(flat):
+            if isinstance(leaf, jax.Array):  # already on a device: let XLA move it
+                out[i] = jax.device_put(leaf, self.target.sharding or self.target.devices[0])
+                continue
+            arr = np.asarray(leaf)
+            if arr.dtype.kind not in "biufc":
+                raise SpecError(
+                    f"batch leaf {jax.tree_util.keystr(path) or '(root)'} has dtype {arr.dtype}; "
+                    "only bool, integer, float and complex arrays can be put on a device")
+            host.append(arr)
+            plans.append(self.target.placement(arr.shape, jax.tree_util.keystr(path) or "(root)"))
+            host_pos.append(i)
+        arrays, pending = self.transfer.upload_leaves(host, plans) if host else ([], None)
+        for i, a in zip(host_pos, arrays):
+            out[i] = a
+        return jax.tree_util.tree_unflatten(treedef, out), pending
+
+
+def prefetch_to_device(
+    loader_or_iterator: Loader | Iterable,
+    size: int = 2,
+    sharding: Any = None,
+    *,
+    transfer: str = "auto",
+) -> Iterator[Any]:
+    """Yield the batches of `loader_or_iterator` as pytrees of `jax.Array`s, keeping
+    `size` batches uploading to the device while the current step runs.
+
+    `loader_or_iterator`: a `shmfeed.Loader` (one epoch is read, as `for b in loader`
+    would) or any iterable of pytrees (dict/tuple/list) of numpy arrays.  Pass the
+    Loader itself, not `iter(loader)`, so that on a GPU its ring can be page-locked.
+
+    `sharding`: None puts each batch on the default device; a
+    `NamedSharding(mesh, P('data'))` splits the leading axis over the mesh's devices
+    (each device gets only its rows).  With several processes, every process passes
+    its own rows (see `host_shard`) and gets global arrays.
+
+    `transfer`: "auto" (host copy on CPU; CuPy on a CUDA GPU when installed; XLA
+    otherwise), "copy", "xla" or "cupy"; see the module docstring for what each
+    guarantees.  The arrays yielded never point into the ring except with "xla" on
+    CPU, where JAX adopts the ring memory and the batch's slot stays taken while
+    the array lives.
+    """
+    if isinstance(size, bool) or not isinstance(size, (int, np.integer)) or size < 1:
+        raise SpecError(f"`size` must be an integer >= 1 (batches in flight), got {size!r}")
+    size = int(size)
+    if not isinstance(loader_or_iterator, Iterable):
+        raise SpecError(
+            f"`loader_or_iterator` must be a shmfeed.Loader or an iterable of batches, got "
+            f"{type(loader_or_iterator).__name__}")
+    target = Target(sharding)
+    loader = loader_or_iterator if isinstance(loader_or_iterator, Loader) else None
+    mode = choose_transfer(transfer, target)
+    limit = size + 1
+    if loader is not None:
+        target.check_rows(loader.spec.rows)
+        if mode == "xla" and "cpu" in target.platforms and size + 2 > loader.num_slots:
+            raise SpecError(
+                f"`transfer='xla'` on CPU keeps each prefetched batch's ring slot until its "
+                f"array dies: `size={size}` batches ahead plus the one in use and the one being "
+                f"read need {size + 2} slots, the loader has {loader.num_slots}. Lower `size`, "
+                "raise the Loader's `num_slots`, or use `transfer='copy'`.")
+        limit = max(1, min(limit, loader.num_slots - 1))
+    return _feed(loader_or_iterator, loader, size, limit, target, mode)
+
+
+def choose_transfer(transfer: str, target: Target) -> str:
+    if transfer not in TRANSFERS:
+        raise SpecError(f"`transfer` must be one of {TRANSFERS}, got {transfer!r}")
+    if transfer in ("copy", "xla"):
+        return transfer
+    on_cpu = target.platforms <= {"cpu"}
+    if transfer == "auto" and on_cpu:
+        return "copy"
+    from . import _gpu  # imports cupy only from here on: a CPU run never loads it
+
+    reason = _gpu.unusable_reason(target.devices)
+    if transfer == "cupy" and reason is not None:
+        raise SpecError(
+            f"`transfer='cupy'` cannot be used: {reason}. Use `transfer='auto'` (host copy on "
+            "CPU, XLA on GPUs without CuPy) or install CuPy for your CUDA version.")
+    if transfer == "auto":
+        return GPU_DEFAULT_TRANSFER if reason is None else "xla"
+    return transfer
+
+
+def _make_transfer(mode: str, target: Target, loader: Loader | None) -> Transfer:
+    if mode == "copy":
+        return HostCopyTransfer(target)
+    on_cuda = not (target.platforms <= {"cpu"})
+    if mode == "cupy" or on_cuda:
+        from . import _gpu
+
+        if mode == "cupy":
+            return _gpu.CupyTransfer(target, loader)
+        if _gpu.unusable_reason(target.devices) is None and loader is not None:
+            _gpu.pin_ring(loader)  # XLA then reads page-locked memory
+    return XlaTransfer(target)
+
+
+def _feed(source: Iterable, loader: Loader | None, size: int, limit: int, target: Target,
+          mode: str) -> Iterator[Any]:
+    """The generator behind prefetch_to_device (see the invariants above)."""
+    transfer = _make_transfer(mode, target, loader)
+    uploader = Uploader(transfer)
+    batches = iter(source)
+    ahead: deque = deque()  # uploaded (or uploading) batches not yet yielded
+    pending: deque[Pending] = deque()  # uploads that may still read host memory
+    error: list[Exception] = []
+    exhausted = False
+
+    def reap() -> None:
+        if pending:
+            still = [p for p in pending if not p.ready()]
+            if len(still) != len(pending):
+                pending.clear()
+                pending.extend(still)
+
+    def start_one() -> None:
+        nonlocal exhausted
+        reap()
+        while len(pending) >= limit:
+            pending.popleft().wait()
+        try:
+            batch = next(batches)
+        except StopIteration:
+            exhausted = True
+            return
+        except Exception as exc:
+            error.append(exc)
+            exhausted = True
+            return
+        try:
+            arrays, hold = uploader.upload(batch)
+        except Exception as exc:
+            error.append(exc)
+            exhausted = True
+            return
+        finally:
+            del batch  # our reference to the ring leaves: the Pending holds them if needed
+        if hold is not None:
+            pending.append(hold)
+        ahead.append(arrays)
+
+    try:
+        while len(ahead) < size and not exhausted:
+            start_one()
+        while ahead:
+            current = ahead.popleft()
+            if not exhausted:
+                start_one()  # keep `size` batches in flight during this step
+            yield current
+            del current
+        if error:
+            raise error[0]
+    finally:
+        ahead.clear()
+        while pending:
+            pending.popleft().wait()
+        close = getattr(batches, "close", None)
+        if close is not None:
+            close()
+        transfer.close()

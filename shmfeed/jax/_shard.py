@@ -1,0 +1,169 @@
+"""Where each batch leaf goes: the target devices, and which rows of the host-local
+batch each of them receives.
+
+Owns: turning `sharding=` into a `Placement` per leaf shape (the global shape of the
+array to build and, per addressable device, the slice of the *host-local* leaf it
+gets), and `host_shard()` for splitting the dataset between hosts.
+
+Invariants:
+- Every process passes its own rows (its `shard_index` of the data); the global
+  array is those host-local batches laid side by side along every dimension the
+  sharding splits across processes, in the order of the sharding's device indices.
+  That is what `jax.make_array_from_process_local_data` does, so every transfer
+  (host copy, XLA, CuPy) builds the same `jax.Array` from the same batch.
+- A dimension split into `k` parts must have a size divisible by `k`; otherwise
+  nothing is uploaded and a SpecError names the leaf and the fix.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import jax
+import numpy as np
+from jax.sharding import Sharding, SingleDeviceSharding
+
+from .._errors import SpecError
+
+
+def host_shard() -> tuple[int, int]:
+    """`(process_index, process_count)` of this JAX process, to pass to the Loader as
+    `shard_index`/`shard_count` so that each host loads its own disjoint part of
+    every epoch.
+
+    After `jax.distributed.initialize()` this reads the process index without
+    starting JAX's backend, so a Loader created next can still fork its workers.
+    Without it, it asks JAX (which starts the backend).
+    """
+    try:
+        from jax._src import distributed
+
+        state = distributed.global_state
+        if state.client is not None and state.num_processes is not None:
+            return int(state.process_id), int(state.num_processes)
+    except (ImportError, AttributeError):  # a JAX without this private module
+        pass
+    return jax.process_index(), jax.process_count()
+
+
+def default_device() -> jax.Device:
+    """The device an uncommitted `jax.device_put(x)` would use."""
+    d = jax.config.jax_default_device
+    if isinstance(d, jax.Device):
+        return d
+    if isinstance(d, str):
+        return jax.local_devices(backend=d)[0]
+    return jax.local_devices()[0]
+
+
+@dataclass(frozen=True)
+class Placement:
+    """How one host-local leaf of shape `local_shape` becomes a `jax.Array`."""
+
+    sharding: Sharding | None  # None: the default device, uncommitted
+    local_shape: tuple[int, ...]
+    global_shape: tuple[int, ...]
+    # (device, index into the host-local leaf) for every addressable device
+    pieces: tuple[tuple[jax.Device, tuple[slice, ...]], ...]
+
+
+class Target:
+    """The devices a feed uploads to, with a cache of placements per leaf shape."""
+
+    def __init__(self, sharding: Any):
+        if sharding is None:
+            self.sharding: Sharding | None = None
+            self.devices: tuple[jax.Device, ...] = (default_device(),)
+        elif isinstance(sharding, jax.Device):
+            self.sharding = SingleDeviceSharding(sharding)
+            self.devices = (sharding,)
+        elif isinstance(sharding, Sharding):
+            self.sharding = sharding
+            self.devices = tuple(sorted(sharding.addressable_devices, key=lambda d: d.id))
+            if not self.devices:
+                raise SpecError(
+                    f"`sharding` {sharding} has no device addressable by this process "
+                    f"(process {jax.process_index()}); build it over a mesh that includes "
+                    "this process's devices")
+        else:
+            raise SpecError(
+                "`sharding` must be None (default device), a jax.Device or a "
+                f"jax.sharding.Sharding such as NamedSharding(mesh, P('data')); got "
+                f"{type(sharding).__name__}")
+        self.platforms = {d.platform for d in self.devices}
+        self._plans: dict[tuple[int, ...], Placement] = {}
+
+    def placement(self, local_shape: tuple[int, ...], path: str) -> Placement:
+        plan = self._plans.get(local_shape)
+        if plan is None:
+            plan = self._plans[local_shape] = self._place(local_shape, path)
+        return plan
+
+    def check_rows(self, rows: int) -> None:
+        """Fail early when a batch of `rows` rows cannot be split by the sharding."""
+        if self.sharding is not None:
+            self._place((rows,), "the batch axis")
+
+    # -- the index arithmetic ----------------------------------------------------------
+    def _place(self, local_shape: tuple[int, ...], path: str) -> Placement:
+        s = self.sharding
+        if s is None:
+            full = tuple(slice(None) for _ in local_shape)
+            return Placement(None, local_shape, local_shape, ((self.devices[0], full),))
+        ndim = len(local_shape)
+        # Block counts per dimension, read off a probe shape that every block count
+        # divides (a dimension is never split into more parts than there are devices).
+        probe = (len(s.device_set),) * ndim
+        try:
+            probe_map = s.devices_indices_map(probe)
+        except Exception as exc:
+            raise SpecError(
+                f"`sharding` {s} cannot place leaf {path} of rank {ndim}: {exc}") from exc
+        mine = set(self.devices)
+        global_shape, totals = [], []
+        for i, n in enumerate(local_shape):
+            total = len({_start(idx[i]) for idx in probe_map.values()})
+            local = len({_start(idx[i]) for d, idx in probe_map.items() if d in mine})
+            totals.append(total)
+            if n % local:
+                raise SpecError(
+                    f"leaf {path} has shape {local_shape}: its dimension {i} ({n}) cannot be "
+                    f"split into the {local} part(s) this process's devices hold under "
+                    f"`sharding` {_describe(s)}. Use a `batch_size` divisible by {local} and "
+                    "`drop_last=True` so that the last batch is full too.")
+            global_shape.append(n if total == local else n // local * total)
+        gshape = tuple(global_shape)
+        index_map = s.addressable_devices_indices_map(gshape)
+        # The host-local leaf holds this process's blocks side by side, in the order of
+        # their global position (as make_array_from_process_local_data expects).
+        local_starts = [
+            sorted({_start(index_map[d][i]) for d in self.devices}) for i in range(ndim)
+        ]
+        pieces = []
+        for d in self.devices:
+            idx = index_map[d]
+            local_idx = []
+            for i in range(ndim):
+                if gshape[i] == local_shape[i]:
+                    local_idx.append(idx[i])
+                    continue
+                block = gshape[i] // totals[i]
+                lo = local_starts[i].index(_start(idx[i])) * block
+                local_idx.append(slice(lo, lo + block))
+            pieces.append((d, tuple(local_idx)))
+        return Placement(s, local_shape, gshape, tuple(pieces))
+
+
+def _start(sl: slice) -> int:
+    return 0 if sl.start is None else int(sl.start)
+
+
+def _describe(s: Sharding) -> str:
+    spec = getattr(s, "spec", None)
+    return f"{type(s).__name__}(spec={spec})" if spec is not None else repr(s)
+
+
+def host_slice(leaf: np.ndarray, index: tuple[slice, ...]) -> np.ndarray:
+    """The rows of `leaf` a device receives (a view, no copy)."""
+    return leaf[index] if index else leaf

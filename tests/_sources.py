@@ -1,0 +1,112 @@
+"""Datasets shared by the tests.  Module level, so that they pickle (a loader created
+after JAX has started sends its source to a fresh interpreter)."""
+
+from __future__ import annotations
+
+import random
+
+import numpy as np
+
+import shmfeed
+
+
+class Counting:
+    """Sample i is {'x': int32[3] filled with i, 'y': i}."""
+
+    def __init__(self, n: int, shape=(3,)):
+        self.n = n
+        self.shape = shape
+
+    def __len__(self):
+        return self.n
+
+    def __getitem__(self, i):
+        return {"x": np.full(self.shape, i, np.int32), "y": i}
+
+
+class Augmenting:
+    """Random augmentation through shmfeed.rng() and through the global RNGs, the way
+    tutorial code does it."""
+
+    def __init__(self, n: int):
+        self.n = n
+
+    def __len__(self):
+        return self.n
+
+    def __getitem__(self, i):
+        r = shmfeed.rng()
+        noise = r.normal(size=(4,)).astype(np.float32)
+        flip = bool(r.integers(2))
+        return (
+            np.arange(4, dtype=np.float32)[::-1 if flip else 1] + noise,
+            np.float64(np.random.rand()),  # legacy global RNG
+            random.random(),
+            np.int16(i),
+        )
+
+
+class DataGenerator:
+    """The Keras tutorial `Sequence` (batch-level, reshuffles in on_epoch_end with
+    np.random), minus the keras import: keras is optional here."""
+
+    def __init__(self, list_IDs, labels, batch_size=4, dim=(2, 3), n_classes=5, shuffle=True):
+        self.dim = dim
+        self.batch_size = batch_size
+        self.labels = labels
+        self.list_IDs = list_IDs
+        self.n_classes = n_classes
+        self.shuffle = shuffle
+        self.on_epoch_end()
+
+    def __len__(self):
+        return int(np.floor(len(self.list_IDs) / self.batch_size))
+
+    def __getitem__(self, index):
+        indexes = self.indexes[index * self.batch_size : (index + 1) * self.batch_size]
+        list_IDs_temp = [self.list_IDs[k] for k in indexes]
+        X, y = self.__data_generation(list_IDs_temp)
+        return X, y
+
+    def on_epoch_end(self):
+        self.indexes = np.arange(len(self.list_IDs))
+        if self.shuffle:
+            np.random.shuffle(self.indexes)
+
+    def __data_generation(self, list_IDs_temp):
+        X = np.empty((self.batch_size, *self.dim))
+        y = np.empty((self.batch_size), dtype=int)
+        for i, ID in enumerate(list_IDs_temp):
+            X[i,] = np.full(self.dim, ID)
+            y[i] = self.labels[ID]
+        return X, np.eye(self.n_classes, dtype="float32")[y]
+
+
+class Slices:
+    """Batch-level: batch b is rows [32b, 32b+32) of an in-memory array."""
+
+    def __init__(self, n_batches: int, rows: int = 32, width: int = 512):
+        self.data = np.arange(n_batches * rows * width, dtype=np.int32).reshape(n_batches * rows, width)
+        self.rows = rows
+
+    def __len__(self):
+        return len(self.data) // self.rows
+
+    def __getitem__(self, b):
+        return self.data[b * self.rows : (b + 1) * self.rows]
+
+
+class Bad:
+    """Sample `bad_index` returns `bad_value` in place of field 'x'."""
+
+    def __init__(self, n, bad_index, bad_value, shape=(2, 2), dtype=np.float32):
+        self.n, self.bad_index, self.bad_value = n, bad_index, bad_value
+        self.shape, self.dtype = shape, dtype
+
+    def __len__(self):
+        return self.n
+
+    def __getitem__(self, i):
+        if i == self.bad_index:
+            return {"x": self.bad_value, "y": i}
+        return {"x": np.zeros(self.shape, self.dtype), "y": i}
