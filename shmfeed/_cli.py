@@ -155,8 +155,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _bench(args: argparse.Namespace, parser: argparse.ArgumentParser, argv: list[str]) -> int:
-    from ._bench import BenchOptions, run_bench
-    from ._bench import report
+    from ._bench import BenchOptions, report, run_bench
 
     if args.plot is not None and not args.plot.lower().endswith((".png", ".svg", ".pdf")):
         parser.error(f"--plot {args.plot!r}: give a .png, .svg or .pdf file name")

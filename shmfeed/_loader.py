@@ -29,7 +29,14 @@ import numpy as np
 
 from . import _order
 from ._control import NO_CLAIM, SlotState, Status, tag, untag
-from ._errors import LoaderClosedError, RingFullError, ShmfeedError, SpecError, WorkerError, internal
+from ._errors import (
+    LoaderClosedError,
+    RingFullError,
+    ShmfeedError,
+    SpecError,
+    WorkerError,
+    internal,
+)
 from ._order import Order
 from ._pool import Pool, PoolConfig
 from ._ring import Ring

@@ -398,10 +398,10 @@ def test_close_stops_every_worker_within_2s():
 
 def test_break_out_of_a_loop_over_a_temporary_loader_stops_workers():
     pids = []
-    for batch in shmfeed.Loader(Counting(100), batch_size=4, num_workers=2):
+    for _batch in shmfeed.Loader(Counting(100), batch_size=4, num_workers=2):
         pids = psutil.Process().children()
         break
-    del batch
+    del _batch
     gc.collect()
     assert _gone([p.pid for p in pids])
 
@@ -429,7 +429,7 @@ def test_exception_in_training_loop_stops_workers():
         with shmfeed.Loader(Counting(100), batch_size=4, num_workers=2) as loader:
             pids = _pids(loader)
             for _ in loader:
-                1 / 0
+                raise ZeroDivisionError("the training step failed")
     assert _gone(pids)
 
 

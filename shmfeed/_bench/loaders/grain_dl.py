@@ -12,6 +12,7 @@ import itertools
 from typing import Any
 
 import grain.python as grain
+from absl import flags
 
 from .. import workloads
 from . import Job
@@ -19,6 +20,10 @@ from . import Job
 
 class Adapter:
     def __init__(self, source: Any, job: Job):
+        if not flags.FLAGS.is_parsed():
+            # Grain reads absl flags, which a program started without `absl.app.run`
+            # has not parsed; their defaults are what we want.
+            flags.FLAGS.mark_as_parsed()
         batch_level = isinstance(source, workloads.BatchSource)
         ops = [] if batch_level else [grain.Batch(batch_size=job.batch_size, drop_remainder=False)]
         sampler = grain.IndexSampler(
