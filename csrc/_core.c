@@ -9,7 +9,9 @@
 #include <Python.h>
 
 #include <signal.h>
+#include <stddef.h>
 #include <sys/prctl.h>
+#include <unistd.h>
 
 #include "shmfeed_ctl.h"
 
@@ -45,6 +47,11 @@ static int Control_init(ControlObject *self, PyObject *args, PyObject *kwds) {
 /* Turn the status of an interrupted wait into the pending Python exception. */
 static PyObject *status_result(shmf_status st) {
     if (st == SHMF_INTERRUPTED && PyErr_CheckSignals() < 0) return NULL;
+    /* After a timed-out wait too: a signal that the kernel gave to another thread
+     * (one that does not block it, e.g. OpenBLAS's) sets CPython's flag without
+     * interrupting this thread's wait, and 3.11 then never trips the main thread's
+     * eval breaker for it.  Checking costs one atomic load. */
+    if (st == SHMF_TIMEOUT && PyErr_CheckSignals() < 0) return NULL;
     return PyLong_FromLong(st);
 }
 
@@ -109,7 +116,7 @@ static PyObject *Control_take(ControlObject *self, PyObject *args) {
     uint32_t state = 0, slot = 0;
     uint64_t rows = 0;
     Py_BEGIN_ALLOW_THREADS st = shmf_take(self->base, gen, batch, timeout_s, &state, &rows, &slot);
-    Py_END_ALLOW_THREADS if (st == SHMF_INTERRUPTED && PyErr_CheckSignals() < 0) return NULL;
+    Py_END_ALLOW_THREADS if ((st == SHMF_INTERRUPTED || st == SHMF_TIMEOUT) && PyErr_CheckSignals() < 0) return NULL;
     return Py_BuildValue("iIKI", (int)st, state, (unsigned long long)rows, slot);
 }
 
@@ -145,6 +152,13 @@ static PyObject *Control_slot_of(ControlObject *self, PyObject *args) {
     uint32_t slot = shmf_slot_of(self->base, gen, batch);
     if (slot == SHMF_NO_SLOT) return PyLong_FromLong(-1);
     return PyLong_FromUnsignedLong(slot);
+}
+
+static PyObject *Control_abandon(ControlObject *self, PyObject *args) {
+    unsigned int gen;
+    if (!PyArg_ParseTuple(args, "I", &gen)) return NULL;
+    shmf_abandon(self->base, gen);
+    Py_RETURN_NONE;
 }
 
 static PyObject *Control_assign_free(ControlObject *self, PyObject *Py_UNUSED(a)) {
@@ -220,7 +234,76 @@ static PyObject *Control_slot(ControlObject *self, PyObject *args) {
                          (unsigned long long)atomic_load(&s->rows));
 }
 
+/* One delivered batch's hold on its slot.  The batch's numpy arrays reach it through
+ * their base chain; when the last of them dies, tp_dealloc releases the slot.  In C
+ * on purpose: a Python __del__ runs bytecode, where a Ctrl-C can be raised and is then
+ * dropped by the interpreter ("Exception ignored in ..."), losing the Ctrl-C and the
+ * slot with it. */
+typedef struct {
+    PyObject_HEAD
+    PyObject *control; /* the ControlObject: keeps the mapping alive */
+    char *buf;
+    Py_ssize_t len;
+    uint32_t slot;
+    uint64_t tag;
+    pid_t pid; /* a forked copy must not release the parent's slot */
+    PyObject *weakreflist;
+} SlotRefObject;
+
+static void SlotRef_dealloc(SlotRefObject *self) {
+    ControlObject *ctl = (ControlObject *)self->control;
+    if (ctl && ctl->base && getpid() == self->pid) shmf_release(ctl->base, self->slot, self->tag);
+    if (self->weakreflist) PyObject_ClearWeakRefs((PyObject *)self);
+    Py_XDECREF(self->control);
+    Py_TYPE(self)->tp_free((PyObject *)self);
+}
+
+static int SlotRef_getbuffer(SlotRefObject *self, Py_buffer *view, int flags) {
+    return PyBuffer_FillInfo(view, (PyObject *)self, self->buf, self->len, 0, flags);
+}
+
+static PyBufferProcs SlotRef_as_buffer = {(getbufferproc)SlotRef_getbuffer, NULL};
+
+static PyObject *SlotRef_repr(SlotRefObject *self) {
+    return PyUnicode_FromFormat("<shmfeed slot %u, tag %llu>", (unsigned int)self->slot,
+                                (unsigned long long)self->tag);
+}
+
+static PyTypeObject SlotRefType = {
+    PyVarObject_HEAD_INIT(NULL, 0).tp_name = "shmfeed._core.SlotRef",
+    .tp_basicsize = sizeof(SlotRefObject),
+    .tp_flags = Py_TPFLAGS_DEFAULT,
+    .tp_doc = "A held ring slot, as a writable buffer; released when it is freed.",
+    .tp_dealloc = (destructor)SlotRef_dealloc,
+    .tp_as_buffer = &SlotRef_as_buffer,
+    .tp_repr = (reprfunc)SlotRef_repr,
+    .tp_weaklistoffset = offsetof(SlotRefObject, weakreflist),
+};
+
+static PyObject *Control_slot_ref(ControlObject *self, PyObject *args) {
+    unsigned int slot;
+    unsigned long long tag;
+    Py_ssize_t offset, nbytes;
+    if (!PyArg_ParseTuple(args, "IKnn", &slot, &tag, &offset, &nbytes)) return NULL;
+    if (slot >= shmf_hdr(self->base)->n_slots || offset < 0 || nbytes < 0 ||
+        offset > self->view.len - nbytes)
+        return PyErr_Format(PyExc_ValueError, "slot_ref(%u, ..., %zd, %zd) outside the ring", slot,
+                            offset, nbytes);
+    SlotRefObject *ref = PyObject_New(SlotRefObject, &SlotRefType);
+    if (!ref) return NULL;
+    Py_INCREF(self);
+    ref->control = (PyObject *)self;
+    ref->buf = (char *)self->base + offset;
+    ref->len = nbytes;
+    ref->slot = slot;
+    ref->tag = tag;
+    ref->pid = getpid();
+    ref->weakreflist = NULL;
+    return (PyObject *)ref;
+}
+
 static PyMethodDef Control_methods[] = {
+    {"slot_ref", (PyCFunction)Control_slot_ref, METH_VARARGS, "slot_ref(slot, tag, offset, nbytes) -> SlotRef: bytes [offset, offset+nbytes) of the mapping, releasing (slot, tag) when freed"},
     {"init_block", (PyCFunction)Control_init_block, METH_VARARGS, "init_block(n_slots, max_workers, slot_bytes) -> status"},
     {"check", (PyCFunction)Control_check, METH_NOARGS, "check() -> status"},
     {"start_epoch", (PyCFunction)Control_start_epoch, METH_VARARGS, "start_epoch(epoch, n_batches, slot_base) -> gen"},
@@ -234,6 +317,7 @@ static PyMethodDef Control_methods[] = {
     {"set_claim", (PyCFunction)Control_set_claim, METH_VARARGS, "set_claim(worker, tag) -> status"},
     {"shutdown", (PyCFunction)Control_shutdown, METH_NOARGS, "shutdown() -> status"},
     {"slot_of", (PyCFunction)Control_slot_of, METH_VARARGS, "slot_of(gen, batch) -> slot assigned to that batch, or -1"},
+    {"abandon", (PyCFunction)Control_abandon, METH_VARARGS, "abandon(gen): the consumer takes no more batches of this generation"},
     {"assign_free", (PyCFunction)Control_assign_free, METH_NOARGS, "assign_free(): give free slots to the next batches"},
     {"reopen", (PyCFunction)Control_reopen, METH_NOARGS, "reopen() -> status"},
     {"gen_info", (PyCFunction)Control_gen_info, METH_VARARGS, "gen_info(gen) -> (epoch, n_batches, slot_base)"},
@@ -284,7 +368,14 @@ static PyObject *core_set_pdeathsig(PyObject *Py_UNUSED(m), PyObject *args) {
     Py_RETURN_NONE;
 }
 
+/* Run pending signal handlers now (see status_result for why Python may not). */
+static PyObject *core_check_signals(PyObject *Py_UNUSED(m), PyObject *Py_UNUSED(a)) {
+    if (PyErr_CheckSignals() < 0) return NULL;
+    Py_RETURN_NONE;
+}
+
 static PyMethodDef core_methods[] = {
+    {"check_signals", core_check_signals, METH_NOARGS, "check_signals(): run pending signal handlers (raises KeyboardInterrupt after a Ctrl-C)"},
     {"layout", core_layout, METH_VARARGS, "layout(n_slots, max_workers) -> offsets of reports, fatal message and data"},
     {"address", core_address, METH_O, "address(buffer) -> address of its first byte"},
     {"set_pdeathsig", core_set_pdeathsig, METH_VARARGS, "set_pdeathsig(sig): deliver sig to this process when its parent dies"},
@@ -298,6 +389,7 @@ static struct PyModuleDef core_module = {
 
 PyMODINIT_FUNC PyInit__core(void) {
     if (PyType_Ready(&ControlType) < 0) return NULL;
+    if (PyType_Ready(&SlotRefType) < 0) return NULL;
     PyObject *m = PyModule_Create(&core_module);
     if (!m) return NULL;
     Py_INCREF(&ControlType);

@@ -46,10 +46,19 @@ static double now_s(void) {
     return (double)ts.tv_sec + (double)ts.tv_nsec * 1e-9;
 }
 
+/* Callers pass any double: NaN and negatives mean "do not wait", and a wait is capped
+ * so that converting it to a timespec is always defined. */
+#define MAX_WAIT_S 1e6
+static double clamp_timeout(double timeout_s) {
+    if (!(timeout_s > 0)) return 0;
+    return timeout_s < MAX_WAIT_S ? timeout_s : MAX_WAIT_S;
+}
+
 /* Sleep on a shared futex word while it equals `expected`, at most `timeout_s`.
  * Returns 0 when woken or the value changed, ETIMEDOUT, or EINTR. */
 static int futex_wait(_Atomic uint32_t *word, _Atomic uint32_t *waiters, uint32_t expected,
                       double timeout_s) {
+    timeout_s = clamp_timeout(timeout_s);
     if (timeout_s <= 0) return ETIMEDOUT;
     struct timespec ts;
     ts.tv_sec = (time_t)timeout_s;
@@ -165,7 +174,6 @@ void shmf_assign_free(void *base) {
             if (atomic_compare_exchange_strong(&h->assign_next, &a, a + 1)) break;
         }
         atomic_store(&s->tag, a);
-        atomic_store(&s->owner, -1);
         atomic_store(&s->rows, 0);
         atomic_store(&s->state, SHMF_ASSIGNED);
         shmf_assign *e = &table[(uint32_t)a % n];
@@ -228,7 +236,7 @@ shmf_status shmf_claim(void *base, uint32_t worker, uint32_t *gen, uint64_t *epo
 
 shmf_status shmf_wait_gen(void *base, uint32_t gen, double timeout_s) {
     shmf_header *h = shmf_hdr(base);
-    double deadline = now_s() + timeout_s;
+    double deadline = now_s() + clamp_timeout(timeout_s);
     for (;;) {
         if (atomic_load(&h->shutdown)) return SHMF_SHUTDOWN;
         if (atomic_load(&h->gen) != gen) return SHMF_OK;
@@ -243,27 +251,40 @@ shmf_status shmf_acquire(void *base, uint32_t worker, uint32_t gen, uint32_t bat
     shmf_header *h = shmf_hdr(base);
     if (worker >= h->max_workers) return SHMF_EINVAL;
     uint64_t tag = shmf_tag(gen, batch);
-    double deadline = now_s() + timeout_s;
+    double deadline = now_s() + clamp_timeout(timeout_s);
     for (;;) {
         if (atomic_load(&h->shutdown)) return SHMF_SHUTDOWN;
         if (current_gen(h) != gen || consumer_passed(h, tag)) return SHMF_STALE;
         uint32_t seq = atomic_load(&h->assign_seq);
         uint32_t slot = shmf_slot_of(base, gen, batch);
+        double wait_s = deadline - now_s();
         if (slot != SHMF_NO_SLOT) {
             shmf_slot *s = &shmf_slots(base)[slot];
-            uint32_t st = SHMF_ASSIGNED;
-            if (atomic_compare_exchange_strong(&s->state, &st, SHMF_FILLING)) {
-                if (atomic_load(&s->tag) == tag) {
-                    atomic_store(&s->owner, (int32_t)worker);
-                    return SHMF_OK;
+            /* The owner word is taken first, by compare-and-swap, and dropped last (in
+             * shmf_publish): whatever instruction a worker dies at, every slot it
+             * touched still names it, so shmf_reclaim can put it back. */
+            int32_t owner = -1;
+            if (atomic_load(&s->state) == SHMF_ASSIGNED &&
+                atomic_compare_exchange_strong(&s->owner, &owner, (int32_t)worker)) {
+                uint32_t st = SHMF_ASSIGNED;
+                if (atomic_compare_exchange_strong(&s->state, &st, SHMF_FILLING)) {
+                    if (atomic_load(&s->tag) == tag) return SHMF_OK;
+                    /* Reassigned between our look-up and the CAS: give it back. */
+                    atomic_store(&s->state, SHMF_ASSIGNED);
+                    atomic_store(&s->owner, -1);
+                    bump_assign(h);
+                    continue;
                 }
-                /* Reassigned between our look-up and the CAS: give it back. */
-                atomic_store(&s->state, SHMF_ASSIGNED);
+                atomic_store(&s->owner, -1);
+            } else if (owner != -1 && atomic_load(&s->state) == SHMF_ASSIGNED && wait_s > 1e-3) {
+                /* Owned but not being built: a publisher about to let go, or a dead
+                 * worker about to be reclaimed.  Neither bumps assign_seq, so poll. */
+                wait_s = 1e-3;
             }
             /* Otherwise someone else builds this batch (a duplicate claim): wait
              * until the consumer passes it. */
         }
-        int rc = futex_wait(&h->assign_seq, &h->assign_waiters, seq, deadline - now_s());
+        int rc = futex_wait(&h->assign_seq, &h->assign_waiters, seq, wait_s);
         if (rc == EINTR) return SHMF_INTERRUPTED;
         if (now_s() >= deadline) return SHMF_TIMEOUT;
     }
@@ -283,12 +304,13 @@ shmf_status shmf_publish(void *base, uint32_t worker, uint32_t gen, uint32_t bat
         atomic_load(&s->tag) != tag)
         return SHMF_EINVAL;
     atomic_store(&s->rows, rows);
-    atomic_store(&s->owner, -1);
     atomic_fetch_add(&w->busy_ns, busy_ns);
     atomic_fetch_add(&w->batches, 1);
     /* A batch of an abandoned epoch is not worth a slot: free it at once. */
     int stale = current_gen(h) != gen || consumer_passed(h, tag);
     atomic_store(&s->state, stale ? SHMF_FREE : state);
+    /* Last (see shmf_acquire): dying before this line leaves the slot named by us. */
+    atomic_store(&s->owner, -1);
     futex_wake(&s->state, &s->waiters, 0);
     atomic_store(&w->claim, SHMF_NO_CLAIM);
     bump_progress(h);
@@ -300,7 +322,7 @@ shmf_status shmf_take(void *base, uint32_t gen, uint32_t batch, double timeout_s
     shmf_header *h = shmf_hdr(base);
     shmf_slot *slots = shmf_slots(base);
     uint64_t want = shmf_tag(gen, batch);
-    double deadline = now_s() + timeout_s;
+    double deadline = now_s() + clamp_timeout(timeout_s);
     atomic_store(&h->consumer_tag, want);
     for (;;) {
         if (atomic_load(&h->shutdown)) return SHMF_SHUTDOWN;
@@ -357,16 +379,19 @@ shmf_status shmf_reclaim(void *base, uint32_t worker, uint64_t *pending) {
     shmf_worker *w = &shmf_workers(base)[worker];
     shmf_slot *slots = shmf_slots(base);
     *pending = SHMF_NO_CLAIM;
-    /* A half-written slot goes back to ASSIGNED with its tag: the replacement (or
-     * whoever claims the batch) rebuilds it in place. */
+    /* Every slot that still names the dead worker is let go.  A half-written one
+     * goes back to ASSIGNED with its tag: the replacement (or whoever claims the
+     * batch) rebuilds it in place.  Any other state was already final when it died
+     * (between shmf_publish's state store and its owner store, or inside
+     * shmf_acquire before its state CAS): only the owner word is cleared. */
     int reset = 0;
     for (uint32_t i = 0; i < h->n_slots; i++) {
-        if (atomic_load(&slots[i].owner) == (int32_t)worker &&
-            atomic_load(&slots[i].state) == SHMF_FILLING) {
-            atomic_store(&slots[i].owner, -1);
-            atomic_store(&slots[i].state, SHMF_ASSIGNED);
-            reset = 1;
-        }
+        shmf_slot *s = &slots[i];
+        if (atomic_load(&s->owner) != (int32_t)worker) continue;
+        uint32_t st = SHMF_FILLING;
+        atomic_compare_exchange_strong(&s->state, &st, SHMF_ASSIGNED);
+        atomic_store(&s->owner, -1);
+        reset = 1;
     }
     if (reset) bump_assign(h);
     uint64_t c = atomic_exchange(&w->claim, SHMF_NO_CLAIM);
@@ -383,6 +408,30 @@ shmf_status shmf_reclaim(void *base, uint32_t worker, uint64_t *pending) {
     }
     *pending = c;
     return SHMF_OK;
+}
+
+/* Move a gen << 32 | batch word to `to` unless it is already there or in another
+ * generation. */
+static void advance_to(_Atomic uint64_t *word, uint64_t to) {
+    uint64_t c = atomic_load(word);
+    while ((c >> 32) == (to >> 32) && c < to && !atomic_compare_exchange_weak(word, &c, to)) {
+    }
+}
+
+void shmf_abandon(void *base, uint32_t gen) {
+    shmf_header *h = shmf_hdr(base);
+    if ((uint32_t)(atomic_load(&h->consumer_tag) >> 32) != gen) return;
+    uint64_t n = h->gens[gen % SHMF_GEN_TABLE].n_batches;
+    uint64_t end = shmf_tag(gen, n < UINT32_MAX ? (uint32_t)n : UINT32_MAX);
+    /* The consumer is past every batch of the epoch: workers drop what they build
+     * (STALE), a dead worker's claim is not rebuilt, and nothing more is claimed or
+     * given a slot. */
+    atomic_store(&h->consumer_tag, shmf_tag(gen, UINT32_MAX));
+    advance_to(&h->claim, end);
+    advance_to(&h->assign_next, end);
+    shmf_assign_free(base); /* frees the epoch's READY, ERROR and ASSIGNED slots */
+    bump_assign(h);         /* wakes workers waiting for a slot: they see STALE */
+    bump_progress(h);
 }
 
 shmf_status shmf_set_claim(void *base, uint32_t worker, uint64_t tag) {

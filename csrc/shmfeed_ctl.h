@@ -108,7 +108,8 @@ typedef struct {
     _Alignas(64) _Atomic uint32_t state;    /* shmf_slot_state */
     _Atomic uint32_t waiters;
     _Atomic uint64_t tag;                   /* gen << 32 | batch it holds or is assigned */
-    _Atomic int32_t owner;                  /* worker index while FILLING, -1 otherwise */
+    _Atomic int32_t owner;                  /* worker index from shmf_acquire's first step
+                                             * to shmf_publish's last, -1 otherwise */
     uint32_t _pad;
     _Atomic uint64_t rows;                  /* rows actually written (short last batch) */
 } shmf_slot;
@@ -159,6 +160,10 @@ shmf_status shmf_release(void *base, uint32_t slot, uint64_t tag);
  * the next batch numbers.  Called by start/take/release; exposed for the in-process
  * builder. */
 void shmf_assign_free(void *base);
+/* Consumer: it will take no more batches of generation `gen` (the loop raised, timed
+ * out or was left early): stop claims and assignments for it and free its slots
+ * except those the consumer holds.  A no-op once a newer epoch started. */
+void shmf_abandon(void *base, uint32_t gen);
 /* The slot assigned to batch `batch` of `gen`, or SHMF_NO_SLOT. */
 uint32_t shmf_slot_of(void *base, uint32_t gen, uint32_t batch);
 

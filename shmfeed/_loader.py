@@ -26,9 +26,10 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
+import psutil
 
 from . import _order
-from ._control import NO_CLAIM, SlotState, Status, tag, untag
+from ._control import NO_CLAIM, SlotState, Status, tag
 from ._errors import (
     LoaderClosedError,
     RingFullError,
@@ -38,7 +39,7 @@ from ._errors import (
     internal,
 )
 from ._order import Order
-from ._pool import Pool, PoolConfig
+from ._pool import Pool, PoolConfig, sigint_deferred
 from ._ring import Ring
 from ._spec import Spec, infer, unflatten, with_rows
 from ._worker import Builder, build_one
@@ -118,6 +119,7 @@ class _Resources:
         self.ring = ring
         self.pool: Pool | None = None
         self.owner_pid = os.getpid()
+        self.callbacks: list = []  # run once at close, before the ring goes
 
     def stop_pool(self) -> None:
         pool, self.pool = self.pool, None
@@ -128,6 +130,12 @@ class _Resources:
         if os.getpid() != self.owner_pid:  # a forked copy owns nothing
             return
         self.stop_pool()
+        callbacks, self.callbacks = self.callbacks, []
+        for fn in reversed(callbacks):
+            try:
+                fn()
+            except Exception:  # one failing callback must not keep the rest from running
+                log.exception("shmfeed: a close callback raised")
         self.ring.close()
 
 
@@ -279,8 +287,9 @@ class Loader:
                     "`start_method='fork'` to fork anyway."
                 ) from exc
         self._ring.ctl.reopen()
-        self._res.pool = Pool(self._ring, self._source, self._cfg, method, source_bytes)
-        self._pool_stale = False
+        with sigint_deferred():  # a Ctrl-C meanwhile is raised once the pool is registered
+            self._res.pool = Pool(self._ring, self._source, self._cfg, method, source_bytes)
+            self._pool_stale = False
 
     # -- public surface ----------------------------------------------------------------
     def __len__(self) -> int:
@@ -356,6 +365,13 @@ class Loader:
         self._closed = True
         self._finalizer()
 
+    def add_close_callback(self, fn) -> None:
+        """Run `fn()` once when the loader closes (by `close()`, `with`, or garbage
+        collection), after its workers stop and before its ring is released; e.g. to
+        unregister a page-locked ring.  Callbacks run last-added first."""
+        self._check_open()
+        self._res.callbacks.append(fn)
+
     def __enter__(self) -> Loader:
         return self
 
@@ -383,12 +399,21 @@ class Loader:
             raise LoaderClosedError("this Loader is closed; create a new one")
 
     def _epoch_batches(self, gen: int, epoch: int):
-        for b in range(len(self)):
-            if self._gen != gen:
-                raise ShmfeedError(
-                    f"epoch {epoch}'s iterator was used after a newer epoch started; "
-                    "iterate one epoch at a time")
-            yield self._next_batch(gen, epoch, b)
+        done = False
+        try:
+            for b in range(len(self)):
+                if self._gen != gen:
+                    raise ShmfeedError(
+                        f"epoch {epoch}'s iterator was used after a newer epoch started; "
+                        "iterate one epoch at a time")
+                yield self._next_batch(gen, epoch, b)
+            done = True
+        finally:
+            if not done and not self._closed and self._gen == gen:
+                # The loop raised, timed out or was left: workers stop building this
+                # epoch, its unread slots go back, and a dead worker's batch of it is
+                # not rebuilt (see shmf_abandon).
+                self._ring.ctl.abandon(gen)
         self._call_hook("on_epoch_end", epoch)
 
     def _call_hook(self, name: str, epoch: int) -> None:
@@ -401,8 +426,17 @@ class Loader:
             # Tutorial hooks reshuffle with np.random: key it so that the result does
             # not depend on how many batches were built in this process.
             _order.seed_global_rngs(self._order.seed, epoch, _HOOK_BATCH[name])
-        hook()
-        self._pool_stale = True
+        self._pool_stale = True  # even if it raises halfway, the workers' copy is stale
+        try:
+            hook()
+        except Exception as exc:
+            when = "after" if name == "on_epoch_end" else "before"
+            err = WorkerError(
+                f"the source's {name}() raised {type(exc).__name__}: {exc} ({when} epoch {epoch}). "
+                "Every batch of the epoch before it was delivered; iterating again starts "
+                "the next epoch (with a fresh pool), or close the loader.")
+            err.batch, err.epoch, err.item = None, epoch, None
+            raise err from exc
 
     def _next_batch(self, gen: int, epoch: int, batch: int) -> Any:
         self._check_open()
@@ -446,6 +480,7 @@ class Loader:
         slot is pinned by a batch the caller still references."""
         ctl, n = self._ring.ctl, self._ring.n_slots
         gc.collect()  # batches caught in reference cycles
+        self._ring.release_orphans()  # releases lost to a Ctrl-C
         ctl.assign_free()
         if self._ring.slot_of(gen, batch) >= 0:
             return
@@ -468,7 +503,7 @@ class Loader:
                 self._raise_if_full(gen, batch)
             elif st == Status.SHUTDOWN:
                 if ctl.header()["fatal"]:
-                    raise WorkerError(self._ring.read_report(None)["message"])
+                    raise _fatal_error(self._ring.read_report(None))
                 raise LoaderClosedError("the loader was closed while waiting for a batch")
             elif st == Status.EINVAL:
                 raise internal(f"take({gen}, {batch}) returned EINVAL")
@@ -487,26 +522,56 @@ class Loader:
                     f"epoch {epoch} was awaited; iterate again to start a new pool, or close the loader")
         waited = time.perf_counter() - t0
         if self._timeout_s is not None and waited > self._timeout_s:
-            culprit = self._kill_builder_of(batch)
-            raise WorkerError(
+            # First give the epoch up, so that the worker about to be killed is
+            # replaced without rebuilding a batch nobody waits for any more.
+            self._ring.ctl.abandon(self._gen)
+            culprit = self._kill_builder_of(self._gen, batch)
+            err = WorkerError(
                 f"batch {batch} of epoch {epoch} was not ready after waiting {waited:.1f} s "
                 f"(`timeout_s={self._timeout_s}`){culprit}. Raise `timeout_s` if batches are "
-                "legitimately this slow.")
+                "legitimately this slow; iterating again starts the next epoch.")
+            err.batch, err.epoch, err.item, err.waited_s = batch, epoch, None, waited
+            raise err
 
-    def _kill_builder_of(self, batch: int) -> str:
-        """Kill the worker stuck on `batch` (it is replaced and the batch rebuilt)."""
+    def _kill_builder_of(self, gen: int, batch: int) -> str:
+        """SIGKILL the worker stuck on `batch` (the supervisor replaces it), or, when no
+        worker has it, those stuck on batches of an earlier epoch."""
         ctl, pool = self._ring.ctl, self._res.pool
         if pool is None:
             return ""
+        slot = self._ring.slot_of(gen, batch)
+        owner = ctl.slot(slot)["owner"] if slot >= 0 else -1
+        building, stale = [], []
         for w in range(self._num_workers):
             info = ctl.worker(w)
-            if info["claim"] != NO_CLAIM and untag(info["claim"]) == (self._gen, batch):
-                try:
-                    os.kill(info["pid"], 9)
-                except ProcessLookupError:
-                    pass
-                return f"; worker {w} (pid {info['pid']}) was still building it and has been killed"
+            if w == owner or info["claim"] == tag(gen, batch):
+                building.append((w, info["pid"]))
+            elif info["claim"] != NO_CLAIM and info["claim"] < tag(gen, 0):
+                stale.append((w, info["pid"]))
+        victims = building or stale
+        for _, pid in victims:
+            try:  # only a child of our supervisor: never a stranger that reused the pid
+                proc = psutil.Process(pid)
+                if proc.ppid() == pool.pid:
+                    proc.kill()
+            except psutil.Error:
+                pass
+        names = ", ".join(f"worker {w} (pid {pid})" for w, pid in victims)
+        if building:
+            return f"; {names} was still building it and has been killed"
+        if stale:
+            return (f"; no worker had claimed it, and {names} were stuck on batches of an "
+                    "earlier epoch and have been killed")
         return "; no worker had claimed it"
+
+
+def _fatal_error(report: dict) -> WorkerError:
+    """The WorkerError for a pool that gave up (see _pool._death_report)."""
+    err = WorkerError(report["message"])
+    for key in ("worker", "pid", "batch", "epoch", "signal", "exit_code"):
+        setattr(err, key, report.get(key))
+    err.item = None
+    return err
 
 
 def raise_worker_error(report: dict) -> None:

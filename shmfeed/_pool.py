@@ -21,6 +21,8 @@ turn, the workers; the ring is a memfd, so no file or name is left anywhere.
 
 from __future__ import annotations
 
+import contextlib
+import faulthandler
 import gc
 import multiprocessing.spawn
 import os
@@ -29,6 +31,7 @@ import select
 import signal
 import subprocess
 import sys
+import threading
 import time
 import traceback
 from dataclasses import dataclass
@@ -66,18 +69,53 @@ def describe_exit(status: int) -> str:
             name = signal.Signals(sig).name
         except ValueError:
             name = f"signal {sig}"
-        hint = " (the kernel's OOM killer sends SIGKILL; see `dmesg`)" if sig == signal.SIGKILL else ""
-        return f"was killed by {name}{hint}"
+        return f"was killed by {name}"
     return f"exited with code {os.waitstatus_to_exitcode(status)}"
 
 
-def _child_setup(parent_pid: int, keep_fds: set[int]) -> None:
+def exit_hint(status: int) -> str:
+    """Where a death like this usually comes from, as a sentence (or '')."""
+    if not os.WIFSIGNALED(status):
+        return ""
+    sig = os.WTERMSIG(status)
+    if sig == signal.SIGKILL:
+        return (" SIGKILL comes from the kernel's OOM killer (see `dmesg`), from another "
+                "process, or from shmfeed itself after `timeout_s`.")
+    if sig in (signal.SIGSEGV, signal.SIGBUS, signal.SIGILL, signal.SIGFPE, signal.SIGABRT):
+        return (" That is a crash in native code called by the source; the worker's Python "
+                "stack is on stderr (faulthandler).")
+    return ""
+
+
+@contextlib.contextmanager
+def sigint_deferred():
+    """Hold Ctrl-C back in this thread while a pool process is being created.
+
+    A SIGINT that lands inside os.fork() is raised in an at-fork hook, where Python
+    prints and drops it; one that lands in the child before it ignores SIGINT prints
+    a traceback from the child.  Blocked, it stays pending and is raised here, in the
+    caller, as soon as the block ends (the child inherits the mask, across exec too,
+    and unblocks it once it ignores SIGINT).
+    """
+    old = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, old)
+        # Meanwhile the kernel may have handed the SIGINT to another thread, which
+        # only sets CPython's flag (see status_result in _core.c): raise it now.
+        _core.check_signals()
+
+
+def _child_setup(parent_pid: int, keep_fds: set[int], pdeathsig: bool = True) -> None:
     """First thing in every process we fork or spawn."""
-    _core.set_pdeathsig(signal.SIGKILL)
+    if pdeathsig:
+        _core.set_pdeathsig(signal.SIGKILL)
     if os.getppid() != parent_pid:  # the parent died before prctl took effect
         os._exit(0)
     # Ctrl-C is for the training loop: it goes to the whole foreground process group.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})  # see sigint_deferred
     # Objects inherited through fork are never collected here: their destructors
     # (closing fds, releasing slots) belong to the parent.
     gc.freeze()
@@ -111,6 +149,9 @@ def supervise(ring: Ring, source: Any, cfg: PoolConfig, parent_pid: int) -> None
             code = 0
             try:
                 _child_setup(me, {ring.fd})
+                # A segfault in native code then leaves the worker's Python stack on
+                # stderr; the supervisor reports the signal.
+                faulthandler.enable()
                 worker_loop(ring, builder, w, pending, me)
             except BaseException:
                 traceback.print_exc()
@@ -127,12 +168,14 @@ def supervise(ring: Ring, source: Any, cfg: PoolConfig, parent_pid: int) -> None
     for w in range(cfg.num_workers):
         start(w, NO_CLAIM)
 
-    deaths = 0
+    # The training process's pidfd turns readable when it dies: noticed at once even
+    # when no parent-death signal was set up (a Loader made in a thread).
+    try:
+        parent_fd = [os.pidfd_open(parent_pid)]
+    except OSError:
+        parent_fd = []
     while not ctl.header()["shutdown"] and os.getppid() == parent_pid:
-        if pidfds:
-            select.select(list(pidfds.values()), [], [], POLL_S)
-        else:
-            time.sleep(POLL_S)
+        select.select(list(pidfds.values()) + parent_fd, [], [], POLL_S)
         while workers:
             pid, status = os.waitpid(-1, os.WNOHANG)
             if pid == 0:
@@ -143,28 +186,31 @@ def supervise(ring: Ring, source: Any, cfg: PoolConfig, parent_pid: int) -> None
                 os.close(fd)
             if w is None or ctl.header()["shutdown"]:
                 continue
+            held = ctl.worker(w)["claim"]  # what it was building, needed or not
             _, pending = ctl.reclaim(w)
-            if pending != NO_CLAIM:
-                gen, batch = untag(pending)
-                epoch = ctl.gen_info(gen)[0]
-                doing = f"while building batch {batch} of epoch {epoch}"
-            else:
-                doing = "while waiting for work"
-            what = f"worker {w} (pid {pid}) {describe_exit(status)} {doing}"
-            deaths += 1
-            if deaths > cfg.max_restarts:
-                ring.write_report(None, pickle.dumps({
-                    "message": f"{what}; restarted {cfg.max_restarts} times, giving up "
-                               f"(`max_restarts={cfg.max_restarts}`).",
-                }))
+            report = _death_report(ctl, w, pid, status, held)
+            # Counted in the ring, so over the loader's whole life, across pools.
+            restarts = ctl.header()["restarts"]
+            if restarts >= cfg.max_restarts:
+                report["message"] = (
+                    f"{report['message']}; restarted {restarts} time(s) already, giving up "
+                    f"(`max_restarts={cfg.max_restarts}`).{exit_hint(status)} Fix the crash, "
+                    "or raise `max_restarts` if such deaths are expected.")
+                ring.write_report(None, pickle.dumps(report))
                 ctl.set_fatal()
                 ctl.shutdown()
                 break
             ctl.add_restart()
-            print(f"shmfeed: {what}; replacing it ({deaths} of `max_restarts={cfg.max_restarts}`)"
-                  + (", the batch will be rebuilt" if pending != NO_CLAIM else ""),
-                  file=sys.stderr, flush=True)
+            print(f"shmfeed: {report['message']}; replacing it ({restarts + 1} of "
+                  f"`max_restarts={cfg.max_restarts}`)"
+                  + (", the batch will be rebuilt." if pending != NO_CLAIM else ".")
+                  + exit_hint(status), file=sys.stderr, flush=True)
             start(w, pending)
+
+    if os.getppid() != parent_pid:
+        ctl.shutdown()  # the training process is gone: workers leave at their next wait
+    for fd in parent_fd:
+        os.close(fd)
 
     # Shutdown: workers leave at their next wait; the rest are killed.
     deadline = time.monotonic() + WORKER_GRACE_S
@@ -179,29 +225,60 @@ def supervise(ring: Ring, source: Any, cfg: PoolConfig, parent_pid: int) -> None
             os.kill(pid, signal.SIGKILL)
         except ProcessLookupError:
             pass
-    for pid in list(workers):
-        os.waitpid(pid, 0)  # SIGKILLed: returns at once
+    deadline = time.monotonic() + STOP_TIMEOUT_S
+    while workers and time.monotonic() < deadline:  # SIGKILLed: gone within microseconds
+        pid, _ = os.waitpid(-1, os.WNOHANG)
+        if pid:
+            workers.pop(pid, None)
+        else:
+            time.sleep(0.001)
+    for fd in pidfds.values():
+        os.close(fd)
     for w in range(cfg.num_workers):
         ctl.reclaim(w)
 
 
-def _fork_main(ring_fd: int, source: Any, cfg: PoolConfig, parent_pid: int) -> None:
-    _child_setup(parent_pid, {ring_fd})
+def _death_report(ctl: Any, w: int, pid: int, status: int, held: int) -> dict:
+    """What the fatal report (and the WorkerError built from it) says about a death."""
+    report: dict = {"worker": w, "pid": pid, "batch": None, "epoch": None,
+                    "signal": None, "exit_code": None}
+    if os.WIFSIGNALED(status):
+        report["signal"] = os.WTERMSIG(status)
+    else:
+        report["exit_code"] = os.waitstatus_to_exitcode(status)
+    doing = "while waiting for work"
+    if held != NO_CLAIM:
+        gen, batch = untag(held)
+        report["epoch"], report["batch"] = ctl.gen_info(gen)[0], batch
+        doing = f"while building batch {batch} of epoch {report['epoch']}"
+    report["message"] = f"worker {w} (pid {pid}) {describe_exit(status)} {doing}"
+    return report
+
+
+def _fork_main(ring_fd: int, source: Any, cfg: PoolConfig, parent_pid: int,
+               pdeathsig: bool) -> None:
+    _child_setup(parent_pid, {ring_fd}, pdeathsig)
     ring = Ring(cfg.spec, cfg.n_slots, cfg.num_workers, fd=ring_fd)
     supervise(ring, source, cfg, parent_pid)
 
 
 def spawn_main() -> None:
     """Entry point of a spawned supervisor: `python -c ... <payload fd> <ring fd>`."""
-    payload_fd, ring_fd, parent_pid = (int(a) for a in sys.argv[1:4])
+    payload_fd, ring_fd, parent_pid, pdeathsig = (int(a) for a in sys.argv[1:5])
     with os.fdopen(payload_fd, "rb") as f:
-        prep, cfg, source_bytes = pickle.load(f)
-    _child_setup(parent_pid, {ring_fd})
-    ring = Ring(cfg.spec, cfg.n_slots, cfg.num_workers, fd=ring_fd)
+        prep, geometry, cfg_bytes, source_bytes = pickle.load(f)
+    _child_setup(parent_pid, {ring_fd}, bool(pdeathsig))
+    # Map the ring from its plain geometry first, so that a failure to rebuild the
+    # config (which names the user's classes, e.g. a namedtuple in the batch spec) or
+    # the source can still be reported to the training process.
+    n_slots, max_workers, slot_bytes = geometry
+    ring = Ring(None, n_slots, max_workers, fd=ring_fd, slot_bytes=slot_bytes)
     try:
         # Make the parent's __main__ importable as multiprocessing's spawn does, so
         # that sources defined in the training script unpickle.
         multiprocessing.spawn.prepare(prep)
+        cfg = pickle.loads(cfg_bytes)
+        ring.spec = cfg.spec
         source = pickle.loads(source_bytes)
     except BaseException as exc:
         ring.write_report(None, pickle.dumps({
@@ -226,12 +303,15 @@ class Pool:
         self._popen: subprocess.Popen | None = None
         self._status: int | None = None
         me = os.getpid()
+        # PR_SET_PDEATHSIG fires when the *thread* that forked exits, so it is set only
+        # when that thread is the main one; otherwise the supervisor watches our pidfd.
+        pdeathsig = threading.current_thread() is threading.main_thread()
         if start_method == "fork":
             pid = os.fork()
             if pid == 0:
                 code = 0
                 try:
-                    _fork_main(ring.fd, source, cfg, me)
+                    _fork_main(ring.fd, source, cfg, me, pdeathsig)
                 except BaseException:
                     traceback.print_exc()
                     code = 1
@@ -244,7 +324,8 @@ class Pool:
             # The pool never talks to multiprocessing managers, so it needs no authkey
             # (an AuthenticationString refuses to be pickled outside multiprocessing).
             prep.pop("authkey", None)
-            payload = pickle.dumps((prep, cfg, source_bytes))
+            geometry = (cfg.n_slots, ring.max_workers, ring.slot_bytes)
+            payload = pickle.dumps((prep, geometry, pickle.dumps(cfg), source_bytes))
             # The payload goes through a memfd, not a pipe: writing it can never block.
             pfd = os.memfd_create("shmfeed-payload", os.MFD_CLOEXEC)
             try:
@@ -253,7 +334,7 @@ class Pool:
                 os.lseek(pfd, 0, os.SEEK_SET)
                 self._popen = subprocess.Popen(
                     [sys.executable, "-c", "from shmfeed._pool import spawn_main; spawn_main()",
-                     str(pfd), str(ring.fd), str(me)],
+                     str(pfd), str(ring.fd), str(me), str(int(pdeathsig))],
                     pass_fds=(pfd, ring.fd), stdin=subprocess.DEVNULL)
             finally:
                 os.close(pfd)
@@ -279,7 +360,7 @@ class Pool:
 
     def stop(self) -> None:
         """Run the shutdown protocol; return when no process of the pool is left."""
-        pids = [p for p in self.worker_pids() if p > 0]
+        workers = self._worker_procs()
         self.ring.ctl.shutdown()
         deadline = time.monotonic() + STOP_TIMEOUT_S
         while self.poll() is None and time.monotonic() < deadline:
@@ -289,16 +370,44 @@ class Pool:
                 os.kill(self.pid, signal.SIGKILL)
             except ProcessLookupError:
                 pass
-            if self._popen is not None:
-                self._popen.wait(timeout=STOP_TIMEOUT_S)
-            else:
-                os.waitpid(self.pid, 0)
-            self._status = self._status if self._status is not None else 0
-            # Orphaned workers die by PR_SET_PDEATHSIG; make sure before returning.
-            procs = []
-            for p in pids:
-                try:
-                    procs.append(psutil.Process(p))
-                except psutil.NoSuchProcess:
-                    pass
-            psutil.wait_procs(procs, timeout=STOP_TIMEOUT_S)
+            deadline = time.monotonic() + STOP_TIMEOUT_S
+            while self.poll() is None and time.monotonic() < deadline:
+                time.sleep(0.005)
+        # A supervisor that was killed reaped nobody: its workers die by their
+        # PR_SET_PDEATHSIG (or leave at the shutdown word).  Wait until they have.
+        _wait_exited(workers, STOP_TIMEOUT_S)
+        # Nothing of this pool touches the ring any more: put back what its workers
+        # left half done (a killed supervisor could not), so that a new pool starts
+        # from a consistent ring.
+        for w in range(self.cfg.num_workers):
+            self.ring.ctl.reclaim(w)
+
+    def _worker_procs(self) -> list[psutil.Process]:
+        """The live workers, as psutil handles (which survive pid reuse); only those
+        still children of our supervisor can be told apart from strangers."""
+        procs = []
+        for pid in self.worker_pids():
+            try:
+                p = psutil.Process(pid) if pid > 0 else None
+                if p is not None and p.ppid() == self.pid:
+                    procs.append(p)
+            except psutil.Error:
+                pass
+        return procs
+
+
+def _wait_exited(procs: list[psutil.Process], timeout_s: float) -> None:
+    """Wait until every process has exited (a zombie has: only its parent, possibly
+    init, still has to reap it)."""
+    deadline = time.monotonic() + timeout_s
+    while procs and time.monotonic() < deadline:
+        alive = []
+        for p in procs:
+            try:
+                if p.is_running() and p.status() != psutil.STATUS_ZOMBIE:
+                    alive.append(p)
+            except psutil.Error:
+                pass
+        procs = alive
+        if procs:
+            time.sleep(0.005)

@@ -9,8 +9,8 @@ Invariants:
 - The training process's mapping is MADV_DONTFORK: forked processes of *other*
   loaders never inherit it, so closing a loader really frees its memory.  Our own
   pool maps the memfd afresh.
-- A slot is released only when the last array of its batch dies (the lease's
-  `__del__`), and only by the process that took it.
+- A slot is released only when the last array of its batch dies (its `SlotRef` is
+  deallocated, in C), and only by the process that took it.
 """
 
 from __future__ import annotations
@@ -19,42 +19,27 @@ import mmap
 import os
 import pickle
 import struct
+import weakref
 
 import numpy as np
 
 from . import _core
-from ._control import REPORT_BYTES, Control, Status
+from ._control import REPORT_BYTES, Control, SlotState, Status
 from ._errors import internal
 from ._spec import Spec
 
 _LEN = struct.Struct("<I")
 
 
-class Lease(np.ndarray):
-    """The bytes of one delivered batch; every array of the batch is a view of it.
-
-    When the last view dies, `__del__` gives the slot back to the ring.
-    """
-
-    def __del__(self) -> None:
-        rel = self.__dict__.get("_shmfeed_release")
-        if rel is None:
-            return
-        pid, ctl, slot, tag = rel
-        if pid != os.getpid():  # a forked copy of a lease must not free the parent's slot
-            return
-        try:
-            ctl.release(slot, tag)
-        except Exception:  # interpreter shutdown: nothing left to protect
-            pass
-
-
 class Ring:
-    def __init__(self, spec: Spec, n_slots: int, max_workers: int, fd: int | None = None):
+    def __init__(self, spec: Spec | None, n_slots: int, max_workers: int, fd: int | None = None,
+                 slot_bytes: int | None = None):
+        # spec may come later (a spawned pool maps the ring before it can unpickle the
+        # spec); only the geometry is needed to map it and to write reports.
         self.spec = spec
         self.n_slots = n_slots
         self.max_workers = max_workers
-        self.slot_bytes = spec.slot_bytes
+        self.slot_bytes = spec.slot_bytes if spec is not None else slot_bytes
         offsets = _core.layout(n_slots, max_workers)
         self.report_offsets: list[int] = offsets["reports"]
         self.fatal_offset: int = offsets["fatal"]
@@ -85,6 +70,8 @@ class Ring:
         self.slot_raw = [raw[d + i * sb : d + (i + 1) * sb] for i in range(n_slots)]
         del raw
         self._write_views: list[list[np.ndarray]] | None = None
+        # slot -> (tag, weak reference to its Lease), for release_orphans
+        self._leases: dict[int, tuple[int, weakref.ref]] = {}
 
     # -- addresses, for tests and for page-locking ------------------------------------
     @property
@@ -126,14 +113,36 @@ class Ring:
 
     # -- consumer side ----------------------------------------------------------------
     def lease(self, slot: int, tag: int, rows: int) -> list[np.ndarray]:
-        """Arrays of one taken batch; the slot is released when they all die."""
-        lease = self.slot_raw[slot].view(Lease)
-        lease._shmfeed_release = (os.getpid(), self.ctl, slot, tag)
+        """Arrays of one taken batch; the slot is released when they all die.
+
+        They are views of one uint8 array over a `SlotRef`, whose deallocation (in C,
+        so that no Ctrl-C can interrupt it) releases the slot."""
+        ref = self.ctl.slot_ref(slot, tag, self.data_offset + slot * self.slot_bytes, self.slot_bytes)
+        raw = np.frombuffer(ref, np.uint8)
+        self._leases[slot] = (tag, weakref.ref(ref))
         out = []
         for lf in self.spec.leaves:
             n = rows * (lf.capacity_bytes // self.spec.rows) if self.spec.rows else 0
-            out.append(lease[lf.offset : lf.offset + n].view(np.ndarray).view(lf.dtype).reshape((rows,) + lf.shape))
+            out.append(raw[lf.offset : lf.offset + n].view(lf.dtype).reshape((rows,) + lf.shape))
         return out
+
+    def release_orphans(self) -> int:
+        """Give back the slots the consumer holds for batches no array refers to any
+        more; return how many.
+
+        Their release was lost: a KeyboardInterrupt (or any exception) raised between
+        taking a slot and leasing it.  Call only from the thread that iterates.
+        """
+        freed = 0
+        for slot in range(self.n_slots):
+            info = self.ctl.slot(slot)
+            if info["state"] != SlotState.HELD:
+                continue
+            entry = self._leases.get(slot)
+            if entry is not None and entry[0] == info["tag"] and entry[1]() is not None:
+                continue
+            freed += self.ctl.release(slot, info["tag"]) == Status.OK
+        return freed
 
     def close(self) -> None:
         """Drop this object's hold on the mapping; it is unmapped once no batch a

@@ -145,6 +145,12 @@ def build_one(ring: Ring, builder: Builder, worker: int, gen: int, epoch: int, b
                                              item=builder.current_item,
                                              batch_level=builder.spec.batch_level))
         rows, state = 0, SlotState.ERROR
+        if parent_pid is None and not isinstance(exc, Exception):
+            # Building in the training process (`num_workers=0`): Ctrl-C and
+            # sys.exit() are the user's, not a broken sample.  The slot is published
+            # (as ERROR) first, so the ring stays consistent.
+            ctl.publish(worker, gen, batch, rows, state, time.perf_counter_ns() - t0)
+            raise
     ctl.publish(worker, gen, batch, rows, state, time.perf_counter_ns() - t0)
 
 

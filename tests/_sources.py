@@ -4,6 +4,7 @@ after JAX has started sends its source to a fresh interpreter)."""
 from __future__ import annotations
 
 import random
+from typing import NamedTuple
 
 import numpy as np
 
@@ -110,3 +111,18 @@ class Bad:
         if i == self.bad_index:
             return {"x": self.bad_value, "y": i}
         return {"x": np.zeros(self.shape, self.dtype), "y": i}
+
+
+class Pair(NamedTuple):
+    image: np.ndarray
+    label: int
+
+
+class Pairs:
+    """Samples are a namedtuple defined in this module."""
+
+    def __len__(self):
+        return 10
+
+    def __getitem__(self, i):
+        return Pair(np.full((2,), i, np.uint8), i)

@@ -441,6 +441,17 @@ def test_break_then_next_epoch_is_complete_and_in_order():
         assert np.concatenate([b["y"].copy() for b in loader]).tolist() == list(range(50))
 
 
+def test_close_callbacks_run_once_after_workers_stop_and_before_the_ring_goes():
+    calls = []
+    loader = shmfeed.Loader(Counting(10), batch_size=2, num_workers=2)
+    pids = _pids(loader)
+    loader.add_close_callback(lambda: calls.append(("first", _gone(pids, 0.01))))
+    loader.add_close_callback(lambda: calls.append(("second", loader._ring.fd >= 0)))
+    loader.close()
+    loader.close()
+    assert calls == [("second", True), ("first", True)]
+
+
 # -- 8. fork safety with JAX ---------------------------------------------------------
 
 def test_loader_after_jitted_jax_computation_uses_a_clean_parent():
@@ -450,7 +461,7 @@ def test_loader_after_jitted_jax_computation_uses_a_clean_parent():
         import numpy as np
         import jax, jax.numpy as jnp
         sys.path.insert(0, sys.argv[1])
-        from _sources import Augmenting
+        from _sources import Augmenting, Pair, Pairs
         import shmfeed
         logging.basicConfig(level=logging.WARNING)
         print(float(jax.jit(lambda x: (x * 2).sum())(jnp.arange(4.0))))
@@ -460,6 +471,11 @@ def test_loader_after_jitted_jax_computation_uses_a_clean_parent():
         with shmfeed.Loader(Augmenting(30), batch_size=4, num_workers=0, shuffle=True) as ref:
             want = [[np.array(b[0]) for b in ref] for _ in range(3)]
         assert all(np.array_equal(a, b) for e1, e2 in zip(fed, want) for a, b in zip(e1, e2))
+        # a batch spec naming the script's own classes (a namedtuple) reaches the pool too
+        with shmfeed.Loader(Pairs(), batch_size=4, num_workers=1) as loader:
+            got = [b for b in loader]
+            assert type(got[0]) is Pair and got[2].label.tolist() == [8, 9]
+            del got
         print("ok", len(fed))
     """)
     out = subprocess.run([sys.executable, "-c", script, os.path.dirname(__file__)],

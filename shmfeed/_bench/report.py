@@ -79,7 +79,7 @@ def _row(wname: str, label: str, s: dict) -> list[str]:
         f"{s['batches_per_s']:,.0f}" if s["batches_per_s"] >= 100 else f"{s['batches_per_s']:,.1f}",
         f"{s['MB_per_s']:,.0f}",
         "-" if ratio is None else f"{ratio:.2f}",
-        f"{s['memcpy_fraction']:.0%}",
+        f"{s['memcpy_fraction']:.0%}" if s["memcpy_fraction"] >= 0.1 else f"{s['memcpy_fraction']:.1%}",
         f"{s['startup_s']:.2f}",
         f"{memory:,.0f}" + ("" if s["peak_pss_MB"] is not None else " (RSS)"),
         f"{s['input_wait_fraction']:.2f}",
@@ -111,7 +111,8 @@ def heading(doc: dict) -> str:
     lines = [
         f"shmfeed {doc['shmfeed_version']} bench: {o['workers']} workers, {o['seconds']:g} s per loader, "
         f"{o['repeat']} repeat(s) (medians), shuffle={o['shuffle']}; "
-        f"{m['cpus_usable']} CPUs ({m['cpu_model']}), Python {m['python']}",
+        f"{m['cpus_usable']} CPUs ({m['cpu_model']}), Python {m['python']}, load average "
+        f"{m['load_avg_1min_at_start']:.1f} at start, {m.get('load_avg_1min_at_end', 0):.1f} at end",
     ]
     for wname, e in doc["workloads"].items():
         lines.append(f"  {wname}: batch {e['batch_size']} = {e['batch_bytes'] / 1e6:.3g} MB, "

@@ -24,9 +24,9 @@ import sys
 import tempfile
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 import psutil
@@ -35,11 +35,14 @@ from . import workloads
 from .loaders import LOADERS, Job, not_installed
 
 CHILD_SLACK_S = 180.0  # a child may take this long beyond `seconds` (imports, startup, close)
+LEFTOVER_GRACE_S = 3.0  # processes a child left behind get this long to exit by themselves
 MEMORY_SAMPLE_S = 0.1  # memory sampling period of a child's process tree
 PROGRESS_S = 0.2  # refresh period of the progress line on a terminal
-MEMCPY_BUDGET_S = 0.3  # time spent measuring the memcpy bound of one workload
+MEMCPY_BUDGET_S = 0.3  # time spent measuring the memcpy bound of one workload, at most
+MEMCPY_BUDGET_FRACTION = 0.25  # ... and at most this fraction of `seconds`
 MEMCPY_GROUP_S = 0.002  # copies are timed in groups at least this long
 SAMPLE_COST_ITEMS = 20  # items read in-process to report what one costs
+BUSY_LOAD_PER_CPU = 0.5  # a 1-minute load average above this per CPU gets a warning
 
 
 @dataclass
@@ -65,7 +68,7 @@ class BenchOptions:
 
 
 # -- in-process references ---------------------------------------------------------------
-def memcpy_bandwidth(nbytes: int) -> float:
+def memcpy_bandwidth(nbytes: int, budget_s: float = MEMCPY_BUDGET_S) -> float:
     """Best bytes/s of copying an `nbytes` buffer into another (both already faulted in)."""
     src = np.ones(nbytes, np.uint8)
     dst = np.empty_like(src)
@@ -75,7 +78,7 @@ def memcpy_bandwidth(nbytes: int) -> float:
     one = max(time.perf_counter() - t, 1e-7)
     group = max(1, int(MEMCPY_GROUP_S / one))
     best = 0.0
-    end = time.perf_counter() + MEMCPY_BUDGET_S
+    end = time.perf_counter() + budget_s
     while time.perf_counter() < end:
         t = time.perf_counter()
         for _ in range(group):
@@ -136,6 +139,16 @@ class TreeMemory:
         self._thread.join()
 
 
+def _session_members(sid: int) -> list[int]:
+    """Pids of the processes still in session `sid` (a child we started with its own)."""
+    out = []
+    for pid in psutil.pids():
+        with contextlib.suppress(OSError):
+            if os.getsid(pid) == sid:
+                out.append(pid)
+    return out
+
+
 def _child_env(loader: str) -> dict:
     env = dict(os.environ)
     if loader == "keras":
@@ -174,6 +187,15 @@ def run_child(job: Job, tick: Callable[[float], None]) -> dict:
                 with contextlib.suppress(ProcessLookupError):
                     os.killpg(child.pid, signal.SIGKILL)
                 child.wait()
+        # Whatever the loader left running in the child's session would weigh on the
+        # next measurement: count it, give it `LEFTOVER_GRACE_S` to finish (Python's
+        # resource tracker, e.g., unlinks what a peer leaked in /dev/shm), then end it.
+        left_behind = _session_members(child.pid)
+        deadline = time.monotonic() + LEFTOVER_GRACE_S
+        while _session_members(child.pid) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(child.pid, signal.SIGKILL)
         with open(log_path, errors="replace") as f:
             log_tail = f.read()[-4000:]
         if timed_out:
@@ -185,6 +207,7 @@ def run_child(job: Job, tick: Callable[[float], None]) -> dict:
         except (OSError, ValueError):
             return {"status": "error", "reason": f"the child exited with code {child.returncode} "
                     "and no result", "log": log_tail}
+    result["processes_left_after_close"] = len(left_behind)
     if result["status"] == "ok":
         result["peak_rss_MB"] = memory.peak_rss / 1e6
         result["peak_pss_MB"] = None if memory.peak_pss is None else memory.peak_pss / 1e6
@@ -207,7 +230,8 @@ def _machine() -> dict:
                 break
     return {"cpus_usable": cpus, "cpu_count": os.cpu_count(), "cpu_model": model,
             "memory_GB": psutil.virtual_memory().total / 1e9, "python": platform.python_version(),
-            "numpy": np.__version__, "platform": platform.platform()}
+            "numpy": np.__version__, "platform": platform.platform(),
+            "load_avg_1min_at_start": os.getloadavg()[0]}
 
 
 class Progress:
@@ -262,6 +286,10 @@ def run_bench(opts: BenchOptions) -> dict:
         "options": opts.as_dict(),
         "workloads": {},
     }
+    load, cpus = doc["machine"]["load_avg_1min_at_start"], doc["machine"]["cpus_usable"]
+    if load > BUSY_LOAD_PER_CPU * cpus:
+        progress.say(f"note: the machine is busy (load average {load:.1f} on {cpus} CPUs): "
+                     "expect noisy numbers; --repeat 3 or more reports medians")
     for name in opts.workloads:
         workload = workloads.WORKLOADS[name]
         path, made = workloads.ensure_file(workload.data, opts.data_dir, opts.data_rows)
@@ -278,7 +306,8 @@ def run_bench(opts: BenchOptions) -> dict:
             "batch_size": batch_size,
             "batch_bytes": batch_bytes,
             "item_us_in_process": item_us,
-            "memcpy_MB_per_s": memcpy_bandwidth(batch_bytes) / 1e6,
+            "memcpy_MB_per_s": memcpy_bandwidth(
+                batch_bytes, min(MEMCPY_BUDGET_S, MEMCPY_BUDGET_FRACTION * opts.seconds)) / 1e6,
             "loaders": {n: {"label": LOADERS[n].label, "runs": []} for n in loaders},
         }
         doc["workloads"][name] = entry
@@ -296,6 +325,7 @@ def run_bench(opts: BenchOptions) -> dict:
                 result["repeat"] = rep
                 progress.finish(_summary(result))
                 entry["loaders"][n]["runs"].append(result)
+    doc["machine"]["load_avg_1min_at_end"] = os.getloadavg()[0]
     return doc
 
 

@@ -42,7 +42,7 @@ MEAN = np.array([123.7, 116.3, 103.5], np.float32)
 INV_STD = (1.0 / np.array([58.4, 57.1, 57.4], np.float32)).astype(np.float32)
 # The `compute` work: this many rounds of y = tanh(1.5 y + 0.25) on a 64x64x3 float32
 # sample, about 1 ms on a 2020s x86 core (the JSON reports what it cost in the run).
-COMPUTE_ROUNDS = 64
+COMPUTE_ROUNDS = 100
 _PEER_RNG_STREAM = 0x42454E43  # "BENC": keys the generator peers get (see sample_rng)
 
 

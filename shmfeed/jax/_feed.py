@@ -6,14 +6,19 @@ host memory an upload reads (a ring slot) may go back to the ring.
 
 Transfers:
 - "copy" (default on CPU): each device's rows are copied once into private,
-  64-byte-aligned host memory that XLA:CPU adopts without a second copy.  Needed
-  because XLA:CPU's `device_put` *aliases* an aligned numpy array instead of copying
-  it (jax 0.10.2 does so even with `may_alias=False`): an array made straight from
-  the ring would pin its slot for as long as the caller keeps it.
+  64-byte-aligned host memory (from HostPool) that XLA:CPU adopts without a second
+  copy.  Needed because XLA:CPU's `device_put` *aliases* a 64-byte-aligned numpy
+  array whose dtype it keeps, instead of copying it (jax 0.10.2; even with
+  `may_alias=False`, which it ignores for numpy input): an array made straight from
+  the ring would hold its slot for as long as JAX uses it.
 - "xla": `jax.device_put` / `jax.make_array_from_process_local_data` straight from
   the ring (page-locked first on a CUDA GPU when CuPy is there).  On CPU the result
-  aliases the ring; JAX keeps the batch's numpy base, and so its slot, alive until
-  the array dies, so it is safe but the caller must not keep many batches.
+  aliases the ring.  That is safe, because JAX holds the batch's numpy base, and so
+  its slot, until it is done with the array (it lets go lazily, at its next garbage
+  collection, never early); but each batch a caller keeps, *and each step that
+  async dispatch has queued*, holds a slot, so a loop that runs ahead of the device
+  exhausts the ring (RingFullError).  Zero copy on CPU is for loops that wait on
+  their steps.
 - "cupy" (default on a CUDA GPU with CuPy): see _gpu.py.
 
 Invariants:
@@ -34,7 +39,6 @@ Invariants:
 
 from __future__ import annotations
 
-import logging
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator
 from typing import Any
@@ -45,8 +49,6 @@ import numpy as np
 from .._errors import SpecError
 from .._loader import Loader
 from ._shard import Placement, Target, host_slice
-
-log = logging.getLogger("shmfeed")
 
 TRANSFERS = ("auto", "copy", "xla", "cupy")
 # Which GPU transfer "auto" picks when CuPy is installed.  The CuPy path is the design
@@ -93,7 +95,13 @@ class HostCopyTransfer(Transfer):
             if plan.sharding is None:
                 out.append(jax.device_put(aligned_copy(leaf)))
                 continue
-            shards = [jax.device_put(aligned_copy(host_slice(leaf, idx)), d) for d, idx in plan.pieces]
+            copies: dict[str, np.ndarray] = {}  # devices that hold the same rows share a copy
+            shards = []
+            for d, idx in plan.pieces:
+                key = repr(idx)
+                if key not in copies:
+                    copies[key] = aligned_copy(host_slice(leaf, idx))
+                shards.append(jax.device_put(copies[key], d))
             out.append(jax.make_array_from_single_device_arrays(plan.global_shape, plan.sharding, shards))
         return out, None  # the ring is not read any more
 
@@ -114,13 +122,80 @@ class XlaTransfer(Transfer):
                             lambda: jax.block_until_ready(out))
 
 
+class _Recycled(np.ndarray):
+    """Host memory of one device piece.  Every array of the piece is a view of it, so
+    its `__del__` runs when the last of them dies: for an array XLA:CPU adopted, when
+    JAX lets go of it.  It then hands the buffer back to its pool."""
+
+    def __del__(self) -> None:
+        back = self.__dict__.get("_shmfeed_back")
+        if back is not None:
+            pool, raw = back
+            try:
+                pool.give(raw)
+            except Exception:  # interpreter shutdown: nothing to recycle for
+                pass
+
+
+class HostPool:
+    """Aligned host buffers for the "copy" transfer, reused instead of freed.
+
+    Fresh memory costs a page fault per page on first touch (here ~16 ms for 8 MiB,
+    20x the copy itself), and with async dispatch several batches are alive at once,
+    so the allocator keeps handing out fresh pages.  A buffer returns to the pool
+    only when the last array over it dies, i.e. when JAX no longer reads it, so
+    reuse is as safe as the ring's own slots.  Idle memory is bounded:
+    `IDLE_PER_SIZE` buffers of each of at most `MAX_SIZES` sizes.
+    """
+
+    IDLE_PER_SIZE = 8
+    MAX_SIZES = 16
+
+    def __init__(self) -> None:
+        self._idle: dict[int, list[np.ndarray]] = {}
+
+    def take(self, nbytes: int) -> np.ndarray:
+        idle = self._idle.get(nbytes)
+        if idle:
+            try:
+                return idle.pop()
+            except IndexError:  # emptied by another thread meanwhile
+                pass
+        raw = np.empty(nbytes + HOST_ALIGN_BYTES, np.uint8)
+        off = (-raw.ctypes.data) % HOST_ALIGN_BYTES
+        return raw[off : off + nbytes]
+
+    def give(self, raw: np.ndarray) -> None:
+        idle = self._idle.get(raw.nbytes)
+        if idle is None:
+            if len(self._idle) >= self.MAX_SIZES:
+                return
+            idle = self._idle.setdefault(raw.nbytes, [])
+        if len(idle) < self.IDLE_PER_SIZE:
+            idle.append(raw)  # list.append is atomic: safe from whichever thread frees
+
+    def copy(self, x: np.ndarray) -> np.ndarray:
+        """A C-contiguous, HOST_ALIGN_BYTES-aligned copy of `x` in the dtype JAX keeps
+        (64-bit types become 32-bit unless `jax_enable_x64`), so that `jax.device_put`
+        adopts it instead of converting it in a second copy."""
+        dtype = np.dtype(jax.dtypes.canonicalize_dtype(x.dtype))
+        nbytes = x.size * dtype.itemsize
+        raw = self.take(nbytes)
+        holder = raw.view(_Recycled)
+        holder._shmfeed_back = (self, raw)
+        # Slice first: numpy keeps a subclass *slice* in the base chain of the views made
+        # from it (the ring's Lease relies on the same rule), not the holder itself.
+        out = holder[:nbytes].view(np.ndarray).view(dtype).reshape(x.shape)
+        np.copyto(out, x, casting="unsafe")  # what JAX's own conversion would do
+        return out
+
+
+_host_pool = HostPool()
+
+
 def aligned_copy(x: np.ndarray) -> np.ndarray:
-    """A C-contiguous copy of `x` whose data starts on a HOST_ALIGN_BYTES boundary."""
-    raw = np.empty(x.nbytes + HOST_ALIGN_BYTES, np.uint8)
-    off = (-raw.ctypes.data) % HOST_ALIGN_BYTES
-    out = raw[off : off + x.nbytes].view(x.dtype).reshape(x.shape)
-    np.copyto(out, x, casting="no")
-    return out
+    """See HostPool.copy (the process-wide pool)."""
+    return _host_pool.copy(x)
 
 
 class Uploader:
@@ -144,7 +219,7 @@ class Uploader:
                     f"batch leaf {jax.tree_util.keystr(path) or '(root)'} has dtype {arr.dtype}; "
                     "only bool, integer, float and complex arrays can be put on a device")
             host.append(arr)
-            plans.append(self.target.placement(arr.shape, jax.tree_util.keystr(path) or "(root)"))
+            plans.append(self.target.placement(arr.shape, path))
             host_pos.append(i)
         arrays, pending = self.transfer.upload_leaves(host, plans) if host else ([], None)
         for i, a in zip(host_pos, arrays):
@@ -189,7 +264,7 @@ def prefetch_to_device(
     mode = choose_transfer(transfer, target)
     limit = size + 1
     if loader is not None:
-        target.check_rows(loader.spec.rows)
+        target.check_spec(loader.spec)
         if mode == "xla" and "cpu" in target.platforms and size + 2 > loader.num_slots:
             raise SpecError(
                 f"`transfer='xla'` on CPU keeps each prefetched batch's ring slot until its "
@@ -223,14 +298,16 @@ def choose_transfer(transfer: str, target: Target) -> str:
 def _make_transfer(mode: str, target: Target, loader: Loader | None) -> Transfer:
     if mode == "copy":
         return HostCopyTransfer(target)
-    on_cuda = not (target.platforms <= {"cpu"})
-    if mode == "cupy" or on_cuda:
+    on_accelerator = not (target.platforms <= {"cpu"})
+    if mode == "cupy" or on_accelerator:
         from . import _gpu
 
         if mode == "cupy":
             return _gpu.CupyTransfer(target, loader)
         if _gpu.unusable_reason(target.devices) is None and loader is not None:
-            _gpu.pin_ring(loader)  # XLA then reads page-locked memory
+            pin = _gpu.pin_ring(loader)  # XLA then reads page-locked memory
+            if pin is not None:
+                pin.ordinals.update(d.local_hardware_id for d in target.devices)
     return XlaTransfer(target)
 
 

@@ -102,6 +102,7 @@ class PinnedRing:
         cupy.cuda.runtime.hostRegister(self.ptr, self.nbytes, CUDA_HOST_REGISTER_PORTABLE)
         self._data: np.ndarray | None = data  # keeps the mapping alive while registered
         self.streams: set = set()  # copy streams that may read it
+        self.ordinals: set[int] = set()  # GPUs that may DMA from it
 
     @property
     def active(self) -> bool:
@@ -115,9 +116,13 @@ class PinnedRing:
         if self._data is None:
             return
         try:
+            cupy = _cupy()
             for s in list(self.streams):
-                s.synchronize()  # no DMA may read pages being unlocked
-            _cupy().cuda.runtime.hostUnregister(self.ptr)
+                s.synchronize()  # no DMA of ours may read pages being unlocked
+            for ordinal in sorted(self.ordinals):
+                with cupy.cuda.Device(ordinal):  # nor one XLA started from the ring
+                    cupy.cuda.runtime.deviceSynchronize()
+            cupy.cuda.runtime.hostUnregister(self.ptr)
         except Exception as exc:  # CUDA already torn down at interpreter exit
             log.debug("shmfeed: unregistering the ring failed: %s", exc)
         self.streams.clear()
@@ -219,7 +224,8 @@ class CupyTransfer(Transfer):
                         shards.append(jax.dlpack.from_dlpack(buf, device=dev, copy=False))
                 except Exception as exc:
                     # Whatever was queued must finish before the caller drops the leaves.
-                    stream.synchronize()
+                    for queued in {*used.values(), stream}:
+                        queued.synchronize()
                     raise DeviceFeedError(
                         f"uploading {src.nbytes} bytes to {dev} failed: {type(exc).__name__}: {exc}. "
                         "If device memory is short, JAX may have preallocated it: set "
@@ -227,6 +233,7 @@ class CupyTransfer(Transfer):
                 used[ordinal] = stream
                 if self.pin is not None:
                     self.pin.streams.add(stream)
+                    self.pin.ordinals.add(ordinal)
             if plan.sharding is None:
                 out.append(shards[0])
             else:

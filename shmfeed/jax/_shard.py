@@ -94,16 +94,21 @@ class Target:
         self.platforms = {d.platform for d in self.devices}
         self._plans: dict[tuple[int, ...], Placement] = {}
 
-    def placement(self, local_shape: tuple[int, ...], path: str) -> Placement:
+    def placement(self, local_shape: tuple[int, ...], path: Any) -> Placement:
+        """`path`: the leaf's name for errors, a string or a jax key path."""
         plan = self._plans.get(local_shape)
         if plan is None:
+            if not isinstance(path, str):
+                path = jax.tree_util.keystr(path) or "(root)"
             plan = self._plans[local_shape] = self._place(local_shape, path)
         return plan
 
-    def check_rows(self, rows: int) -> None:
-        """Fail early when a batch of `rows` rows cannot be split by the sharding."""
+    def check_spec(self, spec: Any) -> None:
+        """Fail before the first batch when a full batch of the loader's `spec` cannot
+        be placed (the last batch of an epoch may still be short: see `drop_last`)."""
         if self.sharding is not None:
-            self._place((rows,), "the batch axis")
+            for leaf in spec.leaves:
+                self.placement((spec.rows,) + tuple(leaf.shape), leaf.path or "(root)")
 
     # -- the index arithmetic ----------------------------------------------------------
     def _place(self, local_shape: tuple[int, ...], path: str) -> Placement:
@@ -127,11 +132,13 @@ class Target:
             local = len({_start(idx[i]) for d, idx in probe_map.items() if d in mine})
             totals.append(total)
             if n % local:
+                fix = (f"Use a `batch_size` divisible by {local} and `drop_last=True` so that "
+                       "the last batch is full too." if i == 0 else
+                       f"Give that dimension a size divisible by {local}, or do not split it.")
                 raise SpecError(
                     f"leaf {path} has shape {local_shape}: its dimension {i} ({n}) cannot be "
                     f"split into the {local} part(s) this process's devices hold under "
-                    f"`sharding` {_describe(s)}. Use a `batch_size` divisible by {local} and "
-                    "`drop_last=True` so that the last batch is full too.")
+                    f"`sharding` {_describe(s)}. {fix}")
             global_shape.append(n if total == local else n // local * total)
         gshape = tuple(global_shape)
         index_map = s.addressable_devices_indices_map(gshape)

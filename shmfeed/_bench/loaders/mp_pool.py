@@ -6,6 +6,12 @@ batch of the epoch as fast as the workers make them, so memory would grow withou
 bound whenever the training loop is the slower side; batches in flight are capped
 at shmfeed's default ring size (`2 * workers + 4`, or `--slots`), which is also what
 a careful user of `Pool` writes.
+
+Closing drains first: `Pool.terminate()` while a worker is writing a result larger
+than the pipe's buffer (64 KiB; every batch here is) can deadlock, the result thread
+having stopped reading while the worker holds the queue's write lock.  So the feeder
+stops, the batches already asked for are received (at most `in_flight`), and only
+then are the now idle workers terminated.
 """
 
 from __future__ import annotations
@@ -18,6 +24,7 @@ from .. import workloads
 from . import Job
 
 FEED_POLL_S = 0.05  # how often a blocked feeder checks that the pool is closing
+DRAIN_TIMEOUT_S = 30.0  # closing waits this long for each batch still in flight
 
 _source: Any = None  # the dataset, in each worker (inherited through fork)
 
@@ -40,6 +47,7 @@ class Adapter:
         self.batch_level = isinstance(source, workloads.BatchSource)
         self.in_flight = job.slots or 2 * job.workers + 4
         self.closing = threading.Event()
+        self.results: Any = None  # the running epoch's imap iterator
         ctx = multiprocessing.get_context("fork")
         self.pool = ctx.Pool(job.workers, initializer=_init_worker, initargs=(source,))
 
@@ -56,11 +64,14 @@ class Adapter:
             while not credits.acquire(timeout=FEED_POLL_S):
                 if self.closing.is_set():
                     return
+            if self.closing.is_set():
+                return
             yield item
 
     def epoch(self, epoch: int):
         credits = threading.Semaphore(self.in_flight)
-        for batch in self.pool.imap(_build, self._items(epoch, credits), chunksize=1):
+        self.results = self.pool.imap(_build, self._items(epoch, credits), chunksize=1)
+        for batch in self.results:
             credits.release()
             yield batch
 
@@ -69,5 +80,12 @@ class Adapter:
 
     def close(self) -> None:
         self.closing.set()
+        while self.results is not None:
+            try:
+                self.results.next(timeout=DRAIN_TIMEOUT_S)
+            except (StopIteration, multiprocessing.TimeoutError):
+                break
+            except Exception:  # a batch that failed: nothing left to wait for there
+                continue
         self.pool.terminate()
         self.pool.join()

@@ -1,0 +1,178 @@
+"""The `shmfeed` command line: argument errors, and short benchmark runs on small
+generated data whose JSON must be well formed with sane numbers.
+
+Each loader runs in a child interpreter of the CLI, so peers never import into this
+process; a peer that is not installed is skipped from the CLI's own check (importing
+torch or keras here would cost seconds and leave state behind for later tests).
+Runs are short (`RUN_S`) with small data files (`--data-rows`): the whole file takes
+well under a minute on 2 cores.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import subprocess
+import sys
+
+import pytest
+
+from shmfeed._bench import workloads
+from shmfeed._bench.loaders import LOADERS, not_installed
+from shmfeed._cli import _gpu_present, main
+
+RUN_S = 0.2  # measured seconds per loader
+DATA_ROWS = 64  # rows of each small data file (tokens: 4x as many, so batchlevel has 8 batches)
+CLI_TIMEOUT_S = 100.0  # no run of this file comes near it
+PER_SAMPLE = ["transport", "images", "compute", "tokens"]
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory):
+    return tmp_path_factory.mktemp("bench-data")
+
+
+def _bench(args, data_dir, tmp_path, capsys) -> tuple[int, dict, str, str]:
+    out = tmp_path / "bench.json"
+    rows = 4 * DATA_ROWS if any(w in args[1] for w in ("tokens", "batchlevel")) else DATA_ROWS
+    code = main(["bench", *args, "--seconds", str(RUN_S), "--data-dir", str(data_dir),
+                 "--data-rows", str(rows), "--json", str(out), "--no-progress"])
+    captured = capsys.readouterr()
+    doc = json.loads(out.read_text()) if out.exists() else {}
+    return code, doc, captured.out, captured.err
+
+
+def _check_sane(doc: dict, workload: str, loaders: list[str]) -> None:
+    entry = doc["workloads"][workload]
+    assert entry["batch_bytes"] > 0 and entry["memcpy_MB_per_s"] > 0
+    assert list(entry["loaders"]) == ["shmfeed"] + [n for n in loaders if n != "shmfeed"]
+    for name in loaders:
+        info = entry["loaders"][name]
+        s = info["summary"]
+        assert s["status"] == "ok", (workload, name, info["runs"])
+        assert s["batches_per_s"] > 0 and s["MB_per_s"] > 0
+        # Every batch is whole (epochs are a multiple of the batch size), so bytes
+        # follow from batches.
+        expected = s["batches_per_s"] * entry["batch_bytes"] / 1e6
+        assert s["MB_per_s"] == pytest.approx(expected, rel=0.01), (workload, name)
+        assert 0 < s["memcpy_fraction"] == pytest.approx(s["MB_per_s"] / entry["memcpy_MB_per_s"])
+        assert s["ratio_to_shmfeed"] > 0
+        assert 0 <= s["startup_s"] < 60
+        assert 0 <= s["input_wait_fraction"] <= 1
+        assert s["peak_rss_MB"] > 0
+        assert s["peak_pss_MB"] is None or 0 < s["peak_pss_MB"] <= s["peak_rss_MB"] * 1.01
+        run = info["runs"][0]
+        assert run["batches"] >= 1 and run["elapsed_s"] >= RUN_S
+    shm = entry["loaders"]["shmfeed"]
+    assert shm["summary"]["ratio_to_shmfeed"] == 1.0
+    stats = shm["runs"][0]["loader_stats"]
+    assert stats["batches"] == shm["runs"][0]["batches"] + 1  # the first batch is not timed
+    assert stats["ring_bytes"] > 0 and len(stats["workers"]) == 2
+
+
+# -- argument errors -------------------------------------------------------------------------
+@pytest.mark.parametrize("args, message", [
+    (["bench", "--compare", "nosuch"], "unknown loader 'nosuch'; known loaders: shmfeed, inline, pickle, torch, grain, keras"),
+    (["bench", "--compare", "inline,tensorflow"], "unknown loader 'tensorflow'"),
+    (["bench", "--workload", "video"], "unknown workload 'video'; known workloads: transport, images"),
+    (["bench", "--seconds", "0"], "must be > 0"),
+    (["bench", "--seconds", "soon"], "expected a number of seconds"),
+    (["bench", "--workers", "0"], "must be >= 1"),
+    (["bench", "--batch-size", "many"], "expected a whole number"),
+    (["bench", "--slots", "1"], "at least 2 slots"),
+    (["bench", "--plot", "chart.txt"], "give a .png, .svg or .pdf"),
+    (["bench", "--device", "--compare", "torch"], "does not take --compare"),
+    (["bench", "--no-such-flag"], "unrecognized arguments"),
+    ([], "required: COMMAND"),
+    (["frobnicate"], "invalid choice: 'frobnicate'"),
+])
+def test_bad_arguments_exit_2_with_usage_and_reason(args, message, capsys):
+    with pytest.raises(SystemExit) as exc:
+        main(args)
+    assert exc.value.code == 2
+    err = capsys.readouterr().err
+    assert "usage: shmfeed" in err
+    assert message in err
+
+
+def test_help_exits_0_and_names_every_workload_and_loader(capsys):
+    with pytest.raises(SystemExit) as exc:
+        main(["bench", "--help"])
+    assert exc.value.code == 0
+    out = capsys.readouterr().out
+    for name in list(workloads.WORKLOADS) + list(LOADERS):
+        assert name in out
+
+
+def test_device_without_gpu_says_why_and_exits_0():
+    if _gpu_present():
+        pytest.skip("a GPU is present: the device benchmark would really run")
+    # In a child interpreter: asking JAX for a GPU starts its backend, after which
+    # Loaders of later tests in this process would have to spawn their workers.
+    proc = subprocess.run([sys.executable, "-m", "shmfeed", "bench", "--device", "--seconds", "0.5"],
+                          capture_output=True, text=True, timeout=CLI_TIMEOUT_S)
+    assert proc.returncode == 0, proc.stderr
+    assert "shmfeed bench --device: " in proc.stdout + proc.stderr
+
+
+# -- runs ------------------------------------------------------------------------------------
+@pytest.mark.parametrize("workload", PER_SAMPLE + ["batchlevel"])
+def test_each_workload_runs_shmfeed_inline_and_pickle(workload, data_dir, tmp_path, capsys):
+    code, doc, out, err = _bench(["--workload", workload, "--compare", "inline,pickle", "--workers", "2"],
+                                 data_dir, tmp_path, capsys)
+    assert code == 0, err
+    _check_sane(doc, workload, ["shmfeed", "inline", "pickle"])
+    assert doc["command"][:3] == ["shmfeed", "bench", "--workload"]
+    assert f"| {workload}" in out and "in-process" in out
+
+
+@pytest.mark.parametrize("peer", ["torch", "grain", "keras"])
+def test_peer_runs_a_per_sample_and_the_batch_level_workload(peer, data_dir, tmp_path, capsys):
+    # The adapters have two paths, per-sample and batch-level; the workloads differ
+    # only in the dataset's own work, which the test above covers.
+    reason = not_installed(peer)
+    if reason:
+        pytest.skip(f"{peer}: {reason}")
+    code, doc, out, err = _bench(["--workload", "tokens,batchlevel", "--compare", peer, "--workers", "2"],
+                                 data_dir, tmp_path, capsys)
+    assert code == 0, err
+    for workload in ("tokens", "batchlevel"):
+        _check_sane(doc, workload, ["shmfeed", peer])
+
+
+def test_missing_peer_is_skipped_with_the_extra_to_install(data_dir, tmp_path, capsys, monkeypatch):
+    info = LOADERS["torch"]
+    monkeypatch.setitem(LOADERS, "torch", dataclasses.replace(info, requires="shmfeed_test_no_such_module"))
+    code, doc, out, err = _bench(["--workload", "tokens", "--compare", "torch", "--workers", "2"],
+                                 data_dir, tmp_path, capsys)
+    assert code == 0, err
+    row = doc["workloads"]["tokens"]["loaders"]["torch"]
+    assert row["summary"]["status"] == "skipped"
+    assert "skipped: not installed (pip install 'shmfeed[torch]')" in out
+
+
+def test_repeats_report_medians(data_dir, tmp_path, capsys):
+    code, doc, out, err = _bench(["--workload", "tokens", "--compare", "none", "--workers", "2",
+                                  "--repeat", "3"], data_dir, tmp_path, capsys)
+    assert code == 0, err
+    shm = doc["workloads"]["tokens"]["loaders"]["shmfeed"]
+    rates = sorted(r["batches_per_s"] for r in shm["runs"])
+    assert len(rates) == 3 and shm["summary"]["batches_per_s"] == rates[1]
+    assert "(repeat 3/3)" not in out  # progress goes to stderr, never into the table
+
+
+def test_python_dash_m_runs_the_readme_command_with_json_on_stdout_and_a_plot(data_dir, tmp_path):
+    # In a child interpreter: matplotlib keeps its font files open for the life of
+    # the process, which the leak check of this one would (rightly) report.
+    plot = tmp_path / "bench.png"
+    proc = subprocess.run(
+        [sys.executable, "-m", "shmfeed", "bench", "--workload", "transport", "--compare", "inline",
+         "--seconds", str(RUN_S), "--data-dir", str(data_dir), "--data-rows", str(DATA_ROWS),
+         "--json", "-", "--plot", str(plot)],
+        capture_output=True, text=True, timeout=CLI_TIMEOUT_S)
+    assert proc.returncode == 0, proc.stderr
+    doc = json.loads(proc.stdout)  # the table went to stderr
+    _check_sane(doc, "transport", ["shmfeed", "inline"])
+    assert "| transport" in proc.stderr and "data: " in proc.stderr
+    if "plot skipped: matplotlib is not installed (pip install 'shmfeed[plot]')" not in proc.stderr:
+        assert plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

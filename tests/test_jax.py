@@ -1,0 +1,444 @@
+"""shmfeed.jax on the JAX CPU backend: values, ring safety, in-flight depth, errors,
+sharding over 4 fake devices and two hosts (in subprocesses, since the device count
+and jax.distributed must be set before JAX starts), and the Flax example.
+
+Run as a script, this file is the body of those subprocesses:
+`python tests/test_jax.py sharded` or `python tests/test_jax.py host <rank> <port>`.
+"""
+
+from __future__ import annotations
+
+import gc
+import json
+import os
+import re
+import socket
+import subprocess
+import sys
+from collections import namedtuple
+from pathlib import Path
+
+import jax
+import numpy as np
+import pytest
+
+import shmfeed
+import shmfeed.jax as sj
+from shmfeed import SlotState
+
+ROOT = Path(__file__).resolve().parent.parent
+SUBPROCESS_TIMEOUT_S = 90.0  # for each helper process; they take a few seconds
+Meta = namedtuple("Meta", ["id", "weight"])
+
+
+class Stamped:
+    """Sample i: a float32 image whose every value is unique to (i, epoch), plus its id.
+
+    float32/int32 on purpose: JAX keeps these dtypes, so XLA:CPU *can* alias them.
+    `meta` is a namedtuple only with `named=True`: a spawned pool cannot yet rebuild a
+    spec that names a class of the test module (see the report on _pool.spawn_main)."""
+
+    def __init__(self, n: int, shape: tuple = (4, 3), named: bool = False):
+        self.n, self.shape, self.named = n, shape, named
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __getitem__(self, i: int):
+        stamp = float(i * 1000 + int(shmfeed.rng().integers(1000)))
+        meta = (np.int32(i), np.float32(0.5))
+        return {"image": np.full(self.shape, stamp, np.float32),
+                "meta": Meta(*meta) if self.named else meta}
+
+
+class ImageOnly(Stamped):
+    """Stamped's image alone: batches are single arrays, so any rank-3 layout fits."""
+
+    def __getitem__(self, i: int):
+        return super().__getitem__(i)["image"]
+
+
+class FailsAt(Stamped):
+    def __init__(self, n: int, bad: int):
+        super().__init__(n)
+        self.bad = bad
+
+    def __getitem__(self, i: int):
+        if i == self.bad:
+            raise ValueError(f"sample {i} is corrupt")
+        return super().__getitem__(i)
+
+
+def host_values(tree):
+    return jax.tree.map(lambda a: np.array(a), tree)
+
+
+def held_slots(loader: shmfeed.Loader) -> int:
+    ctl = loader._ring.ctl
+    return sum(ctl.slot(s)["state"] == SlotState.HELD for s in range(loader.num_slots))
+
+
+def points_into_ring(arr: jax.Array, loader: shmfeed.Loader) -> bool:
+    ring = loader.ring_data()
+    lo = ring.ctypes.data
+    return any(lo <= s.data.unsafe_buffer_pointer() < lo + ring.nbytes for s in arr.addressable_shards)
+
+
+# -- values and structure ----------------------------------------------------------------
+def test_batches_arrive_as_jax_arrays_equal_to_the_loaders():
+    kw = dict(batch_size=4, num_workers=0, shuffle=True, seed=3)
+    with shmfeed.Loader(Stamped(18, named=True), **kw) as ref:
+        expected = [host_values(b) for b in ref]
+    with shmfeed.Loader(Stamped(18, named=True), **kw) as loader:
+        got = list(sj.prefetch_to_device(loader, size=2))
+    assert len(got) == len(expected) == 5
+    for g, e in zip(got, expected):
+        assert isinstance(g["image"], jax.Array) and isinstance(g["meta"], Meta)
+        assert g["image"].dtype == np.float32 and g["meta"][0].dtype == np.int32
+        np.testing.assert_array_equal(np.asarray(g["image"]), e["image"])
+        np.testing.assert_array_equal(np.asarray(g["meta"].id), e["meta"].id)
+    assert got[-1]["image"].shape == (2, 4, 3)  # the short last batch too
+
+
+def test_plain_iterables_of_numpy_batches_work():
+    batches = [(np.arange(6, dtype=np.int32).reshape(3, 2) + k, [np.float32(k)]) for k in range(4)]
+    got = list(sj.prefetch_to_device(iter(batches), size=3))
+    assert [int(g[0][0, 0]) for g in got] == [0, 1, 2, 3]
+    assert isinstance(got[0], tuple) and isinstance(got[0][1], list)
+
+
+def test_64bit_leaves_become_jax_dtypes_in_one_copy():
+    batch = {"x": np.linspace(0, 1, 12).reshape(3, 4), "n": np.arange(3, dtype=np.int64)}
+    (got,) = list(sj.prefetch_to_device([batch]))
+    assert got["x"].dtype == jax.dtypes.canonicalize_dtype(np.float64)
+    np.testing.assert_allclose(np.asarray(got["x"]), batch["x"], rtol=1e-6)
+    np.testing.assert_array_equal(np.asarray(got["n"]), batch["n"])
+
+
+# -- ring safety ---------------------------------------------------------------------------
+def test_kept_arrays_keep_their_values_while_the_ring_turns_many_times():
+    """The default (copy) transfer: arrays kept from early batches must not change when
+    their slots are rewritten, and must not pin the slots (3 slots, ~40 ring turns)."""
+    with shmfeed.Loader(Stamped(40), batch_size=4, num_workers=2, num_slots=3, shuffle=True) as loader:
+        kept, snapshots = [], []
+        for _ in range(12):
+            for batch in sj.prefetch_to_device(loader, size=1):
+                kept.append(batch)
+                snapshots.append(host_values(batch))
+        assert len(kept) == 120 and held_slots(loader) == 0
+        stamps = {float(s["image"][0, 0, 0]) for s in snapshots}
+        assert len(stamps) == 120  # every batch differs, so a reused slot would show
+        for batch, snap in zip(kept, snapshots):
+            assert not points_into_ring(batch["image"], loader)
+            np.testing.assert_array_equal(np.asarray(batch["image"]), snap["image"])
+            np.testing.assert_array_equal(np.asarray(batch["meta"][0]), snap["meta"][0])
+
+
+def test_xla_device_put_on_cpu_aliases_the_ring_and_keeps_the_slot_alive():
+    """Plain jax.device_put of a loader batch on CPU (jax 0.10.2): the jax.Array points
+    into the ring, and JAX holds the numpy base, so the slot is not reused while the
+    array lives, even after the numpy views are gone."""
+    with shmfeed.Loader(Stamped(24), batch_size=4, num_workers=0, num_slots=4, shuffle=True) as loader:
+        batch = next(iter(loader))
+        arr = jax.device_put(batch["image"])
+        want = np.array(batch["image"])
+        del batch
+        assert points_into_ring(arr, loader)
+        for _ in range(6):  # 36 batches through the 3 other slots
+            for b in loader:
+                del b
+        np.testing.assert_array_equal(np.asarray(arr), want)
+        assert held_slots(loader) == 1
+        del arr
+        gc.collect()  # JAX drops its reference to host buffers lazily, at a collection
+        assert held_slots(loader) == 0
+
+
+def test_xla_transfer_on_cpu_holds_slots_safely_and_says_when_they_run_out():
+    with shmfeed.Loader(Stamped(40), batch_size=4, num_workers=0, num_slots=5, shuffle=True) as loader:
+        first = []
+        for b in sj.prefetch_to_device(loader, size=1, transfer="xla"):
+            if len(first) < 2:
+                first.append(b)
+            del b
+        want = [host_values(b) for b in first]
+        assert points_into_ring(first[0]["image"], loader)
+        for _ in range(5):
+            for b in sj.prefetch_to_device(loader, size=1, transfer="xla"):
+                del b
+        for b, w in zip(first, want):
+            np.testing.assert_array_equal(np.asarray(b["image"]), w["image"])
+        with pytest.raises(shmfeed.RingFullError, match="num_slots"):
+            list(sj.prefetch_to_device(loader, size=1, transfer="xla"))  # keeps all 10
+        del first
+        with pytest.raises(shmfeed.SpecError, match="transfer='copy'"):
+            sj.prefetch_to_device(loader, size=4, transfer="xla")
+
+
+# -- the pipeline --------------------------------------------------------------------------
+class CountingIterator:
+    def __init__(self, n: int):
+        self.n, self.pulled = n, 0
+
+    def __iter__(self):
+        return self
+
+    def __next__(self):
+        if self.pulled == self.n:
+            raise StopIteration
+        self.pulled += 1
+        return {"k": np.full((2,), self.pulled - 1, np.int32)}
+
+
+def test_size_batches_are_in_flight_while_the_step_runs():
+    source = CountingIterator(10)
+    feed = sj.prefetch_to_device(source, size=3)
+    first = next(feed)
+    assert int(first["k"][0]) == 0
+    assert source.pulled == 1 + 3  # the current batch and `size` more
+    rest = [int(b["k"][0]) for b in feed]
+    assert rest == list(range(1, 10))
+
+
+@pytest.mark.parametrize("transfer", ["copy", "xla"])
+def test_leaving_the_loop_early_releases_every_slot(transfer):
+    with shmfeed.Loader(Stamped(40), batch_size=4, num_workers=0, num_slots=4) as loader:
+        for _ in range(3):
+            for i, b in enumerate(sj.prefetch_to_device(loader, size=2, transfer=transfer)):  # noqa: B007
+                if i == 1:
+                    break
+            del b
+            if transfer == "xla":
+                gc.collect()  # the arrays alias the ring; JAX lets go of it at a collection
+            assert held_slots(loader) == 0
+        ids = [int(b["meta"][0][0]) for b in sj.prefetch_to_device(loader)]
+        assert ids == list(range(0, 40, 4))
+
+
+def test_an_error_comes_after_the_batches_before_it():
+    with shmfeed.Loader(FailsAt(20, bad=9), batch_size=4, num_workers=0) as loader:
+        seen = []
+        with pytest.raises(shmfeed.WorkerError, match="sample 9 is corrupt"):
+            for b in sj.prefetch_to_device(loader, size=3):
+                seen.append(int(b["meta"][0][0]))
+        assert seen == [0, 4]
+        assert held_slots(loader) == 0
+
+
+def test_arguments_are_checked_with_the_parameter_named():
+    with pytest.raises(shmfeed.SpecError, match="`size`"):
+        sj.prefetch_to_device([], size=0)
+    with pytest.raises(shmfeed.SpecError, match="`size`"):
+        sj.prefetch_to_device([], size=True)
+    with pytest.raises(shmfeed.SpecError, match="`transfer`"):
+        sj.prefetch_to_device([], transfer="dma")
+    with pytest.raises(shmfeed.SpecError, match="`sharding`"):
+        sj.prefetch_to_device([], sharding="data")
+    with pytest.raises(shmfeed.SpecError, match="transfer='cupy'"):
+        sj.prefetch_to_device([], transfer="cupy")
+    with pytest.raises(shmfeed.SpecError, match="dtype"):
+        list(sj.prefetch_to_device([{"s": np.array(["a"])}]))
+
+
+def test_the_cpu_path_never_imports_cupy():
+    # The Loader starts its workers by spawn whenever CuPy is loaded.
+    if "cupy" in sys.modules:
+        pytest.skip("CuPy was imported by an earlier test (tests/gpu on a GPU machine)")
+    list(sj.prefetch_to_device([{"x": np.zeros(3, np.float32)}]))
+    assert "cupy" not in sys.modules
+
+
+def test_host_shard_is_one_host_without_jax_distributed():
+    assert sj.host_shard() == (0, 1)
+
+
+def test_device_benchmark_reports_why_it_is_skipped():
+    from shmfeed.jax._bench import run_device_benchmark
+    from shmfeed.jax._gpu import available
+
+    if available() is None:
+        pytest.skip("a GPU is present: tests/gpu covers the benchmark")
+    out = run_device_benchmark(0.1)
+    assert set(out) == {"skipped"} and out["skipped"]
+
+
+# -- in subprocesses -----------------------------------------------------------------------
+def _run(args: list[str], env_extra: dict[str, str]) -> subprocess.CompletedProcess:
+    env = dict(os.environ, **env_extra)
+    return subprocess.run([sys.executable, *args], cwd=ROOT, env=env, capture_output=True,
+                          text=True, timeout=SUBPROCESS_TIMEOUT_S)
+
+
+def test_sharding_over_four_cpu_devices():
+    proc = _run([__file__, "sharded"], {"XLA_FLAGS": "--xla_force_host_platform_device_count=4",
+                                        "JAX_PLATFORMS": "cpu"})
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "SHARDED OK" in proc.stdout, proc.stdout + proc.stderr
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_two_hosts_each_load_their_own_part_and_build_global_batches():
+    port = str(_free_port())
+    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=2", JAX_PLATFORMS="cpu")
+    procs = [subprocess.Popen([sys.executable, __file__, "host", str(r), port], cwd=ROOT, env=env,
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+             for r in range(2)]
+    outs = []
+    try:
+        for p in procs:
+            out, err = p.communicate(timeout=SUBPROCESS_TIMEOUT_S)
+            outs.append((p.returncode, out, err))
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+                p.wait(timeout=10)
+    for rc, out, err in outs:
+        assert rc == 0, out + err
+    views = [json.loads(next(line for line in out.splitlines() if line.startswith("{")))
+             for _, out, _ in outs]
+    assert views[0] == views[1]  # both hosts see the same global batches
+    # Reference: each host's rows from an in-process Loader, laid side by side.
+    n, bs = HOST_SAMPLES, HOST_BATCH
+    for epoch in range(2):
+        local = []
+        for rank in range(2):
+            with shmfeed.Loader(Stamped(n), batch_size=bs, num_workers=0, shuffle=True, seed=7,
+                                drop_last=True, shard_index=rank, shard_count=2) as ref:
+                ref.set_epoch(epoch)
+                local.append([b["meta"][0].tolist() for b in ref])
+        expected = [a + b for a, b in zip(*local)]
+        for mode in ("copy", "xla"):
+            assert views[0][mode][epoch] == expected
+        flat = [i for batch in expected for i in batch]
+        assert len(flat) == len(set(flat)) == (n // 2 // bs) * bs * 2  # disjoint hosts
+
+
+EPOCH_LINE = re.compile(r"epoch (\d+)/\d+\s+loss ([\d.]+)\s+accuracy ([\d.]+)\s+"
+                        r"val_accuracy ([\d.]+)\s+examples/s (\d+)")
+
+
+def test_the_flax_example_learns(tmp_path):
+    proc = _run([str(ROOT / "examples" / "train_flax.py"), "--samples", "480", "--epochs", "3",
+                 "--batch-size", "32", "--workers", "1", "--data-dir", str(tmp_path / "data")],
+                {"JAX_PLATFORMS": "cpu"})
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    epochs = [m.groups() for m in map(EPOCH_LINE.search, proc.stdout.splitlines()) if m]
+    assert len(epochs) == 3, proc.stdout
+    losses = [float(e[1]) for e in epochs]
+    assert losses[-1] < 0.5 * losses[0], proc.stdout
+    assert float(epochs[-1][3]) > 0.5, proc.stdout  # validation accuracy; chance is 1/6
+    assert all(int(e[4]) > 0 for e in epochs)
+
+
+# -- subprocess bodies ---------------------------------------------------------------------
+HOST_SAMPLES, HOST_BATCH = 44, 4
+
+
+def _sharded_main() -> None:
+    """4 CPU devices: every transfer and mesh layout gives the right shards."""
+    from jax.sharding import Mesh, NamedSharding
+    from jax.sharding import PartitionSpec as P
+
+    from shmfeed.jax._shard import Target
+
+    # The Loader first, so that it forks before JAX starts.
+    loader = shmfeed.Loader(Stamped(36, shape=(4, 6)), batch_size=8, num_workers=1,
+                            shuffle=True, drop_last=True, num_slots=4)
+    images = shmfeed.Loader(ImageOnly(24, shape=(4, 6)), batch_size=8, num_workers=0, shuffle=True)
+    devices = np.array(jax.devices())
+    assert devices.size == 4, devices
+    mesh1 = Mesh(devices, ("data",))
+    mesh2 = Mesh(devices.reshape(2, 2), ("data", "model"))
+    layouts = {
+        "data": NamedSharding(mesh1, P("data")),
+        "data_x_model": NamedSharding(mesh2, P("data")),  # 'model' replicated
+        "replicated": NamedSharding(mesh1, P()),
+    }
+    cols = NamedSharding(mesh2, P("data", None, "model"))  # also splits a later axis
+    with loader, images:
+        for name, sharding, source in [*((n, s, loader) for n, s in layouts.items()),
+                                       ("rows_and_cols", cols, images)]:
+            for mode in ("copy", "xla"):
+                for batch in sj.prefetch_to_device(source, size=2, sharding=sharding, transfer=mode):
+                    if source is images:
+                        batch = {"image": batch, "meta": (np.asarray(batch[:, 0, 0]) // 1000,)}
+                    img = batch["image"]
+                    assert img.sharding == sharding and img.shape == (8, 4, 6), (name, img.sharding)
+                    full = np.asarray(img)
+                    for shard in img.addressable_shards:
+                        np.testing.assert_array_equal(np.asarray(shard.data), full[shard.index])
+                    # against JAX's own placement of the same host rows
+                    ref = jax.make_array_from_process_local_data(sharding, full)
+                    for a, b in zip(img.addressable_shards, ref.addressable_shards):
+                        assert a.device == b.device and a.index == b.index
+                        np.testing.assert_array_equal(np.asarray(a.data), np.asarray(b.data))
+                    ids = np.asarray(batch["meta"][0])
+                    np.testing.assert_array_equal(full[:, 0, 0] // 1000, ids)
+                    total = jax.jit(lambda x: x.sum())(img)  # a step runs on the sharded batch
+                    assert float(total) == float(full.sum())
+                    if mode == "copy":
+                        assert not points_into_ring(img, source)
+        # A batch that cannot be split says how to fix it.
+        try:
+            Target(layouts["data"]).placement((6, 2), "['x']")
+        except shmfeed.SpecError as exc:
+            assert "batch_size" in str(exc) and "drop_last=True" in str(exc), exc
+        else:
+            raise AssertionError("6 rows over 4 devices was accepted")
+        odd = shmfeed.Loader(Stamped(12), batch_size=6, num_workers=0)
+        with odd:
+            try:
+                sj.prefetch_to_device(odd, sharding=layouts["data"])
+            except shmfeed.SpecError:
+                pass
+            else:
+                raise AssertionError("a loader of 6-row batches was accepted for 4 devices")
+    print("SHARDED OK")
+
+
+def _host_main(rank: int, port: str) -> None:
+    """One of two JAX processes on localhost, 2 CPU devices each."""
+    from jax._src import xla_bridge
+    from jax.experimental import multihost_utils
+    from jax.sharding import Mesh, NamedSharding
+    from jax.sharding import PartitionSpec as P
+
+    jax.distributed.initialize(f"127.0.0.1:{port}", num_processes=2, process_id=rank,
+                               initialization_timeout=60)
+    index, count = sj.host_shard()
+    assert (index, count) == (rank, 2)
+    assert not xla_bridge._backends, "host_shard() started JAX's backend"
+    loader = shmfeed.Loader(Stamped(HOST_SAMPLES), batch_size=HOST_BATCH, num_workers=1,
+                            shuffle=True, seed=7, drop_last=True, shard_index=index, shard_count=count)
+    with loader:
+        assert len(jax.devices()) == 4 and len(jax.local_devices()) == 2
+        sharding = NamedSharding(Mesh(np.array(jax.devices()), ("data",)), P("data"))
+        view: dict[str, list] = {}
+        for mode in ("copy", "xla"):
+            loader.set_epoch(0)
+            epochs = []
+            for _ in range(2):
+                ids = []
+                for batch in sj.prefetch_to_device(loader, sharding=sharding, transfer=mode):
+                    gid = batch["meta"][0]
+                    assert gid.shape == (2 * HOST_BATCH,) and not gid.is_fully_addressable
+                    ids.append(np.asarray(multihost_utils.process_allgather(gid, tiled=True)).tolist())
+                epochs.append(ids)
+            view[mode] = epochs
+    print(json.dumps(view), flush=True)
+    jax.distributed.shutdown()
+
+
+if __name__ == "__main__":
+    if sys.argv[1] == "sharded":
+        _sharded_main()
+    elif sys.argv[1] == "host":
+        _host_main(int(sys.argv[2]), sys.argv[3])
+    else:
+        raise SystemExit(f"unknown helper {sys.argv[1]!r}")
