@@ -116,7 +116,9 @@ static PyObject *Control_take(ControlObject *self, PyObject *args) {
     uint32_t state = 0, slot = 0;
     uint64_t rows = 0;
     Py_BEGIN_ALLOW_THREADS st = shmf_take(self->base, gen, batch, timeout_s, &state, &rows, &slot);
-    Py_END_ALLOW_THREADS if ((st == SHMF_INTERRUPTED || st == SHMF_TIMEOUT) && PyErr_CheckSignals() < 0) return NULL;
+    /* Every time, not only after EINTR: see status_result.  This is the call a training
+     * loop makes once per step, so a Ctrl-C surfaces within a step at worst. */
+    Py_END_ALLOW_THREADS if (PyErr_CheckSignals() < 0) return NULL;
     return Py_BuildValue("iIKI", (int)st, state, (unsigned long long)rows, slot);
 }
 
@@ -302,7 +304,67 @@ static PyObject *Control_slot_ref(ControlObject *self, PyObject *args) {
     return (PyObject *)ref;
 }
 
+/* The training loop's hold on one epoch: freed while still armed (the loop was left
+ * early, the iterator dropped), it gives the epoch up with shmf_abandon.  In C for the
+ * same reason as SlotRef: the finalizer of a Python generator that runs code can have a
+ * Ctrl-C raised in it and dropped. */
+typedef struct {
+    PyObject_HEAD
+    PyObject *control;
+    uint32_t gen;
+    int armed;
+    pid_t pid;
+} EpochGuardObject;
+
+static void EpochGuard_dealloc(EpochGuardObject *self) {
+    ControlObject *ctl = (ControlObject *)self->control;
+    if (self->armed && ctl && ctl->base && getpid() == self->pid) shmf_abandon(ctl->base, self->gen);
+    Py_XDECREF(self->control);
+    Py_TYPE(self)->tp_free((PyObject *)self);
+}
+
+static PyObject *EpochGuard_abandon(EpochGuardObject *self, PyObject *Py_UNUSED(a)) {
+    ControlObject *ctl = (ControlObject *)self->control;
+    if (self->armed && ctl->base) shmf_abandon(ctl->base, self->gen);
+    self->armed = 0;
+    Py_RETURN_NONE;
+}
+
+static PyObject *EpochGuard_disarm(EpochGuardObject *self, PyObject *Py_UNUSED(a)) {
+    self->armed = 0;
+    Py_RETURN_NONE;
+}
+
+static PyMethodDef EpochGuard_methods[] = {
+    {"abandon", (PyCFunction)EpochGuard_abandon, METH_NOARGS, "abandon(): give the epoch up now"},
+    {"disarm", (PyCFunction)EpochGuard_disarm, METH_NOARGS, "disarm(): the epoch completed"},
+    {NULL, NULL, 0, NULL},
+};
+
+static PyTypeObject EpochGuardType = {
+    PyVarObject_HEAD_INIT(NULL, 0).tp_name = "shmfeed._core.EpochGuard",
+    .tp_basicsize = sizeof(EpochGuardObject),
+    .tp_flags = Py_TPFLAGS_DEFAULT,
+    .tp_doc = "Gives an epoch up (shmf_abandon) when freed before disarm().",
+    .tp_dealloc = (destructor)EpochGuard_dealloc,
+    .tp_methods = EpochGuard_methods,
+};
+
+static PyObject *Control_epoch_guard(ControlObject *self, PyObject *args) {
+    unsigned int gen;
+    if (!PyArg_ParseTuple(args, "I", &gen)) return NULL;
+    EpochGuardObject *g = PyObject_New(EpochGuardObject, &EpochGuardType);
+    if (!g) return NULL;
+    Py_INCREF(self);
+    g->control = (PyObject *)self;
+    g->gen = gen;
+    g->armed = 1;
+    g->pid = getpid();
+    return (PyObject *)g;
+}
+
 static PyMethodDef Control_methods[] = {
+    {"epoch_guard", (PyCFunction)Control_epoch_guard, METH_VARARGS, "epoch_guard(gen) -> EpochGuard: abandons the epoch when freed before disarm()"},
     {"slot_ref", (PyCFunction)Control_slot_ref, METH_VARARGS, "slot_ref(slot, tag, offset, nbytes) -> SlotRef: bytes [offset, offset+nbytes) of the mapping, releasing (slot, tag) when freed"},
     {"init_block", (PyCFunction)Control_init_block, METH_VARARGS, "init_block(n_slots, max_workers, slot_bytes) -> status"},
     {"check", (PyCFunction)Control_check, METH_NOARGS, "check() -> status"},
@@ -368,14 +430,7 @@ static PyObject *core_set_pdeathsig(PyObject *Py_UNUSED(m), PyObject *args) {
     Py_RETURN_NONE;
 }
 
-/* Run pending signal handlers now (see status_result for why Python may not). */
-static PyObject *core_check_signals(PyObject *Py_UNUSED(m), PyObject *Py_UNUSED(a)) {
-    if (PyErr_CheckSignals() < 0) return NULL;
-    Py_RETURN_NONE;
-}
-
 static PyMethodDef core_methods[] = {
-    {"check_signals", core_check_signals, METH_NOARGS, "check_signals(): run pending signal handlers (raises KeyboardInterrupt after a Ctrl-C)"},
     {"layout", core_layout, METH_VARARGS, "layout(n_slots, max_workers) -> offsets of reports, fatal message and data"},
     {"address", core_address, METH_O, "address(buffer) -> address of its first byte"},
     {"set_pdeathsig", core_set_pdeathsig, METH_VARARGS, "set_pdeathsig(sig): deliver sig to this process when its parent dies"},
@@ -390,6 +445,7 @@ static struct PyModuleDef core_module = {
 PyMODINIT_FUNC PyInit__core(void) {
     if (PyType_Ready(&ControlType) < 0) return NULL;
     if (PyType_Ready(&SlotRefType) < 0) return NULL;
+    if (PyType_Ready(&EpochGuardType) < 0) return NULL;
     PyObject *m = PyModule_Create(&core_module);
     if (!m) return NULL;
     Py_INCREF(&ControlType);

@@ -156,6 +156,24 @@ class Loader:
     Iterating yields one epoch of batches: numpy arrays that are views into the ring
     (no copy).  A batch's slot is reused only once every array of it is gone.  Random
     augmentation should use `shmfeed.rng()` inside `__getitem__`.
+
+    Faults (RELIABILITY.md has the details and measured times):
+
+    - An exception in `__getitem__` (or a bad sample: `SpecError`) is raised in batch
+      order, as a `WorkerError` chained from an exception of the original type, after
+      every earlier batch.  So is one from `on_epoch_end`, after the whole epoch.  The
+      epoch ends there; iterating again starts the next epoch, and `close()` is clean.
+    - A worker that dies (signal, `os._exit`, segfault, OOM killer) is replaced and its
+      batch rebuilt: the epoch still comes out exactly once, in order.  After
+      `max_restarts` replacements over the loader's life, a `WorkerError` names the
+      worker, pid, signal and batch; the loader then raises it on every iteration and
+      only `close()` is left.  If the pool's supervisor dies, a `WorkerError` says so
+      and iterating again starts a new pool.
+    - A batch not ready after `timeout_s` raises a `WorkerError` naming it and the
+      wait; the worker stuck on it is killed and replaced; iterating again starts the
+      next epoch.
+    - Ctrl-C raises `KeyboardInterrupt` in the loop (workers ignore SIGINT); the loader
+      stays usable.  If the training process dies, the pool follows it.
     """
 
     def __init__(
@@ -399,7 +417,13 @@ class Loader:
             raise LoaderClosedError("this Loader is closed; create a new one")
 
     def _epoch_batches(self, gen: int, epoch: int):
-        done = False
+        # Ending the epoch early gives it up (shmf_abandon): workers stop building it,
+        # its unread slots go back, and a dead worker's batch of it is not rebuilt.  On
+        # an exception, at once; when the loop is left (`break`, the iterator dropped),
+        # as the guard is freed, in C: a Python `finally` would run in the generator's
+        # finalizer, where a Ctrl-C is raised and then dropped by the interpreter.
+        # (GeneratorExit does not match the `except`, which runs no call to check it.)
+        guard = self._ring.ctl.epoch_guard(gen)
         try:
             for b in range(len(self)):
                 if self._gen != gen:
@@ -407,13 +431,10 @@ class Loader:
                         f"epoch {epoch}'s iterator was used after a newer epoch started; "
                         "iterate one epoch at a time")
                 yield self._next_batch(gen, epoch, b)
-            done = True
-        finally:
-            if not done and not self._closed and self._gen == gen:
-                # The loop raised, timed out or was left: workers stop building this
-                # epoch, its unread slots go back, and a dead worker's batch of it is
-                # not rebuilt (see shmf_abandon).
-                self._ring.ctl.abandon(gen)
+        except (Exception, KeyboardInterrupt):
+            guard.abandon()
+            raise
+        guard.disarm()
         self._call_hook("on_epoch_end", epoch)
 
     def _call_hook(self, name: str, epoch: int) -> None:
@@ -589,7 +610,14 @@ def raise_worker_error(report: dict) -> None:
             cls = importlib.import_module(module)
             for part in qualname.split("."):
                 cls = getattr(cls, part)
-            original = cls(report["message"])
+            if not (isinstance(cls, type) and issubclass(cls, BaseException)):
+                raise TypeError(qualname)
+            try:
+                original = cls(report["message"])
+            except Exception:
+                # An __init__ that wants other arguments: same type and message anyway.
+                original = cls.__new__(cls)
+                original.args = (report["message"],)
         except Exception:
             original = RuntimeError(f"{module}.{qualname}: {report['message']}")
     if isinstance(original, ShmfeedError):

@@ -37,6 +37,10 @@ import traceback
 from dataclasses import dataclass
 from typing import Any
 
+# NumPy >= 2 imports numpy.random on first use, and a Ctrl-C that lands inside that
+# import can be lost (raised and cleared in its C initialisation: 28 of 374 SIGINTs
+# aimed at it).  Loader() touches np.random, so it is imported here, with shmfeed.
+import numpy.random  # noqa: F401
 import psutil
 
 from . import _core
@@ -46,6 +50,8 @@ from ._ring import Ring
 from ._spec import Spec
 from ._worker import Builder, worker_loop
 
+# Popen arguments that start a spawned supervisor in a process group of its own.
+_NEW_GROUP: dict = {"process_group": 0} if sys.version_info >= (3, 11) else {"start_new_session": True}
 WORKER_GRACE_S = 0.3  # workers get this long to leave on their own at shutdown
 STOP_TIMEOUT_S = 2.0  # the supervisor gets this long to finish the shutdown protocol
 POLL_S = 0.05  # supervisor's loop period: how soon it notices shutdown
@@ -87,24 +93,48 @@ def exit_hint(status: int) -> str:
     return ""
 
 
-@contextlib.contextmanager
-def sigint_deferred():
-    """Hold Ctrl-C back in this thread while a pool process is being created.
+class sigint_deferred:
+    """Hold Ctrl-C back while a pool process is created or stopped: meanwhile SIGINT
+    only sets a flag, and is handed to the previous handler on the way out (a
+    KeyboardInterrupt, by default).
 
-    A SIGINT that lands inside os.fork() is raised in an at-fork hook, where Python
-    prints and drops it; one that lands in the child before it ignores SIGINT prints
-    a traceback from the child.  Blocked, it stays pending and is raised here, in the
-    caller, as soon as the block ends (the child inherits the mask, across exec too,
-    and unblocks it once it ignores SIGINT).
+    Why: a SIGINT that lands inside os.fork() is raised in an at-fork hook, where
+    Python prints and drops it; one that lands in a forked child before it ignores
+    SIGINT prints a traceback from the child (which inherits this handler instead);
+    one that interrupts the shutdown protocol halfway leaves the pool running.  Not a
+    signal mask: the kernel would then give the SIGINT to another thread (OpenBLAS's,
+    JAX's), where CPython 3.11 may not raise it for a long time, and an exception
+    raised before the mask is restored would leave Ctrl-C blocked for good.  Python
+    runs handlers in the main thread only, so elsewhere this does nothing (and is not
+    needed: the at-fork hooks of another thread cannot be interrupted).
     """
-    old = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
+
+    def __enter__(self) -> sigint_deferred:
+        self._previous: Any = None
+        self._caught = False
+        if threading.current_thread() is threading.main_thread():
+            previous = signal.getsignal(signal.SIGINT)
+            if previous is not None:  # None: a handler installed outside Python; leave it
+                self._previous = signal.signal(signal.SIGINT, self._record)
+        return self
+
+    def _record(self, signum: int, frame: Any) -> None:
+        self._caught = True
+
+    def __exit__(self, *exc: Any) -> None:
+        if self._previous is not None:
+            signal.signal(signal.SIGINT, self._previous)
+            if self._caught:
+                signal.raise_signal(signal.SIGINT)
+
+
+def _say(text: str) -> None:
+    """Write to fd 2 itself: in a pool process, sys.stderr may be an object of the
+    training process (pytest's capture, a notebook's stream) whose descriptor is gone."""
     try:
-        yield
-    finally:
-        signal.pthread_sigmask(signal.SIG_SETMASK, old)
-        # Meanwhile the kernel may have handed the SIGINT to another thread, which
-        # only sets CPython's flag (see status_result in _core.c): raise it now.
-        _core.check_signals()
+        os.write(2, (text.rstrip("\n") + "\n").encode(errors="backslashreplace"))
+    except OSError:
+        pass
 
 
 def _child_setup(parent_pid: int, keep_fds: set[int], pdeathsig: bool = True) -> None:
@@ -115,7 +145,6 @@ def _child_setup(parent_pid: int, keep_fds: set[int], pdeathsig: bool = True) ->
         os._exit(0)
     # Ctrl-C is for the training loop: it goes to the whole foreground process group.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
-    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})  # see sigint_deferred
     # Objects inherited through fork are never collected here: their destructors
     # (closing fds, releasing slots) belong to the parent.
     gc.freeze()
@@ -126,6 +155,15 @@ def _child_setup(parent_pid: int, keep_fds: set[int], pdeathsig: bool = True) ->
         os.closerange(fd, keep)
         fd = keep + 1
     os.closerange(fd, _max_fd())
+    # sys.stdout/sys.stderr may have written to a descriptor just closed: give the
+    # source's print() the real fds 1 and 2 instead of an OSError per sample.
+    for name, fileno in (("stdout", 1), ("stderr", 2)):
+        try:
+            same = getattr(sys, name).fileno() == fileno
+        except Exception:
+            same = False
+        if not same:
+            setattr(sys, name, open(fileno, "w", buffering=1, closefd=False, errors="backslashreplace"))
 
 
 def _max_fd() -> int:
@@ -144,6 +182,10 @@ def supervise(ring: Ring, source: Any, cfg: PoolConfig, parent_pid: int) -> None
     pidfds: dict[int, int] = {}  # pid -> pidfd
 
     def start(w: int, pending: int) -> None:
+        # Recorded before the fork: a replacement that dies before running a line
+        # (killed, or the OOM killer again) still leaves its predecessor's claim
+        # where the next reclaim finds it, instead of losing the batch.
+        ctl.set_claim(w, pending)
         pid = os.fork()
         if pid == 0:
             code = 0
@@ -151,10 +193,11 @@ def supervise(ring: Ring, source: Any, cfg: PoolConfig, parent_pid: int) -> None
                 _child_setup(me, {ring.fd})
                 # A segfault in native code then leaves the worker's Python stack on
                 # stderr; the supervisor reports the signal.
-                faulthandler.enable()
+                with contextlib.suppress(Exception):
+                    faulthandler.enable(file=2)
                 worker_loop(ring, builder, w, pending, me)
             except BaseException:
-                traceback.print_exc()
+                _say(traceback.format_exc())
                 code = 1
             finally:
                 os._exit(code)
@@ -201,10 +244,10 @@ def supervise(ring: Ring, source: Any, cfg: PoolConfig, parent_pid: int) -> None
                 ctl.shutdown()
                 break
             ctl.add_restart()
-            print(f"shmfeed: {report['message']}; replacing it ({restarts + 1} of "
-                  f"`max_restarts={cfg.max_restarts}`)"
-                  + (", the batch will be rebuilt." if pending != NO_CLAIM else ".")
-                  + exit_hint(status), file=sys.stderr, flush=True)
+            _say(f"shmfeed: {report['message']}; replacing it ({restarts + 1} of "
+                 f"`max_restarts={cfg.max_restarts}`)"
+                 + (", the batch will be rebuilt." if pending != NO_CLAIM else ".")
+                 + exit_hint(status))
             start(w, pending)
 
     if os.getppid() != parent_pid:
@@ -313,7 +356,7 @@ class Pool:
                 try:
                     _fork_main(ring.fd, source, cfg, me, pdeathsig)
                 except BaseException:
-                    traceback.print_exc()
+                    _say(traceback.format_exc())
                     code = 1
                 finally:
                     os._exit(code)
@@ -335,7 +378,11 @@ class Pool:
                 self._popen = subprocess.Popen(
                     [sys.executable, "-c", "from shmfeed._pool import spawn_main; spawn_main()",
                      str(pfd), str(ring.fd), str(me), str(int(pdeathsig))],
-                    pass_fds=(pfd, ring.fd), stdin=subprocess.DEVNULL)
+                    pass_fds=(pfd, ring.fd), stdin=subprocess.DEVNULL,
+                    # Its own process group: the terminal's Ctrl-C (sent to the
+                    # foreground group) would otherwise hit the new interpreter while it
+                    # starts, before it can ignore SIGINT, and print a traceback.
+                    **_NEW_GROUP)
             finally:
                 os.close(pfd)
             self.pid = self._popen.pid
@@ -359,7 +406,15 @@ class Pool:
         return [self.ring.ctl.worker(w)["pid"] for w in range(self.cfg.num_workers)]
 
     def stop(self) -> None:
-        """Run the shutdown protocol; return when no process of the pool is left."""
+        """Run the shutdown protocol; return when no process of the pool is left.
+
+        A Ctrl-C meanwhile is raised when it is done (in a few hundredths of a second
+        usually, 3 * STOP_TIMEOUT_S at worst): interrupted halfway, it would leave the
+        pool running."""
+        with sigint_deferred():
+            self._stop()
+
+    def _stop(self) -> None:
         workers = self._worker_procs()
         self.ring.ctl.shutdown()
         deadline = time.monotonic() + STOP_TIMEOUT_S

@@ -70,7 +70,7 @@ class Ring:
         self.slot_raw = [raw[d + i * sb : d + (i + 1) * sb] for i in range(n_slots)]
         del raw
         self._write_views: list[list[np.ndarray]] | None = None
-        # slot -> (tag, weak reference to its Lease), for release_orphans
+        # slot -> (tag, weak reference to its SlotRef), for release_orphans
         self._leases: dict[int, tuple[int, weakref.ref]] = {}
 
     # -- addresses, for tests and for page-locking ------------------------------------

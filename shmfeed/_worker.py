@@ -160,8 +160,8 @@ def worker_loop(ring: Ring, builder: Builder, worker: int, pending: int, parent_
     ctl = ring.ctl
     try:
         if pending != NO_CLAIM:
-            # A predecessor died building this batch: rebuild it first.
-            ctl.set_claim(worker, pending)
+            # A predecessor died building this batch: rebuild it first (the
+            # supervisor has already recorded it as our claim).
             gen, batch = untag(pending)
             epoch = ctl.gen_info(gen)[0]
             build_one(ring, builder, worker, gen, epoch, batch, parent_pid)

@@ -44,7 +44,7 @@ def _bench(args, data_dir, tmp_path, capsys) -> tuple[int, dict, str, str]:
 
 def _check_sane(doc: dict, workload: str, loaders: list[str]) -> None:
     entry = doc["workloads"][workload]
-    assert entry["batch_bytes"] > 0 and entry["memcpy_MB_per_s"] > 0
+    assert entry["batch_bytes"] > 0 and entry["memcpy_MB_per_s"] > 0 and entry["ceiling_ratio"] > 0
     assert list(entry["loaders"]) == ["shmfeed"] + [n for n in loaders if n != "shmfeed"]
     for name in loaders:
         info = entry["loaders"][name]
@@ -61,6 +61,7 @@ def _check_sane(doc: dict, workload: str, loaders: list[str]) -> None:
         assert 0 <= s["input_wait_fraction"] <= 1
         assert s["peak_rss_MB"] > 0
         assert s["peak_pss_MB"] is None or 0 < s["peak_pss_MB"] <= s["peak_rss_MB"] * 1.01
+        assert s["background_cpu_cores"] >= 0
         run = info["runs"][0]
         assert run["batches"] >= 1 and run["elapsed_s"] >= RUN_S
     shm = entry["loaders"]["shmfeed"]

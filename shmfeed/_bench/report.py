@@ -20,8 +20,9 @@ import statistics
 import sys
 from typing import IO
 
+LOG_SCALE_SPREAD = 30  # a panel whose fastest bar is this many times its slowest gets a log axis
 MEDIAN_FIELDS = ("batches_per_s", "MB_per_s", "startup_s", "input_wait_fraction",
-                 "peak_rss_MB", "peak_pss_MB", "close_s")
+                 "peak_rss_MB", "peak_pss_MB", "close_s", "background_cpu_cores")
 
 
 def summarise(doc: dict) -> dict:
@@ -115,9 +116,13 @@ def heading(doc: dict) -> str:
         f"{m['load_avg_1min_at_start']:.1f} at start, {m.get('load_avg_1min_at_end', 0):.1f} at end",
     ]
     for wname, e in doc["workloads"].items():
+        other = [r["background_cpu_cores"] for i in e["loaders"].values() for r in i["runs"]
+                 if r.get("background_cpu_cores") is not None]
+        noise = f", other processes used {min(other):.1f}-{max(other):.1f} CPUs meanwhile" if other else ""
         lines.append(f"  {wname}: batch {e['batch_size']} = {e['batch_bytes'] / 1e6:.3g} MB, "
                      f"memcpy bound {e['memcpy_MB_per_s']:,.0f} MB/s, "
-                     f"one item in-process {e['item_us_in_process']:,.1f} us")
+                     f"one item in-process {e['item_us_in_process']:,.1f} us, "
+                     f"{o['workers']} plain processes read {e['ceiling_ratio']:.2f}x the items/s of one{noise}")
     return "\n".join(lines)
 
 
@@ -154,8 +159,14 @@ def plot(doc: dict, dest: str) -> str | None:
             ax.annotate(f" {s['batches_per_s']:,.0f}" + (f"  ({ratio:.2f}x)" if ratio else ""),
                         (bar.get_width(), bar.get_y() + bar.get_height() / 2),
                         va="center", fontsize=8)
-        ax.set_title(f"{wname}: batches/s (median)", fontsize=10, loc="left")
-        ax.set_xlim(0, max(rates, default=1) * 1.35)
+        top, bottom = max(rates, default=1.0), min(rates, default=1.0)
+        if top > LOG_SCALE_SPREAD * bottom:
+            ax.set_xscale("log")
+            ax.set_xlim(bottom / 2, top * 8)
+            ax.set_title(f"{wname}: batches/s (median, log scale)", fontsize=10, loc="left")
+        else:
+            ax.set_xlim(0, top * 1.35)
+            ax.set_title(f"{wname}: batches/s (median)", fontsize=10, loc="left")
         ax.tick_params(labelsize=8)
     o = doc["options"]
     fig.suptitle(f"shmfeed bench, {o['workers']} workers, {doc['machine']['cpus_usable']} CPUs", fontsize=10)

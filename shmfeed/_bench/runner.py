@@ -36,12 +36,14 @@ from .loaders import LOADERS, Job, not_installed
 
 CHILD_SLACK_S = 180.0  # a child may take this long beyond `seconds` (imports, startup, close)
 LEFTOVER_GRACE_S = 3.0  # processes a child left behind get this long to exit by themselves
-MEMORY_SAMPLE_S = 0.1  # memory sampling period of a child's process tree
+MEMORY_SAMPLE_S = 0.1  # sampling period of a child's process tree (memory, CPU)
 PROGRESS_S = 0.2  # refresh period of the progress line on a terminal
 MEMCPY_BUDGET_S = 0.3  # time spent measuring the memcpy bound of one workload, at most
 MEMCPY_BUDGET_FRACTION = 0.25  # ... and at most this fraction of `seconds`
 MEMCPY_GROUP_S = 0.002  # copies are timed in groups at least this long
 SAMPLE_COST_ITEMS = 20  # items read in-process to report what one costs
+CEILING_BUDGET_S = 0.5  # each process of the parallel-ceiling check reads for this long, at most
+CEILING_STRIDE = 8  # items read between two looks at the clock
 BUSY_LOAD_PER_CPU = 0.5  # a 1-minute load average above this per CPU gets a warning
 
 
@@ -99,16 +101,83 @@ def describe_batch(workload: workloads.Workload, source, batch_size: int) -> tup
     return (item["x"].nbytes + np.dtype(np.int64).itemsize) * batch_size, item_us  # y stacks to int64
 
 
+def _read_for(source, start: int, budget_s: float) -> int:
+    """Read items of `source` from `start` on for `budget_s`; how many were read."""
+    n = 0
+    end = time.perf_counter() + budget_s
+    while time.perf_counter() < end:
+        for i in range(start + n, start + n + CEILING_STRIDE):
+            source[i % len(source)]
+        n += CEILING_STRIDE
+    return n
+
+
+def parallel_ceiling(source, processes: int, budget_s: float) -> float:
+    """Items/s that `processes` plain forked processes reach together, each reading
+    items of `source` in a loop with no loader at all: what N workers could do at
+    best on this machine, whatever the loader (cores shared with other work, memory
+    bandwidth, CPUs that are hyperthreads of one core all show here)."""
+    pipes, pids = [], []
+    try:
+        for k in range(processes):
+            r, w = os.pipe()
+            pid = os.fork()
+            if pid == 0:  # pragma: no cover - the child
+                code = 1
+                try:
+                    os.close(r)
+                    n = _read_for(source, k * (len(source) // processes), budget_s)
+                    os.write(w, n.to_bytes(8, "little"))
+                    code = 0
+                finally:
+                    os._exit(code)
+            os.close(w)
+            pipes.append(r)
+            pids.append(pid)
+        total = 0
+        for r in pipes:
+            data = b""
+            while len(data) < 8:
+                chunk = os.read(r, 8 - len(data))
+                if not chunk:
+                    break
+                data += chunk
+            total += int.from_bytes(data, "little") if len(data) == 8 else 0
+        return total / budget_s
+    finally:
+        for r in pipes:
+            os.close(r)
+        for pid in pids:
+            os.waitpid(pid, 0)
+
+
 # -- one child ------------------------------------------------------------------------------
-class TreeMemory:
-    """Peak RSS and PSS (bytes) of a process and all its descendants, sampled in a thread."""
+def _busy_cpu_s() -> float:
+    """CPU seconds this machine has spent busy, all processes and CPUs together."""
+    t = psutil.cpu_times()
+    return t.user + t.nice + t.system + getattr(t, "irq", 0) + getattr(t, "softirq", 0) + getattr(t, "steal", 0)
+
+
+def _own_cpu_s() -> float:
+    t = psutil.Process().cpu_times()
+    return t.user + t.system
+
+
+class TreeSampler:
+    """Samples a process tree in a thread: peak RSS and PSS (bytes) of the process and
+    all its descendants, and the CPU time they used, so that the CPU that *other*
+    processes took from the machine meanwhile (`background_cpu_cores`) can be told
+    apart: on a shared machine it is what makes one repeat unlike the next."""
 
     def __init__(self, pid: int):
         self.root = psutil.Process(pid)
         self.peak_rss = 0
         self.peak_pss: int | None = 0
+        self._cpu_by_pid: dict[int, float] = {}
+        self._t0, self._busy0, self._own0 = time.monotonic(), _busy_cpu_s(), _own_cpu_s()
+        self.background_cpu_cores = 0.0
         self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, name="shmfeed-bench-memory", daemon=True)
+        self._thread = threading.Thread(target=self._run, name="shmfeed-bench-sampler", daemon=True)
         self._thread.start()
 
     def _sample(self) -> None:
@@ -119,7 +188,10 @@ class TreeMemory:
         rss = pss = 0
         for p in procs:
             try:
-                rss += p.memory_info().rss
+                with p.oneshot():
+                    rss += p.memory_info().rss
+                    cpu = p.cpu_times()
+                    self._cpu_by_pid[p.pid] = cpu.user + cpu.system
                 if self.peak_pss is not None:
                     pss += p.memory_full_info().pss
             except psutil.AccessDenied:
@@ -137,6 +209,10 @@ class TreeMemory:
     def stop(self) -> None:
         self._stop.set()
         self._thread.join()
+        wall = time.monotonic() - self._t0
+        other = (_busy_cpu_s() - self._busy0) - sum(self._cpu_by_pid.values()) - (_own_cpu_s() - self._own0)
+        # CPU a process used after its last sample is missed, hence the floor at 0.
+        self.background_cpu_cores = max(0.0, other / wall) if wall > 0 else 0.0
 
 
 def _session_members(sid: int) -> list[int]:
@@ -170,7 +246,7 @@ def run_child(job: Job, tick: Callable[[float], None]) -> dict:
                 env=_child_env(job.loader), start_new_session=True)
         t0 = time.monotonic()
         limit_s = job.seconds + CHILD_SLACK_S
-        memory = TreeMemory(child.pid)
+        memory = TreeSampler(child.pid)
         timed_out = False
         try:
             while child.poll() is None:
@@ -211,6 +287,7 @@ def run_child(job: Job, tick: Callable[[float], None]) -> dict:
     if result["status"] == "ok":
         result["peak_rss_MB"] = memory.peak_rss / 1e6
         result["peak_pss_MB"] = None if memory.peak_pss is None else memory.peak_pss / 1e6
+        result["background_cpu_cores"] = memory.background_cpu_cores
     elif result["status"] == "error":
         result["log"] = log_tail
     return result
@@ -299,6 +376,9 @@ def run_bench(opts: BenchOptions) -> dict:
         source = workloads.make_source(workload, str(path), batch_size=batch_size,
                                        length=opts.length, seed=opts.seed)
         batch_bytes, item_us = describe_batch(workload, source, batch_size)
+        budget_s = min(CEILING_BUDGET_S, MEMCPY_BUDGET_FRACTION * opts.seconds)
+        one = parallel_ceiling(source, 1, budget_s)
+        many = parallel_ceiling(source, opts.workers, budget_s)
         del source
         entry = {
             "about": workload.about,
@@ -306,6 +386,9 @@ def run_bench(opts: BenchOptions) -> dict:
             "batch_size": batch_size,
             "batch_bytes": batch_bytes,
             "item_us_in_process": item_us,
+            "ceiling_items_per_s_1_process": one,
+            f"ceiling_items_per_s_{opts.workers}_processes": many,
+            "ceiling_ratio": many / one if one else None,
             "memcpy_MB_per_s": memcpy_bandwidth(
                 batch_bytes, min(MEMCPY_BUDGET_S, MEMCPY_BUDGET_FRACTION * opts.seconds)) / 1e6,
             "loaders": {n: {"label": LOADERS[n].label, "runs": []} for n in loaders},

@@ -1,0 +1,221 @@
+"""The fault table of RELIABILITY.md: every fault tried, how it is injected, what
+happens, which test proves it and, measured by that test, how long it took.
+
+The tests call `record(key, seconds)`; with SHMFEED_RELIABILITY_OUT=path.json set,
+the measurements are written there.  Then
+
+    SHMFEED_RELIABILITY_OUT=/tmp/rel.json python -m pytest -q tests/test_faults.py tests/test_stress.py
+    python tests/reliability.py /tmp/rel.json
+
+rewrites the table in RELIABILITY.md (between its `faults:begin`/`faults:end`
+markers).  tests/test_faults.py checks that the table and FAULTS agree and that every
+test named here exists, so neither can drift from the other.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+DOC = ROOT / "RELIABILITY.md"
+BEGIN, END = "<!-- faults:begin -->", "<!-- faults:end -->"
+
+
+@dataclass(frozen=True)
+class Fault:
+    key: str
+    fault: str
+    injection: str
+    outcome: str
+    measured: str  # what the recorded time measures
+    test: str  # file::function
+
+
+def _t(name: str) -> str:
+    return f"test_faults.py::{name}"
+
+
+FAULTS = [
+    Fault("getitem_raises", "Exception in `__getitem__`",
+          "`raise ValueError` at sample 17 (batch 4), `num_workers` 0 and 2",
+          "`WorkerError` at batch 4, chained from a `ValueError` with the same message; "
+          "message names worker, pid, batch, epoch, sample index and has the worker's "
+          "traceback; batches 0-3 delivered intact; next epoch and `close()` work",
+          "wait for batch 4 until the error",
+          _t("test_exception_in_getitem_raises_worker_error_in_batch_order")),
+    Fault("transform_raises", "Exception in a transform (custom, unpicklable type)",
+          "a helper called by `__getitem__` raises an exception holding a lock",
+          "`WorkerError` chained from an exception of that type and message; the helper's "
+          "frame is in the worker traceback", "",
+          _t("test_exception_in_a_transform_keeps_its_type_message_and_traceback")),
+    Fault("batch_level_raises", "Exception in a batch-level source (`batch_size=None`)",
+          "`__getitem__(3)` raises `KeyError`",
+          "`WorkerError` at batch 3 naming source batch index 3", "",
+          _t("test_exception_in_batch_level_source_names_the_batch")),
+    Fault("epoch_hook_raises", "Exception in `on_epoch_end`",
+          "the hook raises `RuntimeError` after epoch 0",
+          "all batches of the epoch delivered, then `WorkerError` chained from the "
+          "`RuntimeError`; the next epoch runs on a fresh pool", "",
+          _t("test_exception_in_on_epoch_end_is_a_worker_error_after_the_epoch")),
+    Fault("sys_exit", "`sys.exit()` in user code", "`sys.exit(4)` in `__getitem__`",
+          "`WorkerError` chained from `SystemExit`; the worker is not lost", "",
+          _t("test_sys_exit_in_a_worker_is_a_worker_error_not_a_dead_worker")),
+    Fault("ctrl_c_in_process", "Ctrl-C inside `__getitem__`, `num_workers=0`",
+          "`__getitem__` raises `KeyboardInterrupt`",
+          "`KeyboardInterrupt` (not a `WorkerError`) reaches the loop; next epoch works", "",
+          _t("test_keyboard_interrupt_while_building_in_process_reaches_the_user")),
+    Fault("worker_sigkill", "Worker killed by the OOM killer (simulated)",
+          "SIGKILL sent by the test to the worker while it builds batch 17",
+          "worker replaced, batch 17 rebuilt; the epoch comes out exactly once, in order",
+          "kill until batch 17 delivered",
+          _t("test_worker_death_is_replaced_and_epoch_completes_in_order[sigkill]")),
+    Fault("worker_os_exit", "Worker exits (`os._exit(3)`)", "`os._exit(3)` in `__getitem__`",
+          "as above; stderr names the worker, pid, exit code and batch",
+          "exit until batch 17 delivered",
+          _t("test_worker_death_is_replaced_and_epoch_completes_in_order[os_exit]")),
+    Fault("worker_segfault", "Segfault in native code",
+          "`ctypes.string_at(0)` in `__getitem__`",
+          "as above; SIGSEGV named, the worker's Python stack on stderr (faulthandler)",
+          "crash until batch 17 delivered",
+          _t("test_worker_death_is_replaced_and_epoch_completes_in_order[segfault]")),
+    Fault("random_kills", "Workers killed at random instants",
+          "SIGKILL to a random worker every ~30 ms over 2 epochs of 300 small batches",
+          "every batch exactly once, in order, with the right content", "",
+          _t("test_workers_killed_at_random_instants_never_lose_or_repeat_a_batch")),
+    Fault("max_restarts", "A worker that dies every time",
+          "SIGKILL at sample 70 on every attempt, `max_restarts` 0 and 2",
+          "`WorkerError`: \"worker 1 (pid 4121) was killed by SIGKILL while building batch "
+          "17 of epoch 0; restarted 2 time(s) already, giving up (`max_restarts=2`)...\"; "
+          "iterating again raises it again; `close()` is clean", "last death until the error",
+          _t("test_deaths_beyond_max_restarts_raise_worker_error_naming_worker_pid_signal_batch")),
+    Fault("restarts_lifetime", "Deaths spread over epochs and pools",
+          "one SIGKILL per epoch, with `on_epoch_end` (a fresh pool each epoch)",
+          "`max_restarts` counts over the loader's life: epoch 2's death is fatal", "",
+          _t("test_max_restarts_counts_over_the_loaders_life_across_pools")),
+    Fault("supervisor_sigkill", "Supervisor killed", "SIGKILL to the pool's supervisor mid-epoch",
+          "`WorkerError` naming the supervisor and SIGKILL; the next epoch starts a new pool "
+          "on a repaired ring and completes in order", "kill until the error",
+          _t("test_supervisor_killed_raises_worker_error_and_next_epoch_recovers")),
+    Fault("reclaim", "Worker killed holding a slot (control plane)",
+          "a process acquires a slot (FILLING) and is SIGKILLed",
+          "`shmf_reclaim` puts the slot back (ASSIGNED, no owner) and hands its claim to a "
+          "replacement, whose batch the consumer takes", "",
+          _t("test_slot_of_a_worker_killed_while_filling_is_reclaimed_and_rebuilt")),
+    Fault("ctl_stress_c", "Kills at random instructions (C, ASan/UBSan in CI)",
+          "csrc/test_ctl.c: 4 workers, ~560 SIGKILLs, abandoned epochs, pinned slots",
+          "exactly-once in-order delivery, no claim twice, no stall, no lost wake-up", "run time",
+          "test_stress.py::test_control_plane_c_stress_with_random_kills"),
+    Fault("ctl_stress_py", "Control-plane stress (Python API)",
+          "4 processes x claim/acquire/publish, consumer take/release, >= 10^5 operations",
+          "every batch claimed once, delivered once in order, no wait runs out", "run time",
+          "test_stress.py::test_control_plane_hammered_by_processes_claims_each_batch_once"),
+    Fault("hung_worker", "Hung worker", "`time.sleep(3600)` at sample 70, `timeout_s=0.5`",
+          "`WorkerError` \"batch 17 of epoch 0 was not ready after waiting 0.5 s "
+          "(`timeout_s=0.5`); worker 0 (pid ...) was still building it and has been "
+          "killed\"; the worker is replaced; the next epoch completes",
+          "time past `timeout_s` until the error",
+          _t("test_hung_worker_times_out_naming_the_batch_and_the_wait")),
+    Fault("slow_batches", "Slow but progressing batches",
+          "0.3 s per batch (1.2 s in all), `timeout_s=0.6`",
+          "no error: the timeout is per batch, not per epoch", "",
+          _t("test_slow_but_progressing_batches_do_not_time_out")),
+    Fault("training_sigkill", "Training process killed",
+          "`kill -9` of a training script (fork and spawn) while workers are in `__getitem__`",
+          "supervisor and workers exit on their own (PR_SET_PDEATHSIG); no file in /dev/shm "
+          "or $TMPDIR (the ring is a memfd)", "kill until every pool process exited",
+          _t("test_training_process_sigkill_leaves_no_process_or_file")),
+    Fault("thread_loader", "Loader made in a thread that exits, then training killed",
+          "the Loader is built in a short-lived thread; later `kill -9` of the script",
+          "the pool outlives the thread; after the kill it exits (pidfd liveness check)",
+          "kill until every pool process exited",
+          _t("test_loader_made_in_a_thread_outlives_it_and_dies_with_the_training_process")),
+    Fault("ctrl_c", "Ctrl-C in the training loop",
+          "SIGINT to the script's process group, while waiting for a batch and during a "
+          "step (fork and spawn)",
+          "`KeyboardInterrupt` in the loop; no traceback from any worker; pool gone",
+          "SIGINT until `KeyboardInterrupt` caught",
+          _t("test_ctrl_c_raises_keyboard_interrupt_promptly_and_workers_exit_quietly")),
+    Fault("ctrl_c_fork", "Ctrl-C during `os.fork()` of the pool",
+          "an at-fork hook sends SIGINT to the process",
+          "`KeyboardInterrupt` from the `Loader(...)` call (Python would drop one raised "
+          "inside an at-fork hook), no process left", "",
+          _t("test_ctrl_c_during_pool_fork_is_raised_not_swallowed")),
+    Fault("ctrl_c_spawn", "Ctrl-C while a spawned pool starts",
+          "SIGINT to the process group right after `Loader(start_method='spawn')`",
+          "`KeyboardInterrupt` in the script only; the new interpreter (own process group) "
+          "prints nothing", "",
+          _t("test_ctrl_c_while_a_spawned_pool_starts_prints_no_child_traceback")),
+    Fault("leak_fixture", "A test that leaks",
+          "pytest run on tests that leave a child, an fd, a /dev/shm file, an open Loader",
+          "each such test fails (the autouse fixture of tests/conftest.py)", "",
+          _t("test_leak_fixture_fails_tests_that_leave_a_process_fd_or_shm_file")),
+    Fault("soak", "Long run (soak)", "100,000 tiny batches over many epochs, 2 workers",
+          "RSS of training process and workers flat (< 5 % growth after warm-up), fds and "
+          "children constant", "run time",
+          "test_stress.py::test_soak_memory_fds_and_children_stay_flat"),
+]
+BY_KEY = {f.key: f for f in FAULTS}
+
+_measured: dict[str, list[float]] = {}
+
+
+def record(key: str, seconds: float) -> None:
+    """Remember a measured time for fault `key` (see the module docstring)."""
+    if key not in BY_KEY:
+        raise KeyError(f"{key!r} is not in tests/reliability.py FAULTS")
+    _measured.setdefault(key, []).append(round(float(seconds), 4))
+    out = os.environ.get("SHMFEED_RELIABILITY_OUT")
+    if out:
+        path = Path(out)
+        data = json.loads(path.read_text()) if path.exists() else {}
+        data.setdefault(key, []).append(round(float(seconds), 4))
+        path.write_text(json.dumps(data, indent=1, sort_keys=True))
+
+
+def _cell(s: str) -> str:
+    return s.replace("|", "\\|")
+
+
+def render(measured: dict[str, list[float]]) -> str:
+    rows = ["| Fault | Injected by | Outcome | Time (measured: what) | Test |",
+            "|---|---|---|---|---|"]
+    for f in FAULTS:
+        times = measured.get(f.key)
+        if f.measured and times:
+            t = max(times)
+            when = (f"{t * 1000:.1f} ms" if t < 0.1 else f"{t:.2f} s") + f" ({f.measured}; max of {len(times)})"
+        elif f.measured:
+            when = f"not measured ({f.measured})"
+        else:
+            when = "—"
+        rows.append(f"| {_cell(f.fault)} | {_cell(f.injection)} | {_cell(f.outcome)} | "
+                    f"{_cell(when)} | `{f.test}` |")
+    return "\n".join(rows)
+
+
+def table_rows(doc: str) -> list[tuple[str, str]]:
+    """(fault, test) of each row of the table in `doc`."""
+    body = doc.split(BEGIN, 1)[1].split(END, 1)[0]
+    rows = []
+    for line in body.strip().splitlines()[2:]:
+        cells = [c.strip() for c in re.split(r"(?<!\\)\|", line)[1:-1]]
+        rows.append((cells[0].replace("\\|", "|"), cells[-1].strip("`")))
+    return rows
+
+
+def main(argv: list[str]) -> None:
+    measured = json.loads(Path(argv[1]).read_text()) if len(argv) > 1 else {}
+    doc = DOC.read_text()
+    head, rest = doc.split(BEGIN, 1)
+    tail = rest.split(END, 1)[1]
+    DOC.write_text(f"{head}{BEGIN}\n{render(measured)}\n{END}{tail}")
+    print(f"rewrote the table in {DOC} ({len(FAULTS)} faults)")
+
+
+if __name__ == "__main__":
+    main(sys.argv)
