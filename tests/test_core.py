@@ -17,19 +17,12 @@ import numpy as np
 import psutil
 import pytest
 from _sources import Augmenting, Bad, Counting, DataGenerator, Slices
+from _trees import copy_tree as _copy
 
 import shmfeed
 from shmfeed._order import Order
 
 WORKERS_GONE_S = 2.0
-
-
-def _copy(batch):
-    if isinstance(batch, dict):
-        return {k: _copy(v) for k, v in batch.items()}
-    if isinstance(batch, (tuple, list)):
-        return type(batch)(_copy(v) for v in batch)
-    return np.array(batch)
 
 
 def _epochs(loader, n):

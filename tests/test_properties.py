@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from _trees import copy_tree as copy
 from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
@@ -86,14 +87,6 @@ def assert_same(got, want, path="") -> None:
     else:
         assert got.dtype == want.dtype and got.shape == want.shape, (path, got.dtype, got.shape, want.dtype, want.shape)
         assert np.array_equal(got, want), path
-
-
-def copy(batch):
-    if isinstance(batch, dict):
-        return {k: copy(v) for k, v in batch.items()}
-    if isinstance(batch, (tuple, list)):
-        return type(batch)(copy(v) for v in batch)
-    return np.array(batch)
 
 
 class Source:
