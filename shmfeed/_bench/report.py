@@ -93,8 +93,8 @@ def table(doc: dict) -> str:
     for wname, entry in doc["workloads"].items():
         for info in entry["loaders"].values():
             rows.append(_row(wname, info["label"], info["summary"]))
-    full = [r for r in rows if len(r) == len(COLUMNS)]
-    widths = [max([len(c)] + [len(r[i]) for r in full]) for i, c in enumerate(COLUMNS)]
+    widths = [max([len(c)] + [len(r[i]) for r in rows if i < len(r) and (i < 2 or len(r) == len(COLUMNS))])
+              for i, c in enumerate(COLUMNS)]
 
     def line(cells: list[str]) -> str:
         if len(cells) < len(COLUMNS):  # a skipped or failed loader: its reason spans the rest

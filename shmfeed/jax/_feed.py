@@ -184,7 +184,7 @@ class HostPool:
         holder = raw.view(_Recycled)
         holder._shmfeed_back = (self, raw)
         # Slice first: numpy keeps a subclass *slice* in the base chain of the views made
-        # from it (the ring's Lease relies on the same rule), not the holder itself.
+        # from it (the ring's slot references rely on the same rule), not the holder itself.
         out = holder[:nbytes].view(np.ndarray).view(dtype).reshape(x.shape)
         np.copyto(out, x, casting="unsafe")  # what JAX's own conversion would do
         return out
