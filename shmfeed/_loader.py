@@ -404,8 +404,8 @@ class Loader:
         if self._num_workers and self._pool_stale:
             self._res.stop_pool()
             self._start_pool()
-        # The epoch starts in the slot after the last batch taken, so a batch the loop
-        # still holds from the previous epoch is not in the way of batch 0.
+        # Free slots go to the new epoch's first batches in ring order from the one
+        # after the last slot taken (warm caches); slots still held are skipped.
         gen = self._ring.ctl.start_epoch(epoch, len(self), self._next_slot)
         self._gen = gen
         self._stats.epochs_started += 1
