@@ -17,7 +17,23 @@ class SpecError(ShmfeedError, ValueError):
 
 
 class WorkerError(ShmfeedError):
-    """A worker raised, died, hung, or the pool could not be kept alive."""
+    """A worker raised, died, hung, or the pool could not be kept alive.
+
+    Attributes, None where they do not apply: `batch`, `epoch`, `item` (the sample or
+    source-batch index), `worker`, `pid`, `signal`, `exit_code`, `waited_s` and
+    `worker_traceback` (the worker's traceback text).
+    """
+
+    FIELDS = ("batch", "epoch", "item", "worker", "pid", "signal", "exit_code", "waited_s",
+              "worker_traceback")
+
+    def __init__(self, message: str, **fields: object):
+        super().__init__(message)
+        unknown = set(fields) - set(self.FIELDS)
+        if unknown:
+            raise TypeError(f"unknown WorkerError fields: {sorted(unknown)}")
+        for name in self.FIELDS:
+            setattr(self, name, fields.get(name))
 
 
 class RingFullError(ShmfeedError):

@@ -452,12 +452,11 @@ class Loader:
             hook()
         except Exception as exc:
             when = "after" if name == "on_epoch_end" else "before"
-            err = WorkerError(
+            raise WorkerError(
                 f"the source's {name}() raised {type(exc).__name__}: {exc} ({when} epoch {epoch}). "
                 "Every batch of the epoch before it was delivered; iterating again starts "
-                "the next epoch (with a fresh pool), or close the loader.")
-            err.batch, err.epoch, err.item = None, epoch, None
-            raise err from exc
+                "the next epoch (with a fresh pool), or close the loader.",
+                epoch=epoch) from exc
 
     def _next_batch(self, gen: int, epoch: int, batch: int) -> Any:
         self._check_open()
@@ -540,19 +539,19 @@ class Loader:
                 self._pool_stale = True
                 raise WorkerError(
                     f"the worker pool's supervisor (pid {pool.pid}) {ended} while batch {batch} of "
-                    f"epoch {epoch} was awaited; iterate again to start a new pool, or close the loader")
+                    f"epoch {epoch} was awaited; iterate again to start a new pool, or close the loader",
+                    batch=batch, epoch=epoch, pid=pool.pid)
         waited = time.perf_counter() - t0
         if self._timeout_s is not None and waited > self._timeout_s:
             # First give the epoch up, so that the worker about to be killed is
             # replaced without rebuilding a batch nobody waits for any more.
             self._ring.ctl.abandon(self._gen)
             culprit = self._kill_builder_of(self._gen, batch)
-            err = WorkerError(
+            raise WorkerError(
                 f"batch {batch} of epoch {epoch} was not ready after waiting {waited:.1f} s "
                 f"(`timeout_s={self._timeout_s}`){culprit}. Raise `timeout_s` if batches are "
-                "legitimately this slow; iterating again starts the next epoch.")
-            err.batch, err.epoch, err.item, err.waited_s = batch, epoch, None, waited
-            raise err
+                "legitimately this slow; iterating again starts the next epoch.",
+                batch=batch, epoch=epoch, waited_s=waited)
 
     def _kill_builder_of(self, gen: int, batch: int) -> str:
         """SIGKILL the worker stuck on `batch` (the supervisor replaces it), or, when no
@@ -588,11 +587,8 @@ class Loader:
 
 def _fatal_error(report: dict) -> WorkerError:
     """The WorkerError for a pool that gave up (see _pool._death_report)."""
-    err = WorkerError(report["message"])
-    for key in ("worker", "pid", "batch", "epoch", "signal", "exit_code"):
-        setattr(err, key, report.get(key))
-    err.item = None
-    return err
+    fields = ("worker", "pid", "batch", "epoch", "signal", "exit_code")
+    return WorkerError(report["message"], **{k: report.get(k) for k in fields})
 
 
 def raise_worker_error(report: dict) -> None:
@@ -626,10 +622,9 @@ def raise_worker_error(report: dict) -> None:
     where = ""
     if item is not None:
         where = f", at {'source batch' if report['batch_level'] else 'sample'} index {item}"
-    err = WorkerError(
+    raise WorkerError(
         f"worker {report['worker']} (pid {report['pid']}) raised {report['type'][1]}: "
         f"{report['message']} while building batch {report['batch']} of epoch {report['epoch']}"
-        f"{where}.\n\nWorker traceback:\n{report['traceback']}")
-    err.batch, err.epoch, err.item = report["batch"], report["epoch"], item
-    err.worker, err.pid, err.worker_traceback = report["worker"], report["pid"], report["traceback"]
-    raise err from original
+        f"{where}.\n\nWorker traceback:\n{report['traceback']}",
+        batch=report["batch"], epoch=report["epoch"], item=item, worker=report["worker"],
+        pid=report["pid"], worker_traceback=report["traceback"]) from original
