@@ -256,29 +256,29 @@ def supervise(ring: Ring, source: Any, cfg: PoolConfig, parent_pid: int) -> None
         os.close(fd)
 
     # Shutdown: workers leave at their next wait; the rest are killed.
-    deadline = time.monotonic() + WORKER_GRACE_S
-    while workers and time.monotonic() < deadline:
-        pid, _ = os.waitpid(-1, os.WNOHANG)
-        if pid:
-            workers.pop(pid, None)
-        else:
-            time.sleep(0.005)
+    _reap(workers, WORKER_GRACE_S)
     for pid in workers:
         try:
             os.kill(pid, signal.SIGKILL)
         except ProcessLookupError:
             pass
-    deadline = time.monotonic() + STOP_TIMEOUT_S
-    while workers and time.monotonic() < deadline:  # SIGKILLed: gone within microseconds
-        pid, _ = os.waitpid(-1, os.WNOHANG)
-        if pid:
-            workers.pop(pid, None)
-        else:
-            time.sleep(0.001)
+    _reap(workers, STOP_TIMEOUT_S)  # SIGKILLed: gone within microseconds
     for fd in pidfds.values():
         os.close(fd)
     for w in range(cfg.num_workers):
         ctl.reclaim(w)
+
+
+def _reap(workers: dict[int, int], timeout_s: float) -> None:
+    """Reap exited children, dropping them from `workers`, until none is left or
+    `timeout_s` has passed."""
+    deadline = time.monotonic() + timeout_s
+    while workers and time.monotonic() < deadline:
+        pid, _ = os.waitpid(-1, os.WNOHANG)
+        if pid:
+            workers.pop(pid, None)
+        else:
+            time.sleep(0.002)
 
 
 def _death_report(ctl: Any, w: int, pid: int, status: int, held: int) -> dict:
