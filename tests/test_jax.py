@@ -341,10 +341,13 @@ HOST_SAMPLES, HOST_BATCH = 44, 4
 
 
 def _sharded_main() -> None:
-    """4 CPU devices: every transfer and mesh layout gives the right shards."""
+    """4 CPU devices: every transfer and mesh layout gives the right shards (the CuPy
+    transfer on tests/_simcuda.py, each CPU device standing for a GPU)."""
+    from _simcuda import SimCuda
     from jax.sharding import Mesh, NamedSharding
     from jax.sharding import PartitionSpec as P
 
+    from shmfeed.jax import _gpu
     from shmfeed.jax._shard import Target
 
     # The Loader first, so that it forks before JAX starts.
@@ -361,11 +364,16 @@ def _sharded_main() -> None:
         "replicated": NamedSharding(mesh1, P()),
     }
     cols = NamedSharding(mesh2, P("data", None, "model"))  # also splits a later axis
+    sim = SimCuda(device_count=4)  # "cupy": the CuPy path, on a simulated CUDA runtime
+    sys.modules["cupy"], _gpu.CUDA_PLATFORMS = sim.module, ("cpu",)
     with loader, images:
         for name, sharding, source in [*((n, s, loader) for n, s in layouts.items()),
                                        ("rows_and_cols", cols, images)]:
-            for mode in ("copy", "xla"):
+            for mode in ("copy", "xla", "cupy"):
                 for batch in sj.prefetch_to_device(source, size=2, sharding=sharding, transfer=mode):
+                    if mode == "cupy":  # what JAX's stream would wait for on a GPU
+                        sim.read_as_jax_would([s.data for leaf in jax.tree.leaves(batch)
+                                               for s in leaf.addressable_shards])
                     if source is images:
                         batch = {"image": batch, "meta": (np.asarray(batch[:, 0, 0]) // 1000,)}
                     img = batch["image"]
@@ -382,7 +390,7 @@ def _sharded_main() -> None:
                     np.testing.assert_array_equal(full[:, 0, 0] // 1000, ids)
                     total = jax.jit(lambda x: x.sum())(img)  # a step runs on the sharded batch
                     assert float(total) == float(full.sum())
-                    if mode == "copy":
+                    if mode != "xla":
                         assert not points_into_ring(img, source)
         # A batch that cannot be split says how to fix it.
         try:
@@ -399,6 +407,9 @@ def _sharded_main() -> None:
                 pass
             else:
                 raise AssertionError("a loader of 6-row batches was accepted for 4 devices")
+    sim.close()
+    assert sim.violations == [], sim.violations
+    assert {sim.buffers[p].device for p in sim.made} == {0, 1, 2, 3}
     print("SHARDED OK")
 
 

@@ -39,6 +39,7 @@ Invariants:
 
 from __future__ import annotations
 
+import traceback
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator
 from typing import Any
@@ -346,6 +347,10 @@ def _feed(source: Iterable, loader: Loader | None, size: int, limit: int, target
         try:
             arrays, hold = uploader.upload(batch)
         except Exception as exc:
+            # The frames of the failed upload hold the batch's ring leaves; the error
+            # is kept until the batches before it are yielded (and then by the
+            # caller), so its traceback must not keep the slot taken.
+            traceback.clear_frames(exc.__traceback__)
             error.append(exc)
             exhausted = True
             return

@@ -226,10 +226,13 @@ class CupyTransfer(Transfer):
                     # Whatever was queued must finish before the caller drops the leaves.
                     for queued in {*used.values(), stream}:
                         queued.synchronize()
+                    remedy = ("If device memory is short, JAX may have preallocated it: set "
+                              "XLA_PYTHON_CLIENT_MEM_FRACTION lower, or use `transfer='xla'`."
+                              if "memory" in str(exc).lower() else
+                              "Use `transfer='xla'` to let XLA upload from the ring instead.")
                     raise DeviceFeedError(
-                        f"uploading {src.nbytes} bytes to {dev} failed: {type(exc).__name__}: {exc}. "
-                        "If device memory is short, JAX may have preallocated it: set "
-                        "XLA_PYTHON_CLIENT_MEM_FRACTION lower, or use `transfer='xla'`.") from exc
+                        f"uploading {src.nbytes} bytes to {dev} failed: {type(exc).__name__}: "
+                        f"{exc}. {remedy}") from exc
                 used[ordinal] = stream
                 if self.pin is not None:
                     self.pin.streams.add(stream)
