@@ -126,3 +126,18 @@ class Pairs:
 
     def __getitem__(self, i):
         return Pair(np.full((2,), i, np.uint8), i)
+
+
+class Stamped:
+    """Sample i: {'x': float32 values unique to (i, epoch), 'id': int32 i}, so that any
+    batch that arrives late, twice or overwritten shows in its values."""
+
+    def __init__(self, n: int, shape: tuple = (16, 8)):
+        self.n, self.shape = n, shape
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __getitem__(self, i: int):
+        stamp = float(i * 1000 + int(shmfeed.rng().integers(1000)))
+        return {"x": np.full(self.shape, stamp, np.float32), "id": np.int32(i)}

@@ -37,11 +37,14 @@ pytestmark = pytest.mark.skipif(_SKIP is not None, reason=f"needs CUDA: {_SKIP}"
 if _SKIP is None:
     import cupy
     import jax
+    from _sources import Stamped
 
     import shmfeed
     import shmfeed.jax as sj
     from shmfeed import SlotState
     from shmfeed.jax import _gpu
+
+SAMPLE_SHAPE = (256, 64)  # 64 KiB per sample: copies long enough to overlap
 
 SPIN_KERNEL = r"""
 extern "C" __global__ void spin(long long cycles) {
@@ -49,20 +52,6 @@ extern "C" __global__ void spin(long long cycles) {
     while (clock64() - start < cycles) { }
 }
 """
-
-
-class Stamped:
-    """Sample i: float32 values unique to (i, epoch), and the id."""
-
-    def __init__(self, n: int, shape: tuple = (256, 64)):
-        self.n, self.shape = n, shape
-
-    def __len__(self) -> int:
-        return self.n
-
-    def __getitem__(self, i: int):
-        stamp = float(i * 1000 + int(shmfeed.rng().integers(1000)))
-        return {"x": np.full(self.shape, stamp, np.float32), "id": np.int32(i)}
 
 
 def host(tree):
@@ -85,7 +74,7 @@ def _registered(ptr: int) -> bool:
 @pytest.mark.parametrize("transfer", ["cupy", "xla"])
 def test_values_are_right_and_kept_arrays_survive_the_ring_turning(transfer):
     # num_workers=0: a spawned pool would import this module, and with it CuPy and JAX's GPU.
-    with shmfeed.Loader(Stamped(48), batch_size=4, num_workers=0, num_slots=4, shuffle=True) as loader:
+    with shmfeed.Loader(Stamped(48, shape=SAMPLE_SHAPE), batch_size=4, num_workers=0, num_slots=4, shuffle=True) as loader:
         kept, snaps = [], []
         for _ in range(6):
             for batch in sj.prefetch_to_device(loader, size=2, transfer=transfer):
@@ -99,7 +88,7 @@ def test_values_are_right_and_kept_arrays_survive_the_ring_turning(transfer):
 
 
 def test_the_ring_is_page_locked_once_and_unregistered_with_the_loader():
-    loader = shmfeed.Loader(Stamped(16), batch_size=4, num_workers=0)
+    loader = shmfeed.Loader(Stamped(16, shape=SAMPLE_SHAPE), batch_size=4, num_workers=0)
     ptr, key = loader.ring_data().ctypes.data, id(loader)
     pins = []
     for _ in range(3):
@@ -119,7 +108,7 @@ def test_a_slot_is_not_given_back_before_its_copy_has_completed():
     """A kernel spinning on the copy stream delays the copy; meanwhile the batch's
     slot must stay held, and be released once the event has completed."""
     spin = cupy.RawKernel(SPIN_KERNEL, "spin")
-    with shmfeed.Loader(Stamped(16), batch_size=4, num_workers=0, num_slots=4) as loader:
+    with shmfeed.Loader(Stamped(16, shape=SAMPLE_SHAPE), batch_size=4, num_workers=0, num_slots=4) as loader:
         dev = jax.local_devices()[0]
         stream = _gpu.copy_stream(dev.local_hardware_id)
         with cupy.cuda.Device(dev.local_hardware_id), stream:
@@ -147,7 +136,7 @@ def test_jax_adopts_the_cupy_buffer_without_a_device_copy():
             made.append(buf.data.ptr)
             return buf
 
-    with shmfeed.Loader(Stamped(8), batch_size=4, num_workers=0) as loader:
+    with shmfeed.Loader(Stamped(8, shape=SAMPLE_SHAPE), batch_size=4, num_workers=0) as loader:
         target = sj._feed.Target(None)
         transfer = _gpu.CupyTransfer(target, loader)
         transfer.cp = Recording()
