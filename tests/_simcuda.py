@@ -78,10 +78,10 @@ class SimStream:
             return self.queued
 
     def enqueue_copy(self, dst: int, src: int, nbytes: int) -> None:
-        with self._changed:
+        with self._changed:  # an RLock: the op number and the queueing are one step
             self._reads = [r for r in self._reads if r[2] > self.ran]
-            self._reads.append((src, nbytes, self.queued + 1))
-        self.enqueue(lambda: ctypes.memmove(dst, src, nbytes))
+            op = self.enqueue(lambda: ctypes.memmove(dst, src, nbytes))
+            self._reads.append((src, nbytes, op))
 
     def may_read(self, lo: int, nbytes: int) -> bool:
         """Whether a copy still queued here reads host memory in [lo, lo + nbytes)."""
