@@ -21,10 +21,10 @@ from pathlib import Path
 import jax
 import numpy as np
 import pytest
+from _ring import held_slots
 
 import shmfeed
 import shmfeed.jax as sj
-from shmfeed import SlotState
 
 ROOT = Path(__file__).resolve().parent.parent
 SUBPROCESS_TIMEOUT_S = 90.0  # for each helper process; they take a few seconds
@@ -72,10 +72,6 @@ class FailsAt(Stamped):
 def host_values(tree):
     return jax.tree.map(lambda a: np.array(a), tree)
 
-
-def held_slots(loader: shmfeed.Loader) -> int:
-    ctl = loader._ring.ctl
-    return sum(ctl.slot(s)["state"] == SlotState.HELD for s in range(loader.num_slots))
 
 
 def points_into_ring(arr: jax.Array, loader: shmfeed.Loader) -> bool:

@@ -18,20 +18,16 @@ import time
 import jax
 import numpy as np
 import pytest
+from _ring import held_slots
 from _simcuda import SimCuda
 from _sources import Stamped
 
 import shmfeed
 import shmfeed.jax as sj
-from shmfeed import SlotState
 from shmfeed.jax import _gpu
 
 CUDA_HOST_REGISTER_PORTABLE = 1
 
-
-def held_slots(loader: shmfeed.Loader) -> int:
-    ctl = loader._ring.ctl
-    return sum(ctl.slot(s)["state"] == SlotState.HELD for s in range(loader.num_slots))
 
 
 def first_ids(sim: SimCuda, feed) -> list[int]:

@@ -37,11 +37,11 @@ pytestmark = pytest.mark.skipif(_SKIP is not None, reason=f"needs CUDA: {_SKIP}"
 if _SKIP is None:
     import cupy
     import jax
+    from _ring import held_slots
     from _sources import Stamped
 
     import shmfeed
     import shmfeed.jax as sj
-    from shmfeed import SlotState
     from shmfeed.jax import _gpu
 
 SAMPLE_SHAPE = (256, 64)  # 64 KiB per sample: copies long enough to overlap
@@ -57,10 +57,6 @@ extern "C" __global__ void spin(long long cycles) {
 def host(tree):
     return jax.tree.map(lambda a: np.array(a), tree)
 
-
-def held_slots(loader) -> int:
-    ctl = loader._ring.ctl
-    return sum(ctl.slot(s)["state"] == SlotState.HELD for s in range(loader.num_slots))
 
 
 def _registered(ptr: int) -> bool:
