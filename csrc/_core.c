@@ -1,9 +1,12 @@
 /*
- * Thin CPython binding over ctl.c.  It owns no policy: each method maps to one
- * shmf_* call, releases the GIL around anything that can wait, and returns the
- * status code for shmfeed/_control.py to interpret.  The only exceptions raised
- * here are for misuse (bad buffer) and for signals that arrive during a wait
- * (PyErr_CheckSignals, so Ctrl-C reaches the training loop promptly).
+ * Thin CPython binding over ctl.c.  It owns no policy and writes nothing to the
+ * control block itself: every write is one shmf_* call (so csrc/test_ctl.c covers
+ * them all); the rest are read-only snapshots (header, worker, slot, gen_info) and
+ * two objects whose deallocation makes one such call (SlotRef, EpochGuard).  Waits
+ * release the GIL.  Status codes go back to shmfeed/_control.py, the one place that
+ * interprets them.  The only exceptions raised here are for misuse (bad buffer,
+ * index out of range) and for signals that arrive during a wait (PyErr_CheckSignals,
+ * so Ctrl-C reaches the training loop promptly).
  */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
@@ -68,9 +71,10 @@ static PyObject *Control_check(ControlObject *self, PyObject *Py_UNUSED(a)) {
 }
 
 static PyObject *Control_start_epoch(ControlObject *self, PyObject *args) {
-    unsigned long long epoch, n_batches, slot_base;
-    if (!PyArg_ParseTuple(args, "KKK", &epoch, &n_batches, &slot_base)) return NULL;
-    return PyLong_FromUnsignedLong(shmf_start_epoch(self->base, epoch, n_batches, slot_base));
+    unsigned long long epoch, first_batch, n_batches, slot_base;
+    if (!PyArg_ParseTuple(args, "KKKK", &epoch, &first_batch, &n_batches, &slot_base)) return NULL;
+    return PyLong_FromUnsignedLong(
+        shmf_start_epoch(self->base, epoch, first_batch, n_batches, slot_base));
 }
 
 static PyObject *Control_claim(ControlObject *self, PyObject *args) {
@@ -96,16 +100,20 @@ static PyObject *Control_acquire(ControlObject *self, PyObject *args) {
     double timeout_s;
     if (!PyArg_ParseTuple(args, "IIId", &worker, &gen, &batch, &timeout_s)) return NULL;
     shmf_status st;
-    Py_BEGIN_ALLOW_THREADS st = shmf_acquire(self->base, worker, gen, batch, timeout_s);
-    Py_END_ALLOW_THREADS return status_result(st);
+    uint32_t slot = SHMF_NO_SLOT;
+    Py_BEGIN_ALLOW_THREADS st = shmf_acquire(self->base, worker, gen, batch, timeout_s, &slot);
+    Py_END_ALLOW_THREADS PyObject *status = status_result(st);
+    if (!status) return NULL;
+    return Py_BuildValue("NI", status, slot);
 }
 
 static PyObject *Control_publish(ControlObject *self, PyObject *args) {
-    unsigned int worker, gen, batch, state;
+    unsigned int worker, slot, gen, batch, state;
     unsigned long long rows, busy_ns;
-    if (!PyArg_ParseTuple(args, "IIIKIK", &worker, &gen, &batch, &rows, &state, &busy_ns))
+    if (!PyArg_ParseTuple(args, "IIIIKIK", &worker, &slot, &gen, &batch, &rows, &state, &busy_ns))
         return NULL;
-    return PyLong_FromLong(shmf_publish(self->base, worker, gen, batch, rows, state, busy_ns));
+    return PyLong_FromLong(
+        shmf_publish(self->base, worker, slot, gen, batch, rows, state, busy_ns));
 }
 
 static PyObject *Control_take(ControlObject *self, PyObject *args) {
@@ -176,8 +184,8 @@ static PyObject *Control_gen_info(ControlObject *self, PyObject *args) {
     unsigned int gen;
     if (!PyArg_ParseTuple(args, "I", &gen)) return NULL;
     const shmf_gen_info *g = &shmf_hdr(self->base)->gens[gen % SHMF_GEN_TABLE];
-    return Py_BuildValue("KKK", (unsigned long long)g->epoch, (unsigned long long)g->n_batches,
-                         (unsigned long long)g->slot_base);
+    return Py_BuildValue("KKK", (unsigned long long)g->epoch, (unsigned long long)g->first_batch,
+                         (unsigned long long)g->n_batches);
 }
 
 static PyObject *Control_set_fatal(ControlObject *self, PyObject *Py_UNUSED(a)) {
@@ -199,7 +207,9 @@ static PyObject *Control_header(ControlObject *self, PyObject *Py_UNUSED(a)) {
 }
 
 static PyObject *Control_add_restart(ControlObject *self, PyObject *Py_UNUSED(a)) {
-    return PyLong_FromUnsignedLongLong(atomic_fetch_add(&shmf_hdr(self->base)->restarts, 1) + 1);
+    uint64_t restarts = 0;
+    shmf_status st = shmf_add_restart(self->base, &restarts);
+    return Py_BuildValue("iK", (int)st, (unsigned long long)restarts);
 }
 
 static PyObject *Control_worker(ControlObject *self, PyObject *args) {
@@ -218,10 +228,7 @@ static PyObject *Control_set_worker_pid(ControlObject *self, PyObject *args) {
     unsigned int worker;
     int pid;
     if (!PyArg_ParseTuple(args, "Ii", &worker, &pid)) return NULL;
-    shmf_header *h = shmf_hdr(self->base);
-    if (worker >= h->max_workers) return PyErr_Format(PyExc_IndexError, "worker %u", worker);
-    atomic_store(&shmf_workers(self->base)[worker].pid, pid);
-    Py_RETURN_NONE;
+    return PyLong_FromLong(shmf_set_worker_pid(self->base, worker, pid));
 }
 
 static PyObject *Control_slot(ControlObject *self, PyObject *args) {
@@ -368,11 +375,11 @@ static PyMethodDef Control_methods[] = {
     {"slot_ref", (PyCFunction)Control_slot_ref, METH_VARARGS, "slot_ref(slot, tag, offset, nbytes) -> SlotRef: bytes [offset, offset+nbytes) of the mapping, releasing (slot, tag) when freed"},
     {"init_block", (PyCFunction)Control_init_block, METH_VARARGS, "init_block(n_slots, max_workers, slot_bytes) -> status"},
     {"check", (PyCFunction)Control_check, METH_NOARGS, "check() -> status"},
-    {"start_epoch", (PyCFunction)Control_start_epoch, METH_VARARGS, "start_epoch(epoch, n_batches, slot_base) -> gen"},
+    {"start_epoch", (PyCFunction)Control_start_epoch, METH_VARARGS, "start_epoch(epoch, first_batch, n_batches, slot_base) -> gen"},
     {"claim", (PyCFunction)Control_claim, METH_VARARGS, "claim(worker) -> (status, gen, epoch, batch)"},
     {"wait_gen", (PyCFunction)Control_wait_gen, METH_VARARGS, "wait_gen(gen, timeout_s) -> status"},
-    {"acquire", (PyCFunction)Control_acquire, METH_VARARGS, "acquire(worker, gen, batch, timeout_s) -> status"},
-    {"publish", (PyCFunction)Control_publish, METH_VARARGS, "publish(worker, gen, batch, rows, state, busy_ns) -> status"},
+    {"acquire", (PyCFunction)Control_acquire, METH_VARARGS, "acquire(worker, gen, batch, timeout_s) -> (status, slot)"},
+    {"publish", (PyCFunction)Control_publish, METH_VARARGS, "publish(worker, slot, gen, batch, rows, state, busy_ns) -> status"},
     {"take", (PyCFunction)Control_take, METH_VARARGS, "take(gen, batch, timeout_s) -> (status, state, rows, slot)"},
     {"release", (PyCFunction)Control_release, METH_VARARGS, "release(slot, tag) -> status"},
     {"reclaim", (PyCFunction)Control_reclaim, METH_VARARGS, "reclaim(worker) -> (status, pending_tag)"},
@@ -382,12 +389,12 @@ static PyMethodDef Control_methods[] = {
     {"abandon", (PyCFunction)Control_abandon, METH_VARARGS, "abandon(gen): the consumer takes no more batches of this generation"},
     {"assign_free", (PyCFunction)Control_assign_free, METH_NOARGS, "assign_free(): give free slots to the next batches"},
     {"reopen", (PyCFunction)Control_reopen, METH_NOARGS, "reopen() -> status"},
-    {"gen_info", (PyCFunction)Control_gen_info, METH_VARARGS, "gen_info(gen) -> (epoch, n_batches, slot_base)"},
+    {"gen_info", (PyCFunction)Control_gen_info, METH_VARARGS, "gen_info(gen) -> (epoch, first_batch, n_batches)"},
     {"set_fatal", (PyCFunction)Control_set_fatal, METH_NOARGS, "set_fatal() -> status"},
     {"header", (PyCFunction)Control_header, METH_NOARGS, "header() -> dict"},
-    {"add_restart", (PyCFunction)Control_add_restart, METH_NOARGS, "add_restart() -> restarts so far"},
+    {"add_restart", (PyCFunction)Control_add_restart, METH_NOARGS, "add_restart() -> (status, restarts so far)"},
     {"worker", (PyCFunction)Control_worker, METH_VARARGS, "worker(i) -> dict"},
-    {"set_worker_pid", (PyCFunction)Control_set_worker_pid, METH_VARARGS, "set_worker_pid(i, pid)"},
+    {"set_worker_pid", (PyCFunction)Control_set_worker_pid, METH_VARARGS, "set_worker_pid(i, pid) -> status"},
     {"slot", (PyCFunction)Control_slot, METH_VARARGS, "slot(i) -> dict"},
     {NULL, NULL, 0, NULL},
 };

@@ -105,7 +105,9 @@ shmf_status shmf_init(void *base, size_t total_bytes, uint32_t n_slots, uint32_t
     size_t data = shmf_data_offset(n_slots, max_workers);
     if (slot_bytes > (SIZE_MAX - data) / n_slots) return SHMF_EINVAL;
     if (data + (size_t)slot_bytes * n_slots > total_bytes) return SHMF_EINVAL;
-    memset(base, 0, data);
+    /* The control part only: report areas are read only after a report was written
+     * into them, and zeroing them would touch 8 KiB per slot of a fresh mapping. */
+    memset(base, 0, shmf_report_offset(n_slots, max_workers, 0));
     shmf_header *h = shmf_hdr(base);
     h->version = SHMF_VERSION;
     h->n_slots = n_slots;
@@ -154,8 +156,7 @@ void shmf_assign_free(void *base) {
         uint32_t st = atomic_load(&s->state);
         if (st != SHMF_READY && st != SHMF_ERROR && st != SHMF_ASSIGNED) continue;
         if (atomic_load(&s->tag) >= ctag) continue;
-        if (atomic_compare_exchange_strong(&s->state, &st, SHMF_FREE))
-            futex_wake(&s->state, &s->waiters, 0);
+        atomic_compare_exchange_strong(&s->state, &st, SHMF_FREE);
     }
     /* 2. Every free slot goes to the next batch number, in order. */
     int assigned = 0;
@@ -196,10 +197,12 @@ uint32_t shmf_slot_of(void *base, uint32_t gen, uint32_t batch) {
     return slot;
 }
 
-uint32_t shmf_start_epoch(void *base, uint64_t epoch, uint64_t n_batches, uint64_t slot_base) {
+uint32_t shmf_start_epoch(void *base, uint64_t epoch, uint64_t first_batch, uint64_t n_batches,
+                          uint64_t slot_base) {
     shmf_header *h = shmf_hdr(base);
     uint32_t g = atomic_load(&h->gen) + 1;
     h->gens[g % SHMF_GEN_TABLE].epoch = epoch;
+    h->gens[g % SHMF_GEN_TABLE].first_batch = first_batch;
     h->gens[g % SHMF_GEN_TABLE].n_batches = n_batches;
     h->gens[g % SHMF_GEN_TABLE].slot_base = slot_base;
     /* seq_cst stores: a worker that reads the new claim word sees the table entry. */
@@ -247,7 +250,7 @@ shmf_status shmf_wait_gen(void *base, uint32_t gen, double timeout_s) {
 }
 
 shmf_status shmf_acquire(void *base, uint32_t worker, uint32_t gen, uint32_t batch,
-                         double timeout_s) {
+                         double timeout_s, uint32_t *slot_out) {
     shmf_header *h = shmf_hdr(base);
     if (worker >= h->max_workers) return SHMF_EINVAL;
     uint64_t tag = shmf_tag(gen, batch);
@@ -268,7 +271,10 @@ shmf_status shmf_acquire(void *base, uint32_t worker, uint32_t gen, uint32_t bat
                 atomic_compare_exchange_strong(&s->owner, &owner, (int32_t)worker)) {
                 uint32_t st = SHMF_ASSIGNED;
                 if (atomic_compare_exchange_strong(&s->state, &st, SHMF_FILLING)) {
-                    if (atomic_load(&s->tag) == tag) return SHMF_OK;
+                    if (atomic_load(&s->tag) == tag) {
+                        *slot_out = slot;
+                        return SHMF_OK;
+                    }
                     /* Reassigned between our look-up and the CAS: give it back. */
                     atomic_store(&s->state, SHMF_ASSIGNED);
                     atomic_store(&s->owner, -1);
@@ -290,14 +296,13 @@ shmf_status shmf_acquire(void *base, uint32_t worker, uint32_t gen, uint32_t bat
     }
 }
 
-shmf_status shmf_publish(void *base, uint32_t worker, uint32_t gen, uint32_t batch,
-                         uint64_t rows, uint32_t state, uint64_t busy_ns) {
+shmf_status shmf_publish(void *base, uint32_t worker, uint32_t slot, uint32_t gen,
+                         uint32_t batch, uint64_t rows, uint32_t state, uint64_t busy_ns) {
     shmf_header *h = shmf_hdr(base);
-    if (worker >= h->max_workers || (state != SHMF_READY && state != SHMF_ERROR))
+    if (worker >= h->max_workers || slot >= h->n_slots ||
+        (state != SHMF_READY && state != SHMF_ERROR))
         return SHMF_EINVAL;
     uint64_t tag = shmf_tag(gen, batch);
-    uint32_t slot = shmf_slot_of(base, gen, batch);
-    if (slot == SHMF_NO_SLOT) return SHMF_EINVAL;
     shmf_slot *s = &shmf_slots(base)[slot];
     shmf_worker *w = &shmf_workers(base)[worker];
     if (atomic_load(&s->state) != SHMF_FILLING || atomic_load(&s->owner) != (int32_t)worker ||
@@ -311,7 +316,6 @@ shmf_status shmf_publish(void *base, uint32_t worker, uint32_t gen, uint32_t bat
     atomic_store(&s->state, stale ? SHMF_FREE : state);
     /* Last (see shmf_acquire): dying before this line leaves the slot named by us. */
     atomic_store(&s->owner, -1);
-    futex_wake(&s->state, &s->waiters, 0);
     atomic_store(&w->claim, SHMF_NO_CLAIM);
     bump_progress(h);
     return SHMF_OK;
@@ -366,7 +370,6 @@ shmf_status shmf_release(void *base, uint32_t slot, uint64_t tag) {
     if (atomic_load(&s->tag) != tag) return SHMF_STALE;
     uint32_t expected = SHMF_HELD;
     if (!atomic_compare_exchange_strong(&s->state, &expected, SHMF_FREE)) return SHMF_STALE;
-    futex_wake(&s->state, &s->waiters, 0);
     /* Hand it to the next batch now, so a worker can start while the step runs. */
     shmf_assign_free(base);
     bump_progress(h);
@@ -460,5 +463,17 @@ shmf_status shmf_set_fatal(void *base) {
     atomic_store(&h->fatal, 1);
     /* Wake the consumer wherever it sleeps so it reads the message promptly. */
     futex_wake(&h->progress, &h->progress_waiters, 1);
+    return SHMF_OK;
+}
+
+shmf_status shmf_set_worker_pid(void *base, uint32_t worker, int32_t pid) {
+    shmf_header *h = shmf_hdr(base);
+    if (worker >= h->max_workers) return SHMF_EINVAL;
+    atomic_store(&shmf_workers(base)[worker].pid, pid);
+    return SHMF_OK;
+}
+
+shmf_status shmf_add_restart(void *base, uint64_t *restarts) {
+    *restarts = atomic_fetch_add(&shmf_hdr(base)->restarts, 1) + 1;
     return SHMF_OK;
 }

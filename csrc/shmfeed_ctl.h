@@ -38,8 +38,8 @@
 #include <stddef.h>
 #include <stdatomic.h>
 
-#define SHMF_MAGIC 0x3144454546484d53ULL /* "SHMFEED1" little-endian */
-#define SHMF_VERSION 2u
+#define SHMF_MAGIC 0x31444545464d4853ULL /* the bytes "SHMFEED1" in memory (little-endian) */
+#define SHMF_VERSION 3u
 #define SHMF_DATA_ALIGN 4096u    /* slot data starts page aligned */
 #define SHMF_REPORT_BYTES 8192u  /* per-slot error report (pickled by Python) */
 #define SHMF_GEN_TABLE 64u       /* epoch parameters kept for this many generations */
@@ -69,6 +69,7 @@ typedef enum {
 
 typedef struct {
     uint64_t epoch;
+    uint64_t first_batch; /* batch b of the generation is batch first_batch + b of the epoch */
     uint64_t n_batches;
     uint64_t slot_base; /* slot where the epoch's assignment scan starts (locality only) */
 } shmf_gen_info;
@@ -105,8 +106,8 @@ typedef struct {
 } shmf_worker;
 
 typedef struct {
-    _Alignas(64) _Atomic uint32_t state;    /* shmf_slot_state */
-    _Atomic uint32_t waiters;
+    _Alignas(64) _Atomic uint32_t state;    /* shmf_slot_state (nobody sleeps on it) */
+    uint32_t _pad0;
     _Atomic uint64_t tag;                   /* gen << 32 | batch it holds or is assigned */
     _Atomic int32_t owner;                  /* worker index from shmf_acquire's first step
                                              * to shmf_publish's last, -1 otherwise */
@@ -133,21 +134,26 @@ shmf_status shmf_init(void *base, size_t total_bytes, uint32_t n_slots, uint32_t
                       uint64_t slot_bytes);
 shmf_status shmf_check(const void *base, size_t total_bytes);
 
-/* Consumer: open a new epoch (generation) and hand the free slots to its first
- * batches.  Returns the new generation. */
-uint32_t shmf_start_epoch(void *base, uint64_t epoch, uint64_t n_batches, uint64_t slot_base);
+/* Consumer: open a new generation for batches first_batch .. first_batch + n_batches - 1
+ * of `epoch` (first_batch > 0 resumes an epoch mid-way) and hand the free slots to its
+ * first batches.  Returns the new generation. */
+uint32_t shmf_start_epoch(void *base, uint64_t epoch, uint64_t first_batch, uint64_t n_batches,
+                          uint64_t slot_base);
 
 /* Worker: claim the next batch of the current epoch. */
 shmf_status shmf_claim(void *base, uint32_t worker, uint32_t *gen, uint64_t *epoch,
                        uint32_t *batch);
 /* Worker: wait until the generation differs from `gen` (or timeout/shutdown). */
 shmf_status shmf_wait_gen(void *base, uint32_t gen, double timeout_s);
-/* Worker: wait until the batch has a slot and take it (ASSIGNED -> FILLING). */
+/* Worker: wait until the batch has a slot and take it (ASSIGNED -> FILLING); *slot is
+ * that slot, the worker's until it publishes. */
 shmf_status shmf_acquire(void *base, uint32_t worker, uint32_t gen, uint32_t batch,
-                         double timeout_s);
-/* Worker: finish a slot taken with shmf_acquire (state READY or ERROR). */
-shmf_status shmf_publish(void *base, uint32_t worker, uint32_t gen, uint32_t batch,
-                         uint64_t rows, uint32_t state, uint64_t busy_ns);
+                         double timeout_s, uint32_t *slot);
+/* Worker: finish the slot taken with shmf_acquire (state READY or ERROR).  By slot, not
+ * by batch: the assignment table may already describe a newer epoch's batches when a
+ * worker finishes a batch of an abandoned one, and that slot must still come back. */
+shmf_status shmf_publish(void *base, uint32_t worker, uint32_t slot, uint32_t gen,
+                         uint32_t batch, uint64_t rows, uint32_t state, uint64_t busy_ns);
 
 /* Consumer: wait for batch `batch` of generation `gen`; on SHMF_OK *state is READY or
  * ERROR and the slot is now HELD by the consumer. */
@@ -178,6 +184,10 @@ shmf_status shmf_shutdown(void *base);
 shmf_status shmf_reopen(void *base);
 /* Supervisor: record a fatal condition (message already written in the fatal area). */
 shmf_status shmf_set_fatal(void *base);
+/* Supervisor: record the pid of worker `worker` (for stats and for timeouts). */
+shmf_status shmf_set_worker_pid(void *base, uint32_t worker, int32_t pid);
+/* Supervisor: count one more replaced worker; *restarts is the new total. */
+shmf_status shmf_add_restart(void *base, uint64_t *restarts);
 
 static inline shmf_header *shmf_hdr(void *base) { return (shmf_header *)base; }
 static inline shmf_worker *shmf_workers(void *base) {

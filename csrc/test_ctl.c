@@ -89,8 +89,9 @@ static double wait_s(void) { return atomic_load(&shared->phase) == 1 ? LONG_WAIT
 /* ---- worker --------------------------------------------------------------------- */
 
 static void build(uint32_t w, uint32_t gen, uint32_t batch) {
+    uint32_t slot = SHMF_NO_SLOT;
     for (;;) {
-        shmf_status st = shmf_acquire(base, w, gen, batch, wait_s());
+        shmf_status st = shmf_acquire(base, w, gen, batch, wait_s(), &slot);
         if (st == SHMF_OK) break;
         if (st == SHMF_STALE) {
             shmf_set_claim(base, w, SHMF_NO_CLAIM);
@@ -107,15 +108,14 @@ static void build(uint32_t w, uint32_t gen, uint32_t batch) {
             _exit(2);
         }
     }
-    uint32_t slot = shmf_slot_of(base, gen, batch);
-    if (slot == SHMF_NO_SLOT) {
+    if (slot >= shmf_hdr(base)->n_slots) {
         fprintf(stderr, "test_ctl: worker %u: acquired batch %u has no slot\n", w, batch);
         _exit(2);
     }
     uint64_t *words = slot_words(slot);
     uint64_t tag = shmf_tag(gen, batch);
     for (uint32_t i = 0; i < SLOT_BYTES / 8; i++) words[i] = pattern(tag, i);
-    shmf_status st = shmf_publish(base, w, gen, batch, batch % 7 + 1, SHMF_READY, 1);
+    shmf_status st = shmf_publish(base, w, slot, gen, batch, batch % 7 + 1, SHMF_READY, 1);
     if (st != SHMF_OK) {
         fprintf(stderr, "test_ctl: worker %u: publish of batch %u returned %d\n", w, batch, st);
         _exit(2);
@@ -208,7 +208,7 @@ static void run_phase(uint32_t phase, uint32_t epochs, uint32_t *gen_io, unsigne
     for (uint32_t e = 0; e < epochs; e++) {
         uint32_t abandon_at = UINT32_MAX;
         if (phase == 2 && rand_r(seed) % 3 == 0) abandon_at = (uint32_t)rand_r(seed) % batches_per_epoch;
-        uint32_t gen = shmf_start_epoch(base, e, batches_per_epoch, next_slot);
+        uint32_t gen = shmf_start_epoch(base, e, 0, batches_per_epoch, next_slot);
         if (gen != *gen_io + 1) fail("start_epoch gave generation %u after %u", gen, *gen_io);
         *gen_io = gen;
         for (uint32_t b = 0; b < batches_per_epoch; b++) {

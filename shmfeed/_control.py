@@ -1,18 +1,34 @@
-"""The control block as Python sees it: slot states and status codes, built from the
-constants the C extension exports (never retyped), and helpers that turn statuses
-into shmfeed's exceptions.  The C side (csrc/shmfeed_ctl.h) is the source of truth."""
+"""The control block as Python sees it, and the one place where its status codes are
+interpreted.
+
+Owns: `Control`, a wrapper around the C extension's `_core.Control` whose methods
+return values or raise; the slot states and status codes, built from the constants
+the extension exports (never retyped); batch tags.  The C side
+(csrc/shmfeed_ctl.h) is the source of truth for the layout and the transitions.
+
+Invariants:
+- No raw status int leaves this module.  Every status a call can return is either
+  turned into a value (a slot, a claim, "not yet"), or into one of the exceptions
+  below, or, when it can only mean that shmfeed itself is wrong, into an
+  "[INTERNAL ERROR]" `ShmfeedError`.
+- Every write to the control block is one call into csrc/ctl.c (so
+  csrc/test_ctl.c exercises it); this module and the binding only read.
+"""
 
 from __future__ import annotations
 
 import enum
+from typing import NamedTuple
 
 from . import _core
 from ._errors import internal
 
-Control = _core.Control
 NO_CLAIM: int = _core.SHMF_NO_CLAIM
 REPORT_BYTES: int = _core.SHMF_REPORT_BYTES
 DATA_ALIGN: int = _core.SHMF_DATA_ALIGN
+layout = _core.layout
+set_pdeathsig = _core.set_pdeathsig
+address = _core.address
 
 
 class SlotState(enum.IntEnum):
@@ -36,6 +52,35 @@ class Status(enum.IntEnum):
     EINVAL = _core.SHMF_EINVAL
 
 
+_OK = Status.OK
+_TIMEOUT = Status.TIMEOUT
+_INTERRUPTED = Status.INTERRUPTED
+
+
+class PoolShutdown(Exception):
+    """The loader is closing, or the pool gave up (then `Control.fatal` is set)."""
+
+
+class BatchStale(Exception):
+    """The batch is no longer wanted: a newer epoch started or the consumer passed it."""
+
+
+class RingBlocked(Exception):
+    """Every slot is held by the consumer: no slot can be given to the next batch."""
+
+
+class Taken(NamedTuple):
+    state: SlotState  # READY or ERROR
+    rows: int
+    slot: int
+
+
+class GenInfo(NamedTuple):
+    epoch: int
+    first_batch: int  # batch b of the generation is batch first_batch + b of the epoch
+    n_batches: int
+
+
 def tag(gen: int, batch: int) -> int:
     return (gen << 32) | batch
 
@@ -44,6 +89,168 @@ def untag(t: int) -> tuple[int, int]:
     return t >> 32, t & 0xFFFFFFFF
 
 
-def expect_ok(status: int, what: str) -> None:
-    if status != Status.OK:
-        raise internal(f"{what} returned {Status(status).name}")
+def _fail(what: str, status: int) -> Exception:
+    return internal(f"{what} returned {Status(status).name}")
+
+
+class Control:
+    """The control block at the start of a writable buffer (the ring's mapping)."""
+
+    __slots__ = ("_c",)
+
+    def __init__(self, buffer) -> None:
+        self._c = _core.Control(buffer)
+
+    # -- set-up ----------------------------------------------------------------------
+    def init_block(self, n_slots: int, max_workers: int, slot_bytes: int) -> None:
+        st = self._c.init_block(n_slots, max_workers, slot_bytes)
+        if st != _OK:
+            raise _fail("control block init", st)
+
+    def check(self) -> None:
+        st = self._c.check()
+        if st != _OK:
+            raise internal("the ring handed to this process has a bad control block")
+
+    # -- consumer --------------------------------------------------------------------
+    def start_epoch(self, epoch: int, first_batch: int, n_batches: int, slot_base: int) -> int:
+        """Open a generation for batches first_batch.. of `epoch`; return it."""
+        return self._c.start_epoch(epoch, first_batch, n_batches, slot_base)
+
+    def take(self, gen: int, batch: int, timeout_s: float) -> Taken | None:
+        """The slot of `batch`, now HELD by the consumer; None if it was not ready
+        within `timeout_s` (or a signal arrived).  Raises RingBlocked or PoolShutdown."""
+        st, state, rows, slot = self._c.take(gen, batch, timeout_s)
+        if st == _OK:
+            return Taken(SlotState(state), rows, slot)
+        if st == _TIMEOUT or st == _INTERRUPTED:
+            return None
+        if st == Status.BLOCKED:
+            raise RingBlocked()
+        if st == Status.SHUTDOWN:
+            raise PoolShutdown()
+        raise _fail(f"take({gen}, {batch})", st)
+
+    def release(self, slot: int, tag_: int) -> bool:
+        """Give a HELD slot back; False when it no longer holds that batch."""
+        st = self._c.release(slot, tag_)
+        if st == _OK:
+            return True
+        if st == Status.STALE:
+            return False
+        raise _fail(f"release({slot})", st)
+
+    def abandon(self, gen: int) -> None:
+        self._c.abandon(gen)
+
+    def assign_free(self) -> None:
+        self._c.assign_free()
+
+    def epoch_guard(self, gen: int):
+        return self._c.epoch_guard(gen)
+
+    def slot_ref(self, slot: int, tag_: int, offset: int, nbytes: int):
+        return self._c.slot_ref(slot, tag_, offset, nbytes)
+
+    def shutdown(self) -> None:
+        self._c.shutdown()
+
+    def reopen(self) -> None:
+        self._c.reopen()
+
+    # -- workers -----------------------------------------------------------------------
+    def claim(self, worker: int) -> tuple[int, int | None]:
+        """(gen, batch) of the batch this worker now builds, or (gen, None) when every
+        batch of generation `gen` is claimed.  Raises PoolShutdown."""
+        st, gen, _epoch, batch = self._c.claim(worker)
+        if st == _OK:
+            return gen, batch
+        if st == Status.EPOCH_DONE:
+            return gen, None
+        if st == Status.SHUTDOWN:
+            raise PoolShutdown()
+        raise _fail(f"claim({worker})", st)
+
+    def wait_gen(self, gen: int, timeout_s: float) -> bool:
+        """Wait for a generation after `gen`; False if none came within `timeout_s`."""
+        st = self._c.wait_gen(gen, timeout_s)
+        if st == _OK:
+            return True
+        if st == _TIMEOUT or st == _INTERRUPTED:
+            return False
+        if st == Status.SHUTDOWN:
+            raise PoolShutdown()
+        raise _fail("wait_gen", st)
+
+    def acquire(self, worker: int, gen: int, batch: int, timeout_s: float) -> int | None:
+        """The slot of `batch`, now FILLING and owned by `worker`; None if it had none
+        within `timeout_s`.  Raises BatchStale or PoolShutdown."""
+        st, slot = self._c.acquire(worker, gen, batch, timeout_s)
+        if st == _OK:
+            return slot
+        if st == _TIMEOUT or st == _INTERRUPTED:
+            return None
+        if st == Status.STALE:
+            raise BatchStale()
+        if st == Status.SHUTDOWN:
+            raise PoolShutdown()
+        raise _fail(f"acquire({worker}, {gen}, {batch})", st)
+
+    def publish(self, worker: int, slot: int, gen: int, batch: int, rows: int,
+                state: SlotState, busy_ns: int) -> None:
+        st = self._c.publish(worker, slot, gen, batch, rows, state, busy_ns)
+        if st != _OK:
+            raise _fail(f"publish(worker {worker}, slot {slot}, batch {batch})", st)
+
+    # -- supervisor ----------------------------------------------------------------------
+    def reclaim(self, worker: int) -> int | None:
+        """Put back what a dead worker left half done; return the tag it had claimed
+        and not published (to be rebuilt), or None."""
+        st, pending = self._c.reclaim(worker)
+        if st != _OK:
+            raise _fail(f"reclaim({worker})", st)
+        return None if pending == NO_CLAIM else pending
+
+    def set_claim(self, worker: int, tag_: int | None) -> None:
+        st = self._c.set_claim(worker, NO_CLAIM if tag_ is None else tag_)
+        if st != _OK:
+            raise _fail(f"set_claim({worker})", st)
+
+    def set_worker_pid(self, worker: int, pid: int) -> None:
+        st = self._c.set_worker_pid(worker, pid)
+        if st != _OK:
+            raise _fail(f"set_worker_pid({worker})", st)
+
+    def add_restart(self) -> int:
+        st, restarts = self._c.add_restart()
+        if st != _OK:
+            raise _fail("add_restart", st)
+        return restarts
+
+    def set_fatal(self) -> None:
+        self._c.set_fatal()
+
+    # -- read-only snapshots -------------------------------------------------------------
+    def gen_info(self, gen: int) -> GenInfo:
+        return GenInfo(*self._c.gen_info(gen))
+
+    def slot_of(self, gen: int, batch: int) -> int:
+        """The slot assigned to batch `batch` of generation `gen`, or -1."""
+        return self._c.slot_of(gen, batch)
+
+    def header(self) -> dict:
+        return self._c.header()
+
+    def worker(self, w: int) -> dict:
+        return self._c.worker(w)
+
+    def slot(self, s: int) -> dict:
+        return self._c.slot(s)
+
+    @property
+    def fatal(self) -> bool:
+        return bool(self._c.header()["fatal"])
+
+    @property
+    def shutting_down(self) -> bool:
+        return bool(self._c.header()["shutdown"])

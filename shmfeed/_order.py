@@ -56,6 +56,10 @@ class Order:
         m = self.items_per_shard
         return perm[self.shard_index * m : (self.shard_index + 1) * m]
 
+    def first_item(self) -> int:
+        """The source index of the first item of epoch 0 (what the spec is inferred from)."""
+        return int(self.permutation(0)[0])
+
     def batch_items(self, perm: np.ndarray, batch: int) -> np.ndarray:
         """Source indices of the samples of `batch` (per-sample sources)."""
         bs = self.batch_size

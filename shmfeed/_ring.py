@@ -17,18 +17,18 @@ from __future__ import annotations
 
 import mmap
 import os
-import pickle
-import struct
 import weakref
 
 import numpy as np
 
-from . import _core
-from ._control import REPORT_BYTES, Control, SlotState, Status
-from ._errors import internal
+from . import _control, _report
+from ._control import Control, SlotState
 from ._spec import Spec
 
-_LEN = struct.Struct("<I")
+
+def ring_bytes(n_slots: int, max_workers: int, slot_bytes: int) -> int:
+    """Everything a ring of this geometry allocates: control block, report areas, slots."""
+    return _control.layout(n_slots, max_workers)["data"] + n_slots * slot_bytes
 
 
 class Ring:
@@ -40,7 +40,7 @@ class Ring:
         self.n_slots = n_slots
         self.max_workers = max_workers
         self.slot_bytes = spec.slot_bytes if spec is not None else slot_bytes
-        offsets = _core.layout(n_slots, max_workers)
+        offsets = _control.layout(n_slots, max_workers)
         self.report_offsets: list[int] = offsets["reports"]
         self.fatal_offset: int = offsets["fatal"]
         self.data_offset: int = offsets["data"]
@@ -60,11 +60,9 @@ class Ring:
             self.mm.madvise(mmap.MADV_DONTFORK)
         self.ctl = Control(self.mm)
         if create:
-            st = self.ctl.init_block(n_slots, max_workers, self.slot_bytes)
-            if st != Status.OK:
-                raise internal(f"control block init failed ({Status(st).name})")
-        elif self.ctl.check() != Status.OK:
-            raise internal("the ring handed to this process has a bad control block")
+            self.ctl.init_block(n_slots, max_workers, self.slot_bytes)
+        else:
+            self.ctl.check()
         raw = np.frombuffer(self.mm, np.uint8)
         d, sb = self.data_offset, self.slot_bytes
         self.slot_raw = [raw[d + i * sb : d + (i + 1) * sb] for i in range(n_slots)]
@@ -76,15 +74,11 @@ class Ring:
     # -- addresses, for tests and for page-locking ------------------------------------
     @property
     def address(self) -> int:
-        return _core.address(self.mm)
+        return _control.address(self.mm)
 
     def data_view(self) -> np.ndarray:
         """The slot data region as one uint8 array (for page-locking on a GPU)."""
         return np.frombuffer(self.mm, np.uint8, count=self.n_slots * self.slot_bytes, offset=self.data_offset)
-
-    def slot_of(self, gen: int, batch: int) -> int:
-        """The slot assigned to batch `batch` of generation `gen`, or -1."""
-        return self.ctl.slot_of(gen, batch)
 
     # -- worker side ------------------------------------------------------------------
     def write_views(self, slot: int) -> list[np.ndarray]:
@@ -100,16 +94,12 @@ class Ring:
             ]
         return self._write_views[slot]
 
-    def write_report(self, slot: int | None, payload: bytes) -> None:
-        off = self.fatal_offset if slot is None else self.report_offsets[slot]
-        payload = payload[: REPORT_BYTES - _LEN.size]
-        self.mm[off : off + _LEN.size] = _LEN.pack(len(payload))
-        self.mm[off + _LEN.size : off + _LEN.size + len(payload)] = payload
+    def write_report(self, slot: int | None, report: _report._Report) -> None:
+        """Write a report into `slot`'s area (None: the fatal area)."""
+        _report.write(self.mm, self.fatal_offset if slot is None else self.report_offsets[slot], report)
 
-    def read_report(self, slot: int | None) -> object:
-        off = self.fatal_offset if slot is None else self.report_offsets[slot]
-        (n,) = _LEN.unpack(self.mm[off : off + _LEN.size])
-        return pickle.loads(self.mm[off + _LEN.size : off + _LEN.size + n])
+    def read_report(self, slot: int | None) -> _report._Report:
+        return _report.read(self.mm, self.fatal_offset if slot is None else self.report_offsets[slot])
 
     # -- consumer side ----------------------------------------------------------------
     def lease(self, slot: int, tag: int, rows: int) -> list[np.ndarray]:
@@ -141,7 +131,7 @@ class Ring:
             entry = self._leases.get(slot)
             if entry is not None and entry[0] == info["tag"] and entry[1]() is not None:
                 continue
-            freed += self.ctl.release(slot, info["tag"]) == Status.OK
+            freed += self.ctl.release(slot, info["tag"])
         return freed
 
     def close(self) -> None:

@@ -285,13 +285,24 @@ def test_ring_size_is_fixed_reported_and_not_in_dev_shm():
         assert not [f for f in os.listdir("/dev/shm") if "shmfeed" in f]
 
 
-def test_memory_budget_sets_slot_count():
-    with shmfeed.Loader(Counting(10, shape=(1024,)), batch_size=4, num_workers=1, num_slots=2) as probe:
-        slot_bytes = probe.slot_bytes
-    with shmfeed.Loader(Counting(10, shape=(1024,)), batch_size=4, num_workers=1,
-                        memory_budget_bytes=5 * slot_bytes + 100) as loader:
-        assert loader.num_slots == 5
-        assert loader.ring_bytes < 5 * slot_bytes + (1 << 20)
+def test_memory_budget_sets_slot_count_and_bounds_everything_the_ring_allocates():
+    with shmfeed.Loader(Counting(10, shape=(1024,)), batch_size=4, num_workers=1, num_slots=5) as probe:
+        five_slots = probe.ring_bytes
+    for budget, slots in ((five_slots, 5), (five_slots - 1, 4), (five_slots + 100, 5)):
+        with shmfeed.Loader(Counting(10, shape=(1024,)), batch_size=4, num_workers=1,
+                            memory_budget_bytes=budget) as loader:
+            assert loader.num_slots == slots
+            assert loader.ring_bytes <= budget
+
+
+def test_memory_budget_with_small_slots_counts_report_areas():
+    """512 MiB with one-page slots used to give a 1.5 GiB ring: the report area of
+    each slot (8 KiB) was not counted, only the slots."""
+    budget = 512 << 20
+    with shmfeed.Loader(Counting(10), batch_size=4, num_workers=0,
+                        memory_budget_bytes=budget) as loader:
+        assert loader.slot_bytes == 4096
+        assert budget - 64 * 1024 < loader.ring_bytes <= budget
     with pytest.raises(shmfeed.SpecError, match="memory_budget_bytes"):
         shmfeed.Loader(Counting(10, shape=(1024,)), batch_size=4, num_workers=1, memory_budget_bytes=100)
 

@@ -29,7 +29,7 @@ import pytest
 import reliability
 
 import shmfeed
-from shmfeed._control import NO_CLAIM, SlotState, Status, tag
+from shmfeed._control import NO_CLAIM, SlotState, tag, untag
 from shmfeed._order import Order
 from shmfeed._ring import Ring
 from shmfeed._spec import infer
@@ -505,36 +505,37 @@ def test_slot_of_a_worker_killed_while_filling_is_reclaimed_and_rebuilt():
     ring = Ring(spec, n_slots=3, max_workers=2)
     ctl = ring.ctl
     try:
-        gen = ctl.start_epoch(0, 5, 0)
+        gen = ctl.start_epoch(0, 0, 5, 0)
 
-        def child(worker: int, pending: int, hold: bool, w_fd: int) -> None:
+        def child(worker: int, pending: int | None, hold: bool, w_fd: int) -> None:
             try:  # the parent's mapping is MADV_DONTFORK: map the memfd again
                 mine = Ring(spec, 3, 2, fd=ring.fd)
-                if pending == NO_CLAIM:
-                    st, g, _, b = mine.ctl.claim(worker)
+                if pending is None:
+                    g, b = mine.ctl.claim(worker)
                 else:
-                    g, b = pending >> 32, pending & 0xFFFFFFFF
-                assert mine.ctl.acquire(worker, g, b, 5.0) == Status.OK
-                mine.write_views(mine.slot_of(g, b))[0][:] = 100 + b
+                    g, b = untag(pending)
+                slot = mine.ctl.acquire(worker, g, b, 5.0)
+                assert slot is not None
+                mine.write_views(slot)[0][:] = 100 + b
                 if hold:
                     os.write(w_fd, b"x")
                     time.sleep(60)
-                mine.ctl.publish(worker, g, b, 2, SlotState.READY, 0)
+                mine.ctl.publish(worker, slot, g, b, 2, SlotState.READY, 0)
             finally:
                 os._exit(0)
 
         r, w = os.pipe()
         pid = os.fork()
         if pid == 0:
-            child(0, NO_CLAIM, True, w)
+            child(0, None, True, w)
         assert select.select([r], [], [], 10)[0], "the first child never acquired its slot"
         assert os.read(r, 1) == b"x"
-        slot = ring.slot_of(gen, 0)
+        slot = ctl.slot_of(gen, 0)
         assert ctl.slot(slot)["state"] == SlotState.FILLING and ctl.slot(slot)["owner"] == 0
         os.kill(pid, signal.SIGKILL)
         os.waitpid(pid, 0)
-        st, pending = ctl.reclaim(0)
-        assert st == Status.OK and pending == tag(gen, 0)
+        pending = ctl.reclaim(0)
+        assert pending == tag(gen, 0)
         info = ctl.slot(slot)
         assert info["state"] == SlotState.ASSIGNED and info["owner"] == -1
         ctl.set_claim(1, pending)
@@ -544,9 +545,8 @@ def test_slot_of_a_worker_killed_while_filling_is_reclaimed_and_rebuilt():
         os.waitpid(pid, 0)
         os.close(r)
         os.close(w)
-        st, state, rows, taken = ctl.take(gen, 0, 5.0)
-        assert (st, state, rows, taken) == (Status.OK, SlotState.READY, 2, slot)
-        assert (ring.lease(slot, tag(gen, 0), rows)[0] == 100).all()
+        assert ctl.take(gen, 0, 5.0) == (SlotState.READY, 2, slot)
+        assert (ring.lease(slot, tag(gen, 0), 2)[0] == 100).all()
         gc.collect()
         assert ctl.slot(slot)["state"] != SlotState.HELD  # released with the lease
         assert ctl.worker(1)["claim"] == NO_CLAIM

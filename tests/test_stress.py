@@ -20,7 +20,7 @@ import pytest
 import reliability
 
 import shmfeed
-from shmfeed._control import SlotState, Status, tag
+from shmfeed._control import BatchStale, PoolShutdown, SlotState, tag
 from shmfeed._ring import Ring
 from shmfeed._spec import infer
 
@@ -42,29 +42,29 @@ def _hammer(ring_fd: int, spec, n_slots: int, n_workers: int, w: int, claims: np
     counts[w] = [operations, waits that ran out, unexpected statuses]."""
     ring = Ring(spec, n_slots, n_workers, fd=ring_fd)  # the parent's mapping is not inherited
     ctl = ring.ctl
-    while True:
-        st, gen, _, b = ctl.claim(w)
-        counts[w, 0] += 1
-        if st == Status.SHUTDOWN:
-            return 0
-        if st == Status.EPOCH_DONE:
-            st = ctl.wait_gen(gen, LONG_WAIT_S)
-            if st == Status.SHUTDOWN:
-                return 0
-            counts[w, 1] += st == Status.TIMEOUT
-            continue
-        claims[w, gen, b] += 1  # this row is written by this worker only
+    try:
         while True:
-            st = ctl.acquire(w, gen, b, LONG_WAIT_S)
+            gen, b = ctl.claim(w)
             counts[w, 0] += 1
-            if st == Status.OK:
-                break
-            if st == Status.SHUTDOWN:
-                return 0
-            counts[w, 1 if st == Status.TIMEOUT else 2] += 1
-        ring.write_views(ring.slot_of(gen, b))[0][0] = tag(gen, b)
-        counts[w, 2] += ctl.publish(w, gen, b, 1, SlotState.READY, 0) != Status.OK
-        counts[w, 0] += 1
+            if b is None:
+                counts[w, 1] += not ctl.wait_gen(gen, LONG_WAIT_S)
+                continue
+            claims[w, gen, b] += 1  # this row is written by this worker only
+            while True:
+                try:
+                    slot = ctl.acquire(w, gen, b, LONG_WAIT_S)
+                except BatchStale:
+                    counts[w, 2] += 1
+                    continue
+                counts[w, 0] += 1
+                if slot is not None:
+                    break
+                counts[w, 1] += 1
+            ring.write_views(slot)[0][0] = tag(gen, b)
+            ctl.publish(w, slot, gen, b, 1, SlotState.READY, 0)  # raises unless OK
+            counts[w, 0] += 1
+    except PoolShutdown:
+        return 0
 
 
 def test_control_plane_hammered_by_processes_claims_each_batch_once():
@@ -88,14 +88,15 @@ def test_control_plane_hammered_by_processes_claims_each_batch_once():
         t0 = time.perf_counter()
         ops = 0
         for epoch in range(epochs):
-            gen = ctl.start_epoch(epoch, batches, 0)
+            gen = ctl.start_epoch(epoch, 0, batches, 0)
             assert gen == epoch + 1
             for b in range(batches):
-                st, state, rows, slot = ctl.take(gen, b, LONG_WAIT_S)
-                assert st == Status.OK, f"take({b}) returned {Status(st).name}: a lost wake-up"
+                taken = ctl.take(gen, b, LONG_WAIT_S)
+                assert taken is not None, f"take({b}) timed out: a lost wake-up"
+                state, rows, slot = taken
                 assert (state, rows) == (SlotState.READY, 1)
                 assert ring.write_views(slot)[0][0] == tag(gen, b), "a batch from the wrong slot"
-                assert ctl.release(slot, tag(gen, b)) == Status.OK
+                assert ctl.release(slot, tag(gen, b))
                 ops += 2
         elapsed = time.perf_counter() - t0
     finally:

@@ -1,0 +1,127 @@
+"""Building one batch into its slot: the code that runs wherever a batch is built, in a
+worker process or, with `num_workers=0`, in the training process itself (which is what
+makes that mode the reference).
+
+Owns `Builder` (which samples, which random draws, written where) and `build_batch`
+(acquire the batch's slot, build it in place, publish it).  Which samples and which
+random draws a batch gets depends only on `(seed, epoch, batch)` (see _order.py).  An
+exception becomes a `BuildFailure` report in the slot's report area and the slot is
+published as ERROR, so the training process meets it in batch order, after every
+earlier batch.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from typing import Any
+
+import numpy as np
+
+from . import _order
+from ._control import BatchStale, PoolShutdown, SlotState
+from ._order import Order
+from ._report import BuildFailure
+from ._ring import Ring
+from ._spec import Spec, check_batch_leaves, check_sample_leaf, flattener
+
+WAIT_SLICE_S = 0.25  # how often a waiting builder checks that its parent is alive
+
+
+class Builder:
+    """Builds batch `b` of an epoch into a slot; remembers the item it is on, so that
+    an error can name the sample."""
+
+    def __init__(self, source: Any, spec: Spec, order: Order, ring: Ring, seed_global_rngs: bool):
+        self.source = source
+        self.spec = spec
+        self.order = order
+        self.ring = ring
+        self.seed_global_rngs = seed_global_rngs
+        self.current_item: int | None = None
+        self._flatten = flattener(spec)
+        self._perm_epoch: int | None = None
+        self._perm: np.ndarray | None = None
+
+    def permutation(self, epoch: int) -> np.ndarray:
+        if self._perm_epoch != epoch:
+            self._perm = self.order.permutation(epoch)
+            self._perm_epoch = epoch
+        assert self._perm is not None
+        return self._perm
+
+    def fill(self, slot: int, epoch: int, batch: int) -> int:
+        """Write batch `batch` of `epoch` into `slot`; return its number of rows."""
+        order, spec, seed = self.order, self.spec, self.order.seed
+        perm = self.permutation(epoch)
+        if self.seed_global_rngs:
+            _order.seed_global_rngs(seed, epoch, batch)
+        views = self.ring.write_views(slot)
+        try:
+            if spec.batch_level:
+                index = int(perm[batch])
+                self.current_item = index
+                _order.set_item(seed, epoch, index)
+                leaves = self._flatten(self.source[index], "batch", index)
+                rows = check_batch_leaves(leaves, spec, index)
+                for view, x in zip(views, leaves):
+                    view[:rows] = x
+                return rows
+            items = order.batch_items(perm, batch).tolist()
+            source, tree_leaves, flatten = self.source, spec.leaves, self._flatten
+            for row, index in enumerate(items):
+                self.current_item = index
+                _order.set_item(seed, epoch, index)
+                leaves = flatten(source[index], "sample", index)
+                for view, x, leaf in zip(views, leaves, tree_leaves):
+                    # Fast path first: the exact dtype and shape of the first sample.
+                    if not (
+                        (isinstance(x, np.ndarray) and x.dtype == leaf.dtype and x.shape == leaf.shape)
+                        or (leaf.pytype is not None and type(x) is leaf.pytype)
+                    ):
+                        check_sample_leaf(x, leaf, index)
+                    view[row] = x
+            return len(items)
+        finally:
+            _order.clear_item()
+
+
+class LeaveBuild(Exception):
+    """Stop building: the loader is closing or the builder's parent is gone."""
+
+
+def build_batch(ring: Ring, builder: Builder, worker: int, gen: int, batch: int,
+                parent_pid: int | None) -> None:
+    """Acquire the slot of batch `batch` of generation `gen`, build it, publish it
+    (READY or ERROR).  A batch nobody wants any more is dropped.  Raises LeaveBuild."""
+    ctl = ring.ctl
+    try:
+        while True:
+            slot = ctl.acquire(worker, gen, batch, WAIT_SLICE_S)
+            if slot is not None:
+                break
+            if parent_pid is not None and os.getppid() != parent_pid:
+                raise LeaveBuild()
+    except BatchStale:
+        ctl.set_claim(worker, None)
+        return
+    except PoolShutdown:
+        raise LeaveBuild() from None
+    info = ctl.gen_info(gen)
+    epoch, epoch_batch = info.epoch, info.first_batch + batch
+    t0 = time.perf_counter_ns()
+    try:
+        rows = builder.fill(slot, epoch, epoch_batch)
+        state = SlotState.READY
+    except BaseException as exc:  # noqa: B036 - user code may even call sys.exit
+        ring.write_report(slot, BuildFailure.of(exc, worker=worker, batch=epoch_batch, epoch=epoch,
+                                                item=builder.current_item,
+                                                batch_level=builder.spec.batch_level))
+        rows, state = 0, SlotState.ERROR
+        if parent_pid is None and not isinstance(exc, Exception):
+            # Building in the training process (`num_workers=0`): Ctrl-C and
+            # sys.exit() are the user's, not a broken sample.  The slot is published
+            # (as ERROR) first, so the ring stays consistent.
+            ctl.publish(worker, slot, gen, batch, rows, state, time.perf_counter_ns() - t0)
+            raise
+    ctl.publish(worker, slot, gen, batch, rows, state, time.perf_counter_ns() - t0)

@@ -1,0 +1,179 @@
+"""A loader's configuration: every option validated once, into one frozen object that
+the training process, the supervisor and the builders all read.
+
+Owns: argument checking (each error names the parameter, what it got and what it
+needs), the probe of the source's first item that infers the batch spec, and the
+ring's geometry (`n_slots`), including `memory_budget_bytes`, which bounds
+everything the ring allocates (slots, report areas and control block).
+
+Invariants:
+- A `Config` is immutable and picklable; nothing derived from it is stored twice.
+- Building one leaves the training process's global RNGs as they were.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import random
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from . import _order
+from ._errors import SpecError
+from ._order import Order
+from ._ring import ring_bytes
+from ._spec import Spec, infer, with_rows
+
+log = logging.getLogger("shmfeed")
+
+START_METHODS = ("auto", "fork", "spawn")
+REQUIRED: Any = object()  # the default of options a caller must give
+
+
+@dataclass(frozen=True)
+class Config:
+    order: Order
+    spec: Spec
+    n_slots: int
+    num_workers: int
+    max_restarts: int
+    seed_global_rngs: bool
+    timeout_s: float | None
+    start_method: str
+
+    @property
+    def max_workers(self) -> int:
+        """Worker records in the control block (the in-process builder uses one)."""
+        return max(self.num_workers, 1)
+
+    @property
+    def ring_bytes(self) -> int:
+        return ring_bytes(self.n_slots, self.max_workers, self.spec.slot_bytes)
+
+
+def check_int(name: str, value: Any, minimum: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < minimum:
+        raise SpecError(f"`{name}` must be an integer >= {minimum}, got {value!r}")
+    return int(value)
+
+
+def check_bool(name: str, value: Any) -> bool:
+    if not isinstance(value, (bool, np.bool_)):
+        raise SpecError(f"`{name}` must be True or False, got {value!r}")
+    return bool(value)
+
+
+def usable_cpus() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except OSError:
+        return os.cpu_count() or 1
+
+
+def build(source: Any, *, batch_size: Any, num_workers: Any, shuffle: Any, seed: Any,
+          drop_last: Any, num_slots: Any, memory_budget_bytes: Any, max_batch_rows: Any,
+          timeout_s: Any, max_restarts: Any, start_method: Any, seed_global_rngs: Any,
+          shard_index: Any, shard_count: Any) -> Config:
+    """Validate the Loader's arguments, probe the source, size the ring."""
+    if batch_size is REQUIRED:
+        raise SpecError(
+            "`batch_size` is required: the number of samples per batch (source[i] is one "
+            "sample), or None when source[b] is already a whole batch (a Keras Sequence).")
+    if num_workers is REQUIRED:
+        raise SpecError(
+            "`num_workers` is required: how many processes build batches (0 builds them in "
+            f"this process; this machine has {usable_cpus()} usable CPUs, and one of them runs "
+            "the training loop).")
+    if not (hasattr(source, "__len__") and hasattr(source, "__getitem__")):
+        raise SpecError(f"`source` must have __len__ and __getitem__; got {type(source).__name__}")
+    if batch_size is not None:
+        batch_size = check_int("batch_size", batch_size, 1)
+    num_workers = check_int("num_workers", num_workers, 0)
+    seed = check_int("seed", seed, 0)
+    max_restarts = check_int("max_restarts", max_restarts, 0)
+    shard_count = check_int("shard_count", shard_count, 1)
+    shard_index = check_int("shard_index", shard_index, 0)
+    shuffle = check_bool("shuffle", shuffle)
+    drop_last = check_bool("drop_last", drop_last)
+    seed_global_rngs = check_bool("seed_global_rngs", seed_global_rngs)
+    if shard_index >= shard_count:
+        raise SpecError(f"`shard_index` must be < `shard_count` ({shard_count}), got {shard_index}")
+    if timeout_s is not None and (isinstance(timeout_s, bool) or not isinstance(timeout_s, (int, float))
+                                  or not timeout_s > 0):
+        raise SpecError(f"`timeout_s` must be > 0 seconds or None, got {timeout_s!r}")
+    if start_method not in START_METHODS:
+        raise SpecError(f"`start_method` must be one of {START_METHODS}, got {start_method!r}")
+    cpus = usable_cpus()
+    if num_workers > cpus:
+        log.warning(
+            "shmfeed: num_workers=%d is more than the %d CPUs this process may use: the workers "
+            "will take turns on them and slow the training loop down. Use at most %d.",
+            num_workers, cpus, max(cpus - 1, 1))
+
+    n_items = len(source)
+    if n_items == 0:
+        raise SpecError("the source is empty (len(source) == 0): there is nothing to load")
+    order = Order(n_items, batch_size, shuffle, seed, drop_last, shard_index, shard_count)
+    if order.n_batches == 0:
+        raise SpecError(
+            f"no batch to load: {order.items_per_shard} samples per shard with `batch_size={batch_size}` "
+            "and `drop_last=True`. Lower `batch_size` or set `drop_last=False`.")
+    spec = probe(source, order, seed_global_rngs)
+    if max_batch_rows is not None:
+        if not spec.batch_level:
+            raise SpecError("`max_batch_rows` is for batch-level sources (`batch_size=None`)")
+        spec = with_rows(spec, check_int("max_batch_rows", max_batch_rows, spec.rows))
+
+    max_workers = max(num_workers, 1)
+    if num_slots is not None and memory_budget_bytes is not None:
+        raise SpecError("give `num_slots` or `memory_budget_bytes`, not both")
+    if memory_budget_bytes is not None:
+        budget = check_int("memory_budget_bytes", memory_budget_bytes, 1)
+        num_slots = slots_within(budget, max_workers, spec.slot_bytes)
+        if num_slots < 2:
+            need = ring_bytes(2, max_workers, spec.slot_bytes)
+            raise SpecError(
+                f"`memory_budget_bytes={budget}` holds {num_slots} slot(s) of {spec.slot_bytes} "
+                f"bytes with their control block; at least 2 are needed. Raise it to >= {need}.")
+    elif num_slots is None:
+        # Each worker one slot in progress and one ready, plus the batch the loop
+        # still holds and two for a device prefetch.
+        num_slots = 2 * num_workers + 4
+    num_slots = check_int("num_slots", num_slots, 2)
+    return Config(order=order, spec=spec, n_slots=num_slots, num_workers=num_workers,
+                  max_restarts=max_restarts, seed_global_rngs=seed_global_rngs,
+                  timeout_s=None if timeout_s is None else float(timeout_s),
+                  start_method=start_method)
+
+
+def slots_within(budget_bytes: int, max_workers: int, slot_bytes: int) -> int:
+    """The most slots whose whole ring (see `ring_bytes`) fits `budget_bytes`."""
+    hi = budget_bytes // slot_bytes
+    lo = 0
+    while lo < hi:  # ring_bytes grows with n: bisect for the largest n that fits
+        mid = (lo + hi + 1) // 2
+        if ring_bytes(mid, max_workers, slot_bytes) <= budget_bytes:
+            lo = mid
+        else:
+            hi = mid - 1
+    return lo
+
+
+def probe(source: Any, order: Order, seed_global: bool) -> Spec:
+    """Infer the spec from the first item of epoch 0, leaving global RNGs as they were."""
+    index = order.first_item()
+    saved = (np.random.get_state(), random.getstate()) if seed_global else None
+    try:
+        if seed_global:
+            _order.seed_global_rngs(order.seed, 0, 0)
+        _order.set_item(order.seed, 0, index)
+        first = source[index]
+    finally:
+        _order.clear_item()
+        if saved is not None:
+            np.random.set_state(saved[0])
+            random.setstate(saved[1])
+    return infer(first, rows=order.batch_size, index=index)

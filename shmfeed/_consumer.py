@@ -1,0 +1,215 @@
+"""The consumer's epoch protocol: taking one epoch's batches from the ring, in order,
+in the training process.
+
+Owns: opening a generation for an epoch (or the rest of one, on resume), the fast
+take and the slow take (health checks of the pool while waiting, the ring-full
+check, the timeout and the worker it kills), turning a slot into the batch's
+arrays (a lease that gives the slot back when they die), and, with `num_workers=0`,
+building each batch here just before taking it.
+
+Invariants (see DESIGN.md):
+1. each batch of an epoch is delivered exactly once, in batch order;
+2. an epoch the loop leaves early (break, an exception, the iterator dropped) is
+   given up at once, in C (`EpochGuard`), so its slots come back;
+3. every wait is a slice of `TAKE_SLICE_S` followed by a liveness check.
+"""
+
+from __future__ import annotations
+
+import gc
+import time
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import psutil
+
+from ._build import Builder, build_batch
+from ._config import Config
+from ._control import NO_CLAIM, PoolShutdown, RingBlocked, SlotState, Taken, tag
+from ._errors import LoaderClosedError, RingFullError, ShmfeedError, WorkerError, internal
+from ._ring import Ring
+from ._spec import unflatten
+
+TAKE_SLICE_S = 0.1  # how often a waiting consumer checks the pool's health
+
+
+class Consumer:
+    """Takes batches from the ring for one Loader.  `resources.pool` is the running
+    pool (None with `num_workers=0`, or while none runs)."""
+
+    def __init__(self, ring: Ring, cfg: Config, resources: Any, source: Any, stats: Any):
+        self.ring = ring
+        self.cfg = cfg
+        self.res = resources
+        self.stats = stats
+        self.gen = 0
+        self.first_batch = 0  # of the current generation, in its epoch
+        self.next_slot = 0
+        self.delivered = 0  # batches of the current epoch handed to the loop
+        self.builder = (Builder(source, cfg.spec, cfg.order, ring, cfg.seed_global_rngs)
+                        if cfg.num_workers == 0 else None)
+        self.t_first: float | None = None
+
+    def start(self, epoch: int, first_batch: int) -> int:
+        """Open a generation for batches first_batch.. of `epoch`; return it."""
+        n = self.cfg.order.n_batches - first_batch
+        # Free slots go to the new epoch's first batches in ring order from the one
+        # after the last slot taken (warm caches); slots still held are skipped.
+        self.gen = self.ring.ctl.start_epoch(epoch, first_batch, n, self.next_slot)
+        self.first_batch = self.delivered = first_batch
+        return self.gen
+
+    def batches(self, gen: int, epoch: int, first_batch: int, closed: Callable[[], bool],
+                on_complete: Callable[[], None]) -> Iterator[Any]:
+        """The batches of generation `gen`; `on_complete()` runs after the last one."""
+        # Ending the epoch early gives it up (shmf_abandon): workers stop building it,
+        # its unread slots go back, and a dead worker's batch of it is not rebuilt.  On
+        # an exception, at once; when the loop is left (`break`, the iterator dropped),
+        # as the guard is freed, in C: a Python `finally` would run in the generator's
+        # finalizer, where a Ctrl-C is raised and then dropped by the interpreter.
+        # (GeneratorExit does not match the `except`, which runs no call to check it.)
+        guard = self.ring.ctl.epoch_guard(gen)
+        try:
+            for b in range(self.cfg.order.n_batches - first_batch):
+                if self.gen != gen:
+                    raise ShmfeedError(
+                        f"epoch {epoch}'s iterator was used after a newer epoch started; "
+                        "iterate one epoch at a time")
+                if closed():
+                    raise LoaderClosedError("this Loader is closed; create a new one")
+                batch = self._next_batch(gen, epoch, b, first_batch + b)
+                self.delivered = first_batch + b + 1
+                yield batch
+        except (Exception, KeyboardInterrupt):
+            guard.abandon()
+            raise
+        guard.disarm()
+        on_complete()
+
+    def _next_batch(self, gen: int, epoch: int, b: int, epoch_batch: int) -> Any:
+        ring, ctl = self.ring, self.ring.ctl
+        t0 = time.perf_counter()
+        if self.t_first is None:
+            self.t_first = t0
+        if self.builder is not None:
+            self._build_here(gen, b)
+        try:
+            taken = ctl.take(gen, b, TAKE_SLICE_S)
+        except (RingBlocked, PoolShutdown):
+            taken = None  # the slow take finds out which, again, and acts on it
+        if taken is None:
+            taken = self._slow_take(gen, epoch, b, epoch_batch, t0)
+        self.stats.wait_s += time.perf_counter() - t0
+        self.next_slot = (taken.slot + 1) % ring.n_slots
+        if taken.state == SlotState.ERROR:
+            report = ring.read_report(taken.slot)
+            ctl.release(taken.slot, tag(gen, b))
+            raise report.to_exception()
+        leaves = ring.lease(taken.slot, tag(gen, b), taken.rows)
+        self.stats.batches += 1
+        self.stats.bytes += sum(x.nbytes for x in leaves)
+        return unflatten(self.cfg.spec.tree, leaves)
+
+    def _build_here(self, gen: int, b: int) -> None:
+        """num_workers=0: build the batch in this process with the workers' code."""
+        ctl = self.ring.ctl
+        g, claimed = ctl.claim(0)
+        if (g, claimed) != (gen, b):
+            raise internal(f"in-process claim gave {(g, claimed)} for {(gen, b)}")
+        if ctl.slot_of(gen, b) < 0:
+            self._raise_if_full(gen, b, self.first_batch + b)
+            if ctl.slot_of(gen, b) < 0:
+                raise internal(f"batch {b} has no slot although not every slot is held")
+        # With `seed_global_rngs`, np.random and random are re-seeded per batch here
+        # exactly as in a worker (saving and restoring them would cost more than
+        # building a small batch); that is what keeps this mode the reference.
+        assert self.builder is not None
+        build_batch(self.ring, self.builder, 0, gen, b, None)
+
+    def _raise_if_full(self, gen: int, b: int, epoch_batch: int) -> None:
+        """Batch `b` has no slot: unless a garbage collection frees one, every slot is
+        pinned by a batch the caller still references."""
+        ctl, n = self.ring.ctl, self.ring.n_slots
+        gc.collect()  # batches caught in reference cycles
+        self.ring.release_orphans()  # releases lost to a Ctrl-C
+        ctl.assign_free()
+        if ctl.slot_of(gen, b) >= 0:
+            return
+        held = sum(ctl.slot(s)["state"] == SlotState.HELD for s in range(n))
+        if held < n:
+            return  # a slot is on its way back (a worker is finishing a stale batch)
+        raise RingFullError(
+            f"batch {epoch_batch} has no ring slot: all {n} slots hold batches that are still "
+            "referenced (e.g. appended to a list, or held by in-flight device transfers). "
+            "Copy what you keep (`np.array(x)`, or `jax.device_put`), drop references "
+            f"sooner, or give the loader more slots (`num_slots`, now {n}).")
+
+    def _slow_take(self, gen: int, epoch: int, b: int, epoch_batch: int, t0: float) -> Taken:
+        ctl = self.ring.ctl
+        while True:
+            try:
+                taken = ctl.take(gen, b, TAKE_SLICE_S)
+            except RingBlocked:
+                self._raise_if_full(gen, b, epoch_batch)
+                continue
+            except PoolShutdown:
+                if ctl.fatal:
+                    raise self.ring.read_report(None).to_exception() from None
+                raise LoaderClosedError("the loader was closed while waiting for a batch") from None
+            if taken is not None:
+                return taken
+            self._check_health(epoch, epoch_batch, b, t0)
+
+    def _check_health(self, epoch: int, epoch_batch: int, b: int, t0: float) -> None:
+        pool = self.res.pool
+        if pool is not None:
+            ended = pool.poll()
+            if ended is not None:
+                self.res.pool_stale = True
+                raise WorkerError(
+                    f"the worker pool's supervisor (pid {pool.pid}) {ended} while batch {epoch_batch} of "
+                    f"epoch {epoch} was awaited; iterate again to start a new pool, or close the loader",
+                    batch=epoch_batch, epoch=epoch, pid=pool.pid)
+        waited = time.perf_counter() - t0
+        timeout_s = self.cfg.timeout_s
+        if timeout_s is not None and waited > timeout_s:
+            # First give the epoch up, so that the worker about to be killed is
+            # replaced without rebuilding a batch nobody waits for any more.
+            self.ring.ctl.abandon(self.gen)
+            culprit = self._kill_builder_of(self.gen, b)
+            raise WorkerError(
+                f"batch {epoch_batch} of epoch {epoch} was not ready after waiting {waited:.1f} s "
+                f"(`timeout_s={timeout_s}`){culprit}. Raise `timeout_s` if batches are "
+                "legitimately this slow; iterating again starts the next epoch.",
+                batch=epoch_batch, epoch=epoch, waited_s=waited)
+
+    def _kill_builder_of(self, gen: int, b: int) -> str:
+        """SIGKILL the worker stuck on batch `b` (the supervisor replaces it), or, when no
+        worker has it, those stuck on batches of an earlier epoch."""
+        ctl, pool = self.ring.ctl, self.res.pool
+        if pool is None:
+            return ""
+        slot = ctl.slot_of(gen, b)
+        owner = ctl.slot(slot)["owner"] if slot >= 0 else -1
+        building, stale = [], []
+        for w in range(self.cfg.num_workers):
+            info = ctl.worker(w)
+            if w == owner or info["claim"] == tag(gen, b):
+                building.append((w, info["pid"]))
+            elif info["claim"] != NO_CLAIM and info["claim"] < tag(gen, 0):
+                stale.append((w, info["pid"]))
+        victims = building or stale
+        for _, pid in victims:
+            try:  # only a child of our supervisor: never a stranger that reused the pid
+                proc = psutil.Process(pid)
+                if proc.ppid() == pool.pid:
+                    proc.kill()
+            except psutil.Error:
+                pass
+        names = ", ".join(f"worker {w} (pid {pid})" for w, pid in victims)
+        if building:
+            return f"; {names} was still building it and has been killed"
+        if stale:
+            return (f"; no worker had claimed it, and {names} were stuck on batches of an "
+                    "earlier epoch and have been killed")
+        return "; no worker had claimed it"
