@@ -77,9 +77,9 @@ class Consumer:
                         "iterate one epoch at a time")
                 if closed():
                     raise LoaderClosedError("this Loader is closed; create a new one")
-                batch = self._next_batch(gen, epoch, b, first_batch + b)
-                self.delivered = first_batch + b + 1
-                yield batch
+                # Not bound to a local: the generator's frame, which the traceback of a
+                # later error refers to, would keep the previous batch's slot.
+                yield self._next_batch(gen, epoch, b, first_batch + b)
         except (Exception, KeyboardInterrupt):
             guard.abandon()
             raise
@@ -108,6 +108,7 @@ class Consumer:
         leaves = ring.lease(taken.slot, tag(gen, b), taken.rows)
         self.stats.batches += 1
         self.stats.bytes += sum(x.nbytes for x in leaves)
+        self.delivered = epoch_batch + 1
         return unflatten(self.cfg.spec.tree, leaves)
 
     def _build_here(self, gen: int, b: int) -> None:

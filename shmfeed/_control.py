@@ -25,7 +25,6 @@ from ._errors import internal
 
 NO_CLAIM: int = _core.SHMF_NO_CLAIM
 REPORT_BYTES: int = _core.SHMF_REPORT_BYTES
-DATA_ALIGN: int = _core.SHMF_DATA_ALIGN
 layout = _core.layout
 set_pdeathsig = _core.set_pdeathsig
 address = _core.address

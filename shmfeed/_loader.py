@@ -1,7 +1,9 @@
-"""`Loader`: the public object.  Owns the ring and the worker pool for its lifetime,
-hands out epochs in order, and turns everything that goes wrong into shmfeed errors.
+"""`Loader`: the public object.  Owns what a loader holds for its lifetime (its
+configuration, ring and worker pool), the epoch bookkeeping (which epoch, and from
+which batch, the next iteration produces), the source's epoch hooks, and the start
+of the pool; the epoch itself is taken from the ring by the consumer (_consumer.py).
 
-Invariants (see ../DESIGN.md):
+Invariants (see DESIGN.md):
 1. each batch of an epoch is delivered exactly once, in batch order;
 2. the stream is a function of (source, seed, epoch, options) only;
 3. memory is fixed at construction (`ring_bytes`);

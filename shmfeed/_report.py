@@ -88,21 +88,22 @@ class _Report:
     KIND = ""
 
     def encode(self) -> bytes:
-        data = self._dump(self)
+        data = self._pickle(self)
         if len(data) <= PAYLOAD_BYTES:
             return data
-        return self._dump(self._shortened(len(data) - PAYLOAD_BYTES))
+        data = self._pickle(self._shortened())
+        if len(data) > PAYLOAD_BYTES:  # _shortened's budget makes this unreachable
+            raise internal(f"a shortened {self.KIND} report of {len(data)} bytes does not fit "
+                           f"{PAYLOAD_BYTES}")
+        return data
 
-    def _shortened(self, excess_bytes: int) -> _Report:
+    def _shortened(self) -> _Report:
         raise NotImplementedError
 
     @staticmethod
-    def _dump(report: _Report) -> bytes:
+    def _pickle(report: _Report) -> bytes:
         values = tuple(getattr(report, f.name) for f in fields(report))
-        data = pickle.dumps((report.KIND, values), protocol=pickle.HIGHEST_PROTOCOL)
-        if len(data) > PAYLOAD_BYTES:  # _shortened's budget makes this unreachable
-            raise internal(f"a {report.KIND} report of {len(data)} bytes does not fit {PAYLOAD_BYTES}")
-        return data
+        return pickle.dumps((report.KIND, values), protocol=pickle.HIGHEST_PROTOCOL)
 
     def to_exception(self) -> BaseException:
         raise NotImplementedError
@@ -133,18 +134,24 @@ class BuildFailure(_Report):
                    type_name=type(exc).__qualname__, message=_safe_str(exc),
                    traceback=_safe_traceback(exc), exception=_safe_pickle(exc))
 
-    def _shortened(self, excess_bytes: int) -> BuildFailure:
+    def _shortened(self) -> BuildFailure:
         # The pickled exception goes first (the type and message still say what it
         # was); then the message keeps its start and the traceback its end, each
         # within what is left, with room for the marks.
-        fixed = len(self._dump(replace(self, message="", traceback="", exception=None,
+        fixed = len(self._pickle(replace(self, message="", traceback="", exception=None,
                                        shortened=True)))
         room = PAYLOAD_BYTES - fixed - 2 * len(SHORTENED) - 16
         message = _cut_head(self.message, min(MESSAGE_BYTES, room // 2))
         if message != self.message:
             message += " " + SHORTENED
         used = len(message.encode("utf-8", "surrogatepass"))
-        tb = _cut_tail(self.traceback, room - used)
+        tb = self.traceback
+        # The traceback ends with the message again: shorten it there the same way, so
+        # that the frames above it, the useful part, survive.
+        at = tb.rfind(self.message) if self.message else -1
+        if at >= 0 and at + len(self.message) >= len(tb) - 2:
+            tb = tb[:at] + message + tb[at + len(self.message):]
+        tb = _cut_tail(tb, room - 2 * used)
         if tb != self.traceback:
             tb = SHORTENED + "\n..." + tb
         return replace(self, message=message, traceback=tb, exception=None, shortened=True)
@@ -205,7 +212,7 @@ class WorkerDeath(_Report):
     signal: int | None = None
     exit_code: int | None = None
 
-    def _shortened(self, excess_bytes: int) -> WorkerDeath:
+    def _shortened(self) -> WorkerDeath:
         return replace(self, message=_cut_head(self.message, MESSAGE_BYTES) + " " + SHORTENED)
 
     def to_exception(self) -> WorkerError:
@@ -219,7 +226,7 @@ class StartupFailure(_Report):
 
     message: str
 
-    def _shortened(self, excess_bytes: int) -> StartupFailure:
+    def _shortened(self) -> StartupFailure:
         return StartupFailure(_cut_head(self.message, MESSAGE_BYTES) + " " + SHORTENED)
 
     def to_exception(self) -> WorkerError:

@@ -250,10 +250,6 @@ def flattener(spec: Spec):
     return flatten
 
 
-def flatten(obj: Any, spec: Spec, kind: str, index: int | None) -> list:
-    return flattener(spec)(obj, kind, index)
-
-
 def check_sample_leaf(x: Any, leaf: Leaf, index: int | None) -> None:
     """Raise SpecError unless x can be written as one row of `leaf` unchanged."""
     if isinstance(x, np.ndarray | np.generic):

@@ -13,10 +13,11 @@
 
 This is the only part of shmfeed that imports jax; only `_gpu.py` imports CuPy, and
 only when a CUDA device is fed.  How slots are kept safe while a device may still
-read them is written down in `_feed.py`.
+read them is written down in `_feed.py`; the transfer interface is `_transfer.py`.
 """
 
 from ._feed import GPU_DEFAULT_TRANSFER, TRANSFERS, prefetch_to_device
 from ._shard import host_shard
+from ._transfer import DeviceFeedError
 
-__all__ = ["GPU_DEFAULT_TRANSFER", "TRANSFERS", "host_shard", "prefetch_to_device"]
+__all__ = ["GPU_DEFAULT_TRANSFER", "TRANSFERS", "DeviceFeedError", "host_shard", "prefetch_to_device"]

@@ -41,7 +41,7 @@ from __future__ import annotations
 
 import traceback
 from collections import deque
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Iterable, Iterator
 from typing import Any
 
 import jax
@@ -49,154 +49,14 @@ import numpy as np
 
 from .._errors import SpecError
 from .._loader import Loader
-from ._shard import Placement, Target, host_slice
+from ._shard import Target
+from ._transfer import HostCopyTransfer, Pending, Transfer, XlaTransfer
 
 TRANSFERS = ("auto", "copy", "xla", "cupy")
 # Which GPU transfer "auto" picks when CuPy is installed.  The CuPy path is the design
 # (pinned ring, own stream, DLPack); benchmarks/bench_jax.py --device measures it
 # against XLA's device_put from the registered ring, and this is where to flip it.
 GPU_DEFAULT_TRANSFER = "cupy"
-HOST_ALIGN_BYTES = 64  # XLA:CPU adopts host buffers aligned to this without a copy
-
-
-class Pending:
-    """Host memory of one batch that a transfer may still be reading."""
-
-    __slots__ = ("host", "ready", "wait")
-
-    def __init__(self, host: list, ready: Callable[[], bool], wait: Callable[[], None]):
-        self.host = host  # the ring leaves: their last reference releases the slot
-        self.ready = ready
-        self.wait = wait
-
-
-class Transfer:
-    """Moves one host leaf to its devices.  Subclasses say how."""
-
-    name = "?"
-
-    def __init__(self, target: Target):
-        self.target = target
-
-    def upload_leaves(self, leaves: list[np.ndarray], plans: list[Placement]) -> tuple[list, Pending | None]:
-        raise NotImplementedError
-
-    def close(self) -> None:
-        """The feed is done with this transfer (every upload has completed)."""
-
-
-class HostCopyTransfer(Transfer):
-    """One private, aligned host copy per device piece, then `jax.device_put`."""
-
-    name = "copy"
-
-    def upload_leaves(self, leaves, plans):
-        out = []
-        for leaf, plan in zip(leaves, plans):
-            if plan.sharding is None:
-                out.append(jax.device_put(aligned_copy(leaf)))
-                continue
-            copies: dict[str, np.ndarray] = {}  # devices that hold the same rows share a copy
-            shards = []
-            for d, idx in plan.pieces:
-                key = repr(idx)
-                if key not in copies:
-                    copies[key] = aligned_copy(host_slice(leaf, idx))
-                shards.append(jax.device_put(copies[key], d))
-            out.append(jax.make_array_from_single_device_arrays(plan.global_shape, plan.sharding, shards))
-        return out, None  # the ring is not read any more
-
-
-class XlaTransfer(Transfer):
-    """XLA's own transfer straight from the ring."""
-
-    name = "xla"
-
-    def upload_leaves(self, leaves, plans):
-        out = []
-        for leaf, plan in zip(leaves, plans):
-            if plan.sharding is None:
-                out.append(jax.device_put(leaf))
-            else:
-                out.append(jax.make_array_from_process_local_data(plan.sharding, leaf, plan.global_shape))
-        return out, Pending(list(leaves), lambda: all(a.is_ready() for a in out),
-                            lambda: jax.block_until_ready(out))
-
-
-class _Recycled(np.ndarray):
-    """Host memory of one device piece.  Every array of the piece is a view of it, so
-    its `__del__` runs when the last of them dies: for an array XLA:CPU adopted, when
-    JAX lets go of it.  It then hands the buffer back to its pool."""
-
-    def __del__(self) -> None:
-        back = self.__dict__.get("_shmfeed_back")
-        if back is not None:
-            pool, raw = back
-            try:
-                pool.give(raw)
-            except Exception:  # interpreter shutdown: nothing to recycle for
-                pass
-
-
-class HostPool:
-    """Aligned host buffers for the "copy" transfer, reused instead of freed.
-
-    Fresh memory costs a page fault per page on first touch (here ~16 ms for 8 MiB,
-    20x the copy itself), and with async dispatch several batches are alive at once,
-    so the allocator keeps handing out fresh pages.  A buffer returns to the pool
-    only when the last array over it dies, i.e. when JAX no longer reads it, so
-    reuse is as safe as the ring's own slots.  Idle memory is bounded:
-    `IDLE_PER_SIZE` buffers of each of at most `MAX_SIZES` sizes.
-    """
-
-    IDLE_PER_SIZE = 8
-    MAX_SIZES = 16
-
-    def __init__(self) -> None:
-        self._idle: dict[int, list[np.ndarray]] = {}
-
-    def take(self, nbytes: int) -> np.ndarray:
-        idle = self._idle.get(nbytes)
-        if idle:
-            try:
-                return idle.pop()
-            except IndexError:  # emptied by another thread meanwhile
-                pass
-        raw = np.empty(nbytes + HOST_ALIGN_BYTES, np.uint8)
-        off = (-raw.ctypes.data) % HOST_ALIGN_BYTES
-        return raw[off : off + nbytes]
-
-    def give(self, raw: np.ndarray) -> None:
-        idle = self._idle.get(raw.nbytes)
-        if idle is None:
-            if len(self._idle) >= self.MAX_SIZES:
-                return
-            idle = self._idle.setdefault(raw.nbytes, [])
-        if len(idle) < self.IDLE_PER_SIZE:
-            idle.append(raw)  # list.append is atomic: safe from whichever thread frees
-
-    def copy(self, x: np.ndarray) -> np.ndarray:
-        """A C-contiguous, HOST_ALIGN_BYTES-aligned copy of `x` in the dtype JAX keeps
-        (64-bit types become 32-bit unless `jax_enable_x64`), so that `jax.device_put`
-        adopts it instead of converting it in a second copy."""
-        dtype = np.dtype(jax.dtypes.canonicalize_dtype(x.dtype))
-        nbytes = x.size * dtype.itemsize
-        raw = self.take(nbytes)
-        holder = raw.view(_Recycled)
-        holder._shmfeed_back = (self, raw)
-        # Slice first: numpy keeps a subclass *slice* in the base chain of the views made
-        # from it (the ring's slot references rely on the same rule), not the holder itself.
-        out = holder[:nbytes].view(np.ndarray).view(dtype).reshape(x.shape)
-        np.copyto(out, x, casting="unsafe")  # what JAX's own conversion would do
-        return out
-
-
-_host_pool = HostPool()
-
-
-def aligned_copy(x: np.ndarray) -> np.ndarray:
-    """See HostPool.copy (the process-wide pool)."""
-    return _host_pool.copy(x)
 
 
 class Uploader:
@@ -262,28 +122,33 @@ def prefetch_to_device(
             f"{type(loader_or_iterator).__name__}")
     target = Target(sharding)
     loader = loader_or_iterator if isinstance(loader_or_iterator, Loader) else None
-    mode = choose_transfer(transfer, target)
     limit = size + 1
     if loader is not None:
         target.check_spec(loader.spec)
-        if mode == "xla" and "cpu" in target.platforms and size + 2 > loader.num_slots:
+    transfer_ = make_transfer(transfer, target, loader)
+    if loader is not None:
+        if transfer_.name == "xla" and "cpu" in target.platforms and size + 2 > loader.num_slots:
+            transfer_.close()
             raise SpecError(
                 f"`transfer='xla'` on CPU keeps each prefetched batch's ring slot until its "
                 f"array dies: `size={size}` batches ahead plus the one in use and the one being "
                 f"read need {size + 2} slots, the loader has {loader.num_slots}. Lower `size`, "
                 "raise the Loader's `num_slots`, or use `transfer='copy'`.")
         limit = max(1, min(limit, loader.num_slots - 1))
-    return _feed(loader_or_iterator, loader, size, limit, target, mode)
+    return _feed(loader_or_iterator, size, limit, transfer_)
 
 
-def choose_transfer(transfer: str, target: Target) -> str:
+def make_transfer(transfer: str, target: Target, loader: Loader | None) -> Transfer:
+    """The one place that decides how batches reach `target`: "auto" is a host copy on
+    CPU, CuPy on CUDA GPUs when it is usable, XLA's own transfer otherwise (from the
+    page-locked ring when CuPy can pin it)."""
     if transfer not in TRANSFERS:
         raise SpecError(f"`transfer` must be one of {TRANSFERS}, got {transfer!r}")
-    if transfer in ("copy", "xla"):
-        return transfer
     on_cpu = target.platforms <= {"cpu"}
-    if transfer == "auto" and on_cpu:
-        return "copy"
+    if transfer == "copy" or (transfer == "auto" and on_cpu):
+        return HostCopyTransfer(target)
+    if transfer == "xla" and on_cpu:
+        return XlaTransfer(target)
     from . import _gpu  # imports cupy only from here on: a CPU run never loads it
 
     reason = _gpu.unusable_reason(target.devices)
@@ -291,31 +156,17 @@ def choose_transfer(transfer: str, target: Target) -> str:
         raise SpecError(
             f"`transfer='cupy'` cannot be used: {reason}. Use `transfer='auto'` (host copy on "
             "CPU, XLA on GPUs without CuPy) or install CuPy for your CUDA version.")
-    if transfer == "auto":
-        return GPU_DEFAULT_TRANSFER if reason is None else "xla"
-    return transfer
-
-
-def _make_transfer(mode: str, target: Target, loader: Loader | None) -> Transfer:
-    if mode == "copy":
-        return HostCopyTransfer(target)
-    on_accelerator = not (target.platforms <= {"cpu"})
-    if mode == "cupy" or on_accelerator:
-        from . import _gpu
-
-        if mode == "cupy":
-            return _gpu.CupyTransfer(target, loader)
-        if _gpu.unusable_reason(target.devices) is None and loader is not None:
-            pin = _gpu.pin_ring(loader)  # XLA then reads page-locked memory
-            if pin is not None:
-                pin.ordinals.update(d.local_hardware_id for d in target.devices)
+    if transfer == "cupy" or (transfer == "auto" and reason is None and GPU_DEFAULT_TRANSFER == "cupy"):
+        return _gpu.CupyTransfer(target, loader)
+    if reason is None and loader is not None:
+        pin = _gpu.pin_ring(loader)  # XLA then reads page-locked memory
+        if pin is not None:
+            pin.ordinals.update(d.local_hardware_id for d in target.devices)
     return XlaTransfer(target)
 
 
-def _feed(source: Iterable, loader: Loader | None, size: int, limit: int, target: Target,
-          mode: str) -> Iterator[Any]:
+def _feed(source: Iterable, size: int, limit: int, transfer: Transfer) -> Iterator[Any]:
     """The generator behind prefetch_to_device (see the invariants above)."""
-    transfer = _make_transfer(mode, target, loader)
     uploader = Uploader(transfer)
     batches = iter(source)
     ahead: deque = deque()  # uploaded (or uploading) batches not yet yielded

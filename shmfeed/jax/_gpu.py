@@ -6,10 +6,10 @@ Owns:
 - page-locking a loader's ring: once per loader (`cudaHostRegister`, portable, so
   every GPU context sees it pinned), undone when the loader is closed or collected,
   after every copy stream has drained;
-- one non-blocking copy stream per GPU;
+- one non-blocking copy stream per GPU (also timed by the device benchmark,
+  _bench.py);
 - the upload of one leaf piece: a fresh device buffer, `cudaMemcpyAsync` from the
   ring on the copy stream, and the buffer handed to JAX through DLPack;
-- the timing primitives of the device benchmark (_bench.py).
 
 Invariants:
 - The numpy leaves of a batch (whose last reference frees its ring slot) are held
@@ -28,26 +28,20 @@ Invariants:
 from __future__ import annotations
 
 import logging
-import time
 import weakref
 from typing import Any
 
 import jax
 import numpy as np
 
-from .._errors import ShmfeedError
-from ._feed import Pending, Transfer
 from ._shard import Target, host_slice
+from ._transfer import DeviceFeedError, Pending, Transfer
 
 log = logging.getLogger("shmfeed")
 
 CUDA_HOST_REGISTER_PORTABLE = 1  # cudaHostRegisterPortable
 CUDA_MEMCPY_HOST_TO_DEVICE = 1  # cudaMemcpyHostToDevice
 CUDA_PLATFORMS = ("gpu", "cuda")
-
-
-class DeviceFeedError(ShmfeedError):
-    """CUDA refused something the GPU feed needs (page-locking, a copy, DLPack)."""
 
 
 def _cupy():
@@ -107,10 +101,6 @@ class PinnedRing:
     @property
     def active(self) -> bool:
         return self._data is not None
-
-    def contains(self, a: np.ndarray) -> bool:
-        p = int(a.ctypes.data)
-        return self.ptr <= p and p + a.nbytes <= self.ptr + self.nbytes
 
     def release(self) -> None:
         if self._data is None:
@@ -256,35 +246,3 @@ class CupyTransfer(Transfer):
                 e.synchronize()
 
         return out, Pending(list(leaves) + keep, ready, wait)
-
-
-# -- benchmark primitives --------------------------------------------------------------
-def pinned_host_array(nbytes: int) -> np.ndarray:
-    """Host memory CuPy allocated page-locked (the reference for peak H2D speed)."""
-    import cupyx
-
-    return cupyx.empty_pinned((nbytes,), np.uint8)
-
-
-def h2d_gbps(src: np.ndarray, ordinal: int, seconds: float) -> float:
-    """Median H2D bandwidth in GB/s of cudaMemcpyAsync from `src`, timed with events."""
-    cp = _cupy()
-    stream = copy_stream(ordinal)
-    with cp.cuda.Device(ordinal), stream:
-        dst = cp.empty(src.nbytes, np.uint8)
-        times = []
-        deadline = time.perf_counter() + seconds
-        while len(times) < 3 or (time.perf_counter() < deadline and len(times) < 1000):
-            start, end = cp.cuda.Event(), cp.cuda.Event()
-            start.record(stream)
-            cp.cuda.runtime.memcpyAsync(dst.data.ptr, src.ctypes.data, src.nbytes,
-                                        CUDA_MEMCPY_HOST_TO_DEVICE, stream.ptr)
-            end.record(stream)
-            end.synchronize()
-            times.append(cp.cuda.get_elapsed_time(start, end) / 1e3)
-    return src.nbytes / float(np.median(times)) / 1e9
-
-
-def register(array: np.ndarray) -> PinnedRing:
-    """Page-lock any host array (for the benchmark); `release()` undoes it."""
-    return PinnedRing(array)

@@ -133,7 +133,7 @@ def test_jax_adopts_the_cupy_buffer_without_a_device_copy():
             return buf
 
     with shmfeed.Loader(Stamped(8, shape=SAMPLE_SHAPE), batch_size=4, num_workers=0) as loader:
-        target = sj._feed.Target(None)
+        target = sj._shard.Target(None)
         transfer = _gpu.CupyTransfer(target, loader)
         transfer.cp = Recording()
         batch = next(iter(loader))

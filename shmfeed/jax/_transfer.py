@@ -1,0 +1,167 @@
+"""The transfer interface of the device feed, and the two host-side transfers.
+
+Owns: `Transfer` (moves one batch's host leaves to their devices) and `Pending` (the
+host memory an upload may still be reading, and how to wait for it), which the feed
+(_feed.py) schedules and every transfer implements: "copy" and "xla" here, "cupy" in
+_gpu.py; `DeviceFeedError`; the aligned host buffers of the "copy" transfer.  Which
+transfer a feed uses is decided in one place, `_feed.make_transfer`.  The guarantees
+each transfer gives are written down in _feed.py.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import jax
+import numpy as np
+
+from .._errors import ShmfeedError
+from ._shard import Placement, Target, host_slice
+
+HOST_ALIGN_BYTES = 64  # XLA:CPU adopts host buffers aligned to this without a copy
+
+
+class DeviceFeedError(ShmfeedError):
+    """A device refused something the feed needs (page-locking, a copy, DLPack)."""
+
+
+class Pending:
+    """Host memory of one batch that a transfer may still be reading."""
+
+    __slots__ = ("host", "ready", "wait")
+
+    def __init__(self, host: list, ready: Callable[[], bool], wait: Callable[[], None]):
+        self.host = host  # the ring leaves: their last reference releases the slot
+        self.ready = ready
+        self.wait = wait
+
+
+class Transfer:
+    """Moves one host leaf to its devices.  Subclasses say how."""
+
+    name = "?"
+
+    def __init__(self, target: Target):
+        self.target = target
+
+    def upload_leaves(self, leaves: list[np.ndarray], plans: list[Placement]) -> tuple[list, Pending | None]:
+        raise NotImplementedError
+
+    def close(self) -> None:
+        """The feed is done with this transfer (every upload has completed)."""
+
+
+class HostCopyTransfer(Transfer):
+    """One private, aligned host copy per device piece, then `jax.device_put`."""
+
+    name = "copy"
+
+    def upload_leaves(self, leaves, plans):
+        out = []
+        for leaf, plan in zip(leaves, plans):
+            if plan.sharding is None:
+                out.append(jax.device_put(aligned_copy(leaf)))
+                continue
+            copies: dict[str, np.ndarray] = {}  # devices that hold the same rows share a copy
+            shards = []
+            for d, idx in plan.pieces:
+                key = repr(idx)
+                if key not in copies:
+                    copies[key] = aligned_copy(host_slice(leaf, idx))
+                shards.append(jax.device_put(copies[key], d))
+            out.append(jax.make_array_from_single_device_arrays(plan.global_shape, plan.sharding, shards))
+        return out, None  # the ring is not read any more
+
+
+class XlaTransfer(Transfer):
+    """XLA's own transfer straight from the ring."""
+
+    name = "xla"
+
+    def upload_leaves(self, leaves, plans):
+        out = []
+        for leaf, plan in zip(leaves, plans):
+            if plan.sharding is None:
+                out.append(jax.device_put(leaf))
+            else:
+                out.append(jax.make_array_from_process_local_data(plan.sharding, leaf, plan.global_shape))
+        return out, Pending(list(leaves), lambda: all(a.is_ready() for a in out),
+                            lambda: jax.block_until_ready(out))
+
+
+class _Recycled(np.ndarray):
+    """Host memory of one device piece.  Every array of the piece is a view of it, so
+    its `__del__` runs when the last of them dies: for an array XLA:CPU adopted, when
+    JAX lets go of it.  It then hands the buffer back to its pool."""
+
+    def __del__(self) -> None:
+        back = self.__dict__.get("_shmfeed_back")
+        if back is not None:
+            pool, raw = back
+            try:
+                pool.give(raw)
+            except Exception:  # interpreter shutdown: nothing to recycle for
+                pass
+
+
+class HostPool:
+    """Aligned host buffers for the "copy" transfer, reused instead of freed.
+
+    Fresh memory costs a page fault per page on first touch (here ~16 ms for 8 MiB,
+    20x the copy itself), and with async dispatch several batches are alive at once,
+    so the allocator keeps handing out fresh pages.  A buffer returns to the pool
+    only when the last array over it dies, i.e. when JAX no longer reads it, so
+    reuse is as safe as the ring's own slots.  Idle memory is bounded:
+    `IDLE_PER_SIZE` buffers of each of at most `MAX_SIZES` sizes.
+    """
+
+    IDLE_PER_SIZE = 8
+    MAX_SIZES = 16
+
+    def __init__(self) -> None:
+        self._idle: dict[int, list[np.ndarray]] = {}
+
+    def take(self, nbytes: int) -> np.ndarray:
+        idle = self._idle.get(nbytes)
+        if idle:
+            try:
+                return idle.pop()
+            except IndexError:  # emptied by another thread meanwhile
+                pass
+        raw = np.empty(nbytes + HOST_ALIGN_BYTES, np.uint8)
+        off = (-raw.ctypes.data) % HOST_ALIGN_BYTES
+        return raw[off : off + nbytes]
+
+    def give(self, raw: np.ndarray) -> None:
+        idle = self._idle.get(raw.nbytes)
+        if idle is None:
+            if len(self._idle) >= self.MAX_SIZES:
+                return
+            idle = self._idle.setdefault(raw.nbytes, [])
+        if len(idle) < self.IDLE_PER_SIZE:
+            idle.append(raw)  # list.append is atomic: safe from whichever thread frees
+
+    def copy(self, x: np.ndarray) -> np.ndarray:
+        """A C-contiguous, HOST_ALIGN_BYTES-aligned copy of `x` in the dtype JAX keeps
+        (64-bit types become 32-bit unless `jax_enable_x64`), so that `jax.device_put`
+        adopts it instead of converting it in a second copy."""
+        dtype = np.dtype(jax.dtypes.canonicalize_dtype(x.dtype))
+        nbytes = x.size * dtype.itemsize
+        raw = self.take(nbytes)
+        holder = raw.view(_Recycled)
+        holder._shmfeed_back = (self, raw)
+        # Slice first: numpy keeps a subclass *slice* in the base chain of the views made
+        # from it (the ring's slot references rely on the same rule), not the holder itself.
+        out = holder[:nbytes].view(np.ndarray).view(dtype).reshape(x.shape)
+        np.copyto(out, x, casting="unsafe")  # what JAX's own conversion would do
+        return out
+
+
+_host_pool = HostPool()
+
+
+def aligned_copy(x: np.ndarray) -> np.ndarray:
+    """See HostPool.copy (the process-wide pool)."""
+    return _host_pool.copy(x)
+
+
