@@ -25,7 +25,7 @@ from typing import Any
 
 import numpy as np
 
-from . import _order
+from . import _order, _state
 from ._config import REQUIRED, build, check_int
 from ._consumer import Consumer
 from ._errors import LoaderClosedError, SpecError, WorkerError
@@ -190,6 +190,10 @@ class Loader:
         self._finalizer = weakref.finalize(self, _Resources.close, self._res)
         self._epoch = 0  # the epoch the next iteration produces
         self._first_batch = 0  # and the batch it starts at (> 0 after a resume)
+        self._active: int | None = None  # the epoch being iterated, until it completes
+        self._received: tuple[int, int] | None = None  # set by a device feed reading ahead
+        self._hooks = any(_epoch_hook(source, h) for h in _HOOK_BATCH)
+        self._snapshot: tuple[int, Any] | None = None  # (epoch, source state at its start)
         self._closed = False
         self._stats = Stats(n_slots=cfg.n_slots, slot_bytes=cfg.spec.slot_bytes,
                             ring_bytes=self._ring.nbytes)
@@ -238,6 +242,55 @@ class Loader:
         """Choose the epoch the next iteration produces, from its first batch."""
         self._epoch = check_int("epoch", epoch, 0)
         self._first_batch = 0
+
+    def state_dict(self) -> dict:
+        """Where the run is: a small JSON-serialisable dict.  Loaded into a loader over
+        the same data with the same options (`load_state_dict`), its next iteration
+        continues with the batch after the last one the training loop received,
+        bit-identical to an uninterrupted run, whatever `num_workers` (and, for several
+        hosts, whatever their number at the same global batch size).  Inside
+        `shmfeed.jax.prefetch_to_device(loader)`, "received" means yielded by the feed,
+        not prefetched.  See shmfeed/_state.py for sources with epoch hooks."""
+        if self._received is not None:
+            epoch, nxt = self._received
+        elif self._active is not None:
+            epoch, nxt = self._active, self._consumer.delivered
+        else:
+            epoch, nxt = self._epoch, self._first_batch
+        source_state = None
+        if self._hooks:
+            if self._snapshot is not None and self._snapshot[0] == epoch:
+                source_state = self._snapshot[1]
+                if isinstance(source_state, SpecError):
+                    raise source_state
+            else:
+                source_state = _state.source_snapshot(self._source)
+        return _state.make(self._cfg.order, epoch, nxt, source_state)
+
+    def load_state_dict(self, state: dict) -> None:
+        """Continue from `state` (from `state_dict()`) at the next iteration; O(1):
+        nothing is built to be skipped.  A state of another dataset length, seed,
+        batch size or option is refused, naming the field that differs."""
+        self._check_open()
+        epoch, nxt = _state.check(state, self._cfg.order, len(self))
+        if self._hooks:
+            if "source" not in state:
+                raise SpecError("this source has epoch hooks, and the loader state carries no "
+                                "state of the source: pass a state from `state_dict()` of a "
+                                "loader over the same kind of source")
+            _state.restore_source(self._source, state["source"])
+            self._res.pool_stale = True  # the workers' copy predates what was restored
+        self._epoch, self._first_batch = epoch, nxt
+        self._active = self._received = None
+
+    def _note_received(self, position: tuple[int, int]) -> None:
+        """A device feed handed the loop the batch that ends at `position`."""
+        self._received = position
+
+    def _position(self) -> tuple[int, int]:
+        """(epoch, next batch) after the last batch the consumer handed out."""
+        return (self._active if self._active is not None else self._epoch - 1,
+                self._consumer.delivered)
 
     @property
     def spec(self) -> Spec:
@@ -317,16 +370,32 @@ class Loader:
     def __iter__(self):
         self._check_open()
         epoch, first = self._epoch, self._first_batch
+        self._active = self._received = None
+        if first >= len(self):
+            # Resumed after the epoch's last batch but before its on_epoch_end ran.
+            self._call_hook("on_epoch_end", epoch)
+            epoch, first = epoch + 1, 0
         self._epoch, self._first_batch = epoch + 1, 0
         if first == 0:
             self._call_hook("on_epoch_begin", epoch)
+        if self._hooks:
+            try:  # only state_dict() needs it: a source that cannot be pickled fails there
+                self._snapshot = (epoch, _state.source_snapshot(self._source))
+            except SpecError as exc:
+                self._snapshot = (epoch, exc)
         if self._cfg.num_workers and self._res.pool_stale:
             self._res.stop_pool()
             self._start_pool()
         gen = self._consumer.start(epoch, first)
+        self._active = epoch
         self._stats.epochs_started += 1
         return self._consumer.batches(gen, epoch, first, lambda: self._closed,
-                                      lambda: self._call_hook("on_epoch_end", epoch))
+                                      lambda: self._complete(epoch))
+
+    def _complete(self, epoch: int) -> None:
+        self._call_hook("on_epoch_end", epoch)
+        if self._active == epoch:
+            self._active = None
 
     def _check_open(self) -> None:
         if self._closed:

@@ -211,6 +211,26 @@ def test_leaving_the_loop_early_releases_every_slot(transfer):
         assert ids == list(range(0, 40, 4))
 
 
+def test_state_dict_inside_the_feed_names_the_batch_the_loop_received():
+    """The feed reads `size` batches ahead; the state must not count those."""
+    kw = dict(batch_size=4, num_workers=0, shuffle=True, seed=5)
+    with shmfeed.Loader(Stamped(40), **kw) as loader:
+        reference = [np.asarray(b["image"]).copy() for b in loader]
+    with shmfeed.Loader(Stamped(40), **kw) as loader:
+        for i, b in enumerate(sj.prefetch_to_device(loader, size=3)):
+            np.testing.assert_array_equal(np.asarray(b["image"]), reference[i])
+            if i == 4:
+                state = loader.state_dict()
+                break
+    assert (state["epoch"], state["next_batch"]) == (0, 5)
+    with shmfeed.Loader(Stamped(40), **kw) as resumed:
+        resumed.load_state_dict(state)
+        rest = [np.asarray(b["image"]) for b in sj.prefetch_to_device(resumed, size=3)]
+    assert len(rest) == len(reference) - 5
+    for got, want in zip(rest, reference[5:]):
+        np.testing.assert_array_equal(got, want)
+
+
 def test_an_error_comes_after_the_batches_before_it():
     with shmfeed.Loader(FailsAt(20, bad=9), batch_size=4, num_workers=0) as loader:
         seen = []

@@ -135,7 +135,7 @@ def prefetch_to_device(
                 f"read need {size + 2} slots, the loader has {loader.num_slots}. Lower `size`, "
                 "raise the Loader's `num_slots`, or use `transfer='copy'`.")
         limit = max(1, min(limit, loader.num_slots - 1))
-    return _feed(loader_or_iterator, size, limit, transfer_)
+    return _feed(loader_or_iterator, loader, size, limit, transfer_)
 
 
 def make_transfer(transfer: str, target: Target, loader: Loader | None) -> Transfer:
@@ -165,8 +165,11 @@ def make_transfer(transfer: str, target: Target, loader: Loader | None) -> Trans
     return XlaTransfer(target)
 
 
-def _feed(source: Iterable, size: int, limit: int, transfer: Transfer) -> Iterator[Any]:
-    """The generator behind prefetch_to_device (see the invariants above)."""
+def _feed(source: Iterable, loader: Loader | None, size: int, limit: int,
+          transfer: Transfer) -> Iterator[Any]:
+    """The generator behind prefetch_to_device (see the invariants above).  A Loader
+    is told which batch the loop has received (for its `state_dict`), not which ones
+    were read ahead."""
     uploader = Uploader(transfer)
     batches = iter(source)
     ahead: deque = deque()  # uploaded (or uploading) batches not yet yielded
@@ -209,15 +212,17 @@ def _feed(source: Iterable, size: int, limit: int, transfer: Transfer) -> Iterat
             del batch  # our reference to the ring leaves: the Pending holds them if needed
         if hold is not None:
             pending.append(hold)
-        ahead.append(arrays)
+        ahead.append((arrays, loader._position() if loader is not None else None))
 
     try:
         while len(ahead) < size and not exhausted:
             start_one()
         while ahead:
-            current = ahead.popleft()
+            current, position = ahead.popleft()
             if not exhausted:
                 start_one()  # keep `size` batches in flight during this step
+            if loader is not None:
+                loader._note_received(position)
             yield current
             del current
         if error:
