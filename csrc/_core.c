@@ -13,6 +13,7 @@
 
 #include <signal.h>
 #include <stddef.h>
+#include <sys/mman.h>
 #include <sys/prctl.h>
 #include <unistd.h>
 
@@ -196,14 +197,15 @@ static PyObject *Control_set_fatal(ControlObject *self, PyObject *Py_UNUSED(a)) 
 static PyObject *Control_header(ControlObject *self, PyObject *Py_UNUSED(a)) {
     shmf_header *h = shmf_hdr(self->base);
     uint64_t c = atomic_load(&h->claim);
-    return Py_BuildValue("{sIsIsKsKsIsKsIsIsKsK}", "n_slots", h->n_slots, "max_workers",
+    return Py_BuildValue("{sIsIsKsKsIsKsIsIsKsKsI}", "n_slots", h->n_slots, "max_workers",
                          h->max_workers, "slot_bytes", (unsigned long long)h->slot_bytes,
                          "data_offset", (unsigned long long)h->data_offset, "gen",
                          (unsigned int)(c >> 32), "next_claim", (unsigned long long)(uint32_t)c,
                          "shutdown", (unsigned int)atomic_load(&h->shutdown), "fatal",
                          (unsigned int)atomic_load(&h->fatal), "restarts",
                          (unsigned long long)atomic_load(&h->restarts), "consumer_tag",
-                         (unsigned long long)atomic_load(&h->consumer_tag));
+                         (unsigned long long)atomic_load(&h->consumer_tag), "progress",
+                         (unsigned int)atomic_load(&h->progress));
 }
 
 static PyObject *Control_add_restart(ControlObject *self, PyObject *Py_UNUSED(a)) {
@@ -437,9 +439,19 @@ static PyObject *core_set_pdeathsig(PyObject *Py_UNUSED(m), PyObject *args) {
     Py_RETURN_NONE;
 }
 
+/* munmap(address, length): in a forked pool process, drop a mapping inherited from the
+ * training process.  Only for rings, whose Python objects there are never used again. */
+static PyObject *core_unmap(PyObject *Py_UNUSED(m), PyObject *args) {
+    unsigned long long addr, length;
+    if (!PyArg_ParseTuple(args, "KK", &addr, &length)) return NULL;
+    if (munmap((void *)(uintptr_t)addr, (size_t)length) != 0) return PyErr_SetFromErrno(PyExc_OSError);
+    Py_RETURN_NONE;
+}
+
 static PyMethodDef core_methods[] = {
     {"layout", core_layout, METH_VARARGS, "layout(n_slots, max_workers) -> offsets of reports, fatal message and data"},
     {"address", core_address, METH_O, "address(buffer) -> address of its first byte"},
+    {"unmap", core_unmap, METH_VARARGS, "unmap(address, length): munmap an inherited ring"},
     {"set_pdeathsig", core_set_pdeathsig, METH_VARARGS, "set_pdeathsig(sig): deliver sig to this process when its parent dies"},
     {NULL, NULL, 0, NULL},
 };

@@ -357,9 +357,12 @@ shmf_status shmf_take(void *base, uint32_t gen, uint32_t batch, double timeout_s
         }
         /* Checked only before sleeping: batches that are ready are still delivered. */
         if (atomic_load(&h->fatal)) return SHMF_SHUTDOWN;
-        int rc = futex_wait(&h->progress, &h->progress_waiters, seq, deadline - now_s());
+        /* Only after the slot was looked at: a process stopped past its deadline
+         * (SIGSTOP, a debugger) takes a batch that became ready meanwhile. */
+        double left_s = deadline - now_s();
+        if (left_s <= 0) return SHMF_TIMEOUT;
+        int rc = futex_wait(&h->progress, &h->progress_waiters, seq, left_s);
         if (rc == EINTR) return SHMF_INTERRUPTED;
-        if (now_s() >= deadline) return SHMF_TIMEOUT;
     }
 }
 

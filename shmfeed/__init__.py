@@ -12,7 +12,14 @@ into `jax.Array`s.
 """
 
 from ._control import SlotState
-from ._errors import LoaderClosedError, RingFullError, ShmfeedError, SpecError, WorkerError
+from ._errors import (
+    LoaderClosedError,
+    RingFullError,
+    RingMemoryError,
+    ShmfeedError,
+    SpecError,
+    WorkerError,
+)
 from ._loader import Loader, Stats
 from ._order import rng, rng_key
 
@@ -20,6 +27,7 @@ __all__ = [
     "Loader",
     "LoaderClosedError",
     "RingFullError",
+    "RingMemoryError",
     "ShmfeedError",
     "SlotState",
     "SpecError",

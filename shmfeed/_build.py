@@ -20,6 +20,7 @@ import numpy as np
 
 from . import _order
 from ._control import BatchStale, PoolShutdown, SlotState
+from ._errors import LoaderClosedError
 from ._order import Order
 from ._report import BuildFailure
 from ._ring import Ring
@@ -114,6 +115,8 @@ def build_batch(ring: Ring, builder: Builder, worker: int, gen: int, batch: int,
         rows = builder.fill(slot, epoch, epoch_batch)
         state = SlotState.READY
     except BaseException as exc:  # noqa: B036 - user code may even call sys.exit
+        if ring.closed:  # closed from another thread under our feet: not the source's fault
+            raise LoaderClosedError("the loader was closed while a batch was being built") from None
         ring.write_report(slot, BuildFailure.of(exc, worker=worker, batch=epoch_batch, epoch=epoch,
                                                 item=builder.current_item,
                                                 batch_level=builder.spec.batch_level))

@@ -16,13 +16,14 @@ from __future__ import annotations
 import logging
 import os
 import random
+import resource
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 
 from . import _order
-from ._errors import SpecError
+from ._errors import RingMemoryError, SpecError
 from ._order import Order
 from ._ring import ring_bytes
 from ._spec import Spec, infer, with_rows
@@ -143,10 +144,28 @@ def build(source: Any, *, batch_size: Any, num_workers: Any, shuffle: Any, seed:
         # still holds and two for a device prefetch.
         num_slots = 2 * num_workers + 4
     num_slots = check_int("num_slots", num_slots, 2)
+    check_memory(ring_bytes(num_slots, max_workers, spec.slot_bytes), num_slots, spec.slot_bytes)
     return Config(order=order, spec=spec, n_slots=num_slots, num_workers=num_workers,
                   max_restarts=max_restarts, seed_global_rngs=seed_global_rngs,
                   timeout_s=None if timeout_s is None else float(timeout_s),
                   start_method=start_method)
+
+
+def check_memory(nbytes: int, n_slots: int, slot_bytes: int) -> None:
+    """Refuse a ring this process could not map, or could not fill without being
+    killed: over `RLIMIT_AS`, or over the memory the machine or its cgroup has left."""
+    what = (f"the ring needs {nbytes} bytes ({nbytes / 2**20:.1f} MiB: {n_slots} slots of "
+            f"{slot_bytes} bytes, with their control block)")
+    fix = ("Lower `num_slots` or pass a smaller `memory_budget_bytes` (or a smaller batch), "
+           "or give the process more memory.")
+    soft, _ = resource.getrlimit(resource.RLIMIT_AS)
+    if soft != resource.RLIM_INFINITY:
+        with open("/proc/self/statm") as f:
+            vm_bytes = int(f.read().split()[0]) * os.sysconf("SC_PAGE_SIZE")
+        if vm_bytes + nbytes > soft:
+            raise RingMemoryError(
+                f"{what}, but RLIMIT_AS (`ulimit -v`) is {soft} bytes and {vm_bytes} are already "
+                f"in use by this process's address space. {fix}")
 
 
 def slots_within(budget_bytes: int, max_workers: int, slot_bytes: int) -> int:

@@ -17,6 +17,7 @@ Invariants (see DESIGN.md):
 from __future__ import annotations
 
 import gc
+import threading
 import time
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -25,12 +26,14 @@ import psutil
 
 from ._build import Builder, build_batch
 from ._config import Config
-from ._control import NO_CLAIM, PoolShutdown, RingBlocked, SlotState, Taken, tag
+from ._control import NO_CLAIM, PoolShutdown, RingBlocked, SlotState, Taken, tag, untag
 from ._errors import LoaderClosedError, RingFullError, ShmfeedError, WorkerError, internal
+from ._report import STOPPED_STATES, proc_state
 from ._ring import Ring
 from ._spec import unflatten
 
 TAKE_SLICE_S = 0.1  # how often a waiting consumer checks the pool's health
+MAX_SLICE_S = 2 * TAKE_SLICE_S  # a slice counts this much at most towards `timeout_s`
 
 
 class Consumer:
@@ -49,6 +52,16 @@ class Consumer:
         self.builder = (Builder(source, cfg.spec, cfg.order, ring, cfg.seed_global_rngs)
                         if cfg.num_workers == 0 else None)
         self.t_first: float | None = None
+        self.thread: int | None = None  # the thread iterating the current generation
+
+    def iterating_elsewhere(self) -> int | None:
+        """The thread iterating an epoch that is still open, if it is not this one."""
+        if self.thread is None or self.thread == threading.get_ident() or self.gen == 0:
+            return None
+        consumer_gen, next_batch = untag(self.ring.ctl.header()["consumer_tag"])
+        if consumer_gen != self.gen or next_batch == 0xFFFFFFFF:  # over, or given up
+            return None
+        return self.thread
 
     def start(self, epoch: int, first_batch: int) -> int:
         """Open a generation for batches first_batch.. of `epoch`; return it."""
@@ -69,12 +82,18 @@ class Consumer:
         # finalizer, where a Ctrl-C is raised and then dropped by the interpreter.
         # (GeneratorExit does not match the `except`, which runs no call to check it.)
         guard = self.ring.ctl.epoch_guard(gen)
+        owner = self.thread = threading.get_ident()
         try:
             for b in range(self.cfg.order.n_batches - first_batch):
                 if self.gen != gen:
                     raise ShmfeedError(
                         f"epoch {epoch}'s iterator was used after a newer epoch started; "
                         "iterate one epoch at a time")
+                if threading.get_ident() != owner:
+                    raise ShmfeedError(
+                        f"epoch {epoch}'s iterator was started in thread {owner} and advanced in "
+                        f"thread {threading.get_ident()}: one loader feeds one loop in one thread. "
+                        "Give each thread its own Loader.")
                 if closed():
                     raise LoaderClosedError("this Loader is closed; create a new one")
                 # Not bound to a local: the generator's frame, which the traceback of a
@@ -146,7 +165,12 @@ class Consumer:
             f"sooner, or give the loader more slots (`num_slots`, now {n}).")
 
     def _slow_take(self, gen: int, epoch: int, b: int, epoch_batch: int, t0: float) -> Taken:
+        """Wait for batch b slice by slice, checking the pool between slices.  The
+        timeout counts only time this process ran (a slice that took far longer than
+        asked was a stop: SIGSTOP, Ctrl-Z, a debugger) in which no worker published
+        anything: slow is not stuck while other batches keep coming."""
         ctl = self.ring.ctl
+        stalled_s, last, published = 0.0, t0, self._published()
         while True:
             try:
                 taken = ctl.take(gen, b, TAKE_SLICE_S)
@@ -159,9 +183,20 @@ class Consumer:
                 raise LoaderClosedError("the loader was closed while waiting for a batch") from None
             if taken is not None:
                 return taken
-            self._check_health(epoch, epoch_batch, b, t0)
+            now = time.perf_counter()
+            stalled_s += min(now - last, MAX_SLICE_S)
+            last = now
+            now_published = self._published()
+            if now_published != published:
+                published, stalled_s = now_published, 0.0
+            self._check_health(epoch, epoch_batch, b, stalled_s, now - t0)
 
-    def _check_health(self, epoch: int, epoch_batch: int, b: int, t0: float) -> None:
+    def _published(self) -> int:
+        ctl = self.ring.ctl
+        return sum(ctl.worker(w)["batches"] for w in range(self.ring.max_workers))
+
+    def _check_health(self, epoch: int, epoch_batch: int, b: int, stalled_s: float,
+                      waited_s: float) -> None:
         pool = self.res.pool
         if pool is not None:
             ended = pool.poll()
@@ -171,18 +206,27 @@ class Consumer:
                     f"the worker pool's supervisor (pid {pool.pid}) {ended} while batch {epoch_batch} of "
                     f"epoch {epoch} was awaited; iterate again to start a new pool, or close the loader",
                     batch=epoch_batch, epoch=epoch, pid=pool.pid)
-        waited = time.perf_counter() - t0
         timeout_s = self.cfg.timeout_s
-        if timeout_s is not None and waited > timeout_s:
+        if timeout_s is not None and stalled_s > timeout_s:
             # First give the epoch up, so that the worker about to be killed is
             # replaced without rebuilding a batch nobody waits for any more.
             self.ring.ctl.abandon(self.gen)
-            culprit = self._kill_builder_of(self.gen, b)
+            culprit = self._stopped_supervisor() or self._kill_builder_of(self.gen, b)
             raise WorkerError(
-                f"batch {epoch_batch} of epoch {epoch} was not ready after waiting {waited:.1f} s "
-                f"(`timeout_s={timeout_s}`){culprit}. Raise `timeout_s` if batches are "
-                "legitimately this slow; iterating again starts the next epoch.",
-                batch=epoch_batch, epoch=epoch, waited_s=waited)
+                f"batch {epoch_batch} of epoch {epoch} was not ready after waiting {waited_s:.1f} s, "
+                f"{stalled_s:.1f} s of them with no batch published (`timeout_s={timeout_s}`){culprit}. "
+                "Raise `timeout_s` if batches are legitimately this slow; iterating again starts "
+                "the next epoch.",
+                batch=epoch_batch, epoch=epoch, waited_s=waited_s)
+
+    def _stopped_supervisor(self) -> str:
+        """Why nobody can replace a dead or stuck worker, if the supervisor is stopped."""
+        pool = self.res.pool
+        state = proc_state(pool.pid) if pool is not None else None
+        if state not in STOPPED_STATES:
+            return ""
+        return (f"; the pool's supervisor (pid {pool.pid}) is {STOPPED_STATES[state]}, so no "
+                f"dead or stuck worker can be replaced: `kill -CONT {pool.pid}` to resume it")
 
     def _kill_builder_of(self, gen: int, b: int) -> str:
         """SIGKILL the worker stuck on batch `b` (the supervisor replaces it), or, when no
@@ -196,18 +240,19 @@ class Consumer:
         for w in range(self.cfg.num_workers):
             info = ctl.worker(w)
             if w == owner or info["claim"] == tag(gen, b):
-                building.append((w, info["pid"]))
+                building.append((w, info["pid"], proc_state(info["pid"])))
             elif info["claim"] != NO_CLAIM and info["claim"] < tag(gen, 0):
-                stale.append((w, info["pid"]))
+                stale.append((w, info["pid"], proc_state(info["pid"])))
         victims = building or stale
-        for _, pid in victims:
+        for _, pid, _ in victims:
             try:  # only a child of our supervisor: never a stranger that reused the pid
                 proc = psutil.Process(pid)
                 if proc.ppid() == pool.pid:
                     proc.kill()
             except psutil.Error:
                 pass
-        names = ", ".join(f"worker {w} (pid {pid})" for w, pid in victims)
+        names = ", ".join(f"worker {w} (pid {pid}" + (f", {STOPPED_STATES[st]}" if st in STOPPED_STATES else "")
+                          + ")" for w, pid, st in victims)
         if building:
             return f"; {names} was still building it and has been killed"
         if stale:

@@ -28,6 +28,7 @@ REPORT_BYTES: int = _core.SHMF_REPORT_BYTES
 layout = _core.layout
 set_pdeathsig = _core.set_pdeathsig
 address = _core.address
+unmap = _core.unmap
 
 
 class SlotState(enum.IntEnum):

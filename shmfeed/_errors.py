@@ -40,6 +40,11 @@ class RingFullError(ShmfeedError):
     """Every ring slot is held by batches the caller kept, so no new batch can be read."""
 
 
+class RingMemoryError(ShmfeedError, MemoryError):
+    """The ring does not fit the memory this process may use (a cgroup limit,
+    `RLIMIT_AS`, the machine's available memory)."""
+
+
 class LoaderClosedError(ShmfeedError):
     """The loader was used after `close()`."""
 

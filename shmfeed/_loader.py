@@ -28,7 +28,7 @@ import numpy as np
 from . import _order, _state
 from ._config import REQUIRED, build, check_int
 from ._consumer import Consumer
-from ._errors import LoaderClosedError, SpecError, WorkerError
+from ._errors import LoaderClosedError, ShmfeedError, SpecError, WorkerError
 from ._pool import Pool, sigint_deferred
 from ._ring import Ring
 from ._spec import Spec
@@ -115,16 +115,29 @@ class _Resources:
             pool.stop()
 
     def close(self) -> None:
+        """Stop the pool, run the callbacks, release the ring: each step runs even if
+        one before it failed, and the first failure is raised after the last step."""
         if os.getpid() != self.owner_pid:  # a forked copy owns nothing
             return
-        self.stop_pool()
+        failures: list[BaseException] = []
+        try:
+            if not self.ring.closed:
+                self.ring.ctl.shutdown()  # wakes a thread waiting in the ring, pool or not
+            self.stop_pool()
+        except BaseException as exc:  # noqa: B036 - reported once the rest is released
+            failures.append(exc)
         callbacks, self.callbacks = self.callbacks, []
         for fn in reversed(callbacks):
             try:
                 fn()
             except Exception:  # one failing callback must not keep the rest from running
                 log.exception("shmfeed: a close callback raised")
-        self.ring.close()
+        try:
+            self.ring.close()
+        except BaseException as exc:  # noqa: B036
+            failures.append(exc)
+        if failures:
+            raise failures[0]
 
 
 class Loader:
@@ -369,6 +382,11 @@ class Loader:
 
     def __iter__(self):
         self._check_open()
+        other = self._consumer.iterating_elsewhere() if self._active is not None else None
+        if other is not None:
+            raise ShmfeedError(
+                f"this Loader is being iterated by thread {other} (epoch {self._active} is not "
+                "over): one loader feeds one loop. Give each thread its own Loader.")
         epoch, first = self._epoch, self._first_batch
         self._active = self._received = None
         if first >= len(self):

@@ -35,7 +35,7 @@ import numpy.random  # noqa: F401
 import psutil
 
 from ._config import Config
-from ._report import describe_exit
+from ._report import describe_exit, proc_state
 from ._ring import Ring
 from ._supervisor import fork_main, say
 
@@ -159,8 +159,12 @@ class Pool:
             self._stop()
 
     def _stop(self) -> None:
-        workers = self._worker_procs()
+        # Each step needs as little as it can (the shutdown word, waitpid and kill need
+        # no descriptor), so that the pool stops even when this process has run out of
+        # descriptors; a step that fails anyway does not keep the next from running.
         self.ring.ctl.shutdown()
+        pids = [p for p in self.worker_pids() if p > 0]
+        workers = self._worker_procs(pids)
         deadline = time.monotonic() + STOP_TIMEOUT_S
         while self.poll() is None and time.monotonic() < deadline:
             time.sleep(0.005)
@@ -175,38 +179,61 @@ class Pool:
         # A supervisor that was killed reaped nobody: its workers die by their
         # PR_SET_PDEATHSIG (or leave at the shutdown word).  Wait until they have.
         _wait_exited(workers, STOP_TIMEOUT_S)
+        # Orphaned workers go to init, or to us when we are init (PID 1 in a container)
+        # or a subreaper: reap those, and only those, that are now ours.
+        for pid in pids:
+            try:
+                os.waitpid(pid, os.WNOHANG)
+            except ChildProcessError:
+                pass
         # Nothing of this pool touches the ring any more: put back what its workers
         # left half done (a killed supervisor could not), so that a new pool starts
         # from a consistent ring.
         for w in range(self.cfg.num_workers):
             self.ring.ctl.reclaim(w)
 
-    def _worker_procs(self) -> list[psutil.Process]:
-        """The live workers, as psutil handles (which survive pid reuse); only those
-        still children of our supervisor can be told apart from strangers."""
-        procs = []
-        for pid in self.worker_pids():
+    def _worker_procs(self, pids: list[int]) -> list[psutil.Process | int]:
+        """The live workers, as psutil handles (which survive pid reuse) when they can
+        be read, else as bare pids; only children of our supervisor, never strangers."""
+        procs: list[psutil.Process | int] = []
+        for pid in pids:
             try:
-                p = psutil.Process(pid) if pid > 0 else None
-                if p is not None and p.ppid() == self.pid:
+                p = psutil.Process(pid)
+                # Ours through the supervisor, or orphaned to us (PID 1, a subreaper).
+                if p.ppid() in (self.pid, os.getpid()):
                     procs.append(p)
-            except psutil.Error:
+            except psutil.NoSuchProcess:
                 pass
+            except (psutil.Error, OSError):  # e.g. no descriptor left to read /proc
+                procs.append(pid)
         return procs
 
 
-def _wait_exited(procs: list[psutil.Process], timeout_s: float) -> None:
-    """Wait until every process has exited (a zombie has: only its parent, possibly
-    init, still has to reap it)."""
+def _running(p: psutil.Process | int) -> bool:
+    """Not exited (a zombie has: only its parent, possibly init, still has to reap it)."""
+    if isinstance(p, int):
+        state = proc_state(p)
+        if state is None:  # unreadable: fall back on whether the pid exists at all
+            try:
+                os.kill(p, 0)
+            except ProcessLookupError:
+                return False
+            except PermissionError:
+                return True
+            return True
+        return state != "Z"
+    try:
+        return p.is_running() and p.status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return False
+    except (psutil.Error, OSError):
+        return _running(p.pid)
+
+
+def _wait_exited(procs: list, timeout_s: float) -> None:
+    """Wait until every process has exited, at most `timeout_s`."""
     deadline = time.monotonic() + timeout_s
     while procs and time.monotonic() < deadline:
-        alive = []
-        for p in procs:
-            try:
-                if p.is_running() and p.status() != psutil.STATUS_ZOMBIE:
-                    alive.append(p)
-            except psutil.Error:
-                pass
-        procs = alive
+        procs = [p for p in procs if _running(p)]
         if procs:
             time.sleep(0.005)

@@ -286,6 +286,20 @@ def exit_hint(status: int) -> str:
     return ""
 
 
+STOPPED_STATES = {"T": "stopped (SIGSTOP, Ctrl-Z, or SIGTSTP)", "t": "stopped by a debugger (traced)"}
+
+
+def proc_state(pid: int) -> str | None:
+    """The kernel's one-letter state of `pid` (R, S, D, T, t, Z, ...), None if gone or
+    unreadable (no fd left, say): callers treat None as 'nothing to report'."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            stat = f.read()
+    except OSError:
+        return None
+    return stat[stat.rfind(b")") + 2:][:1].decode() or None
+
+
 def worker_death(worker: int, pid: int, status: int, epoch: int | None, batch: int | None) -> WorkerDeath:
     """What the fatal report says about a worker that died (before any advice)."""
     doing = "while waiting for work" if batch is None else f"while building batch {batch} of epoch {epoch}"

@@ -6,15 +6,19 @@ into, and the leases that tie a delivered batch's arrays to its slot.
 
 Invariants:
 - Memory is fixed at construction: `nbytes = data_offset + n_slots * slot_bytes`.
-- The training process's mapping is MADV_DONTFORK: forked processes of *other*
-  loaders never inherit it, so closing a loader really frees its memory.  Our own
-  pool maps the memfd afresh.
+- `close()` gives up this object's hold on the mapping and on its descriptor: the
+  memory goes at once, or, when a caller kept batches, when the last of them dies.
+- A process the training process forks inherits its rings, so a batch handed to a
+  child (an async logger, a checkpoint writer) can be read there.  Pool processes
+  unmap every inherited ring first (`forget_inherited`), so the pool of one loader
+  never keeps another loader's memory alive; each maps its own ring afresh.
 - A slot is released only when the last array of its batch dies (its `SlotRef` is
   deallocated, in C), and only by the process that took it.
 """
 
 from __future__ import annotations
 
+import errno
 import mmap
 import os
 import weakref
@@ -23,7 +27,21 @@ import numpy as np
 
 from . import _control, _report
 from ._control import Control, SlotState
+from ._errors import LoaderClosedError, RingMemoryError
 from ._spec import Spec
+
+_mapped: weakref.WeakSet = weakref.WeakSet()  # rings mapped in this process
+
+
+def forget_inherited(keep: Ring | None = None) -> None:
+    """In a pool process just forked: unmap every ring inherited from the parent but
+    `keep` (they belong to the parent; a supervisor maps its own ring again from its
+    descriptor, a worker keeps the supervisor's)."""
+    for ring in list(_mapped):
+        mm = ring._mm
+        if mm is not None and ring is not keep:
+            _control.unmap(_control.address(mm), len(mm))
+            _mapped.discard(ring)
 
 
 def ring_bytes(n_slots: int, max_workers: int, slot_bytes: int) -> int:
@@ -48,28 +66,53 @@ class Ring:
         create = fd is None
         if create:
             fd = os.memfd_create("shmfeed-ring", os.MFD_CLOEXEC)
-            try:
-                os.ftruncate(fd, self.nbytes)
-            except OSError:
-                os.close(fd)
-                raise
         assert fd is not None
+        try:
+            if create:
+                os.ftruncate(fd, self.nbytes)
+            self._mm: mmap.mmap | None = mmap.mmap(fd, self.nbytes, mmap.MAP_SHARED,
+                                                   mmap.PROT_READ | mmap.PROT_WRITE)
+        except OSError as exc:
+            if create:
+                os.close(fd)
+            if exc.errno in (errno.ENOMEM, errno.ENOSPC, errno.EFBIG):
+                raise RingMemoryError(
+                    f"the ring of {self.nbytes} bytes ({self.nbytes / 2**20:.1f} MiB: "
+                    f"{n_slots} slots of {self.slot_bytes} bytes) could not be mapped: "
+                    f"{os.strerror(exc.errno)}. Lower `num_slots` or pass a smaller "
+                    "`memory_budget_bytes`, or raise the limit that refused it "
+                    "(`ulimit -v`, the container's memory).") from exc
+            raise
         self.fd = fd
-        self.mm = mmap.mmap(fd, self.nbytes, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
+        _mapped.add(self)
+        self._ctl: Control | None = Control(self._mm)
         if create:
-            self.mm.madvise(mmap.MADV_DONTFORK)
-        self.ctl = Control(self.mm)
-        if create:
-            self.ctl.init_block(n_slots, max_workers, self.slot_bytes)
+            self._ctl.init_block(n_slots, max_workers, self.slot_bytes)
         else:
-            self.ctl.check()
-        raw = np.frombuffer(self.mm, np.uint8)
+            self._ctl.check()
+        raw = np.frombuffer(self._mm, np.uint8)
         d, sb = self.data_offset, self.slot_bytes
         self.slot_raw = [raw[d + i * sb : d + (i + 1) * sb] for i in range(n_slots)]
         del raw
         self._write_views: list[list[np.ndarray]] | None = None
         # slot -> (tag, weak reference to its SlotRef), for release_orphans
         self._leases: dict[int, tuple[int, weakref.ref]] = {}
+
+    @property
+    def mm(self) -> mmap.mmap:
+        if self._mm is None:
+            raise LoaderClosedError("this Loader is closed; create a new one")
+        return self._mm
+
+    @property
+    def ctl(self) -> Control:
+        if self._ctl is None:
+            raise LoaderClosedError("this Loader is closed; create a new one")
+        return self._ctl
+
+    @property
+    def closed(self) -> bool:
+        return self._mm is None
 
     # -- addresses, for tests and for page-locking ------------------------------------
     @property
@@ -135,10 +178,19 @@ class Ring:
         return freed
 
     def close(self) -> None:
-        """Drop this object's hold on the mapping; it is unmapped once no batch a
-        caller kept still points into it."""
+        """Drop this object's hold on the mapping and its descriptor.  The memory is
+        unmapped now, or, when batches a caller kept still point into it, when the last
+        of them dies (each holds the control object, which holds the mapping)."""
         self._write_views = None
         self.slot_raw = []
+        self._leases = {}
         if self.fd >= 0:
             os.close(self.fd)
             self.fd = -1
+        mm, self._mm, self._ctl = self._mm, None, None
+        _mapped.discard(self)
+        if mm is not None:
+            try:
+                mm.close()  # also closes the descriptor mmap duplicated for itself
+            except BufferError:
+                pass  # kept batches export it: unmapped with the last of them

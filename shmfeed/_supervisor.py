@@ -30,13 +30,14 @@ from typing import Any
 from . import _control
 from ._build import Builder
 from ._config import Config
-from ._report import StartupFailure, exit_hint, worker_death
-from ._ring import Ring
+from ._report import STOPPED_STATES, StartupFailure, exit_hint, proc_state, worker_death
+from ._ring import Ring, forget_inherited
 from ._worker import worker_loop
 
 WORKER_GRACE_S = 0.3  # workers get this long to leave on their own at shutdown
 REAP_TIMEOUT_S = 2.0  # SIGKILLed workers are reaped within this long
 POLL_S = 0.05  # supervisor's loop period: how soon it notices shutdown
+STOPPED_REPLACE_S = 2.0  # a worker stopped this long is replaced
 
 
 def say(text: str) -> None:
@@ -48,7 +49,8 @@ def say(text: str) -> None:
         pass
 
 
-def _child_setup(parent_pid: int, keep_fds: set[int], pdeathsig: bool = True) -> None:
+def _child_setup(parent_pid: int, keep_fds: set[int], pdeathsig: bool = True,
+                 keep_ring: Ring | None = None) -> None:
     """First thing in every process we fork or spawn."""
     if pdeathsig:
         _control.set_pdeathsig(signal.SIGKILL)
@@ -59,6 +61,9 @@ def _child_setup(parent_pid: int, keep_fds: set[int], pdeathsig: bool = True) ->
     # Objects inherited through fork are never collected here: their destructors
     # (closing fds, releasing slots) belong to the parent.
     gc.freeze()
+    # Nor its rings' memory: a pool must not keep another loader's ring alive after
+    # that loader closed.  Our own ring is mapped again from its descriptor.
+    forget_inherited(keep_ring)
     # Drop descriptors inherited from the parent (other loaders' rings among them),
     # so that closing those really frees them.
     fd = 3
@@ -101,7 +106,7 @@ def supervise(ring: Ring, source: Any, cfg: Config, parent_pid: int) -> None:
         if pid == 0:
             code = 0
             try:
-                _child_setup(me, {ring.fd})
+                _child_setup(me, {ring.fd}, keep_ring=ring)
                 # A segfault in native code then leaves the worker's Python stack on
                 # stderr; the supervisor reports the signal.
                 with contextlib.suppress(Exception):
@@ -128,8 +133,11 @@ def supervise(ring: Ring, source: Any, cfg: Config, parent_pid: int) -> None:
         parent_fd = [os.pidfd_open(parent_pid)]
     except OSError:
         parent_fd = []
+    stopped_since: dict[int, float] = {}  # pid -> when it was first seen stopped
+    replaced_stopped: dict[int, float] = {}  # pid -> how long it had been stopped
     while not ctl.shutting_down and os.getppid() == parent_pid:
         select.select(list(pidfds.values()) + parent_fd, [], [], POLL_S)
+        _replace_stopped(workers, stopped_since, replaced_stopped)
         while workers:
             pid, status = os.waitpid(-1, os.WNOHANG)
             if pid == 0:
@@ -142,6 +150,14 @@ def supervise(ring: Ring, source: Any, cfg: Config, parent_pid: int) -> None:
                 continue
             held = ctl.worker(w)["claim"]  # what it was building, needed or not
             pending = ctl.reclaim(w)
+            stopped_s = replaced_stopped.pop(pid, None)
+            stopped_since.pop(pid, None)
+            if stopped_s is not None:  # not a crash: replaced, and not counted
+                say(f"shmfeed: worker {w} (pid {pid}) had been stopped for {stopped_s:.1f} s "
+                    "(SIGSTOP, Ctrl-Z of it alone, or a debugger); replaced it"
+                    + (", the batch it held will be rebuilt." if pending is not None else "."))
+                start(w, pending)
+                continue
             death = _death(ctl, w, pid, status, held)
             # Counted in the ring, so over the loader's whole life, across pools.
             restarts = ctl.header()["restarts"]
@@ -177,6 +193,27 @@ def supervise(ring: Ring, source: Any, cfg: Config, parent_pid: int) -> None:
         os.close(fd)
     for w in range(cfg.num_workers):
         ctl.reclaim(w)
+
+
+def _replace_stopped(workers: dict[int, int], since: dict[int, float],
+                     replaced: dict[int, float]) -> None:
+    """SIGKILL workers stopped for longer than STOPPED_REPLACE_S (their death then
+    replaces them): a stopped worker holds its batch and halves the pool silently.
+    A stop of the whole process group stops us too, so it is never mistaken for one."""
+    now = time.monotonic()
+    for pid in workers:
+        if pid in replaced:
+            continue
+        if proc_state(pid) not in STOPPED_STATES:
+            since.pop(pid, None)
+            continue
+        first = since.setdefault(pid, now)
+        if now - first >= STOPPED_REPLACE_S:
+            replaced[pid] = now - first
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
 
 
 def _reap(workers: dict[int, int], timeout_s: float) -> None:

@@ -570,7 +570,8 @@ def test_hung_worker_times_out_naming_the_batch_and_the_wait(tmp_path, capfd):
         waited = time.monotonic() - t_wait
         _check_epoch(got, 68)
         (hung, _), = _deaths(log)
-        assert re.match(rf"batch 17 of epoch 0 was not ready after waiting 0\.\d s \(`timeout_s=0\.5`\); "
+        assert re.match(rf"batch 17 of epoch 0 was not ready after waiting \d\.\d s, 0\.\d s of them with no "
+                        rf"batch published \(`timeout_s=0\.5`\); "
                         rf"worker \d \(pid {hung}\) was still building it and has been killed", str(info.value))
         assert 0.5 <= waited < 0.5 + DETECT_S
         assert info.value.batch == 17 and info.value.waited_s >= 0.5
