@@ -352,6 +352,47 @@ def test_the_flax_example_learns(tmp_path):
     assert all(int(e[4]) > 0 for e in epochs)
 
 
+@pytest.mark.timeout(360)  # three runs of the example, each starting JAX and compiling
+def test_flax_example_killed_mid_epoch_resumes_with_the_uninterrupted_losses(tmp_path):
+    """SIGKILL of the training script in the middle of its second epoch; started again,
+    it restores model, optimiser and loader state from orbax, and every later step's
+    loss equals the uninterrupted run's."""
+    common = [str(ROOT / "examples" / "train_flax.py"), "--samples", "200", "--epochs", "2",
+              "--batch-size", "16", "--workers", "1", "--data-dir", str(tmp_path / "data"),
+              "--checkpoint-every", "4", "--log-steps"]
+    env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=os.pathsep.join(
+        [str(ROOT), str(ROOT / "tests"), os.environ.get("PYTHONPATH", "")]))
+
+    def losses(text: str) -> dict[int, str]:
+        return {int(m[1]): m[2] for m in re.finditer(r"^step (\d+) loss (\S+)$", text, re.M)}
+
+    whole = subprocess.run([sys.executable, *common, "--checkpoint-dir", str(tmp_path / "a")],
+                           capture_output=True, text=True, timeout=SUBPROCESS_TIMEOUT_S, env=env)
+    assert whole.returncode == 0, whole.stderr
+    reference = losses(whole.stdout)
+    assert len(reference) == 20  # 160 training samples / 16, two epochs
+    run = [sys.executable, *common, "--checkpoint-dir", str(tmp_path / "b")]
+    proc = subprocess.Popen(run, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, env=env)
+    try:
+        for line in proc.stdout:
+            if line.startswith("step 15 "):  # epoch 2, batch 5 of 10; checkpoints at 4, 8, 12
+                proc.kill()
+                break
+        proc.wait(SUBPROCESS_TIMEOUT_S)
+    finally:
+        proc.kill()
+        proc.stdout.close()
+    again = subprocess.run(run, capture_output=True, text=True, timeout=SUBPROCESS_TIMEOUT_S, env=env)
+    assert again.returncode == 0, again.stderr
+    resumed = re.search(r"resumed at step (\d+): epoch (\d+), batch (\d+)", again.stdout)
+    assert resumed, again.stdout
+    start = int(resumed[1])  # 8 or 12 (saves are asynchronous: the last may not have finished)
+    assert start in (8, 12) and (int(resumed[2]) - 1) * 10 + int(resumed[3]) == start
+    after = losses(again.stdout)
+    assert sorted(after) == list(range(start + 1, 21))
+    assert {k: reference[k] for k in after} == after
+
+
 # -- subprocess bodies ---------------------------------------------------------------------
 HOST_SAMPLES, HOST_BATCH = 44, 4
 
