@@ -1,21 +1,25 @@
 """The `shmfeed` command line (also `python -m shmfeed`).
 
-Owns argument parsing and exit codes; the work is in `shmfeed._bench`.
+Owns argument parsing and exit codes; the work is in `shmfeed._bench` and
+`shmfeed._doctor`.
 
     shmfeed bench --workload transport --compare inline --seconds 2
     shmfeed bench --workload all --compare all --workers 2 --repeat 3 --json out.json --plot out.png
     shmfeed bench --device
+    shmfeed doctor [--json]
 
-Exit codes: 0 done (loaders that are not installed are skipped, not failures);
-1 a measurement failed; 2 bad arguments (argparse's usage message); 130 interrupted.
+Exit codes: 0 done (loaders that are not installed are skipped, not failures; the
+doctor found no problem, warnings included); 1 a measurement failed, or the doctor
+found a problem; 2 bad arguments (argparse's usage message) or an optional package
+a bench option needs is missing; 130 interrupted.
 """
 
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 
+from . import _sysinfo
 from ._bench import workloads
 from ._bench.loaders import LOADERS, PEERS
 
@@ -24,10 +28,7 @@ DEFAULT_SECONDS = 3.0
 
 
 def _usable_cpus() -> int:
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:
-        return os.cpu_count() or 1
+    return _sysinfo.usable_cpus().value
 
 
 def _positive_int(text: str) -> int:
@@ -138,6 +139,17 @@ def build_parser() -> argparse.ArgumentParser:
     # Hidden: small data for the tests.
     bench.add_argument("--data-rows", type=_positive_int, default=None, help=argparse.SUPPRESS)
     bench.add_argument("--length", type=_positive_int, default=None, help=argparse.SUPPRESS)
+
+    doctor = sub.add_parser(
+        "doctor", help="check this machine and install for shmfeed: CPUs, memory, limits, GPU",
+        description="Report, each with a verdict (ok / warn / problem) and a fix: usable CPUs, "
+                    "memory and the cgroup limit, /dev/shm, RLIMIT_MEMLOCK/AS/NOFILE, the C core, "
+                    "JAX, CuPy and GPUs, and the start method shmfeed would use. Starts no JAX "
+                    "backend and no GPU library.",
+        epilog="Exit code 1 when a check finds a problem, else 0 (warnings included).")
+    doctor.add_argument("--json", action="store_true", help="print the checks as JSON on stdout")
+    # Hidden: a fake cgroup hierarchy for the tests.
+    doctor.add_argument("--cgroup-root", default=None, help=argparse.SUPPRESS)
     return parser
 
 
@@ -146,6 +158,11 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     args = parser.parse_args(argv)
     try:
+        if args.command == "doctor":
+            from . import _doctor
+
+            root = _doctor.CGROUP_ROOT if args.cgroup_root is None else _path(args.cgroup_root)
+            return _doctor.main(args.json, root)
         if args.device:
             return _device(args, parser)
         return _bench(args, parser, argv)
@@ -204,7 +221,7 @@ def _path(text: str):
 
 
 def _gpu_present() -> bool:
-    return any(os.path.exists(p) for p in ("/dev/nvidia0", "/dev/nvidiactl", "/dev/kfd"))
+    return bool(_sysinfo.gpu_device_nodes())
 
 
 def _device(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:

@@ -25,6 +25,7 @@ import psutil
 CGROUP_ROOT = Path("/sys/fs/cgroup")
 PROC_SELF_CGROUP = Path("/proc/self/cgroup")
 SHM_PATH = "/dev/shm"
+GPU_DEVICE_NODES = ("/dev/nvidia0", "/dev/nvidiactl", "/dev/kfd")  # NVIDIA's, then AMD's
 # cgroup v1 writes "no limit" as the largest page-aligned int64 (9223372036854771712);
 # anything from here up is no limit.
 V1_NO_LIMIT_BYTES = 2**62
@@ -235,3 +236,8 @@ def shm_bytes(path: str = SHM_PATH) -> tuple[Reading, Reading]:
         return missing, missing
     return (Reading(st.f_blocks * st.f_frsize, f"statvfs({path})"),
             Reading(st.f_bavail * st.f_frsize, f"statvfs({path})"))
+
+
+def gpu_device_nodes() -> list[str]:
+    """The GPU device files present (NVIDIA or AMD), without loading any GPU library."""
+    return [p for p in GPU_DEVICE_NODES if os.path.exists(p)]
