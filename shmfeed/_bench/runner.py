@@ -36,6 +36,7 @@ from pathlib import Path
 import numpy as np
 import psutil
 
+from .. import _sysinfo
 from . import workloads
 from .loaders import LOADERS, Job, not_installed
 
@@ -303,10 +304,7 @@ def run_child(job: Job, tick: Callable[[float], None]) -> dict:
 
 # -- the whole run --------------------------------------------------------------------------
 def _machine() -> dict:
-    try:
-        cpus = len(os.sched_getaffinity(0))
-    except AttributeError:
-        cpus = os.cpu_count()
+    cpus = _sysinfo.usable_cpus().value
     model = platform.processor()
     with contextlib.suppress(OSError), open("/proc/cpuinfo") as f:
         for line in f:
