@@ -18,6 +18,10 @@ INPUT_BOUND_FRACTION = 0.5
 KEEPS_UP_FRACTION = 0.1
 
 
+def _seconds(s: float) -> str:
+    return f"{s:.2f} s" if s < 10 else f"{s:,.1f} s"
+
+
 @dataclass
 class Stats:
     """What the loader has done so far; `input_wait_fraction` near 0 means the
@@ -73,16 +77,19 @@ class Stats:
     def __str__(self) -> str:
         lines = [
             f"shmfeed loader: {self.batches:,} batches ({human_bytes(self.bytes)}) in "
-            f"{self.elapsed_s:.1f} s over {self.epochs_started} epoch(s): "
+            f"{_seconds(self.elapsed_s)} over {self.epochs_started} epoch(s): "
             f"{self.batches_per_s:,.1f} batches/s",
             f"  input wait {self.input_wait_fraction:.2f} of the loop's time "
-            f"({self.wait_s:.1f} s): {self.input_wait_verdict()}",
+            f"({_seconds(self.wait_s)}): {self.input_wait_verdict()}",
         ]
         slow = self.slowest_worker()
-        if slow is not None:
+        if slow is not None and not slow["pid"]:  # num_workers=0: no worker process
+            lines.append(f"  built in the training process (`num_workers=0`): "
+                         f"{slow['busy_s'] / slow['batches'] * 1e3:.1f} ms per batch")
+        elif slow is not None:
             total_busy_s = sum(w["busy_s"] for w in self.workers)
             lines.append(
-                f"  workers: {len(self.workers)}, busy {total_busy_s:.1f} s in all; slowest: worker "
+                f"  workers: {len(self.workers)}, busy {_seconds(total_busy_s)} in all; slowest: worker "
                 f"{slow['worker']} (pid {slow['pid']}), {slow['busy_s'] / slow['batches'] * 1e3:.1f} ms "
                 f"per batch over {slow['batches']:,} batches")
         lines.append(f"  restarts: {self.restarts} dead worker(s) replaced")

@@ -61,3 +61,11 @@ def test_summary_before_any_batch():
     text = str(s)
     assert "0 batches" in text and "no batch taken yet" in text and "slowest" not in text
     assert "ring: 4 slots x 1.0 KiB = 8.0 KiB" in text
+
+
+def test_summary_of_batches_built_in_the_training_process():
+    with shmfeed.Loader(Slow(), batch_size=4, num_workers=0) as loader:
+        for _ in loader:
+            pass
+        text = str(loader.stats())
+    assert "built in the training process (`num_workers=0`): " in text and "slowest" not in text
