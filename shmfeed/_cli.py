@@ -1,33 +1,35 @@
 """The `shmfeed` command line (also `python -m shmfeed`).
 
-Owns argument parsing and exit codes; the work is in `shmfeed._bench`.
+Owns argument parsing and exit codes; the work is in `shmfeed._bench` and
+`shmfeed._doctor`.
 
     shmfeed bench --workload transport --compare inline --seconds 2
     shmfeed bench --workload all --compare all --workers 2 --repeat 3 --json out.json --plot out.png
     shmfeed bench --device
+    shmfeed doctor [--json]
 
-Exit codes: 0 done (loaders that are not installed are skipped, not failures);
-1 a measurement failed; 2 bad arguments (argparse's usage message); 130 interrupted.
+Exit codes: 0 done (loaders that are not installed are skipped, not failures; the
+doctor found no problem, warnings included); 1 a measurement failed, or the doctor
+found a problem; 2 bad arguments (argparse's usage message) or an optional package
+a bench option needs is missing; 130 interrupted.
 """
 
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 
+from . import _sysinfo
 from ._bench import workloads
 from ._bench.loaders import LOADERS, PEERS
 
 DEFAULT_WORKERS_MAX = 8  # the default worker count is the usable CPUs, at most this
 DEFAULT_SECONDS = 3.0
+MAX_STEP_MS = 10_000.0  # a simulated step longer than this measures nothing in a few seconds
 
 
 def _usable_cpus() -> int:
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:
-        return os.cpu_count() or 1
+    return _sysinfo.usable_cpus().value
 
 
 def _positive_int(text: str) -> int:
@@ -54,6 +56,16 @@ def _seconds(text: str) -> float:
         raise argparse.ArgumentTypeError(f"expected a number of seconds, got {text!r}") from None
     if not 0 < value <= 3600:
         raise argparse.ArgumentTypeError(f"must be > 0 and <= 3600 seconds, got {text}")
+    return value
+
+
+def _step_ms(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number of milliseconds, got {text!r}") from None
+    if not 0 <= value <= MAX_STEP_MS:
+        raise argparse.ArgumentTypeError(f"must be >= 0 and <= {MAX_STEP_MS:g} ms, got {text}")
     return value
 
 
@@ -102,8 +114,10 @@ def build_parser() -> argparse.ArgumentParser:
                     "interpreter, one after the other. Workloads: " + workload_help + ".",
         epilog="Columns: batches/s and MB/s (medians over --repeat); x shmfeed: batches/s over "
                "shmfeed's; memcpy: MB/s over the memcpy bandwidth of a batch-sized buffer; "
-               "startup: construction to first batch; peak PSS of the process tree; input wait: "
-               "fraction of the time the loop waited in next().")
+               "startup: construction to first batch; peak PSS of the process tree; loop CPU ms: "
+               "CPU time of the training process per batch (what loading costs it); input wait "
+               "(with --step-ms): fraction of the time the loop waited in next(); without a step "
+               "the loop only takes batches, so it is ~1 for every loader and left out.")
     bench.add_argument("--workload", type=_workloads, default=None, metavar="NAME[,NAME...]",
                        help=f"{', '.join(workloads.WORKLOADS)}, or all (default: transport)")
     bench.add_argument("--compare", type=_loaders, default=None, metavar="LOADER[,LOADER...]",
@@ -120,6 +134,10 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--slots", type=_slots, default=None, metavar="N",
                        help="shmfeed ring slots, also the in-flight cap of Pool.imap "
                             "(default: 2 x workers + 4)")
+    bench.add_argument("--step-ms", type=_step_ms, default=0.0, metavar="MS",
+                       help="simulate a training step of MS milliseconds after each batch (a "
+                            "sleep: a GPU step leaves the CPU to the workers), so that input wait "
+                            "says whether each loader keeps up (default: 0, no step)")
     bench.add_argument("--shuffle", action="store_true", help="shuffle samples every epoch")
     bench.add_argument("--seed", type=int, default=0, help="shuffle and augmentation seed (default: 0)")
     bench.add_argument("--repeat", type=_positive_int, default=1, metavar="N",
@@ -138,6 +156,17 @@ def build_parser() -> argparse.ArgumentParser:
     # Hidden: small data for the tests.
     bench.add_argument("--data-rows", type=_positive_int, default=None, help=argparse.SUPPRESS)
     bench.add_argument("--length", type=_positive_int, default=None, help=argparse.SUPPRESS)
+
+    doctor = sub.add_parser(
+        "doctor", help="check this machine and install for shmfeed: CPUs, memory, limits, GPU",
+        description="Report, each with a verdict (ok / warn / problem) and a fix: usable CPUs, "
+                    "memory and the cgroup limit, /dev/shm, RLIMIT_MEMLOCK/AS/NOFILE, the C core, "
+                    "JAX, CuPy and GPUs, and the start method shmfeed would use. Starts no JAX "
+                    "backend and no GPU library.",
+        epilog="Exit code 1 when a check finds a problem, else 0 (warnings included).")
+    doctor.add_argument("--json", action="store_true", help="print the checks as JSON on stdout")
+    # Hidden: a fake cgroup hierarchy for the tests.
+    doctor.add_argument("--cgroup-root", default=None, help=argparse.SUPPRESS)
     return parser
 
 
@@ -146,6 +175,11 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     args = parser.parse_args(argv)
     try:
+        if args.command == "doctor":
+            from . import _doctor
+
+            root = _doctor.CGROUP_ROOT if args.cgroup_root is None else _path(args.cgroup_root)
+            return _doctor.main(args.json, root)
         if args.device:
             return _device(args, parser)
         return _bench(args, parser, argv)
@@ -159,6 +193,16 @@ def _bench(args: argparse.Namespace, parser: argparse.ArgumentParser, argv: list
 
     if args.plot is not None and not args.plot.lower().endswith((".png", ".svg", ".pdf")):
         parser.error(f"--plot {args.plot!r}: give a .png, .svg or .pdf file name")
+    # What the end of the run needs is checked before it starts, not after.
+    if args.plot is not None:
+        why = report.plot_unavailable()
+        if why is not None:
+            parser.error(f"--plot needs {why}; or leave --plot out (nothing was run)")
+    for flag, dest in (("--json", args.json), ("--plot", args.plot)):
+        if dest is not None and dest != "-":
+            folder = _path(dest).parent
+            if not folder.is_dir():
+                parser.error(f"{flag} {dest!r}: the folder {str(folder)!r} does not exist (nothing was run)")
     names = args.workload or ["transport"]
     if args.workers is not None and args.workers > 4 * _usable_cpus():
         print(f"shmfeed: --workers {args.workers} on {_usable_cpus()} usable CPUs: "
@@ -176,6 +220,7 @@ def _bench(args: argparse.Namespace, parser: argparse.ArgumentParser, argv: list
         data_rows=args.data_rows,
         length=args.length,
         progress=not args.no_progress,
+        step_ms=args.step_ms,
     )
     if args.data_dir is not None:
         opts.data_dir = _path(args.data_dir)
@@ -187,8 +232,8 @@ def _bench(args: argparse.Namespace, parser: argparse.ArgumentParser, argv: list
     if args.json is not None:
         report.write_json(doc, args.json)
     if args.plot is not None:
-        why = report.plot(doc, args.plot)
-        print(f"plot: {args.plot}" if why is None else f"plot skipped: {why}", file=sys.stderr)
+        report.plot(doc, args.plot)
+        print(f"plot: {args.plot}", file=sys.stderr)
     failed = report.failures(doc)
     for line in failed:
         print(f"shmfeed bench: failed: {line}", file=sys.stderr)
@@ -204,12 +249,13 @@ def _path(text: str):
 
 
 def _gpu_present() -> bool:
-    return any(os.path.exists(p) for p in ("/dev/nvidia0", "/dev/nvidiactl", "/dev/kfd"))
+    return bool(_sysinfo.gpu_device_nodes())
 
 
 def _device(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     given = [flag for flag, value in (("--workload", args.workload), ("--compare", args.compare),
-                                      ("--plot", args.plot)) if value is not None]
+                                      ("--plot", args.plot), ("--step-ms", args.step_ms or None))
+             if value is not None]
     if given:
         parser.error(f"--device measures the GPU upload only; it does not take {', '.join(given)}")
     seconds = args.seconds or DEFAULT_SECONDS

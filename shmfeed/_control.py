@@ -20,8 +20,15 @@ from __future__ import annotations
 import enum
 from typing import NamedTuple
 
-from . import _core
 from ._errors import internal
+
+try:
+    from . import _core
+except ImportError as exc:
+    raise ImportError(
+        f"shmfeed's C core (shmfeed._core) is not built or not importable here: {exc}. Build it: "
+        "`pip install -e .` in the checkout, or `python setup.py build_ext --inplace`; "
+        "then `shmfeed doctor` checks the rest") from exc
 
 NO_CLAIM: int = _core.SHMF_NO_CLAIM
 REPORT_BYTES: int = _core.SHMF_REPORT_BYTES

@@ -20,7 +20,6 @@ import pickle
 import sys
 import time
 import weakref
-from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -32,38 +31,13 @@ from ._errors import LoaderClosedError, ShmfeedError, SpecError, WorkerError
 from ._pool import Pool, sigint_deferred
 from ._ring import Ring
 from ._spec import Spec
+from ._stats import Stats
 
 log = logging.getLogger("shmfeed")
 
 # Batch numbers no real batch has, to key the global RNGs for the epoch hooks.
 _HOOK_BATCH = {"on_epoch_begin": 0xFFFFFFFE, "on_epoch_end": 0xFFFFFFFF}
 _said_spawn = False
-
-
-@dataclass
-class Stats:
-    """What the loader has done so far; `input_wait_fraction` near 0 means the
-    training loop never waited for data, near 1 that it is input-bound."""
-
-    batches: int = 0
-    bytes: int = 0
-    wait_s: float = 0.0
-    elapsed_s: float = 0.0
-    epochs_started: int = 0
-    restarts: int = 0
-    workers: list[dict] = field(default_factory=list)
-    n_slots: int = 0
-    slot_bytes: int = 0
-    ring_bytes: int = 0
-
-    @property
-    def input_wait_fraction(self) -> float:
-        return self.wait_s / self.elapsed_s if self.elapsed_s > 0 else 0.0
-
-    def as_dict(self) -> dict:
-        d = dict(self.__dict__)
-        d["input_wait_fraction"] = self.input_wait_fraction
-        return d
 
 
 def _accelerator_in_use() -> str | None:

@@ -11,14 +11,18 @@ well under a minute on 2 cores.
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
+import io
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
-from shmfeed._bench import workloads
+from shmfeed._bench import report, workloads
 from shmfeed._bench.loaders import LOADERS, not_installed
+from shmfeed._bench.runner import Progress
 from shmfeed._cli import _gpu_present, main
 
 RUN_S = 0.2  # measured seconds per loader
@@ -83,6 +87,10 @@ def _check_sane(doc: dict, workload: str, loaders: list[str]) -> None:
     (["bench", "--slots", "1"], "at least 2 slots"),
     (["bench", "--plot", "chart.txt"], "give a .png, .svg or .pdf"),
     (["bench", "--device", "--compare", "torch"], "does not take --compare"),
+    (["bench", "--step-ms", "-1"], "must be >= 0"),
+    (["bench", "--step-ms", "fast"], "expected a number of milliseconds"),
+    (["bench", "--device", "--step-ms", "5"], "does not take --step-ms"),
+    (["bench", "--json", "/nonexistent-dir/out.json"], "the folder '/nonexistent-dir' does not exist (nothing was run)"),
     (["bench", "--no-such-flag"], "unrecognized arguments"),
     ([], "required: COMMAND"),
     (["frobnicate"], "invalid choice: 'frobnicate'"),
@@ -166,14 +174,101 @@ def test_python_dash_m_runs_the_readme_command_with_json_on_stdout_and_a_plot(da
     # In a child interpreter: matplotlib keeps its font files open for the life of
     # the process, which the leak check of this one would (rightly) report.
     plot = tmp_path / "bench.png"
+    with_plot = importlib.util.find_spec("matplotlib") is not None  # not in the `test` extra
     proc = subprocess.run(
         [sys.executable, "-m", "shmfeed", "bench", "--workload", "transport", "--compare", "inline",
          "--seconds", str(RUN_S), "--data-dir", str(data_dir), "--data-rows", str(DATA_ROWS),
-         "--json", "-", "--plot", str(plot)],
+         "--json", "-"] + (["--plot", str(plot)] if with_plot else []),
         capture_output=True, text=True, timeout=CLI_TIMEOUT_S)
     assert proc.returncode == 0, proc.stderr
     doc = json.loads(proc.stdout)  # the table went to stderr
     _check_sane(doc, "transport", ["shmfeed", "inline"])
     assert "| transport" in proc.stderr and "data: " in proc.stderr
-    if "plot skipped: matplotlib is not installed (pip install 'shmfeed[plot]')" not in proc.stderr:
+    if with_plot:
         assert plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_plot_without_matplotlib_fails_before_running(tmp_path, capsys, monkeypatch):
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # what `import` does when it is missing
+    never = tmp_path / "never-made"
+    with pytest.raises(SystemExit) as exc:
+        main(["bench", "--workload", "tokens", "--data-dir", str(never), "--plot", str(tmp_path / "b.png")])
+    assert exc.value.code == 2
+    err = capsys.readouterr().err
+    assert "--plot needs matplotlib cannot be imported" in err
+    assert "pip install 'shmfeed[plot]'" in err and "nothing was run" in err
+    assert not never.exists()  # no data was generated: nothing ran
+
+
+# -- the simulated step, the columns ------------------------------------------------------------
+STEP_MS = 5.0
+
+
+def test_step_ms_sleeps_after_each_batch_and_reports_input_wait_per_loader(data_dir, tmp_path, capsys):
+    code, doc, out, err = _bench(["--workload", "tokens", "--compare", "inline", "--workers", "2",
+                                  "--step-ms", str(STEP_MS)], data_dir, tmp_path, capsys)
+    assert code == 0, err
+    _check_sane(doc, "tokens", ["shmfeed", "inline"])
+    assert doc["options"]["step_ms"] == STEP_MS
+    header = out.splitlines()[-4]
+    assert header.split("|")[-2].strip() == "input wait"
+    assert f"a simulated {STEP_MS:g} ms training step per batch" in out
+    for name, info in doc["workloads"]["tokens"]["loaders"].items():
+        run = info["runs"][0]
+        # Each batch is followed by a step: the rate cannot beat 1 / step.
+        assert run["batches_per_s"] <= 1e3 / STEP_MS, name
+        assert 0 <= run["input_wait_fraction"] < 1 and run["loop_cpu_ms_per_batch"] > 0
+
+
+def test_without_a_step_the_table_shows_loop_cpu_and_leaves_input_wait_out(data_dir, tmp_path, capsys):
+    code, doc, out, err = _bench(["--workload", "compute", "--compare", "inline", "--workers", "2"],
+                                 data_dir, tmp_path, capsys)
+    assert code == 0, err
+    header = [c.strip() for c in out.splitlines()[-4].split("|")[1:-1]]
+    assert header[-1] == "loop CPU ms" and "input wait" not in header
+    assert "input wait is ~1 for every loader, left out" in out
+    loaders = doc["workloads"]["compute"]["loaders"]
+    for info in loaders.values():
+        assert 0 < info["summary"]["input_wait_fraction"] <= 1  # still in the JSON
+    # In-process loading computes every sample (~1 ms each) in the loop; shmfeed's
+    # workers do it in their own processes, so the loop only takes the batch.
+    shm, inline = (loaders[n]["summary"]["loop_cpu_ms_per_batch"] for n in ("shmfeed", "inline"))
+    assert 0 < 10 * shm < inline
+
+
+def test_a_results_file_from_before_loop_cpu_and_step_ms_still_renders():
+    doc = json.loads((Path(__file__).parents[1] / "benchmarks" / "results.json").read_text())
+    assert "step_ms" not in doc["options"]
+    text = report.heading(doc) + "\n" + report.table(doc)
+    assert "no training step" in text and "| transport  | shmfeed " in text
+    assert text.splitlines()[-1].rstrip().endswith("- |")  # no loop CPU measured then
+
+
+# -- progress ---------------------------------------------------------------------------------
+def test_progress_without_a_terminal_prints_one_line_per_result_with_the_time_left():
+    out = io.StringIO()
+    with Progress(True, 3, expected_s=10.0, stream=out) as p:
+        assert p.left_s(0.0) == 30.0  # nothing measured yet: the guess, three times
+        p.start("tokens / shmfeed")
+        p.tick(4.0)
+        p.took_s.append(4.0)  # as if the first took 4 s
+        p.done = 1
+        assert p.left_s(1.0) == 4.0 + 3.0  # one more after this one, and 3 s of this one
+        p.start("tokens / inline")
+        p.finish("123 batches/s")
+    assert out.getvalue().startswith("[2/3] tokens / inline: 123 batches/s (0:0")
+    assert out.getvalue().endswith(" left)\n") and "\r" not in out.getvalue()
+
+
+def test_progress_on_a_terminal_shows_a_live_bar_with_rich():
+    pytest.importorskip("rich")
+    out = io.StringIO()
+    with Progress(True, 2, expected_s=1.0, stream=out, live=True) as p:
+        assert p._rich is not None
+        p.say("data: somewhere")
+        p.start("tokens / shmfeed")
+        p.tick(0.5)
+        p.finish("99 batches/s")
+    text = out.getvalue()
+    assert "data: somewhere" in text and "[1/2] tokens / shmfeed: 99 batches/s" in text
+    assert "left" in text

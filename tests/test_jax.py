@@ -231,6 +231,47 @@ def test_state_dict_inside_the_feed_names_the_batch_the_loop_received():
         np.testing.assert_array_equal(got, want)
 
 
+def test_the_feed_has_the_length_progress_bars_ask_for():
+    with shmfeed.Loader(Stamped(40), batch_size=4, num_workers=0, drop_last=True) as loader:
+        feed = sj.prefetch_to_device(loader)
+        assert len(feed) == len(loader) == 10
+        assert sum(1 for _ in feed) == 10
+    assert len(sj.prefetch_to_device([{"k": np.zeros(2)}] * 3)) == 3
+    unsized = sj.prefetch_to_device(CountingIterator(5))
+    with pytest.raises(TypeError, match=r"its input \(CountingIterator\) has no len\(\)"):
+        len(unsized)
+    assert sum(1 for _ in unsized) == 5  # it still iterates
+
+
+@pytest.mark.parametrize("transfer", ["copy", "xla"])
+def test_dropping_the_feed_mid_epoch_waits_for_its_uploads_and_frees_every_slot(transfer):
+    with shmfeed.Loader(Stamped(48), batch_size=4, num_workers=2, num_slots=6) as loader:
+        feed = sj.prefetch_to_device(loader, size=3, transfer=transfer)
+        for _ in range(2):
+            b = next(feed)
+        del b
+        if transfer == "xla":  # "copy" is done with the ring once an upload returns
+            assert held_slots(loader) > 0  # batches uploaded ahead alias their slots
+        del feed  # no close(), no break: the feed is just dropped
+        gc.collect()  # "xla": JAX lets go of arrays that alias the ring at a collection
+        assert held_slots(loader) == 0
+        ids = [int(b["meta"][0][0]) for b in sj.prefetch_to_device(loader, transfer=transfer)]
+        assert sorted(ids) == list(range(0, 48, 4))  # the next epoch, whole
+
+
+def test_closing_the_feed_or_leaving_its_with_block_frees_every_slot():
+    with shmfeed.Loader(Stamped(40), batch_size=4, num_workers=0, num_slots=5) as loader:
+        with sj.prefetch_to_device(loader, size=2) as feed:
+            next(feed)
+        assert held_slots(loader) == 0
+        feed = sj.prefetch_to_device(loader, size=2)
+        next(feed)
+        feed.close()
+        assert held_slots(loader) == 0
+        with pytest.raises(StopIteration):
+            next(feed)
+
+
 def test_an_error_comes_after_the_batches_before_it():
     with shmfeed.Loader(FailsAt(20, bad=9), batch_size=4, num_workers=0) as loader:
         seen = []

@@ -11,7 +11,15 @@ Owns what "a batch was delivered" means and how it is timed.
 - Every delivered batch is touched (`touch`): the first and last element of every
   leaf are read, so a loader cannot win by handing out work it has not done, and the
   batch is dropped before the next is asked for, as a training step would.
-- The input wait is the time spent inside `next()` over the measured time.
+- A training step of `step_ms` can follow each batch (`--step-ms`): a sleep, because
+  the host thread of a GPU/TPU step waits for the device and leaves the CPU to the
+  loader's workers (a CPU-bound step would compete with them instead).
+- The input wait is the time spent inside `next()` over the measured time.  With no
+  step it is near 1 for every loader (the loop does nothing else), so it only means
+  something with `step_ms`: then near 0 says the loader keeps up with that step.
+- The loop CPU is the CPU time of this process (all its threads) per batch, step
+  excluded (a sleep takes none): what the loader costs the training process itself,
+  e.g. every item for in-process loading, unpickling for a pickling loader.
 
 The parent (runner.py) samples this process tree's memory from outside, so that the
 measurement costs this process nothing.  The result is a JSON object:
@@ -68,9 +76,11 @@ def measure(job: Job) -> dict:
         touch(batch)
         del batch
         deadline = t_first + job.seconds
+        step_s = job.step_ms / 1e3
         n = nbytes = 0
         wait_s = 0.0
         now = t_first
+        cpu0_s = time.process_time()
         while now < deadline:
             t = time.perf_counter()
             try:
@@ -86,7 +96,11 @@ def measure(job: Job) -> dict:
             nbytes += touch(batch)
             del batch
             n += 1
+            if step_s:
+                time.sleep(step_s)
+                now = time.perf_counter()
         elapsed_s = now - t_first
+        loop_cpu_s = time.process_time() - cpu0_s
         del it
         stats = adapter.stats()
     finally:
@@ -102,6 +116,7 @@ def measure(job: Job) -> dict:
         "MB_per_s": nbytes / elapsed_s / 1e6,
         "startup_s": t_first - t_construct,
         "input_wait_fraction": wait_s / elapsed_s,
+        "loop_cpu_ms_per_batch": loop_cpu_s / max(n, 1) * 1e3,
         "epochs_started": epoch + 1,
         "close_s": close_s,
         "rss_before_loader_MB": rss_base / 1e6,

@@ -10,7 +10,13 @@ Owns the meaning of every column:
 - peak PSS (RSS where PSS is not readable): of the measuring process and all its
   descendants, sampled every 0.1 s; shared memory is split among the processes that
   map it in PSS and counted once per process in RSS;
-- input wait: fraction of the measured time the training loop spent in `next()`.
+- loop CPU ms: CPU time of the training process (all its threads) per batch, the
+  simulated step excluded: what loading costs the training loop's own process;
+- input wait (only with `--step-ms`): fraction of the measured time the training loop
+  spent in `next()`.  Without a step the loop does nothing but take batches, so it is
+  near 1 for every loader and the table leaves it out (the JSON keeps it).
+
+Documents written before a column existed render with "-" in it.
 """
 
 from __future__ import annotations
@@ -22,7 +28,8 @@ from typing import IO
 
 LOG_SCALE_SPREAD = 30  # a panel whose fastest bar is this many times its slowest gets a log axis
 MEDIAN_FIELDS = ("batches_per_s", "MB_per_s", "startup_s", "input_wait_fraction",
-                 "peak_rss_MB", "peak_pss_MB", "close_s", "background_cpu_cores")
+                 "loop_cpu_ms_per_batch", "peak_rss_MB", "peak_pss_MB", "close_s",
+                 "background_cpu_cores")
 
 
 def summarise(doc: dict) -> dict:
@@ -67,15 +74,30 @@ def failures(doc: dict) -> list[str]:
 
 # -- the table --------------------------------------------------------------------------
 COLUMNS = ("workload", "loader", "batches/s", "MB/s", "x shmfeed", "memcpy", "startup s",
-           "peak PSS MB", "input wait")
+           "peak PSS MB", "loop CPU ms", "input wait")
 
 
-def _row(wname: str, label: str, s: dict) -> list[str]:
+def step_ms(doc: dict) -> float:
+    return doc["options"].get("step_ms") or 0.0
+
+
+def columns(doc: dict) -> tuple[str, ...]:
+    """The table's columns: input wait only when a training step was simulated."""
+    return COLUMNS if step_ms(doc) else COLUMNS[:-1]
+
+
+def _cpu_ms(value: float | None) -> str:
+    if value is None:
+        return "-"
+    return f"{value:.3f}" if value < 1 else f"{value:,.2f}"
+
+
+def _row(wname: str, label: str, s: dict, cols: tuple[str, ...]) -> list[str]:
     if s["status"] != "ok":
         return [wname, label, f"{s['status']}: {s['reason']}"]
     memory = s["peak_pss_MB"] if s["peak_pss_MB"] is not None else s["peak_rss_MB"]
     ratio = s["ratio_to_shmfeed"]
-    return [
+    cells = [
         wname, label,
         f"{s['batches_per_s']:,.0f}" if s["batches_per_s"] >= 100 else f"{s['batches_per_s']:,.1f}",
         f"{s['MB_per_s']:,.0f}",
@@ -83,34 +105,39 @@ def _row(wname: str, label: str, s: dict) -> list[str]:
         f"{s['memcpy_fraction']:.0%}" if s["memcpy_fraction"] >= 0.1 else f"{s['memcpy_fraction']:.1%}",
         f"{s['startup_s']:.2f}",
         f"{memory:,.0f}" + ("" if s["peak_pss_MB"] is not None else " (RSS)"),
+        _cpu_ms(s.get("loop_cpu_ms_per_batch")),
         f"{s['input_wait_fraction']:.2f}",
     ]
+    return cells[:len(cols)]
 
 
 def table(doc: dict) -> str:
     """A Markdown pipe table, aligned so that it also reads well in a terminal."""
+    cols = columns(doc)
     rows = []
     for wname, entry in doc["workloads"].items():
         for info in entry["loaders"].values():
-            rows.append(_row(wname, info["label"], info["summary"]))
-    widths = [max([len(c)] + [len(r[i]) for r in rows if i < len(r) and (i < 2 or len(r) == len(COLUMNS))])
-              for i, c in enumerate(COLUMNS)]
+            rows.append(_row(wname, info["label"], info["summary"], cols))
+    widths = [max([len(c)] + [len(r[i]) for r in rows if i < len(r) and (i < 2 or len(r) == len(cols))])
+              for i, c in enumerate(cols)]
 
     def line(cells: list[str]) -> str:
-        if len(cells) < len(COLUMNS):  # a skipped or failed loader: its reason spans the rest
-            cells = cells + [""] * (len(COLUMNS) - len(cells))
+        if len(cells) < len(cols):  # a skipped or failed loader: its reason spans the rest
+            cells = cells + [""] * (len(cols) - len(cells))
             return "| " + " | ".join(c.ljust(w) for c, w in zip(cells[:2], widths)) + " | " + cells[2] + " |"
         return "| " + " | ".join(c.ljust(w) if i < 2 else c.rjust(w)
                                  for i, (c, w) in enumerate(zip(cells, widths))) + " |"
 
     sep = "|" + "|".join("-" * (w + 1) + (":" if i >= 2 else "-") for i, w in enumerate(widths)) + "|"
-    return "\n".join([line(list(COLUMNS)), sep] + [line(r) for r in rows])
+    return "\n".join([line(list(cols)), sep] + [line(r) for r in rows])
 
 
 def heading(doc: dict) -> str:
     o, m = doc["options"], doc["machine"]
+    step = (f"a simulated {step_ms(doc):g} ms training step per batch" if step_ms(doc) else
+            "no training step (--step-ms 0: input wait is ~1 for every loader, left out)")
     lines = [
-        f"shmfeed {doc['shmfeed_version']} bench: {o['workers']} workers, {o['seconds']:g} s per loader, "
+        f"shmfeed {doc['shmfeed_version']} bench: {o['workers']} workers, {o['seconds']:g} s per loader, {step}, "
         f"{o['repeat']} repeat(s) (medians), shuffle={o['shuffle']}; "
         f"{m['cpus_usable']} CPUs ({m['cpu_model']}), Python {m['python']}, load average "
         f"{m['load_avg_1min_at_start']:.1f} at start, {m.get('load_avg_1min_at_end', 0):.1f} at end",
@@ -136,12 +163,19 @@ def write_json(doc: dict, dest: str, stdout: IO[str] = sys.stdout) -> None:
 
 
 # -- the chart ----------------------------------------------------------------------------
-def plot(doc: dict, dest: str) -> str | None:
-    """Draw batches/s per loader, one panel per workload; None, or why it was not drawn."""
+def plot_unavailable() -> str | None:
+    """Why `plot` cannot draw here (asked before a run, not after), or None."""
     try:
-        import matplotlib
-    except ImportError:
-        return "matplotlib is not installed (pip install 'shmfeed[plot]')"
+        import matplotlib  # noqa: F401
+    except ImportError as exc:
+        return f"matplotlib cannot be imported ({exc}): pip install 'shmfeed[plot]'"
+    return None
+
+
+def plot(doc: dict, dest: str) -> None:
+    """Draw batches/s per loader, one panel per workload (see `plot_unavailable`)."""
+    import matplotlib
+
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
@@ -173,4 +207,3 @@ def plot(doc: dict, dest: str) -> str | None:
     fig.tight_layout()
     fig.savefig(dest, dpi=120)
     plt.close(fig)
-    return None

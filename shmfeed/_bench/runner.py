@@ -36,13 +36,15 @@ from pathlib import Path
 import numpy as np
 import psutil
 
+from .. import _sysinfo
 from . import workloads
 from .loaders import LOADERS, Job, not_installed
 
 CHILD_SLACK_S = 180.0  # a child may take this long beyond `seconds` (imports, startup, close)
 LEFTOVER_GRACE_S = 3.0  # processes a child left behind get this long to exit by themselves
 MEMORY_SAMPLE_S = 0.1  # sampling period of a child's process tree (memory, CPU)
-PROGRESS_S = 0.2  # refresh period of the progress line on a terminal
+PROGRESS_S = 0.2  # refresh period of the progress display on a terminal
+STARTUP_GUESS_S = 2.0  # what a child takes beyond `seconds`, until one has been timed
 MEMCPY_BUDGET_S = 0.3  # time spent measuring the memcpy bound of one workload, at most
 MEMCPY_BUDGET_FRACTION = 0.25  # ... and at most this fraction of `seconds`
 MEMCPY_GROUP_S = 0.002  # copies are timed in groups at least this long
@@ -68,6 +70,7 @@ class BenchOptions:
     data_rows: int | None = None  # rows of each data file (tests make small ones)
     length: int | None = None  # samples (batches) per epoch; None: the workload's default
     progress: bool = True
+    step_ms: float = 0.0  # simulated training step per batch (child.py)
 
     def as_dict(self) -> dict:
         d = asdict(self)
@@ -301,10 +304,7 @@ def run_child(job: Job, tick: Callable[[float], None]) -> dict:
 
 # -- the whole run --------------------------------------------------------------------------
 def _machine() -> dict:
-    try:
-        cpus = len(os.sched_getaffinity(0))
-    except AttributeError:
-        cpus = os.cpu_count()
+    cpus = _sysinfo.usable_cpus().value
     model = platform.processor()
     with contextlib.suppress(OSError), open("/proc/cpuinfo") as f:
         for line in f:
@@ -317,44 +317,108 @@ def _machine() -> dict:
             "load_avg_1min_at_start": os.getloadavg()[0]}
 
 
-class Progress:
-    """One self-rewriting line on a terminal; one line per result otherwise."""
+def _clock(seconds: float) -> str:
+    m, s = divmod(int(round(seconds)), 60)
+    return f"{m // 60}:{m % 60:02d}:{s:02d}" if m >= 60 else f"{m}:{s:02d}"
 
-    def __init__(self, enabled: bool, total: int):
-        self.tty = enabled and sys.stderr.isatty()
+
+class Progress:
+    """Progress of the run on `stream` (stderr): a live bar with the time left when
+    `rich` is installed and the stream is a terminal, a self-rewriting line on a
+    terminal without it, one line per result otherwise (logs, CI).
+
+    The time left is the measurements still to run times what one has taken so far
+    (`expected_s`, the measured seconds plus a startup guess, before the first ends),
+    less what the current one has run already."""
+
+    def __init__(self, enabled: bool, total: int, expected_s: float, stream=None,
+                 live: bool | None = None):
+        self.stream = sys.stderr if stream is None else stream
         self.enabled = enabled
+        self.tty = enabled and (self.stream.isatty() if live is None else live)
         self.total = total
         self.done = 0
         self.what = ""
+        self.expected_s = expected_s
+        self.took_s: list[float] = []
+        self._t_start = time.monotonic()
+        self._rich = self._start_rich() if self.tty else None
+
+    def _start_rich(self):
+        try:
+            from rich.console import Console
+            from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
+        except ImportError:
+            return None
+        bar = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+                       TextColumn("{task.fields[left]}"),
+                       console=Console(file=self.stream, force_terminal=True),
+                       transient=True, refresh_per_second=1 / PROGRESS_S)
+        bar.start()
+        self._task = bar.add_task("preparing data and references", total=self.total, left="")
+        return bar
+
+    def per_job_s(self) -> float:
+        return sum(self.took_s) / len(self.took_s) if self.took_s else self.expected_s
+
+    def left_s(self, waited_s: float) -> float:
+        per = self.per_job_s()
+        after = max(0, self.total - self.done - 1) * per
+        return after + max(per - waited_s, 0.0) if self.done < self.total else 0.0
 
     def start(self, what: str) -> None:
         self.what = what
+        self._t_start = time.monotonic()
         self.tick(0.0)
 
     def tick(self, waited: float) -> None:
-        if self.tty:
-            sys.stderr.write(f"\r\x1b[K[{self.done + 1}/{self.total}] {self.what} {waited:5.1f} s")
-            sys.stderr.flush()
+        left = f"about {_clock(self.left_s(waited))} left"
+        if self._rich is not None:
+            # The bar moves within a measurement too, capped short of its end.
+            part = min(waited / self.per_job_s(), 0.99)
+            self._rich.update(self._task, completed=self.done + part,
+                              description=f"{self.what} {waited:5.1f} s", left=left)
+        elif self.tty:
+            self.stream.write(f"\r\x1b[K[{self.done + 1}/{self.total}] {self.what} {waited:5.1f} s, {left}")
+            self.stream.flush()
 
     def finish(self, line: str) -> None:
         self.done += 1
-        if self.tty:
-            sys.stderr.write("\r\x1b[K")
-        if self.enabled:
-            sys.stderr.write(f"[{self.done}/{self.total}] {self.what}: {line}\n")
-            sys.stderr.flush()
+        self.took_s.append(time.monotonic() - self._t_start)
+        if self.tty and self._rich is None:
+            self.stream.write("\r\x1b[K")
+        left = f" ({_clock(self.left_s(0.0))} left)" if self.done < self.total else ""
+        self.say(f"[{self.done}/{self.total}] {self.what}: {line}{left}")
+        if self._rich is not None:
+            self._rich.update(self._task, completed=self.done)
 
     def say(self, line: str) -> None:
-        if self.enabled:
-            sys.stderr.write(line + "\n")
-            sys.stderr.flush()
+        if not self.enabled:
+            return
+        if self._rich is not None:
+            self._rich.console.print(line, markup=False, highlight=False, soft_wrap=True)
+        else:
+            self.stream.write(line + "\n")
+            self.stream.flush()
+
+    def close(self) -> None:
+        if self._rich is not None:
+            self._rich.stop()
+            self._rich = None
+
+    def __enter__(self) -> Progress:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
 
 
-def _summary(result: dict) -> str:
+def _summary(result: dict, step_ms: float) -> str:
     if result["status"] != "ok":
         return f"{result['status']}: {result['reason']}"
+    wait = f", input wait {result['input_wait_fraction']:.2f}" if step_ms else ""
     return (f"{result['batches_per_s']:,.0f} batches/s, {result['MB_per_s']:,.0f} MB/s, "
-            f"startup {result['startup_s']:.2f} s")
+            f"startup {result['startup_s']:.2f} s{wait}")
 
 
 def run_bench(opts: BenchOptions) -> dict:
@@ -362,7 +426,13 @@ def run_bench(opts: BenchOptions) -> dict:
     loaders = ["shmfeed"] + [p for p in opts.peers if p != "shmfeed"]
     missing = {name: not_installed(name) for name in loaders}
     runnable = [n for n in loaders if missing[n] is None]
-    progress = Progress(opts.progress, len(opts.workloads) * opts.repeat * len(runnable))
+    with Progress(opts.progress, len(opts.workloads) * opts.repeat * len(runnable),
+                  opts.seconds + STARTUP_GUESS_S) as progress:
+        return _run(opts, loaders, missing, runnable, progress)
+
+
+def _run(opts: BenchOptions, loaders: list[str], missing: dict, runnable: list[str],
+         progress: Progress) -> dict:
     doc: dict = {
         "shmfeed_version": _shmfeed_version(),
         "machine": _machine(),
@@ -409,12 +479,13 @@ def run_bench(opts: BenchOptions) -> dict:
             for n in runnable:
                 job = Job(workload=name, loader=n, data_path=str(path), length=opts.length,
                           batch_size=batch_size, workers=opts.workers, slots=opts.slots,
-                          shuffle=opts.shuffle, seed=opts.seed, seconds=opts.seconds)
+                          shuffle=opts.shuffle, seed=opts.seed, seconds=opts.seconds,
+                          step_ms=opts.step_ms)
                 rep_note = f" (repeat {rep + 1}/{opts.repeat})" if opts.repeat > 1 else ""
                 progress.start(f"{name} / {n}{rep_note}")
                 result = run_child(job, progress.tick)
                 result["repeat"] = rep
-                progress.finish(_summary(result))
+                progress.finish(_summary(result, opts.step_ms))
                 entry["loaders"][n]["runs"].append(result)
     doc["machine"]["load_avg_1min_at_end"] = os.getloadavg()[0]
     return doc

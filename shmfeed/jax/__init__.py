@@ -16,8 +16,9 @@ only when a CUDA device is fed.  How slots are kept safe while a device may stil
 read them is written down in `_feed.py`; the transfer interface is `_transfer.py`.
 """
 
-from ._feed import GPU_DEFAULT_TRANSFER, TRANSFERS, prefetch_to_device
+from ._feed import GPU_DEFAULT_TRANSFER, TRANSFERS, Prefetch, prefetch_to_device
 from ._shard import host_shard
 from ._transfer import DeviceFeedError
 
-__all__ = ["GPU_DEFAULT_TRANSFER", "TRANSFERS", "DeviceFeedError", "host_shard", "prefetch_to_device"]
+__all__ = ["GPU_DEFAULT_TRANSFER", "TRANSFERS", "DeviceFeedError", "Prefetch", "host_shard",
+           "prefetch_to_device"]

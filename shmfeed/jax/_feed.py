@@ -34,14 +34,16 @@ Invariants:
    slots at once; beyond that the feed waits for the oldest to complete rather than
    let the loader run out of slots.
 5. Leaving the loop early waits for the uploads in flight, then releases their
-   slots; nothing is left reading the ring.
+   slots; nothing is left reading the ring.  So does dropping the feed (`Prefetch`)
+   mid-epoch, closing it, or leaving its `with` block.
 """
 
 from __future__ import annotations
 
+import inspect
 import traceback
 from collections import deque
-from collections.abc import Iterable, Iterator
+from collections.abc import Generator, Iterable, Iterator
 from typing import Any
 
 import jax
@@ -88,13 +90,63 @@ class Uploader:
         return jax.tree_util.tree_unflatten(treedef, out), pending
 
 
+class Prefetch(Iterator):
+    """What `prefetch_to_device` returns: an iterator over one pass of the batches,
+    with `len()` so that progress bars (tqdm, Keras) know the total.
+
+    It is closed, i.e. the uploads in flight are waited for, their ring slots
+    released and the transfer closed (invariant 5), when it is exhausted, by
+    `close()` or a `with` block, and when it is dropped, even mid-epoch."""
+
+    __slots__ = ("_batches", "_transfer", "_len", "_input")
+
+    def __init__(self, batches: Generator[Any, None, None], transfer: Transfer, length: int | None,
+                 input_name: str):
+        self._batches = batches
+        self._transfer = transfer
+        self._len = length
+        self._input = input_name
+
+    def __iter__(self) -> Prefetch:
+        return self
+
+    def __next__(self) -> Any:
+        return next(self._batches)
+
+    def __len__(self) -> int:
+        if self._len is None:
+            raise TypeError(
+                f"len() of this prefetch_to_device(...) is unknown: its input ({self._input}) has "
+                "no len(). Pass the shmfeed.Loader itself or a sized iterable (e.g. a list), or "
+                "give the progress bar its total (`tqdm(feed, total=n)`)")
+        return self._len
+
+    def close(self) -> None:
+        """Stop: wait for the uploads in flight and give their ring slots back."""
+        # A generator that never ran has no `finally` to run: the transfer, made
+        # before the first batch, is closed here instead.
+        unstarted = inspect.getgeneratorstate(self._batches) == inspect.GEN_CREATED
+        self._batches.close()
+        if unstarted:
+            self._transfer.close()
+
+    def __enter__(self) -> Prefetch:
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+    def __del__(self) -> None:
+        self.close()
+
+
 def prefetch_to_device(
     loader_or_iterator: Loader | Iterable,
     size: int = 2,
     sharding: Any = None,
     *,
     transfer: str = "auto",
-) -> Iterator[Any]:
+) -> Prefetch:
     """Yield the batches of `loader_or_iterator` as pytrees of `jax.Array`s, keeping
     `size` batches uploading to the device while the current step runs.
 
@@ -112,6 +164,10 @@ def prefetch_to_device(
     guarantees.  The arrays yielded never point into the ring except with "xla" on
     CPU, where JAX adopts the ring memory and the batch's slot stays taken while
     the array lives.
+
+    The result is an iterator with `len()` (the Loader's batches per epoch, or the
+    iterable's length; a TypeError for an iterable without one) that waits for its
+    uploads and frees their slots when closed, left, or dropped mid-epoch.
     """
     if isinstance(size, bool) or not isinstance(size, (int, np.integer)) or size < 1:
         raise SpecError(f"`size` must be an integer >= 1 (batches in flight), got {size!r}")
@@ -135,7 +191,12 @@ def prefetch_to_device(
                 f"read need {size + 2} slots, the loader has {loader.num_slots}. Lower `size`, "
                 "raise the Loader's `num_slots`, or use `transfer='copy'`.")
         limit = max(1, min(limit, loader.num_slots - 1))
-    return _feed(loader_or_iterator, loader, size, limit, transfer_)
+    try:
+        length = len(loader_or_iterator)  # type: ignore[arg-type]
+    except TypeError:
+        length = None
+    return Prefetch(_feed(loader_or_iterator, loader, size, limit, transfer_), transfer_, length,
+                    type(loader_or_iterator).__name__)
 
 
 def make_transfer(transfer: str, target: Target, loader: Loader | None) -> Transfer:

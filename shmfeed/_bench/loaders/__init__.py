@@ -37,6 +37,7 @@ class Job:
     shuffle: bool
     seed: int
     seconds: float
+    step_ms: float = 0.0  # simulated training step after each batch (0: none)
 
     def as_dict(self) -> dict:
         return asdict(self)
