@@ -22,7 +22,7 @@ from typing import Any
 
 import numpy as np
 
-from . import _order
+from . import _order, _sysinfo
 from ._errors import RingMemoryError, SpecError
 from ._order import Order
 from ._ring import ring_bytes
@@ -67,13 +67,6 @@ def check_bool(name: str, value: Any) -> bool:
     return bool(value)
 
 
-def usable_cpus() -> int:
-    try:
-        return len(os.sched_getaffinity(0))
-    except OSError:
-        return os.cpu_count() or 1
-
-
 def build(source: Any, *, batch_size: Any, num_workers: Any, shuffle: Any, seed: Any,
           drop_last: Any, num_slots: Any, memory_budget_bytes: Any, max_batch_rows: Any,
           timeout_s: Any, max_restarts: Any, start_method: Any, seed_global_rngs: Any,
@@ -86,7 +79,7 @@ def build(source: Any, *, batch_size: Any, num_workers: Any, shuffle: Any, seed:
     if num_workers is REQUIRED:
         raise SpecError(
             "`num_workers` is required: how many processes build batches (0 builds them in "
-            f"this process; this machine has {usable_cpus()} usable CPUs, and one of them runs "
+            f"this process; this machine has {_sysinfo.usable_cpus().value} usable CPUs, and one of them runs "
             "the training loop).")
     if not (hasattr(source, "__len__") and hasattr(source, "__getitem__")):
         raise SpecError(f"`source` must have __len__ and __getitem__; got {type(source).__name__}")
@@ -107,7 +100,7 @@ def build(source: Any, *, batch_size: Any, num_workers: Any, shuffle: Any, seed:
         raise SpecError(f"`timeout_s` must be > 0 seconds or None, got {timeout_s!r}")
     if start_method not in START_METHODS:
         raise SpecError(f"`start_method` must be one of {START_METHODS}, got {start_method!r}")
-    cpus = usable_cpus()
+    cpus = _sysinfo.usable_cpus().value
     if num_workers > cpus:
         log.warning(
             "shmfeed: num_workers=%d is more than the %d CPUs this process may use: the workers "
@@ -166,6 +159,13 @@ def check_memory(nbytes: int, n_slots: int, slot_bytes: int) -> None:
             raise RingMemoryError(
                 f"{what}, but RLIMIT_AS (`ulimit -v`) is {soft} bytes and {vm_bytes} are already "
                 f"in use by this process's address space. {fix}")
+    # The ring's pages are charged as they are first written, within the first epoch:
+    # a ring beyond what is left would have the OOM killer end the run minutes later.
+    headroom = _sysinfo.memory_headroom_bytes()
+    if headroom.value is not None and nbytes > headroom.value:
+        raise RingMemoryError(
+            f"{what}, but only {headroom.value} bytes ({headroom.value / 2**20:.1f} MiB) can be "
+            f"allocated now ({headroom.source}). {fix}")
 
 
 def slots_within(budget_bytes: int, max_workers: int, slot_bytes: int) -> int:

@@ -147,7 +147,10 @@ class Pool:
         return describe_exit(self._status)
 
     def worker_pids(self) -> list[int]:
-        return [self.ring.ctl.worker(w)["pid"] for w in range(self.cfg.num_workers)]
+        """Pids of the workers started so far (a worker not forked yet has none: never
+        0, which `os.kill` would read as the whole process group)."""
+        pids = (self.ring.ctl.worker(w)["pid"] for w in range(self.cfg.num_workers))
+        return [p for p in pids if p > 0]
 
     def stop(self) -> None:
         """Run the shutdown protocol; return when no process of the pool is left.
@@ -163,7 +166,7 @@ class Pool:
         # no descriptor), so that the pool stops even when this process has run out of
         # descriptors; a step that fails anyway does not keep the next from running.
         self.ring.ctl.shutdown()
-        pids = [p for p in self.worker_pids() if p > 0]
+        pids = self.worker_pids()
         workers = self._worker_procs(pids)
         deadline = time.monotonic() + STOP_TIMEOUT_S
         while self.poll() is None and time.monotonic() < deadline:

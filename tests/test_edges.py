@@ -59,6 +59,15 @@ def _ring_inodes(pid: int) -> set[int]:
     return found
 
 
+def _wait_for_workers(loader, n: int) -> list[int]:
+    """The pids of all `n` workers, once the supervisor has forked them all."""
+    deadline = time.monotonic() + 10
+    while len(loader.worker_pids) < n:
+        assert time.monotonic() < deadline, f"only {loader.worker_pids} of {n} workers started"
+        time.sleep(0.01)
+    return loader.worker_pids
+
+
 def _memfds() -> int:
     n = 0
     for fd in os.listdir("/proc/self/fd"):
@@ -196,7 +205,7 @@ def test_a_worker_stopped_between_batches_is_replaced_not_left_idle(capfd):
                         timeout_s=30) as loader:
         it = iter(loader)
         got = [int(next(it)[0, 0]) for _ in range(3)]
-        stopped = loader.worker_pids[0]
+        stopped = _wait_for_workers(loader, 2)[0]
         os.kill(stopped, signal.SIGSTOP)
         t_stop = time.monotonic()
         replaced_after = None
@@ -218,6 +227,7 @@ def test_a_stopped_supervisor_is_named_when_a_batch_times_out():
     with shmfeed.Loader(Slowish(400), batch_size=4, num_workers=2, timeout_s=1.0) as loader:
         it = iter(loader)
         next(it)
+        _wait_for_workers(loader, 2)
         supervisor = loader.pool_pid
         os.kill(supervisor, signal.SIGSTOP)
         try:
