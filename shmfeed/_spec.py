@@ -12,11 +12,12 @@ JAX without conversion.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from operator import itemgetter
 from typing import Any
 
 import numpy as np
 
-from ._errors import SpecError
+from ._errors import SpecError, internal
 
 LEAF_ALIGN_BYTES = 128  # every leaf starts on this boundary inside a slot
 SLOT_ALIGN_BYTES = 4096  # slots are whole pages: page-lockable and DMA friendly
@@ -194,7 +195,7 @@ class _Mismatch(Exception):
 
 
 def _compile(node: Node):
-    """A function obj -> list of leaves for this tree, raising _Mismatch (or a
+    """A function obj -> sequence of leaves for this tree, raising _Mismatch (or a
     KeyError/TypeError) when obj's structure differs.  Built once per spec: the
     generic walk costs more than the copy for small samples."""
     kind = node[0]
@@ -205,10 +206,12 @@ def _compile(node: Node):
     if kind == "dict":
         keys = node[1]
         if all(c[0] == "leaf" for c in children):
+            get = itemgetter(*keys) if n > 1 else (lambda obj: (obj[keys[0]],))
+
             def flat_dict(obj):
                 if not isinstance(obj, dict) or len(obj) != n:
                     raise _Mismatch
-                return [obj[k] for k in keys]
+                return get(obj)  # a tuple, in one C call
             return flat_dict
         subs = [(k, _compile(c)) for k, c in zip(keys, children)]
 
@@ -248,6 +251,21 @@ def flattener(spec: Spec):
         except (_Mismatch, KeyError, TypeError):
             raise _structure_error(obj, spec.tree, (), _where(kind, index)) from None
     return flatten
+
+
+def samples_flattener(spec: Spec):
+    """flatten_all(samples, indices) -> the leaves of each sample (sequences), raising
+    SpecError naming the first sample whose structure differs and its field path."""
+    fast, one = _compile(spec.tree), flattener(spec)
+
+    def flatten_all(samples: list, indices: list[int]) -> list:
+        try:
+            return list(map(fast, samples))
+        except (_Mismatch, KeyError, TypeError):
+            for obj, index in zip(samples, indices):
+                one(obj, "sample", index)
+            raise internal("a batch's structure check failed but no sample's did") from None
+    return flatten_all
 
 
 def check_sample_leaf(x: Any, leaf: Leaf, index: int | None) -> None:
