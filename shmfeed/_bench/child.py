@@ -12,6 +12,10 @@ Owns what "a batch was delivered" means and how it is timed.
   leaf are read, so a loader cannot win by handing out work it has not done, and the
   batch is dropped before the next is asked for, as a training step would.
 - The input wait is the time spent inside `next()` over the measured time.
+- A workload with a simulated step (`step_ms`) sleeps that long after touching each
+  batch, as a training step would run; one on a cold file (`cold`) drops the file's
+  pages from the page cache before the loader starts and at every epoch start, so
+  reads go to disk and a loader can only win by reading while the step runs.
 
 The parent (runner.py) samples this process tree's memory from outside, so that the
 measurement costs this process nothing.  The result is a JSON object:
@@ -57,6 +61,9 @@ def measure(job: Job) -> dict:
     source = workloads.make_source(workload, job.data_path, batch_size=job.batch_size,
                                    length=job.length, seed=job.seed)
     rss_base = psutil.Process().memory_info().rss
+    step_s = workload.step_ms / 1e3
+    if workload.cold:
+        workloads.drop_page_cache(job.data_path)
 
     t_construct = time.perf_counter()
     adapter = module.Adapter(source, job)
@@ -77,6 +84,8 @@ def measure(job: Job) -> dict:
                 batch = next(it)
             except StopIteration:
                 epoch += 1
+                if workload.cold:
+                    workloads.drop_page_cache(job.data_path)
                 it = iter(adapter.epoch(epoch))
                 now = time.perf_counter()
                 wait_s += now - t
@@ -86,6 +95,9 @@ def measure(job: Job) -> dict:
             nbytes += touch(batch)
             del batch
             n += 1
+            if step_s:
+                time.sleep(step_s)
+                now = time.perf_counter()
         elapsed_s = now - t_first
         del it
         stats = adapter.stats()
