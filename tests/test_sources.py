@@ -201,6 +201,19 @@ def test_windows_default_stride_is_the_length_and_len_counts_whole_windows():
         w[10]
     o = Windows(t, 9, stride=4)  # overlapping
     assert len(o) == (103 - 9) // 4 + 1 and np.array_equal(o[len(o) - 1], t[4 * (len(o) - 1):][:9])
+    with shmfeed.Loader(w, batch_size=4, num_workers=2, shuffle=True) as loader:
+        got = np.concatenate(_epoch(loader))
+    assert np.array_equal(got[np.argsort(got[:, 0])], t[:100].reshape(10, 10))
+
+
+def test_strided_and_fortran_columns_are_gathered_row_by_index():
+    base = _table(50, 8)
+    data = {"x": base[:, ::2], "f": np.asfortranarray(base.astype(np.float64))}
+    assert not data["x"].flags.c_contiguous and not data["f"].flags.c_contiguous
+    with shmfeed.Loader(Arrays(data), batch_size=8, num_workers=2, shuffle=True) as loader:
+        for b in _epoch(loader):
+            ids = b["x"][:, 0]
+            assert np.array_equal(b["x"], base[ids, ::2]) and np.array_equal(b["f"], base[ids])
 
 
 @pytest.mark.parametrize("num_workers", [0, 2])
