@@ -30,7 +30,7 @@ import numpy as np
 
 from ._errors import SpecError
 from ._spec import _NUMERIC_KINDS as NUMERIC_KINDS
-from ._spec import Node, Spec, unflatten
+from ._spec import Spec, build_tree, unflatten
 from ._spec import _path_str as path_str
 
 # A list longer than this is a sequence of samples, never columns: nobody has this many
@@ -38,14 +38,8 @@ from ._spec import _path_str as path_str
 MAX_LIST_COLUMNS = 64
 
 
-def _collect(obj: Any, path: tuple, arrays: list, what: str) -> Node:
-    """The tree of `obj` (a dict/tuple/list nest of arrays) with its arrays appended."""
-    if isinstance(obj, dict):
-        keys = tuple(obj.keys())
-        return ("dict", keys, tuple(_collect(obj[k], path + (k,), arrays, what) for k in keys))
-    if isinstance(obj, (tuple, list)):
-        cls = type(obj) if hasattr(obj, "_fields") else (list if isinstance(obj, list) else tuple)
-        return ("seq", cls, tuple(_collect(v, path + (i,), arrays, what) for i, v in enumerate(obj)))
+def _row_array(obj: Any, path: tuple, what: str) -> np.ndarray:
+    """`obj` if it can be a column of rows (an array of numbers with a first axis)."""
     field = path_str(path) or "(root)"
     if not isinstance(obj, np.ndarray):
         raise SpecError(
@@ -59,8 +53,7 @@ def _collect(obj: Any, path: tuple, arrays: list, what: str) -> Node:
         raise SpecError(
             f"{what}, field {field}: dtype {obj.dtype} is not supported, expected bool, integer, "
             "float or complex. Encode strings/objects as numbers (e.g. token ids) first.")
-    arrays.append((path, obj))
-    return ("leaf", len(arrays) - 1)
+    return obj
 
 
 def _file_ref(arr: np.ndarray) -> tuple | None:
@@ -115,7 +108,7 @@ class Arrays:
 
     def __init__(self, data: Any):
         arrays: list = []
-        self._tree = _collect(data, (), arrays, "Arrays")
+        self._tree = build_tree(data, (), arrays, "Arrays", leaf=_row_array)
         if not arrays:
             raise SpecError("Arrays: got an empty dict/tuple/list, expected at least one array")
         lengths = {len(a) for _, a in arrays}

@@ -63,14 +63,18 @@ def _where(kind: str, index: int | None) -> str:
     return f"{kind} {index}" if index is not None else kind
 
 
-def _build_tree(obj: Any, path: tuple, leaves: list, where: str) -> Node:
+def build_tree(obj: Any, path: tuple, leaves: list, where: str, leaf=None) -> Node:
+    """The tree of `obj` (dicts, tuples, lists, namedtuples), appending `(path, value)`
+    to `leaves` for each leaf, where value is `leaf(obj, path, where)` (by default the
+    leaf as an array and its Python scalar type, checked)."""
+    leaf = leaf or _as_leaf_array
     if isinstance(obj, dict):
         keys = tuple(obj.keys())
-        return ("dict", keys, tuple(_build_tree(obj[k], path + (k,), leaves, where) for k in keys))
+        return ("dict", keys, tuple(build_tree(obj[k], path + (k,), leaves, where, leaf) for k in keys))
     if isinstance(obj, (tuple, list)):
         cls = type(obj) if hasattr(obj, "_fields") else (list if isinstance(obj, list) else tuple)
-        return ("seq", cls, tuple(_build_tree(v, path + (i,), leaves, where) for i, v in enumerate(obj)))
-    leaves.append((path, _as_leaf_array(obj, path, where)))
+        return ("seq", cls, tuple(build_tree(v, path + (i,), leaves, where, leaf) for i, v in enumerate(obj)))
+    leaves.append((path, leaf(obj, path, where)))
     return ("leaf", len(leaves) - 1)
 
 
@@ -102,7 +106,7 @@ def infer(first: Any, *, rows: int | None, index: int) -> Spec:
     batch_level = rows is None
     where = _where("batch" if batch_level else "sample", index)
     found: list = []
-    tree = _build_tree(first, (), found, where)
+    tree = build_tree(first, (), found, where)
     if not found:
         raise SpecError(f"{where}: contains no arrays (an empty dict/tuple/list)")
     if batch_level:
