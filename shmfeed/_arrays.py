@@ -58,9 +58,11 @@ def _row_array(obj: Any, path: tuple, what: str) -> np.ndarray:
 
 def _file_ref(arr: np.ndarray) -> tuple | None:
     """How to reopen `arr` in another process, if it is a whole memory-mapped file
-    region (np.memmap / np.load(mmap_mode=...)); None for anything else (a slice of a
-    memmap keeps the parent's `offset`, so it is sent by content)."""
-    if isinstance(arr, np.memmap) and isinstance(arr.base, mmap.mmap) and arr.filename:
+    region (np.memmap / np.load(mmap_mode=...)) whose memory is the file's; None for
+    anything else: a slice of a memmap keeps the parent's `offset`, and a copy-on-write
+    map (mode "c") may hold changes the file does not, so those are sent by content."""
+    if (isinstance(arr, np.memmap) and isinstance(arr.base, mmap.mmap) and arr.filename
+            and arr.mode != "c"):
         order = "F" if arr.flags.f_contiguous and not arr.flags.c_contiguous else "C"
         return (arr.filename, arr.dtype.str, arr.shape, int(arr.offset), order)
     return None
