@@ -2,14 +2,14 @@
 reads an array (or a dict / tuple of arrays) given as its source, and the batch-gather
 protocol that lets a worker fill a whole batch with no per-sample Python.
 
-The gather protocol: a source whose class defines `__shmfeed_gather__(indices, out)`
-writes the rows `indices` (an int64 array, the Order's source indices of one batch)
-into `out`, the slot's leaf views in spec order, each with room for at least
-`len(indices)` rows.  `source[i]` must still return sample i (the spec is inferred from
-it, and `num_workers=0` or a plain loop may use it), and the two must agree: the
-Builder takes the gather path only when the source's own leaves have the spec's
-dtypes and row shapes, and only when `__getitem__` is the array class's own (a
-subclass that augments in `__getitem__` keeps the per-sample path).
+The gather protocol (shmfeed's own sources only, for now): `__shmfeed_gather__(indices,
+out)` writes the rows `indices` (an int64 array, the Order's source indices of one
+batch) into `out`, the slot's leaf views in spec order, each with room for at least
+`len(indices)` rows.  `source[i]` still returns sample i (the spec is inferred from it,
+and a plain loop may use it), and the two agree: the Builder (`gatherer`) takes the
+gather path only for an `Arrays` or `Windows` whose leaves have the spec's dtypes and
+row shapes, and only when `__getitem__` is the class's own (a subclass that augments
+in `__getitem__` keeps the per-sample path).
 
 Invariants:
 - A batch gathered is byte for byte the batch `__getitem__` would give for the same
