@@ -88,6 +88,24 @@ def test_same_batches_with_0_and_2_workers_and_after_a_resume():
     assert not np.array_equal(np.concatenate(first[0]), np.concatenate(first[1]))  # reshuffled
 
 
+def test_mid_epoch_resume_gathers_the_remaining_batches():
+    x = _table(90)
+    kw = dict(batch_size=8, shuffle=True, seed=11)
+    with shmfeed.Loader(x, num_workers=0, **kw) as ref:
+        reference = _epoch(ref)
+    with shmfeed.Loader(x, num_workers=2, **kw) as first:
+        got = []
+        for i, b in enumerate(first):
+            got.append(np.array(b))
+            if i == 3:
+                state = first.state_dict()
+                break
+    with shmfeed.Loader(x, num_workers=2, **kw) as second:
+        second.load_state_dict(state)
+        got += _epoch(second)
+    assert len(got) == len(reference) and all(np.array_equal(p, q) for p, q in zip(got, reference))
+
+
 def test_memmap_nested_dict_tuple_and_list_columns(tmp_path):
     path = tmp_path / "x.npy"
     np.save(path, _table(64, 7, np.float32))
