@@ -19,12 +19,14 @@ from typing import Any
 import numpy as np
 
 from . import _order
+from ._arrays import gatherer
 from ._control import BatchStale, PoolShutdown, SlotState
 from ._errors import LoaderClosedError
 from ._order import Order
 from ._report import BuildFailure
 from ._ring import Ring
-from ._spec import Spec, check_batch_leaves, check_sample_leaf, flattener
+from ._rows import write_samples
+from ._spec import Spec, check_batch_leaves, flattener, samples_flattener
 
 WAIT_SLICE_S = 0.25  # how often a waiting builder checks that its parent is alive
 
@@ -41,6 +43,9 @@ class Builder:
         self.seed_global_rngs = seed_global_rngs
         self.current_item: int | None = None
         self._flatten = flattener(spec)
+        self._flatten_samples = samples_flattener(spec)
+        # Array sources fill a batch by index, with no per-sample code (_arrays.py).
+        self._gather = gatherer(source, spec)
         self._perm_epoch: int | None = None
         self._perm: np.ndarray | None = None
 
@@ -55,9 +60,13 @@ class Builder:
         """Write batch `batch` of `epoch` into `slot`; return its number of rows."""
         order, spec, seed = self.order, self.spec, self.order.seed
         perm = self.permutation(epoch)
+        views = self.ring.write_views(slot)
+        if self._gather is not None:
+            items = order.batch_items(perm, batch)
+            self._gather(items, views)
+            return len(items)
         if self.seed_global_rngs:
             _order.seed_global_rngs(seed, epoch, batch)
-        views = self.ring.write_views(slot)
         try:
             if spec.batch_level:
                 index = int(perm[batch])
@@ -69,19 +78,13 @@ class Builder:
                     view[:rows] = x
                 return rows
             items = order.batch_items(perm, batch).tolist()
-            source, tree_leaves, flatten = self.source, spec.leaves, self._flatten
-            for row, index in enumerate(items):
+            source, samples = self.source, []
+            for index in items:
                 self.current_item = index
                 _order.set_item(seed, epoch, index)
-                leaves = flatten(source[index], "sample", index)
-                for view, x, leaf in zip(views, leaves, tree_leaves):
-                    # Fast path first: the exact dtype and shape of the first sample.
-                    if not (
-                        (isinstance(x, np.ndarray) and x.dtype == leaf.dtype and x.shape == leaf.shape)
-                        or (leaf.pytype is not None and type(x) is leaf.pytype)
-                    ):
-                        check_sample_leaf(x, leaf, index)
-                    view[row] = x
+                samples.append(source[index])
+            self.current_item = None  # a bad sample's SpecError names its own index
+            write_samples(spec, views, self._flatten_samples(samples, items), items)
             return len(items)
         finally:
             _order.clear_item()

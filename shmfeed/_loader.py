@@ -25,6 +25,7 @@ from typing import Any
 import numpy as np
 
 from . import _order, _state
+from ._arrays import as_source
 from ._config import REQUIRED, build, check_int
 from ._consumer import Consumer
 from ._errors import LoaderClosedError, ShmfeedError, SpecError, WorkerError
@@ -119,8 +120,11 @@ class Loader:
 
     `source` has `__len__` and `__getitem__`.  With a `batch_size`, `source[i]` is one
     sample (an array, a number, or a dict/tuple/list of them) and a batch stacks
-    `batch_size` samples; with `batch_size=None`, `source[b]` is a whole batch (the
-    Keras `Sequence` way) and `on_epoch_end()` is called between epochs.
+    `batch_size` samples.  An array or memmap, a dict of arrays, or a tuple `(X, y)` is
+    read as aligned rows (`shmfeed.sources.Arrays`: batches gathered by index, no
+    Python per sample); a list is a sequence of samples.  With `batch_size=None`,
+    `source[b]` is a whole batch (the Keras `Sequence` way) and `on_epoch_end()` is
+    called between epochs.
 
     Iterating yields one epoch of batches: numpy arrays that are views into the ring
     (no copy).  A batch's slot is reused only once every array of it is gone.  Random
@@ -164,6 +168,7 @@ class Loader:
         shard_index: int = 0,
         shard_count: int = 1,
     ):
+        source = as_source(source)  # arrays, dicts and tuples of arrays: shmfeed.sources.Arrays
         cfg = build(source, batch_size=batch_size, num_workers=num_workers, shuffle=shuffle,
                     seed=seed, drop_last=drop_last, num_slots=num_slots,
                     memory_budget_bytes=memory_budget_bytes, max_batch_rows=max_batch_rows,

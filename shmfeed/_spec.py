@@ -12,11 +12,12 @@ JAX without conversion.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from operator import itemgetter
 from typing import Any
 
 import numpy as np
 
-from ._errors import SpecError
+from ._errors import SpecError, internal
 
 LEAF_ALIGN_BYTES = 128  # every leaf starts on this boundary inside a slot
 SLOT_ALIGN_BYTES = 4096  # slots are whole pages: page-lockable and DMA friendly
@@ -62,14 +63,18 @@ def _where(kind: str, index: int | None) -> str:
     return f"{kind} {index}" if index is not None else kind
 
 
-def _build_tree(obj: Any, path: tuple, leaves: list, where: str) -> Node:
+def build_tree(obj: Any, path: tuple, leaves: list, where: str, leaf=None) -> Node:
+    """The tree of `obj` (dicts, tuples, lists, namedtuples), appending `(path, value)`
+    to `leaves` for each leaf, where value is `leaf(obj, path, where)` (by default the
+    leaf as an array and its Python scalar type, checked)."""
+    leaf = leaf or _as_leaf_array
     if isinstance(obj, dict):
         keys = tuple(obj.keys())
-        return ("dict", keys, tuple(_build_tree(obj[k], path + (k,), leaves, where) for k in keys))
+        return ("dict", keys, tuple(build_tree(obj[k], path + (k,), leaves, where, leaf) for k in keys))
     if isinstance(obj, (tuple, list)):
         cls = type(obj) if hasattr(obj, "_fields") else (list if isinstance(obj, list) else tuple)
-        return ("seq", cls, tuple(_build_tree(v, path + (i,), leaves, where) for i, v in enumerate(obj)))
-    leaves.append((path, _as_leaf_array(obj, path, where)))
+        return ("seq", cls, tuple(build_tree(v, path + (i,), leaves, where, leaf) for i, v in enumerate(obj)))
+    leaves.append((path, leaf(obj, path, where)))
     return ("leaf", len(leaves) - 1)
 
 
@@ -101,7 +106,7 @@ def infer(first: Any, *, rows: int | None, index: int) -> Spec:
     batch_level = rows is None
     where = _where("batch" if batch_level else "sample", index)
     found: list = []
-    tree = _build_tree(first, (), found, where)
+    tree = build_tree(first, (), found, where)
     if not found:
         raise SpecError(f"{where}: contains no arrays (an empty dict/tuple/list)")
     if batch_level:
@@ -194,7 +199,7 @@ class _Mismatch(Exception):
 
 
 def _compile(node: Node):
-    """A function obj -> list of leaves for this tree, raising _Mismatch (or a
+    """A function obj -> sequence of leaves for this tree, raising _Mismatch (or a
     KeyError/TypeError) when obj's structure differs.  Built once per spec: the
     generic walk costs more than the copy for small samples."""
     kind = node[0]
@@ -205,10 +210,12 @@ def _compile(node: Node):
     if kind == "dict":
         keys = node[1]
         if all(c[0] == "leaf" for c in children):
+            get = itemgetter(*keys) if n > 1 else (lambda obj: (obj[keys[0]],))
+
             def flat_dict(obj):
                 if not isinstance(obj, dict) or len(obj) != n:
                     raise _Mismatch
-                return [obj[k] for k in keys]
+                return get(obj)  # a tuple, in one C call
             return flat_dict
         subs = [(k, _compile(c)) for k, c in zip(keys, children)]
 
@@ -248,6 +255,21 @@ def flattener(spec: Spec):
         except (_Mismatch, KeyError, TypeError):
             raise _structure_error(obj, spec.tree, (), _where(kind, index)) from None
     return flatten
+
+
+def samples_flattener(spec: Spec):
+    """flatten_all(samples, indices) -> the leaves of each sample (sequences), raising
+    SpecError naming the first sample whose structure differs and its field path."""
+    fast, one = _compile(spec.tree), flattener(spec)
+
+    def flatten_all(samples: list, indices: list[int]) -> list:
+        try:
+            return list(map(fast, samples))
+        except (_Mismatch, KeyError, TypeError):
+            for obj, index in zip(samples, indices):
+                one(obj, "sample", index)
+            raise internal("a batch's structure check failed but no sample's did") from None
+    return flatten_all
 
 
 def check_sample_leaf(x: Any, leaf: Leaf, index: int | None) -> None:

@@ -29,6 +29,8 @@ RUN_S = 0.2  # measured seconds per loader
 DATA_ROWS = 64  # rows of each small data file (tokens: 4x as many, so batchlevel has 8 batches)
 CLI_TIMEOUT_S = 100.0  # no run of this file comes near it
 PER_SAMPLE = ["transport", "images", "compute", "tokens"]
+ARRAYS = ["arrays-tokens", "arrays-images", "windows", "disk-images"]
+WINDOW_TOKENS = 40 * 1024  # the windows file: 39 windows of 1025 tokens, one whole batch of 32
 
 
 @pytest.fixture(scope="module")
@@ -39,6 +41,8 @@ def data_dir(tmp_path_factory):
 def _bench(args, data_dir, tmp_path, capsys) -> tuple[int, dict, str, str]:
     out = tmp_path / "bench.json"
     rows = 4 * DATA_ROWS if any(w in args[1] for w in ("tokens", "batchlevel")) else DATA_ROWS
+    if "windows" in args[1]:
+        rows = WINDOW_TOKENS
     code = main(["bench", *args, "--seconds", str(RUN_S), "--data-dir", str(data_dir),
                  "--data-rows", str(rows), "--json", str(out), "--no-progress"])
     captured = capsys.readouterr()
@@ -133,6 +137,16 @@ def test_each_workload_runs_shmfeed_inline_and_pickle(workload, data_dir, tmp_pa
     _check_sane(doc, workload, ["shmfeed", "inline", "pickle"])
     assert doc["command"][:3] == ["shmfeed", "bench", "--workload"]
     assert f"| {workload}" in out and "in-process" in out
+
+
+@pytest.mark.parametrize("workload", ARRAYS)
+def test_each_array_workload_runs_shmfeed_and_inline_and_marks_peers_na(workload, data_dir, tmp_path, capsys):
+    code, doc, out, err = _bench(["--workload", workload, "--compare", "inline,pickle", "--workers", "2"],
+                                 data_dir, tmp_path, capsys)
+    assert code == 0, err
+    pickle_row = doc["workloads"][workload]["loaders"].pop("pickle")
+    assert pickle_row["summary"]["status"] == "skipped" and "n/a" in pickle_row["summary"]["reason"]
+    _check_sane(doc, workload, ["shmfeed", "inline"])
 
 
 @pytest.mark.parametrize("peer", ["torch", "grain", "keras"])

@@ -20,6 +20,10 @@ Owns what "a batch was delivered" means and how it is timed.
 - The loop CPU is the CPU time of this process (all its threads) per batch, step
   excluded (a sleep takes none): what the loader costs the training process itself,
   e.g. every item for in-process loading, unpickling for a pickling loader.
+- A workload with a simulated step of its own (`Workload.step_ms`, unless `--step-ms`
+  is given) sleeps the same way; one on a cold file (`cold`) drops the file's
+  pages from the page cache before the loader starts and at every epoch start, so
+  reads go to disk and a loader can only win by reading while the step runs.
 
 The parent (runner.py) samples this process tree's memory from outside, so that the
 measurement costs this process nothing.  The result is a JSON object:
@@ -65,6 +69,9 @@ def measure(job: Job) -> dict:
     source = workloads.make_source(workload, job.data_path, batch_size=job.batch_size,
                                    length=job.length, seed=job.seed)
     rss_base = psutil.Process().memory_info().rss
+    step_s = (job.step_ms or workload.step_ms) / 1e3
+    if workload.cold:
+        workloads.drop_page_cache(job.data_path)
 
     t_construct = time.perf_counter()
     adapter = module.Adapter(source, job)
@@ -76,7 +83,6 @@ def measure(job: Job) -> dict:
         touch(batch)
         del batch
         deadline = t_first + job.seconds
-        step_s = job.step_ms / 1e3
         n = nbytes = 0
         wait_s = 0.0
         now = t_first
@@ -87,6 +93,8 @@ def measure(job: Job) -> dict:
                 batch = next(it)
             except StopIteration:
                 epoch += 1
+                if workload.cold:
+                    workloads.drop_page_cache(job.data_path)
                 it = iter(adapter.epoch(epoch))
                 now = time.perf_counter()
                 wait_s += now - t

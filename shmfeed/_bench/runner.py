@@ -107,6 +107,8 @@ def describe_batch(workload: workloads.Workload, source, batch_size: int) -> tup
     item_us = (time.perf_counter() - t) / SAMPLE_COST_ITEMS * 1e6
     if workload.batch_level:
         return item.nbytes, item_us
+    if workload.arrays:
+        return item.nbytes * batch_size, item_us
     return (item["x"].nbytes + np.dtype(np.int64).itemsize) * batch_size, item_us  # y stacks to int64
 
 
@@ -426,13 +428,16 @@ def run_bench(opts: BenchOptions) -> dict:
     loaders = ["shmfeed"] + [p for p in opts.peers if p != "shmfeed"]
     missing = {name: not_installed(name) for name in loaders}
     runnable = [n for n in loaders if missing[n] is None]
-    with Progress(opts.progress, len(opts.workloads) * opts.repeat * len(runnable),
-                  opts.seconds + STARTUP_GUESS_S) as progress:
-        return _run(opts, loaders, missing, runnable, progress)
+    def applies(workload: workloads.Workload, name: str) -> bool:
+        return not workload.arrays or name in workloads.ARRAY_LOADERS
+
+    n_runs = opts.repeat * sum(applies(workloads.WORKLOADS[w], n) for w in opts.workloads for n in runnable)
+    with Progress(opts.progress, n_runs, opts.seconds + STARTUP_GUESS_S) as progress:
+        return _run(opts, loaders, missing, runnable, progress, applies)
 
 
 def _run(opts: BenchOptions, loaders: list[str], missing: dict, runnable: list[str],
-         progress: Progress) -> dict:
+         progress: Progress, applies) -> dict:
     doc: dict = {
         "shmfeed_version": _shmfeed_version(),
         "machine": _machine(),
@@ -447,7 +452,8 @@ def _run(opts: BenchOptions, loaders: list[str], missing: dict, runnable: list[s
         workload = workloads.WORKLOADS[name]
         path, made = workloads.ensure_file(workload.data, opts.data_dir, opts.data_rows)
         progress.say(f"data: {path} ({'generated' if made else 'cached'})")
-        workloads.warm_page_cache(path)
+        if not workload.cold:
+            workloads.warm_page_cache(path)
         batch_size = opts.batch_size or workload.batch_size
         source = workloads.make_source(workload, str(path), batch_size=batch_size,
                                        length=opts.length, seed=opts.seed)
@@ -475,8 +481,11 @@ def _run(opts: BenchOptions, loaders: list[str], missing: dict, runnable: list[s
         for n in loaders:
             if missing[n] is not None:
                 entry["loaders"][n]["runs"].append({"status": "skipped", "reason": missing[n]})
+            elif not applies(workload, n):
+                entry["loaders"][n]["runs"].append(
+                    {"status": "skipped", "reason": "n/a: array workloads compare shmfeed with in-process only"})
         for rep in range(opts.repeat):
-            for n in runnable:
+            for n in [n for n in runnable if applies(workload, n)]:
                 job = Job(workload=name, loader=n, data_path=str(path), length=opts.length,
                           batch_size=batch_size, workers=opts.workers, slots=opts.slots,
                           shuffle=opts.shuffle, seed=opts.seed, seconds=opts.seconds,
@@ -485,7 +494,7 @@ def _run(opts: BenchOptions, loaders: list[str], missing: dict, runnable: list[s
                 progress.start(f"{name} / {n}{rep_note}")
                 result = run_child(job, progress.tick)
                 result["repeat"] = rep
-                progress.finish(_summary(result, opts.step_ms))
+                progress.finish(_summary(result, opts.step_ms or workload.step_ms))
                 entry["loaders"][n]["runs"].append(result)
     doc["machine"]["load_avg_1min_at_end"] = os.getloadavg()[0]
     return doc

@@ -12,7 +12,12 @@ Invariants:
   in the process that reads, so forked workers each map the file themselves), or,
   for `batchlevel`, a batch-level source `ds[b] -> int32[rows, 512]` slicing an
   in-memory array.  Adapters add no work of their own beyond their loader's.
-- A dataset is longer than its file: sample `i` reads row `i % rows`.  Epochs are
+- The array workloads (`Workload.arrays`) read the file itself through
+  `shmfeed.sources.Arrays` (rows) or `Windows` (token windows), whose length is the
+  file's; shmfeed gathers their batches by index, the in-process reference reads the
+  same indices with `x[idx]` (or slices), and the other peers do not apply.  Both
+  drop the last partial batch, so every batch is whole.
+- A per-sample dataset is longer than its file: sample `i` reads row `i % rows`.  Epochs are
   then long enough that a few-seconds measurement is not dominated by epoch ends,
   while the file stays small enough to live in the page cache.
 """
@@ -26,6 +31,7 @@ from pathlib import Path
 import numpy as np
 
 import shmfeed
+from shmfeed.sources import Arrays, Windows
 
 DATA_VERSION = 1  # bump when the generator changes: old files are then ignored
 DATA_SEED = 20240605
@@ -44,6 +50,9 @@ INV_STD = (1.0 / np.array([58.4, 57.1, 57.4], np.float32)).astype(np.float32)
 # sample, about 1 ms on a 2020s x86 core (the JSON reports what it cost in the run).
 COMPUTE_ROUNDS = 100
 _PEER_RNG_STREAM = 0x42454E43  # "BENC": keys the generator peers get (see sample_rng)
+VOCABULARY = 50_257  # token ids of the token stream are below this (GPT-2's vocabulary)
+WINDOW_BLOCK = 1024  # `windows`: nanoGPT windows of WINDOW_BLOCK + 1 tokens, stride WINDOW_BLOCK
+DISK_STEP_MS = 20.0  # `disk-images`: the simulated training step
 
 
 @dataclass(frozen=True)
@@ -54,13 +63,16 @@ class DataFile:
     rows: int  # default number of rows; `--data-rows` overrides it
 
     def file_name(self, rows: int) -> str:
-        dims = "x".join(map(str, self.shape))
+        dims = "x".join(map(str, self.shape)) or "flat"
         return f"{self.kind}-{dims}-{self.dtype}-r{rows}-v{DATA_VERSION}.npy"
 
 
 IMAGES = DataFile("images", (224, 224, 3), "uint8", 1024)  # 154 MB
 FEATURES = DataFile("features", (64, 64, 3), "float32", 1024)  # 50 MB
 TOKENS = DataFile("tokens", (512,), "int32", 16384)  # 34 MB
+TOKENS_LARGE = DataFile("tokens", (512,), "int32", 65536)  # 134 MB
+IMAGES_LARGE = DataFile("images", (224, 224, 3), "uint8", 2048)  # 308 MB
+TOKEN_STREAM = DataFile("tokenstream", (), "uint16", 100_000_000)  # 200 MB
 
 
 @dataclass(frozen=True)
@@ -71,6 +83,9 @@ class Workload:
     work: str  # "none" | "augment" | "compute"
     batch_level: bool
     about: str
+    arrays: str | None = None  # "rows": Arrays over the file; "windows": Windows over it
+    cold: bool = False  # the file's pages are dropped from the page cache at every epoch start
+    step_ms: float = 0.0  # a simulated training step after every batch
 
 
 WORKLOADS: dict[str, Workload] = {w.name: w for w in [
@@ -85,7 +100,21 @@ WORKLOADS: dict[str, Workload] = {w.name: w for w in [
     Workload("batchlevel", TOKENS, 32, "none", True,
              "a batch-level source (`batch_size=None`): source[b] is a 32x512 int32 slice "
              "of an in-memory array"),
+    Workload("arrays-tokens", TOKENS_LARGE, 32, "none", False,
+             "shmfeed.sources.Arrays over a 65536x512 int32 memmap, 32 rows gathered by index; "
+             "in-process: x[idx] on the same indices", arrays="rows"),
+    Workload("arrays-images", IMAGES_LARGE, 64, "none", False,
+             "shmfeed.sources.Arrays over a 2048x224x224x3 uint8 memmap, 64 rows gathered by index; "
+             "in-process: x[idx]", arrays="rows"),
+    Workload("windows", TOKEN_STREAM, 32, "none", False,
+             f"shmfeed.sources.Windows over a 100M-token uint16 memmap, {WINDOW_BLOCK + 1}-token windows "
+             f"with stride {WINDOW_BLOCK} (nanoGPT); in-process: slicing", arrays="windows"),
+    Workload("disk-images", IMAGES_LARGE, 64, "none", False,
+             "arrays-images with the file's pages dropped from the page cache at every epoch start "
+             f"(posix_fadvise DONTNEED) and a {DISK_STEP_MS:.0f} ms simulated step per batch: "
+             "workers read while the step runs", arrays="rows", cold=True, step_ms=DISK_STEP_MS),
 ]}
+ARRAY_LOADERS = ("shmfeed", "inline")  # the loaders the array workloads apply to
 
 
 def default_data_dir() -> Path:
@@ -123,6 +152,8 @@ def ensure_file(data: DataFile, data_dir: Path, rows: int | None = None) -> tupl
                 chunk[...] = rng.integers(0, 256, chunk.shape, dtype=np.uint8)
             elif data.dtype == "int32":
                 chunk[...] = rng.integers(0, 50_000, chunk.shape, dtype=np.int32)  # a vocabulary
+            elif data.dtype == "uint16":
+                chunk[...] = rng.integers(0, VOCABULARY, chunk.shape, dtype=np.uint16)
             else:
                 chunk[...] = rng.random(chunk.shape, dtype=np.float32)
         out.flush()
@@ -140,6 +171,16 @@ def warm_page_cache(path: Path) -> None:
     with open(path, "rb", buffering=0) as f:
         while f.readinto(buf):
             pass
+
+
+def drop_page_cache(path: str | Path) -> None:
+    """Ask the kernel to forget `path`'s cached pages, so that the next reads go to disk
+    (clean pages only: the files here are written once and flushed)."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+    finally:
+        os.close(fd)
 
 
 # -- per-sample work -----------------------------------------------------------------
@@ -237,6 +278,10 @@ class BatchSource:
 
 
 def make_source(workload: Workload, path: str, *, batch_size: int, length: int | None, seed: int):
+    if workload.arrays == "rows":
+        return Arrays(np.load(path, mmap_mode="r"))
+    if workload.arrays == "windows":
+        return Windows(np.load(path, mmap_mode="r"), WINDOW_BLOCK + 1, stride=WINDOW_BLOCK)
     if workload.batch_level:
         return BatchSource(path, batch_size, length or BATCHES_PER_EPOCH)
     return SampleSource(path, length or SAMPLES_PER_EPOCH, workload.work, seed)
@@ -250,6 +295,15 @@ def collate(samples: list[dict]) -> dict:
         "x": np.stack([s["x"] for s in samples]),
         "y": np.array([s["y"] for s in samples], dtype=np.int64),
     }
+
+
+def in_process_batch(workload: Workload, data: np.ndarray, idx: np.ndarray) -> np.ndarray:
+    """What the in-process reference reads for an array workload: `data[idx]`, or the
+    windows starting at `idx * WINDOW_BLOCK` sliced and stacked."""
+    if workload.arrays == "windows":
+        n = WINDOW_BLOCK + 1
+        return np.stack([data[s : s + n] for s in (idx * WINDOW_BLOCK).tolist()])
+    return data[idx]
 
 
 def epoch_order(length: int, shuffle: bool, seed: int, epoch: int) -> np.ndarray:

@@ -24,6 +24,7 @@ class Adapter:
             shuffle=job.shuffle,
             seed=job.seed,
             num_slots=job.slots,
+            drop_last=bool(workloads.WORKLOADS[job.workload].arrays),  # as in-process: whole batches
         )
 
     def epoch(self, epoch: int):

@@ -1,0 +1,51 @@
+"""Writing the samples of a batch into a slot: the per-sample path's last step, after
+`__getitem__` gave each sample and the spec's flattener its leaves.
+
+A batch is written a leaf at a time: each leaf's rows are checked together (types,
+dtypes and shapes compared as sets, in C) and copied with one numpy call, so a batch
+costs a few Python calls per leaf rather than per sample.  A row that fails the quick
+check gets the full check (`check_sample_leaf`), which names the sample index, the
+field and what was expected; nothing of the batch is published on an error.
+"""
+
+from __future__ import annotations
+
+from operator import attrgetter
+
+import numpy as np
+
+from ._spec import Leaf, Spec, check_sample_leaf
+
+_dtype_of = attrgetter("dtype")
+_shape_of = attrgetter("shape")
+
+
+def _arrays_ok(col: tuple, leaf: Leaf) -> bool:
+    """Whether every row is a numpy array or scalar of the leaf's exact dtype and shape."""
+    if not all(issubclass(t, (np.ndarray, np.generic)) for t in set(map(type, col))):
+        return False
+    return set(map(_dtype_of, col)) == {leaf.dtype} and set(map(_shape_of, col)) == {leaf.shape}
+
+
+def _write_leaf(view: np.ndarray, col: tuple, leaf: Leaf, items: list[int]) -> None:
+    n = len(col)
+    if leaf.pytype is not None and set(map(type, col)) == {leaf.pytype}:
+        view[:n] = col  # Python scalars: converted in one C call
+        return
+    if not _arrays_ok(col, leaf):
+        for x, index in zip(col, items):
+            check_sample_leaf(x, leaf, index)  # raises, naming the sample, unless x fits as is
+    if leaf.shape:
+        # Rows stacked along the leaf's first axis: one numpy call, a copy per row in C.
+        target = view[:n].reshape((n * leaf.shape[0],) + leaf.shape[1:])
+        np.concatenate(col, axis=0, out=target, casting="no")
+    else:
+        view[:n] = col
+
+
+def write_samples(spec: Spec, views: list[np.ndarray], samples: list[list], items: list[int]) -> None:
+    """Write `samples` (each the flattened leaves of source[items[row]]) into `views`."""
+    if not samples:
+        return
+    for view, col, leaf in zip(views, zip(*samples), spec.leaves):
+        _write_leaf(view, col, leaf, items)
