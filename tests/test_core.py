@@ -389,7 +389,7 @@ def test_close_stops_every_worker_within_2s():
     loader = shmfeed.Loader(Counting(100), batch_size=4, num_workers=3)
     next(iter(loader))
     deadline = time.monotonic() + 2
-    while 0 in _pids(loader) and time.monotonic() < deadline:  # the pool forks them one by one
+    while len(_pids(loader)) < 4 and time.monotonic() < deadline:  # the pool forks them one by one
         time.sleep(0.01)
     pids = _pids(loader)
     assert len(pids) == 4 and all(psutil.pid_exists(p) for p in pids)

@@ -205,9 +205,10 @@ def _deaths(log: Path) -> list[tuple[int, float]]:
 def _started(loader) -> list[int]:
     """The worker pids, once the supervisor has forked every worker."""
     deadline = time.monotonic() + GONE_S
-    while 0 in loader.worker_pids and time.monotonic() < deadline:
+    n = loader._cfg.num_workers
+    while len(loader.worker_pids) < n and time.monotonic() < deadline:
         time.sleep(0.002)
-    assert 0 not in loader.worker_pids, "the pool did not start its workers"
+    assert len(loader.worker_pids) == n, "the pool did not start its workers"
     return loader.worker_pids
 
 
