@@ -4,18 +4,22 @@ import os
 
 from setuptools import Extension, setup
 
+sanitize = bool(os.environ.get("SHMFEED_SANITIZE"))
 extra = ["-std=c11", "-O2", "-Wall", "-Wextra", "-Werror", "-Wno-missing-field-initializers"]
-if os.environ.get("SHMFEED_SANITIZE"):
+if sanitize:
     extra += ["-fsanitize=address,undefined", "-fno-omit-frame-pointer", "-O1", "-g"]
+
+link = ["-fsanitize=address,undefined"] if sanitize else []
+
+
+def _extension(name: str, sources: list[str]) -> Extension:
+    return Extension(name, sources=sources, include_dirs=["csrc"], extra_compile_args=extra,
+                     extra_link_args=link)
+
 
 setup(
     ext_modules=[
-        Extension(
-            "shmfeed._core",
-            sources=["csrc/ctl.c", "csrc/_core.c"],
-            include_dirs=["csrc"],
-            extra_compile_args=extra,
-            extra_link_args=["-fsanitize=address,undefined"] if os.environ.get("SHMFEED_SANITIZE") else [],
-        )
+        _extension("shmfeed._core", ["csrc/ctl.c", "csrc/_core.c"]),  # the control block
+        _extension("shmfeed._kernels", ["csrc/kernels.c", "csrc/_kernels.c"]),  # hot loops
     ]
 )

@@ -21,7 +21,7 @@ from ._errors import (
     WorkerError,
 )
 from ._loader import Loader, Stats
-from ._order import rng, rng_key
+from ._rng import build_sample, rng, rng_key
 
 __all__ = [
     "Loader",
@@ -33,6 +33,7 @@ __all__ = [
     "SpecError",
     "Stats",
     "WorkerError",
+    "build_sample",
     "rng",
     "rng_key",
 ]

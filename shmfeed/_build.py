@@ -4,10 +4,10 @@ makes that mode the reference).
 
 Owns `Builder` (which samples, which random draws, written where) and `build_batch`
 (acquire the batch's slot, build it in place, publish it).  Which samples and which
-random draws a batch gets depends only on `(seed, epoch, batch)` (see _order.py).  An
-exception becomes a `BuildFailure` report in the slot's report area and the slot is
-published as ERROR, so the training process meets it in batch order, after every
-earlier batch.
+random draws a batch gets depends only on `(seed, epoch, batch)` (see _order.py and
+_rng.py).  An exception becomes a `BuildFailure` report in the slot's report area and
+the slot is published as ERROR, so the training process meets it in batch order, after
+every earlier batch.
 """
 
 from __future__ import annotations
@@ -16,9 +16,7 @@ import os
 import time
 from typing import Any
 
-import numpy as np
-
-from . import _order
+from . import _rng
 from ._arrays import gatherer
 from ._control import BatchStale, PoolShutdown, SlotState
 from ._errors import LoaderClosedError
@@ -46,48 +44,38 @@ class Builder:
         self._flatten_samples = samples_flattener(spec)
         # Array sources fill a batch by index, with no per-sample code (_arrays.py).
         self._gather = gatherer(source, spec)
-        self._perm_epoch: int | None = None
-        self._perm: np.ndarray | None = None
-
-    def permutation(self, epoch: int) -> np.ndarray:
-        if self._perm_epoch != epoch:
-            self._perm = self.order.permutation(epoch)
-            self._perm_epoch = epoch
-        assert self._perm is not None
-        return self._perm
 
     def fill(self, slot: int, epoch: int, batch: int) -> int:
         """Write batch `batch` of `epoch` into `slot`; return its number of rows."""
         order, spec, seed = self.order, self.spec, self.order.seed
-        perm = self.permutation(epoch)
         views = self.ring.write_views(slot)
         if self._gather is not None:
-            items = order.batch_items(perm, batch)
+            items = order.batch_items(epoch, batch)
             self._gather(items, views)
             return len(items)
         if self.seed_global_rngs:
-            _order.seed_global_rngs(seed, epoch, batch)
+            _rng.seed_global_rngs(seed, epoch, batch)
         try:
             if spec.batch_level:
-                index = int(perm[batch])
+                index = order.source_batch(epoch, batch)
                 self.current_item = index
-                _order.set_item(seed, epoch, index)
+                _rng.set_item(seed, epoch, index)
                 leaves = self._flatten(self.source[index], "batch", index)
                 rows = check_batch_leaves(leaves, spec, index)
                 for view, x in zip(views, leaves):
                     view[:rows] = x
                 return rows
-            items = order.batch_items(perm, batch).tolist()
+            items = order.batch_items(epoch, batch).tolist()
             source, samples = self.source, []
             for index in items:
                 self.current_item = index
-                _order.set_item(seed, epoch, index)
+                _rng.set_item(seed, epoch, index)
                 samples.append(source[index])
             self.current_item = None  # a bad sample's SpecError names its own index
             write_samples(spec, views, self._flatten_samples(samples, items), items)
             return len(items)
         finally:
-            _order.clear_item()
+            _rng.clear_item()
 
 
 class LeaveBuild(Exception):

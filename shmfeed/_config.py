@@ -15,14 +15,13 @@ from __future__ import annotations
 
 import logging
 import os
-import random
 import resource
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 
-from . import _order, _sysinfo
+from . import _rng, _sysinfo
 from ._errors import RingMemoryError, SpecError
 from ._order import Order
 from ._ring import ring_bytes
@@ -67,7 +66,7 @@ def check_bool(name: str, value: Any) -> bool:
     return bool(value)
 
 
-def build(source: Any, *, batch_size: Any, num_workers: Any, shuffle: Any, seed: Any,
+def build(source: Any, *, batch_size: Any, num_workers: Any, shuffle: Any, shuffle_block: Any, seed: Any,
           drop_last: Any, num_slots: Any, memory_budget_bytes: Any, max_batch_rows: Any,
           timeout_s: Any, max_restarts: Any, start_method: Any, seed_global_rngs: Any,
           shard_index: Any, shard_count: Any) -> Config:
@@ -90,7 +89,6 @@ def build(source: Any, *, batch_size: Any, num_workers: Any, shuffle: Any, seed:
     max_restarts = check_int("max_restarts", max_restarts, 0)
     shard_count = check_int("shard_count", shard_count, 1)
     shard_index = check_int("shard_index", shard_index, 0)
-    shuffle = check_bool("shuffle", shuffle)
     drop_last = check_bool("drop_last", drop_last)
     seed_global_rngs = check_bool("seed_global_rngs", seed_global_rngs)
     if shard_index >= shard_count:
@@ -110,11 +108,9 @@ def build(source: Any, *, batch_size: Any, num_workers: Any, shuffle: Any, seed:
     n_items = len(source)
     if n_items == 0:
         raise SpecError("the source is empty (len(source) == 0): there is nothing to load")
-    order = Order(n_items, batch_size, shuffle, seed, drop_last, shard_index, shard_count)
-    if order.n_batches == 0:
-        raise SpecError(
-            f"no batch to load: {order.items_per_shard} samples per shard with `batch_size={batch_size}` "
-            "and `drop_last=True`. Lower `batch_size` or set `drop_last=False`.")
+    # Order checks `shuffle` and `shuffle_block` (it knows the modes).
+    order = Order(n_items, batch_size, shuffle, seed, drop_last, shard_index, shard_count, shuffle_block)
+    order.check_not_empty()
     spec = probe(source, order, seed_global_rngs)
     if max_batch_rows is not None:
         if not spec.batch_level:
@@ -184,15 +180,5 @@ def slots_within(budget_bytes: int, max_workers: int, slot_bytes: int) -> int:
 def probe(source: Any, order: Order, seed_global: bool) -> Spec:
     """Infer the spec from the first item of epoch 0, leaving global RNGs as they were."""
     index = order.first_item()
-    saved = (np.random.get_state(), random.getstate()) if seed_global else None
-    try:
-        if seed_global:
-            _order.seed_global_rngs(order.seed, 0, 0)
-        _order.set_item(order.seed, 0, index)
-        first = source[index]
-    finally:
-        _order.clear_item()
-        if saved is not None:
-            np.random.set_state(saved[0])
-            random.setstate(saved[1])
+    first = _rng.build_sample(source, index, seed=order.seed, epoch=0, batch=0 if seed_global else None)
     return infer(first, rows=order.batch_size, index=index)

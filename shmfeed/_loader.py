@@ -24,11 +24,12 @@ from typing import Any
 
 import numpy as np
 
-from . import _order, _state
+from . import _rng, _state
 from ._arrays import as_source
 from ._config import REQUIRED, build, check_int
 from ._consumer import Consumer
 from ._errors import LoaderClosedError, ShmfeedError, SpecError, WorkerError
+from ._order import DEFAULT_SHUFFLE_BLOCK
 from ._pool import Pool, sigint_deferred
 from ._ring import Ring
 from ._spec import Spec
@@ -130,6 +131,12 @@ class Loader:
     (no copy).  A batch's slot is reused only once every array of it is gone.  Random
     augmentation should use `shmfeed.rng()` inside `__getitem__`.
 
+    `shuffle=True` visits the source in a new order every epoch, computed per batch (no
+    memory grows with `len(source)`, up to 2**40 items); `shuffle="block"` keeps runs of
+    `shuffle_block` consecutive items together (shuffled within), for sequential reads
+    from disk.  With `shard_count=k` hosts, host `shard_index` gets its `batch_size`
+    rows of each global batch of `k * batch_size` (see _order.py for the last batch).
+
     Faults (RELIABILITY.md has the details and measured times):
 
     - An exception in `__getitem__` (or a bad sample: `SpecError`) is raised in batch
@@ -155,7 +162,8 @@ class Loader:
         *,
         batch_size: int | None = REQUIRED,
         num_workers: int = REQUIRED,
-        shuffle: bool = False,
+        shuffle: bool | str = False,
+        shuffle_block: int = DEFAULT_SHUFFLE_BLOCK,
         seed: int = 0,
         drop_last: bool = False,
         num_slots: int | None = None,
@@ -170,6 +178,7 @@ class Loader:
     ):
         source = as_source(source)  # arrays, dicts and tuples of arrays: shmfeed.sources.Arrays
         cfg = build(source, batch_size=batch_size, num_workers=num_workers, shuffle=shuffle,
+                    shuffle_block=shuffle_block,
                     seed=seed, drop_last=drop_last, num_slots=num_slots,
                     memory_budget_bytes=memory_budget_bytes, max_batch_rows=max_batch_rows,
                     timeout_s=timeout_s, max_restarts=max_restarts, start_method=start_method,
@@ -407,7 +416,7 @@ class Loader:
         if self._cfg.seed_global_rngs:
             # Tutorial hooks reshuffle with np.random: key it so that the result does
             # not depend on how many batches were built in this process.
-            _order.seed_global_rngs(self._cfg.order.seed, epoch, _HOOK_BATCH[name])
+            _rng.seed_global_rngs(self._cfg.order.seed, epoch, _HOOK_BATCH[name])
         self._res.pool_stale = True  # even if it raises halfway, the workers' copy is stale
         try:
             hook()

@@ -1,142 +1,181 @@
-"""Which samples a batch holds and which random numbers it draws: pure functions of
-`(seed, epoch, index)`, so that batch b is the same whatever worker builds it, however
-many workers there are, and after a resume.
+"""Which samples each batch of an epoch holds: a pure function of `(seed, epoch,
+batch)` and the options, computed per batch in O(1) memory, so that batch b is the
+same whatever worker builds it, however many workers or hosts there are, and after a
+resume.  (The random numbers a sample draws are _rng.py's.)
 
-The RNG a dataset gets from `shmfeed.rng()` is keyed by the sample index (per-sample
-sources) or the batch number (batch-level sources); nothing depends on the worker's
-identity or on the state inherited through fork.
+Positions.  An epoch orders the n source items: position p of epoch e holds item
+`pi_e(p)`, where `pi_e` is the identity (`shuffle=False`), a keyed bijection on [0, n)
+(`shuffle=True`), or the same over runs of `shuffle_block` consecutive items, shuffled
+within each run too (`shuffle="block"`: a batch then reads from one or two runs, for
+sequential reads from disk).  The bijections (csrc/kernels.h) are computed per
+position from a 64-bit key derived from `(seed, epoch)`; nothing of size n is ever
+built, and any n up to 2^40 works.
+
+Global batches (elastic sharding).  With `shard_count=k` hosts and `batch_size=B`,
+global batch g is positions [g*k*B, (g+1)*k*B), and host h's batch g is its rows
+[h*B, (h+1)*B): positions g*k*B + h*B + r, r in [0, B).  So global batch g is the same
+for any k at the same global batch size k*B, and a run can resume with another host
+count.  Every host gets the same number of batches, so SPMD steps stay in lockstep:
+
+- the m = n mod (k*B) positions after the last full global batch form a last, partial
+  global batch only with `drop_last=False`; it is split evenly, host h taking the
+  q = m // k positions from (n - m) + h*q, and the m - k*q < k positions left over are
+  not delivered in that epoch (shuffled, they are other samples each epoch).  With
+  k = 1 this is just the short last batch.  With q = 0 there is no partial batch.
+- batch-level sources (`batch_size=None`): position p holds a source batch; host h's
+  batch g is the one at position g*k + h, n // k batches per host.
+
+Invariant: over an epoch, the hosts' batches hold distinct items (each at most once),
+every item exactly once when k = 1 and `drop_last=False`.
 """
 
 from __future__ import annotations
 
-import random
 from dataclasses import dataclass
+from functools import lru_cache
 
 import numpy as np
 
-# Stream identifiers, so that the permutation and the per-item streams never collide.
-_PERMUTATION_STREAM = 0x5045524D  # "PERM"
-_ITEM_STREAM = 0x4954454D  # "ITEM"
-_GLOBAL_STREAM = 0x474C4F42  # "GLOB"
+from . import _kernels
+from ._errors import ShmfeedError, SpecError
+from ._rng import PERMUTATION_STREAM
+
+SHUFFLE_MODES = (False, True, "block")
+DEFAULT_SHUFFLE_BLOCK = 256  # samples: a few MB of typical records, one sequential read
+MAX_SHUFFLED_ITEMS = _kernels.ORDER_MAX_N
+
+
+@lru_cache(maxsize=64)
+def _epoch_key(seed: int, epoch: int) -> int:
+    # SeedSequence takes any non-negative seed (even beyond 64 bits) and spreads it
+    # well; cached because it costs ~10 us and every batch of the epoch needs it.
+    ss = np.random.SeedSequence([seed, epoch, PERMUTATION_STREAM])
+    return int(ss.generate_state(1, np.uint64)[0])
 
 
 @dataclass(frozen=True)
 class Order:
-    """How an epoch is cut into batches."""
+    """How an epoch is cut into batches (see the module docstring)."""
 
     n_items: int  # samples (per-sample source) or batches (batch-level source)
     batch_size: int | None  # None: the source is batch-level
-    shuffle: bool
+    shuffle: bool | str  # one of SHUFFLE_MODES
     seed: int
     drop_last: bool
     shard_index: int = 0
     shard_count: int = 1
+    shuffle_block: int = DEFAULT_SHUFFLE_BLOCK  # samples per run, for shuffle="block"
 
+    def __post_init__(self) -> None:
+        shuffle = self.shuffle
+        if isinstance(shuffle, (bool, np.bool_)):
+            object.__setattr__(self, "shuffle", bool(shuffle))
+        elif not (isinstance(shuffle, str) and shuffle == "block"):
+            raise SpecError(f"`shuffle` must be True, False or 'block', got {shuffle!r}")
+        b = self.shuffle_block
+        if isinstance(b, bool) or not isinstance(b, (int, np.integer)) or b < 1:
+            raise SpecError(f"`shuffle_block` must be an integer >= 1 (samples), got {b!r}")
+        object.__setattr__(self, "shuffle_block", int(b))
+        if self.shuffle and self.n_items > MAX_SHUFFLED_ITEMS:
+            raise SpecError(
+                f"`shuffle={self.shuffle!r}` orders at most 2**40 = {MAX_SHUFFLED_ITEMS} items, "
+                f"the source has {self.n_items}. Set `shuffle=False`, or shuffle within parts "
+                "of the source yourself.")
+
+    # -- sizes -----------------------------------------------------------------------
     @property
-    def items_per_shard(self) -> int:
-        if self.shard_count == 1:
-            return self.n_items
-        # Every host gets the same count so that SPMD steps stay in lockstep.
-        return self.n_items // self.shard_count
+    def global_batch_size(self) -> int:
+        """Positions per global batch: `shard_count * batch_size` (`shard_count` source
+        batches for a batch-level source)."""
+        return self.shard_count * (self.batch_size or 1)
+
+    def _tail_rows(self) -> int:
+        """Rows of each host's last, partial batch (0: there is none)."""
+        if self.batch_size is None or self.drop_last:
+            return 0
+        return self.n_items % self.global_batch_size // self.shard_count
 
     @property
     def n_batches(self) -> int:
-        m = self.items_per_shard
-        if self.batch_size is None:
-            return m
-        return m // self.batch_size if self.drop_last else -(-m // self.batch_size)
+        """Batches per epoch, the same on every host."""
+        full = self.n_items // self.global_batch_size
+        return full + (1 if self._tail_rows() else 0)
 
-    def permutation(self, epoch: int) -> np.ndarray:
-        """This shard's item order for `epoch` (indices into the source)."""
-        if self.shuffle:
-            ss = np.random.SeedSequence([self.seed, epoch, _PERMUTATION_STREAM])
-            perm = np.random.default_rng(ss).permutation(self.n_items)
+    @property
+    def items_per_shard(self) -> int:
+        """Samples (source batches) this host gets per epoch."""
+        full = self.n_items // self.global_batch_size
+        return full * (self.batch_size or 1) + self._tail_rows()
+
+    def check_not_empty(self) -> None:
+        """Raise a SpecError saying why, if an epoch has no batch."""
+        if self.n_batches:
+            return
+        n, k, bs = self.n_items, self.shard_count, self.batch_size
+        if bs is None:
+            raise SpecError(f"no batch to load: {n} source batches for `shard_count={k}` hosts, "
+                            "each host needs one per step. Use fewer hosts.")
+        if self.drop_last:
+            raise SpecError(
+                f"no batch to load: {n} samples make no full global batch of `shard_count` x "
+                f"`batch_size` = {k} x {bs} = {k * bs} samples with `drop_last=True`. Lower "
+                "`batch_size` or set `drop_last=False`.")
+        raise SpecError(f"no batch to load: {n} samples cannot give each of `shard_count={k}` hosts "
+                        "a row. Use fewer hosts.")
+
+    @property
+    def fingerprint(self) -> dict:
+        """What the epoch's global batches depend on, JSON-serialisable: equal
+        fingerprints give the same global batch g in every epoch (for per-sample sources,
+        whatever the host count; only the split of a last partial batch differs)."""
+        per_sample = self.batch_size is not None
+        return {
+            "n_items": self.n_items,
+            "batch_level": not per_sample,
+            "global_batch_size": self.global_batch_size,
+            "shard_count": None if per_sample else self.shard_count,
+            "shuffle": self.shuffle,
+            "shuffle_block": self.shuffle_block if self.shuffle == "block" else None,
+            "seed": self.seed,
+            "drop_last": self.drop_last,
+        }
+
+    # -- the map -----------------------------------------------------------------------
+    def indices(self, epoch: int, positions: np.ndarray) -> np.ndarray:
+        """Source indices at `positions` (int64, in [0, n_items)) of `epoch`'s order.
+        Overwrites `positions` and returns it."""
+        if not self.shuffle:
+            return positions
+        key = _epoch_key(self.seed, epoch)
+        if self.shuffle == "block":
+            _kernels.block_permute(self.n_items, self.shuffle_block, key, positions, positions)
         else:
-            perm = np.arange(self.n_items)
-        m = self.items_per_shard
-        return perm[self.shard_index * m : (self.shard_index + 1) * m]
+            _kernels.permute(self.n_items, key, positions, positions)
+        return positions
 
     def first_item(self) -> int:
         """The source index of the first item of epoch 0 (what the spec is inferred from)."""
-        return int(self.permutation(0)[0])
+        return self.source_batch(0, 0) if self.batch_size is None else int(self.batch_items(0, 0)[0])
 
-    def batch_items(self, perm: np.ndarray, batch: int) -> np.ndarray:
-        """Source indices of the samples of `batch` (per-sample sources)."""
+    def _check_batch(self, batch: int) -> None:
+        if not 0 <= batch < self.n_batches:
+            raise ShmfeedError(f"batch {batch} is outside the epoch's {self.n_batches} batches")
+
+    def batch_items(self, epoch: int, batch: int) -> np.ndarray:
+        """Source indices (int64) of the samples of this host's `batch` of `epoch`."""
+        self._check_batch(batch)
         bs = self.batch_size
-        assert bs is not None
-        return perm[batch * bs : (batch + 1) * bs]
+        assert bs is not None, "batch_items is for per-sample sources"
+        k, h = self.shard_count, self.shard_index
+        first_of_tail = self.n_items - self.n_items % (k * bs)
+        first = batch * k * bs
+        rows = bs if first < first_of_tail else self._tail_rows()
+        first += h * rows
+        return self.indices(epoch, np.arange(first, first + rows, dtype=np.int64))
 
-
-class _Context:
-    """The (seed, epoch, index) of the item being built, and its lazily made RNG."""
-
-    __slots__ = ("key", "gen")
-
-    def __init__(self) -> None:
-        self.key: tuple[int, int, int] | None = None
-        self.gen: np.random.Generator | None = None
-
-
-_ctx = _Context()
-
-
-def set_item(seed: int, epoch: int, index: int) -> None:
-    # Cheap on purpose: runs once per sample; the Generator is built only on demand.
-    _ctx.key = (seed, epoch, index)
-    _ctx.gen = None
-
-
-def clear_item() -> None:
-    _ctx.key = None
-    _ctx.gen = None
-
-
-def rng() -> np.random.Generator:
-    """The random generator for the sample (or batch) being built right now.
-
-    Call it inside `__getitem__`.  Its stream depends only on `(seed, epoch, index)`,
-    so augmentations differ between samples and epochs, never repeat across forked
-    workers, and are identical with any `num_workers`.  Repeated calls within one
-    `__getitem__` continue the same stream.
-    """
-    if _ctx.key is None:
-        from ._errors import ShmfeedError
-
-        raise ShmfeedError(
-            "shmfeed.rng() was called outside a sample being built by a shmfeed.Loader; "
-            "call it from the source's `__getitem__`"
-        )
-    if _ctx.gen is None:
-        seed, epoch, index = _ctx.key
-        _ctx.gen = np.random.default_rng(np.random.SeedSequence([seed, epoch, index, _ITEM_STREAM]))
-    return _ctx.gen
-
-
-def rng_key() -> tuple[int, int, int] | None:
-    """`(seed, epoch, index)` of the item being built, or None outside a build."""
-    return _ctx.key
-
-
-_MASK64 = (1 << 64) - 1
-
-
-def _mix64(x: int) -> int:
-    # splitmix64's finaliser: a cheap, well-spread hash (this runs once per batch).
-    x = (x ^ (x >> 30)) * 0xBF58476D1CE4E5B9 & _MASK64
-    x = (x ^ (x >> 27)) * 0x94D049BB133111EB & _MASK64
-    return x ^ (x >> 31)
-
-
-def global_seed(seed: int, epoch: int, batch: int) -> int:
-    """A 32-bit seed for the legacy global RNGs (`np.random`, `random`) of one batch."""
-    h = _mix64(_mix64(_mix64(seed ^ _GLOBAL_STREAM) ^ epoch) ^ batch)
-    return h & 0xFFFFFFFF
-
-
-def seed_global_rngs(seed: int, epoch: int, batch: int) -> None:
-    """Key the legacy global RNGs to the batch, for sources written against
-    `np.random.*`/`random.*` (tutorial code): forked workers then no longer repeat
-    each other's draws, and the stream is the same with any `num_workers`."""
-    s = global_seed(seed, epoch, batch)
-    np.random.seed(s)
-    random.seed(s)
+    def source_batch(self, epoch: int, batch: int) -> int:
+        """Source batch index of this host's `batch` of `epoch` (batch-level sources)."""
+        self._check_batch(batch)
+        assert self.batch_size is None, "source_batch is for batch-level sources"
+        position = np.array([batch * self.shard_count + self.shard_index], dtype=np.int64)
+        return int(self.indices(epoch, position)[0])

@@ -27,6 +27,7 @@ import numpy as np
 import psutil
 import pytest
 import reliability
+from _orders import epoch_items
 
 import shmfeed
 from shmfeed._control import NO_CLAIM, SlotState, tag, untag
@@ -424,7 +425,7 @@ def test_workers_killed_at_random_instants_never_lose_or_repeat_a_batch():
         killer.start()
         try:
             for epoch in range(2):
-                order = Order(600, 2, True, 5, False).permutation(epoch)
+                order = epoch_items(Order(600, 2, True, 5, False), epoch)
                 _check_epoch([_copy(b) for b in loader], 600, order)
         finally:
             stop.set()

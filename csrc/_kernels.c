@@ -1,0 +1,141 @@
+/*
+ * Thin CPython binding over kernels.c.  Each method maps to one shmf_* kernel: it
+ * takes C-contiguous buffers (numpy arrays), checks their item type and lengths,
+ * runs the kernel into the caller's output buffer (nothing is allocated here), and
+ * turns a kernel status into ValueError.  The kernels are pure, so the GIL is
+ * released around them, but only for long arrays: for a batch's few indices,
+ * getting the GIL back could cost a switch interval (5 ms) if another thread of the
+ * training process holds it, far more than the work.
+ *
+ * A new kernel: a function taking (PyObject *module, PyObject *args), the buffers
+ * through get_array/release_arrays, and one line in kernels_methods.
+ */
+#define PY_SSIZE_T_CLEAN
+#include <Python.h>
+
+#include <string.h>
+
+#include "kernels.h"
+
+#define GIL_RELEASE_MIN_COUNT 4096 /* elements; below this the work is under ~50 us */
+
+/* A C-contiguous buffer of `itemsize`-byte items of kind `kind` ('i' signed integer,
+ * 'u' unsigned, 'f' float), described by its struct format. */
+static int get_array(PyObject *obj, Py_buffer *view, char kind, Py_ssize_t itemsize, int writable,
+                     const char *name) {
+    int flags = PyBUF_FORMAT | PyBUF_C_CONTIGUOUS | (writable ? PyBUF_WRITABLE : 0);
+    if (PyObject_GetBuffer(obj, view, flags) < 0) return -1;
+    const char *fmt = view->format ? view->format : "B";
+    if (*fmt == '<' || *fmt == '=' || *fmt == '@') fmt++;
+    int ok = view->itemsize == itemsize && strlen(fmt) == 1;
+    if (ok) {
+        switch (kind) {
+        case 'i': ok = strchr("bhilq", *fmt) != NULL; break;
+        case 'u': ok = strchr("BHILQ", *fmt) != NULL; break;
+        case 'f': ok = strchr("efd", *fmt) != NULL; break;
+        default: ok = 0;
+        }
+    }
+    if (!ok) {
+        PyErr_Format(PyExc_TypeError, "%s must be a contiguous array of %zd-byte items of kind '%c', "
+                     "got format '%s' with %zd-byte items", name, itemsize, kind,
+                     view->format ? view->format : "B", view->itemsize);
+        PyBuffer_Release(view);
+        return -1;
+    }
+    return 0;
+}
+
+static void release_arrays(Py_buffer *views, int n) {
+    for (int i = 0; i < n; i++) PyBuffer_Release(&views[i]);
+}
+
+/* Raise for a kernel's failure; `positions` names the first position outside [0, n). */
+static PyObject *order_error(shmf_kstatus st, uint64_t n, uint64_t block, const int64_t *positions,
+                             Py_ssize_t count) {
+    if (st == SHMF_K_EDOMAIN)
+        return PyErr_Format(PyExc_ValueError, "order of n=%llu samples in blocks of %llu: both must be "
+                            "in [1, %llu]", (unsigned long long)n, (unsigned long long)block,
+                            (unsigned long long)SHMF_ORDER_MAX_N);
+    for (Py_ssize_t i = 0; i < count; i++)
+        if ((uint64_t)positions[i] >= n)
+            return PyErr_Format(PyExc_ValueError, "positions[%zd] = %lld is outside [0, %llu)", i,
+                                (long long)positions[i], (unsigned long long)n);
+    return PyErr_Format(PyExc_SystemError, "[INTERNAL ERROR] order kernel status %d", (int)st);
+}
+
+/* block == 0 selects the plain permutation. */
+static shmf_kstatus order_kernel(uint64_t n, uint64_t block, uint64_t key, const int64_t *pos,
+                                 int64_t *out, size_t count) {
+    return block ? shmf_block_permute(n, block, key, pos, out, count)
+                 : shmf_permute(n, key, pos, out, count);
+}
+
+static PyObject *run_order(uint64_t n, uint64_t block, uint64_t key, PyObject *pos_obj,
+                           PyObject *out_obj) {
+    Py_buffer v[2];
+    if (get_array(pos_obj, &v[0], 'i', 8, 0, "positions") < 0) return NULL;
+    if (get_array(out_obj, &v[1], 'i', 8, 1, "out") < 0) {
+        release_arrays(v, 1);
+        return NULL;
+    }
+    Py_ssize_t count = v[0].len / 8;
+    if (v[1].len != v[0].len) {
+        PyErr_Format(PyExc_ValueError, "out has %zd items, positions %zd: they must match",
+                     v[1].len / 8, count);
+        release_arrays(v, 2);
+        return NULL;
+    }
+    const int64_t *pos = v[0].buf;
+    int64_t *out = v[1].buf;
+    shmf_kstatus st;
+    if (count >= GIL_RELEASE_MIN_COUNT) {
+        Py_BEGIN_ALLOW_THREADS
+        st = order_kernel(n, block, key, pos, out, (size_t)count);
+        Py_END_ALLOW_THREADS
+    } else {
+        st = order_kernel(n, block, key, pos, out, (size_t)count);
+    }
+    PyObject *r = st == SHMF_K_OK ? Py_NewRef(Py_None) : order_error(st, n, block, pos, count);
+    release_arrays(v, 2);
+    return r;
+}
+
+static PyObject *kernels_permute(PyObject *Py_UNUSED(m), PyObject *args) {
+    unsigned long long n, key;
+    PyObject *pos, *out;
+    if (!PyArg_ParseTuple(args, "KKOO", &n, &key, &pos, &out)) return NULL;
+    return run_order(n, 0, key, pos, out);
+}
+
+static PyObject *kernels_block_permute(PyObject *Py_UNUSED(m), PyObject *args) {
+    unsigned long long n, block, key;
+    PyObject *pos, *out;
+    if (!PyArg_ParseTuple(args, "KKKOO", &n, &block, &key, &pos, &out)) return NULL;
+    if (block == 0) return PyErr_Format(PyExc_ValueError, "block must be >= 1 sample, got 0");
+    return run_order(n, block, key, pos, out);
+}
+
+static PyMethodDef kernels_methods[] = {
+    {"permute", kernels_permute, METH_VARARGS,
+     "permute(n, key, positions, out): out[i] = sample at positions[i] of the order keyed by key "
+     "on [0, n) (int64 arrays; out may be positions)"},
+    {"block_permute", kernels_block_permute, METH_VARARGS,
+     "block_permute(n, block, key, positions, out): the same, with runs of `block` consecutive "
+     "samples kept together"},
+    {NULL, NULL, 0, NULL},
+};
+
+static struct PyModuleDef kernels_module = {
+    PyModuleDef_HEAD_INIT, "shmfeed._kernels", "shmfeed hot loops (see csrc/kernels.h)", -1,
+    kernels_methods,
+};
+
+PyMODINIT_FUNC PyInit__kernels(void) {
+    PyObject *m = PyModule_Create(&kernels_module);
+    if (!m) return NULL;
+    if (PyModule_AddObject(m, "ORDER_MAX_N", PyLong_FromUnsignedLongLong(SHMF_ORDER_MAX_N)) < 0)
+        return NULL;
+    if (PyModule_AddIntConstant(m, "GIL_RELEASE_MIN_COUNT", GIL_RELEASE_MIN_COUNT) < 0) return NULL;
+    return m;
+}
