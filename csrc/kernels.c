@@ -6,6 +6,7 @@
 #define BLOCKS_STREAM UINT64_C(0x424C4F434B53) /* "BLOCKS" */
 #define WITHIN_STREAM UINT64_C(0x57495448494E) /* "WITHIN" */
 #define SLOT_STREAM UINT64_C(0x534C4F54)       /* "SLOT": where the short block goes */
+#define SWAP_STREAM UINT64_C(0x53574150)       /* "SWAP" */
 
 /* splitmix64's finaliser (Stafford's Mix13): every input bit flips each output bit
  * with probability ~1/2, which is what a Feistel round function needs. */
@@ -27,14 +28,12 @@ static inline uint64_t mix64(uint64_t x) {
 #define UNROLL
 #endif
 
-/* A Feistel network on [0, a*b), a value x being the pair (x / b, x % b), each round
- * adding a keyed hash of one half to the other, modulo its radix (the FFX "A2"
- * construction).  a = ceil(sqrt(n)) and b = ceil(n / a), so a*b - n < a: a value
- * lands outside [0, n) with probability < 1/b, and the cycle walk almost never
- * steps twice, where a power-of-two domain would walk up to 2 steps on average. */
+/* The network of kernels.h on [0, a*b); a value is the pair (hi, lo) = (x / b, x % b). */
 typedef struct {
     uint64_t n, a, b;
-    uint64_t rk[SHMF_ORDER_ROUNDS];
+    uint64_t swap; /* 0 or 1: whether the pass ends by swapping values 0 and 1 */
+    int rounds;
+    uint64_t rk[SHMF_ORDER_ROUNDS_SMALL];
 } feistel;
 
 static uint64_t ceil_sqrt(uint64_t n) { /* n <= 2^40 */
@@ -51,7 +50,10 @@ static void feistel_init(feistel *f, uint64_t n, uint64_t key) {
     f->n = n;
     f->a = a;
     f->b = (n + a - 1) / a;
-    for (int r = 0; r < SHMF_ORDER_ROUNDS; r++) f->rk[r] = mix64(key + (uint64_t)(r + 1) * GOLDEN);
+    if (f->b < 2) f->b = 2; /* so that values 0 and 1 are (0, 0) and (0, 1) */
+    f->swap = mix64(key ^ SWAP_STREAM) & 1;
+    f->rounds = n <= SHMF_ORDER_SMALL_N ? SHMF_ORDER_ROUNDS_SMALL : SHMF_ORDER_ROUNDS;
+    for (int r = 0; r < f->rounds; r++) f->rk[r] = mix64(key + (uint64_t)(r + 1) * GOLDEN);
 }
 
 /* A uniform value in [0, m) from the top 32 bits of h (m <= 2^21 here, so the
@@ -72,24 +74,38 @@ static inline void split(uint64_t x, uint64_t b, uint64_t *hi, uint64_t *lo) {
     *lo = x - *hi * b;
 }
 
-/* The rounds on a pair, then the cycle walk on the pair itself (hi * b + lo >= n
- * needs no division). */
-static inline void feistel_rounds(const feistel *f, uint64_t *hi_p, uint64_t *lo_p, uint64_t tweak) {
+/* Round r of a pass adds a keyed hash of one half to the other; a pass ends by the
+ * key's transposition of values 0 and 1.  (Every round is an even permutation when
+ * the radix is odd: without the transposition, a small n would never see half of
+ * its orders.) */
+static inline uint64_t round_hi(const feistel *f, int r, uint64_t hi, uint64_t lo, uint64_t tweak) {
+    return add_mod(hi, below(mix64(lo ^ f->rk[r] ^ tweak), f->a), f->a);
+}
+
+static inline uint64_t round_lo(const feistel *f, int r, uint64_t hi, uint64_t lo, uint64_t tweak) {
+    return add_mod(lo, below(mix64(hi ^ f->rk[r + 1] ^ tweak), f->b), f->b);
+}
+
+static inline uint64_t end_lo(const feistel *f, uint64_t hi, uint64_t lo) {
+    return lo ^ (f->swap & (hi == 0) & (lo < 2));
+}
+
+/* One pass on a pair. */
+static inline void feistel_pass(const feistel *f, uint64_t *hi_p, uint64_t *lo_p, uint64_t tweak) {
     uint64_t hi = *hi_p, lo = *lo_p;
-    const uint64_t a = f->a, b = f->b;
-    UNROLL for (int r = 0; r < SHMF_ORDER_ROUNDS; r += 2) {
-        hi = add_mod(hi, below(mix64(lo ^ f->rk[r] ^ tweak), a), a);
-        lo = add_mod(lo, below(mix64(hi ^ f->rk[r + 1] ^ tweak), b), b);
+    for (int r = 0; r < f->rounds; r += 2) {
+        hi = round_hi(f, r, hi, lo, tweak);
+        lo = round_lo(f, r, hi, lo, tweak);
     }
     *hi_p = hi;
-    *lo_p = lo;
+    *lo_p = end_lo(f, hi, lo);
 }
 
 static inline uint64_t feistel_at(const feistel *f, uint64_t x, uint64_t tweak) {
     if (f->n == 1) return 0;
     uint64_t hi, lo;
     split(x, f->b, &hi, &lo);
-    do feistel_rounds(f, &hi, &lo, tweak);
+    do feistel_pass(f, &hi, &lo, tweak);
     while (hi * f->b + lo >= f->n);
     return hi * f->b + lo;
 }
@@ -103,17 +119,16 @@ static inline void feistel_lanes(const feistel *f, uint64_t x[LANES], const uint
         for (int j = 0; j < LANES; j++) x[j] = 0;
         return;
     }
-    const uint64_t a = f->a, b = f->b;
+    const uint64_t b = f->b;
     uint64_t lo[LANES], hi[LANES];
     UNROLL for (int j = 0; j < LANES; j++) split(x[j], b, &hi[j], &lo[j]);
-    UNROLL for (int r = 0; r < SHMF_ORDER_ROUNDS; r += 2) {
-        UNROLL for (int j = 0; j < LANES; j++)
-            hi[j] = add_mod(hi[j], below(mix64(lo[j] ^ f->rk[r] ^ tweak[j]), a), a);
-        UNROLL for (int j = 0; j < LANES; j++)
-            lo[j] = add_mod(lo[j], below(mix64(hi[j] ^ f->rk[r + 1] ^ tweak[j]), b), b);
+    for (int r = 0; r < f->rounds; r += 2) {
+        UNROLL for (int j = 0; j < LANES; j++) hi[j] = round_hi(f, r, hi[j], lo[j], tweak[j]);
+        UNROLL for (int j = 0; j < LANES; j++) lo[j] = round_lo(f, r, hi[j], lo[j], tweak[j]);
     }
     UNROLL for (int j = 0; j < LANES; j++) {
-        while (hi[j] * b + lo[j] >= f->n) feistel_rounds(f, &hi[j], &lo[j], tweak[j]);
+        lo[j] = end_lo(f, hi[j], lo[j]);
+        while (hi[j] * b + lo[j] >= f->n) feistel_pass(f, &hi[j], &lo[j], tweak[j]);
         x[j] = hi[j] * b + lo[j];
     }
 }

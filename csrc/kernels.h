@@ -8,12 +8,17 @@
  * Epoch order.  The position -> sample map of an epoch is a keyed bijection on
  * [0, n), computed per position in O(1) memory for any n up to SHMF_ORDER_MAX_N:
  *
- *   - shmf_permute: an unbalanced Feistel network on the smallest power of two
- *     >= max(n, 4) (halves of floor(bits/2) and ceil(bits/2) bits, updated in turn,
- *     SHMF_ORDER_ROUNDS half-rounds, each a 64-bit mixer keyed by one round key),
- *     with cycle walking: a value >= n is encrypted again until it lands in [0, n).
- *     The walk stays on the cycle of the starting value, so it ends, and the map
- *     restricted to [0, n) is a bijection.  Fewer than 2 steps on average.
+ *   - shmf_permute: a Feistel network on [0, a*b), a = ceil(sqrt(n)), b = ceil(n/a)
+ *     (at least 2): a value is the pair (x / b, x % b), and each of
+ *     SHMF_ORDER_ROUNDS half-rounds adds a keyed 64-bit hash of one half to the other,
+ *     modulo its radix (the FFX "A2" construction); a pass ends by a keyed
+ *     transposition of values 0 and 1, without which an odd radix would only ever
+ *     give even permutations.  Domains of at most SHMF_ORDER_SMALL_N use
+ *     SHMF_ORDER_ROUNDS_SMALL half-rounds: there, every one of the n! orders is
+ *     about equally likely (checked for n <= 8).  Cycle walking: a value >= n is
+ *     encrypted again until it lands in [0, n).  The walk stays on the cycle of the
+ *     starting value, so it ends, and the map restricted to [0, n) is a bijection;
+ *     since a*b - n < a, it steps again with probability < 1/b.
  *
  *   - shmf_block_permute: the same, over blocks of `block` consecutive samples,
  *     then within each block (keyed by the block), so that a run of `block`
@@ -32,6 +37,8 @@
 
 #define SHMF_ORDER_MAX_N (UINT64_C(1) << 40) /* samples; the largest n the order accepts */
 #define SHMF_ORDER_ROUNDS 8                   /* Feistel half-rounds: 4 per half */
+#define SHMF_ORDER_ROUNDS_SMALL 32             /* for domains of <= SHMF_ORDER_SMALL_N */
+#define SHMF_ORDER_SMALL_N 64
 
 typedef enum {
     SHMF_K_OK = 0,
