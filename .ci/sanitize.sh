@@ -3,9 +3,9 @@
 #
 # 1. csrc/test_ctl.c, a standalone stress test (forked workers, random SIGKILLs,
 #    reclaim, abandoned epochs, pinned slots), built with -fsanitize and run.
-# 2. The Python extension built with SHMFEED_SANITIZE=1 in a scratch copy of the
-#    package, loaded into CPython with libasan/libubsan preloaded, running the
-#    fault-injection and stress tests.
+# 2. The Python extensions (_core, _kernels) built with SHMFEED_SANITIZE=1 in a
+#    scratch copy of the package, loaded into CPython with libasan/libubsan
+#    preloaded, running the fault-injection, stress and order tests.
 # Any sanitizer report fails the step (-fno-sanitize-recover, halt_on_error).
 # About a minute on 2 cores.
 set -euo pipefail
@@ -32,7 +32,8 @@ rm -f "$work/pkg"/shmfeed/*.so
 # CPython itself is not instrumented: the runtime must be loaded first, and leak
 # detection is off (the interpreter keeps its own allocations until exit).
 preload="$("$CC" -print-file-name=libasan.so) $("$CC" -print-file-name=libubsan.so)"
-# (test_ctl already ran above; a shorter soak keeps the step short.)
+# (test_ctl already ran above; a shorter soak keeps the step short.  RSS under ASan
+# swings by tens of MB between identical runs: the memory-at-scale test is left out.)
 (cd "$work/pkg" && LD_PRELOAD="$preload" PYTHONPATH="$work/pkg" SHMFEED_SOAK_BATCHES=20000 \
-    python -m pytest -q -p no:cacheprovider tests/test_faults.py tests/test_stress.py \
-    -k "not c_stress")
+    python -m pytest -q -p no:cacheprovider tests/test_faults.py tests/test_stress.py tests/test_order.py \
+    -k "not c_stress and not memory_of_a_thousand")
