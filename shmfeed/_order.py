@@ -81,6 +81,13 @@ class Order:
                 f"`shuffle={self.shuffle!r}` orders at most 2**40 = {MAX_SHUFFLED_ITEMS} items, "
                 f"the source has {self.n_items}. Set `shuffle=False`, or shuffle within parts "
                 "of the source yourself.")
+        # The arithmetic every batch needs, done once (not fields: not compared, not shown).
+        gbs = self.shard_count * (self.batch_size or 1)
+        full = self.n_items // gbs
+        tail = 0 if self.batch_size is None or self.drop_last else self.n_items % gbs // self.shard_count
+        object.__setattr__(self, "_full_batches", full)
+        object.__setattr__(self, "_tail_rows", tail)
+        object.__setattr__(self, "_n_batches", full + (1 if tail else 0))
 
     # -- sizes -----------------------------------------------------------------------
     @property
@@ -89,23 +96,15 @@ class Order:
         batches for a batch-level source)."""
         return self.shard_count * (self.batch_size or 1)
 
-    def _tail_rows(self) -> int:
-        """Rows of each host's last, partial batch (0: there is none)."""
-        if self.batch_size is None or self.drop_last:
-            return 0
-        return self.n_items % self.global_batch_size // self.shard_count
-
     @property
     def n_batches(self) -> int:
         """Batches per epoch, the same on every host."""
-        full = self.n_items // self.global_batch_size
-        return full + (1 if self._tail_rows() else 0)
+        return self._n_batches
 
     @property
     def items_per_shard(self) -> int:
         """Samples (source batches) this host gets per epoch."""
-        full = self.n_items // self.global_batch_size
-        return full * (self.batch_size or 1) + self._tail_rows()
+        return self._full_batches * (self.batch_size or 1) + self._tail_rows
 
     def check_not_empty(self) -> None:
         """Raise a SpecError saying why, if an epoch has no batch."""
@@ -158,19 +157,17 @@ class Order:
         return self.source_batch(0, 0) if self.batch_size is None else int(self.batch_items(0, 0)[0])
 
     def _check_batch(self, batch: int) -> None:
-        if not 0 <= batch < self.n_batches:
-            raise ShmfeedError(f"batch {batch} is outside the epoch's {self.n_batches} batches")
+        if not 0 <= batch < self._n_batches:
+            raise ShmfeedError(f"batch {batch} is outside the epoch's {self._n_batches} batches")
 
     def batch_items(self, epoch: int, batch: int) -> np.ndarray:
         """Source indices (int64) of the samples of this host's `batch` of `epoch`."""
         self._check_batch(batch)
         bs = self.batch_size
         assert bs is not None, "batch_items is for per-sample sources"
-        k, h = self.shard_count, self.shard_index
-        first_of_tail = self.n_items - self.n_items % (k * bs)
-        first = batch * k * bs
-        rows = bs if first < first_of_tail else self._tail_rows()
-        first += h * rows
+        first = batch * self.shard_count * bs
+        rows = bs if batch < self._full_batches else self._tail_rows
+        first += self.shard_index * rows
         return self.indices(epoch, np.arange(first, first + rows, dtype=np.int64))
 
     def source_batch(self, epoch: int, batch: int) -> int:
