@@ -33,6 +33,8 @@ import time
 import numpy as np
 import psutil
 
+from shmfeed._bench.runner import non_file_pss_bytes
+
 MODES = ("2 workers", "0 workers", "inline")
 BATCH_SIZE = 64
 BATCHES = 4  # the first one timed, then 3 more
@@ -51,21 +53,13 @@ class Indices:
         return np.int64(i)
 
 
-def non_file_pss_bytes(proc: psutil.Process) -> int:
-    try:
-        with open(f"/proc/{proc.pid}/smaps_rollup") as f:
-            fields = dict(line.split(":", 1) for line in f if line.startswith("Pss_"))
-        return sum(int(fields[k].split()[0]) * 1024 for k in ("Pss_Anon", "Pss_Shmem"))
-    except (OSError, KeyError):
-        return proc.memory_full_info().uss
-
-
 def child(mode: str, n: int) -> dict:
     """One measurement, in this (fresh) process."""
     import shmfeed
     from shmfeed._order import Order
 
     source = Indices(n)
+    workers = 0 if mode == "inline" else int(mode.split()[0])
     t0 = time.perf_counter()
     if mode == "inline":
         order = Order(n, BATCH_SIZE, True, 0, False)
@@ -76,13 +70,15 @@ def child(mode: str, n: int) -> dict:
                 first_s = time.perf_counter() - t0
         loader = None
     else:
-        workers = int(mode.split()[0])
         loader = shmfeed.Loader(source, batch_size=BATCH_SIZE, num_workers=workers, shuffle=True)
         it = iter(loader)
         batches = [next(it).copy()]
         first_s = time.perf_counter() - t0
         batches += [next(it).copy() for _ in range(BATCHES - 1)]
     me = psutil.Process()
+    deadline = time.monotonic() + 20  # the supervisor may still be forking a worker
+    while len(me.children(recursive=True)) < (workers and workers + 1) and time.monotonic() < deadline:
+        time.sleep(0.01)
     tree = [me, *me.children(recursive=True)]
     pss = sum(non_file_pss_bytes(p) for p in tree)
     if loader is not None:

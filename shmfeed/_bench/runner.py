@@ -174,6 +174,18 @@ def _own_cpu_s() -> float:
     return t.user + t.system
 
 
+def non_file_pss_bytes(proc: psutil.Process) -> int:
+    """PSS of `proc`'s anonymous and shared-memory pages: memory it holds or shares in
+    a process tree (a ring counted once across it), without the mapped code and files
+    that other programs share too.  USS where /proc/PID/smaps_rollup is missing."""
+    try:
+        with open(f"/proc/{proc.pid}/smaps_rollup") as f:
+            fields = dict(line.split(":", 1) for line in f if line.startswith("Pss_"))
+        return sum(int(fields[k].split()[0]) * 1024 for k in ("Pss_Anon", "Pss_Shmem"))
+    except (OSError, KeyError):
+        return proc.memory_full_info().uss
+
+
 class TreeSampler:
     """Samples a process tree in a thread: peak RSS and PSS (bytes) of the process and
     all its descendants, and the CPU time they used, so that the CPU that *other*
