@@ -122,23 +122,6 @@ class Order:
         raise SpecError(f"no batch to load: {n} samples cannot give each of `shard_count={k}` hosts "
                         "a row. Use fewer hosts.")
 
-    @property
-    def fingerprint(self) -> dict:
-        """What the epoch's global batches depend on, JSON-serialisable: equal
-        fingerprints give the same global batch g in every epoch (for per-sample sources,
-        whatever the host count; only the split of a last partial batch differs)."""
-        per_sample = self.batch_size is not None
-        return {
-            "n_items": self.n_items,
-            "batch_level": not per_sample,
-            "global_batch_size": self.global_batch_size,
-            "shard_count": None if per_sample else self.shard_count,
-            "shuffle": self.shuffle,
-            "shuffle_block": self.shuffle_block if self.shuffle == "block" else None,
-            "seed": self.seed,
-            "drop_last": self.drop_last,
-        }
-
     # -- the map -----------------------------------------------------------------------
     def indices(self, epoch: int, positions: np.ndarray) -> np.ndarray:
         """Source indices at `positions` (int64, in [0, n_items)) of `epoch`'s order.
