@@ -31,6 +31,7 @@ log = logging.getLogger("shmfeed")
 
 START_METHODS = ("auto", "fork", "spawn")
 REQUIRED: Any = object()  # the default of options a caller must give
+MAX_BATCHES = 0xFFFFFFFF  # batch numbers are the low 32 bits of a tag; this one is reserved
 
 
 @dataclass(frozen=True)
@@ -111,6 +112,10 @@ def build(source: Any, *, batch_size: Any, num_workers: Any, shuffle: Any, shuff
     # Order checks `shuffle` and `shuffle_block` (it knows the modes).
     order = Order(n_items, batch_size, shuffle, seed, drop_last, shard_index, shard_count, shuffle_block)
     order.check_not_empty()
+    if order.n_batches >= MAX_BATCHES:
+        raise SpecError(
+            f"an epoch of {order.n_batches} batches: batch numbers are 32-bit, so an epoch holds "
+            f"fewer than {MAX_BATCHES}. Raise `batch_size` (now {batch_size}).")
     spec = probe(source, order, seed_global_rngs)
     if max_batch_rows is not None:
         if not spec.batch_level:

@@ -46,7 +46,7 @@ def fingerprint(order: Order) -> dict:
         "global_batch_size": None if batch_level else order.batch_size * order.shard_count,
         "shard_count": order.shard_count if batch_level else None,
         "shuffle": order.shuffle,
-        "shuffle_block": getattr(order, "shuffle_block", None) if order.shuffle == "block" else None,
+        "shuffle_block": order.shuffle_block if order.shuffle == "block" else None,
         "seed": order.seed,
         "drop_last": order.drop_last,
     }
