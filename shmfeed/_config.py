@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import logging
 import os
-import random
 import resource
 from dataclasses import dataclass
 from typing import Any
@@ -86,7 +85,8 @@ def build(source: Any, *, batch_size: Any, num_workers: Any, shuffle: Any, seed:
     if batch_size is not None:
         batch_size = check_int("batch_size", batch_size, 1)
     num_workers = check_int("num_workers", num_workers, 0)
-    seed = check_int("seed", seed, 0)
+    # None: follow the user's seeding of np.random (without drawing from it).
+    seed = _order.seed_of_user_rng() if seed is None else check_int("seed", seed, 0)
     max_restarts = check_int("max_restarts", max_restarts, 0)
     shard_count = check_int("shard_count", shard_count, 1)
     shard_index = check_int("shard_index", shard_index, 0)
@@ -184,15 +184,12 @@ def slots_within(budget_bytes: int, max_workers: int, slot_bytes: int) -> int:
 def probe(source: Any, order: Order, seed_global: bool) -> Spec:
     """Infer the spec from the first item of epoch 0, leaving global RNGs as they were."""
     index = order.first_item()
-    saved = (np.random.get_state(), random.getstate()) if seed_global else None
-    try:
-        if seed_global:
-            _order.seed_global_rngs(order.seed, 0, 0)
-        _order.set_item(order.seed, 0, index)
-        first = source[index]
-    finally:
-        _order.clear_item()
-        if saved is not None:
-            np.random.set_state(saved[0])
-            random.setstate(saved[1])
+    with _order.kept_global_rngs():
+        try:
+            if seed_global:
+                _order.seed_global_rngs(order.seed, 0, 0)
+            _order.set_item(order.seed, 0, index)
+            first = source[index]
+        finally:
+            _order.clear_item()
     return infer(first, rows=order.batch_size, index=index)

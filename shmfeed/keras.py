@@ -62,13 +62,6 @@ def _is_keras_hook(source: Any, name: str) -> bool:
     return method is None or (getattr(method, "__module__", "") or "").startswith("keras")
 
 
-def _source_changed(loader: Loader) -> None:
-    """Have the workers take the source's new state before the next epoch."""
-    # TODO(issue 12, phase B): Loader.source_changed(), sending the source to the running
-    # supervisor; until then the pool restarts.
-    loader._pool_stale = True
-
-
 class _InKerasOrder:
     """The Loader's source for a Sequence: loader batch j is the Sequence's batch
     `order[j]` (or j while `order` is None).  It has no epoch hooks of its own: the
@@ -290,7 +283,7 @@ class Feed(keras.utils.PyDataset):
                 self._sequence_stale = True
             wrapper.order = order
             if self._sequence_stale:
-                _source_changed(self.loader)
+                self.loader.source_changed()
                 self._sequence_stale = False
         self._base = self._pos
         self._it = iter(self.loader)
