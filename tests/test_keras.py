@@ -13,7 +13,7 @@ import random
 
 import numpy as np
 import pytest
-from _sources import DataGenerator
+from _sources import DataGenerator, Labelled
 
 import shmfeed
 
@@ -46,19 +46,6 @@ class Tutorial(DataGenerator, keras.utils.Sequence):
         if hasattr(self, "hooks"):
             self.hooks.append(("end", os.getpid()))
         super().on_epoch_end()
-
-
-class Pairs:
-    """Per-sample: sample i is (float32[6] of i/10, one-hot of i % N_CLASSES)."""
-
-    def __init__(self, n: int):
-        self.n = n
-
-    def __len__(self):
-        return self.n
-
-    def __getitem__(self, i):
-        return np.full(6, i / 10, np.float32), np.eye(N_CLASSES, dtype=np.float32)[i % N_CLASSES]
 
 
 def small_model(shape: tuple = (2, 3)) -> keras.Model:
@@ -139,15 +126,15 @@ def test_evaluate_and_predict_match_keras():
 
 def test_a_per_sample_source_and_a_loader_train_like_arrays():
     n, bs = 20, 4
-    x = np.stack([Pairs(n)[i][0] for i in range(n)])
-    y = np.stack([Pairs(n)[i][1] for i in range(n)])
+    x = np.stack([Labelled(n)[i][0] for i in range(n)])
+    y = np.stack([Labelled(n)[i][1] for i in range(n)])
     want = small_model((6,))
     want.fit(x, y, batch_size=bs, epochs=2, shuffle=False, verbose=0)
 
     got = small_model((6,))
-    with shmfeed.keras.feed(Pairs(n), batch_size=bs, num_workers=2) as f:
+    with shmfeed.keras.feed(Labelled(n), batch_size=bs, num_workers=2) as f:
         got.fit(f, epochs=2, shuffle=False, verbose=0)
-    with shmfeed.Loader(Pairs(n), batch_size=bs, num_workers=1) as loader:
+    with shmfeed.Loader(Labelled(n), batch_size=bs, num_workers=1) as loader:
         via_loader = small_model((6,))
         with pytest.warns(UserWarning, match="feed's order is its Loader's"):
             via_loader.fit(shmfeed.keras.feed(loader), epochs=2, verbose=0)  # fit shuffles by default
@@ -188,6 +175,6 @@ def test_keras_workers_cannot_be_turned_on_and_options_are_checked():
         shmfeed.keras.feed(Tutorial())
     with pytest.raises(shmfeed.SpecError, match="drop `shuffle`"):
         shmfeed.keras.feed(Tutorial(), num_workers=0, shuffle=True)
-    with shmfeed.Loader(Pairs(8), batch_size=4, num_workers=0) as loader:
+    with shmfeed.Loader(Labelled(8), batch_size=4, num_workers=0) as loader:
         with pytest.raises(shmfeed.SpecError, match="belong to its constructor"):
             shmfeed.keras.feed(loader, num_workers=2)
