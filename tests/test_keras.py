@@ -178,3 +178,20 @@ def test_keras_workers_cannot_be_turned_on_and_options_are_checked():
     with shmfeed.Loader(Labelled(8), batch_size=4, num_workers=0) as loader:
         with pytest.raises(shmfeed.SpecError, match="belong to its constructor"):
             shmfeed.keras.feed(loader, num_workers=2)
+
+
+def test_the_keras_example_trains_and_runs_its_body_once(tmp_path):
+    """examples/train_keras.py: the tutorial's script with no __main__ guard, JAX
+    running before the feeds exist (so their pools start in fresh interpreters)."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parent.parent
+    out = subprocess.run([sys.executable, str(root / "examples" / "train_keras.py"), str(tmp_path)],
+                         capture_output=True, text=True, timeout=100,
+                         env=dict(os.environ, PYTHONPATH=str(root), KERAS_BACKEND="jax"))
+    assert out.returncode == 0, out.stdout + out.stderr
+    accuracy = float(out.stdout.rsplit("validation accuracy", 1)[1])
+    assert accuracy >= 0.9, out.stdout
+    assert out.stdout.count("validation accuracy") == 1  # the script's body ran once

@@ -33,6 +33,7 @@ from pathlib import Path
 
 import numpy as np
 
+from .. import _interpreter
 from . import workloads
 
 NAME = "keras-sequence"
@@ -100,8 +101,9 @@ def run(data_dir: Path, workers: int, progress: bool = True) -> dict:
             out = Path(tmp) / "result.json"
             try:
                 proc = subprocess.run(
-                    [sys.executable, "-m", "shmfeed._bench.keras_fit_child", name, str(path),
-                     str(workers), str(out)],
+                    _interpreter.python_command("from shmfeed._bench.keras_fit_child import main; "
+                                                "sys.exit(main(sys.argv[1:]))")
+                    + [name, str(path), str(workers), str(out)],
                     env=env, stdin=subprocess.DEVNULL, capture_output=True, text=True,
                     timeout=CHILD_TIMEOUT_S)
                 log = (proc.stdout + proc.stderr)[-4000:]

@@ -2,6 +2,9 @@
 
     KERAS_BACKEND=jax python -m shmfeed._bench.keras_fit_child LOADER DATA_DIR WORKERS RESULT.json
 
+(keras_fit.py starts it with `_interpreter.python_command`, so that it imports the same
+shmfeed and its classes pickle by reference, not as `__main__`'s.)
+
 Owns the tutorial's `DataGenerator` as its users write it (module level, so that it
 pickles for Keras's and shmfeed's workers) and the timed `model.fit`.  JAX's backend is
 started (the train step compiled on a batch of zeros) before the loader is made.
