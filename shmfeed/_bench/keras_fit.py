@@ -9,7 +9,8 @@ imports keras, is keras_fit_child.py).  Each loader trains in a fresh interprete
 after the other, with the same seeds, the model compiled before the clock starts.
 
 Numbers, per loader: `fit_s` (model.fit of EPOCHS epochs, the loader's construction
-included); `step_ms`, the median step after an epoch's first (Keras takes the batch
+included), split into `startup_s` (to the end of the first step: workers started, the
+first batch built) and `after_first_step_s`; `step_ms`, the median step after an epoch's first (Keras takes the batch
 inside the step, so this includes the wait for data); `epoch_gap_ms`, the median time
 from the end of an epoch's last step to the end of the next epoch's first (hooks,
 restarts, the first batch's build and its step); `boundary_ms`, that gap less
@@ -125,8 +126,8 @@ def run(data_dir: Path, workers: int, progress: bool = True) -> dict:
 def table(doc: dict) -> str:
     rows = [f"{NAME}: {doc['about']}; {doc['epochs']} epochs of {doc['batches_per_epoch']} "
             f"batches, {doc['workers']} workers",
-            f"{'loader':<10} {'fit s':>7} {'x Keras':>8} {'step ms':>8} {'epoch gap ms':>13} "
-            f"{'boundary ms':>12}"]
+            f"{'loader':<10} {'fit s':>7} {'x Keras':>8} {'startup s':>10} {'rest s':>7} "
+            f"{'step ms':>8} {'epoch gap ms':>13} {'boundary ms':>12}"]
 
     def cell(v, fmt):
         return "-" if v is None else format(v, fmt)
@@ -136,6 +137,7 @@ def table(doc: dict) -> str:
             rows.append(f"{name:<10} failed: {r.get('reason') or r.get('log', '')[-300:]}")
             continue
         rows.append(f"{name:<10} {r['fit_s']:>7.2f} {cell(r.get('ratio_to_keras'), '>8.2f')} "
+                    f"{r['startup_s']:>10.2f} {r['after_first_step_s']:>7.2f} "
                     f"{cell(r['step_ms'], '>8.1f')} {cell(r['epoch_gap_ms'], '>13.1f')} "
                     f"{cell(r['boundary_ms'], '>12.1f')}")
     return "\n".join(rows)

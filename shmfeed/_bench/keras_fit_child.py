@@ -114,7 +114,9 @@ def measure(loader: str, data_dir: Path, workers: int) -> dict:
     fit_s = time.perf_counter() - t0
     if loader == "shmfeed":
         x.close()
-    return {"status": "ok", "fit_s": fit_s, "steps": times.epochs}
+    first_step_end = times.epochs[0][0][1]
+    return {"status": "ok", "fit_s": fit_s, "startup_s": first_step_end - t0,
+            "after_first_step_s": t0 + fit_s - first_step_end, "steps": times.epochs}
 
 
 def main(argv: list[str]) -> int:
