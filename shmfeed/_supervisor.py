@@ -37,6 +37,7 @@ from ._worker import worker_loop
 
 WORKER_GRACE_S = 0.3  # workers get this long to leave on their own at shutdown
 REAP_TIMEOUT_S = 2.0  # SIGKILLed workers are reaped within this long
+KILL_LANDS_S = 0.001  # a SIGKILL reaches a worker running on another CPU within this (an IPI)
 POLL_S = 0.05  # supervisor's loop period: how soon it notices shutdown
 STOPPED_REPLACE_S = 2.0  # a worker stopped this long is replaced
 # The update exchange's messages (see _pool.py).
@@ -163,22 +164,33 @@ def supervise(ring: Ring, chan_fd: int, source: Any, cfg: Config, parent_pid: in
             chan.send(UPDATE_FAILED + reason)
             return True
         builder = new
-        # Between epochs: the old workers build nothing anyone waits for.
-        for pid in list(workers):
+        # Between epochs no generation is open, so a worker without a claim is idle in
+        # its wait and, SIGKILLed, never touches the ring again: its record is reused
+        # at once and the process reaped by the loop below once it has died (a dying
+        # process needs the CPU to tear its memory down: tens of ms on a busy machine).
+        # One still building a batch of a finished epoch is waited for and reclaimed.
+        old = dict(workers)
+        for pid in old:
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGKILL)
-        for pid in list(workers):
-            os.waitpid(pid, 0)
+        busy = {pid for pid, w in old.items() if ctl.worker(w)["claim"] != _control.NO_CLAIM}
+        time.sleep(KILL_LANDS_S)
+        for pid, w in old.items():
             del workers[pid]
-            fd = pidfds.pop(pid, None)
-            if fd is not None:
-                os.close(fd)
+            if pid in busy:
+                os.waitpid(pid, 0)
+                fd = pidfds.pop(pid, None)
+                if fd is not None:
+                    os.close(fd)
+            else:
+                retired[pid] = w
         for w in range(cfg.num_workers):
             ctl.reclaim(w)
             start(w, None)
         chan.send(UPDATED)
         return True
 
+    retired: dict[int, int] = {}  # pid -> worker index, of workers replaced by an update
     listen = [chan]
     while not ctl.shutting_down and os.getppid() == parent_pid:
         ready = select.select(list(pidfds.values()) + parent_fd + listen, [], [], POLL_S)[0]
@@ -190,6 +202,7 @@ def supervise(ring: Ring, chan_fd: int, source: Any, cfg: Config, parent_pid: in
             if pid == 0:
                 break
             w = workers.pop(pid, None)
+            retired.pop(pid, None)
             fd = pidfds.pop(pid, None)
             if fd is not None:
                 os.close(fd)
@@ -229,6 +242,7 @@ def supervise(ring: Ring, chan_fd: int, source: Any, cfg: Config, parent_pid: in
         os.close(fd)
 
     # Shutdown: workers leave at their next wait; the rest are killed.
+    workers.update(retired)
     _reap(workers, WORKER_GRACE_S)
     for pid in workers:
         try:

@@ -84,7 +84,7 @@ def _host_copier(copy: bool):
     if not copy:
         return None
     if keras.backend.backend() == "jax":
-        from .jax._feed import aligned_copy
+        from .jax._transfer import aligned_copy
 
         return aligned_copy
     return np.array
