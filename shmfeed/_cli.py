@@ -255,7 +255,8 @@ def _keras_fit(args: argparse.Namespace, parser: argparse.ArgumentParser, names:
                      f"combined with {', '.join(n for n in names if n != keras_fit.NAME)}")
     given = [flag for flag, value in (("--compare", args.compare), ("--batch-size", args.batch_size),
                                       ("--seconds", args.seconds), ("--slots", args.slots),
-                                      ("--plot", args.plot)) if value is not None]
+                                      ("--plot", args.plot), ("--step-ms", args.step_ms or None))
+             if value is not None]
     if given:
         parser.error(f"--workload {keras_fit.NAME} always compares shmfeed, Keras's workers and "
                      f"in-process loading over {keras_fit.EPOCHS} epochs; it does not take "
