@@ -17,6 +17,7 @@ from ._errors import (
     RingFullError,
     RingMemoryError,
     ShmfeedError,
+    SourcePickleError,
     SpecError,
     WorkerError,
 )
@@ -30,6 +31,7 @@ __all__ = [
     "RingMemoryError",
     "ShmfeedError",
     "SlotState",
+    "SourcePickleError",
     "SpecError",
     "Stats",
     "WorkerError",

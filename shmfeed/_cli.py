@@ -20,7 +20,7 @@ import argparse
 import sys
 
 from . import _sysinfo
-from ._bench import workloads
+from ._bench import keras_fit, workloads
 from ._bench.loaders import LOADERS, PEERS
 
 DEFAULT_WORKERS_MAX = 8  # the default worker count is the usable CPUs, at most this
@@ -88,7 +88,7 @@ def _names(text: str, known: tuple[str, ...], what: str, extra: str = "") -> lis
 
 
 def _workloads(text: str) -> list[str]:
-    return _names(text, tuple(workloads.WORKLOADS), "workload")
+    return _names(text, tuple(workloads.WORKLOADS) + (keras_fit.NAME,), "workload")
 
 
 def _loaders(text: str) -> list[str]:
@@ -106,7 +106,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"shmfeed {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     sub.required = True
-    workload_help = "; ".join(f"{w.name}: {w.about}" for w in workloads.WORKLOADS.values())
+    workload_help = "; ".join([f"{w.name}: {w.about}" for w in workloads.WORKLOADS.values()]
+                              + [f"{keras_fit.NAME} (alone): {keras_fit.ABOUT}"])
     bench = sub.add_parser(
         "bench", help="measure shmfeed against other loaders on synthetic data",
         description="Measure shmfeed, and the loaders named in --compare, on synthetic data "
@@ -204,6 +205,8 @@ def _bench(args: argparse.Namespace, parser: argparse.ArgumentParser, argv: list
             if not folder.is_dir():
                 parser.error(f"{flag} {dest!r}: the folder {str(folder)!r} does not exist (nothing was run)")
     names = args.workload or ["transport"]
+    if keras_fit.NAME in names:
+        return _keras_fit(args, parser, names, argv)
     if args.workers is not None and args.workers > 4 * _usable_cpus():
         print(f"shmfeed: --workers {args.workers} on {_usable_cpus()} usable CPUs: "
               "expect the numbers to measure contention", file=sys.stderr)
@@ -239,6 +242,36 @@ def _bench(args: argparse.Namespace, parser: argparse.ArgumentParser, argv: list
         print(f"shmfeed bench: failed: {line}", file=sys.stderr)
     if failed:
         print("shmfeed bench: the child's log of each failure is in the JSON (--json)", file=sys.stderr)
+    return 1 if failed else 0
+
+
+def _keras_fit(args: argparse.Namespace, parser: argparse.ArgumentParser, names: list[str],
+               argv: list[str]) -> int:
+    """`--workload keras-sequence`: model.fit with shmfeed, Keras's workers and in-process."""
+    from ._bench import report
+
+    if names != [keras_fit.NAME]:
+        parser.error(f"--workload {keras_fit.NAME} trains a model and runs alone; it cannot be "
+                     f"combined with {', '.join(n for n in names if n != keras_fit.NAME)}")
+    given = [flag for flag, value in (("--compare", args.compare), ("--batch-size", args.batch_size),
+                                      ("--seconds", args.seconds), ("--slots", args.slots),
+                                      ("--plot", args.plot), ("--step-ms", args.step_ms or None))
+             if value is not None]
+    if given:
+        parser.error(f"--workload {keras_fit.NAME} always compares shmfeed, Keras's workers and "
+                     f"in-process loading over {keras_fit.EPOCHS} epochs; it does not take "
+                     f"{', '.join(given)}")
+    data_dir = _path(args.data_dir) if args.data_dir is not None else workloads.default_data_dir()
+    doc = keras_fit.run(data_dir, args.workers or 2, progress=not args.no_progress)
+    doc["command"] = ["shmfeed"] + argv
+    out = sys.stderr if args.json == "-" else sys.stdout
+    print(keras_fit.table(doc), file=out)
+    if args.json is not None:
+        report.write_json(doc, args.json)
+    failed = [name for name, r in doc["loaders"].items() if r.get("status") != "ok"]
+    for name in failed:
+        print(f"shmfeed bench: failed: {keras_fit.NAME}/{name}: {doc['loaders'][name].get('reason', '')}",
+              file=sys.stderr)
     return 1 if failed else 0
 
 

@@ -86,7 +86,8 @@ def build(source: Any, *, batch_size: Any, num_workers: Any, shuffle: Any, shuff
     if batch_size is not None:
         batch_size = check_int("batch_size", batch_size, 1)
     num_workers = check_int("num_workers", num_workers, 0)
-    seed = check_int("seed", seed, 0)
+    # None: follow the user's seeding of np.random (without drawing from it).
+    seed = _rng.seed_of_user_rng() if seed is None else check_int("seed", seed, 0)
     max_restarts = check_int("max_restarts", max_restarts, 0)
     shard_count = check_int("shard_count", shard_count, 1)
     shard_index = check_int("shard_index", shard_index, 0)

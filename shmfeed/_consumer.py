@@ -24,6 +24,7 @@ from typing import Any
 
 import psutil
 
+from . import _rng
 from ._build import Builder, build_batch
 from ._config import Config
 from ._control import NO_CLAIM, PoolShutdown, RingBlocked, SlotState, Taken, tag, untag
@@ -140,11 +141,15 @@ class Consumer:
             self._raise_if_full(gen, b, self.first_batch + b)
             if ctl.slot_of(gen, b) < 0:
                 raise internal(f"batch {b} has no slot although not every slot is held")
-        # With `seed_global_rngs`, np.random and random are re-seeded per batch here
-        # exactly as in a worker (saving and restoring them would cost more than
-        # building a small batch); that is what keeps this mode the reference.
+        # With `seed_global_rngs`, the global RNGs are keyed per batch here exactly as
+        # in a worker (that is what keeps this mode the reference), and then put back:
+        # the training process's streams are the user's.
         assert self.builder is not None
-        build_batch(self.ring, self.builder, 0, gen, b, None)
+        if self.cfg.seed_global_rngs:
+            with _rng.kept_global_rngs():
+                build_batch(self.ring, self.builder, 0, gen, b, None)
+        else:
+            build_batch(self.ring, self.builder, 0, gen, b, None)
 
     def _raise_if_full(self, gen: int, b: int, epoch_batch: int) -> None:
         """Batch `b` has no slot: unless a garbage collection frees one, every slot is

@@ -16,6 +16,16 @@ class SpecError(ShmfeedError, ValueError):
     or an argument of the loader is invalid."""
 
 
+class SourcePickleError(SpecError):
+    """The source cannot be sent to a fresh interpreter: it does not pickle (with
+    cloudpickle), or what it pickles to does not load back.  `path` names the part that
+    fails, e.g. `source.reader._file` (None when no single attribute is to blame)."""
+
+    def __init__(self, message: str, path: str | None = None):
+        super().__init__(message)
+        self.path = path
+
+
 class WorkerError(ShmfeedError):
     """A worker raised, died, hung, or the pool could not be kept alive.
 

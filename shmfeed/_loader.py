@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import logging
 import os
-import pickle
 import sys
 import time
 import weakref
@@ -24,11 +23,11 @@ from typing import Any
 
 import numpy as np
 
-from . import _rng, _state
+from . import _interpreter, _state
 from ._arrays import as_source
 from ._config import REQUIRED, build, check_int
 from ._consumer import Consumer
-from ._errors import LoaderClosedError, ShmfeedError, SpecError, WorkerError
+from ._errors import LoaderClosedError, ShmfeedError, SourcePickleError, SpecError, WorkerError
 from ._order import DEFAULT_SHUFFLE_BLOCK
 from ._pool import Pool, sigint_deferred
 from ._ring import Ring
@@ -37,8 +36,7 @@ from ._stats import Stats
 
 log = logging.getLogger("shmfeed")
 
-# Batch numbers no real batch has, to key the global RNGs for the epoch hooks.
-_HOOK_BATCH = {"on_epoch_begin": 0xFFFFFFFE, "on_epoch_end": 0xFFFFFFFF}
+_HOOKS = ("on_epoch_begin", "on_epoch_end")
 _said_spawn = False
 
 
@@ -81,7 +79,8 @@ class _Resources:
     def __init__(self, ring: Ring):
         self.ring = ring
         self.pool: Pool | None = None
-        self.pool_stale = False  # the workers' copy of the source is out of date
+        self.pool_stale = False  # the pool must be replaced (its supervisor died)
+        self.source_stale = False  # the workers' copy of the source is out of date
         self.owner_pid = os.getpid()
         self.callbacks: list = []  # run once at close, before the ring goes
 
@@ -193,7 +192,7 @@ class Loader:
         self._first_batch = 0  # and the batch it starts at (> 0 after a resume)
         self._active: int | None = None  # the epoch being iterated, until it completes
         self._received: tuple[int, int] | None = None  # set by a device feed reading ahead
-        self._hooks = any(_epoch_hook(source, h) for h in _HOOK_BATCH)
+        self._hooks = any(_epoch_hook(source, h) for h in _HOOKS)
         self._snapshot: tuple[int, Any] | None = None  # (epoch, source state at its start)
         self._closed = False
         self._stats = Stats(n_slots=cfg.n_slots, slot_bytes=cfg.spec.slot_bytes,
@@ -216,19 +215,34 @@ class Loader:
                     "Create the Loader before the first JAX computation to fork directly.", why)
         source_bytes = None
         if method == "spawn":
-            try:
-                source_bytes = pickle.dumps(self._source)
-            except Exception as exc:
-                raise SpecError(
-                    f"the source ({type(self._source).__name__}) cannot be pickled, and workers must "
-                    f"start in a fresh interpreter because {why or 'start_method=spawn was asked'}: {exc}. "
-                    "Create the Loader before JAX/CUDA starts, make the source picklable, or pass "
-                    "`start_method='fork'` to fork anyway."
-                ) from exc
+            source_bytes = _interpreter.dump_source(
+                self._source, f"{why} is running in this process" if why else "`start_method='spawn'` was asked")
         self._ring.ctl.reopen()
         with sigint_deferred():  # a Ctrl-C meanwhile is raised once the pool is registered
             self._res.pool = Pool(self._ring, self._source, self._cfg, method, source_bytes)
-            self._res.pool_stale = False
+            self._res.pool_stale = self._res.source_stale = False
+
+    def _send_source(self) -> None:
+        """Give the running pool the source's new state: its supervisor re-forks the
+        workers (no interpreter start, no import), in any start mode."""
+        pool = self._res.pool
+        assert pool is not None
+        try:
+            data = _interpreter.dump_source(self._source, f"its state changed (an epoch hook ran) "
+                                            f"and the pool was started by {pool.start_method}")
+        except SourcePickleError:
+            if pool.start_method != "fork":
+                raise
+            # A source that does not pickle can still be forked: a new pool, from here.
+            self._res.stop_pool()
+            self._start_pool()
+            return
+        try:
+            pool.update_source(data)
+        except WorkerError:
+            self._res.pool_stale = True
+            raise
+        self._res.source_stale = False
 
     # -- public surface ----------------------------------------------------------------
     def __len__(self) -> int:
@@ -280,7 +294,7 @@ class Loader:
                                 "state of the source: pass a state from `state_dict()` of a "
                                 "loader over the same kind of source")
             _state.restore_source(self._source, state["source"])
-            self._res.pool_stale = True  # the workers' copy predates what was restored
+            self.source_changed()  # the workers' copy predates what was restored
         self._epoch, self._first_batch = epoch, nxt
         self._active = self._received = None
 
@@ -392,6 +406,8 @@ class Loader:
         if self._cfg.num_workers and self._res.pool_stale:
             self._res.stop_pool()
             self._start_pool()
+        elif self._cfg.num_workers and self._res.source_stale:
+            self._send_source()
         gen = self._consumer.start(epoch, first)
         self._active = epoch
         self._stats.epochs_started += 1
@@ -403,21 +419,29 @@ class Loader:
         if self._active == epoch:
             self._active = None
 
+    def source_changed(self) -> None:
+        """Say that the source's state changed (e.g. code other than its own epoch hooks
+        reshuffled it): the workers take the new state before the next epoch starts.
+        The source is pickled each time and sent to the pool, whose workers are
+        re-forked: tens of milliseconds, plus pickling the source's state."""
+        self._check_open()
+        if self._cfg.num_workers == 0:
+            return  # batches are built here, from the source itself
+        self._res.source_stale = True
+
     def _check_open(self) -> None:
         if self._closed:
             raise LoaderClosedError("this Loader is closed; create a new one")
 
     def _call_hook(self, name: str, epoch: int) -> None:
-        """Run the source's epoch hook here, in the training process, as Keras does;
-        the pool is then restarted so the workers see what it changed."""
+        """Run the source's epoch hook here, in the training process, as Keras does,
+        seeing the user's global RNG streams as they are; the workers then take the
+        source's new state (see `source_changed`)."""
         hook = _epoch_hook(self._source, name)
         if hook is None:
             return
-        if self._cfg.seed_global_rngs:
-            # Tutorial hooks reshuffle with np.random: key it so that the result does
-            # not depend on how many batches were built in this process.
-            _rng.seed_global_rngs(self._cfg.order.seed, epoch, _HOOK_BATCH[name])
-        self._res.pool_stale = True  # even if it raises halfway, the workers' copy is stale
+        if self._cfg.num_workers:
+            self._res.source_stale = True  # even if it raises halfway, the workers' copy is stale
         try:
             hook()
         except Exception as exc:
@@ -425,5 +449,5 @@ class Loader:
             raise WorkerError(
                 f"the source's {name}() raised {type(exc).__name__}: {exc} ({when} epoch {epoch}). "
                 "Every batch of the epoch before it was delivered; iterating again starts "
-                "the next epoch (with a fresh pool), or close the loader.",
+                "the next epoch, or close the loader.",
                 epoch=epoch) from exc

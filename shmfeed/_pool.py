@@ -1,8 +1,17 @@
 """The training process's handle on a worker pool, and the shutdown protocol.
 
 Owns: starting the supervisor (forked, or a fresh interpreter: see _supervisor.py),
-asking it how it is, and stopping it; holding Ctrl-C back while a pool process is
-created or stopped.
+asking it how it is, sending it a source whose state changed (`update_source`: the
+supervisor re-forks only the workers, so an epoch hook costs no interpreter start and
+no import), and stopping it; holding Ctrl-C back while a pool process is created,
+updated or stopped.
+
+The update exchange, over a SOCK_SEQPACKET socket pair that only this handle and the
+supervisor hold: the training process sends `UPDATE` with a memfd holding the pickled
+source (never blocks, whatever its size), then waits for `UPDATED` (new workers are
+running; no worker of the old source is left) or `UPDATE_FAILED` + reason, checking
+that the supervisor lives.  It only ever does so between epochs, when no generation is
+open: the old workers' half-built batches are of abandoned or finished epochs.
 
 Shutdown protocol (the only one; everything that ends a pool goes through it):
 1. The training process sets the control block's shutdown word (`Control.shutdown`),
@@ -17,10 +26,10 @@ turn, the workers; the ring is a memfd, so no file or name is left anywhere.
 
 from __future__ import annotations
 
-import multiprocessing.spawn
 import os
-import pickle
+import select
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -34,14 +43,18 @@ from typing import Any
 import numpy.random  # noqa: F401
 import psutil
 
+from . import _interpreter
 from ._config import Config
+from ._errors import WorkerError
 from ._report import describe_exit, proc_state
 from ._ring import Ring
-from ._supervisor import fork_main, say
+from ._supervisor import UPDATE, UPDATE_FAILED, UPDATED, fork_main, say
 
 # Popen arguments that start a spawned supervisor in a process group of its own.
 _NEW_GROUP: dict = {"process_group": 0} if sys.version_info >= (3, 11) else {"start_new_session": True}
 STOP_TIMEOUT_S = 2.0  # the supervisor gets this long to finish the shutdown protocol
+UPDATE_TIMEOUT_S = 120.0  # the supervisor gets this long to rebuild a source and re-fork
+UPDATE_POLL_S = 0.05  # how often the training process checks the supervisor meanwhile
 
 
 class sigint_deferred:
@@ -93,43 +106,76 @@ class Pool:
         # PR_SET_PDEATHSIG fires when the *thread* that forked exits, so it is set only
         # when that thread is the main one; otherwise the supervisor watches our pidfd.
         pdeathsig = threading.current_thread() is threading.main_thread()
-        if start_method == "fork":
-            pid = os.fork()
-            if pid == 0:
-                code = 0
-                try:
-                    fork_main(ring.fd, source, cfg, me, pdeathsig)
-                except BaseException:
-                    say(traceback.format_exc())
-                    code = 1
-                finally:
-                    os._exit(code)
-            self.pid = pid
-        else:
-            assert source_bytes is not None
-            prep = multiprocessing.spawn.get_preparation_data("shmfeed-pool")
-            # The pool never talks to multiprocessing managers, so it needs no authkey
-            # (an AuthenticationString refuses to be pickled outside multiprocessing).
-            prep.pop("authkey", None)
-            geometry = (cfg.n_slots, ring.max_workers, ring.slot_bytes)
-            payload = pickle.dumps((prep, geometry, pickle.dumps(cfg), source_bytes))
-            # The payload goes through a memfd, not a pipe: writing it can never block.
-            pfd = os.memfd_create("shmfeed-payload", os.MFD_CLOEXEC)
+        self._chan, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        try:
+            if start_method == "fork":
+                pid = os.fork()
+                if pid == 0:
+                    code = 0
+                    try:
+                        fork_main(ring.fd, theirs.fileno(), source, cfg, me, pdeathsig)
+                    except BaseException:
+                        say(traceback.format_exc())
+                        code = 1
+                    finally:
+                        os._exit(code)
+                self.pid = pid
+            else:
+                assert source_bytes is not None
+                self._spawn(cfg, source_bytes, theirs.fileno(), me, pdeathsig)
+        except BaseException:
+            self._chan.close()
+            raise
+        finally:
+            theirs.close()
+
+    def _spawn(self, cfg: Config, source_bytes: bytes, chan_fd: int, me: int, pdeathsig: bool) -> None:
+        ring = self.ring
+        geometry = (cfg.n_slots, ring.max_workers, ring.slot_bytes)
+        # Not multiprocessing's spawn: it would import the user's __main__ there (and run
+        # an unguarded script a second time).  What __main__ defines travels by value.
+        payload = _interpreter.dumps((_interpreter.parent_sys_path(), geometry,
+                                      _interpreter.dumps(cfg), source_bytes))
+        # The payload goes through a memfd, not a pipe: writing it can never block.
+        pfd = _memfd_with(payload)
+        try:
+            self._popen = subprocess.Popen(
+                _interpreter.python_command("from shmfeed._supervisor import spawn_main; spawn_main()")
+                + [str(pfd), str(ring.fd), str(chan_fd), str(me), str(int(pdeathsig))],
+                pass_fds=(pfd, ring.fd, chan_fd), stdin=subprocess.DEVNULL,
+                # Its own process group: the terminal's Ctrl-C (sent to the foreground
+                # group) would otherwise hit the new interpreter while it starts, before
+                # it can ignore SIGINT, and print a traceback.
+                **_NEW_GROUP)
+        finally:
+            os.close(pfd)
+        self.pid = self._popen.pid
+
+    def update_source(self, source_bytes: bytes) -> None:
+        """Have the supervisor replace every worker by one building from the source in
+        `source_bytes` (see the update exchange above).  Raises WorkerError."""
+        with sigint_deferred():  # interrupted halfway, an answer would be left unread
+            fd = _memfd_with(source_bytes)
             try:
-                with os.fdopen(os.dup(pfd), "wb") as f:
-                    f.write(payload)
-                os.lseek(pfd, 0, os.SEEK_SET)
-                self._popen = subprocess.Popen(
-                    [sys.executable, "-c", "from shmfeed._supervisor import spawn_main; spawn_main()",
-                     str(pfd), str(ring.fd), str(me), str(int(pdeathsig))],
-                    pass_fds=(pfd, ring.fd), stdin=subprocess.DEVNULL,
-                    # Its own process group: the terminal's Ctrl-C (sent to the
-                    # foreground group) would otherwise hit the new interpreter while it
-                    # starts, before it can ignore SIGINT, and print a traceback.
-                    **_NEW_GROUP)
+                socket.send_fds(self._chan, [UPDATE], [fd])
             finally:
-                os.close(pfd)
-            self.pid = self._popen.pid
+                os.close(fd)
+            deadline = time.monotonic() + UPDATE_TIMEOUT_S
+            while not select.select([self._chan], [], [], UPDATE_POLL_S)[0]:
+                ended = self.poll()
+                if ended is not None or time.monotonic() > deadline:
+                    why = (f"{ended}" if ended is not None
+                           else f"did not answer within {UPDATE_TIMEOUT_S:.0f} s")
+                    raise WorkerError(
+                        f"the worker pool's supervisor (pid {self.pid}) {why} while taking the "
+                        "source's new state (after an epoch hook); iterate again to start a new "
+                        "pool, or close the loader", pid=self.pid)
+            answer = self._chan.recv(4096)
+        if answer != UPDATED:
+            reason = answer[len(UPDATE_FAILED):].decode(errors="replace") if answer else "no answer"
+            raise WorkerError(
+                f"the worker pool could not rebuild the source's new state (after an epoch hook): "
+                f"{reason}", pid=self.pid)
 
     def poll(self) -> str | None:
         """None while the supervisor runs; otherwise how it ended."""
@@ -159,7 +205,10 @@ class Pool:
         usually, 3 * STOP_TIMEOUT_S at worst): interrupted halfway, it would leave the
         pool running."""
         with sigint_deferred():
-            self._stop()
+            try:
+                self._stop()
+            finally:
+                self._chan.close()
 
     def _stop(self) -> None:
         # Each step needs as little as it can (the shutdown word, waitpid and kill need
@@ -210,6 +259,19 @@ class Pool:
             except (psutil.Error, OSError):  # e.g. no descriptor left to read /proc
                 procs.append(pid)
         return procs
+
+
+def _memfd_with(data: bytes) -> int:
+    """A memfd holding `data`, positioned at its start."""
+    fd = os.memfd_create("shmfeed-payload", os.MFD_CLOEXEC)
+    try:
+        with os.fdopen(os.dup(fd), "wb") as f:
+            f.write(data)
+        os.lseek(fd, 0, os.SEEK_SET)
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
 
 
 def _running(p: psutil.Process | int) -> bool:

@@ -14,7 +14,10 @@ in _order.py uses `PERMUTATION_STREAM`).
 
 from __future__ import annotations
 
+import contextlib
 import random
+import sys
+from collections.abc import Iterator
 from typing import Any
 
 import numpy as np
@@ -89,17 +92,14 @@ def build_sample(source: Any, index: int, *, seed: int = 0, epoch: int = 0,
     without it they are left alone.
     """
     saved_key, saved_gen = _ctx.key, _ctx.gen
-    saved_globals = (np.random.get_state(), random.getstate()) if batch is not None else None
-    try:
-        if batch is not None:
-            seed_global_rngs(seed, epoch, batch)
-        set_item(seed, epoch, index)
-        return source[index]
-    finally:
-        _ctx.key, _ctx.gen = saved_key, saved_gen
-        if saved_globals is not None:
-            np.random.set_state(saved_globals[0])
-            random.setstate(saved_globals[1])
+    with kept_global_rngs() if batch is not None else contextlib.nullcontext():
+        try:
+            if batch is not None:
+                seed_global_rngs(seed, epoch, batch)
+            set_item(seed, epoch, index)
+            return source[index]
+        finally:
+            _ctx.key, _ctx.gen = saved_key, saved_gen
 
 
 _MASK64 = (1 << 64) - 1
@@ -119,9 +119,39 @@ def global_seed(seed: int, epoch: int, batch: int) -> int:
 
 
 def seed_global_rngs(seed: int, epoch: int, batch: int) -> None:
-    """Key the legacy global RNGs to the batch, for sources written against
-    `np.random.*`/`random.*` (tutorial code): forked workers then no longer repeat
-    each other's draws, and the stream is the same with any `num_workers`."""
+    """Key the global RNGs to the batch, for sources written against `np.random.*`,
+    `random.*` or `torch.*` (tutorial code): forked workers then no longer repeat each
+    other's draws, and the stream is the same with any `num_workers`.  torch's only
+    where the source (or anything) has imported torch: shmfeed never imports it."""
     s = global_seed(seed, epoch, batch)
     np.random.seed(s)
     random.seed(s)
+    torch = sys.modules.get("torch")
+    if torch is not None:
+        torch.manual_seed(s)
+
+
+@contextlib.contextmanager
+def kept_global_rngs() -> Iterator[None]:
+    """Run the block, then put np.random, random (and torch's generator, if torch is
+    imported) back as they were: the training process's global RNGs are the user's.
+    About 20 us (torch's CUDA generators are left alone: a build never seeds them)."""
+    torch = sys.modules.get("torch")
+    saved = (np.random.get_state(), random.getstate(),
+             torch.get_rng_state() if torch is not None else None)
+    try:
+        yield
+    finally:
+        np.random.set_state(saved[0])
+        random.setstate(saved[1])
+        if saved[2] is not None:
+            torch.set_rng_state(saved[2])
+
+
+def seed_of_user_rng() -> int:
+    """A seed taken from the state of the user's `np.random` without drawing from it:
+    after `np.random.seed(s)` it is a function of `s`, and the user's stream goes on
+    exactly as if shmfeed were not there (what `seed=None` means)."""
+    _, key, pos, *_ = np.random.get_state()
+    entropy = np.random.SeedSequence([*key.tolist(), int(pos)]).generate_state(1, np.uint32)
+    return int(entropy[0])

@@ -7,8 +7,10 @@ is running (fork copies its locks, not its threads).  The supervisor is forked f
 the training process when that is still clean, or started as a fresh interpreter
 (`spawn`) that receives the ring's memfd and the pickled source when it is not.
 Either way it is single-threaded, so it can fork workers and replacements at any
-time safely.  The training process's side of the shutdown protocol, and the protocol
-itself, are in _pool.py.
+time safely, and it keeps its imports: when an epoch hook changes the source, the
+supervisor receives the new state and re-forks only the workers (the update exchange;
+its training-process side, the shutdown protocol and the protocol itself are in
+_pool.py).
 """
 
 from __future__ import annotations
@@ -16,18 +18,17 @@ from __future__ import annotations
 import contextlib
 import faulthandler
 import gc
-import multiprocessing.spawn
 import os
-import pickle
 import select
 import signal
+import socket
 import sys
 import time
 import traceback
 from dataclasses import replace
 from typing import Any
 
-from . import _control
+from . import _control, _interpreter
 from ._build import Builder
 from ._config import Config
 from ._report import STOPPED_STATES, StartupFailure, exit_hint, proc_state, worker_death
@@ -36,8 +37,14 @@ from ._worker import worker_loop
 
 WORKER_GRACE_S = 0.3  # workers get this long to leave on their own at shutdown
 REAP_TIMEOUT_S = 2.0  # SIGKILLed workers are reaped within this long
+KILL_LANDS_S = 0.001  # a SIGKILL reaches a worker running on another CPU within this (an IPI)
 POLL_S = 0.05  # supervisor's loop period: how soon it notices shutdown
 STOPPED_REPLACE_S = 2.0  # a worker stopped this long is replaced
+# The update exchange's messages (see _pool.py).
+UPDATE = b"update"
+UPDATED = b"updated"
+UPDATE_FAILED = b"update-failed:"
+_REASON_BYTES = 3000  # of an UPDATE_FAILED reason
 
 
 def say(text: str) -> None:
@@ -89,9 +96,10 @@ def _max_fd() -> int:
         return 1024
 
 
-def supervise(ring: Ring, source: Any, cfg: Config, parent_pid: int) -> None:
+def supervise(ring: Ring, chan_fd: int, source: Any, cfg: Config, parent_pid: int) -> None:
     """The supervisor's main loop."""
     ctl = ring.ctl
+    chan = socket.socket(fileno=chan_fd)
     me = os.getpid()
     builder = Builder(source, cfg.spec, cfg.order, ring, cfg.seed_global_rngs)
     workers: dict[int, int] = {}  # pid -> worker index
@@ -135,14 +143,66 @@ def supervise(ring: Ring, source: Any, cfg: Config, parent_pid: int) -> None:
         parent_fd = []
     stopped_since: dict[int, float] = {}  # pid -> when it was first seen stopped
     replaced_stopped: dict[int, float] = {}  # pid -> how long it had been stopped
+    def update() -> bool:
+        """The update exchange: a new source, then every worker replaced.  False once
+        the training process's end of the channel is closed."""
+        nonlocal builder
+        try:
+            msg, fds, _, _ = socket.recv_fds(chan, 64, 1)
+        except OSError:
+            msg, fds = b"", []
+        if msg != UPDATE or len(fds) != 1:
+            for fd in fds:
+                os.close(fd)
+            return bool(msg)
+        try:
+            with os.fdopen(fds[0], "rb") as f:
+                new = Builder(_interpreter.loads(f.read()), cfg.spec, cfg.order, ring,
+                              cfg.seed_global_rngs)
+        except BaseException as exc:  # noqa: B036 - whatever the source's unpickling raises
+            reason = f"{type(exc).__name__}: {exc}".encode(errors="replace")[:_REASON_BYTES]
+            chan.send(UPDATE_FAILED + reason)
+            return True
+        builder = new
+        # Between epochs no generation is open, so a worker without a claim is idle in
+        # its wait and, SIGKILLed, never touches the ring again: its record is reused
+        # at once and the process reaped by the loop below once it has died (a dying
+        # process needs the CPU to tear its memory down: tens of ms on a busy machine).
+        # One still building a batch of a finished epoch is waited for and reclaimed.
+        old = dict(workers)
+        for pid in old:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+        busy = {pid for pid, w in old.items() if ctl.worker(w)["claim"] != _control.NO_CLAIM}
+        time.sleep(KILL_LANDS_S)
+        for pid, w in old.items():
+            del workers[pid]
+            if pid in busy:
+                os.waitpid(pid, 0)
+                fd = pidfds.pop(pid, None)
+                if fd is not None:
+                    os.close(fd)
+            else:
+                retired[pid] = w
+        for w in range(cfg.num_workers):
+            ctl.reclaim(w)
+            start(w, None)
+        chan.send(UPDATED)
+        return True
+
+    retired: dict[int, int] = {}  # pid -> worker index, of workers replaced by an update
+    listen = [chan]
     while not ctl.shutting_down and os.getppid() == parent_pid:
-        select.select(list(pidfds.values()) + parent_fd, [], [], POLL_S)
+        ready = select.select(list(pidfds.values()) + parent_fd + listen, [], [], POLL_S)[0]
+        if chan in ready and not ctl.shutting_down and not update():
+            listen = []
         _replace_stopped(workers, stopped_since, replaced_stopped)
         while workers:
             pid, status = os.waitpid(-1, os.WNOHANG)
             if pid == 0:
                 break
             w = workers.pop(pid, None)
+            retired.pop(pid, None)
             fd = pidfds.pop(pid, None)
             if fd is not None:
                 os.close(fd)
@@ -182,6 +242,7 @@ def supervise(ring: Ring, source: Any, cfg: Config, parent_pid: int) -> None:
         os.close(fd)
 
     # Shutdown: workers leave at their next wait; the rest are killed.
+    workers.update(retired)
     _reap(workers, WORKER_GRACE_S)
     for pid in workers:
         try:
@@ -193,6 +254,7 @@ def supervise(ring: Ring, source: Any, cfg: Config, parent_pid: int) -> None:
         os.close(fd)
     for w in range(cfg.num_workers):
         ctl.reclaim(w)
+    chan.close()
 
 
 def _replace_stopped(workers: dict[int, int], since: dict[int, float],
@@ -237,39 +299,41 @@ def _death(ctl: _control.Control, w: int, pid: int, status: int, held: int):
     return worker_death(w, pid, status, info.epoch, info.first_batch + batch)
 
 
-def fork_main(ring_fd: int, source: Any, cfg: Config, parent_pid: int, pdeathsig: bool) -> None:
+def fork_main(ring_fd: int, chan_fd: int, source: Any, cfg: Config, parent_pid: int,
+              pdeathsig: bool) -> None:
     """Entry point of a forked supervisor (the child side of Pool's fork)."""
-    _child_setup(parent_pid, {ring_fd}, pdeathsig)
+    _child_setup(parent_pid, {ring_fd, chan_fd}, pdeathsig)
     ring = Ring(cfg.spec, cfg.n_slots, cfg.num_workers, fd=ring_fd)
-    supervise(ring, source, cfg, parent_pid)
+    supervise(ring, chan_fd, source, cfg, parent_pid)
 
 
 def spawn_main() -> None:
-    """Entry point of a spawned supervisor: `python -c ... <payload fd> <ring fd>`."""
-    payload_fd, ring_fd, parent_pid, pdeathsig = (int(a) for a in sys.argv[1:5])
+    """Entry point of a spawned supervisor (see _interpreter.python_command):
+    `python -c ... <payload fd> <ring fd> <channel fd> <parent pid> <pdeathsig>`."""
+    payload_fd, ring_fd, chan_fd, parent_pid, pdeathsig = (int(a) for a in sys.argv[1:6])
     with os.fdopen(payload_fd, "rb") as f:
-        prep, geometry, cfg_bytes, source_bytes = pickle.load(f)
-    _child_setup(parent_pid, {ring_fd}, bool(pdeathsig))
+        sys_path, geometry, cfg_bytes, source_bytes = _interpreter.loads(f.read())
+    _child_setup(parent_pid, {ring_fd, chan_fd}, bool(pdeathsig))
     # Map the ring from its plain geometry first, so that a failure to rebuild the
     # config (which names the user's classes, e.g. a namedtuple in the batch spec) or
     # the source can still be reported to the training process.
     n_slots, max_workers, slot_bytes = geometry
     ring = Ring(None, n_slots, max_workers, fd=ring_fd, slot_bytes=slot_bytes)
     try:
-        # Make the parent's __main__ importable as multiprocessing's spawn does, so
-        # that sources defined in the training script unpickle.
-        multiprocessing.spawn.prepare(prep)
-        cfg = pickle.loads(cfg_bytes)
+        # The training process's modules by reference, from its sys.path; what its
+        # __main__ defines came by value (its __main__ is never imported here).
+        _interpreter.adopt_sys_path(sys_path)
+        cfg = _interpreter.loads(cfg_bytes)
         ring.spec = cfg.spec
-        source = pickle.loads(source_bytes)
+        source = _interpreter.loads(source_bytes)
     except BaseException as exc:
         ring.write_report(None, StartupFailure(
             "the worker pool could not rebuild the source in a fresh interpreter: "
-            f"{type(exc).__name__}: {exc}. Make the source importable (define its class "
-            "in a module, and guard the training script with "
-            "`if __name__ == '__main__':`), or create the Loader before JAX starts."))
+            f"{type(exc).__name__}: {exc}. The interpreter imports the training process's "
+            "modules from its sys.path: check that they import there, or create the Loader "
+            "before JAX starts."))
         ring.ctl.set_fatal()
         return
-    supervise(ring, source, cfg, parent_pid)
+    supervise(ring, chan_fd, source, cfg, parent_pid)
 
 

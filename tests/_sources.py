@@ -83,6 +83,19 @@ class DataGenerator:
         return X, np.eye(self.n_classes, dtype="float32")[y]
 
 
+class Labelled:
+    """Per-sample: sample i is (float32[6] of i/10, one-hot of i % n_classes)."""
+
+    def __init__(self, n: int, n_classes: int = 5):
+        self.n, self.n_classes = n, n_classes
+
+    def __len__(self):
+        return self.n
+
+    def __getitem__(self, i):
+        return np.full(6, i / 10, np.float32), np.eye(self.n_classes, dtype=np.float32)[i % self.n_classes]
+
+
 class Slices:
     """Batch-level: batch b is rows [32b, 32b+32) of an in-memory array."""
 

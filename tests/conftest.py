@@ -12,6 +12,9 @@ import psutil
 import pytest
 
 LEAK_WAIT_S = 3.0
+# Keras picks its backend once, at its first import (tests/test_core.py imports it too):
+# the JAX one, which test_keras.py trains with; importing it does not start JAX.
+os.environ.setdefault("KERAS_BACKEND", "jax")
 
 
 def _fds() -> set[str]:
@@ -93,4 +96,5 @@ def pytest_collection_modifyitems(config, items):
     """Tests that start JAX's backend run last: once it runs in this process, every
     later Loader starts its workers from a fresh interpreter instead of forking, and
     the other tests should exercise the fork path they were written for."""
-    items.sort(key=lambda item: "jax" in item.module.__name__ if item.module else False)
+    items.sort(key=lambda item: any(n in item.module.__name__ for n in ("jax", "keras"))
+               if item.module else False)

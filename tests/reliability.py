@@ -60,7 +60,7 @@ FAULTS = [
     Fault("epoch_hook_raises", "Exception in `on_epoch_end`",
           "the hook raises `RuntimeError` after epoch 0",
           "all batches of the epoch delivered, then `WorkerError` chained from the "
-          "`RuntimeError`; the next epoch runs on a fresh pool", "",
+          "`RuntimeError`; the next epoch runs on freshly forked workers", "",
           _t("test_exception_in_on_epoch_end_is_a_worker_error_after_the_epoch")),
     Fault("sys_exit", "`sys.exit()` in user code", "`sys.exit(4)` in `__getitem__`",
           "`WorkerError` chained from `SystemExit`; the worker is not lost", "",
@@ -93,10 +93,10 @@ FAULTS = [
           "17 of epoch 0; restarted 2 time(s) already, giving up (`max_restarts=2`)...\"; "
           "iterating again raises it again; `close()` is clean", "last death until the error",
           _t("test_deaths_beyond_max_restarts_raise_worker_error_naming_worker_pid_signal_batch")),
-    Fault("restarts_lifetime", "Deaths spread over epochs and pools",
-          "one SIGKILL per epoch, with `on_epoch_end` (a fresh pool each epoch)",
+    Fault("restarts_lifetime", "Deaths spread over epochs and re-forked workers",
+          "one SIGKILL per epoch, with `on_epoch_end` (the workers re-forked each epoch)",
           "`max_restarts` counts over the loader's life: epoch 2's death is fatal", "",
-          _t("test_max_restarts_counts_over_the_loaders_life_across_pools")),
+          _t("test_max_restarts_counts_over_the_loaders_life_across_worker_reforks")),
     Fault("supervisor_sigkill", "Supervisor killed", "SIGKILL to the pool's supervisor mid-epoch",
           "`WorkerError` naming the supervisor and SIGKILL; the next epoch starts a new pool "
           "on a repaired ring and completes in order", "kill until the error",

@@ -96,6 +96,8 @@ def _check_sane(doc: dict, workload: str, loaders: list[str]) -> None:
     (["bench", "--device", "--step-ms", "5"], "does not take --step-ms"),
     (["bench", "--json", "/nonexistent-dir/out.json"], "the folder '/nonexistent-dir' does not exist (nothing was run)"),
     (["bench", "--no-such-flag"], "unrecognized arguments"),
+    (["bench", "--workload", "keras-sequence,transport"], "runs alone"),
+    (["bench", "--workload", "keras-sequence", "--compare", "torch"], "does not take --compare"),
     ([], "required: COMMAND"),
     (["frobnicate"], "invalid choice: 'frobnicate'"),
 ])
@@ -113,8 +115,20 @@ def test_help_exits_0_and_names_every_workload_and_loader(capsys):
         main(["bench", "--help"])
     assert exc.value.code == 0
     out = capsys.readouterr().out
-    for name in list(workloads.WORKLOADS) + list(LOADERS):
+    for name in list(workloads.WORKLOADS) + list(LOADERS) + ["keras-sequence"]:
         assert name in out
+
+
+def test_keras_sequence_epoch_boundary_numbers():
+    from shmfeed._bench.keras_fit import boundary_numbers
+
+    # Two epochs of steps (begin, end) in seconds: steady steps of 10 ms; the second
+    # epoch's first step ends 60 ms after the first epoch's last.
+    epochs = [[(0.00, 0.01), (0.01, 0.02), (0.02, 0.03)], [(0.05, 0.09), (0.09, 0.10)]]
+    got = boundary_numbers(epochs)
+    assert got["step_ms"] == pytest.approx(10)
+    assert got["epoch_gap_ms"] == pytest.approx(60)
+    assert got["boundary_ms"] == pytest.approx(50)
 
 
 def test_device_without_gpu_says_why_and_exits_0():

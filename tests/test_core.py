@@ -502,8 +502,9 @@ def test_unpicklable_source_after_jax_started_gets_a_clear_error():
             def __getitem__(self, i): return np.float32(i)
         try:
             shmfeed.Loader(S(), batch_size=2, num_workers=1)
-        except shmfeed.SpecError as e:
-            print("SpecError:", e)
+        except shmfeed.SourcePickleError as e:
+            print("SourcePickleError:", e.path, e)
     """)
     out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60)
-    assert "SpecError:" in out.stdout and "start_method='fork'" in out.stdout, out.stdout + out.stderr
+    assert "SourcePickleError: source.lock " in out.stdout, out.stdout + out.stderr
+    assert "`source.lock` (lock)" in out.stdout and "start_method='fork'" in out.stdout

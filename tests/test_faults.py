@@ -191,7 +191,7 @@ class Dying:
 
 
 class DyingWithEpochHook(Dying):
-    def on_epoch_end(self):  # makes every epoch start a fresh pool
+    def on_epoch_end(self):  # makes every epoch re-fork the workers
         pass
 
 
@@ -465,18 +465,21 @@ def test_deaths_beyond_max_restarts_raise_worker_error_naming_worker_pid_signal_
     assert capfd.readouterr().err.count("replacing it") == max_restarts
 
 
-def test_max_restarts_counts_over_the_loaders_life_across_pools(tmp_path):
-    # One death per epoch; on_epoch_end makes every epoch start a fresh pool.
+def test_max_restarts_counts_over_the_loaders_life_across_worker_reforks(tmp_path):
+    # One death per epoch; on_epoch_end makes every epoch re-fork the workers (from the
+    # same supervisor, which receives the source's new state).
     source = DyingWithEpochHook(40, at=5, how="sigkill", log=tmp_path / "deaths", epochs=(0, 1, 2))
     with shmfeed.Loader(source, batch_size=4, num_workers=2, max_restarts=2) as loader:
-        pools = set()
+        pools, workers = set(), []
         for _ in range(2):
             _check_epoch([_copy(b) for b in loader], 40)
             pools.add(loader.pool_pid)  # the pool this epoch ran on
+            workers.append(set(loader.worker_pids))
         with pytest.raises(shmfeed.WorkerError, match=r"restarted 2 time\(s\) already, giving up"):
             for _ in loader:
                 pass
-        assert len(pools | {loader.pool_pid}) == 3
+        assert pools == {loader.pool_pid}
+        assert not workers[0] & workers[1]
 
 
 def test_supervisor_killed_raises_worker_error_and_next_epoch_recovers():

@@ -36,7 +36,7 @@ from pathlib import Path
 import numpy as np
 import psutil
 
-from .. import _sysinfo
+from .. import _interpreter, _sysinfo
 from . import workloads
 from .loaders import LOADERS, Job, not_installed
 
@@ -264,7 +264,8 @@ def run_child(job: Job, tick: Callable[[float], None]) -> dict:
             json.dump(job.as_dict(), f)
         with open(log_path, "wb") as log:
             child = subprocess.Popen(
-                [sys.executable, "-m", "shmfeed._bench.child", job_path, result_path],
+                _interpreter.python_command("from shmfeed._bench.child import main; "
+                                            "sys.exit(main(sys.argv[1:]))") + [job_path, result_path],
                 stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
                 env=_child_env(job.loader), start_new_session=True)
         t0 = time.monotonic()
