@@ -4,8 +4,9 @@
 A batch is written a leaf at a time: each leaf's rows are checked together (types,
 dtypes and shapes compared as sets, in C) and copied with one numpy call, so a batch
 costs a few Python calls per leaf rather than per sample.  A row that fails the quick
-check gets the full check (`check_sample_leaf`), which names the sample index, the
-field and what was expected; nothing of the batch is published on an error.
+check gets the full check (`check_sample_leaf`), which converts what numpy converts in
+one step (a torch tensor, a PIL image) or names the sample index, the field and what
+was expected; nothing of the batch is published on an error.
 """
 
 from __future__ import annotations
@@ -33,8 +34,8 @@ def _write_leaf(view: np.ndarray, col: tuple, leaf: Leaf, items: list[int]) -> N
         view[:n] = col  # Python scalars: converted in one C call
         return
     if not _arrays_ok(col, leaf):
-        for x, index in zip(col, items):
-            check_sample_leaf(x, leaf, index)  # raises, naming the sample, unless x fits as is
+        # Raises, naming the sample, unless x fits as is or converts (a tensor, an image).
+        col = tuple(check_sample_leaf(x, leaf, index) for x, index in zip(col, items))
     if leaf.shape:
         # Rows stacked along the leaf's first axis: one numpy call, a copy per row in C.
         target = view[:n].reshape((n * leaf.shape[0],) + leaf.shape[1:])

@@ -7,6 +7,12 @@ Errors name the sample or batch index, the field path (`['image']`, `[0]`) and w
 was expected.  Only plain numeric dtypes are allowed (bool, signed and unsigned
 integers, floats, complex): they are what can be shared as raw bytes and handed to
 JAX without conversion.
+
+A leaf that numpy converts in one step (it has `__array__`, `__array_interface__` or
+`__array_struct__`: a PyTorch CPU tensor, a PIL image, a JAX array on the CPU) is
+converted with `np.asarray` and then checked like an array; shmfeed imports none of
+those libraries.  The conversion runs only for such leaves: an ndarray or a Python
+number never pays for it.
 """
 
 from __future__ import annotations
@@ -23,6 +29,8 @@ LEAF_ALIGN_BYTES = 128  # every leaf starts on this boundary inside a slot
 SLOT_ALIGN_BYTES = 4096  # slots are whole pages: page-lockable and DMA friendly
 _NUMERIC_KINDS = "biufc"
 _PY_SCALARS = (bool, int, float, complex)
+_ARRAY_PROTOCOLS = ("__array__", "__array_interface__", "__array_struct__")
+_TEXT_TYPES = (str, bytes, bytearray, memoryview)
 
 # Tree nodes: ("leaf", index) | ("dict", keys, children) | ("seq", type, children)
 Node = tuple
@@ -78,22 +86,51 @@ def build_tree(obj: Any, path: tuple, leaves: list, where: str, leaf=None) -> No
     return ("leaf", len(leaves) - 1)
 
 
+def _convertible(obj: Any) -> bool:
+    cls = type(obj)
+    return any(hasattr(cls, name) for name in _ARRAY_PROTOCOLS)
+
+
+def _convert(obj: Any, where: str, path: str) -> np.ndarray:
+    """np.asarray(obj) for an object that implements numpy's array protocols."""
+    try:
+        return np.asarray(obj)
+    except Exception as exc:
+        # e.g. a CUDA tensor or one that requires grad: torch refuses the conversion.
+        raise SpecError(
+            f"{where}, field {path}: a {type(obj).__name__} could not be converted to a numpy "
+            f"array ({type(exc).__name__}: {exc}). Return host memory from `__getitem__`, e.g. "
+            "`tensor.detach().cpu().numpy()`.") from exc
+
+
+def _unsupported(obj: Any, where: str, path: str, expected: str) -> SpecError:
+    """The error for a leaf that is neither an array, a number nor convertible."""
+    head = f"{where}, field {path}: got a value of type {type(obj).__name__}, expected {expected}."
+    if isinstance(obj, _TEXT_TYPES):
+        return SpecError(
+            f"{head} Text and bytes cannot travel as fixed-size raw memory: encode them as numbers "
+            "in `__getitem__` (token or class ids; bytes as a fixed-length uint8 array, e.g. "
+            "np.frombuffer(data.ljust(n, b'\\0'), np.uint8), with the length in another field), or "
+            "keep them out of the sample and look them up by index.")
+    return SpecError(f"{head} Convert it in `__getitem__`, e.g. with np.asarray.")
+
+
 def _as_leaf_array(obj: Any, path: tuple, where: str) -> tuple[np.ndarray, type | None]:
+    here = _path_str(path) or "(root)"
     if isinstance(obj, np.ndarray | np.generic):
         arr = obj
         pytype = None
     elif type(obj) in _PY_SCALARS:
         arr = np.asarray(obj)
         pytype = type(obj)
+    elif _convertible(obj):
+        arr = _convert(obj, where, here)
+        pytype = None
     else:
-        raise SpecError(
-            f"{where}, field {_path_str(path) or '(root)'}: got a value of type "
-            f"{type(obj).__name__}, expected a numpy array or a number (a dict, tuple or "
-            "list of them). Convert it in `__getitem__`, e.g. with np.asarray."
-        )
+        raise _unsupported(obj, where, here, "a numpy array or a number (a dict, tuple or list of them)")
     if arr.dtype.kind not in _NUMERIC_KINDS:
         raise SpecError(
-            f"{where}, field {_path_str(path) or '(root)'}: dtype {arr.dtype} is not supported, "
+            f"{where}, field {here}: dtype {arr.dtype} is not supported, "
             "expected bool, integer, float or complex. Encode strings/objects as numbers "
             "(e.g. token ids) in `__getitem__`."
         )
@@ -272,25 +309,29 @@ def samples_flattener(spec: Spec):
     return flatten_all
 
 
-def check_sample_leaf(x: Any, leaf: Leaf, index: int | None) -> None:
-    """Raise SpecError unless x can be written as one row of `leaf` unchanged."""
+def check_sample_leaf(x: Any, leaf: Leaf, index: int | None) -> Any:
+    """Return x as one row of `leaf` (converted when it implements numpy's array
+    protocols), or raise SpecError."""
+    where, here = f"sample {index}", leaf.path or "(root)"
+    if not isinstance(x, np.ndarray | np.generic) and type(x) not in _PY_SCALARS:
+        if not _convertible(x):
+            raise _unsupported(x, where, here, _leaf_expect(leaf) + " like the first sample")
+        x = _convert(x, where, here)
     if isinstance(x, np.ndarray | np.generic):
         if x.dtype == leaf.dtype and x.shape == leaf.shape:
-            return
+            return x
         if x.dtype.kind not in _NUMERIC_KINDS:
             got = f"dtype {x.dtype}"
         elif x.shape != leaf.shape:
             got = f"shape {tuple(x.shape)}"
         else:
             got = f"dtype {x.dtype}"
-    elif type(x) in _PY_SCALARS:
-        if leaf.pytype is type(x) and leaf.shape == ():
-            return
-        got = f"a Python {type(x).__name__}"
     else:
-        got = f"a value of type {type(x).__name__}"
+        if leaf.pytype is type(x) and leaf.shape == ():
+            return x
+        got = f"a Python {type(x).__name__}"
     raise SpecError(
-        f"sample {index}, field {leaf.path or '(root)'}: got {got}, expected "
+        f"{where}, field {here}: got {got}, expected "
         f"{_leaf_expect(leaf)} like the first sample. Every sample must have the same "
         "shape and dtype per field: pad, crop or cast in `__getitem__`."
     )
@@ -303,14 +344,17 @@ def _leaf_expect(leaf: Leaf) -> str:
 
 
 def check_batch_leaves(leaves: list, spec: Spec, index: int) -> int:
-    """Check a whole batch from a batch-level source; return its length (rows)."""
+    """Check a whole batch from a batch-level source, converting in place the leaves
+    that implement numpy's array protocols; return its length (rows)."""
     rows = None
-    for x, leaf in zip(leaves, spec.leaves):
+    for i, (x, leaf) in enumerate(zip(leaves, spec.leaves)):
         where = f"batch {index}, field {leaf.path or '(root)'}"
+        if not isinstance(x, np.ndarray) and _convertible(x):
+            x = leaves[i] = _convert(x, f"batch {index}", leaf.path or "(root)")
         if not isinstance(x, np.ndarray):
             if type(x) in _PY_SCALARS or isinstance(x, np.generic):
                 raise SpecError(f"{where}: got a scalar, expected an array with a leading batch axis")
-            raise SpecError(f"{where}: got a value of type {type(x).__name__}, expected a numpy array. Convert it in `__getitem__`, e.g. with np.asarray.")
+            raise _unsupported(x, f"batch {index}", leaf.path or "(root)", "a numpy array")
         if x.dtype != leaf.dtype or x.ndim == 0 or tuple(x.shape[1:]) != leaf.shape:
             raise SpecError(
                 f"{where}: got dtype {x.dtype} shape {tuple(x.shape)}, expected dtype {leaf.dtype} "
