@@ -11,6 +11,7 @@ built, keyed by (seed, epoch, index).  `shmfeed.jax.prefetch_to_device` turns ba
 into `jax.Array`s.
 """
 
+from . import sources
 from ._control import SlotState
 from ._errors import (
     LoaderClosedError,
@@ -38,5 +39,6 @@ __all__ = [
     "build_sample",
     "rng",
     "rng_key",
+    "sources",
 ]
 __version__ = "0.1.0"

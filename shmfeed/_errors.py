@@ -46,6 +46,10 @@ class WorkerError(ShmfeedError):
             setattr(self, name, fields.get(name))
 
 
+class ImageDecodeError(ShmfeedError, OSError):
+    """An image file of an `ImageFolder` could not be read or decoded."""
+
+
 class RingFullError(ShmfeedError):
     """Every ring slot is held by batches the caller kept, so no new batch can be read."""
 

@@ -1,13 +1,18 @@
-"""Ready-made sources for data that already is arrays.
+"""Ready-made sources for `shmfeed.Loader`.
 
     Arrays(data)                        rows of an array / memmap, or of a dict / tuple / list of them
     Windows(tokens, length, stride)     fixed-length windows over a 1-D token array or memmap
+    ImageFolder(root, size=(H, W))      the root/<class>/<image> layout, decoded with Pillow
+                                        (`pip install 'shmfeed[images]'`)
 
-A Loader fills batches from these by index, straight into its ring slots (numpy's
-`take`, in C with the GIL released), with no Python per sample.  `Loader(x)` with an
-array, a dict of arrays or a tuple `(X, y)` wraps it in `Arrays` by itself.
+A Loader fills batches from `Arrays` and `Windows` by index, straight into its ring
+slots (numpy's `take`, in C with the GIL released), with no Python per sample.
+`Loader(x)` with an array, a dict of arrays or a tuple `(X, y)` wraps it in `Arrays` by
+itself.
 """
 
 from ._arrays import Arrays, Windows
+from ._errors import ImageDecodeError
+from ._images import ImageFolder
 
-__all__ = ["Arrays", "Windows"]
+__all__ = ["Arrays", "ImageDecodeError", "ImageFolder", "Windows"]
