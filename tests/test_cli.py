@@ -28,7 +28,7 @@ from shmfeed._cli import _gpu_present, main
 RUN_S = 0.2  # measured seconds per loader
 DATA_ROWS = 64  # rows of each small data file (tokens: 4x as many, so batchlevel has 8 batches)
 CLI_TIMEOUT_S = 100.0  # no run of this file comes near it
-PER_SAMPLE = ["transport", "images", "compute", "tokens"]
+PER_SAMPLE = ["transport", "images", "compute", "tokens", "images-jpeg"]
 ARRAYS = ["arrays-tokens", "arrays-images", "windows", "disk-images"]
 WINDOW_TOKENS = 40 * 1024  # the windows file: 39 windows of 1025 tokens, one whole batch of 32
 

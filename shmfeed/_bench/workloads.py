@@ -17,6 +17,9 @@ Invariants:
   file's; shmfeed gathers their batches by index, the in-process reference reads the
   same indices with `x[idx]` (or slices), and the other peers do not apply.  Both
   drop the last partial batch, so every batch is whole.
+- `images-jpeg` reads a folder of real JPEG files instead (`root/<class>/<n>.jpg`,
+  written once, the same way, under a temporary name and renamed) through
+  `shmfeed.sources.ImageFolder`: every loader pays the same Pillow decode and resize.
 - A per-sample dataset is longer than its file: sample `i` reads row `i % rows`.  Epochs are
   then long enough that a few-seconds measurement is not dominated by epoch ends,
   while the file stays small enough to live in the page cache.
@@ -25,13 +28,14 @@ Invariants:
 from __future__ import annotations
 
 import os
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
 import shmfeed
-from shmfeed.sources import Arrays, Windows
+from shmfeed.sources import Arrays, ImageFolder, Windows
 
 DATA_VERSION = 1  # bump when the generator changes: old files are then ignored
 DATA_SEED = 20240605
@@ -62,9 +66,15 @@ class DataFile:
     dtype: str
     rows: int  # default number of rows; `--data-rows` overrides it
 
+    @property
+    def is_folder(self) -> bool:
+        """A folder of JPEG files (rows = files; `shape` is what they decode to)."""
+        return self.kind == "jpeg"
+
     def file_name(self, rows: int) -> str:
         dims = "x".join(map(str, self.shape)) or "flat"
-        return f"{self.kind}-{dims}-{self.dtype}-r{rows}-v{DATA_VERSION}.npy"
+        suffix = "" if self.is_folder else ".npy"
+        return f"{self.kind}-{dims}-{self.dtype}-r{rows}-v{DATA_VERSION}{suffix}"
 
 
 IMAGES = DataFile("images", (224, 224, 3), "uint8", 1024)  # 154 MB
@@ -73,6 +83,10 @@ TOKENS = DataFile("tokens", (512,), "int32", 16384)  # 34 MB
 TOKENS_LARGE = DataFile("tokens", (512,), "int32", 65536)  # 134 MB
 IMAGES_LARGE = DataFile("images", (224, 224, 3), "uint8", 2048)  # 308 MB
 TOKEN_STREAM = DataFile("tokenstream", (), "uint16", 100_000_000)  # 200 MB
+JPEGS = DataFile("jpeg", (224, 224, 3), "uint8", 512)  # 512 files of JPEG_SIZE, ~25 MB
+JPEG_SIZE = (375, 500)  # (height, width) of the files: the median ImageNet photo
+JPEG_QUALITY = 90
+JPEG_CLASSES = 8
 
 
 @dataclass(frozen=True)
@@ -80,7 +94,7 @@ class Workload:
     name: str
     data: DataFile
     batch_size: int  # default; for `batchlevel`, the rows of each source batch
-    work: str  # "none" | "augment" | "compute"
+    work: str  # "none" | "augment" | "compute" | "decode"
     batch_level: bool
     about: str
     arrays: str | None = None  # "rows": Arrays over the file; "windows": Windows over it
@@ -97,6 +111,9 @@ WORKLOADS: dict[str, Workload] = {w.name: w for w in [
     Workload("compute", FEATURES, 32, "compute", False,
              "64x64x3 float32 samples with ~1 ms of numpy work each (batch 32)"),
     Workload("tokens", TOKENS, 32, "none", False, "512 int32 tokens per sample, no work (batch 32)"),
+    Workload("images-jpeg", JPEGS, 64, "decode", False,
+             f"real {JPEG_SIZE[1]}x{JPEG_SIZE[0]} JPEG files decoded with Pillow and resized to "
+             "224x224x3 uint8 (shmfeed.sources.ImageFolder; every peer decodes the same way)"),
     Workload("batchlevel", TOKENS, 32, "none", True,
              "a batch-level source (`batch_size=None`): source[b] is a 32x512 int32 slice "
              "of an in-memory array"),
@@ -126,6 +143,8 @@ def default_data_dir() -> Path:
 
 
 def _matches(path: Path, data: DataFile, rows: int) -> bool:
+    if data.is_folder:
+        return path.is_dir() and sum(1 for _ in path.glob("*/*.jpg")) == rows
     try:
         arr = np.load(path, mmap_mode="r")
     except (OSError, ValueError):
@@ -142,6 +161,9 @@ def ensure_file(data: DataFile, data_dir: Path, rows: int | None = None) -> tupl
         return path, False
     data_dir.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    if data.is_folder:
+        _write_jpegs(tmp, path, rows)
+        return path, True
     try:
         out = np.lib.format.open_memmap(tmp, mode="w+", dtype=data.dtype, shape=(rows,) + data.shape)
         rng = np.random.default_rng([DATA_SEED, DATA_VERSION, sum(map(ord, data.kind))])
@@ -165,12 +187,41 @@ def ensure_file(data: DataFile, data_dir: Path, rows: int | None = None) -> tupl
     return path, True
 
 
+def _write_jpegs(tmp: Path, path: Path, rows: int) -> None:
+    """`rows` photo-like JPEG files (smooth colour fields with fine noise, which
+    compress and decode like photographs, unlike pure noise) in JPEG_CLASSES class
+    folders, written into `tmp` and renamed to `path`."""
+    from PIL import Image  # the bench's images-jpeg workload needs Pillow, like ImageFolder
+
+    shutil.rmtree(tmp, ignore_errors=True)
+    rng = np.random.default_rng([DATA_SEED, DATA_VERSION, sum(map(ord, JPEGS.kind))])
+    height, width = JPEG_SIZE
+    try:
+        for i in range(rows):
+            folder = tmp / f"class{i % JPEG_CLASSES}"
+            folder.mkdir(parents=True, exist_ok=True)
+            coarse = rng.integers(0, 256, (6, 8, 3), dtype=np.uint8)
+            field = np.asarray(Image.fromarray(coarse).resize((width, height), Image.Resampling.BICUBIC))
+            noise = rng.integers(-12, 13, field.shape)
+            pixels = np.clip(field.astype(np.int16) + noise, 0, 255).astype(np.uint8)
+            Image.fromarray(pixels).save(folder / f"{i:06d}.jpg", quality=JPEG_QUALITY)
+        try:
+            os.rename(tmp, path)
+        except OSError:  # a concurrent run renamed its copy first: use that one
+            if not _matches(path, JPEGS, rows):
+                raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
 def warm_page_cache(path: Path) -> None:
-    """Read the file once so that every loader starts with it in the page cache."""
+    """Read the file (or every file of the folder) once so that every loader starts
+    with it in the page cache."""
     buf = bytearray(WARM_CHUNK_BYTES)
-    with open(path, "rb", buffering=0) as f:
-        while f.readinto(buf):
-            pass
+    for file in sorted(path.glob("*/*")) if path.is_dir() else [path]:
+        with open(file, "rb", buffering=0) as f:
+            while f.readinto(buf):
+                pass
 
 
 def drop_page_cache(path: str | Path) -> None:
@@ -252,6 +303,25 @@ class SampleSource:
         return {"x": x, "y": i % N_CLASSES}
 
 
+class JpegSource:
+    """`ds[i] -> {"x": uint8[224, 224, 3], "y": int}`: file `i % files` of a JPEG folder,
+    decoded and resized by `shmfeed.sources.ImageFolder`."""
+
+    def __init__(self, path: str, length: int):
+        self.folder = ImageFolder(path, size=JPEGS.shape[:2])
+        self.length = int(length)
+
+    def __len__(self) -> int:
+        return self.length
+
+    def __getitem__(self, i: int) -> dict:
+        i = int(i)
+        if not 0 <= i < self.length:
+            raise IndexError(f"sample {i} out of range [0, {self.length})")
+        j = i % len(self.folder)
+        return {"x": self.folder.load(j), "y": self.folder.samples[j][1]}
+
+
 class BatchSource:
     """A batch-level source: `ds[b]` is rows `[j*r, (j+1)*r)` of an in-memory array,
     `j = b % (rows // r)`.  The array is read from the file at construction."""
@@ -284,6 +354,8 @@ def make_source(workload: Workload, path: str, *, batch_size: int, length: int |
         return Windows(np.load(path, mmap_mode="r"), WINDOW_BLOCK + 1, stride=WINDOW_BLOCK)
     if workload.batch_level:
         return BatchSource(path, batch_size, length or BATCHES_PER_EPOCH)
+    if workload.data.is_folder:
+        return JpegSource(path, length or SAMPLES_PER_EPOCH)
     return SampleSource(path, length or SAMPLES_PER_EPOCH, workload.work, seed)
 
 
