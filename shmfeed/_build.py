@@ -78,6 +78,13 @@ class Builder:
             _rng.clear_item()
 
 
+def builder_for(source: Any, spec: Spec, order: Order, ring: Ring, seed_global_rngs: bool) -> Builder:
+    """The builder of `source`: the kind it names (`_shmfeed_builder`: the stream
+    sources of _stream.py), else `Builder`."""
+    cls = getattr(type(source), "_shmfeed_builder", Builder)
+    return cls(source, spec, order, ring, seed_global_rngs)
+
+
 class LeaveBuild(Exception):
     """Stop building: the loader is closing or the builder's parent is gone."""
 

@@ -82,7 +82,8 @@ def build(source: Any, *, batch_size: Any, num_workers: Any, shuffle: Any, shuff
             f"this process; this machine has {_sysinfo.usable_cpus().value} usable CPUs, and one of them runs "
             "the training loop).")
     if not (hasattr(source, "__len__") and hasattr(source, "__getitem__")):
-        raise SpecError(f"`source` must have __len__ and __getitem__; got {type(source).__name__}")
+        raise SpecError(f"`source` must have __len__ and __getitem__, or be a generator, an iterable "
+                        f"or a function returning one (with `steps_per_epoch`); got {type(source).__name__}")
     if batch_size is not None:
         batch_size = check_int("batch_size", batch_size, 1)
     num_workers = check_int("num_workers", num_workers, 0)
@@ -183,8 +184,21 @@ def slots_within(budget_bytes: int, max_workers: int, slot_bytes: int) -> int:
     return lo
 
 
+class _Peeked:
+    """A stream as the probe reads it: any index is its first item, which the stream
+    keeps to hand out first."""
+
+    def __init__(self, peek: Any):
+        self._peek = peek
+
+    def __getitem__(self, index: int) -> Any:
+        return self._peek()
+
+
 def probe(source: Any, order: Order, seed_global: bool) -> Spec:
     """Infer the spec from the first item of epoch 0, leaving global RNGs as they were."""
-    index = order.first_item()
-    first = _rng.build_sample(source, index, seed=order.seed, epoch=0, batch=0 if seed_global else None)
+    peek = getattr(source, "_shmfeed_peek", None)  # a stream: its first item, kept
+    index = 0 if peek is not None else order.first_item()
+    item_of = source if peek is None else _Peeked(peek)
+    first = _rng.build_sample(item_of, index, seed=order.seed, epoch=0, batch=0 if seed_global else None)
     return infer(first, rows=order.batch_size, index=index)

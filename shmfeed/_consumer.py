@@ -25,7 +25,7 @@ from typing import Any
 import psutil
 
 from . import _rng
-from ._build import Builder, build_batch
+from ._build import build_batch, builder_for
 from ._config import Config
 from ._control import NO_CLAIM, PoolShutdown, RingBlocked, SlotState, Taken, tag, untag
 from ._errors import LoaderClosedError, RingFullError, ShmfeedError, WorkerError, internal
@@ -50,7 +50,7 @@ class Consumer:
         self.first_batch = 0  # of the current generation, in its epoch
         self.next_slot = 0
         self.delivered = 0  # batches of the current epoch handed to the loop
-        self.builder = (Builder(source, cfg.spec, cfg.order, ring, cfg.seed_global_rngs)
+        self.builder = (builder_for(source, cfg.spec, cfg.order, ring, cfg.seed_global_rngs)
                         if cfg.num_workers == 0 else None)
         self.t_first: float | None = None
         self.thread: int | None = None  # the thread iterating the current generation

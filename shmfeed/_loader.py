@@ -33,6 +33,7 @@ from ._pool import Pool, sigint_deferred
 from ._ring import Ring
 from ._spec import Spec
 from ._stats import Stats
+from ._stream import GeneratorSource, stream_source
 
 log = logging.getLogger("shmfeed")
 
@@ -126,6 +127,12 @@ class Loader:
     `source[b]` is a whole batch (the Keras `Sequence` way) and `on_epoch_end()` is
     called between epochs.
 
+    `source` may instead be a generator (Keras `fit_generator` style), an iterable, or
+    a zero-argument function returning one: it runs in one process (`num_workers=1`,
+    or 0), yields samples (or whole batches with `batch_size=None`), and
+    `steps_per_epoch` batches make an epoch; the next epoch continues the stream.  A
+    function is needed when workers start in a fresh interpreter (once JAX runs).
+
     Iterating yields one epoch of batches: numpy arrays that are views into the ring
     (no copy).  A batch's slot is reused only once every array of it is gone.  Random
     augmentation should use `shmfeed.rng()` inside `__getitem__`.
@@ -174,8 +181,12 @@ class Loader:
         seed_global_rngs: bool = True,
         shard_index: int = 0,
         shard_count: int = 1,
+        steps_per_epoch: int | None = None,
     ):
-        source = as_source(source)  # arrays, dicts and tuples of arrays: shmfeed.sources.Arrays
+        # Arrays, dicts and tuples of arrays: shmfeed.sources.Arrays; generators: _stream.py.
+        source = stream_source(as_source(source), steps_per_epoch=steps_per_epoch,
+                               batch_size=batch_size, num_workers=num_workers, shuffle=shuffle,
+                               shard_count=shard_count)
         cfg = build(source, batch_size=batch_size, num_workers=num_workers, shuffle=shuffle,
                     shuffle_block=shuffle_block,
                     seed=seed, drop_last=drop_last, num_slots=num_slots,
@@ -266,6 +277,7 @@ class Loader:
         hosts, whatever their number at the same global batch size).  Inside
         `shmfeed.jax.prefetch_to_device(loader)`, "received" means yielded by the feed,
         not prefetched.  See shmfeed/_state.py for sources with epoch hooks."""
+        self._check_resumable()
         if self._received is not None:
             epoch, nxt = self._received
         elif self._active is not None:
@@ -287,6 +299,7 @@ class Loader:
         nothing is built to be skipped.  A state of another dataset length, seed,
         batch size or option is refused, naming the field that differs."""
         self._check_open()
+        self._check_resumable()
         epoch, nxt = _state.check(state, self._cfg.order, len(self))
         if self._hooks:
             if "source" not in state:
@@ -297,6 +310,13 @@ class Loader:
             self.source_changed()  # the workers' copy predates what was restored
         self._epoch, self._first_batch = epoch, nxt
         self._active = self._received = None
+
+    def _check_resumable(self) -> None:
+        if isinstance(self._source, GeneratorSource):
+            raise SpecError(
+                f"the source is {self._source.what}: its position lives in the iterator, which a "
+                "state dict cannot hold, so a run over it cannot be resumed exactly. Save your "
+                "own position in the data, or use a source with __len__ and __getitem__.")
 
     def _note_received(self, position: tuple[int, int]) -> None:
         """A device feed handed the loop the batch that ends at `position`."""

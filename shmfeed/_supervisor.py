@@ -29,7 +29,7 @@ from dataclasses import replace
 from typing import Any
 
 from . import _control, _interpreter
-from ._build import Builder
+from ._build import builder_for
 from ._config import Config
 from ._report import STOPPED_STATES, StartupFailure, exit_hint, proc_state, worker_death
 from ._ring import Ring, forget_inherited
@@ -101,7 +101,7 @@ def supervise(ring: Ring, chan_fd: int, source: Any, cfg: Config, parent_pid: in
     ctl = ring.ctl
     chan = socket.socket(fileno=chan_fd)
     me = os.getpid()
-    builder = Builder(source, cfg.spec, cfg.order, ring, cfg.seed_global_rngs)
+    builder = builder_for(source, cfg.spec, cfg.order, ring, cfg.seed_global_rngs)
     workers: dict[int, int] = {}  # pid -> worker index
     pidfds: dict[int, int] = {}  # pid -> pidfd
 
@@ -157,7 +157,7 @@ def supervise(ring: Ring, chan_fd: int, source: Any, cfg: Config, parent_pid: in
             return bool(msg)
         try:
             with os.fdopen(fds[0], "rb") as f:
-                new = Builder(_interpreter.loads(f.read()), cfg.spec, cfg.order, ring,
+                new = builder_for(_interpreter.loads(f.read()), cfg.spec, cfg.order, ring,
                               cfg.seed_global_rngs)
         except BaseException as exc:  # noqa: B036 - whatever the source's unpickling raises
             reason = f"{type(exc).__name__}: {exc}".encode(errors="replace")[:_REASON_BYTES]
