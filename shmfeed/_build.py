@@ -90,9 +90,10 @@ class LeaveBuild(Exception):
 
 
 def build_batch(ring: Ring, builder: Builder, worker: int, gen: int, batch: int,
-                parent_pid: int | None) -> None:
+                parent_pid: int | None) -> bool:
     """Acquire the slot of batch `batch` of generation `gen`, build it, publish it
-    (READY or ERROR).  A batch nobody wants any more is dropped.  Raises LeaveBuild."""
+    (READY or ERROR); False when nobody wants the batch any more (it is dropped,
+    unbuilt).  Raises LeaveBuild."""
     ctl = ring.ctl
     try:
         while True:
@@ -103,7 +104,7 @@ def build_batch(ring: Ring, builder: Builder, worker: int, gen: int, batch: int,
                 raise LeaveBuild()
     except BatchStale:
         ctl.set_claim(worker, None)
-        return
+        return False
     except PoolShutdown:
         raise LeaveBuild() from None
     info = ctl.gen_info(gen)
@@ -126,3 +127,4 @@ def build_batch(ring: Ring, builder: Builder, worker: int, gen: int, batch: int,
             ctl.publish(worker, slot, gen, batch, rows, state, time.perf_counter_ns() - t0)
             raise
     ctl.publish(worker, slot, gen, batch, rows, state, time.perf_counter_ns() - t0)
+    return True

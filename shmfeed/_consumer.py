@@ -35,6 +35,7 @@ from ._spec import unflatten
 
 TAKE_SLICE_S = 0.1  # how often a waiting consumer checks the pool's health
 MAX_SLICE_S = 2 * TAKE_SLICE_S  # a slice counts this much at most towards `timeout_s`
+_NO_DATA = object()  # a sharded stream's batch of a shard that has ended
 
 
 class Consumer:
@@ -54,6 +55,9 @@ class Consumer:
                         if cfg.num_workers == 0 else None)
         self.t_first: float | None = None
         self.thread: int | None = None  # the thread iterating the current generation
+        # A sharded stream says per epoch which batches hold data and when it ends.
+        self.new_cut = getattr(source, "_shmfeed_epoch_cut", None)
+        self.cut: Any = None
 
     def iterating_elsewhere(self) -> int | None:
         """The thread iterating an epoch that is still open, if it is not this one."""
@@ -71,6 +75,7 @@ class Consumer:
         # after the last slot taken (warm caches); slots still held are skipped.
         self.gen = self.ring.ctl.start_epoch(epoch, first_batch, n, self.next_slot)
         self.first_batch = self.delivered = first_batch
+        self.cut = None if self.new_cut is None else self.new_cut()
         return self.gen
 
     def batches(self, gen: int, epoch: int, first_batch: int, closed: Callable[[], bool],
@@ -85,26 +90,46 @@ class Consumer:
         guard = self.ring.ctl.epoch_guard(gen)
         owner = self.thread = threading.get_ident()
         try:
-            for b in range(self.cfg.order.n_batches - first_batch):
-                if self.gen != gen:
-                    raise ShmfeedError(
-                        f"epoch {epoch}'s iterator was used after a newer epoch started; "
-                        "iterate one epoch at a time")
-                if threading.get_ident() != owner:
-                    raise ShmfeedError(
-                        f"epoch {epoch}'s iterator was started in thread {owner} and advanced in "
-                        f"thread {threading.get_ident()}: one loader feeds one loop in one thread. "
-                        "Give each thread its own Loader.")
-                if closed():
-                    raise LoaderClosedError("this Loader is closed; create a new one")
-                # Not bound to a local: the generator's frame, which the traceback of a
-                # later error refers to, would keep the previous batch's slot.
-                yield self._next_batch(gen, epoch, b, first_batch + b)
+            if self.cut is not None:
+                yield from self._stream_batches(gen, epoch, owner, closed)
+                # The stream ended before the generation's bound: stop its builders.
+                self.ring.ctl.abandon(gen)
+            else:
+                for b in range(self.cfg.order.n_batches - first_batch):
+                    self._check_current(gen, epoch, owner, closed)
+                    # Not bound to a local: the generator's frame, which the traceback of
+                    # a later error refers to, would keep the previous batch's slot.
+                    yield self._next_batch(gen, epoch, b, first_batch + b)
         except (Exception, KeyboardInterrupt):
             guard.abandon()
             raise
         guard.disarm()
         on_complete()
+
+    def _check_current(self, gen: int, epoch: int, owner: int, closed: Callable[[], bool]) -> None:
+        if self.gen != gen:
+            raise ShmfeedError(
+                f"epoch {epoch}'s iterator was used after a newer epoch started; "
+                "iterate one epoch at a time")
+        if threading.get_ident() != owner:
+            raise ShmfeedError(
+                f"epoch {epoch}'s iterator was started in thread {owner} and advanced in "
+                f"thread {threading.get_ident()}: one loader feeds one loop in one thread. "
+                "Give each thread its own Loader.")
+        if closed():
+            raise LoaderClosedError("this Loader is closed; create a new one")
+
+    def _stream_batches(self, gen: int, epoch: int, owner: int,
+                        closed: Callable[[], bool]) -> Iterator[Any]:
+        """A sharded stream's epoch: its batches with data, until every shard ended."""
+        b = 0
+        while not self.cut.done:
+            self._check_current(gen, epoch, owner, closed)
+            batch = self._next_batch(gen, epoch, b, b)
+            b += 1
+            if batch is not _NO_DATA:
+                yield batch
+            del batch  # before the next take: a kept reference would pin its slot
 
     def _next_batch(self, gen: int, epoch: int, b: int, epoch_batch: int) -> Any:
         ring, ctl = self.ring, self.ring.ctl
@@ -125,6 +150,9 @@ class Consumer:
             report = ring.read_report(taken.slot)
             ctl.release(taken.slot, tag(gen, b))
             raise report.to_exception()
+        if self.cut is not None and not self.cut.keep(epoch_batch, taken.rows):
+            ctl.release(taken.slot, tag(gen, b))
+            return _NO_DATA
         leaves = ring.lease(taken.slot, tag(gen, b), taken.rows)
         self.stats.batches += 1
         self.stats.bytes += sum(x.nbytes for x in leaves)

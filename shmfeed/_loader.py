@@ -33,7 +33,7 @@ from ._pool import Pool, sigint_deferred
 from ._ring import Ring
 from ._spec import Spec
 from ._stats import Stats
-from ._stream import GeneratorSource, stream_source
+from ._stream import GeneratorSource, ShardedSource, stream_source
 
 log = logging.getLogger("shmfeed")
 
@@ -186,7 +186,7 @@ class Loader:
         # Arrays, dicts and tuples of arrays: shmfeed.sources.Arrays; generators: _stream.py.
         source = stream_source(as_source(source), steps_per_epoch=steps_per_epoch,
                                batch_size=batch_size, num_workers=num_workers, shuffle=shuffle,
-                               shard_count=shard_count)
+                               drop_last=drop_last, shard_index=shard_index, shard_count=shard_count)
         cfg = build(source, batch_size=batch_size, num_workers=num_workers, shuffle=shuffle,
                     shuffle_block=shuffle_block,
                     seed=seed, drop_last=drop_last, num_slots=num_slots,
@@ -257,6 +257,8 @@ class Loader:
 
     # -- public surface ----------------------------------------------------------------
     def __len__(self) -> int:
+        if isinstance(self._source, ShardedSource):
+            raise TypeError("a Stream's number of batches is known only once its shards are read")
         return self._cfg.order.n_batches
 
     @property
@@ -312,6 +314,9 @@ class Loader:
         self._active = self._received = None
 
     def _check_resumable(self) -> None:
+        if isinstance(self._source, ShardedSource):
+            raise SpecError("a run over a Stream cannot be resumed from a state dict yet: the "
+                            "position of each shard is not recorded")
         if isinstance(self._source, GeneratorSource):
             raise SpecError(
                 f"the source is {self._source.what}: its position lives in the iterator, which a "
@@ -378,7 +383,8 @@ class Loader:
 
     def __repr__(self) -> str:
         mib = self._ring.nbytes / 2**20
-        return (f"shmfeed.Loader(batches={len(self)}, batch_size={self._cfg.order.batch_size}, "
+        batches = "?" if isinstance(self._source, ShardedSource) else len(self)
+        return (f"shmfeed.Loader(batches={batches}, batch_size={self._cfg.order.batch_size}, "
                 f"num_workers={self._cfg.num_workers}, num_slots={self.num_slots}, slot_bytes={self.slot_bytes}, "
                 f"ring_bytes={self._ring.nbytes} ({mib:.1f} MiB), spec=[{self._cfg.spec.describe()}]"
                 f"{', closed' if self._closed else ''})")
@@ -411,7 +417,7 @@ class Loader:
                 "over): one loader feeds one loop. Give each thread its own Loader.")
         epoch, first = self._epoch, self._first_batch
         self._active = self._received = None
-        if first >= len(self):
+        if first >= self._cfg.order.n_batches:
             # Resumed after the epoch's last batch but before its on_epoch_end ran.
             self._call_hook("on_epoch_end", epoch)
             epoch, first = epoch + 1, 0

@@ -17,6 +17,9 @@ from ._ring import Ring
 
 def worker_loop(ring: Ring, builder: Builder, worker: int, pending: int | None, parent_pid: int) -> None:
     """Run until the loader shuts down or the parent (the supervisor) is gone."""
+    own_loop = getattr(builder, "worker_loop", None)  # sharded streams choose their batches
+    if own_loop is not None:
+        return own_loop(ring, worker, pending, parent_pid)
     ctl = ring.ctl
     try:
         if pending is not None:

@@ -4,6 +4,8 @@
     Windows(tokens, length, stride)     fixed-length windows over a 1-D token array or memmap
     ImageFolder(root, size=(H, W))      the root/<class>/<image> layout, decoded with Pillow
                                         (`pip install 'shmfeed[images]'`)
+    Stream(make, num_shards)            a stream read in shards by several workers, the same
+                                        for any `num_workers`
 
 A Loader fills batches from `Arrays` and `Windows` by index, straight into its ring
 slots (numpy's `take`, in C with the GIL released), with no Python per sample.
@@ -14,5 +16,6 @@ itself.
 from ._arrays import Arrays, Windows
 from ._errors import ImageDecodeError
 from ._images import ImageFolder
+from ._stream import Stream, StreamEndedError
 
-__all__ = ["Arrays", "ImageDecodeError", "ImageFolder", "Windows"]
+__all__ = ["Arrays", "ImageDecodeError", "ImageFolder", "Stream", "StreamEndedError", "Windows"]
