@@ -31,9 +31,10 @@ from ._errors import LoaderClosedError, ShmfeedError, SourcePickleError, SpecErr
 from ._order import DEFAULT_SHUFFLE_BLOCK
 from ._pool import Pool, sigint_deferred
 from ._ring import Ring
+from ._shards import ShardedSource
 from ._spec import Spec
 from ._stats import Stats
-from ._stream import GeneratorSource, ShardedSource, stream_source
+from ._stream import GeneratorSource, stream_source
 
 log = logging.getLogger("shmfeed")
 
@@ -132,6 +133,7 @@ class Loader:
     or 0), yields samples (or whole batches with `batch_size=None`), and
     `steps_per_epoch` batches make an epoch; the next epoch continues the stream.  A
     function is needed when workers start in a fresh interpreter (once JAX runs).
+    For several workers, split the stream into shards: `shmfeed.sources.Stream`.
 
     Iterating yields one epoch of batches: numpy arrays that are views into the ring
     (no copy).  A batch's slot is reused only once every array of it is gone.  Random

@@ -16,6 +16,7 @@ itself.
 from ._arrays import Arrays, Windows
 from ._errors import ImageDecodeError
 from ._images import ImageFolder
-from ._stream import Stream, StreamEndedError
+from ._shards import Stream
+from ._stream import StreamEndedError
 
 __all__ = ["Arrays", "ImageDecodeError", "ImageFolder", "Stream", "StreamEndedError", "Windows"]

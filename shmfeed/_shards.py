@@ -1,0 +1,298 @@
+"""Sharded streams: `Stream(make, num_shards)`, a stream several workers read apart,
+the same for any `num_workers`.
+
+Owns `Stream` (public), `ShardedSource` (one host's view of it, what the engine
+sees), `ShardBuilder` (builds a batch from one shard's iterator, and runs the worker
+loop of a sharded stream) and `_EpochCut` (the consumer's view of where an epoch ends).
+
+How it maps onto the engine: batch b of an epoch is round b // S of local shard
+b % S (S: this host's shards), so the batch numbers are fixed before any shard is
+read.  Worker w of W serves the local shards j with j % W == w, building their
+batches in increasing order with its own loop instead of the shared claim counter
+(slots are given to batch numbers in order, so this cannot deadlock).  A shard that
+has ended still gets its batches, empty (0 rows); the consumer skips them and ends
+the epoch once every shard has ended (a batch shorter than `batch_size` is its
+shard's last), then gives the rest of the generation up, which stops the workers.
+The generation is opened with `STREAM_BATCH_BOUND` batches, a bound no epoch reaches.
+
+Invariants:
+- The stream is a function of (make, num_shards, batch_size, seed, epoch, hosts):
+  not of `num_workers`, nor of which worker built what, nor of a worker's death.
+- Every sample of an epoch is delivered once: a shard asked for another round than
+  its iterator is at (a new epoch, a replacement worker) is read afresh from `make`
+  up to that round, which is why `make` must give the same samples when called again.
+- `shmfeed.rng()` inside `make` is keyed by (seed, epoch, shard << 32 | position).
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from typing import Any
+
+import numpy as np
+
+from . import _order
+from ._build import WAIT_SLICE_S, Builder, LeaveBuild, build_batch
+from ._config import check_int
+from ._control import PoolShutdown, SlotState, tag, untag
+from ._errors import SpecError, internal
+from ._spec import check_sample_leaf
+
+STREAM_BATCH_BOUND = 1 << 31  # batch numbers a sharded epoch may use (tags hold 32 bits)
+
+
+class Stream:
+    """A stream split into `num_shards` shards that workers read apart, the same for
+    any `num_workers`: `make(shard_index, num_shards)` returns an iterable of the
+    samples of one shard (e.g. the records of one file).
+
+    A batch holds consecutive samples of one shard (the last of a shard may be
+    shorter); an epoch takes batches round-robin over the shards still running, so
+    every sample comes once per epoch and shards may differ in length.  `make` is
+    called afresh each epoch, in the worker that serves the shard; inside it,
+    `shmfeed.rng()` is keyed by (seed, epoch, shard, position).  It must give the same
+    samples when called again: a worker that dies is replaced and re-reads its shards
+    up to where it stopped.  With `shard_count` hosts, host h reads the shards
+    `s % shard_count == h`.
+    """
+
+    def __init__(self, make: Any, num_shards: int):
+        if not callable(make):
+            raise SpecError(f"`make` must be a function make(shard_index, num_shards) -> iterable, "
+                            f"got {type(make).__name__}")
+        if isinstance(num_shards, bool) or not isinstance(num_shards, int) or num_shards < 1:
+            raise SpecError(f"`num_shards` must be an integer >= 1, got {num_shards!r}")
+        self.make = make
+        self.num_shards = num_shards
+
+    def __repr__(self) -> str:
+        return f"shmfeed.sources.Stream({getattr(self.make, '__name__', self.make)!r}, num_shards={self.num_shards})"
+
+
+def _item_key(shard: int, position: int) -> int:
+    """The index `shmfeed.rng()` is keyed by for item `position` of `shard`."""
+    return (shard << 32) | position
+
+
+class _Shard:
+    """One shard's iterator in this process, and the round (batch of the shard) it is at."""
+
+    __slots__ = ("epoch", "it", "round")
+
+    def __init__(self, epoch: int, it: Iterator | None, round_: int):
+        self.epoch, self.it, self.round = epoch, it, round_
+
+
+class ShardBuilder(Builder):
+    """Builds a sharded stream's batches.  Batch b of an epoch is round b // S of
+    local shard b % S (S: this host's shards); worker w of W serves the local shards
+    j with j % W == w and builds its batches in increasing order (its own loop, not
+    the shared claim counter).  A shard asked for a round its iterator is not at
+    (a new epoch, or a replacement worker) is read afresh up to that round."""
+
+    source: ShardedSource
+
+    def __init__(self, *args: Any):
+        super().__init__(*args)
+        self._shards: dict[int, _Shard] = {}
+
+    def _shard_at(self, j: int, epoch: int, round_: int) -> _Shard:
+        src, seed = self.source, self.order.seed
+        sh = self._shards.get(j)
+        if sh is not None and sh.epoch == epoch and sh.round == round_:
+            return sh
+        shard = src.shards[j]
+        rows = src.batch_size
+        sh = self._shards[j] = _Shard(epoch, iter(src.stream.make(shard, src.stream.num_shards)), 0)
+        skip = round_ * rows  # re-read what was built before (exactly once)
+        for pos in range(skip):
+            _order.set_item(seed, epoch, _item_key(shard, pos))
+            if next(sh.it, _END) is _END:
+                sh.it = None
+                break
+        sh.round = round_
+        return sh
+
+    def fill(self, slot: int, epoch: int, batch: int) -> int:
+        src, spec, seed = self.source, self.spec, self.order.seed
+        n_local = len(src.shards)
+        j, round_ = batch % n_local, batch // n_local
+        shard, rows = src.shards[j], src.batch_size
+        if self.seed_global_rngs:
+            _order.seed_global_rngs(seed, epoch, batch)
+        views, tree_leaves, flatten = self.ring.write_views(slot), spec.leaves, self._flatten
+        try:
+            sh = self._shard_at(j, epoch, round_)
+            sh.round = round_ + 1
+            if sh.it is None:
+                return 0  # the shard has ended
+            for row in range(rows):
+                pos = round_ * rows + row
+                key = _item_key(shard, pos)
+                self.current_item = key
+                _order.set_item(seed, epoch, key)
+                sample = next(sh.it, _END)
+                if sample is _END:
+                    sh.it = None
+                    return row
+                leaves = flatten(sample, "sample", key)
+                for view, x, leaf in zip(views, leaves, tree_leaves):
+                    if not (isinstance(x, np.ndarray) and x.dtype == leaf.dtype and x.shape == leaf.shape):
+                        x = check_sample_leaf(x, leaf, key)
+                    view[row] = x
+            return rows
+        finally:
+            _order.clear_item()
+
+    def worker_loop(self, ring: Any, worker: int, pending: int | None, parent_pid: int) -> None:
+        """A worker's life: per generation, build this worker's batches in order."""
+        ctl = ring.ctl
+        n_local, n_workers = len(self.source.shards), self.source.num_workers
+        mine = [j for j in range(n_local) if j % n_workers == worker]
+        done_gen = 0
+        try:
+            while True:
+                gen = ctl.header()["gen"]
+                if gen in (0, done_gen) or not mine:
+                    if not ctl.wait_gen(gen, WAIT_SLICE_S) and os.getppid() != parent_pid:
+                        return
+                    continue
+                if pending is not None and untag(pending)[0] == gen:
+                    b = untag(pending)[1]  # the batch a predecessor died building
+                else:
+                    b = _resume_point(ctl, gen, mine, n_local)
+                pending = None
+                n = ctl.gen_info(gen).n_batches
+                while b < n:
+                    ctl.set_claim(worker, tag(gen, b))
+                    if not build_batch(ring, self, worker, gen, b, parent_pid) and _epoch_over(ctl, gen):
+                        break
+                    b = _next_mine(b, mine, n_local)
+                done_gen = gen
+        except (LeaveBuild, PoolShutdown):
+            return
+
+
+_END = object()
+_TAG_BATCH_MASK = 0xFFFFFFFF
+
+
+def _next_mine(b: int, mine: list[int], n_local: int) -> int:
+    """The smallest batch number > b of the local shards `mine`."""
+    j, round_ = b % n_local, b // n_local
+    later = [m for m in mine if m > j]
+    return round_ * n_local + later[0] if later else (round_ + 1) * n_local + mine[0]
+
+
+def _epoch_over(ctl: Any, gen: int) -> bool:
+    """Generation `gen` is over (a newer one started, or it was given up) rather than
+    one batch of it passed by the consumer."""
+    h = ctl.header()
+    consumer_gen, consumer_batch = untag(h["consumer_tag"])
+    return h["gen"] != gen or (consumer_gen == gen and consumer_batch == _TAG_BATCH_MASK)
+
+
+def _resume_point(ctl: Any, gen: int, mine: list[int], n_local: int) -> int:
+    """Where a worker starting in generation `gen` begins: after every batch of `mine`
+    already built, i.e. those the consumer has passed and those waiting in slots (its
+    predecessor, if any, built them in increasing order)."""
+    consumer_gen, consumer_batch = untag(ctl.header()["consumer_tag"])
+    floor = consumer_batch if consumer_gen == gen else 0
+    built = [untag(info["tag"])[1] for info in (ctl.slot(s) for s in range(ctl.header()["n_slots"]))
+             if info["state"] in _BUILT and untag(info["tag"])[0] == gen]
+    last = max([b for b in built if b % n_local in mine] + [floor - 1])
+    return _next_mine(last, mine, n_local) if last >= 0 else mine[0]
+
+
+_BUILT = (SlotState.READY, SlotState.HELD, SlotState.ERROR)
+
+
+class _EpochCut:
+    """The consumer's view of one epoch of a sharded stream: a batch shorter than
+    `batch_size` is its shard's last; the epoch ends when every shard has ended."""
+
+    def __init__(self, n_local: int, batch_size: int, drop_last: bool):
+        self.n_local, self.batch_size, self.drop_last = n_local, batch_size, drop_last
+        self.ended: set[int] = set()
+
+    @property
+    def done(self) -> bool:
+        return len(self.ended) == self.n_local
+
+    def keep(self, batch: int, rows: int) -> bool:
+        """Whether batch `batch`, of `rows` rows, is delivered."""
+        if rows < self.batch_size:
+            self.ended.add(batch % self.n_local)
+        return rows == self.batch_size if self.drop_last else rows > 0
+
+
+class ShardedSource:
+    """A `Stream` as the engine sees it, for one host: `shards` are the stream's shard
+    indices it reads; `len()` is only the bound of batch numbers an epoch may use."""
+
+    _shmfeed_builder = ShardBuilder  # see _build.builder_for
+
+    def __init__(self, stream: Stream, batch_size: int, num_workers: int, drop_last: bool,
+                 shard_index: int, shard_count: int):
+        self.stream = stream
+        self.batch_size = batch_size
+        self.num_workers = max(num_workers, 1)
+        self.drop_last = drop_last
+        self.shards = list(range(shard_index, stream.num_shards, shard_count))
+
+    def __len__(self) -> int:
+        return STREAM_BATCH_BOUND * self.batch_size
+
+    def __getitem__(self, i: int) -> Any:
+        raise internal("a sharded stream's items are read by its ShardBuilder, not by index")
+
+    def _shmfeed_peek(self) -> Any:
+        """The first sample of the first non-empty shard (for the batch spec only:
+        workers call `make` afresh)."""
+        for shard in self.shards:
+            it = iter(self.stream.make(shard, self.stream.num_shards))
+            first = next(it, _END)
+            close = getattr(it, "close", None)
+            if close is not None:
+                close()
+            if first is not _END:
+                return first
+        raise SpecError(f"every shard of {self.stream!r} read by this host is empty: there is nothing to load")
+
+    def _shmfeed_epoch_cut(self) -> _EpochCut:
+        return _EpochCut(len(self.shards), self.batch_size, self.drop_last)
+
+    def __repr__(self) -> str:
+        return f"{self.stream!r} (shards {self.shards} on this host)"
+
+
+def sharded_source(stream: Stream, *, steps_per_epoch: Any, batch_size: Any, num_workers: Any,
+                   shuffle: Any, drop_last: Any, shard_index: Any, shard_count: Any) -> ShardedSource:
+    """Check the Loader's options against `stream`; this host's `ShardedSource`."""
+    if steps_per_epoch is not None:
+        raise SpecError("`steps_per_epoch` is for generators; an epoch of a Stream ends when every "
+                        "shard has ended")
+    if batch_size is None:
+        raise SpecError("a Stream yields samples: give `batch_size` (a batch holds consecutive "
+                        "samples of one shard)")
+    if shuffle is True:
+        raise SpecError("`shuffle=True` cannot reorder a Stream: shuffle inside `make` (e.g. the "
+                        "order of records in a shard, with `shmfeed.rng()`)")
+    batch_size = check_int("batch_size", batch_size, 1)
+    num_workers = check_int("num_workers", num_workers, 0)
+    shard_count = check_int("shard_count", shard_count, 1)
+    shard_index = check_int("shard_index", shard_index, 0)
+    if not isinstance(drop_last, bool):
+        raise SpecError(f"`drop_last` must be True or False, got {drop_last!r}")
+    # (shard_index >= shard_count is refused by _config.build, with the other options.)
+    src = ShardedSource(stream, batch_size, num_workers, drop_last, shard_index % shard_count, shard_count)
+    if not src.shards:
+        raise SpecError(f"host {shard_index} of `shard_count={shard_count}` gets none of the "
+                        f"{stream.num_shards} shards: use at least as many shards as hosts")
+    if num_workers > len(src.shards):
+        raise SpecError(
+            f"`num_workers={num_workers}` is more than the {len(src.shards)} shard(s) this host reads: "
+            "a shard is read by one worker, so the others would have nothing to do. Use "
+            f"`num_workers<={len(src.shards)}`, or split the data into more shards (`num_shards`).")
+    return src
