@@ -158,7 +158,9 @@ void shmf_assign_free(void *base) {
         if (atomic_load(&s->tag) >= ctag) continue;
         atomic_compare_exchange_strong(&s->state, &st, SHMF_FREE);
     }
-    /* 2. Every free slot goes to the next batch number, in order. */
+    /* 2. Every free slot goes to the next batch number, in order, skipping numbers
+     *    the consumer has passed without taking them (a sharded stream's ended
+     *    shards): nobody will take those. */
     int assigned = 0;
     for (uint32_t k = 0; k < n; k++) {
         shmf_slot *s = &slots[(start + k) % n];
@@ -172,7 +174,7 @@ void shmf_assign_free(void *base) {
                 atomic_store(&s->state, SHMF_FREE); /* the epoch has no batch left */
                 goto done;
             }
-            if (atomic_compare_exchange_strong(&h->assign_next, &a, a + 1)) break;
+            if (atomic_compare_exchange_strong(&h->assign_next, &a, a + 1) && a >= ctag) break;
         }
         atomic_store(&s->tag, a);
         atomic_store(&s->rows, 0);

@@ -10,9 +10,12 @@ b % S (S: this host's shards), so the batch numbers are fixed before any shard i
 read.  Worker w of W serves the local shards j with j % W == w, building their
 batches in increasing order with its own loop instead of the shared claim counter
 (slots are given to batch numbers in order, so this cannot deadlock).  A shard that
-has ended still gets its batches, empty (0 rows); the consumer skips them and ends
-the epoch once every shard has ended (a batch shorter than `batch_size` is its
-shard's last), then gives the rest of the generation up, which stops the workers.
+has ended is skipped on both sides: the batch in which a shard's iterator ends is
+shorter than `batch_size` (possibly empty, then not delivered), so the worker and
+the consumer learn the end from the same batch; later batch numbers of that shard
+are neither built nor taken (shmf_assign_free gives no slot to a number the
+consumer passed).  The epoch ends once every shard has ended; the consumer then
+gives the rest of the generation up, which sends the workers to the next one.
 The generation is opened with `STREAM_BATCH_BOUND` batches, a bound no epoch reaches.
 
 Invariants:
@@ -145,8 +148,14 @@ class ShardBuilder(Builder):
         finally:
             _order.clear_item()
 
+    def _live(self, mine: list[int], epoch: int) -> list[int]:
+        """Those of the local shards `mine` not known to have ended in `epoch`."""
+        shards = self._shards
+        return [j for j in mine if not (j in shards and shards[j].epoch == epoch and shards[j].it is None)]
+
     def worker_loop(self, ring: Any, worker: int, pending: int | None, parent_pid: int) -> None:
-        """A worker's life: per generation, build this worker's batches in order."""
+        """A worker's life: per generation, build the batches of its shards in order,
+        skipping the shards that ended (the consumer skips them too)."""
         ctl = ring.ctl
         n_local, n_workers = len(self.source.shards), self.source.num_workers
         mine = [j for j in range(n_local) if j % n_workers == worker]
@@ -158,17 +167,17 @@ class ShardBuilder(Builder):
                     if not ctl.wait_gen(gen, WAIT_SLICE_S) and os.getppid() != parent_pid:
                         return
                     continue
-                if pending is not None and untag(pending)[0] == gen:
-                    b = untag(pending)[1]  # the batch a predecessor died building
-                else:
-                    b = _resume_point(ctl, gen, mine, n_local)
-                pending = None
-                n = ctl.gen_info(gen).n_batches
-                while b < n:
+                # (A predecessor's claim is never handed over as `pending`: the shared
+                # claim counter, which shmf_reclaim checks, is not used here.)
+                b = _resume_point(ctl, gen, mine, n_local)
+                info = ctl.gen_info(gen)
+                live = self._live(mine, info.epoch)
+                while b < info.n_batches and live:
                     ctl.set_claim(worker, tag(gen, b))
                     if not build_batch(ring, self, worker, gen, b, parent_pid) and _epoch_over(ctl, gen):
                         break
-                    b = _next_mine(b, mine, n_local)
+                    live = self._live(mine, info.epoch)
+                    b = _next_mine(b, live, n_local) if live else b
                 done_gen = gen
         except (LeaveBuild, PoolShutdown):
             return
@@ -179,7 +188,7 @@ _TAG_BATCH_MASK = 0xFFFFFFFF
 
 
 def _next_mine(b: int, mine: list[int], n_local: int) -> int:
-    """The smallest batch number > b of the local shards `mine`."""
+    """The smallest batch number > b of the local shards `mine` (not empty)."""
     j, round_ = b % n_local, b // n_local
     later = [m for m in mine if m > j]
     return round_ * n_local + later[0] if later else (round_ + 1) * n_local + mine[0]
@@ -219,6 +228,13 @@ class _EpochCut:
     @property
     def done(self) -> bool:
         return len(self.ended) == self.n_local
+
+    def after(self, batch: int) -> int:
+        """The batch after `batch` that belongs to a shard still running."""
+        batch += 1
+        while not self.done and batch % self.n_local in self.ended:
+            batch += 1
+        return batch
 
     def keep(self, batch: int, rows: int) -> bool:
         """Whether batch `batch`, of `rows` rows, is delivered."""
