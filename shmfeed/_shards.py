@@ -33,14 +33,12 @@ import os
 from collections.abc import Iterator
 from typing import Any
 
-import numpy as np
-
 from . import _order
 from ._build import WAIT_SLICE_S, Builder, LeaveBuild, build_batch
 from ._config import check_int
 from ._control import PoolShutdown, SlotState, tag, untag
 from ._errors import SpecError, internal
-from ._spec import check_sample_leaf
+from ._rows import write_samples
 
 STREAM_BATCH_BOUND = 1 << 31  # batch numbers a sharded epoch may use (tags hold 32 bits)
 
@@ -124,27 +122,24 @@ class ShardBuilder(Builder):
         shard, rows = src.shards[j], src.batch_size
         if self.seed_global_rngs:
             _order.seed_global_rngs(seed, epoch, batch)
-        views, tree_leaves, flatten = self.ring.write_views(slot), spec.leaves, self._flatten
         try:
             sh = self._shard_at(j, epoch, round_)
             sh.round = round_ + 1
-            if sh.it is None:
-                return 0  # the shard has ended
-            for row in range(rows):
-                pos = round_ * rows + row
-                key = _item_key(shard, pos)
+            samples, keys = [], []
+            while sh.it is not None and len(samples) < rows:
+                key = _item_key(shard, round_ * rows + len(samples))
                 self.current_item = key
                 _order.set_item(seed, epoch, key)
                 sample = next(sh.it, _END)
                 if sample is _END:
-                    sh.it = None
-                    return row
-                leaves = flatten(sample, "sample", key)
-                for view, x, leaf in zip(views, leaves, tree_leaves):
-                    if not (isinstance(x, np.ndarray) and x.dtype == leaf.dtype and x.shape == leaf.shape):
-                        x = check_sample_leaf(x, leaf, key)
-                    view[row] = x
-            return rows
+                    sh.it = None  # the shard has ended: this batch is its last (maybe empty)
+                else:
+                    samples.append(sample)
+                    keys.append(key)
+            self.current_item = None  # a bad sample's SpecError names it, as below
+            names = [f"{key & 0xFFFFFFFF} of shard {shard}" for key in keys]  # "sample 7 of shard 3"
+            write_samples(spec, self.ring.write_views(slot), self._flatten_samples(samples, names), names)
+            return len(samples)
         finally:
             _order.clear_item()
 

@@ -206,3 +206,19 @@ def test_a_worker_killed_while_the_loop_works_is_replaced_exactly_once(reference
                 time.sleep(0.3)  # replaced meanwhile; its slots wait for it
         assert loader.stats().restarts == 1
         assert [got] == reference[:1]
+
+
+def bad_shape(s, num_shards):
+    for item in records(s, num_shards):
+        if (s, item["i"]) == (3, 4):
+            item["x"] = np.zeros(3, np.int32)
+        yield item
+
+
+@pytest.mark.parametrize("num_workers", [0, 2])
+def test_a_bad_sample_names_its_position_and_shard(num_workers):
+    with shmfeed.Loader(Stream(bad_shape, num_shards=SHARDS), batch_size=BATCH, num_workers=num_workers) as loader:
+        with pytest.raises(shmfeed.SpecError, match=r"sample 4 of shard 3, field \['x'\]: got shape \(3,\), "
+                           r"expected dtype int32 with shape \(2,\)"):
+            for _ in loader:
+                pass
