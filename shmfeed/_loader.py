@@ -228,6 +228,8 @@ class Loader:
                     "Create the Loader before the first JAX computation to fork directly.", why)
         source_bytes = None
         if method == "spawn":
+            if isinstance(self._source, GeneratorSource):
+                self._source.check_sendable(why or "`start_method='spawn'` was asked")
             source_bytes = _interpreter.dump_source(
                 self._source, f"{why} is running in this process" if why else "`start_method='spawn'` was asked")
         self._ring.ctl.reopen()

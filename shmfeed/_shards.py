@@ -33,7 +33,7 @@ import os
 from collections.abc import Iterator
 from typing import Any
 
-from . import _order
+from . import _rng
 from ._build import WAIT_SLICE_S, Builder, LeaveBuild, build_batch
 from ._config import check_int
 from ._control import PoolShutdown, SlotState, tag, untag
@@ -108,7 +108,7 @@ class ShardBuilder(Builder):
         sh = self._shards[j] = _Shard(epoch, iter(src.stream.make(shard, src.stream.num_shards)), 0)
         skip = round_ * rows  # re-read what was built before (exactly once)
         for pos in range(skip):
-            _order.set_item(seed, epoch, _item_key(shard, pos))
+            _rng.set_item(seed, epoch, _item_key(shard, pos))
             if next(sh.it, _END) is _END:
                 sh.it = None
                 break
@@ -121,7 +121,7 @@ class ShardBuilder(Builder):
         j, round_ = batch % n_local, batch // n_local
         shard, rows = src.shards[j], src.batch_size
         if self.seed_global_rngs:
-            _order.seed_global_rngs(seed, epoch, batch)
+            _rng.seed_global_rngs(seed, epoch, batch)
         try:
             sh = self._shard_at(j, epoch, round_)
             sh.round = round_ + 1
@@ -129,7 +129,7 @@ class ShardBuilder(Builder):
             while sh.it is not None and len(samples) < rows:
                 key = _item_key(shard, round_ * rows + len(samples))
                 self.current_item = key
-                _order.set_item(seed, epoch, key)
+                _rng.set_item(seed, epoch, key)
                 sample = next(sh.it, _END)
                 if sample is _END:
                     sh.it = None  # the shard has ended: this batch is its last (maybe empty)
@@ -141,7 +141,7 @@ class ShardBuilder(Builder):
             write_samples(spec, self.ring.write_views(slot), self._flatten_samples(samples, names), names)
             return len(samples)
         finally:
-            _order.clear_item()
+            _rng.clear_item()
 
     def _live(self, mine: list[int], epoch: int) -> list[int]:
         """Those of the local shards `mine` not known to have ended in `epoch`."""
@@ -287,8 +287,8 @@ def sharded_source(stream: Stream, *, steps_per_epoch: Any, batch_size: Any, num
     if batch_size is None:
         raise SpecError("a Stream yields samples: give `batch_size` (a batch holds consecutive "
                         "samples of one shard)")
-    if shuffle is True:
-        raise SpecError("`shuffle=True` cannot reorder a Stream: shuffle inside `make` (e.g. the "
+    if shuffle:
+        raise SpecError(f"`shuffle={shuffle!r}` cannot reorder a Stream: shuffle inside `make` (e.g. the "
                         "order of records in a shard, with `shmfeed.rng()`)")
     batch_size = check_int("batch_size", batch_size, 1)
     num_workers = check_int("num_workers", num_workers, 0)

@@ -33,7 +33,7 @@ from collections.abc import Iterator
 from typing import Any
 
 from ._build import Builder
-from ._errors import ShmfeedError, SpecError, WorkerError
+from ._errors import ShmfeedError, SourcePickleError, SpecError, WorkerError
 from ._shards import Stream, sharded_source
 
 
@@ -84,8 +84,8 @@ def stream_source(source: Any, *, steps_per_epoch: Any, batch_size: Any, num_wor
             "and prefetches while the loop trains) or 0, or split the data into shards that "
             "workers read apart, e.g. "
             "`shmfeed.Loader(shmfeed.sources.Stream(make_shard, num_shards=8), ...)`")
-    if shuffle is True:
-        raise SpecError(f"`shuffle=True` cannot reorder {what}: shuffle inside it (e.g. with a buffer)")
+    if shuffle:
+        raise SpecError(f"`shuffle={shuffle!r}` cannot reorder {what}: shuffle inside it (e.g. with a buffer)")
     if isinstance(shard_count, int) and shard_count > 1:
         raise SpecError(
             f"the source is {what}: every host reads its own; give each host a generator of "
@@ -158,12 +158,17 @@ class GeneratorSource:
                 "next epoch continues the same stream, so it must not end. Make it endless "
                 "(`while True:`), or lower `steps_per_epoch`.") from None
 
-    def __getstate__(self) -> dict:
+    def check_sendable(self, why: str) -> None:
+        """Raise SourcePickleError unless the stream can start in a fresh interpreter
+        (which it must because of `why`): only a function that makes it can."""
         if self.make is None:
-            raise TypeError(
-                f"the source is {self.what}, which cannot be sent to a fresh interpreter: pass "
-                "a zero-argument function that returns it instead (e.g. `Loader(make_gen, ...)`, "
-                "not `Loader(make_gen(), ...)`); it is then called in the worker")
+            raise SourcePickleError(
+                f"the source is {self.what}, which cannot be sent to the worker process: it "
+                f"starts in a fresh interpreter because {why}. Pass a zero-argument function "
+                "that returns the generator instead (e.g. `Loader(make_gen, ...)`, not "
+                "`Loader(make_gen(), ...)`): it is then called in the worker.", "source")
+
+    def __getstate__(self) -> dict:
         state = dict(self.__dict__)
         state["_iterator"], state["_first"] = None, []  # the worker starts the stream afresh
         return state

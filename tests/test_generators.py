@@ -137,8 +137,9 @@ def test_a_function_runs_in_a_spawned_pool_and_a_generator_object_says_to_pass_o
                         start_method="spawn") as loader:
         epochs, _ = _ns(loader, 2)
     assert epochs == [list(range(12)), list(range(12, 24))]
-    with pytest.raises(shmfeed.SpecError, match=r"cannot be pickled.*the source is a generator, which cannot "
-                       r"be sent to a fresh interpreter: pass a zero-argument function that returns it"):
+    with pytest.raises(shmfeed.SourcePickleError, match=r"the source is a generator, which cannot be sent to "
+                       r"the worker process: it starts in a fresh interpreter because `start_method='spawn'` "
+                       r"was asked. Pass a zero-argument function that returns the generator instead"):
         shmfeed.Loader(counting(), batch_size=BATCH, num_workers=1, steps_per_epoch=STEPS,
                        start_method="spawn")
 
