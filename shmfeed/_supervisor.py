@@ -114,6 +114,9 @@ def supervise(ring: Ring, chan_fd: int, source: Any, cfg: Config, parent_pid: in
         if pid == 0:
             code = 0
             try:
+                # First thing, so that a supervisor killed right after this fork still
+                # leaves the pid where the training process finds (and, as PID 1, reaps) it.
+                ctl.set_worker_pid(w, os.getpid())
                 _child_setup(me, {ring.fd}, keep_ring=ring)
                 # A segfault in native code then leaves the worker's Python stack on
                 # stderr; the supervisor reports the signal.

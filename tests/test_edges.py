@@ -466,6 +466,8 @@ loader = shmfeed.Loader(S(), batch_size=4, num_workers=2, timeout_s=5)
 for round in range(3):
     it = iter(loader)
     next(it)
+    while len(loader.worker_pids) < 2:  # not in the middle of forking them
+        time.sleep(0.01)
     os.kill(loader.pool_pid, signal.SIGKILL)  # its workers are orphaned: to us, PID 1
     try:
         for _ in it:
