@@ -369,10 +369,24 @@ def test_batch_larger_than_the_slot_is_an_error():
     (dict(batch_size=2.5, num_workers=1), r"`batch_size` must be an integer"),
     (dict(batch_size=2, num_workers=1, num_slots=1), r"`num_slots` must be an integer >= 2"),
     (dict(batch_size=20, num_workers=1, drop_last=True), r"no batch to load"),
+    (dict(num_workers=1), r"`batch_size` is required: the number of samples per batch"),
+    (dict(batch_size=4), r"`num_workers` is required: .* \d+ usable CPUs"),
+    (dict(batch_size=4, num_workers=1, shuffle="yes"), r"`shuffle` must be True, False or 'block', got 'yes'"),
+    (dict(batch_size=4, num_workers=1, drop_last="no"), r"`drop_last` must be True or False, got 'no'"),
+    (dict(batch_size=4, num_workers=1, seed_global_rngs=1), r"`seed_global_rngs` must be True or False"),
+    (dict(batch_size=4, num_workers=1, timeout_s="5"), r"`timeout_s` must be > 0 seconds or None"),
 ])
 def test_bad_arguments_are_spec_errors(kwargs, pattern):
     with pytest.raises(shmfeed.SpecError, match=pattern):
         shmfeed.Loader(Counting(10), **kwargs)
+
+
+def test_more_workers_than_usable_cpus_is_warned_about(caplog):
+    many = len(os.sched_getaffinity(0)) + 2
+    with caplog.at_level("WARNING", logger="shmfeed"):
+        with shmfeed.Loader(Counting(8), batch_size=2, num_workers=many) as loader:
+            assert sum(1 for _ in loader) == 4
+    assert f"num_workers={many} is more than the" in caplog.text and "Use at most" in caplog.text
 
 
 def test_empty_dataset_is_an_error():
