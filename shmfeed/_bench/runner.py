@@ -109,6 +109,8 @@ def describe_batch(workload: workloads.Workload, source, batch_size: int) -> tup
         return item.nbytes, item_us
     if workload.arrays:
         return item.nbytes * batch_size, item_us
+    if workload.stream:  # samples {"x": row}: no label
+        return item["x"].nbytes * batch_size, item_us
     return (item["x"].nbytes + np.dtype(np.int64).itemsize) * batch_size, item_us  # y stacks to int64
 
 
@@ -442,7 +444,7 @@ def run_bench(opts: BenchOptions) -> dict:
     missing = {name: not_installed(name) for name in loaders}
     runnable = [n for n in loaders if missing[n] is None]
     def applies(workload: workloads.Workload, name: str) -> bool:
-        return not workload.arrays or name in workloads.ARRAY_LOADERS
+        return workloads.not_applicable(workload, name) is None
 
     n_runs = opts.repeat * sum(applies(workloads.WORKLOADS[w], n) for w in opts.workloads for n in runnable)
     with Progress(opts.progress, n_runs, opts.seconds + STARTUP_GUESS_S) as progress:
@@ -496,7 +498,7 @@ def _run(opts: BenchOptions, loaders: list[str], missing: dict, runnable: list[s
                 entry["loaders"][n]["runs"].append({"status": "skipped", "reason": missing[n]})
             elif not applies(workload, n):
                 entry["loaders"][n]["runs"].append(
-                    {"status": "skipped", "reason": "n/a: array workloads compare shmfeed with in-process only"})
+                    {"status": "skipped", "reason": workloads.not_applicable(workload, n)})
         for rep in range(opts.repeat):
             for n in [n for n in runnable if applies(workload, n)]:
                 job = Job(workload=name, loader=n, data_path=str(path), length=opts.length,

@@ -20,6 +20,12 @@ Invariants:
 - `images-jpeg` reads a folder of real JPEG files instead (`root/<class>/<n>.jpg`,
   written once, the same way, under a temporary name and renamed) through
   `shmfeed.sources.ImageFolder`: every loader pays the same Pillow decode and resize.
+- `stream-shards` reads NUM_SHARDS `.npy` files of token rows of unequal lengths
+  (`root/shard-NN.npy`, written once into a temporary folder and renamed) through
+  `ShardFiles`: shmfeed as `shmfeed.sources.Stream(files, num_shards=NUM_SHARDS)`,
+  torch as an `IterableDataset` that deals the files out to its workers, in-process
+  round-robin over the shards as shmfeed orders them.  Its epoch is the files, read
+  once each: every loader delivers every row once per epoch, none twice.
 - A per-sample dataset is longer than its file: sample `i` reads row `i % rows`.  Epochs are
   then long enough that a few-seconds measurement is not dominated by epoch ends,
   while the file stays small enough to live in the page cache.
@@ -27,6 +33,7 @@ Invariants:
 
 from __future__ import annotations
 
+import itertools
 import os
 import shutil
 from dataclasses import dataclass
@@ -57,6 +64,8 @@ _PEER_RNG_STREAM = 0x42454E43  # "BENC": keys the generator peers get (see sampl
 VOCABULARY = 50_257  # token ids of the token stream are below this (GPT-2's vocabulary)
 WINDOW_BLOCK = 1024  # `windows`: nanoGPT windows of WINDOW_BLOCK + 1 tokens, stride WINDOW_BLOCK
 DISK_STEP_MS = 20.0  # `disk-images`: the simulated training step
+NUM_SHARDS = 8  # `stream-shards`: files of the stream
+SHARD_WEIGHT_BASE = 8  # shard k holds a share of the rows proportional to BASE + k: unequal
 
 
 @dataclass(frozen=True)
@@ -68,8 +77,9 @@ class DataFile:
 
     @property
     def is_folder(self) -> bool:
-        """A folder of JPEG files (rows = files; `shape` is what they decode to)."""
-        return self.kind == "jpeg"
+        """A folder: of JPEG files (rows = files; `shape` is what they decode to), or of
+        NUM_SHARDS shard files (rows = their rows together)."""
+        return self.kind in ("jpeg", "shards")
 
     def file_name(self, rows: int) -> str:
         dims = "x".join(map(str, self.shape)) or "flat"
@@ -87,6 +97,7 @@ JPEGS = DataFile("jpeg", (224, 224, 3), "uint8", 512)  # 512 files of JPEG_SIZE,
 JPEG_SIZE = (375, 500)  # (height, width) of the files: the median ImageNet photo
 JPEG_QUALITY = 90
 JPEG_CLASSES = 8
+SHARDS = DataFile("shards", (512,), "int32", 65536)  # NUM_SHARDS files, 134 MB together
 
 
 @dataclass(frozen=True)
@@ -100,6 +111,7 @@ class Workload:
     arrays: str | None = None  # "rows": Arrays over the file; "windows": Windows over it
     cold: bool = False  # the file's pages are dropped from the page cache at every epoch start
     step_ms: float = 0.0  # a simulated training step after every batch
+    stream: bool = False  # a sharded stream (`ShardFiles`), not an indexed source
 
 
 WORKLOADS: dict[str, Workload] = {w.name: w for w in [
@@ -130,8 +142,23 @@ WORKLOADS: dict[str, Workload] = {w.name: w for w in [
              "arrays-images with the file's pages dropped from the page cache at every epoch start "
              f"(posix_fadvise DONTNEED) and a {DISK_STEP_MS:.0f} ms simulated step per batch: "
              "workers read while the step runs", arrays="rows", cold=True, step_ms=DISK_STEP_MS),
+    Workload("stream-shards", SHARDS, 32, "none", False,
+             f"shmfeed.sources.Stream over {NUM_SHARDS} .npy files of 512 int32 tokens per row (unequal "
+             "lengths), batches of 32 consecutive rows of one file; torch: an IterableDataset that deals the "
+             "files out to its workers; in-process: the same round-robin; one epoch is every row once",
+             stream=True),
 ]}
 ARRAY_LOADERS = ("shmfeed", "inline")  # the loaders the array workloads apply to
+STREAM_LOADERS = ("shmfeed", "inline", "torch")  # the loaders the stream workload applies to
+
+
+def not_applicable(workload: Workload, loader: str) -> str | None:
+    """Why `loader` does not run `workload` (the table's n/a), or None when it does."""
+    if workload.arrays and loader not in ARRAY_LOADERS:
+        return "n/a: array workloads compare shmfeed with in-process only"
+    if workload.stream and loader not in STREAM_LOADERS:
+        return "n/a: the stream workload compares shmfeed with in-process and torch's IterableDataset only"
+    return None
 
 
 def default_data_dir() -> Path:
@@ -143,6 +170,8 @@ def default_data_dir() -> Path:
 
 
 def _matches(path: Path, data: DataFile, rows: int) -> bool:
+    if data.kind == "shards":
+        return path.is_dir() and [len(a) for a in _shard_arrays(path, data)] == shard_rows(rows)
     if data.is_folder:
         return path.is_dir() and sum(1 for _ in path.glob("*/*.jpg")) == rows
     try:
@@ -162,22 +191,14 @@ def ensure_file(data: DataFile, data_dir: Path, rows: int | None = None) -> tupl
     data_dir.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     if data.is_folder:
-        _write_jpegs(tmp, path, rows)
+        _write_folder(tmp, path, data, rows)
         return path, True
     try:
         out = np.lib.format.open_memmap(tmp, mode="w+", dtype=data.dtype, shape=(rows,) + data.shape)
-        rng = np.random.default_rng([DATA_SEED, DATA_VERSION, sum(map(ord, data.kind))])
+        rng = _data_rng(data)
         step = max(1, GENERATE_CHUNK_BYTES // max(1, out[0].nbytes))
         for start in range(0, rows, step):
-            chunk = out[start : start + step]
-            if data.dtype == "uint8":
-                chunk[...] = rng.integers(0, 256, chunk.shape, dtype=np.uint8)
-            elif data.dtype == "int32":
-                chunk[...] = rng.integers(0, 50_000, chunk.shape, dtype=np.int32)  # a vocabulary
-            elif data.dtype == "uint16":
-                chunk[...] = rng.integers(0, VOCABULARY, chunk.shape, dtype=np.uint16)
-            else:
-                chunk[...] = rng.random(chunk.shape, dtype=np.float32)
+            _fill(out[start : start + step], rng)
         out.flush()
         del out
         os.replace(tmp, path)
@@ -187,38 +208,100 @@ def ensure_file(data: DataFile, data_dir: Path, rows: int | None = None) -> tupl
     return path, True
 
 
-def _write_jpegs(tmp: Path, path: Path, rows: int) -> None:
-    """`rows` photo-like JPEG files (smooth colour fields with fine noise, which
-    compress and decode like photographs, unlike pure noise) in JPEG_CLASSES class
-    folders, written into `tmp` and renamed to `path`."""
-    from PIL import Image  # the bench's images-jpeg workload needs Pillow, like ImageFolder
+def _data_rng(data: DataFile) -> np.random.Generator:
+    return np.random.default_rng([DATA_SEED, DATA_VERSION, sum(map(ord, data.kind))])
 
+
+def _fill(out: np.ndarray, rng: np.random.Generator) -> None:
+    """Fill `out` with random values of its dtype's kind of data."""
+    if out.dtype == np.uint8:
+        out[...] = rng.integers(0, 256, out.shape, dtype=np.uint8)
+    elif out.dtype == np.int32:
+        out[...] = rng.integers(0, 50_000, out.shape, dtype=np.int32)  # a vocabulary
+    elif out.dtype == np.uint16:
+        out[...] = rng.integers(0, VOCABULARY, out.shape, dtype=np.uint16)
+    else:
+        out[...] = rng.random(out.shape, dtype=np.float32)
+
+
+def _write_folder(tmp: Path, path: Path, data: DataFile, rows: int) -> None:
+    """Write `data`'s folder into `tmp` and rename it to `path`."""
     shutil.rmtree(tmp, ignore_errors=True)
-    rng = np.random.default_rng([DATA_SEED, DATA_VERSION, sum(map(ord, JPEGS.kind))])
-    height, width = JPEG_SIZE
     try:
-        for i in range(rows):
-            folder = tmp / f"class{i % JPEG_CLASSES}"
-            folder.mkdir(parents=True, exist_ok=True)
-            coarse = rng.integers(0, 256, (6, 8, 3), dtype=np.uint8)
-            field = np.asarray(Image.fromarray(coarse).resize((width, height), Image.Resampling.BICUBIC))
-            noise = rng.integers(-12, 13, field.shape)
-            pixels = np.clip(field.astype(np.int16) + noise, 0, 255).astype(np.uint8)
-            Image.fromarray(pixels).save(folder / f"{i:06d}.jpg", quality=JPEG_QUALITY)
+        if data.kind == "shards":
+            _write_shards(tmp, data, rows)
+        else:
+            _write_jpegs(tmp, rows)
         try:
             os.rename(tmp, path)
         except OSError:  # a concurrent run renamed its copy first: use that one
-            if not _matches(path, JPEGS, rows):
+            if not _matches(path, data, rows):
                 raise
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _write_jpegs(tmp: Path, rows: int) -> None:
+    """`rows` photo-like JPEG files (smooth colour fields with fine noise, which
+    compress and decode like photographs, unlike pure noise) in JPEG_CLASSES class
+    folders under `tmp`."""
+    from PIL import Image  # the bench's images-jpeg workload needs Pillow, like ImageFolder
+
+    rng = _data_rng(JPEGS)
+    height, width = JPEG_SIZE
+    for i in range(rows):
+        folder = tmp / f"class{i % JPEG_CLASSES}"
+        folder.mkdir(parents=True, exist_ok=True)
+        coarse = rng.integers(0, 256, (6, 8, 3), dtype=np.uint8)
+        field = np.asarray(Image.fromarray(coarse).resize((width, height), Image.Resampling.BICUBIC))
+        noise = rng.integers(-12, 13, field.shape)
+        pixels = np.clip(field.astype(np.int16) + noise, 0, 255).astype(np.uint8)
+        Image.fromarray(pixels).save(folder / f"{i:06d}.jpg", quality=JPEG_QUALITY)
+
+
+def shard_rows(rows: int) -> list[int]:
+    """Rows of each of the NUM_SHARDS shard files, `rows` together: unequal, none empty."""
+    weights = np.arange(NUM_SHARDS) + SHARD_WEIGHT_BASE
+    bounds = [0] + (rows * np.cumsum(weights) // weights.sum()).tolist()
+    lengths = [b - a for a, b in zip(bounds, bounds[1:])]
+    if min(lengths) < 1:
+        raise ValueError(f"{rows} rows leave a shard file empty: give at least "
+                         f"{-(-weights.sum() // SHARD_WEIGHT_BASE)} rows (`--data-rows`)")
+    return lengths
+
+
+def _shard_paths(folder: Path) -> list[Path]:
+    return [folder / f"shard-{k:02d}.npy" for k in range(NUM_SHARDS)]
+
+
+def _shard_arrays(folder: Path, data: DataFile) -> list[np.ndarray]:
+    """The shard files of `folder`, memory-mapped; [] when one is missing or unlike `data`."""
+    out = []
+    for p in _shard_paths(folder):
+        try:
+            arr = np.load(p, mmap_mode="r")
+        except (OSError, ValueError):
+            return []
+        if arr.shape[1:] != data.shape or arr.dtype != np.dtype(data.dtype):
+            return []
+        out.append(arr)
+    return out
+
+
+def _write_shards(tmp: Path, data: DataFile, rows: int) -> None:
+    tmp.mkdir(parents=True)
+    rng = _data_rng(data)
+    for p, n in zip(_shard_paths(tmp), shard_rows(rows)):
+        out = np.empty((n,) + data.shape, data.dtype)
+        _fill(out, rng)
+        np.save(p, out)
 
 
 def warm_page_cache(path: Path) -> None:
     """Read the file (or every file of the folder) once so that every loader starts
     with it in the page cache."""
     buf = bytearray(WARM_CHUNK_BYTES)
-    for file in sorted(path.glob("*/*")) if path.is_dir() else [path]:
+    for file in sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]:
         with open(file, "rb", buffering=0) as f:
             while f.readinto(buf):
                 pass
@@ -347,7 +430,57 @@ class BatchSource:
         return self.data[j * r : (j + 1) * r]
 
 
+class ShardFiles:
+    """The `stream-shards` data: `files(s, num_shards)` yields the rows of shard file `s`
+    as samples `{"x": int32[512]}` (the `make` of `shmfeed.sources.Stream`); `files[i]`
+    is row `i` of the files read one after the other (what the runner's in-process
+    references read).  Each process maps the files itself."""
+
+    def __init__(self, folder: str):
+        self.paths = [str(p) for p in _shard_paths(Path(folder))]
+        self.lengths = [len(np.load(p, mmap_mode="r")) for p in self.paths]
+        self.starts = np.cumsum([0] + self.lengths)
+        self._pid: int | None = None
+        self._files: list[np.ndarray] = []
+
+    def __getstate__(self) -> dict:
+        state = dict(self.__dict__)
+        state["_pid"], state["_files"] = None, []  # each process maps the files itself
+        return state
+
+    def __call__(self, shard_index: int, num_shards: int):
+        for row in np.load(self.paths[shard_index], mmap_mode="r"):
+            yield {"x": row}
+
+    def __len__(self) -> int:
+        return int(self.starts[-1])
+
+    def __getitem__(self, i: int) -> dict:
+        if self._pid != os.getpid():
+            self._files = [np.load(p, mmap_mode="r") for p in self.paths]
+            self._pid = os.getpid()
+        s = int(np.searchsorted(self.starts, i, side="right")) - 1
+        return {"x": self._files[s][i - self.starts[s]]}
+
+    def round_robin(self, batch_size: int):
+        """One epoch of batches in shmfeed's Stream order: a batch is the next
+        `batch_size` rows of one shard, the shards still running take turns, and the
+        batch in which a shard ends is shorter (not delivered when empty)."""
+        running = [iter(self(s, len(self.paths))) for s in range(len(self.paths))]
+        while running:
+            still = []
+            for it in running:
+                samples = list(itertools.islice(it, batch_size))
+                if samples:
+                    yield {"x": np.stack([s["x"] for s in samples])}
+                if len(samples) == batch_size:
+                    still.append(it)
+            running = still
+
+
 def make_source(workload: Workload, path: str, *, batch_size: int, length: int | None, seed: int):
+    if workload.stream:
+        return ShardFiles(path)
     if workload.arrays == "rows":
         return Arrays(np.load(path, mmap_mode="r"))
     if workload.arrays == "windows":

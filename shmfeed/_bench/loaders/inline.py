@@ -1,7 +1,8 @@
 """In-process assembly, the reference: the training process reads its samples and
 stacks them itself (`workloads.collate`), with no worker at all.  For the
 batch-level workload it returns `source[b]` as is; for the array workloads, the rows
-of each batch's indices read at once (`workloads.in_process_batch`)."""
+of each batch's indices read at once (`workloads.in_process_batch`); for the stream
+workload, the shard files in shmfeed's round-robin order (`ShardFiles.round_robin`)."""
 
 from __future__ import annotations
 
@@ -23,6 +24,9 @@ class Adapter:
 
     def epoch(self, epoch: int):
         job, source = self.job, self.source
+        if isinstance(source, workloads.ShardFiles):
+            yield from source.round_robin(job.batch_size)
+            return
         order = workloads.epoch_order(len(source), job.shuffle, job.seed, epoch)
         if self.batch_level:
             for b in order:

@@ -1,4 +1,6 @@
-"""shmfeed itself: `shmfeed.Loader` with the job's workers, slots and shuffle.
+"""shmfeed itself: `shmfeed.Loader` with the job's workers, slots and shuffle; for the
+stream workload, over `shmfeed.sources.Stream(files, num_shards=NUM_SHARDS)` (a Stream
+is not reordered: `shuffle` does not apply to it).
 
 Batches are numpy views into the ring; the measuring loop drops each one before
 taking the next, so a slot returns to the ring as soon as it has been read.
@@ -9,6 +11,7 @@ from __future__ import annotations
 from typing import Any
 
 import shmfeed
+from shmfeed.sources import Stream
 
 from .. import workloads
 from . import Job
@@ -17,11 +20,12 @@ from . import Job
 class Adapter:
     def __init__(self, source: Any, job: Job):
         batch_level = isinstance(source, workloads.BatchSource)
+        stream = isinstance(source, workloads.ShardFiles)
         self.loader = shmfeed.Loader(
-            source,
+            Stream(source, num_shards=len(source.paths)) if stream else source,
             batch_size=None if batch_level else job.batch_size,
             num_workers=job.workers,
-            shuffle=job.shuffle,
+            shuffle=job.shuffle and not stream,
             seed=job.seed,
             num_slots=job.slots,
             drop_last=bool(workloads.WORKLOADS[job.workload].arrays),  # as in-process: whole batches
