@@ -40,7 +40,7 @@ def data_dir(tmp_path_factory):
 
 def _bench(args, data_dir, tmp_path, capsys) -> tuple[int, dict, str, str]:
     out = tmp_path / "bench.json"
-    rows = 4 * DATA_ROWS if any(w in args[1] for w in ("tokens", "batchlevel")) else DATA_ROWS
+    rows = 4 * DATA_ROWS if any(w in args[1] for w in ("tokens", "batchlevel", "stream-shards")) else DATA_ROWS
     if "windows" in args[1]:
         rows = WINDOW_TOKENS
     code = main(["bench", *args, "--seconds", str(RUN_S), "--data-dir", str(data_dir),
@@ -186,6 +186,71 @@ def test_missing_peer_is_skipped_with_the_extra_to_install(data_dir, tmp_path, c
     row = doc["workloads"]["tokens"]["loaders"]["torch"]
     assert row["summary"]["status"] == "skipped"
     assert "skipped: not installed (pip install 'shmfeed[torch]')" in out
+
+
+# Runs two epochs of the stream workload through one loader in a fresh interpreter (torch
+# never imports into this process) and prints, per epoch, the rows delivered, how many
+# were distinct, and a digest of them in delivery order.
+_STREAM_EPOCHS = """
+import hashlib, json, sys
+import numpy as np
+from shmfeed._bench import workloads
+from shmfeed._bench.loaders import Job, adapter_module
+loader, path = sys.argv[1:]
+job = Job("stream-shards", loader, path, None, 32, 2, None, False, 0, 1.0)
+source = workloads.make_source(workloads.WORKLOADS["stream-shards"], path, batch_size=32, length=None, seed=0)
+adapter = adapter_module(loader).Adapter(source, job)
+out = []
+try:
+    for epoch in range(2):
+        x = np.concatenate([np.array(b["x"]) for b in adapter.epoch(epoch)])  # copies: slots return
+        out.append([len(x), len(np.unique(x, axis=0)), hashlib.sha256(x.tobytes()).hexdigest()])
+finally:
+    adapter.close()
+print(json.dumps(out))
+"""
+
+
+def test_every_stream_loader_delivers_every_row_of_the_shard_files_once_per_epoch(data_dir):
+    data = workloads.WORKLOADS["stream-shards"].data
+    rows = 4 * DATA_ROWS
+    path, _ = workloads.ensure_file(data, data_dir, rows)
+    assert workloads.ensure_file(data, data_dir, rows) == (path, False)  # cached
+    lengths = workloads.shard_rows(rows)
+    assert sum(lengths) == rows and len(set(lengths)) == workloads.NUM_SHARDS  # unequal files
+    assert any(n > 32 for n in lengths) and any(n < 32 for n in lengths)  # whole and partial batches
+    loaders = [n for n in workloads.STREAM_LOADERS if not_installed(n) is None]
+    epochs = {}
+    for name in loaders:
+        proc = subprocess.run([sys.executable, "-c", _STREAM_EPOCHS, name, str(path)],
+                              capture_output=True, text=True, timeout=CLI_TIMEOUT_S)
+        assert proc.returncode == 0, (name, proc.stderr)
+        epochs[name] = json.loads(proc.stdout.splitlines()[-1])
+        for delivered, distinct, _ in epochs[name]:
+            assert delivered == distinct == rows, name  # every row, none twice
+    # In-process reads the shards in shmfeed's round-robin order, row for row.
+    assert epochs["inline"] == epochs["shmfeed"]
+    assert epochs["shmfeed"][0] == epochs["shmfeed"][1]
+
+
+def test_stream_workload_runs_shmfeed_inline_and_torch_and_marks_other_peers_na(data_dir, tmp_path, capsys):
+    runs = ["shmfeed", "inline"] + (["torch"] if not_installed("torch") is None else [])
+    code, doc, out, err = _bench(["--workload", "stream-shards", "--compare", "inline,torch,pickle",
+                                  "--workers", "2"], data_dir, tmp_path, capsys)
+    assert code == 0, err
+    entry = doc["workloads"]["stream-shards"]
+    assert entry["batch_bytes"] == 32 * 512 * 4 and entry["ceiling_ratio"] > 0
+    pickle_row = entry["loaders"]["pickle"]["summary"]
+    assert pickle_row["status"] == "skipped" and "n/a" in pickle_row["reason"]
+    for name in runs:
+        s = entry["loaders"][name]["summary"]
+        assert s["status"] == "ok", (name, entry["loaders"][name]["runs"])
+        # The last batch of a shard (torch: of a worker's files) is short.
+        assert 0 < s["MB_per_s"] <= s["batches_per_s"] * entry["batch_bytes"] / 1e6 * 1.001, name
+        assert entry["loaders"][name]["runs"][0]["epochs_started"] >= 2, name  # epoch ends count
+    stats = entry["loaders"]["shmfeed"]["runs"][0]["loader_stats"]
+    assert len(stats["workers"]) == 2
+    assert "| stream-shards" in out
 
 
 def test_repeats_report_medians(data_dir, tmp_path, capsys):
