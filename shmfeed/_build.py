@@ -16,15 +16,15 @@ import os
 import time
 from typing import Any
 
-from . import _rng
+from . import _bucket, _rng
 from ._arrays import gatherer
+from ._config import Config
 from ._control import BatchStale, PoolShutdown, SlotState
 from ._errors import LoaderClosedError
-from ._order import Order
 from ._report import BuildFailure
 from ._ring import Ring
 from ._rows import write_samples
-from ._spec import Spec, check_batch_leaves, flattener, samples_flattener
+from ._spec import check_batch_leaves, flattener, samples_flattener
 
 WAIT_SLICE_S = 0.25  # how often a waiting builder checks that its parent is alive
 
@@ -33,20 +33,24 @@ class Builder:
     """Builds batch `b` of an epoch into a slot; remembers the item it is on, so that
     an error can name the sample."""
 
-    def __init__(self, source: Any, spec: Spec, order: Order, ring: Ring, seed_global_rngs: bool):
+    def __init__(self, source: Any, cfg: Config, ring: Ring):
         self.source = source
-        self.spec = spec
-        self.order = order
+        self.spec = spec = cfg.spec
+        self.order = cfg.order
         self.ring = ring
-        self.seed_global_rngs = seed_global_rngs
+        self.seed_global_rngs = cfg.seed_global_rngs
+        self.padding = padding = cfg.padding
         self.current_item: int | None = None
-        self._flatten = flattener(spec)
-        self._flatten_samples = samples_flattener(spec)
-        # Array sources fill a batch by index, with no per-sample code (_arrays.py).
-        self._gather = gatherer(source, spec)
+        sample_tree = padding.sample_tree if padding is not None else None
+        self._flatten = flattener(spec, sample_tree)
+        self._flatten_samples = samples_flattener(spec, sample_tree)
+        # Array sources fill a batch by index, with no per-sample code (_arrays.py);
+        # padded samples are written by _pad.py.
+        self._gather = gatherer(source, spec) if padding is None else None
 
     def fill(self, slot: int, epoch: int, batch: int) -> int:
-        """Write batch `batch` of `epoch` into `slot`; return its number of rows."""
+        """Write batch `batch` of `epoch` into `slot`; return the word the slot
+        publishes: its number of rows, and its bucket (see _bucket.pack)."""
         order, spec, seed = self.order, self.spec, self.order.seed
         views = self.ring.write_views(slot)
         if self._gather is not None:
@@ -61,6 +65,8 @@ class Builder:
                 self.current_item = index
                 _rng.set_item(seed, epoch, index)
                 leaves = self._flatten(self.source[index], "batch", index)
+                if self.padding is not None:
+                    return self._fill_padded_batch(slot, leaves, index)
                 rows = check_batch_leaves(leaves, spec, index)
                 for view, x in zip(views, leaves):
                     view[:rows] = x
@@ -72,17 +78,34 @@ class Builder:
                 _rng.set_item(seed, epoch, index)
                 samples.append(source[index])
             self.current_item = None  # a bad sample's SpecError names its own index
-            write_samples(spec, views, self._flatten_samples(samples, items), items)
-            return len(items)
+            bucket = order.bucket(epoch, batch) if self.padding and self.padding.boundaries else None
+            return self.write_rows(slot, self._flatten_samples(samples, items), items, bucket)
         finally:
             _rng.clear_item()
 
+    def write_rows(self, slot: int, flat: list, names: list, bucket: int | None = None) -> int:
+        """Write a batch's flattened samples into `slot` (padded, at `bucket`'s shapes,
+        when the loader pads); return the word the slot publishes.  `names`: how an
+        error calls each sample (its index)."""
+        if self.padding is None:
+            write_samples(self.spec, self.ring.write_views(slot), flat, names)
+            return len(flat)
+        views = self.ring.write_views(slot, None if bucket is None else self.padding.shapes(bucket))
+        self.padding.write_samples(self.spec, views, flat, names)
+        return _bucket.pack(len(flat), bucket)
 
-def builder_for(source: Any, spec: Spec, order: Order, ring: Ring, seed_global_rngs: bool) -> Builder:
+    def _fill_padded_batch(self, slot: int, leaves: list, index: int) -> int:
+        assert self.padding is not None
+        rows, bucket = self.padding.write_batch(self.spec, lambda shapes: self.ring.write_views(slot, shapes),
+                                                leaves, index)
+        return _bucket.pack(rows, bucket)
+
+
+def builder_for(source: Any, cfg: Config, ring: Ring) -> Builder:
     """The builder of `source`: the kind it names (`_shmfeed_builder`: the stream
     sources of _stream.py), else `Builder`."""
     cls = getattr(type(source), "_shmfeed_builder", Builder)
-    return cls(source, spec, order, ring, seed_global_rngs)
+    return cls(source, cfg, ring)
 
 
 class LeaveBuild(Exception):

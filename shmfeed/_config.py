@@ -22,8 +22,11 @@ from typing import Any
 import numpy as np
 
 from . import _rng, _sysinfo
+from ._bucket import BucketedOrder, item_buckets
 from ._errors import RingMemoryError, SpecError
 from ._order import Order
+from ._pad import Padding
+from ._pad import plan as plan_padding
 from ._ring import ring_bytes
 from ._spec import Spec, infer, with_rows
 
@@ -44,6 +47,7 @@ class Config:
     seed_global_rngs: bool
     timeout_s: float | None
     start_method: str
+    padding: Padding | None = None  # padded_shapes and what goes with them (_pad.py)
 
     @property
     def max_workers(self) -> int:
@@ -67,10 +71,24 @@ def check_bool(name: str, value: Any) -> bool:
     return bool(value)
 
 
+def check_boundaries(value: Any) -> tuple[int, ...] | None:
+    """`bucket_boundaries`: None, or ascending lengths >= 1."""
+    if value is None:
+        return None
+    try:
+        out = tuple(check_int("bucket_boundaries", b, 1) for b in value)
+    except TypeError:
+        raise SpecError(f"`bucket_boundaries` must be a list of lengths, got {value!r}") from None
+    if not out or any(a >= b for a, b in zip(out, out[1:])):
+        raise SpecError(f"`bucket_boundaries` must be a non-empty list of increasing lengths, got {list(out)}")
+    return out
+
+
 def build(source: Any, *, batch_size: Any, num_workers: Any, shuffle: Any, shuffle_block: Any, seed: Any,
           drop_last: Any, num_slots: Any, memory_budget_bytes: Any, max_batch_rows: Any,
           timeout_s: Any, max_restarts: Any, start_method: Any, seed_global_rngs: Any,
-          shard_index: Any, shard_count: Any) -> Config:
+          shard_index: Any, shard_count: Any, padded_shapes: Any = None, padding_values: Any = None,
+          with_lengths: Any = False, bucket_boundaries: Any = None, bucket_lengths: Any = None) -> Config:
     """Validate the Loader's arguments, probe the source, size the ring."""
     if batch_size is REQUIRED:
         raise SpecError(
@@ -94,6 +112,8 @@ def build(source: Any, *, batch_size: Any, num_workers: Any, shuffle: Any, shuff
     shard_index = check_int("shard_index", shard_index, 0)
     drop_last = check_bool("drop_last", drop_last)
     seed_global_rngs = check_bool("seed_global_rngs", seed_global_rngs)
+    with_lengths = check_bool("with_lengths", with_lengths)
+    boundaries = check_boundaries(bucket_boundaries)
     if shard_index >= shard_count:
         raise SpecError(f"`shard_index` must be < `shard_count` ({shard_count}), got {shard_index}")
     if timeout_s is not None and (isinstance(timeout_s, bool) or not isinstance(timeout_s, (int, float))
@@ -111,14 +131,38 @@ def build(source: Any, *, batch_size: Any, num_workers: Any, shuffle: Any, shuff
     n_items = len(source)
     if n_items == 0:
         raise SpecError("the source is empty (len(source) == 0): there is nothing to load")
-    # Order checks `shuffle` and `shuffle_block` (it knows the modes).
-    order = Order(n_items, batch_size, shuffle, seed, drop_last, shard_index, shard_count, shuffle_block)
+    if boundaries is not None and batch_size is not None:
+        if bucket_lengths is None:
+            raise SpecError("`bucket_boundaries` needs `bucket_lengths`: each sample's length (a sequence "
+                            "of len(source) ints, or a function of the index), to group samples by it")
+        if hasattr(type(source), "_shmfeed_builder"):
+            raise SpecError("`bucket_boundaries` regroups samples by index, and a stream (a generator or "
+                            "a `Stream`) is read in its own order: pad to fixed shapes (no None in "
+                            "`padded_shapes`), or give a source read by index")
+        buckets = item_buckets(bucket_lengths, n_items, boundaries)
+        order: Order = BucketedOrder(n_items, batch_size, shuffle, seed, drop_last, shard_index,
+                                     shard_count, shuffle_block, boundaries=boundaries, buckets=buckets)
+    elif boundaries is not None and shard_count > 1:
+        raise SpecError(
+            f"`bucket_boundaries` with a batch-level source and `shard_count={shard_count}`: each host's "
+            "batch would take its own bucket, and the hosts of one step need the same shapes. Pad to "
+            "fixed shapes (no None in `padded_shapes`), or use a per-sample source with `bucket_lengths`.")
+    elif bucket_lengths is not None:
+        raise SpecError("`bucket_lengths` is for grouping samples by length: give `bucket_boundaries` "
+                        "too" if boundaries is None else
+                        "`bucket_lengths` is for per-sample sources: a batch-level source's batch "
+                        "takes the smallest bucket that holds it")
+    else:
+        # Order checks `shuffle` and `shuffle_block` (it knows the modes).
+        order = Order(n_items, batch_size, shuffle, seed, drop_last, shard_index, shard_count, shuffle_block)
     order.check_not_empty()
     if order.n_batches >= MAX_BATCHES:
         raise SpecError(
             f"an epoch of {order.n_batches} batches: batch numbers are 32-bit, so an epoch holds "
             f"fewer than {MAX_BATCHES}. Raise `batch_size` (now {batch_size}).")
     spec = probe(source, order, seed_global_rngs)
+    spec, padding = plan_padding(spec, padded_shapes, padding_values, with_lengths, boundaries,
+                                 order.first_item())
     if max_batch_rows is not None:
         if not spec.batch_level:
             raise SpecError("`max_batch_rows` is for batch-level sources (`batch_size=None`)")
@@ -144,7 +188,7 @@ def build(source: Any, *, batch_size: Any, num_workers: Any, shuffle: Any, shuff
     return Config(order=order, spec=spec, n_slots=num_slots, num_workers=num_workers,
                   max_restarts=max_restarts, seed_global_rngs=seed_global_rngs,
                   timeout_s=None if timeout_s is None else float(timeout_s),
-                  start_method=start_method)
+                  start_method=start_method, padding=padding)
 
 
 def check_memory(nbytes: int, n_slots: int, slot_bytes: int) -> None:

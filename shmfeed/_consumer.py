@@ -24,7 +24,7 @@ from typing import Any
 
 import psutil
 
-from . import _rng
+from . import _bucket, _rng
 from ._build import build_batch, builder_for
 from ._config import Config
 from ._control import NO_CLAIM, PoolShutdown, RingBlocked, SlotState, Taken, tag, untag
@@ -51,8 +51,7 @@ class Consumer:
         self.first_batch = 0  # of the current generation, in its epoch
         self.next_slot = 0
         self.delivered = 0  # batches of the current epoch handed to the loop
-        self.builder = (builder_for(source, cfg.spec, cfg.order, ring, cfg.seed_global_rngs)
-                        if cfg.num_workers == 0 else None)
+        self.builder = builder_for(source, cfg, ring) if cfg.num_workers == 0 else None
         self.t_first: float | None = None
         self.thread: int | None = None  # the thread iterating the current generation
         # A sharded stream says per epoch which batches hold data and when it ends.
@@ -152,10 +151,12 @@ class Consumer:
             report = ring.read_report(taken.slot)
             ctl.release(taken.slot, tag(gen, b))
             raise report.to_exception()
-        if self.cut is not None and not self.cut.keep(epoch_batch, taken.rows):
+        rows, bucket = _bucket.unpack(taken.rows)
+        if self.cut is not None and not self.cut.keep(epoch_batch, rows):
             ctl.release(taken.slot, tag(gen, b))
             return _NO_DATA
-        leaves = ring.lease(taken.slot, tag(gen, b), taken.rows)
+        shapes = None if bucket is None else self.cfg.padding.shapes(bucket)
+        leaves = ring.lease(taken.slot, tag(gen, b), rows, shapes)
         self.stats.batches += 1
         self.stats.bytes += sum(x.nbytes for x in leaves)
         self.delivered = epoch_batch + 1

@@ -145,6 +145,15 @@ class Loader:
     from disk.  With `shard_count=k` hosts, host `shard_index` gets its `batch_size`
     rows of each global batch of `k * batch_size` (see _order.py for the last batch).
 
+    Samples whose arrays vary in size are padded into fixed slots: `padded_shapes`
+    (e.g. `{"tokens": (512,)}`, only the fields that vary), `padding_values` (default
+    0), and `with_lengths=True` for their true sizes (`batch["lengths"]`).  With
+    `bucket_boundaries` (e.g. `[64, 128, 256, 512]`, None in `padded_shapes` for the
+    dimension they bound) and `bucket_lengths` (len(source) ints, or a function of the
+    index), samples of similar length are batched together and each batch is padded
+    to the smallest boundary that holds it: at most `len(bucket_boundaries)` shapes.
+    See shmfeed/_pad.py and shmfeed/_bucket.py.
+
     Faults (RELIABILITY.md has the details and measured times):
 
     - An exception in `__getitem__` (or a bad sample: `SpecError`) is raised in batch
@@ -184,6 +193,11 @@ class Loader:
         shard_index: int = 0,
         shard_count: int = 1,
         steps_per_epoch: int | None = None,
+        padded_shapes: Any = None,
+        padding_values: Any = None,
+        with_lengths: bool = False,
+        bucket_boundaries: Any = None,
+        bucket_lengths: Any = None,
     ):
         # Arrays, dicts and tuples of arrays: shmfeed.sources.Arrays; generators: _stream.py.
         source = stream_source(as_source(source), steps_per_epoch=steps_per_epoch,
@@ -195,7 +209,9 @@ class Loader:
                     memory_budget_bytes=memory_budget_bytes, max_batch_rows=max_batch_rows,
                     timeout_s=timeout_s, max_restarts=max_restarts, start_method=start_method,
                     seed_global_rngs=seed_global_rngs, shard_index=shard_index,
-                    shard_count=shard_count)
+                    shard_count=shard_count, padded_shapes=padded_shapes,
+                    padding_values=padding_values, with_lengths=with_lengths,
+                    bucket_boundaries=bucket_boundaries, bucket_lengths=bucket_lengths)
         self._source = source
         self._cfg = cfg
         self._ring = Ring(cfg.spec, cfg.n_slots, cfg.max_workers)

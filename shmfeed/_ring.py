@@ -19,6 +19,7 @@ Invariants:
 from __future__ import annotations
 
 import errno
+import math
 import mmap
 import os
 import weakref
@@ -124,17 +125,23 @@ class Ring:
         return np.frombuffer(self.mm, np.uint8, count=self.n_slots * self.slot_bytes, offset=self.data_offset)
 
     # -- worker side ------------------------------------------------------------------
-    def write_views(self, slot: int) -> list[np.ndarray]:
-        """Full-capacity arrays of each leaf in `slot`, for the worker to write into."""
+    def _views(self, raw: np.ndarray, rows: int, shapes: list[tuple[int, ...]] | None) -> list[np.ndarray]:
+        """Each leaf of a slot as `rows` rows of its shape (`shapes`: a bucket's, packed
+        contiguously from the leaf's offset, so that the views stay plain arrays)."""
+        leaves = self.spec.leaves
+        out = []
+        for lf, shape in zip(leaves, shapes or [lf.shape for lf in leaves]):
+            n = rows * math.prod(shape) * lf.dtype.itemsize
+            out.append(raw[lf.offset : lf.offset + n].view(lf.dtype).reshape((rows,) + tuple(shape)))
+        return out
+
+    def write_views(self, slot: int, shapes: list[tuple[int, ...]] | None = None) -> list[np.ndarray]:
+        """Full-capacity arrays of each leaf in `slot`, for the worker to write into
+        (with `shapes`: of those row shapes, for a bucket)."""
+        if shapes is not None:
+            return self._views(self.slot_raw[slot], self.spec.rows, shapes)
         if self._write_views is None:
-            spec = self.spec
-            self._write_views = [
-                [
-                    raw[lf.offset : lf.offset + lf.capacity_bytes].view(lf.dtype).reshape((spec.rows,) + lf.shape)
-                    for lf in spec.leaves
-                ]
-                for raw in self.slot_raw
-            ]
+            self._write_views = [self._views(raw, self.spec.rows, None) for raw in self.slot_raw]
         return self._write_views[slot]
 
     def write_report(self, slot: int | None, report: _report._Report) -> None:
@@ -145,7 +152,8 @@ class Ring:
         return _report.read(self.mm, self.fatal_offset if slot is None else self.report_offsets[slot])
 
     # -- consumer side ----------------------------------------------------------------
-    def lease(self, slot: int, tag: int, rows: int) -> list[np.ndarray]:
+    def lease(self, slot: int, tag: int, rows: int,
+              shapes: list[tuple[int, ...]] | None = None) -> list[np.ndarray]:
         """Arrays of one taken batch; the slot is released when they all die.
 
         They are views of one uint8 array over a `SlotRef`, whose deallocation (in C,
@@ -153,11 +161,7 @@ class Ring:
         ref = self.ctl.slot_ref(slot, tag, self.data_offset + slot * self.slot_bytes, self.slot_bytes)
         raw = np.frombuffer(ref, np.uint8)
         self._leases[slot] = (tag, weakref.ref(ref))
-        out = []
-        for lf in self.spec.leaves:
-            n = rows * (lf.capacity_bytes // self.spec.rows) if self.spec.rows else 0
-            out.append(raw[lf.offset : lf.offset + n].view(lf.dtype).reshape((rows,) + lf.shape))
-        return out
+        return self._views(raw, rows, shapes)
 
     def release_orphans(self) -> int:
         """Give back the slots the consumer holds for batches no array refers to any

@@ -28,7 +28,7 @@ def _arrays_ok(col: tuple, leaf: Leaf) -> bool:
     return set(map(_dtype_of, col)) == {leaf.dtype} and set(map(_shape_of, col)) == {leaf.shape}
 
 
-def _write_leaf(view: np.ndarray, col: tuple, leaf: Leaf, items: list[int]) -> None:
+def write_leaf(view: np.ndarray, col: tuple, leaf: Leaf, items: list[int]) -> None:
     n = len(col)
     if leaf.pytype is not None and set(map(type, col)) == {leaf.pytype}:
         view[:n] = col  # Python scalars: converted in one C call
@@ -49,4 +49,4 @@ def write_samples(spec: Spec, views: list[np.ndarray], samples: list[list], item
     if not samples:
         return
     for view, col, leaf in zip(views, zip(*samples), spec.leaves):
-        _write_leaf(view, col, leaf, items)
+        write_leaf(view, col, leaf, items)

@@ -38,7 +38,6 @@ from ._build import WAIT_SLICE_S, Builder, LeaveBuild, build_batch
 from ._config import check_int
 from ._control import PoolShutdown, SlotState, tag, untag
 from ._errors import SpecError, internal
-from ._rows import write_samples
 
 STREAM_BATCH_BOUND = 1 << 31  # batch numbers a sharded epoch may use (tags hold 32 bits)
 
@@ -116,7 +115,7 @@ class ShardBuilder(Builder):
         return sh
 
     def fill(self, slot: int, epoch: int, batch: int) -> int:
-        src, spec, seed = self.source, self.spec, self.order.seed
+        src, seed = self.source, self.order.seed
         n_local = len(src.shards)
         j, round_ = batch % n_local, batch // n_local
         shard, rows = src.shards[j], src.batch_size
@@ -138,8 +137,7 @@ class ShardBuilder(Builder):
                     keys.append(key)
             self.current_item = None  # a bad sample's SpecError names it, as below
             names = [f"{key & 0xFFFFFFFF} of shard {shard}" for key in keys]  # "sample 7 of shard 3"
-            write_samples(spec, self.ring.write_views(slot), self._flatten_samples(samples, names), names)
-            return len(samples)
+            return self.write_rows(slot, self._flatten_samples(samples, names), names)
         finally:
             _rng.clear_item()
 

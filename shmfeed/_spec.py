@@ -32,7 +32,8 @@ _PY_SCALARS = (bool, int, float, complex)
 _ARRAY_PROTOCOLS = ("__array__", "__array_interface__", "__array_struct__")
 _TEXT_TYPES = (str, bytes, bytearray, memoryview)
 
-# Tree nodes: ("leaf", index) | ("dict", keys, children) | ("seq", type, children)
+# Tree nodes: ("leaf", index) | ("dict", keys, children) | ("seq", type, children),
+# and, in a batch's tree only, ("none",): a None in the batch.
 Node = tuple
 
 
@@ -282,22 +283,25 @@ def _compile(node: Node):
     return nested_seq
 
 
-def flattener(spec: Spec):
-    """flatten(obj, kind, index) -> leaves, raising SpecError with the field path."""
-    fast = _compile(spec.tree)
+def flattener(spec: Spec, tree: Node | None = None):
+    """flatten(obj, kind, index) -> leaves, raising SpecError with the field path.
+    `tree`: the samples' tree when it differs from the batch's (padding's lengths)."""
+    tree = spec.tree if tree is None else tree
+    fast = _compile(tree)
 
     def flatten(obj: Any, kind: str, index: int | None) -> list:
         try:
             return fast(obj)
         except (_Mismatch, KeyError, TypeError):
-            raise _structure_error(obj, spec.tree, (), _where(kind, index)) from None
+            raise _structure_error(obj, tree, (), _where(kind, index)) from None
     return flatten
 
 
-def samples_flattener(spec: Spec):
+def samples_flattener(spec: Spec, tree: Node | None = None):
     """flatten_all(samples, indices) -> the leaves of each sample (sequences), raising
-    SpecError naming the first sample whose structure differs and its field path."""
-    fast, one = _compile(spec.tree), flattener(spec)
+    SpecError naming the first sample whose structure differs and its field path.
+    `tree`: as for `flattener`."""
+    fast, one = _compile(spec.tree if tree is None else tree), flattener(spec, tree)
 
     def flatten_all(samples: list, indices: list[int]) -> list:
         try:
@@ -343,9 +347,11 @@ def _leaf_expect(leaf: Leaf) -> str:
     return f"dtype {leaf.dtype} with shape {leaf.shape}"
 
 
-def check_batch_leaves(leaves: list, spec: Spec, index: int) -> int:
+def check_batch_leaves(leaves: list, spec: Spec, index: int, padded: tuple[bool, ...] = ()) -> int:
     """Check a whole batch from a batch-level source, converting in place the leaves
-    that implement numpy's array protocols; return its length (rows)."""
+    that implement numpy's array protocols; return its length (rows).  Leaves marked
+    in `padded` only need the right dtype and number of dimensions (the caller checks
+    that they fit)."""
     rows = None
     for i, (x, leaf) in enumerate(zip(leaves, spec.leaves)):
         where = f"batch {index}, field {leaf.path or '(root)'}"
@@ -355,7 +361,8 @@ def check_batch_leaves(leaves: list, spec: Spec, index: int) -> int:
             if type(x) in _PY_SCALARS or isinstance(x, np.generic):
                 raise SpecError(f"{where}: got a scalar, expected an array with a leading batch axis")
             raise _unsupported(x, f"batch {index}", leaf.path or "(root)", "a numpy array")
-        if x.dtype != leaf.dtype or x.ndim == 0 or tuple(x.shape[1:]) != leaf.shape:
+        if x.dtype != leaf.dtype or x.ndim == 0 or (
+                x.ndim != len(leaf.shape) + 1 if i < len(padded) and padded[i] else tuple(x.shape[1:]) != leaf.shape):
             raise SpecError(
                 f"{where}: got dtype {x.dtype} shape {tuple(x.shape)}, expected dtype {leaf.dtype} "
                 f"shape (n, {', '.join(map(str, leaf.shape))}) like batch 0"
@@ -381,6 +388,8 @@ def unflatten(node: Node, leaves: list) -> Any:
     kind = node[0]
     if kind == "leaf":
         return leaves[node[1]]
+    if kind == "none":  # a field the batch leaves out (padding's lengths of an unpadded leaf)
+        return None
     if kind == "dict":
         return {k: unflatten(c, leaves) for k, c in zip(node[1], node[2])}
     cls = node[1]
@@ -395,3 +404,9 @@ def unflatten(node: Node, leaves: list) -> Any:
 def with_rows(spec: Spec, rows: int) -> Spec:
     """The same spec with room for `rows` rows per slot (for `max_batch_rows`)."""
     return _lay_out(spec.tree, list(spec.leaves), rows, spec.batch_level)
+
+
+def relayout(spec: Spec, tree: Node, protos: list[Leaf]) -> Spec:
+    """A spec of the same rows whose batches have `tree` and leaves `protos` (their
+    offsets recomputed): for padding, which changes leaf shapes and adds leaves."""
+    return _lay_out(tree, protos, spec.rows, spec.batch_level)

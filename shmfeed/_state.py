@@ -49,6 +49,7 @@ def fingerprint(order: Order) -> dict:
         "shuffle_block": order.shuffle_block if order.shuffle == "block" else None,
         "seed": order.seed,
         "drop_last": order.drop_last,
+        **(order.fingerprint_extra() if hasattr(order, "fingerprint_extra") else {}),
     }
 
 

@@ -101,7 +101,7 @@ def supervise(ring: Ring, chan_fd: int, source: Any, cfg: Config, parent_pid: in
     ctl = ring.ctl
     chan = socket.socket(fileno=chan_fd)
     me = os.getpid()
-    builder = builder_for(source, cfg.spec, cfg.order, ring, cfg.seed_global_rngs)
+    builder = builder_for(source, cfg, ring)
     workers: dict[int, int] = {}  # pid -> worker index
     pidfds: dict[int, int] = {}  # pid -> pidfd
 
@@ -160,8 +160,7 @@ def supervise(ring: Ring, chan_fd: int, source: Any, cfg: Config, parent_pid: in
             return bool(msg)
         try:
             with os.fdopen(fds[0], "rb") as f:
-                new = builder_for(_interpreter.loads(f.read()), cfg.spec, cfg.order, ring,
-                              cfg.seed_global_rngs)
+                new = builder_for(_interpreter.loads(f.read()), cfg, ring)
         except BaseException as exc:  # noqa: B036 - whatever the source's unpickling raises
             reason = f"{type(exc).__name__}: {exc}".encode(errors="replace")[:_REASON_BYTES]
             chan.send(UPDATE_FAILED + reason)

@@ -154,3 +154,57 @@ class Stamped:
     def __getitem__(self, i: int):
         stamp = float(i * 1000 + int(shmfeed.rng().integers(1000)))
         return {"x": np.full(self.shape, stamp, np.float32), "id": np.int32(i)}
+
+
+def token_length(i: int, longest: int = 40) -> int:
+    """A long-tailed length in 1..longest, a pure function of the index."""
+    return 1 + (i * 7919 % 97) ** 3 * (longest - 1) // 96**3
+
+
+class Tokens:
+    """Sample i: {'tokens': int32[token_length(i)] counting up from i, 'label': i};
+    with `oversize`, sample `oversize` is `extra` tokens longer than `longest`."""
+
+    def __init__(self, n: int, longest: int = 40, oversize: int | None = None, extra: int = 3):
+        self.n = n
+        self.longest = longest
+        self.oversize = oversize
+        self.extra = extra
+
+    def __len__(self):
+        return self.n
+
+    def length(self, i: int) -> int:
+        return token_length(i, self.longest)
+
+    def __getitem__(self, i):
+        n = self.length(i) + (self.extra + self.longest if i == self.oversize else 0)
+        return {"tokens": np.arange(i, i + n, dtype=np.int32), "label": i}
+
+
+class TokenBatches:
+    """Batch-level: batch b is int16[3 + b % 2, 2 + b, 2] filled with b, and labels."""
+
+    def __len__(self):
+        return 6
+
+    def __getitem__(self, b):
+        rows = 3 + b % 2
+        return np.full((rows, 2 + b, 2), b, np.int16), np.arange(rows, dtype=np.int64) + 10 * b
+
+
+class ShiftingTokens(Tokens):
+    """Tokens whose values move by `shift`, which on_epoch_end raises by 1000 (an epoch
+    hook the workers must see)."""
+
+    def __init__(self, n: int):
+        super().__init__(n)
+        self.shift = 0
+
+    def on_epoch_end(self):
+        self.shift += 1000
+
+    def __getitem__(self, i):
+        sample = super().__getitem__(i)
+        sample["tokens"] += self.shift
+        return sample
