@@ -208,3 +208,19 @@ class ShiftingTokens(Tokens):
         sample = super().__getitem__(i)
         sample["tokens"] += self.shift
         return sample
+
+
+def token_records(s: int, num_shards: int):
+    """A sharded stream of Tokens: shard s holds samples s, s + num_shards, ... of Tokens(40)."""
+    src = Tokens(40)
+    for i in range(s, len(src), num_shards):
+        yield src[i]
+
+
+def token_generator():
+    """A generator of Tokens samples, 0, 1, 2, ... (any number)."""
+    src = Tokens(1 << 30)
+    i = 0
+    while True:
+        yield src[i]
+        i += 1

@@ -8,13 +8,14 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from _sources import ShiftingTokens, TokenBatches, Tokens
+from _sources import ShiftingTokens, TokenBatches, Tokens, token_generator, token_records
 from _trees import copy_tree
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import shmfeed
 from shmfeed import SpecError, WorkerError
+from shmfeed.sources import Stream
 
 
 def _expected_row(i: int, width: int, pad) -> np.ndarray:
@@ -207,3 +208,36 @@ def test_workers_rebuilt_after_an_epoch_hook_still_pad():
                     want = _expected_row(i, 40, -1)
                     want[want >= 0] += 1000 * epoch
                     np.testing.assert_array_equal(batch["tokens"][row], want)
+
+
+@pytest.mark.parametrize("num_workers", [0, 2])
+def test_a_sharded_stream_is_padded(num_workers):
+    with shmfeed.Loader(Stream(token_records, num_shards=4), batch_size=4, num_workers=num_workers,
+                        padded_shapes={"tokens": (40,)}, padding_values={"tokens": -1},
+                        with_lengths=True) as loader:
+        seen = []
+        for batch in loader:
+            for row, i in enumerate(batch["label"].tolist()):
+                np.testing.assert_array_equal(batch["tokens"][row], _expected_row(i, 40, -1))
+                assert batch["lengths"]["tokens"][row] == Tokens(1).length(i)
+            seen += batch["label"].tolist()
+    assert sorted(seen) == list(range(40))
+
+
+@pytest.mark.parametrize("num_workers", [0, 1])
+def test_a_generator_is_padded(num_workers):
+    with shmfeed.Loader(token_generator, batch_size=4, num_workers=num_workers, steps_per_epoch=3,
+                        padded_shapes={"tokens": (40,)}, padding_values={"tokens": -1}) as loader:
+        labels = []
+        for batch in loader:
+            for row, i in enumerate(batch["label"].tolist()):
+                np.testing.assert_array_equal(batch["tokens"][row], _expected_row(i, 40, -1))
+            labels += batch["label"].tolist()
+    assert labels == list(range(12))
+
+
+def test_bucketing_a_stream_is_refused():
+    with pytest.raises(SpecError, match=r"a stream \(a generator or a `Stream`\) is read in its own order"):
+        shmfeed.Loader(Stream(token_records, num_shards=4), batch_size=4, num_workers=0,
+                       padded_shapes={"tokens": (None,)}, bucket_boundaries=[8, 40],
+                       bucket_lengths=lambda i: 1)
