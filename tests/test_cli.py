@@ -330,7 +330,7 @@ def test_without_a_step_the_table_shows_loop_cpu_and_leaves_input_wait_out(data_
 
 
 def test_a_results_file_from_before_loop_cpu_and_step_ms_still_renders():
-    doc = json.loads((Path(__file__).parents[1] / "benchmarks" / "results.json").read_text())
+    doc = json.loads((Path(__file__).parents[1] / "benchmarks" / "results-2026-11-21.json").read_text())
     assert "step_ms" not in doc["options"]
     text = report.heading(doc) + "\n" + report.table(doc)
     assert "no training step" in text and "| transport  | shmfeed " in text
