@@ -60,7 +60,7 @@ def dump_source(source: Any, why: str) -> bytes:
     try:
         data = cloudpickle.dumps(source)
     except Exception as exc:
-        found = _culprit(source, "source", 0)
+        found = unpicklable_part(source, "source", 0)
         path, part, cause = found if found is not None else (None, source, exc)
         what = f"its attribute `{path}` ({type(part).__name__})" if path else type(source).__name__
         raise SourcePickleError(
@@ -93,12 +93,12 @@ def _children(obj: Any) -> list[tuple[str, Any]]:
     return out
 
 
-def _culprit(obj: Any, path: str, depth: int) -> tuple[str, Any, BaseException] | None:
+def unpicklable_part(obj: Any, path: str, depth: int) -> tuple[str, Any, BaseException] | None:
     """The deepest part of `obj` that does not pickle: (path, part, error), or None."""
     for name, child in _children(obj):
         try:
             cloudpickle.dumps(child)
         except Exception as exc:
-            deeper = _culprit(child, path + name, depth + 1) if depth < _CULPRIT_DEPTH else None
+            deeper = unpicklable_part(child, path + name, depth + 1) if depth < _CULPRIT_DEPTH else None
             return deeper or (path + name, child, exc)
     return None

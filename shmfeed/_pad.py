@@ -51,11 +51,10 @@ class LeafPad:
 @dataclass(frozen=True)
 class Padding:
     """Everything a builder and the consumer need to pad (see the module docstring).
-    The spec's first `n_sample_leaves` leaves are the sample's; the lengths leaves,
-    if any, follow."""
+    The spec's first leaves are the sample's (one per `pads` entry); the lengths
+    leaves, if any, follow."""
 
     sample_tree: Node
-    n_sample_leaves: int
     pads: tuple[LeafPad | None, ...]  # per sample leaf; None: written as is
     boundaries: tuple[int, ...] | None  # bucket lengths, ascending
 
@@ -272,11 +271,11 @@ def plan(spec: Spec, padded_shapes: Any, padding_values: Any, with_lengths: bool
         lengths_leaf = len(spec.leaves) + lengths_order.index(j) if j in lengths_order else None
         pads[j] = LeafPad(full, _pad_value(values.get(j, 0), leaf),
                           tuple(d for d, s in enumerate(ps) if s is None), lengths_leaf)
-        protos[j] = Leaf(leaf.path, full, leaf.dtype, 0, 0, None)
+        protos[j] = Leaf(leaf.path, full, leaf.dtype, 0, None)
     for j in lengths_order:
         nd = len(spec.leaves[j].shape)
         protos.append(Leaf(f"[{LENGTHS_KEY!r}]{spec.leaves[j].path}", () if nd == 1 else (nd,),
-                           LENGTHS_DTYPE, 0, 0, None))
+                           LENGTHS_DTYPE, 0, None))
     if boundaries is not None and not any(p is not None and p.bucket_dims for p in pads):
         raise SpecError("`bucket_boundaries` needs a dimension to bucket: give it as None in "
                         "`padded_shapes`, e.g. {'tokens': (None,)}")
@@ -285,4 +284,4 @@ def plan(spec: Spec, padded_shapes: Any, padding_values: Any, with_lengths: bool
               for lf, pad in zip(protos, pads + [None] * len(lengths_order)))
         for n in boundaries or ())
     return (relayout(spec, tree, protos),
-            Padding(spec.tree, len(spec.leaves), tuple(pads), boundaries, bucket_shapes))
+            Padding(spec.tree, tuple(pads), boundaries, bucket_shapes))

@@ -43,7 +43,6 @@ class Leaf:
     shape: tuple[int, ...]  # shape of one row (a sample; or a batch without its leading axis)
     dtype: np.dtype
     offset: int  # byte offset inside a slot
-    capacity_bytes: int  # bytes reserved for `rows` rows
     pytype: type | None  # the Python scalar type when the first sample gave one
 
 
@@ -162,7 +161,7 @@ def infer(first: Any, *, rows: int | None, index: int) -> Spec:
         rows = lead[0]
     assert rows is not None
     protos = [
-        Leaf(_path_str(path), tuple(arr.shape[1:]) if batch_level else tuple(arr.shape), arr.dtype, 0, 0,
+        Leaf(_path_str(path), tuple(arr.shape[1:]) if batch_level else tuple(arr.shape), arr.dtype, 0,
              None if batch_level else pytype)
         for path, (arr, pytype) in found
     ]
@@ -175,7 +174,7 @@ def _lay_out(tree: Node, protos: list[Leaf], rows: int, batch_level: bool) -> Sp
     offset = 0
     for lf in protos:
         cap = int(np.prod((rows,) + lf.shape, dtype=np.int64)) * lf.dtype.itemsize
-        leaves.append(Leaf(lf.path, lf.shape, lf.dtype, offset, cap, lf.pytype))
+        leaves.append(Leaf(lf.path, lf.shape, lf.dtype, offset, lf.pytype))
         offset += -(-cap // LEAF_ALIGN_BYTES) * LEAF_ALIGN_BYTES
     slot_bytes = max(SLOT_ALIGN_BYTES, -(-offset // SLOT_ALIGN_BYTES) * SLOT_ALIGN_BYTES)
     return Spec(tree, tuple(leaves), rows, batch_level, slot_bytes)

@@ -29,6 +29,7 @@ from typing import Any
 import cloudpickle
 
 from ._errors import SpecError
+from ._interpreter import unpicklable_part
 from ._order import Order
 
 FORMAT = 1
@@ -91,12 +92,15 @@ def source_snapshot(source: Any) -> str | dict:
     own = getattr(source, "state_dict", None)
     if callable(own):
         return {"state_dict": own()}
+    attributes = dict(vars(source))
     try:
-        data = cloudpickle.dumps(dict(vars(source)))
+        data = cloudpickle.dumps(attributes)
     except Exception as exc:
+        found = unpicklable_part(source, "source", 0)  # names the attribute, as a spawned pool does
+        what = f"`{found[0]}` ({type(found[1]).__name__})" if found else "they"
         raise SpecError(
             f"the source ({type(source).__name__}) has epoch hooks, so the loader's state must carry "
-            f"its attributes, and they cannot be pickled: {type(exc).__name__}: {exc}. Give the "
+            f"its attributes, and {what} cannot be pickled: {type(exc).__name__}: {exc}. Give the "
             "source `state_dict()` and `load_state_dict(state)` methods instead.") from exc
     return base64.b64encode(data).decode("ascii")
 

@@ -192,3 +192,28 @@ def test_sequence_state_taken_after_the_last_batch_runs_on_epoch_end_once():
         np.random.set_state(rng_state)
         resumed.load_state_dict(state)
         assert [got, _run(resumed, 1)[0]] == reference
+
+
+class HookedWithLock:
+    """A batch-level source with an epoch hook and an attribute that cannot be pickled."""
+
+    def __init__(self):
+        import threading
+
+        self.lock = threading.Lock()
+
+    def __len__(self):
+        return 4
+
+    def __getitem__(self, b):
+        return np.full((2, 3), b, np.int32)
+
+    def on_epoch_end(self):
+        pass
+
+
+def test_state_of_a_hooked_source_that_cannot_be_pickled_names_the_attribute():
+    with shmfeed.Loader(HookedWithLock(), batch_size=None, num_workers=0) as loader:
+        next(iter(loader))
+        with pytest.raises(shmfeed.SpecError, match=r"`source\.lock` \(lock\) cannot be pickled"):
+            loader.state_dict()
