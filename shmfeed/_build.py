@@ -38,7 +38,6 @@ class Builder:
         self.spec = spec = cfg.spec
         self.order = cfg.order
         self.ring = ring
-        self.seed_global_rngs = cfg.seed_global_rngs
         self.padding = padding = cfg.padding
         self.current_item: int | None = None
         sample_tree = padding.sample_tree if padding is not None else None
@@ -47,6 +46,8 @@ class Builder:
         # Array sources fill a batch by index, with no per-sample code (_arrays.py);
         # padded samples are written by _pad.py.
         self._gather = gatherer(source, spec) if padding is None else None
+        # A gathered batch runs no user code: nothing draws from the global RNGs.
+        self.seed_global_rngs = cfg.seed_global_rngs and self._gather is None
 
     def fill(self, slot: int, epoch: int, batch: int) -> int:
         """Write batch `batch` of `epoch` into `slot`; return the word the slot

@@ -176,7 +176,7 @@ class Consumer:
         # in a worker (that is what keeps this mode the reference), and then put back:
         # the training process's streams are the user's.
         assert self.builder is not None
-        if self.cfg.seed_global_rngs:
+        if self.builder.seed_global_rngs:  # array sources, gathered, leave them alone
             with _rng.kept_global_rngs():
                 build_batch(self.ring, self.builder, 0, gen, b, None)
         else:

@@ -307,3 +307,15 @@ def test_arrays_refuse_what_cannot_be_rows(data, match):
 def test_windows_refuse_bad_arguments(args, match):
     with pytest.raises(shmfeed.SpecError, match=match):
         Windows(*args)
+
+
+def test_gathered_batches_in_process_leave_the_users_rngs_alone():
+    """num_workers=0 with an array source: no user code runs, so nothing is keyed,
+    saved or restored, and the user's np.random stream is exactly as it was."""
+    np.random.seed(7)
+    expected = np.random.rand(3)
+    np.random.seed(7)
+    with shmfeed.Loader(np.arange(40, dtype=np.int64), batch_size=4, num_workers=0,
+                        shuffle=True) as loader:
+        assert sum(1 for _ in loader) == 10
+    assert np.array_equal(np.random.rand(3), expected)
