@@ -22,8 +22,20 @@ from ._errors import (
     SpecError,
     WorkerError,
 )
+from ._forkserver import start as _start_fork_server
 from ._loader import Loader, Stats
 from ._rng import build_sample, rng, rng_key
+
+
+def start_fork_server() -> bool:
+    """Keep a copy of this process, taken now, to start worker pools from once JAX's
+    backend (or CUDA) runs here and forking this process is no longer safe: a pool then
+    starts in milliseconds instead of a fresh interpreter's seconds of imports.  Call it
+    before the first JAX computation, after the imports your dataset needs (`import
+    shmfeed.jax` and `import shmfeed.keras` call it for you).  Returns whether a fork
+    server runs; where none can start (JAX already runs, not the main thread), logs why."""
+    return _start_fork_server()
+
 
 __all__ = [
     "Loader",
@@ -40,5 +52,6 @@ __all__ = [
     "rng",
     "rng_key",
     "sources",
+    "start_fork_server",
 ]
 __version__ = "0.1.0"

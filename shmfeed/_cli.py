@@ -259,10 +259,10 @@ def _keras_fit(args: argparse.Namespace, parser: argparse.ArgumentParser, names:
              if value is not None]
     if given:
         parser.error(f"--workload {keras_fit.NAME} always compares shmfeed, Keras's workers and "
-                     f"in-process loading over {keras_fit.EPOCHS} epochs; it does not take "
+                     f"in-process loading over {keras_fit.EPOCHS} epochs (--repeat rounds); it does not take "
                      f"{', '.join(given)}")
     data_dir = _path(args.data_dir) if args.data_dir is not None else workloads.default_data_dir()
-    doc = keras_fit.run(data_dir, args.workers or 2, progress=not args.no_progress)
+    doc = keras_fit.run(data_dir, args.workers or 2, args.repeat, progress=not args.no_progress)
     doc["command"] = ["shmfeed"] + argv
     out = sys.stderr if args.json == "-" else sys.stdout
     print(keras_fit.table(doc), file=out)

@@ -32,7 +32,7 @@ from ._spec import Spec, infer, with_rows
 
 log = logging.getLogger("shmfeed")
 
-START_METHODS = ("auto", "fork", "spawn")
+START_METHODS = ("auto", "fork", "forkserver", "spawn")
 REQUIRED: Any = object()  # the default of options a caller must give
 MAX_BATCHES = 0xFFFFFFFF  # batch numbers are the low 32 bits of a tag; this one is reserved
 

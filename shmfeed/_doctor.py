@@ -31,7 +31,7 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from . import _sysinfo
+from . import _forkserver, _sysinfo
 from ._sysinfo import CGROUP_ROOT, human_bytes
 
 OK, WARN, PROBLEM = "ok", "warn", "problem"
@@ -277,18 +277,23 @@ def check_gpu(gpus: tuple[list[str], str], jax_check: Check) -> Check:
 
 
 def check_start_method() -> Check:
-    from ._loader import _accelerator_in_use
-
-    why = _accelerator_in_use()
+    why = _sysinfo.accelerator_in_use()
     if why is None:
         return Check("start_method", OK,
                      "fork: nothing in this process has started JAX's backend, CUDA or CuPy",
                      "a training script keeps fork if it creates the Loader before its first JAX "
-                     "computation; after it, workers start from a fresh interpreter and the "
-                     "source must be picklable", {"method": "fork", "why": None})
+                     "computation; after it, workers start from the fork server (a copy of the "
+                     "process taken at `import shmfeed.jax`/`shmfeed.keras`) or, without one, "
+                     "from a fresh interpreter, and the source must be picklable",
+                     {"method": "fork", "why": None})
+    if _forkserver.running():
+        return Check("start_method", OK, f"forkserver: {why} runs in this process; pools start from "
+                     "the copy of it taken before", "the source must be picklable (cloudpickle)",
+                     {"method": "forkserver", "why": why})
     return Check("start_method", OK, f"fresh interpreter (spawn): {why} runs in this process",
-                 "create the Loader before JAX/CUDA starts to fork instead",
-                 {"method": "spawn", "why": why})
+                 "create the Loader before JAX/CUDA starts to fork instead, or `import shmfeed.jax` "
+                 "(or `shmfeed.keras`) before it starts, so that pools start from a copy of the "
+                 "process taken then (no imports to redo)", {"method": "spawn", "why": why})
 
 
 def run_checks(cgroup_root: Path = CGROUP_ROOT) -> list[Check]:

@@ -16,14 +16,13 @@ from __future__ import annotations
 
 import logging
 import os
-import sys
 import time
 import weakref
 from typing import Any
 
 import numpy as np
 
-from . import _interpreter, _state
+from . import _forkserver, _interpreter, _state, _sysinfo
 from ._arrays import as_source
 from ._config import REQUIRED, build, check_int
 from ._consumer import Consumer
@@ -40,28 +39,6 @@ log = logging.getLogger("shmfeed")
 
 _HOOKS = ("on_epoch_begin", "on_epoch_end")
 _said_spawn = False
-
-
-def _accelerator_in_use() -> str | None:
-    """What makes forking this process unsafe, if anything."""
-    if "jax" in sys.modules:
-        try:
-            from jax._src import xla_bridge
-
-            if getattr(xla_bridge, "_backends", None):
-                return "JAX's backend"
-        except Exception:
-            pass
-    torch = sys.modules.get("torch")
-    if torch is not None:
-        try:
-            if torch.cuda.is_initialized():
-                return "CUDA (PyTorch)"
-        except Exception:
-            pass
-    if "cupy" in sys.modules:
-        return "CuPy"
-    return None
 
 
 def _epoch_hook(source: Any, name: str) -> Any:
@@ -232,26 +209,46 @@ class Loader:
 
     def _start_pool(self) -> None:
         method = self._cfg.start_method
-        why = _accelerator_in_use()
+        why = _sysinfo.accelerator_in_use()
         if method == "auto":
-            method = "spawn" if why else "fork"
+            method = "fork" if not why else "forkserver" if _forkserver.running() else "spawn"
             global _said_spawn
-            if why and not _said_spawn:
+            if method == "spawn" and not _said_spawn:
                 _said_spawn = True
                 log.warning(
                     "shmfeed: %s is running in this process and fork() would copy its locks; "
-                    "starting workers from a fresh interpreter instead (the source is pickled once). "
-                    "Create the Loader before the first JAX computation to fork directly.", why)
+                    "starting workers from a fresh interpreter instead (the source is pickled once, "
+                    "and the interpreter imports what it needs). Create the Loader before the first "
+                    "JAX computation to fork directly, or `import shmfeed.jax` (or `shmfeed.keras`, "
+                    "or call `shmfeed.start_fork_server()`) before it to start workers from a copy "
+                    "of this process taken then, in milliseconds.", why)
+        elif method == "forkserver" and not _forkserver.start():
+            raise SpecError(
+                "`start_method='forkserver'` needs a fork server, and none runs in this process or "
+                f"can start now: {_forkserver.cannot_start()}. Call `shmfeed.start_fork_server()` "
+                "(or `import shmfeed.jax` / `shmfeed.keras`) before JAX starts, or use "
+                "`start_method='auto'`.")
         source_bytes = None
-        if method == "spawn":
+        if method != "fork":
+            asked = f"`start_method={method!r}` was asked"
             if isinstance(self._source, GeneratorSource):
-                self._source.check_sendable(why or "`start_method='spawn'` was asked")
+                self._source.check_sendable(why or asked)
             source_bytes = _interpreter.dump_source(
-                self._source, f"{why} is running in this process" if why else "`start_method='spawn'` was asked")
+                self._source, f"{why} is running in this process" if why else asked)
         self._ring.ctl.reopen()
         with sigint_deferred():  # a Ctrl-C meanwhile is raised once the pool is registered
             self._res.pool = Pool(self._ring, self._source, self._cfg, method, source_bytes)
             self._res.pool_stale = self._res.source_stale = False
+
+    def _pool_died(self) -> bool:
+        """Whether the pool's supervisor died since the last epoch (nothing waited on
+        it meanwhile to notice): said once, and the next epoch starts a new pool."""
+        pool = self._res.pool
+        ended = pool.poll() if pool is not None else None
+        if ended is not None:
+            log.warning("shmfeed: the worker pool's supervisor (pid %d) %s between epochs; "
+                        "starting a new pool", pool.pid, ended)
+        return ended is not None
 
     def _send_source(self) -> None:
         """Give the running pool the source's new state: its supervisor re-forks the
@@ -388,6 +385,14 @@ class Loader:
         pool = self._res.pool
         return None if pool is None else pool.pid
 
+    @property
+    def start_method(self) -> str | None:
+        """How the running pool started: "fork" (from this process), "forkserver" (from
+        the copy of this process taken before JAX started) or "spawn" (a fresh
+        interpreter); None without a pool."""
+        pool = self._res.pool
+        return None if pool is None else pool.start_method
+
     def stats(self) -> Stats:
         s = self._stats
         t_first = self._consumer.t_first
@@ -449,7 +454,7 @@ class Loader:
                 self._snapshot = (epoch, _state.source_snapshot(self._source))
             except SpecError as exc:
                 self._snapshot = (epoch, exc)
-        if self._cfg.num_workers and self._res.pool_stale:
+        if self._cfg.num_workers and (self._res.pool_stale or self._pool_died()):
             self._res.stop_pool()
             self._start_pool()
         elif self._cfg.num_workers and self._res.source_stale:

@@ -1,6 +1,7 @@
 """The training process's handle on a worker pool, and the shutdown protocol.
 
-Owns: starting the supervisor (forked, or a fresh interpreter: see _supervisor.py),
+Owns: starting the supervisor (forked from this process, from the fork server of
+_forkserver.py, or a fresh interpreter: see _supervisor.py),
 asking it how it is, sending it a source whose state changed (`update_source`: the
 supervisor re-forks only the workers, so an epoch hook costs no interpreter start and
 no import), and stopping it; holding Ctrl-C back while a pool process is created,
@@ -43,7 +44,7 @@ from typing import Any
 import numpy.random  # noqa: F401
 import psutil
 
-from . import _interpreter
+from . import _forkserver, _interpreter
 from ._config import Config
 from ._errors import WorkerError
 from ._report import describe_exit, proc_state
@@ -101,6 +102,7 @@ class Pool:
         self.cfg = cfg
         self.start_method = start_method
         self._popen: subprocess.Popen | None = None
+        self._status_fd: int | None = None  # a fork server's supervisor: its exit status
         self._status: int | None = None
         me = os.getpid()
         # PR_SET_PDEATHSIG fires when the *thread* that forked exits, so it is set only
@@ -122,20 +124,45 @@ class Pool:
                 self.pid = pid
             else:
                 assert source_bytes is not None
-                self._spawn(cfg, source_bytes, theirs.fileno(), me, pdeathsig)
+                payload = self._payload(cfg, source_bytes)
+                if start_method == "forkserver" and not self._from_server(payload, theirs.fileno()):
+                    self.start_method = "spawn"
+                if self.start_method == "spawn":
+                    self._spawn(payload, theirs.fileno(), me, pdeathsig)
         except BaseException:
             self._chan.close()
+            if self._status_fd is not None:
+                os.close(self._status_fd)
             raise
         finally:
             theirs.close()
 
-    def _spawn(self, cfg: Config, source_bytes: bytes, chan_fd: int, me: int, pdeathsig: bool) -> None:
-        ring = self.ring
-        geometry = (cfg.n_slots, ring.max_workers, ring.slot_bytes)
+    def _payload(self, cfg: Config, source_bytes: bytes) -> bytes:
+        """What a supervisor that does not share our memory starts from."""
+        geometry = (cfg.n_slots, self.ring.max_workers, self.ring.slot_bytes)
         # Not multiprocessing's spawn: it would import the user's __main__ there (and run
         # an unguarded script a second time).  What __main__ defines travels by value.
-        payload = _interpreter.dumps((_interpreter.parent_sys_path(), geometry,
-                                      _interpreter.dumps(cfg), source_bytes))
+        return _interpreter.dumps((_interpreter.parent_sys_path(), geometry,
+                                   _interpreter.dumps(cfg), source_bytes))
+
+    def _from_server(self, payload: bytes, chan_fd: int) -> bool:
+        """Have the fork server fork the supervisor; False if there is none."""
+        pfd = _memfd_with(payload)
+        read_fd, write_fd = os.pipe2(os.O_CLOEXEC | os.O_NONBLOCK)
+        try:
+            pid = _forkserver.request(pfd, self.ring.fd, chan_fd, write_fd)
+        finally:
+            os.close(pfd)
+            os.close(write_fd)
+        if pid is None:
+            os.close(read_fd)
+            return False
+        self.pid = pid
+        self._status_fd = read_fd
+        return True
+
+    def _spawn(self, payload: bytes, chan_fd: int, me: int, pdeathsig: bool) -> None:
+        ring = self.ring
         # The payload goes through a memfd, not a pipe: writing it can never block.
         pfd = _memfd_with(payload)
         try:
@@ -154,23 +181,27 @@ class Pool:
     def update_source(self, source_bytes: bytes) -> None:
         """Have the supervisor replace every worker by one building from the source in
         `source_bytes` (see the update exchange above).  Raises WorkerError."""
+        def failed(why: str) -> WorkerError:
+            return WorkerError(
+                f"the worker pool's supervisor (pid {self.pid}) {why} while taking the "
+                "source's new state (after an epoch hook); iterate again to start a new "
+                "pool, or close the loader", pid=self.pid)
+
         with sigint_deferred():  # interrupted halfway, an answer would be left unread
             fd = _memfd_with(source_bytes)
             try:
                 socket.send_fds(self._chan, [UPDATE], [fd])
+                deadline = time.monotonic() + UPDATE_TIMEOUT_S
+                while not select.select([self._chan], [], [], UPDATE_POLL_S)[0]:
+                    ended = self.poll()
+                    if ended is not None or time.monotonic() > deadline:
+                        raise failed(f"{ended}" if ended is not None
+                                     else f"did not answer within {UPDATE_TIMEOUT_S:.0f} s")
+                answer = self._chan.recv(4096)
+            except OSError as exc:  # it died meanwhile: its end of the channel is gone
+                raise failed(f"closed its channel ({type(exc).__name__}: {exc})") from None
             finally:
                 os.close(fd)
-            deadline = time.monotonic() + UPDATE_TIMEOUT_S
-            while not select.select([self._chan], [], [], UPDATE_POLL_S)[0]:
-                ended = self.poll()
-                if ended is not None or time.monotonic() > deadline:
-                    why = (f"{ended}" if ended is not None
-                           else f"did not answer within {UPDATE_TIMEOUT_S:.0f} s")
-                    raise WorkerError(
-                        f"the worker pool's supervisor (pid {self.pid}) {why} while taking the "
-                        "source's new state (after an epoch hook); iterate again to start a new "
-                        "pool, or close the loader", pid=self.pid)
-            answer = self._chan.recv(4096)
         if answer != UPDATED:
             reason = answer[len(UPDATE_FAILED):].decode(errors="replace") if answer else "no answer"
             raise WorkerError(
@@ -180,7 +211,16 @@ class Pool:
     def poll(self) -> str | None:
         """None while the supervisor runs; otherwise how it ended."""
         if self._status is None:
-            if self._popen is not None:
+            if self._status_fd is not None:
+                try:
+                    data = os.read(self._status_fd, 32)
+                except BlockingIOError:
+                    return None
+                # EOF without a status: the fork server died, and the supervisor with it.
+                self._status = int(data) if data else signal.SIGKILL
+                os.close(self._status_fd)
+                self._status_fd = None
+            elif self._popen is not None:
                 rc = self._popen.poll()
                 if rc is None:
                     return None
@@ -209,6 +249,10 @@ class Pool:
                 self._stop()
             finally:
                 self._chan.close()
+                if self._status_fd is not None:  # the fork server never told: killed
+                    os.close(self._status_fd)
+                    self._status_fd = None
+                    self._status = signal.SIGKILL
 
     def _stop(self) -> None:
         # Each step needs as little as it can (the shutdown word, waitpid and kill need

@@ -4,8 +4,10 @@ supervisor (or, for `_child_setup`, first thing in any process we start).
 
 Why a supervisor: workers must never be forked from a process whose JAX/CUDA runtime
 is running (fork copies its locks, not its threads).  The supervisor is forked from
-the training process when that is still clean, or started as a fresh interpreter
-(`spawn`) that receives the ring's memfd and the pickled source when it is not.
+the training process when that is still clean; when it is not, it is forked by the
+fork server (_forkserver.py: a copy of the training process taken while it was
+clean) or started as a fresh interpreter (`spawn`), and receives the ring's memfd and
+the pickled source.
 Either way it is single-threaded, so it can fork workers and replacements at any
 time safely, and it keeps its imports: when an epoch hook changes the source, the
 supervisor receives the new state and re-forks only the workers (the update exchange;
@@ -65,6 +67,9 @@ def _child_setup(parent_pid: int, keep_fds: set[int], pdeathsig: bool = True,
         os._exit(0)
     # Ctrl-C is for the training loop: it goes to the whole foreground process group.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    from . import _forkserver  # imports this module
+
+    _forkserver.forget_inherited()
     # Objects inherited through fork are never collected here: their destructors
     # (closing fds, releasing slots) belong to the parent.
     gc.freeze()
@@ -101,6 +106,9 @@ def supervise(ring: Ring, chan_fd: int, source: Any, cfg: Config, parent_pid: in
     ctl = ring.ctl
     chan = socket.socket(fileno=chan_fd)
     me = os.getpid()
+    # The training process, or the fork server that forked us for it: we leave if it
+    # goes (PR_SET_PDEATHSIG kills us unless the pool was made in another thread).
+    ppid = os.getppid()
     builder = builder_for(source, cfg, ring)
     workers: dict[int, int] = {}  # pid -> worker index
     pidfds: dict[int, int] = {}  # pid -> pidfd
@@ -194,8 +202,10 @@ def supervise(ring: Ring, chan_fd: int, source: Any, cfg: Config, parent_pid: in
 
     retired: dict[int, int] = {}  # pid -> worker index, of workers replaced by an update
     listen = [chan]
-    while not ctl.shutting_down and os.getppid() == parent_pid:
+    orphaned = False
+    while not ctl.shutting_down and not orphaned:
         ready = select.select(list(pidfds.values()) + parent_fd + listen, [], [], POLL_S)[0]
+        orphaned = os.getppid() != ppid or bool(parent_fd and parent_fd[0] in ready)
         if chan in ready and not ctl.shutting_down and not update():
             listen = []
         _replace_stopped(workers, stopped_since, replaced_stopped)
@@ -238,7 +248,7 @@ def supervise(ring: Ring, chan_fd: int, source: Any, cfg: Config, parent_pid: in
                  + exit_hint(status))
             start(w, pending)
 
-    if os.getppid() != parent_pid:
+    if orphaned:
         ctl.shutdown()  # the training process is gone: workers leave at their next wait
     for fd in parent_fd:
         os.close(fd)
@@ -313,9 +323,17 @@ def spawn_main() -> None:
     """Entry point of a spawned supervisor (see _interpreter.python_command):
     `python -c ... <payload fd> <ring fd> <channel fd> <parent pid> <pdeathsig>`."""
     payload_fd, ring_fd, chan_fd, parent_pid, pdeathsig = (int(a) for a in sys.argv[1:6])
+    start_from_payload(payload_fd, ring_fd, chan_fd, parent_pid, parent_pid, bool(pdeathsig))
+
+
+def start_from_payload(payload_fd: int, ring_fd: int, chan_fd: int, parent_pid: int,
+                       ppid: int, pdeathsig: bool = True) -> None:
+    """A supervisor that receives its config and source as bytes (the spawn payload of
+    _pool.py): in a fresh interpreter, or forked by the fork server (`ppid`, its
+    parent, is then the server; `parent_pid` is always the training process)."""
     with os.fdopen(payload_fd, "rb") as f:
         sys_path, geometry, cfg_bytes, source_bytes = _interpreter.loads(f.read())
-    _child_setup(parent_pid, {ring_fd, chan_fd}, bool(pdeathsig))
+    _child_setup(ppid, {ring_fd, chan_fd}, pdeathsig)
     # Map the ring from its plain geometry first, so that a failure to rebuild the
     # config (which names the user's classes, e.g. a namedtuple in the batch spec) or
     # the source can still be reported to the training process.
@@ -330,10 +348,10 @@ def spawn_main() -> None:
         source = _interpreter.loads(source_bytes)
     except BaseException as exc:
         ring.write_report(None, StartupFailure(
-            "the worker pool could not rebuild the source in a fresh interpreter: "
-            f"{type(exc).__name__}: {exc}. The interpreter imports the training process's "
-            "modules from its sys.path: check that they import there, or create the Loader "
-            "before JAX starts."))
+            "the worker pool could not rebuild the source in its supervisor (forked by the fork "
+            f"server, or a fresh interpreter): {type(exc).__name__}: {exc}. It imports the "
+            "training process's modules from its sys.path: check that they import there, or "
+            "create the Loader before JAX starts."))
         ring.ctl.set_fatal()
         return
     supervise(ring, chan_fd, source, cfg, parent_pid)

@@ -5,6 +5,7 @@ readings, the cgroup filesystem, v2 or v1).  Every function is pure and returns 
 `Reading`: a number (None: no limit, or unknown) and where it came from, so that a
 message built on it can name its source.  Used by `shmfeed doctor` and meant for the
 Loader's checks at construction (refusing a ring larger than the machine allows).
+Also what runs in this process that makes forking it unsafe (`accelerator_in_use`).
 
 Invariants:
 - nothing here raises for a missing or unreadable file: the Reading says so instead;
@@ -17,6 +18,7 @@ from __future__ import annotations
 
 import math
 import os
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -241,3 +243,25 @@ def shm_bytes(path: str = SHM_PATH) -> tuple[Reading, Reading]:
 def gpu_device_nodes() -> list[str]:
     """The GPU device files present (NVIDIA or AMD), without loading any GPU library."""
     return [p for p in GPU_DEVICE_NODES if os.path.exists(p)]
+
+
+def accelerator_in_use() -> str | None:
+    """What makes forking this process unsafe, if anything."""
+    if "jax" in sys.modules:
+        try:
+            from jax._src import xla_bridge
+
+            if getattr(xla_bridge, "_backends", None):
+                return "JAX's backend"
+        except Exception:
+            pass
+    torch = sys.modules.get("torch")
+    if torch is not None:
+        try:
+            if torch.cuda.is_initialized():
+                return "CUDA (PyTorch)"
+        except Exception:
+            pass
+    if "cupy" in sys.modules:
+        return "CuPy"
+    return None

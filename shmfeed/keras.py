@@ -51,6 +51,7 @@ import keras
 import numpy as np
 
 from ._errors import ShmfeedError, SpecError
+from ._forkserver import start as _start_fork_server
 from ._loader import Loader
 
 __all__ = ["Feed", "feed"]
@@ -309,3 +310,9 @@ class Feed(keras.utils.PyDataset):
             "(or in order, calling on_epoch_begin/on_epoch_end around each pass), without Keras "
             "workers; with `model.fit(shuffle=True)` nothing else may draw from `random` between "
             "the epoch's start and its first batch (or pass `shuffle=False`).")
+
+
+# Keras (and JAX under it) are imported, their backend not started yet in a script
+# that imports this at its top: keep a copy of this process to start worker pools from
+# once it has (see shmfeed.start_fork_server), with keras already imported there.
+_start_fork_server(automatic=True)

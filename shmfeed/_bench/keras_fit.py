@@ -15,8 +15,12 @@ inside the step, so this includes the wait for data); `epoch_gap_ms`, the median
 from the end of an epoch's last step to the end of the next epoch's first (hooks,
 restarts, the first batch's build and its step); `boundary_ms`, that gap less
 `step_ms`: what an epoch boundary costs beyond an ordinary step.  A Sequence whose
-on_epoch_end reshuffles cannot have its next epoch's first batch built ahead, so the
-boundary includes at least one batch's build less the steady step.
+on_epoch_end reshuffles cannot have its next epoch's first batch built ahead (by any
+loader), so the boundary includes at least one batch's build (here 32 x 2 ms of I/O)
+less the steady step; `gap_over_inline_ms`, the epoch gap less in-process loading's in
+the same round (which builds that batch and steps on it, and nothing else): what the
+loader itself adds at the boundary.  With `repeat`, the loaders take turns for that
+many rounds; each number is the median over rounds, ratios taken within a round.
 
 Invariants: the data files are a pure function of (N_IDS, DIM, `DATA_VERSION`), written
 once into the bench cache under a temporary name and renamed; every loader reads the
@@ -89,37 +93,64 @@ def boundary_numbers(epochs: list[list[tuple[float, float]]]) -> dict:
     }
 
 
-def run(data_dir: Path, workers: int, progress: bool = True) -> dict:
-    """Train with each loader in its own interpreter; the JSON document."""
+def _train(name: str, path: Path, workers: int) -> dict:
+    """One model.fit with loader `name`, in a fresh interpreter: its result."""
+    env = dict(os.environ, KERAS_BACKEND="jax")
+    with tempfile.TemporaryDirectory(prefix="shmfeed-bench-") as tmp:
+        out = Path(tmp) / "result.json"
+        try:
+            proc = subprocess.run(
+                _interpreter.python_command("from shmfeed._bench.keras_fit_child import main; "
+                                            "sys.exit(main(sys.argv[1:]))")
+                + [name, str(path), str(workers), str(out)],
+                env=env, stdin=subprocess.DEVNULL, capture_output=True, text=True,
+                timeout=CHILD_TIMEOUT_S)
+            log = (proc.stdout + proc.stderr)[-4000:]
+        except subprocess.TimeoutExpired:
+            log = f"no result after {CHILD_TIMEOUT_S:.0f} s"
+        result = json.loads(out.read_text()) if out.exists() else {"status": "error", "log": log}
+    if result.get("status") == "ok":
+        result.update(boundary_numbers(result.pop("steps")))
+    else:
+        result.setdefault("log", log)
+    return result
+
+
+def run(data_dir: Path, workers: int, repeat: int = 1, progress: bool = True) -> dict:
+    """Train with each loader in its own interpreter, the loaders taking turns, `repeat`
+    rounds; per loader the medians over rounds (ratios are taken within a round, so
+    that a slow moment of the machine weighs on all loaders alike); the JSON document."""
     path = ensure_files(data_dir)
     doc: dict = {"workload": NAME, "about": ABOUT, "data_path": str(path), "workers": workers,
-                 "epochs": EPOCHS, "batches_per_epoch": N_IDS // BATCH_SIZE, "loaders": {}}
-    env = dict(os.environ, KERAS_BACKEND="jax")
+                 "epochs": EPOCHS, "batches_per_epoch": N_IDS // BATCH_SIZE, "repeat": repeat,
+                 "loaders": {}}
+    rounds: list[dict] = []
+    for r in range(repeat):
+        results = {}
+        for name in LOADERS:
+            if progress:
+                print(f"{NAME} / {name} (round {r + 1} of {repeat}) ...", file=sys.stderr, flush=True)
+            results[name] = _train(name, path, workers)
+        keras, inline = results["keras"], results["inline"]
+        for result in results.values():
+            if result.get("status") != "ok":
+                continue
+            if keras.get("status") == "ok":
+                result["ratio_to_keras"] = result["fit_s"] / keras["fit_s"]
+            if inline.get("status") == "ok" and None not in (result["epoch_gap_ms"], inline["epoch_gap_ms"]):
+                result["gap_over_inline_ms"] = result["epoch_gap_ms"] - inline["epoch_gap_ms"]
+        rounds.append(results)
     for name in LOADERS:
-        if progress:
-            print(f"{NAME} / {name} ...", file=sys.stderr, flush=True)
-        with tempfile.TemporaryDirectory(prefix="shmfeed-bench-") as tmp:
-            out = Path(tmp) / "result.json"
-            try:
-                proc = subprocess.run(
-                    _interpreter.python_command("from shmfeed._bench.keras_fit_child import main; "
-                                                "sys.exit(main(sys.argv[1:]))")
-                    + [name, str(path), str(workers), str(out)],
-                    env=env, stdin=subprocess.DEVNULL, capture_output=True, text=True,
-                    timeout=CHILD_TIMEOUT_S)
-                log = (proc.stdout + proc.stderr)[-4000:]
-            except subprocess.TimeoutExpired:
-                log = f"no result after {CHILD_TIMEOUT_S:.0f} s"
-            result = json.loads(out.read_text()) if out.exists() else {"status": "error", "log": log}
-        if result.get("status") == "ok":
-            result.update(boundary_numbers(result.pop("steps")))
-        else:
-            result.setdefault("log", log)
-        doc["loaders"][name] = result
-    keras_s = doc["loaders"]["keras"].get("fit_s")
-    for result in doc["loaders"].values():
-        if result.get("status") == "ok" and keras_s:
-            result["ratio_to_keras"] = result["fit_s"] / keras_s
+        runs = [rd[name] for rd in rounds]
+        ok = [run_ for run_ in runs if run_.get("status") == "ok"]
+        if len(ok) < len(runs):
+            doc["loaders"][name] = next(run_ for run_ in runs if run_.get("status") != "ok")
+            continue
+        summary = {"status": "ok", "runs": runs}
+        for key in ("fit_s", "startup_s", "after_first_step_s", "step_ms", "epoch_gap_ms",
+                    "boundary_ms", "ratio_to_keras", "gap_over_inline_ms"):
+            summary[key] = _median([run_[key] for run_ in ok if run_.get(key) is not None])
+        doc["loaders"][name] = summary
     return doc
 
 
@@ -127,7 +158,7 @@ def table(doc: dict) -> str:
     rows = [f"{NAME}: {doc['about']}; {doc['epochs']} epochs of {doc['batches_per_epoch']} "
             f"batches, {doc['workers']} workers",
             f"{'loader':<10} {'fit s':>7} {'x Keras':>8} {'startup s':>10} {'rest s':>7} "
-            f"{'step ms':>8} {'epoch gap ms':>13} {'boundary ms':>12}"]
+            f"{'step ms':>8} {'epoch gap ms':>13} {'boundary ms':>12} {'gap - inline ms':>16}"]
 
     def cell(v, fmt):
         return "-" if v is None else format(v, fmt)
@@ -139,5 +170,5 @@ def table(doc: dict) -> str:
         rows.append(f"{name:<10} {r['fit_s']:>7.2f} {cell(r.get('ratio_to_keras'), '>8.2f')} "
                     f"{r['startup_s']:>10.2f} {r['after_first_step_s']:>7.2f} "
                     f"{cell(r['step_ms'], '>8.1f')} {cell(r['epoch_gap_ms'], '>13.1f')} "
-                    f"{cell(r['boundary_ms'], '>12.1f')}")
+                    f"{cell(r['boundary_ms'], '>12.1f')} {cell(r.get('gap_over_inline_ms'), '>16.1f')}")
     return "\n".join(rows)

@@ -22,6 +22,8 @@ from pathlib import Path
 import keras
 import numpy as np
 
+import shmfeed
+
 from .keras_fit import BATCH_SIZE, DIM, EPOCHS, IO_S, N_CHANNELS, N_CLASSES
 
 
@@ -107,8 +109,6 @@ def measure(loader: str, data_dir: Path, workers: int) -> dict:
     else:
         x = DataGenerator(ids, labels, data_dir)
     if loader == "shmfeed":
-        import shmfeed.keras
-
         x = shmfeed.keras.feed(x, num_workers=workers)
     model.fit(x, epochs=EPOCHS, verbose=0, callbacks=[times])
     fit_s = time.perf_counter() - t0
@@ -121,6 +121,10 @@ def measure(loader: str, data_dir: Path, workers: int) -> dict:
 
 def main(argv: list[str]) -> int:
     loader, data_dir, workers, out = argv
+    if loader == "shmfeed":
+        # Where a script imports it, at its top, before JAX starts: pools then start from
+        # a copy of this process taken there (the fork server), with keras imported.
+        import shmfeed.keras  # noqa: F401
     try:
         result = measure(loader, Path(data_dir), int(workers))
     except BaseException as exc:  # noqa: B036 - any failure is a result to report

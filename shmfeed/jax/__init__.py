@@ -16,9 +16,14 @@ only when a CUDA device is fed.  How slots are kept safe while a device may stil
 read them is written down in `_feed.py`; the transfer interface is `_transfer.py`.
 """
 
+from .._forkserver import start as _start_fork_server
 from ._feed import GPU_DEFAULT_TRANSFER, TRANSFERS, Prefetch, prefetch_to_device
 from ._shard import host_shard
 from ._transfer import DeviceFeedError
+
+# Before JAX's first computation this process can still be copied safely: keep such a
+# copy to start worker pools from later (see shmfeed.start_fork_server).
+_start_fork_server(automatic=True)
 
 __all__ = ["GPU_DEFAULT_TRANSFER", "TRANSFERS", "DeviceFeedError", "Prefetch", "host_shard",
            "prefetch_to_device"]

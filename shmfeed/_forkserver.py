@@ -1,0 +1,258 @@
+"""The fork server: a copy of the training process taken while it is still clean
+(before JAX's backend, CUDA or CuPy start), kept idle, which forks worker pools'
+supervisors on request once forking the training process itself is no longer safe.
+
+Why: after JAX starts, a pool otherwise starts from a fresh interpreter that has to
+import again everything the source's classes need (keras and jax: seconds).  A
+supervisor forked from the fork server has those imports already, and starts in
+milliseconds.  The source still travels by cloudpickle (it may have been defined or
+changed since the copy was taken), exactly as for a fresh interpreter, and the
+user's `__main__` is never run again (the copy stops where `import shmfeed.jax` or
+`import shmfeed.keras` was, and never runs a line of the script).
+
+Owns: starting the server (`start`), asking it for a supervisor (`request`), and the
+server's loop.  Started by `import shmfeed.jax`, `import shmfeed.keras` and
+`shmfeed.start_fork_server()`, only from the main thread of a clean process that is
+not itself one of shmfeed's pool processes; `SHMFEED_FORK_SERVER=0` turns the
+automatic start off.
+
+The exchange, over a SOCK_SEQPACKET socket pair that only this process and the server
+hold, one request at a time (a lock): the training process sends `SPAWN` with four
+descriptors (a memfd holding the spawn payload of _pool.py, the ring, the supervisor's
+end of its channel, the write end of a status pipe), the server forks the supervisor
+and answers `PID <pid>`.  When that supervisor exits, the server reaps it and writes
+its wait status (decimal) into the status pipe, which the pool's handle reads; EOF
+without a status means the server died first.
+
+Invariants:
+- The server is single-threaded, ignores SIGINT, and dies with the training process
+  (PR_SET_PDEATHSIG, or at EOF on its socket).  Supervisors it forks die with it
+  (PR_SET_PDEATHSIG), and with the training process (they watch its pidfd).
+- Every wait of the training process on the server is bounded (`REPLY_TIMEOUT_S`)
+  and checks that the server lives; a server that died or does not answer is dropped
+  and the pool starts from a fresh interpreter instead.
+"""
+
+from __future__ import annotations
+
+import atexit
+import logging
+import os
+import select
+import signal
+import socket
+import sys
+import threading
+import time
+import traceback
+
+from . import _sysinfo
+from ._supervisor import _child_setup, say, start_from_payload
+
+log = logging.getLogger("shmfeed")
+
+SPAWN = b"spawn"
+PID = b"pid "
+REPLY_TIMEOUT_S = 10.0  # the server forks a supervisor within this long, or is dropped
+SERVER_POLL_S = 1.0  # how often the idle server checks that its parent lives
+ENV_SWITCH = "SHMFEED_FORK_SERVER"  # "0": no automatic start
+
+
+class _Handle:
+    """The training process's side of a running server."""
+
+    def __init__(self, pid: int, sock: socket.socket):
+        self.pid = pid
+        self.sock = sock
+        self.lock = threading.Lock()
+
+
+_server: _Handle | None = None
+_in_pool_process = False  # set in every process shmfeed forks: they never start a server
+
+
+def forget_inherited() -> None:
+    """In a process just forked from the training process: the server's socket is not
+    ours (its descriptor is closed, or about to be), and no server starts here."""
+    global _server, _in_pool_process
+    _in_pool_process = True
+    if _server is not None:
+        _server.sock.detach()  # never close a descriptor number that may be reused
+        _server = None
+
+
+def running() -> bool:
+    """Whether this process has a live fork server."""
+    return _server is not None and _alive(_server.pid)
+
+
+def _alive(pid: int) -> bool:
+    """Whether our child `pid` runs (reaping it if it has exited)."""
+    try:
+        done, _ = os.waitpid(pid, os.WNOHANG)
+    except ChildProcessError:
+        return False
+    return not done
+
+
+def cannot_start() -> str | None:
+    """Why a fork server cannot be started here now, or None."""
+    if _in_pool_process:
+        return "this is one of shmfeed's pool processes"
+    if threading.current_thread() is not threading.main_thread():
+        return "only the main thread starts it (its parent-death signal follows the thread)"
+    why = _sysinfo.accelerator_in_use()
+    if why:
+        return f"{why} already runs in this process, and a copy of it would hold its locks"
+    return None
+
+
+def start(automatic: bool = False) -> bool:
+    """Start the fork server unless one runs; True if one runs afterwards.  With
+    `automatic` (at `import shmfeed.jax`/`shmfeed.keras`), quietly does nothing where
+    it cannot start or `SHMFEED_FORK_SERVER=0`."""
+    global _server
+    if running():
+        return True
+    _drop()
+    if automatic and os.environ.get(ENV_SWITCH, "1") == "0":
+        return False
+    why = cannot_start()
+    if why:
+        if not automatic:
+            log.warning("shmfeed: no fork server started: %s", why)
+        return False
+    from ._pool import sigint_deferred  # _pool imports this module
+
+    me = os.getpid()
+    unfinished = _unfinished_imports()
+    ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    try:
+        with sigint_deferred():
+            pid = os.fork()
+            if pid == 0:
+                code = 0
+                try:
+                    ours.close()
+                    _serve(theirs, me, unfinished)
+                except BaseException:
+                    say(traceback.format_exc())
+                    code = 1
+                finally:
+                    os._exit(code)
+    except BaseException:
+        ours.close()
+        raise
+    finally:
+        theirs.close()
+    _server = _Handle(pid, ours)
+    # Most often after the loaders' finalizers (registered later, run first): a pool
+    # still open then dies with the server (its processes' parent-death signals).
+    atexit.register(stop)
+    return True
+
+
+def stop() -> None:
+    """Stop the fork server, and wait for it to exit.  Pools it started die with it:
+    stop it when no loader it served is open (it stops by itself at exit)."""
+    server = _server
+    _drop()
+    if server is None:
+        return
+    deadline = time.monotonic() + REPLY_TIMEOUT_S
+    while _alive(server.pid) and time.monotonic() < deadline:
+        time.sleep(0.002)
+    if _alive(server.pid):
+        os.kill(server.pid, signal.SIGKILL)
+        os.waitpid(server.pid, 0)
+
+
+def _drop() -> None:
+    """Forget the server: closing our end makes it leave (at once, if idle)."""
+    global _server
+    if _server is not None:
+        _server.sock.close()
+        _server = None
+
+
+def request(payload_fd: int, ring_fd: int, chan_fd: int, status_fd: int) -> int | None:
+    """Have the server fork a supervisor from the spawn payload in `payload_fd`;
+    its pid, or None when no server is running (or it no longer answers)."""
+    server = _server
+    if server is None:
+        return None
+    with server.lock:
+        try:
+            socket.send_fds(server.sock, [SPAWN], [payload_fd, ring_fd, chan_fd, status_fd])
+            deadline = time.monotonic() + REPLY_TIMEOUT_S
+            while not select.select([server.sock], [], [], 0.05)[0]:
+                if not _alive(server.pid) or time.monotonic() > deadline:
+                    raise OSError("the fork server did not answer")
+            answer = server.sock.recv(64)
+        except OSError as exc:
+            log.warning("shmfeed: the fork server (pid %d) is gone (%s); starting workers "
+                        "from a fresh interpreter instead", server.pid, exc)
+            _drop()
+            return None
+    if not answer.startswith(PID):
+        _drop()
+        return None
+    return int(answer[len(PID):])
+
+
+# -- the server ------------------------------------------------------------------------
+
+def _unfinished_imports() -> list[str]:
+    """Modules whose import is still running (the one that called us, the packages
+    above it): a copy taken now would keep them half-defined."""
+    return [name for name, m in list(sys.modules.items())
+            if name != "__main__" and getattr(getattr(m, "__spec__", None), "_initializing", False)]
+
+
+def _serve(sock: socket.socket, parent_pid: int, unfinished: list[str]) -> None:
+    """The server's loop: fork a supervisor per request, report each one's exit."""
+    _child_setup(parent_pid, {sock.fileno()})
+    # Half-imported modules (and their submodules) are imported afresh, in full, by the
+    # supervisors that need them (when the source is unpickled), never run further here.
+    prefixes = tuple(n + "." for n in unfinished)
+    for name in [n for n in sys.modules if n in unfinished or n.startswith(prefixes)]:
+        del sys.modules[name]
+    me = os.getpid()
+    children: dict[int, tuple[int, int]] = {}  # pid -> (its pidfd, status pipe)
+    while os.getppid() == parent_pid:
+        select.select([sock] + [pfd for pfd, _ in children.values()], [], [], SERVER_POLL_S)
+        for pid, (pfd, status_fd) in list(children.items()):
+            done, status = os.waitpid(pid, os.WNOHANG)
+            if done:
+                try:
+                    os.write(status_fd, str(status).encode())
+                except OSError:  # the pool's handle is gone: nobody to tell
+                    pass
+                os.close(pfd)
+                os.close(status_fd)
+                del children[pid]
+        try:
+            msg, fds, _, _ = socket.recv_fds(sock, 64, 4, socket.MSG_DONTWAIT)
+        except BlockingIOError:
+            continue
+        if not msg:  # the training process closed its end (it stopped us, or exited)
+            return
+        if msg != SPAWN or len(fds) != 4:
+            for fd in fds:
+                os.close(fd)
+            continue
+        payload_fd, ring_fd, chan_fd, status_fd = fds
+        pid = os.fork()
+        if pid == 0:
+            code = 0
+            try:
+                start_from_payload(payload_fd, ring_fd, chan_fd, parent_pid, me)
+            except BaseException:
+                say(traceback.format_exc())
+                code = 1
+            finally:
+                os._exit(code)
+        for fd in (payload_fd, ring_fd, chan_fd):
+            os.close(fd)
+        children[pid] = (os.pidfd_open(pid), status_fd)
+        sock.send(PID + str(pid).encode())

@@ -1,0 +1,207 @@
+"""The fork server: worker pools of a loader made after JAX started come from a copy
+of the training process taken at `import shmfeed.jax` / `shmfeed.keras`, not from a
+fresh interpreter.  Real interpreters, run as scripts people write: no `__main__`
+guard, the dataset defined after JAX started (in `__main__`, holding a lambda) or in a
+module that was still being imported when the copy was taken."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import psutil
+
+ROOT = Path(__file__).resolve().parent.parent
+SCRIPT_TIMEOUT_S = 90.0
+GONE_S = 5.0  # every process of a killed script's pools is gone within this
+
+# A module that imports shmfeed.jax half-way through its body, and defines the dataset
+# after it: the server's copy holds it half-defined.
+MYLIB = """
+import numpy as np
+import shmfeed.jax
+
+import time
+
+class Squares:
+    def __init__(self, n, delay_s=0.0):
+        self.n, self.shift, self.delay_s = n, 0, delay_s
+    def __len__(self):
+        return self.n
+    def __getitem__(self, i):
+        time.sleep(self.delay_s)
+        return np.full((3,), i * i + self.shift, np.int64)
+    def on_epoch_end(self):
+        self.shift += 1000
+"""
+
+PRELUDE = """
+import json, os, sys, time
+import numpy as np
+import mylib                      # starts the fork server (import shmfeed.jax inside)
+import jax.numpy as jnp
+import shmfeed
+
+with open(os.environ["BODY_LOG"], "a") as f:
+    f.write(f"body ran in {os.getpid()}\\n")
+jnp.zeros(3).block_until_ready()  # JAX's backend runs from here on
+server = getattr(shmfeed._forkserver._server, "pid", None)  # None: no server
+"""
+
+
+def _script(tmp_path: Path, body: str) -> Path:
+    (tmp_path / "mylib.py").write_text(textwrap.dedent(MYLIB))
+    script = tmp_path / "train.py"
+    script.write_text(textwrap.dedent(PRELUDE) + textwrap.dedent(body))
+    return script
+
+
+def _env(tmp_path: Path, **extra: str) -> dict:
+    return dict(os.environ, BODY_LOG=str(tmp_path / "body.log"), PYTHONPATH=str(ROOT), **extra)
+
+
+def _run(tmp_path: Path, body: str, **env: str) -> dict:
+    out = subprocess.run([sys.executable, str(_script(tmp_path, body))], capture_output=True,
+                         text=True, timeout=SCRIPT_TIMEOUT_S, env=_env(tmp_path, **env), cwd=tmp_path)
+    assert out.returncode == 0, out.stdout + out.stderr
+    return json.loads(out.stdout.strip().splitlines()[-1]) | {"stderr": out.stderr}
+
+
+def _gone(pids: list[int], timeout_s: float) -> list[int]:
+    """Those of `pids` still running after `timeout_s`."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        left = []
+        for pid in pids:
+            try:
+                if psutil.Process(pid).status() != psutil.STATUS_ZOMBIE:
+                    left.append(pid)
+            except psutil.NoSuchProcess:
+                pass
+        if not left or time.monotonic() > deadline:
+            return left
+        time.sleep(0.02)
+
+
+def test_after_jax_starts_pools_fork_from_the_server_and_the_script_runs_once(tmp_path):
+    result = _run(tmp_path, """
+        class InMain:                       # defined after JAX started, holds a lambda
+            def __init__(self):
+                self.f = lambda i: i + 7
+            def __len__(self):
+                return 40
+            def __getitem__(self, i):
+                return np.full((2,), self.f(i), np.int32)
+
+        out = {"server": server}
+        ds = mylib.Squares(50)
+        with shmfeed.Loader(ds, batch_size=5, num_workers=2, shuffle=True, seed=3) as loader:
+            out["method"] = loader.start_method
+            out["ppid"] = __import__("psutil").Process(loader.pool_pid).ppid()
+            epochs = [sorted(int(v) for b in loader for v in b[:, 0]) for _ in range(3)]
+            out["hooked"] = [e == sorted(i * i + k * 1000 for i in range(50)) for k, e in enumerate(epochs)]
+            out["pool_kept"] = loader.pool_pid
+        with shmfeed.Loader(InMain(), batch_size=4, num_workers=2) as loader:
+            out["in_main"] = [int(v) for b in loader for v in b[:, 0]] == [i + 7 for i in range(40)]
+            out["method2"] = loader.start_method
+        print(json.dumps(out))
+    """)
+    assert result["method"] == result["method2"] == "forkserver"
+    assert result["ppid"] == result["server"]  # the supervisor is the server's child
+    assert result["hooked"] == [True, True, True]  # on_epoch_end's new state reached the workers
+    assert result["in_main"]
+    assert len((tmp_path / "body.log").read_text().splitlines()) == 1  # never re-run
+    assert "fresh interpreter" not in result["stderr"]
+    assert _gone([result["server"]], GONE_S) == []  # left with the script
+
+
+def test_a_dead_fork_server_falls_back_to_a_fresh_interpreter(tmp_path):
+    result = _run(tmp_path, """
+        import signal
+        os.kill(server, signal.SIGKILL)
+        time.sleep(0.2)
+        with shmfeed.Loader(mylib.Squares(20), batch_size=5, num_workers=2) as loader:
+            got = sorted(int(v) for b in loader for v in b[:, 0])
+            print(json.dumps({"method": loader.start_method, "ok": got == [i * i for i in range(20)]}))
+    """)
+    assert result == result | {"method": "spawn", "ok": True}
+
+
+def test_forkserver_asked_where_none_can_start_is_a_clear_error(tmp_path):
+    result = _run(tmp_path, """
+        try:
+            shmfeed.Loader(mylib.Squares(20), batch_size=5, num_workers=2, start_method="forkserver")
+            print(json.dumps({"raised": None}))
+        except shmfeed.SpecError as exc:
+            print(json.dumps({"raised": str(exc), "server": server}))
+    """, SHMFEED_FORK_SERVER="0")
+    assert "`start_method='forkserver'` needs a fork server" in result["raised"]
+    assert "JAX's backend already runs" in result["raised"]
+
+
+def test_a_supervisor_from_the_server_killed_is_reported_and_replaced(tmp_path):
+    result = _run(tmp_path, """
+        import signal
+        ds = mylib.Squares(200, delay_s=0.002)
+        loader = shmfeed.Loader(ds, batch_size=4, num_workers=2)
+        first = loader.pool_pid
+        error = None
+        try:
+            for k, _ in enumerate(loader):
+                if k == 3:
+                    os.kill(first, signal.SIGKILL)
+        except shmfeed.WorkerError as exc:
+            error = str(exc)
+        want = [i * i + ds.shift for i in range(200)]
+        got = sorted(int(v) for b in loader for v in b[:, 0])
+        print(json.dumps({"error": error, "first": first, "second": loader.pool_pid,
+                          "method": loader.start_method, "ok": got == want}))
+        loader.close()
+    """)
+    assert f"supervisor (pid {result['first']}) was killed by SIGKILL" in result["error"]
+    assert result["second"] != result["first"]
+    assert result["method"] == "forkserver" and result["ok"]
+
+
+def test_a_supervisor_that_died_between_epochs_is_replaced_at_the_next(tmp_path):
+    result = _run(tmp_path, """
+        import signal
+        ds = mylib.Squares(40)
+        with shmfeed.Loader(ds, batch_size=4, num_workers=2) as loader:
+            epochs = [sorted(int(v) for b in loader for v in b[:, 0])]
+            first = loader.pool_pid
+            os.kill(first, signal.SIGKILL)
+            time.sleep(0.2)
+            epochs.append(sorted(int(v) for b in loader for v in b[:, 0]))
+            print(json.dumps({"ok": epochs == [[i * i + k * 1000 for i in range(40)] for k in (0, 1)],
+                              "replaced": loader.pool_pid != first, "method": loader.start_method}))
+    """)
+    assert result == result | {"ok": True, "replaced": True, "method": "forkserver"}
+    assert "between epochs; starting a new pool" in result["stderr"]
+
+
+def test_killing_the_training_process_leaves_no_pool_process(tmp_path):
+    script = _script(tmp_path, """
+        loader = shmfeed.Loader(mylib.Squares(10**6), batch_size=4, num_workers=2)
+        it = iter(loader)
+        next(it)
+        print(json.dumps([server, loader.pool_pid] + loader.worker_pids), flush=True)
+        time.sleep(60)
+    """)
+    proc = subprocess.Popen([sys.executable, str(script)], stdout=subprocess.PIPE, text=True,
+                            env=_env(tmp_path), cwd=tmp_path)
+    try:
+        pids = json.loads(proc.stdout.readline())
+        assert len(pids) == 4
+        proc.send_signal(signal.SIGKILL)
+    finally:
+        proc.kill()
+        proc.wait(SCRIPT_TIMEOUT_S)
+        proc.stdout.close()
+    assert _gone(pids, GONE_S) == []
