@@ -36,6 +36,7 @@ Invariants:
 from __future__ import annotations
 
 import atexit
+import functools
 import logging
 import os
 import select
@@ -44,10 +45,9 @@ import socket
 import sys
 import threading
 import time
-import traceback
 
 from . import _sysinfo
-from ._supervisor import _child_setup, say, start_from_payload
+from ._supervisor import child_setup, fork_child, start_from_payload
 
 log = logging.getLogger("shmfeed")
 
@@ -129,17 +129,7 @@ def start(automatic: bool = False) -> bool:
     ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
     try:
         with sigint_deferred():
-            pid = os.fork()
-            if pid == 0:
-                code = 0
-                try:
-                    ours.close()
-                    _serve(theirs, me, unfinished)
-                except BaseException:
-                    say(traceback.format_exc())
-                    code = 1
-                finally:
-                    os._exit(code)
+            pid = fork_child(lambda: (ours.close(), _serve(theirs, me, unfinished)))
     except BaseException:
         ours.close()
         raise
@@ -211,7 +201,7 @@ def _unfinished_imports() -> list[str]:
 
 def _serve(sock: socket.socket, parent_pid: int, unfinished: list[str]) -> None:
     """The server's loop: fork a supervisor per request, report each one's exit."""
-    _child_setup(parent_pid, {sock.fileno()})
+    child_setup(parent_pid, {sock.fileno()})
     # Half-imported modules (and their submodules) are imported afresh, in full, by the
     # supervisors that need them (when the source is unpickled), never run further here.
     prefixes = tuple(n + "." for n in unfinished)
@@ -242,16 +232,7 @@ def _serve(sock: socket.socket, parent_pid: int, unfinished: list[str]) -> None:
                 os.close(fd)
             continue
         payload_fd, ring_fd, chan_fd, status_fd = fds
-        pid = os.fork()
-        if pid == 0:
-            code = 0
-            try:
-                start_from_payload(payload_fd, ring_fd, chan_fd, parent_pid, me)
-            except BaseException:
-                say(traceback.format_exc())
-                code = 1
-            finally:
-                os._exit(code)
+        pid = fork_child(functools.partial(start_from_payload, payload_fd, ring_fd, chan_fd, parent_pid, me))
         for fd in (payload_fd, ring_fd, chan_fd):
             os.close(fd)
         children[pid] = (os.pidfd_open(pid), status_fd)

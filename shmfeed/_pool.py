@@ -35,7 +35,6 @@ import subprocess
 import sys
 import threading
 import time
-import traceback
 from typing import Any
 
 # NumPy >= 2 imports numpy.random on first use, and a Ctrl-C that lands inside that
@@ -49,7 +48,7 @@ from ._config import Config
 from ._errors import WorkerError
 from ._report import describe_exit, proc_state
 from ._ring import Ring
-from ._supervisor import UPDATE, UPDATE_FAILED, UPDATED, fork_main, say
+from ._supervisor import UPDATE, UPDATE_FAILED, UPDATED, fork_child, fork_main
 
 # Popen arguments that start a spawned supervisor in a process group of its own.
 _NEW_GROUP: dict = {"process_group": 0} if sys.version_info >= (3, 11) else {"start_new_session": True}
@@ -111,17 +110,7 @@ class Pool:
         self._chan, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         try:
             if start_method == "fork":
-                pid = os.fork()
-                if pid == 0:
-                    code = 0
-                    try:
-                        fork_main(ring.fd, theirs.fileno(), source, cfg, me, pdeathsig)
-                    except BaseException:
-                        say(traceback.format_exc())
-                        code = 1
-                    finally:
-                        os._exit(code)
-                self.pid = pid
+                self.pid = fork_child(lambda: fork_main(ring.fd, theirs.fileno(), source, cfg, me, pdeathsig))
             else:
                 assert source_bytes is not None
                 payload = self._payload(cfg, source_bytes)

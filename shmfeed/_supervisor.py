@@ -1,6 +1,6 @@
 """The supervisor: the pool process that forks the workers, replaces the ones that die,
 and takes them all down when the loader closes.  Everything here runs in the
-supervisor (or, for `_child_setup`, first thing in any process we start).
+supervisor (or, for `child_setup`, first thing in any process we start).
 
 Why a supervisor: workers must never be forked from a process whose JAX/CUDA runtime
 is running (fork copies its locks, not its threads).  The supervisor is forked from
@@ -27,6 +27,7 @@ import socket
 import sys
 import time
 import traceback
+from collections.abc import Callable
 from dataclasses import replace
 from typing import Any
 
@@ -58,7 +59,7 @@ def say(text: str) -> None:
         pass
 
 
-def _child_setup(parent_pid: int, keep_fds: set[int], pdeathsig: bool = True,
+def child_setup(parent_pid: int, keep_fds: set[int], pdeathsig: bool = True,
                  keep_ring: Ring | None = None) -> None:
     """First thing in every process we fork or spawn."""
     if pdeathsig:
@@ -94,6 +95,22 @@ def _child_setup(parent_pid: int, keep_fds: set[int], pdeathsig: bool = True,
             setattr(sys, name, open(fileno, "w", buffering=1, closefd=False, errors="backslashreplace"))
 
 
+def fork_child(main: Callable[[], None]) -> int:
+    """Fork; the child runs `main` and exits: 0, or 1 with the traceback on fd 2 if it
+    raised.  Never returns in the child.  The parent gets the child's pid."""
+    pid = os.fork()
+    if pid == 0:
+        code = 0
+        try:
+            main()
+        except BaseException:
+            say(traceback.format_exc())
+            code = 1
+        finally:
+            os._exit(code)
+    return pid
+
+
 def _max_fd() -> int:
     try:
         return max(int(n) for n in os.listdir("/proc/self/fd")) + 1
@@ -118,24 +135,19 @@ def supervise(ring: Ring, chan_fd: int, source: Any, cfg: Config, parent_pid: in
         # (killed, or the OOM killer again) still leaves its predecessor's claim
         # where the next reclaim finds it, instead of losing the batch.
         ctl.set_claim(w, pending)
-        pid = os.fork()
-        if pid == 0:
-            code = 0
-            try:
-                # First thing, so that a supervisor killed right after this fork still
-                # leaves the pid where the training process finds (and, as PID 1, reaps) it.
-                ctl.set_worker_pid(w, os.getpid())
-                _child_setup(me, {ring.fd}, keep_ring=ring)
-                # A segfault in native code then leaves the worker's Python stack on
-                # stderr; the supervisor reports the signal.
-                with contextlib.suppress(Exception):
-                    faulthandler.enable(file=2)
-                worker_loop(ring, builder, w, pending, me)
-            except BaseException:
-                say(traceback.format_exc())
-                code = 1
-            finally:
-                os._exit(code)
+
+        def worker() -> None:
+            # First thing, so that a supervisor killed right after this fork still
+            # leaves the pid where the training process finds (and, as PID 1, reaps) it.
+            ctl.set_worker_pid(w, os.getpid())
+            child_setup(me, {ring.fd}, keep_ring=ring)
+            # A segfault in native code then leaves the worker's Python stack on
+            # stderr; the supervisor reports the signal.
+            with contextlib.suppress(Exception):
+                faulthandler.enable(file=2)
+            worker_loop(ring, builder, w, pending, me)
+
+        pid = fork_child(worker)
         workers[pid] = w
         ctl.set_worker_pid(w, pid)
         try:
@@ -314,7 +326,7 @@ def _death(ctl: _control.Control, w: int, pid: int, status: int, held: int):
 def fork_main(ring_fd: int, chan_fd: int, source: Any, cfg: Config, parent_pid: int,
               pdeathsig: bool) -> None:
     """Entry point of a forked supervisor (the child side of Pool's fork)."""
-    _child_setup(parent_pid, {ring_fd, chan_fd}, pdeathsig)
+    child_setup(parent_pid, {ring_fd, chan_fd}, pdeathsig)
     ring = Ring(cfg.spec, cfg.n_slots, cfg.num_workers, fd=ring_fd)
     supervise(ring, chan_fd, source, cfg, parent_pid)
 
@@ -333,7 +345,7 @@ def start_from_payload(payload_fd: int, ring_fd: int, chan_fd: int, parent_pid: 
     parent, is then the server; `parent_pid` is always the training process)."""
     with os.fdopen(payload_fd, "rb") as f:
         sys_path, geometry, cfg_bytes, source_bytes = _interpreter.loads(f.read())
-    _child_setup(ppid, {ring_fd, chan_fd}, pdeathsig)
+    child_setup(ppid, {ring_fd, chan_fd}, pdeathsig)
     # Map the ring from its plain geometry first, so that a failure to rebuild the
     # config (which names the user's classes, e.g. a namedtuple in the batch spec) or
     # the source can still be reported to the training process.
