@@ -182,7 +182,7 @@ def test_keras_workers_cannot_be_turned_on_and_options_are_checked():
 
 def test_the_keras_example_trains_and_runs_its_body_once(tmp_path):
     """examples/train_keras.py: the tutorial's script with no __main__ guard, JAX
-    running before the feeds exist (so their pools start in fresh interpreters)."""
+    running before the feeds exist (so their pools start from the fork server)."""
     import subprocess
     import sys
     from pathlib import Path
@@ -195,3 +195,44 @@ def test_the_keras_example_trains_and_runs_its_body_once(tmp_path):
     accuracy = float(out.stdout.rsplit("validation accuracy", 1)[1])
     assert accuracy >= 0.9, out.stdout
     assert out.stdout.count("validation accuracy") == 1  # the script's body ran once
+
+
+TORCH_BACKEND_SCRIPT = """
+import json, numpy as np, keras, shmfeed.keras
+
+class Seq(keras.utils.PyDataset):
+    def __init__(self):
+        super().__init__()
+        self.x = np.random.default_rng(0).random((64, 4), np.float32)
+    def __len__(self):
+        return 8
+    def __getitem__(self, i):
+        return self.x[i * 8:(i + 1) * 8], self.x[i * 8:(i + 1) * 8, :1] * 3
+
+def train(x):
+    keras.utils.set_random_seed(1)
+    model = keras.Sequential([keras.Input((4,)), keras.layers.Dense(1)])
+    model.compile("sgd", "mse")
+    model.fit(x, epochs=3, verbose=0)
+    return [w.tolist() for w in model.get_weights()]
+
+with shmfeed.keras.feed(Seq(), num_workers=2) as feed:
+    fed = train(feed)
+print(json.dumps({"backend": keras.backend.backend(), "same": fed == train(Seq())}))
+"""
+
+
+def test_the_torch_backend_trains_on_the_same_batches():
+    """Keras's torch backend takes the same Feed (skipped where torch is not installed:
+    it is not one of shmfeed's dependencies)."""
+    import json
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    pytest.importorskip("torch")
+    root = Path(__file__).resolve().parent.parent
+    out = subprocess.run([sys.executable, "-c", TORCH_BACKEND_SCRIPT], capture_output=True, text=True,
+                         timeout=100, env=dict(os.environ, PYTHONPATH=str(root), KERAS_BACKEND="torch"))
+    assert out.returncode == 0, out.stdout + out.stderr
+    assert json.loads(out.stdout.strip().splitlines()[-1]) == {"backend": "torch", "same": True}
