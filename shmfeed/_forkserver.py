@@ -72,13 +72,22 @@ _in_pool_process = False  # set in every process shmfeed forks: they never start
 
 
 def forget_inherited() -> None:
-    """In a process just forked from the training process: the server's socket is not
-    ours (its descriptor is closed, or about to be), and no server starts here."""
-    global _server, _in_pool_process
+    """In one of shmfeed's pool processes: no server starts here (the one of the
+    process we were forked from was dropped at the fork)."""
+    global _in_pool_process
     _in_pool_process = True
+
+
+def _after_fork_in_child() -> None:
+    """A process forked from this one (by the user, or by shmfeed) does not share our
+    server: the server serves only the process that started it."""
+    global _server
     if _server is not None:
-        _server.sock.detach()  # never close a descriptor number that may be reused
+        _server.sock.close()
         _server = None
+
+
+os.register_at_fork(after_in_child=_after_fork_in_child)
 
 
 def running() -> bool:

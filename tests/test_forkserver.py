@@ -121,6 +121,20 @@ def test_after_jax_starts_pools_fork_from_the_server_and_the_script_runs_once(tm
     assert _gone([result["server"]], GONE_S) == []  # left with the script
 
 
+def test_a_process_forked_from_the_training_process_does_not_share_its_server(tmp_path):
+    result = _run(tmp_path, """
+        r, w = os.pipe()
+        pid = os.fork()
+        if pid == 0:
+            os.write(w, b"%d" % (shmfeed._forkserver._server is None))
+            os._exit(0)
+        os.waitpid(pid, 0)
+        print(json.dumps({"child_dropped_it": os.read(r, 8) == b"1",
+                          "still_ours": shmfeed._forkserver.running()}))
+    """)
+    assert result == result | {"child_dropped_it": True, "still_ours": True}
+
+
 def test_a_dead_fork_server_falls_back_to_a_fresh_interpreter(tmp_path):
     result = _run(tmp_path, """
         import signal
