@@ -106,8 +106,6 @@ def _alive(pid: int) -> bool:
 
 def cannot_start() -> str | None:
     """Why a fork server cannot be started here now, or None."""
-    if _in_pool_process:
-        return "this is one of shmfeed's pool processes"
     if threading.current_thread() is not threading.main_thread():
         return "only the main thread starts it (its parent-death signal follows the thread)"
     why = _sysinfo.accelerator_in_use()
@@ -124,6 +122,8 @@ def start(automatic: bool = False) -> bool:
     if running():
         return True
     _drop()
+    if _in_pool_process:  # quietly: a module imported afresh in a pool process calls us too
+        return False
     if automatic and os.environ.get(ENV_SWITCH, "1") == "0":
         return False
     why = cannot_start()
@@ -245,4 +245,7 @@ def _serve(sock: socket.socket, parent_pid: int, unfinished: list[str]) -> None:
         for fd in (payload_fd, ring_fd, chan_fd):
             os.close(fd)
         children[pid] = (os.pidfd_open(pid), status_fd)
-        sock.send(PID + str(pid).encode())
+        try:
+            sock.send(PID + str(pid).encode())
+        except OSError:  # the training process gave up waiting and dropped us
+            return
