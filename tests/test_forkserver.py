@@ -205,6 +205,9 @@ def test_killing_the_training_process_leaves_no_pool_process(tmp_path):
         loader = shmfeed.Loader(mylib.Squares(10**6), batch_size=4, num_workers=2)
         it = iter(loader)
         next(it)
+        deadline = time.monotonic() + 5
+        while len(loader.worker_pids) < 2 and time.monotonic() < deadline:  # forked one by one
+            time.sleep(0.01)
         print(json.dumps([server, loader.pool_pid] + loader.worker_pids), flush=True)
         time.sleep(60)
     """)
