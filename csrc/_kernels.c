@@ -18,6 +18,7 @@
 #include "kernels.h"
 
 #define GIL_RELEASE_MIN_COUNT 4096 /* elements; below this the work is under ~50 us */
+#define GATHER_GIL_RELEASE_MIN_BYTES (1 << 20) /* copied; below this, under ~100 us */
 
 /* A C-contiguous buffer of `itemsize`-byte items of kind `kind` ('i' signed integer,
  * 'u' unsigned, 'f' float), described by its struct format. */
@@ -116,7 +117,62 @@ static PyObject *kernels_block_permute(PyObject *Py_UNUSED(m), PyObject *args) {
     return run_order(n, block, key, pos, out);
 }
 
+/* gather_rows(src, src_stride, row_bytes, indices, out): rows of a byte buffer into out.
+ * Row i of src is bytes [i * src_stride, i * src_stride + row_bytes); the rows that fit
+ * in src are the valid indices. */
+static PyObject *kernels_gather_rows(PyObject *Py_UNUSED(m), PyObject *args) {
+    PyObject *src_obj, *idx_obj, *out_obj;
+    Py_ssize_t stride, row_bytes;
+    if (!PyArg_ParseTuple(args, "OnnOO", &src_obj, &stride, &row_bytes, &idx_obj, &out_obj))
+        return NULL;
+    if (stride < 1 || row_bytes < 1)
+        return PyErr_Format(PyExc_ValueError, "src_stride (%zd) and row_bytes (%zd) must be >= 1",
+                            stride, row_bytes);
+    Py_buffer v[3];
+    if (PyObject_GetBuffer(src_obj, &v[0], PyBUF_SIMPLE) < 0) return NULL;
+    if (get_array(idx_obj, &v[1], 'i', 8, 0, "indices") < 0) {
+        release_arrays(v, 1);
+        return NULL;
+    }
+    if (PyObject_GetBuffer(out_obj, &v[2], PyBUF_WRITABLE) < 0) {
+        release_arrays(v, 2);
+        return NULL;
+    }
+    Py_ssize_t count = v[1].len / 8;
+    uint64_t n_rows = v[0].len < row_bytes ? 0 : (uint64_t)((v[0].len - row_bytes) / stride) + 1;
+    PyObject *r = NULL;
+    if (count > v[2].len / row_bytes) {
+        PyErr_Format(PyExc_ValueError, "out holds %zd rows of %zd bytes, %zd indices given",
+                     v[2].len / row_bytes, row_bytes, count);
+    } else {
+        const int64_t *idx = v[1].buf;
+        shmf_kstatus st;
+        if ((uint64_t)count * (uint64_t)row_bytes >= GATHER_GIL_RELEASE_MIN_BYTES) {
+            Py_BEGIN_ALLOW_THREADS
+            st = shmf_gather_rows(v[0].buf, n_rows, (size_t)stride, (size_t)row_bytes, idx,
+                                  (size_t)count, v[2].buf);
+            Py_END_ALLOW_THREADS
+        } else {
+            st = shmf_gather_rows(v[0].buf, n_rows, (size_t)stride, (size_t)row_bytes, idx,
+                                  (size_t)count, v[2].buf);
+        }
+        if (st == SHMF_K_OK) {
+            r = Py_NewRef(Py_None);
+        } else {
+            Py_ssize_t i = 0;
+            while (i < count && (uint64_t)idx[i] < n_rows) i++;
+            PyErr_Format(PyExc_IndexError, "indices[%zd] = %lld is outside the source's %llu rows",
+                         i, i < count ? (long long)idx[i] : -1LL, (unsigned long long)n_rows);
+        }
+    }
+    release_arrays(v, 3);
+    return r;
+}
+
 static PyMethodDef kernels_methods[] = {
+    {"gather_rows", kernels_gather_rows, METH_VARARGS,
+     "gather_rows(src, src_stride, row_bytes, indices, out): out's rows k = src bytes "
+     "[indices[k] * src_stride, + row_bytes), for int64 indices (large gathers bypass the cache)"},
     {"permute", kernels_permute, METH_VARARGS,
      "permute(n, key, positions, out): out[i] = sample at positions[i] of the order keyed by key "
      "on [0, n) (int64 arrays; out may be positions)"},
@@ -137,5 +193,7 @@ PyMODINIT_FUNC PyInit__kernels(void) {
     if (PyModule_AddObject(m, "ORDER_MAX_N", PyLong_FromUnsignedLongLong(SHMF_ORDER_MAX_N)) < 0)
         return NULL;
     if (PyModule_AddIntConstant(m, "GIL_RELEASE_MIN_COUNT", GIL_RELEASE_MIN_COUNT) < 0) return NULL;
+    if (PyModule_AddObject(m, "STREAM_MIN_BYTES", PyLong_FromUnsignedLongLong(SHMF_STREAM_MIN_BYTES)) < 0)
+        return NULL;
     return m;
 }

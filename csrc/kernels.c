@@ -1,6 +1,11 @@
 /* See kernels.h for what these compute and why they are bijections. */
 #include "kernels.h"
 
+#include <string.h>
+#if defined(__SSE2__)
+#include <emmintrin.h> /* non-temporal stores for large gathers */
+#endif
+
 #define GOLDEN UINT64_C(0x9E3779B97F4A7C15)
 /* Sub-keys of a block order, so that its three keyed maps never share a key. */
 #define BLOCKS_STREAM UINT64_C(0x424C4F434B53) /* "BLOCKS" */
@@ -203,5 +208,50 @@ shmf_kstatus shmf_block_permute(uint64_t n, uint64_t block, uint64_t key,
         for (size_t j = 0; j < m; j++)
             if (base[j] != UINT64_MAX) out[i + j] = (int64_t)(base[j] + offset[j]);
     }
+    return SHMF_K_OK;
+}
+
+/* One row into dst with non-temporal stores: the 16-byte aligned middle is streamed,
+ * the unaligned ends (if any) are copied through the cache. */
+static void copy_row_stream(char *dst, const char *src, size_t n) {
+#if defined(__SSE2__)
+    size_t head = (16 - ((uintptr_t)dst & 15)) & 15;
+    if (head > n) head = n;
+    memcpy(dst, src, head);
+    size_t k = head;
+    for (; k + 64 <= n; k += 64) {
+        __m128i a = _mm_loadu_si128((const __m128i *)(src + k));
+        __m128i b = _mm_loadu_si128((const __m128i *)(src + k + 16));
+        __m128i c = _mm_loadu_si128((const __m128i *)(src + k + 32));
+        __m128i d = _mm_loadu_si128((const __m128i *)(src + k + 48));
+        _mm_stream_si128((__m128i *)(dst + k), a);
+        _mm_stream_si128((__m128i *)(dst + k + 16), b);
+        _mm_stream_si128((__m128i *)(dst + k + 32), c);
+        _mm_stream_si128((__m128i *)(dst + k + 48), d);
+    }
+    memcpy(dst + k, src + k, n - k);
+#else
+    memcpy(dst, src, n);
+#endif
+}
+
+shmf_kstatus shmf_gather_rows(const void *src, uint64_t n_rows, size_t src_stride, size_t row_bytes,
+                              const int64_t *idx, size_t count, void *dst) {
+    for (size_t i = 0; i < count; i++)
+        if ((uint64_t)idx[i] >= n_rows) return SHMF_K_ERANGE; /* a negative index wraps too */
+    const char *s = src;
+    char *d = dst;
+    if ((uint64_t)count * row_bytes < SHMF_STREAM_MIN_BYTES) {
+        for (size_t i = 0; i < count; i++, d += row_bytes)
+            memcpy(d, s + (size_t)idx[i] * src_stride, row_bytes);
+        return SHMF_K_OK;
+    }
+    for (size_t i = 0; i < count; i++, d += row_bytes)
+        copy_row_stream(d, s + (size_t)idx[i] * src_stride, row_bytes);
+#if defined(__SSE2__)
+    /* Streamed stores are weakly ordered: make them visible before the caller
+     * publishes the slot (whose release store orders only ordinary stores). */
+    _mm_sfence();
+#endif
     return SHMF_K_OK;
 }

@@ -14,9 +14,10 @@ in `__getitem__` keeps the per-sample path).
 Invariants:
 - A batch gathered is byte for byte the batch `__getitem__` would give for the same
   indices: the order (shuffle, sharding, resume) is the Order's, as for any source.
-- No copy of a whole array is ever made: rows are copied by index (numpy's `take`,
-  which runs in C with the GIL released, or fancy indexing of a strided view for
-  overlapping windows), and a memory-mapped file is read only where a batch needs it.
+- No copy of a whole array is ever made: rows are copied by index (`gather_rows` of
+  csrc/kernels.c, one memcpy per row, GIL released for large batches, or, for a
+  non-contiguous array, fancy indexing), and a memory-mapped file is read only where
+  a batch needs it.
 - Pickling (workers started from a fresh interpreter) sends a memory-mapped file by
   name, not by content.
 """
@@ -28,6 +29,7 @@ from typing import Any
 
 import numpy as np
 
+from . import _kernels
 from ._errors import SpecError
 from ._spec import _NUMERIC_KINDS as NUMERIC_KINDS
 from ._spec import Spec, build_tree, unflatten
@@ -83,16 +85,21 @@ def _unpickle_arrays(items: list) -> list[np.ndarray]:
     return out
 
 
-def _take_rows(arr: np.ndarray, indices: np.ndarray, out: np.ndarray) -> None:
-    n = len(indices)
-    if arr.flags.c_contiguous:
-        # mode="clip": the Order's indices are in range by construction, and with
-        # mode="raise" numpy would copy through a temporary buffer.
-        np.take(arr, indices, axis=0, out=out[:n], mode="clip")
+def _take_rows(rows: np.ndarray, indices: np.ndarray, out: np.ndarray,
+               base: np.ndarray | None = None) -> None:
+    """Rows `indices` of `rows` into `out[:len(indices)]`.  `base`: the contiguous array
+    that `rows` is a strided view of, from its first byte (overlapping windows)."""
+    dst = out[: len(indices)]
+    src = rows if base is None else base
+    row_bytes = dst.nbytes // len(dst) if len(dst) else 0
+    if row_bytes and src.flags.c_contiguous and dst.flags.c_contiguous:
+        # In C: one memcpy per row (a large batch bypasses the cache, see
+        # csrc/kernels.h), no temporary, the GIL released for large batches.
+        _kernels.gather_rows(src, rows.strides[0], row_bytes, indices, dst)
     else:
-        # np.take would first make the whole array contiguous; fancy indexing reads
-        # only the rows asked for.
-        out[:n] = arr[indices]
+        # Fancy indexing reads only the rows asked for (np.take would first make the
+        # whole array contiguous).
+        dst[...] = rows[indices]
 
 
 class Arrays:
@@ -217,7 +224,7 @@ class Windows:
         return self.tokens[start : start + self.length]
 
     def __shmfeed_gather__(self, indices: np.ndarray, out: list[np.ndarray]) -> None:
-        _take_rows(self._windows, indices, out[0])
+        _take_rows(self._windows, indices, out[0], base=self.tokens)
 
     def _leaf_rows(self) -> list[tuple[np.dtype, tuple]]:
         return [(self.tokens.dtype, (self.length,))]

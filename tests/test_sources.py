@@ -13,6 +13,7 @@ import pytest
 from _trees import copy_tree
 
 import shmfeed
+from shmfeed import _kernels
 from shmfeed.sources import Arrays, Windows
 
 
@@ -207,6 +208,50 @@ def test_a_subclass_overriding_getitem_keeps_the_per_sample_path():
     with shmfeed.Loader(PlusOne({"x": x}), batch_size=8, num_workers=2) as loader:
         got = np.concatenate([b["x"] for b in _epoch(loader)])
     assert np.array_equal(got, x + 1)
+
+
+def test_gather_rows_kernel_copies_rows_by_index_and_refuses_an_index_out_of_range():
+    # Rows of an odd size leave every destination row unaligned; the large case goes
+    # through the non-temporal path (STREAM_MIN_BYTES), the small one through memcpy.
+    for rows, row_bytes in [(40, 37), (48, _kernels.STREAM_MIN_BYTES // 24 + 3)]:
+        src = np.random.default_rng(0).integers(0, 256, (rows, row_bytes), dtype=np.uint8)
+        idx = np.array([5, 0, rows - 1, 5, 17] * 7, dtype=np.int64)
+        out = np.zeros((len(idx) + 2, row_bytes), np.uint8)
+        _kernels.gather_rows(src, row_bytes, row_bytes, idx, out[1:-1])
+        assert np.array_equal(out[1:-1], src[idx])
+        assert not out[0].any() and not out[-1].any()  # nothing written beyond the rows
+        bad = idx.copy()
+        bad[9] = rows
+        out[:] = 0
+        with pytest.raises(IndexError, match=rf"indices\[9\] = {rows} is outside the source's {rows} rows"):
+            _kernels.gather_rows(src, row_bytes, row_bytes, bad, out[:len(bad)])
+        assert not out.any()  # checked before anything is written
+    tokens = np.arange(1000, dtype=np.uint16)
+    starts = np.array([0, 3, 990 // 3], dtype=np.int64)  # windows of 10 tokens, stride 3
+    out = np.empty((3, 10), np.uint16)
+    _kernels.gather_rows(tokens, 6, 20, starts, out)
+    assert np.array_equal(out, np.stack([tokens[3 * s : 3 * s + 10] for s in starts]))
+    with pytest.raises(IndexError, match="outside the source's 331 rows"):
+        _kernels.gather_rows(tokens, 6, 20, np.array([331], np.int64), out)
+    with pytest.raises(ValueError, match="out holds 3 rows of 20 bytes, 4 indices given"):
+        _kernels.gather_rows(tokens, 6, 20, np.zeros(4, np.int64), out)
+
+
+@pytest.mark.parametrize("num_workers", [0, 2])
+def test_batches_larger_than_the_streaming_threshold_are_gathered_exactly(num_workers):
+    # 32 rows of 150001 bytes: 4.8 MB a batch, written around the cache, each row
+    # starting unaligned; then published (the stores are fenced before the slot is).
+    x = np.random.default_rng(1).integers(0, 256, (96, 150_001), dtype=np.uint8)
+    assert 32 * x.shape[1] >= _kernels.STREAM_MIN_BYTES
+    y = np.arange(96, dtype=np.int64)
+    with shmfeed.Loader(Arrays((x, y)), batch_size=32, num_workers=num_workers, shuffle=True,
+                        seed=3) as loader:
+        for _ in range(2):
+            seen = []
+            for bx, by in loader:
+                assert np.array_equal(bx, x[by])
+                seen += by.tolist()
+            assert sorted(seen) == list(range(96))
 
 
 # -- Windows ------------------------------------------------------------------------------
