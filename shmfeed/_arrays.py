@@ -87,19 +87,19 @@ def _unpickle_arrays(items: list) -> list[np.ndarray]:
 
 def _take_rows(rows: np.ndarray, indices: np.ndarray, out: np.ndarray,
                base: np.ndarray | None = None) -> None:
-    """Rows `indices` of `rows` into `out[:len(indices)]`.  `base`: the contiguous array
-    that `rows` is a strided view of, from its first byte (overlapping windows)."""
-    dst = out[: len(indices)]
+    """Rows `indices` of `rows` into the first rows of `out` (a slot's leaf, contiguous).
+    `base`: the contiguous array that `rows` is a strided view of, from its first byte
+    (overlapping windows)."""
     src = rows if base is None else base
-    row_bytes = dst.nbytes // len(dst) if len(dst) else 0
-    if row_bytes and src.flags.c_contiguous and dst.flags.c_contiguous:
+    row_bytes = out.nbytes // len(out)
+    if row_bytes and src.flags.c_contiguous:
         # In C: one memcpy per row (a large batch bypasses the cache, see
         # csrc/kernels.h), no temporary, the GIL released for large batches.
-        _kernels.gather_rows(src, rows.strides[0], row_bytes, indices, dst)
+        _kernels.gather_rows(src, rows.strides[0], row_bytes, indices, out)
     else:
         # Fancy indexing reads only the rows asked for (np.take would first make the
         # whole array contiguous).
-        dst[...] = rows[indices]
+        out[: len(indices)] = rows[indices]
 
 
 class Arrays:

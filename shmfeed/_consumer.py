@@ -145,20 +145,20 @@ class Consumer:
             taken = None  # the slow take finds out which, again, and acts on it
         if taken is None:
             taken = self._slow_take(gen, epoch, b, epoch_batch, t0)
-        self.stats.wait_s += time.perf_counter() - t0
-        self.next_slot = (taken.slot + 1) % ring.n_slots
+        stats, slot, t = self.stats, taken.slot, tag(gen, b)
+        stats.wait_s += time.perf_counter() - t0
+        self.next_slot = (slot + 1) % ring.n_slots
         if taken.state == SlotState.ERROR:
-            report = ring.read_report(taken.slot)
-            ctl.release(taken.slot, tag(gen, b))
+            report = ring.read_report(slot)
+            ctl.release(slot, t)
             raise report.to_exception()
         rows, bucket = _bucket.unpack(taken.rows)
         if self.cut is not None and not self.cut.keep(epoch_batch, rows):
-            ctl.release(taken.slot, tag(gen, b))
+            ctl.release(slot, t)
             return _NO_DATA
-        shapes = None if bucket is None else self.cfg.padding.shapes(bucket)
-        leaves = ring.lease(taken.slot, tag(gen, b), rows, shapes)
-        self.stats.batches += 1
-        self.stats.bytes += sum(x.nbytes for x in leaves)
+        leaves = ring.lease(slot, t, rows, None if bucket is None else self.cfg.padding.shapes(bucket))
+        stats.batches += 1
+        stats.bytes += sum([x.nbytes for x in leaves])
         self.delivered = epoch_batch + 1
         return unflatten(self.cfg.spec.tree, leaves)
 

@@ -77,7 +77,7 @@ class RingBlocked(Exception):
 
 
 class Taken(NamedTuple):
-    state: SlotState  # READY or ERROR
+    state: int  # SlotState.READY or SlotState.ERROR (a plain int: taken every batch)
     rows: int
     slot: int
 
@@ -103,10 +103,11 @@ def _fail(what: str, status: int) -> Exception:
 class Control:
     """The control block at the start of a writable buffer (the ring's mapping)."""
 
-    __slots__ = ("_c",)
+    __slots__ = ("_c", "_gen_info")
 
     def __init__(self, buffer) -> None:
         self._c = _core.Control(buffer)
+        self._gen_info: tuple[int, GenInfo] | None = None  # the last one read
 
     # -- set-up ----------------------------------------------------------------------
     def init_block(self, n_slots: int, max_workers: int, slot_bytes: int) -> None:
@@ -129,7 +130,7 @@ class Control:
         within `timeout_s` (or a signal arrived).  Raises RingBlocked or PoolShutdown."""
         st, state, rows, slot = self._c.take(gen, batch, timeout_s)
         if st == _OK:
-            return Taken(SlotState(state), rows, slot)
+            return Taken(state, rows, slot)
         if st == _TIMEOUT or st == _INTERRUPTED:
             return None
         if st == Status.BLOCKED:
@@ -239,7 +240,15 @@ class Control:
 
     # -- read-only snapshots -------------------------------------------------------------
     def gen_info(self, gen: int) -> GenInfo:
-        return GenInfo(*self._c.gen_info(gen))
+        # A generation's parameters are written before it starts and never change
+        # (its table entry is reused only SHMF_GEN_TABLE generations later): a worker
+        # asks for every batch, so the last answer is kept.
+        last = self._gen_info
+        if last is not None and last[0] == gen:
+            return last[1]
+        info = GenInfo(*self._c.gen_info(gen))
+        self._gen_info = (gen, info)
+        return info
 
     def slot_of(self, gen: int, batch: int) -> int:
         """The slot assigned to batch `batch` of generation `gen`, or -1."""

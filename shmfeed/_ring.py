@@ -19,7 +19,6 @@ Invariants:
 from __future__ import annotations
 
 import errno
-import math
 import mmap
 import os
 import weakref
@@ -96,6 +95,8 @@ class Ring:
         self.slot_raw = [raw[d + i * sb : d + (i + 1) * sb] for i in range(n_slots)]
         del raw
         self._write_views: list[list[np.ndarray]] | None = None
+        self._layout_spec: Spec | None = None  # the spec `_layout` was made for
+        self._layout: list[tuple[np.dtype, tuple[int, ...], int]] = []
         # slot -> (tag, weak reference to its SlotRef), for release_orphans
         self._leases: dict[int, tuple[int, weakref.ref]] = {}
 
@@ -125,15 +126,23 @@ class Ring:
         return np.frombuffer(self.mm, np.uint8, count=self.n_slots * self.slot_bytes, offset=self.data_offset)
 
     # -- worker side ------------------------------------------------------------------
-    def _views(self, raw: np.ndarray, rows: int, shapes: list[tuple[int, ...]] | None) -> list[np.ndarray]:
+    def _views(self, buffer, rows: int, shapes: list[tuple[int, ...]] | None) -> list[np.ndarray]:
         """Each leaf of a slot as `rows` rows of its shape (`shapes`: a bucket's, packed
-        contiguously from the leaf's offset, so that the views stay plain arrays)."""
-        leaves = self.spec.leaves
-        out = []
-        for lf, shape in zip(leaves, shapes or [lf.shape for lf in leaves]):
-            n = rows * math.prod(shape) * lf.dtype.itemsize
-            out.append(raw[lf.offset : lf.offset + n].view(lf.dtype).reshape((rows,) + tuple(shape)))
-        return out
+        contiguously from the leaf's offset, so that the views stay plain arrays);
+        `buffer` is the slot's bytes, and each view's base."""
+        if shapes is None:
+            # One constructor call per leaf: the consumer makes these for every batch.
+            layout = self._layout if self._layout_spec is self.spec else self._lay_out()
+            return [np.ndarray((rows,) + shape, dtype, buffer, offset) for dtype, shape, offset in layout]
+        return [np.ndarray((rows,) + tuple(shape), lf.dtype, buffer, lf.offset)
+                for lf, shape in zip(self.spec.leaves, shapes)]
+
+    def _lay_out(self) -> list[tuple[np.dtype, tuple[int, ...], int]]:
+        """(dtype, row shape, offset) of each leaf of the spec (which a spawned pool
+        learns after mapping the ring)."""
+        self._layout = [(lf.dtype, tuple(lf.shape), lf.offset) for lf in self.spec.leaves]
+        self._layout_spec = self.spec
+        return self._layout
 
     def write_views(self, slot: int, shapes: list[tuple[int, ...]] | None = None) -> list[np.ndarray]:
         """Full-capacity arrays of each leaf in `slot`, for the worker to write into
@@ -156,12 +165,11 @@ class Ring:
               shapes: list[tuple[int, ...]] | None = None) -> list[np.ndarray]:
         """Arrays of one taken batch; the slot is released when they all die.
 
-        They are views of one uint8 array over a `SlotRef`, whose deallocation (in C,
+        They are views of a `SlotRef` (each array's base), whose deallocation (in C,
         so that no Ctrl-C can interrupt it) releases the slot."""
         ref = self.ctl.slot_ref(slot, tag, self.data_offset + slot * self.slot_bytes, self.slot_bytes)
-        raw = np.frombuffer(ref, np.uint8)
         self._leases[slot] = (tag, weakref.ref(ref))
-        return self._views(raw, rows, shapes)
+        return self._views(ref, rows, shapes)
 
     def release_orphans(self) -> int:
         """Give back the slots the consumer holds for batches no array refers to any
