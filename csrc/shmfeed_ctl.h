@@ -26,7 +26,10 @@
  * become FREE: a batch the caller keeps simply pins its slot and the others keep
  * circulating.  The assignment table maps batch b to its slot at index b % n_slots;
  * at most n_slots batches are assigned and not yet taken, so an entry is reused only
- * after its batch was taken.  Claims (which worker builds which batch) come from one
+ * after its batch was taken.  Wake-ups are batched: a slot the consumer releases is
+ * assigned at once (a worker that looks finds it), but workers asleep waiting for one
+ * are woken only once a few have been (ctl.c: wake_threshold), or when the consumer
+ * itself is about to wait.  Claims (which worker builds which batch) come from one
  * 64-bit word (g << 32 | next batch), advanced by compare-and-swap after the worker
  * recorded what it is about to claim, so the claim of a worker that dies at any
  * point can be recovered.
@@ -39,7 +42,7 @@
 #include <stdatomic.h>
 
 #define SHMF_MAGIC 0x31444545464d4853ULL /* the bytes "SHMFEED1" in memory (little-endian) */
-#define SHMF_VERSION 3u
+#define SHMF_VERSION 4u
 #define SHMF_DATA_ALIGN 4096u    /* slot data starts page aligned */
 #define SHMF_REPORT_BYTES 8192u  /* per-slot error report (pickled by Python) */
 #define SHMF_GEN_TABLE 64u       /* epoch parameters kept for this many generations */
@@ -93,6 +96,7 @@ typedef struct {
     _Atomic uint64_t assign_next;           /* gen << 32 | next batch to give a slot */
     _Alignas(64) _Atomic uint32_t assign_seq; /* futex word for workers: bumped per assignment */
     _Atomic uint32_t assign_waiters;
+    _Atomic uint32_t assign_deferred;       /* slots released and assigned, wake-up not sent */
     _Alignas(64) _Atomic uint32_t progress; /* futex word for the consumer: bumped per publish */
     _Atomic uint32_t progress_waiters;
     shmf_gen_info gens[SHMF_GEN_TABLE];

@@ -7,6 +7,7 @@
  * batch's tag, which the consumer checks, so a batch delivered twice, out of order,
  * torn or from the wrong slot fails the run.
  *
+ * First, a deterministic check of batched wake-ups (check_deferred_wake).
  * Phase 1 ("wake-ups"): no faults, and every wait has a long timeout.  A wait that
  * runs out means a wake-up was lost, and fails the run.  Every batch of every epoch
  * must be claimed exactly once.
@@ -280,12 +281,70 @@ static void run_phase(uint32_t phase, uint32_t epochs, uint32_t *gen_io, unsigne
     }
 }
 
+/* Batched wake-ups (ctl.c): a worker asleep for a slot that a release assigned is
+ * not woken by that release alone (below the threshold), but must be as soon as the
+ * consumer waits for the batch it builds; otherwise the consumer would wait for the
+ * worker's own timeout (LONG_WAIT_S here).  Also checks that a release below the
+ * threshold leaves the worker asleep (the point of batching). */
+static void check_deferred_wake(void) {
+    const uint32_t n_slots = 4, workers = 2; /* threshold: 2 slots */
+    size_t total = shmf_data_offset(n_slots, workers) + (size_t)n_slots * SLOT_BYTES;
+    void *b = mmap(NULL, total, PROT_READ | PROT_WRITE, MAP_SHARED | MAP_ANONYMOUS, -1, 0);
+    if (b == MAP_FAILED || shmf_init(b, total, n_slots, workers, SLOT_BYTES) != SHMF_OK)
+        fail("deferred wake: ring set-up");
+    uint32_t gen = shmf_start_epoch(b, 0, 0, 100, 0), g, batch, slot, state;
+    uint64_t epoch, rows;
+    for (uint32_t i = 0; i < n_slots; i++) { /* fill the ring: batches 0..3 ready */
+        if (shmf_claim(b, 0, &g, &epoch, &batch) != SHMF_OK || batch != i ||
+            shmf_acquire(b, 0, gen, i, 1.0, &slot) != SHMF_OK ||
+            shmf_publish(b, 0, slot, gen, i, 1, SHMF_READY, 1) != SHMF_OK)
+            fail("deferred wake: filling batch %u", i);
+    }
+    if (shmf_claim(b, 1, &g, &epoch, &batch) != SHMF_OK || batch != n_slots)
+        fail("deferred wake: claim of batch %u", n_slots);
+    pid_t pid = fork();
+    if (pid == 0) { /* the worker: asleep until batch 4 has a slot */
+        prctl(PR_SET_PDEATHSIG, SIGKILL);
+        double t = now_s();
+        if (shmf_acquire(b, 1, gen, n_slots, LONG_WAIT_S, &slot) != SHMF_OK) _exit(3);
+        /* Woken by the release alone would be within ~0.1 s (the parent waits 0.3 s). */
+        if (now_s() - t < 0.25) _exit(4);
+        shmf_publish(b, 1, slot, gen, n_slots, 1, SHMF_READY, 1);
+        _exit(0);
+    }
+    shmf_header *h = shmf_hdr(b);
+    double deadline = now_s() + LONG_WAIT_S;
+    while (atomic_load(&h->assign_waiters) == 0)
+        if (now_s() > deadline) fail("deferred wake: the worker never waited");
+    usleep(20000); /* into the futex */
+    if (shmf_take(b, gen, 0, 1.0, &state, &rows, &slot) != SHMF_OK) fail("deferred wake: take 0");
+    if (shmf_release(b, slot, shmf_tag(gen, 0)) != SHMF_OK) fail("deferred wake: release 0");
+    usleep(300000);
+    /* Batches 1..3 are taken and kept (no release, so no further wake-up), then
+     * batch 4, the worker's: only the consumer's own wait can wake the worker. */
+    uint32_t kept[4];
+    for (uint32_t i = 1; i <= n_slots; i++) {
+        double t = now_s();
+        if (shmf_take(b, gen, i, LONG_WAIT_S, &state, &rows, &kept[i - 1]) != SHMF_OK || state != SHMF_READY)
+            fail("deferred wake: take %u", i);
+        if (now_s() - t > LONG_WAIT_S / 2)
+            fail("deferred wake: batch %u took %.1f s: the consumer's wait did not wake its builder", i,
+                 now_s() - t);
+    }
+    for (uint32_t i = 1; i <= n_slots; i++) shmf_release(b, kept[i - 1], shmf_tag(gen, i));
+    int status;
+    if (waitpid(pid, &status, 0) != pid || !WIFEXITED(status) || WEXITSTATUS(status) != 0)
+        fail("deferred wake: worker ended with status 0x%x (4: woken by one release)", status);
+    munmap(b, total);
+}
+
 int main(int argc, char **argv) {
     uint32_t epochs = argc > 1 ? (uint32_t)atoi(argv[1]) : 10;
     batches_per_epoch = argc > 2 ? (uint32_t)atoi(argv[2]) : 3000;
     if (2 * epochs + 1 >= MAX_GENS || batches_per_epoch >= MAX_BATCHES / 8 || batches_per_epoch == 0)
         fail("bad arguments");
     parent = getpid();
+    check_deferred_wake();
     size_t total = shmf_data_offset(N_SLOTS, N_WORKERS) + (size_t)N_SLOTS * SLOT_BYTES;
     base = mmap(NULL, total, PROT_READ | PROT_WRITE, MAP_SHARED | MAP_ANONYMOUS, -1, 0);
     shared = mmap(NULL, sizeof(shared_t), PROT_READ | PROT_WRITE, MAP_SHARED | MAP_ANONYMOUS, -1, 0);
