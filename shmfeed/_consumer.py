@@ -145,14 +145,15 @@ class Consumer:
             taken = None  # the slow take finds out which, again, and acts on it
         if taken is None:
             taken = self._slow_take(gen, epoch, b, epoch_batch, t0)
-        stats, slot, t = self.stats, taken.slot, tag(gen, b)
+        state, word, slot = taken
+        stats, t = self.stats, tag(gen, b)
         stats.wait_s += time.perf_counter() - t0
         self.next_slot = (slot + 1) % ring.n_slots
-        if taken.state == SlotState.ERROR:
+        if state == SlotState.ERROR:
             report = ring.read_report(slot)
             ctl.release(slot, t)
             raise report.to_exception()
-        rows, bucket = _bucket.unpack(taken.rows)
+        rows, bucket = _bucket.unpack(word)
         if self.cut is not None and not self.cut.keep(epoch_batch, rows):
             ctl.release(slot, t)
             return _NO_DATA

@@ -76,10 +76,9 @@ class RingBlocked(Exception):
     """Every slot is held by the consumer: no slot can be given to the next batch."""
 
 
-class Taken(NamedTuple):
-    state: int  # SlotState.READY or SlotState.ERROR (a plain int: taken every batch)
-    rows: int
-    slot: int
+# A taken slot: (state, rows, slot), state SlotState.READY or SlotState.ERROR.  A
+# plain tuple of ints: the training loop takes one per batch.
+Taken = tuple[int, int, int]
 
 
 class GenInfo(NamedTuple):
@@ -130,7 +129,7 @@ class Control:
         within `timeout_s` (or a signal arrived).  Raises RingBlocked or PoolShutdown."""
         st, state, rows, slot = self._c.take(gen, batch, timeout_s)
         if st == _OK:
-            return Taken(state, rows, slot)
+            return state, rows, slot
         if st == _TIMEOUT or st == _INTERRUPTED:
             return None
         if st == Status.BLOCKED:
