@@ -524,3 +524,24 @@ def test_unpicklable_source_after_jax_started_gets_a_clear_error():
     out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60)
     assert "SourcePickleError: source.lock " in out.stdout, out.stdout + out.stderr
     assert "`source.lock` (lock)" in out.stdout and "start_method='fork'" in out.stdout
+
+
+def test_workers_run_nicer_than_the_training_loop_so_they_never_take_its_cpu():
+    from shmfeed._worker import WORKER_NICE
+    own = psutil.Process().nice()
+    want = [min(own + WORKER_NICE, 19)] * 2
+
+    def nices(ctl):
+        try:  # a worker records its pid first thing, and renices as its loop starts
+            return [psutil.Process(ctl.worker(w)["pid"]).nice() for w in range(2)]
+        except (psutil.Error, ValueError):
+            return None
+
+    with shmfeed.Loader(np.zeros((64, 4)), batch_size=8, num_workers=2) as loader:
+        assert len(list(loader)) == 8
+        ctl = loader._ring.ctl
+        deadline = time.monotonic() + 10
+        while nices(ctl) != want and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert nices(ctl) == want
+    assert psutil.Process().nice() == own  # the training process keeps its own
