@@ -34,6 +34,7 @@ log = logging.getLogger("shmfeed")
 
 START_METHODS = ("auto", "fork", "forkserver", "spawn")
 REQUIRED: Any = object()  # the default of options a caller must give
+MAX_NICE = 19
 MAX_BATCHES = 0xFFFFFFFF  # batch numbers are the low 32 bits of a tag; this one is reserved
 
 
@@ -48,6 +49,7 @@ class Config:
     timeout_s: float | None
     start_method: str
     padding: Padding | None = None  # padded_shapes and what goes with them (_pad.py)
+    worker_nice: int = 0  # added to the workers' nice value
 
     @property
     def max_workers(self) -> int:
@@ -88,7 +90,8 @@ def build(source: Any, *, batch_size: Any, num_workers: Any, shuffle: Any, shuff
           drop_last: Any, num_slots: Any, memory_budget_bytes: Any, max_batch_rows: Any,
           timeout_s: Any, max_restarts: Any, start_method: Any, seed_global_rngs: Any,
           shard_index: Any, shard_count: Any, padded_shapes: Any = None, padding_values: Any = None,
-          with_lengths: Any = False, bucket_boundaries: Any = None, bucket_lengths: Any = None) -> Config:
+          with_lengths: Any = False, bucket_boundaries: Any = None, bucket_lengths: Any = None,
+          worker_nice: Any = 0) -> Config:
     """Validate the Loader's arguments, probe the source, size the ring."""
     if batch_size is REQUIRED:
         raise SpecError(
@@ -108,6 +111,9 @@ def build(source: Any, *, batch_size: Any, num_workers: Any, shuffle: Any, shuff
     # None: follow the user's seeding of np.random (without drawing from it).
     seed = _rng.seed_of_user_rng() if seed is None else check_int("seed", seed, 0)
     max_restarts = check_int("max_restarts", max_restarts, 0)
+    worker_nice = check_int("worker_nice", worker_nice, 0)
+    if worker_nice > MAX_NICE:
+        raise SpecError(f"`worker_nice` must be <= {MAX_NICE} (the largest nice value), got {worker_nice}")
     shard_count = check_int("shard_count", shard_count, 1)
     shard_index = check_int("shard_index", shard_index, 0)
     drop_last = check_bool("drop_last", drop_last)
@@ -188,7 +194,7 @@ def build(source: Any, *, batch_size: Any, num_workers: Any, shuffle: Any, shuff
     return Config(order=order, spec=spec, n_slots=num_slots, num_workers=num_workers,
                   max_restarts=max_restarts, seed_global_rngs=seed_global_rngs,
                   timeout_s=None if timeout_s is None else float(timeout_s),
-                  start_method=start_method, padding=padding)
+                  start_method=start_method, padding=padding, worker_nice=worker_nice)
 
 
 def check_memory(nbytes: int, n_slots: int, slot_bytes: int) -> None:

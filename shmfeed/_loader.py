@@ -131,6 +131,12 @@ class Loader:
     to the smallest boundary that holds it: at most `len(bucket_boundaries)` shapes.
     See shmfeed/_pad.py and shmfeed/_bucket.py.
 
+    `worker_nice` (0-19) lowers the workers' CPU priority below the training loop's:
+    where the loop itself is the bottleneck on a machine with as many workers as CPUs
+    (tiny batches at memory speed, a GPU step), a woken worker then does not take its
+    CPU.  Left at 0 where the training step needs the CPUs too (JAX or Keras on CPU):
+    there it would starve the workers during the step.
+
     Faults (RELIABILITY.md has the details and measured times):
 
     - An exception in `__getitem__` (or a bad sample: `SpecError`) is raised in batch
@@ -175,6 +181,7 @@ class Loader:
         with_lengths: bool = False,
         bucket_boundaries: Any = None,
         bucket_lengths: Any = None,
+        worker_nice: int = 0,
     ):
         # Arrays, dicts and tuples of arrays: shmfeed.sources.Arrays; generators: _stream.py.
         source = stream_source(as_source(source), steps_per_epoch=steps_per_epoch,
@@ -188,7 +195,8 @@ class Loader:
                     seed_global_rngs=seed_global_rngs, shard_index=shard_index,
                     shard_count=shard_count, padded_shapes=padded_shapes,
                     padding_values=padding_values, with_lengths=with_lengths,
-                    bucket_boundaries=bucket_boundaries, bucket_lengths=bucket_lengths)
+                    bucket_boundaries=bucket_boundaries, bucket_lengths=bucket_lengths,
+                    worker_nice=worker_nice)
         self._source = source
         self._cfg = cfg
         self._ring = Ring(cfg.spec, cfg.n_slots, cfg.max_workers)

@@ -145,6 +145,8 @@ def supervise(ring: Ring, chan_fd: int, source: Any, cfg: Config, parent_pid: in
             # stderr; the supervisor reports the signal.
             with contextlib.suppress(Exception):
                 faulthandler.enable(file=2)
+            if cfg.worker_nice:
+                os.nice(cfg.worker_nice)
             worker_loop(ring, builder, w, pending, me)
 
         pid = fork_child(worker)

@@ -14,18 +14,9 @@ from ._build import WAIT_SLICE_S, Builder, LeaveBuild, build_batch
 from ._control import PoolShutdown, untag
 from ._ring import Ring
 
-# Workers run this much nicer than the training process.  The loop is the serial
-# stage: every batch passes through it, while a worker is one of several.  On a
-# machine with as many workers as CPUs, a worker woken for a slot would otherwise
-# take the loop's CPU (measured on 2 CPUs, 2 workers gathering 32x512 int32 rows:
-# 36-45k batches/s at the same priority, 51-78k at +5; 9.6 MB image batches 1.69k ->
-# 1.89k).  Without contention for a CPU it changes nothing.
-WORKER_NICE = 5
-
 
 def worker_loop(ring: Ring, builder: Builder, worker: int, pending: int | None, parent_pid: int) -> None:
     """Run until the loader shuts down or the parent (the supervisor) is gone."""
-    os.nice(WORKER_NICE)
     own_loop = getattr(builder, "worker_loop", None)  # sharded streams choose their batches
     if own_loop is not None:
         return own_loop(ring, worker, pending, parent_pid)

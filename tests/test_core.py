@@ -375,6 +375,8 @@ def test_batch_larger_than_the_slot_is_an_error():
     (dict(batch_size=4, num_workers=1, drop_last="no"), r"`drop_last` must be True or False, got 'no'"),
     (dict(batch_size=4, num_workers=1, seed_global_rngs=1), r"`seed_global_rngs` must be True or False"),
     (dict(batch_size=4, num_workers=1, timeout_s="5"), r"`timeout_s` must be > 0 seconds or None"),
+    (dict(batch_size=4, num_workers=1, worker_nice=-1), r"`worker_nice` must be an integer >= 0, got -1"),
+    (dict(batch_size=4, num_workers=1, worker_nice=20), r"`worker_nice` must be <= 19 \(the largest"),
 ])
 def test_bad_arguments_are_spec_errors(kwargs, pattern):
     with pytest.raises(shmfeed.SpecError, match=pattern):
@@ -526,18 +528,18 @@ def test_unpicklable_source_after_jax_started_gets_a_clear_error():
     assert "`source.lock` (lock)" in out.stdout and "start_method='fork'" in out.stdout
 
 
-def test_workers_run_nicer_than_the_training_loop_so_they_never_take_its_cpu():
-    from shmfeed._worker import WORKER_NICE
+@pytest.mark.parametrize("worker_nice", [0, 5])
+def test_workers_run_as_nice_as_asked_and_the_training_process_keeps_its_priority(worker_nice):
     own = psutil.Process().nice()
-    want = [min(own + WORKER_NICE, 19)] * 2
+    want = [min(own + worker_nice, 19)] * 2
 
     def nices(ctl):
-        try:  # a worker records its pid first thing, and renices as its loop starts
+        try:  # a worker records its pid first thing, and renices before its loop starts
             return [psutil.Process(ctl.worker(w)["pid"]).nice() for w in range(2)]
         except (psutil.Error, ValueError):
             return None
 
-    with shmfeed.Loader(np.zeros((64, 4)), batch_size=8, num_workers=2) as loader:
+    with shmfeed.Loader(np.zeros((64, 4)), batch_size=8, num_workers=2, worker_nice=worker_nice) as loader:
         assert len(list(loader)) == 8
         ctl = loader._ring.ctl
         deadline = time.monotonic() + 10
