@@ -139,6 +139,8 @@ def build_parser() -> argparse.ArgumentParser:
                        help="simulate a training step of MS milliseconds after each batch (a "
                             "sleep: a GPU step leaves the CPU to the workers), so that input wait "
                             "says whether each loader keeps up (default: 0, no step)")
+    bench.add_argument("--worker-nice", type=int, choices=range(20), default=0, metavar="N",
+                       help="shmfeed's `worker_nice`: its workers run N nicer than the loop (default: 0)")
     bench.add_argument("--shuffle", action="store_true", help="shuffle samples every epoch")
     bench.add_argument("--seed", type=int, default=0, help="shuffle and augmentation seed (default: 0)")
     bench.add_argument("--repeat", type=_positive_int, default=1, metavar="N",
@@ -224,6 +226,7 @@ def _bench(args: argparse.Namespace, parser: argparse.ArgumentParser, argv: list
         length=args.length,
         progress=not args.no_progress,
         step_ms=args.step_ms,
+        worker_nice=args.worker_nice,
     )
     if args.data_dir is not None:
         opts.data_dir = _path(args.data_dir)
@@ -255,7 +258,8 @@ def _keras_fit(args: argparse.Namespace, parser: argparse.ArgumentParser, names:
                      f"combined with {', '.join(n for n in names if n != keras_fit.NAME)}")
     given = [flag for flag, value in (("--compare", args.compare), ("--batch-size", args.batch_size),
                                       ("--seconds", args.seconds), ("--slots", args.slots),
-                                      ("--plot", args.plot), ("--step-ms", args.step_ms or None))
+                                      ("--plot", args.plot), ("--step-ms", args.step_ms or None),
+                                      ("--worker-nice", args.worker_nice or None))
              if value is not None]
     if given:
         parser.error(f"--workload {keras_fit.NAME} always compares shmfeed, Keras's workers and "
@@ -287,7 +291,8 @@ def _gpu_present() -> bool:
 
 def _device(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     given = [flag for flag, value in (("--workload", args.workload), ("--compare", args.compare),
-                                      ("--plot", args.plot), ("--step-ms", args.step_ms or None))
+                                      ("--plot", args.plot), ("--step-ms", args.step_ms or None),
+                                      ("--worker-nice", args.worker_nice or None))
              if value is not None]
     if given:
         parser.error(f"--device measures the GPU upload only; it does not take {', '.join(given)}")

@@ -94,6 +94,8 @@ def _check_sane(doc: dict, workload: str, loaders: list[str]) -> None:
     (["bench", "--step-ms", "-1"], "must be >= 0"),
     (["bench", "--step-ms", "fast"], "expected a number of milliseconds"),
     (["bench", "--device", "--step-ms", "5"], "does not take --step-ms"),
+    (["bench", "--worker-nice", "20"], "invalid choice: 20"),
+    (["bench", "--workload", "keras-sequence", "--worker-nice", "5"], "does not take --worker-nice"),
     (["bench", "--json", "/nonexistent-dir/out.json"], "the folder '/nonexistent-dir' does not exist (nothing was run)"),
     (["bench", "--no-such-flag"], "unrecognized arguments"),
     (["bench", "--workload", "keras-sequence,transport"], "runs alone"),
@@ -291,6 +293,14 @@ def test_plot_without_matplotlib_fails_before_running(tmp_path, capsys, monkeypa
     assert "--plot needs matplotlib cannot be imported" in err
     assert "pip install 'shmfeed[plot]'" in err and "nothing was run" in err
     assert not never.exists()  # no data was generated: nothing ran
+
+
+def test_worker_nice_reaches_shmfeeds_loader(data_dir, tmp_path, capsys):
+    code, doc, out, err = _bench(["--workload", "arrays-tokens", "--compare", "inline", "--workers", "2",
+                                  "--worker-nice", "5"], data_dir, tmp_path, capsys)
+    assert code == 0, err
+    _check_sane(doc, "arrays-tokens", ["shmfeed", "inline"])
+    assert doc["options"]["worker_nice"] == 5
 
 
 # -- the simulated step, the columns ------------------------------------------------------------

@@ -71,6 +71,7 @@ class BenchOptions:
     length: int | None = None  # samples (batches) per epoch; None: the workload's default
     progress: bool = True
     step_ms: float = 0.0  # simulated training step per batch (child.py)
+    worker_nice: int = 0  # shmfeed's workers' `worker_nice`
 
     def as_dict(self) -> dict:
         d = asdict(self)
@@ -504,7 +505,7 @@ def _run(opts: BenchOptions, loaders: list[str], missing: dict, runnable: list[s
                 job = Job(workload=name, loader=n, data_path=str(path), length=opts.length,
                           batch_size=batch_size, workers=opts.workers, slots=opts.slots,
                           shuffle=opts.shuffle, seed=opts.seed, seconds=opts.seconds,
-                          step_ms=opts.step_ms)
+                          step_ms=opts.step_ms, worker_nice=opts.worker_nice)
                 rep_note = f" (repeat {rep + 1}/{opts.repeat})" if opts.repeat > 1 else ""
                 progress.start(f"{name} / {n}{rep_note}")
                 result = run_child(job, progress.tick)

@@ -38,6 +38,7 @@ class Job:
     seed: int
     seconds: float
     step_ms: float = 0.0  # simulated training step after each batch (0: none)
+    worker_nice: int = 0  # shmfeed's `worker_nice`
 
     def as_dict(self) -> dict:
         return asdict(self)

@@ -28,6 +28,7 @@ class Adapter:
             shuffle=job.shuffle and not stream,
             seed=job.seed,
             num_slots=job.slots,
+            worker_nice=job.worker_nice,
             drop_last=bool(workloads.WORKLOADS[job.workload].arrays),  # as in-process: whole batches
         )
 
