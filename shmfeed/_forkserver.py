@@ -14,7 +14,8 @@ Owns: starting the server (`start`), asking it for a supervisor (`request`), and
 server's loop.  Started by `import shmfeed.jax`, `import shmfeed.keras` and
 `shmfeed.start_fork_server()`, only from the main thread of a clean process that is
 not itself one of shmfeed's pool processes; `SHMFEED_FORK_SERVER=0` turns the
-automatic start off.
+automatic start off, and it is skipped (with a warning) in a process that already
+holds more than `AUTO_MAX_PRIVATE_BYTES` of private memory, which the copy would pin.
 
 The exchange, over a SOCK_SEQPACKET socket pair that only this process and the server
 hold, one request at a time (a lock): the training process sends `SPAWN` with four
@@ -46,6 +47,8 @@ import sys
 import threading
 import time
 
+import psutil
+
 from . import _sysinfo
 from ._supervisor import child_setup, fork_child, start_from_payload
 
@@ -56,6 +59,12 @@ PID = b"pid "
 REPLY_TIMEOUT_S = 10.0  # the server forks a supervisor within this long, or is dropped
 SERVER_POLL_S = 1.0  # how often the idle server checks that its parent lives
 ENV_SWITCH = "SHMFEED_FORK_SERVER"  # "0": no automatic start
+# The server keeps the memory the process had when it started (copy-on-write: pages
+# the process later changes or frees stay the server's).  Imports are tens of MB; a
+# process already holding more private memory than this (data loaded before `import
+# shmfeed.jax`) gets no automatic server.  SHMFEED_FORK_SERVER_MAX_MB changes it.
+AUTO_MAX_PRIVATE_BYTES = 1 << 30
+ENV_MAX_MB = "SHMFEED_FORK_SERVER_MAX_MB"
 
 
 class _Handle:
@@ -114,6 +123,21 @@ def cannot_start() -> str | None:
     return None
 
 
+def _too_big() -> str | None:
+    """Why an automatic server would cost too much memory, or None."""
+    limit = AUTO_MAX_PRIVATE_BYTES
+    if os.environ.get(ENV_MAX_MB):
+        limit = int(float(os.environ[ENV_MAX_MB]) * 2**20)
+    info = psutil.Process().memory_info()
+    private = info.rss - info.shared
+    if private <= limit:
+        return None
+    return (f"this process holds {private / 2**20:.0f} MiB of private memory (> {limit / 2**20:.0f} MiB), "
+            "which a copy would keep for as long as it lives; import shmfeed.jax / shmfeed.keras "
+            f"before loading data, call shmfeed.start_fork_server() to start one anyway, or raise "
+            f"{ENV_MAX_MB}")
+
+
 def start(automatic: bool = False) -> bool:
     """Start the fork server unless one runs; True if one runs afterwards.  With
     `automatic` (at `import shmfeed.jax`/`shmfeed.keras`), quietly does nothing where
@@ -128,8 +152,12 @@ def start(automatic: bool = False) -> bool:
         return False
     why = cannot_start()
     if why:
-        if not automatic:
+        if not automatic:  # automatic: the pool's own message will say how it starts
             log.warning("shmfeed: no fork server started: %s", why)
+        return False
+    too_big = _too_big() if automatic else None
+    if too_big:
+        log.warning("shmfeed: no fork server started: %s", too_big)
         return False
     from ._pool import sigint_deferred  # _pool imports this module
 

@@ -135,6 +135,24 @@ def test_a_process_forked_from_the_training_process_does_not_share_its_server(tm
     assert result == result | {"child_dropped_it": True, "still_ours": True}
 
 
+def test_no_automatic_server_where_the_process_already_holds_more_memory_than_allowed(tmp_path):
+    script = tmp_path / "big.py"
+    script.write_text(textwrap.dedent("""
+        import json, numpy as np
+        data = np.ones(64 * 2**20 // 8)   # 64 MiB of private memory, above the 16 MiB allowed
+        import shmfeed.jax
+        print(json.dumps({"running": shmfeed._forkserver.running(),
+                          "asked": shmfeed.start_fork_server()}))
+        shmfeed._forkserver.stop()
+    """))
+    out = subprocess.run([sys.executable, str(script)], capture_output=True, text=True,
+                         timeout=SCRIPT_TIMEOUT_S, env=_env(tmp_path, SHMFEED_FORK_SERVER_MAX_MB="16"))
+    assert out.returncode == 0, out.stderr
+    assert json.loads(out.stdout.strip().splitlines()[-1]) == {"running": False, "asked": True}
+    assert "no fork server started: this process holds" in out.stderr
+    assert "SHMFEED_FORK_SERVER_MAX_MB" in out.stderr
+
+
 def test_a_dead_fork_server_falls_back_to_a_fresh_interpreter(tmp_path):
     result = _run(tmp_path, """
         import signal
