@@ -169,7 +169,55 @@ static PyObject *kernels_gather_rows(PyObject *Py_UNUSED(m), PyObject *args) {
     return r;
 }
 
+/* stack_rows(out, rows, array_type, format, shape): row k of out = the bytes of rows[k],
+ * for each rows[k] that is an `array_type` (numpy.ndarray, or a subclass: a memmap's
+ * rows are np.memmap), C-contiguous, of
+ * struct format `format` and shape `shape`; stops at the first that is not and returns
+ * its position (rows before it are written), or -1 when every row was written.  The
+ * caller checks, converts or rejects the rest in Python, naming the sample.  Not a
+ * kernel of kernels.c: it reads Python objects, so it runs with the GIL (32 rows of a
+ * batch are microseconds of copying). */
+static PyObject *kernels_stack_rows(PyObject *Py_UNUSED(m), PyObject *args) {
+    PyObject *out_obj, *rows, *array_type, *shape;
+    const char *want_fmt;
+    if (!PyArg_ParseTuple(args, "OO!OsO!", &out_obj, &PyTuple_Type, &rows, &array_type, &want_fmt,
+                          &PyTuple_Type, &shape))
+        return NULL;
+    Py_ssize_t ndim = PyTuple_GET_SIZE(shape);
+    Py_ssize_t dims[8];
+    if (ndim < 1 || ndim > 8) return PyErr_Format(PyExc_ValueError, "shape must have 1-8 dimensions, got %zd", ndim);
+    for (Py_ssize_t d = 0; d < ndim; d++) {
+        dims[d] = PyLong_AsSsize_t(PyTuple_GET_ITEM(shape, d));
+        if (dims[d] < 0) return PyErr_Occurred() ? NULL : PyErr_Format(PyExc_ValueError, "negative dimension");
+    }
+    Py_buffer out;
+    if (PyObject_GetBuffer(out_obj, &out, PyBUF_WRITABLE | PyBUF_C_CONTIGUOUS) < 0) return NULL;
+    Py_ssize_t n = PyTuple_GET_SIZE(rows), k = 0, row_bytes = -1;
+    for (; k < n; k++) {
+        PyObject *row = PyTuple_GET_ITEM(rows, k);
+        if (!PyObject_TypeCheck(row, (PyTypeObject *)array_type)) break;
+        Py_buffer v;
+        if (PyObject_GetBuffer(row, &v, PyBUF_FORMAT | PyBUF_C_CONTIGUOUS) < 0) {
+            PyErr_Clear(); /* e.g. not contiguous: the Python path copes */
+            break;
+        }
+        int ok = v.ndim == ndim && v.format != NULL && strcmp(v.format, want_fmt) == 0;
+        for (Py_ssize_t d = 0; ok && d < ndim; d++) ok = v.shape[d] == dims[d];
+        if (ok && row_bytes < 0) row_bytes = v.len;
+        ok = ok && v.len == row_bytes && (k + 1) * row_bytes <= out.len;
+        if (ok) memcpy((char *)out.buf + k * row_bytes, v.buf, (size_t)row_bytes);
+        PyBuffer_Release(&v);
+        if (!ok) break;
+    }
+    PyBuffer_Release(&out);
+    return PyLong_FromSsize_t(k == n ? -1 : k);
+}
+
 static PyMethodDef kernels_methods[] = {
+    {"stack_rows", kernels_stack_rows, METH_VARARGS,
+     "stack_rows(out, rows, array_type, format, shape): copy each row (an array_type, "
+     "C-contiguous, of that struct format and shape) into out's rows in turn; -1 when all were "
+     "copied, else the position of the first that was not"},
     {"gather_rows", kernels_gather_rows, METH_VARARGS,
      "gather_rows(src, src_stride, row_bytes, indices, out): out's rows k = src bytes "
      "[indices[k] * src_stride, + row_bytes), for int64 indices (large gathers bypass the cache)"},

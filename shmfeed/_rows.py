@@ -1,9 +1,11 @@
 """Writing the samples of a batch into a slot: the per-sample path's last step, after
 `__getitem__` gave each sample and the spec's flattener its leaves.
 
-A batch is written a leaf at a time: each leaf's rows are checked together (types,
-dtypes and shapes compared as sets, in C) and copied with one numpy call, so a batch
-costs a few Python calls per leaf rather than per sample.  A row that fails the quick
+A batch is written a leaf at a time.  Rows that are C-contiguous ndarrays (or memmaps) of
+the leaf's exact format and shape (the usual case) are checked and copied in one C loop
+(`_kernels.stack_rows`); otherwise the leaf's rows are checked together (types, dtypes
+and shapes compared as sets) and copied with one numpy call, so a batch costs a few
+Python calls per leaf rather than per sample.  A row that fails the quick
 check gets the full check (`check_sample_leaf`), which converts what numpy converts in
 one step (a torch tensor, a PIL image) or names the sample index, the field and what
 was expected; nothing of the batch is published on an error.
@@ -11,14 +13,22 @@ was expected; nothing of the batch is published on an error.
 
 from __future__ import annotations
 
+import functools
 from operator import attrgetter
 
 import numpy as np
 
+from ._kernels import stack_rows as _stack_rows
 from ._spec import Leaf, Spec, check_sample_leaf
 
 _dtype_of = attrgetter("dtype")
 _shape_of = attrgetter("shape")
+
+
+@functools.cache
+def _buffer_format(dtype: np.dtype) -> str:
+    """The struct format numpy's buffers of `dtype` carry (what stack_rows compares)."""
+    return memoryview(np.empty(0, dtype)).format
 
 
 def _arrays_ok(col: tuple, leaf: Leaf) -> bool:
@@ -33,6 +43,9 @@ def write_leaf(view: np.ndarray, col: tuple, leaf: Leaf, items: list[int]) -> No
     if leaf.pytype is not None and set(map(type, col)) == {leaf.pytype}:
         view[:n] = col  # Python scalars: converted in one C call
         return
+    if (leaf.shape and not leaf.dtype.hasobject
+            and _stack_rows(view, col, np.ndarray, _buffer_format(leaf.dtype), leaf.shape) < 0):
+        return  # every row an ndarray of the leaf's exact layout: copied in one C loop
     if not _arrays_ok(col, leaf):
         # Raises, naming the sample, unless x fits as is or converts (a tensor, an image).
         col = tuple(check_sample_leaf(x, leaf, index) for x, index in zip(col, items))

@@ -61,3 +61,56 @@ def test_a_row_that_does_not_fit_names_its_sample_and_field(bad_index, field, va
     with shmfeed.Loader(OneBad(bad_index, field, value), batch_size=5, num_workers=0) as loader:
         with pytest.raises(shmfeed.SpecError, match=rf"sample {bad_index}, field \['{field}'\]: {expected}"):
             list(loader)
+
+
+# -- the C loop for rows of the leaf's exact layout (shmfeed._kernels.stack_rows) -------------
+def _stack(out, rows, fmt="i", shape=(4,)):
+    from shmfeed._kernels import stack_rows
+
+    return stack_rows(out, tuple(rows), np.ndarray, fmt, shape)
+
+
+def test_stack_rows_copies_rows_of_the_exact_layout_and_stops_at_the_first_other():
+    x = np.arange(24, dtype=np.int32).reshape(6, 4)
+    out = np.full((6, 4), -1, np.int32)
+    assert _stack(out, list(x)) == -1
+    np.testing.assert_array_equal(out, x)
+
+    class Sub(np.ndarray):  # a memmap's rows are a subclass too: copied like any array
+        pass
+
+    out[:] = -1
+    assert _stack(out, [r.view(Sub) for r in x]) == -1
+    np.testing.assert_array_equal(out, x)
+    others = [x[0].astype(np.int64), x[0, :2], x[:, 0][:4], x[0].tobytes(), x[0].reshape(2, 2),
+              x[0].tolist(), memoryview(x[0])]
+    for other in others:  # another dtype or shape, a non-contiguous row, bytes, a list, a buffer
+        out[:] = -1
+        assert _stack(out, [x[1], x[2], other, x[3]]) == 2, other
+        np.testing.assert_array_equal(out[:2], x[1:3])  # the rows before it are written
+        assert (out[2:] == -1).all()  # nothing after it
+
+
+def test_stack_rows_never_writes_past_its_output():
+    x = np.ones((5, 4), np.int32)
+    out = np.zeros((3, 4), np.int32)
+    assert _stack(out, list(x)) == 3
+    assert _stack(np.zeros((0, 4), np.int32), list(x)) == 0
+
+
+@pytest.mark.parametrize("num_workers", [0, 2])
+def test_per_sample_rows_of_mixed_layouts_come_out_right(num_workers):
+    class Mixed:  # the C loop for most rows, the checked numpy path for a few
+        def __len__(self):
+            return 40
+
+        def __getitem__(self, i):
+            row = np.arange(i, i + 6, dtype=np.float32)
+            if i % 7 == 3:
+                return np.arange(i, i + 12, dtype=np.float32)[::2]  # not contiguous
+            return row
+
+    with shmfeed.Loader(Mixed(), batch_size=8, num_workers=num_workers) as loader:
+        got = np.concatenate([b.copy() for b in loader])
+    want = np.stack([Mixed()[i] for i in range(40)])
+    np.testing.assert_array_equal(got, want)
