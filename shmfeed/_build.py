@@ -73,11 +73,11 @@ class Builder:
                     view[:rows] = x
                 return rows
             items = order.batch_items(epoch, batch).tolist()
-            source, samples = self.source, []
-            for index in items:
-                self.current_item = index
-                _rng.set_item(seed, epoch, index)
-                samples.append(source[index])
+            try:
+                samples = _rng.samples_of(self.source, seed, epoch, items)
+            except BaseException:
+                self.current_item = _rng.current_index()
+                raise
             self.current_item = None  # a bad sample's SpecError names its own index
             bucket = order.bucket(epoch, batch) if self.padding and self.padding.boundaries else None
             return self.write_rows(slot, self._flatten_samples(samples, items), items, bucket)

@@ -48,6 +48,23 @@ def set_item(seed: int, epoch: int, index: int) -> None:
     _ctx.gen = None
 
 
+def samples_of(source: Any, seed: int, epoch: int, items: list[int]) -> list:
+    """`source[i]` for each `i` of `items`, each with its own `rng()` (set_item, inlined:
+    this loop runs for every sample).  If one raises, `current_index()` names it."""
+    ctx, samples = _ctx, []
+    append = samples.append
+    for index in items:
+        ctx.key = (seed, epoch, index)
+        ctx.gen = None
+        append(source[index])
+    return samples
+
+
+def current_index() -> int | None:
+    """The index of the sample being built, if any."""
+    return None if _ctx.key is None else _ctx.key[2]
+
+
 def clear_item() -> None:
     _ctx.key = None
     _ctx.gen = None
