@@ -301,6 +301,8 @@ def test_worker_nice_reaches_shmfeeds_loader(data_dir, tmp_path, capsys):
     assert code == 0, err
     _check_sane(doc, "arrays-tokens", ["shmfeed", "inline"])
     assert doc["options"]["worker_nice"] == 5
+    run = doc["workloads"]["arrays-tokens"]["loaders"]["shmfeed"]["runs"][0]
+    assert run["loader_stats"]["worker_nice"] == [5]  # as the kernel reports the workers
 
 
 # -- the simulated step, the columns ------------------------------------------------------------

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 from typing import Any
 
+import psutil
+
 import shmfeed
 from shmfeed.sources import Stream
 
@@ -39,6 +41,9 @@ class Adapter:
     def stats(self) -> dict:
         s = self.loader.stats().as_dict()
         s["repr"] = repr(self.loader)
+        # How much nicer than this process its workers run, as read from the kernel.
+        own = psutil.Process().nice()
+        s["worker_nice"] = sorted({psutil.Process(pid).nice() - own for pid in self.loader.worker_pids})
         return s
 
     def close(self) -> None:
