@@ -16,6 +16,7 @@ import time
 import numpy as np
 import psutil
 import pytest
+from _procs import exited_after
 from _sources import Augmenting, Bad, Counting, DataGenerator, Slices
 from _trees import copy_tree as _copy
 
@@ -38,13 +39,7 @@ def _equal(a, b):
 
 
 def _gone(pids, timeout_s=WORKERS_GONE_S):
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        alive = [p for p in pids if psutil.pid_exists(p) and psutil.Process(p).status() != psutil.STATUS_ZOMBIE]
-        if not alive:
-            return True
-        time.sleep(0.01)
-    return False
+    return exited_after(pids, timeout_s) is not None
 
 
 # -- 1. exactly once, in order ------------------------------------------------------

@@ -28,6 +28,7 @@ import psutil
 import pytest
 import reliability
 from _orders import epoch_items
+from _procs import exited_after
 
 import shmfeed
 from shmfeed._control import NO_CLAIM, SlotState, tag, untag
@@ -224,31 +225,6 @@ def _check_epoch(batches: list, n: int, order=None) -> None:
 
 def _copy(batch):
     return {k: np.array(v) for k, v in batch.items()} if isinstance(batch, dict) else np.array(batch)
-
-
-def _exited(pids: list[int], timeout_s: float, since: float | None = None) -> float | None:
-    """Seconds from `since` (default: now) until every pid has exited (a zombie has:
-    only its parent, possibly init, still has to reap it), or None past the timeout."""
-    t0 = time.monotonic() if since is None else since
-    procs = []
-    for pid in pids:
-        try:
-            procs.append(psutil.Process(pid))
-        except psutil.NoSuchProcess:
-            pass
-    while time.monotonic() - t0 < timeout_s:
-        alive = []
-        for p in procs:
-            try:
-                if p.is_running() and p.status() != psutil.STATUS_ZOMBIE:
-                    alive.append(p)
-            except psutil.NoSuchProcess:
-                pass
-        if not alive:
-            return time.monotonic() - t0
-        procs = alive
-        time.sleep(0.005)
-    return None
 
 
 # -- 1. exceptions in user code ------------------------------------------------------
@@ -495,7 +471,7 @@ def test_supervisor_killed_raises_worker_error_and_next_epoch_recovers():
         assert f"supervisor (pid {supervisor}) was killed by SIGKILL" in str(info.value)
         assert detected < DETECT_S
         reliability.record("supervisor_sigkill", detected)
-        assert _exited(workers, GONE_S) is not None  # orphaned workers die with it
+        assert exited_after(workers, GONE_S) is not None  # orphaned workers die with it
         _check_epoch([_copy(b) for b in loader], 200)
         assert loader.pool_pid != supervisor
         ctl = loader._ring.ctl
@@ -581,7 +557,7 @@ def test_hung_worker_times_out_naming_the_batch_and_the_wait(tmp_path, capfd):
         assert 0.5 <= waited < 0.5 + DETECT_S
         assert info.value.batch == 17 and info.value.waited_s >= 0.5
         reliability.record("hung_worker", waited - 0.5)
-        assert _exited([hung], DETECT_S) is not None
+        assert exited_after([hung], DETECT_S) is not None
         _check_epoch([_copy(b) for b in loader], 200)
     err = capfd.readouterr().err
     assert f"(pid {hung}) was killed by SIGKILL while building batch 17 of epoch 0; replacing it" in err
@@ -662,7 +638,7 @@ def test_training_process_sigkill_leaves_no_process_or_file(start_method, tmp_pa
         t_kill = time.monotonic()
         proc.kill()
         proc.wait(timeout=SCRIPT_TIMEOUT_S)
-        exited = _exited(pids, GONE_S, since=t_kill)
+        exited = exited_after(pids, GONE_S, since=t_kill)
     finally:
         proc.kill()
         proc.communicate(timeout=SCRIPT_TIMEOUT_S)
@@ -700,7 +676,7 @@ def test_loader_made_in_a_thread_outlives_it_and_dies_with_the_training_process(
         t_kill = time.monotonic()
         proc.kill()
         proc.wait(timeout=SCRIPT_TIMEOUT_S)
-        exited = _exited(pids, GONE_S, since=t_kill)
+        exited = exited_after(pids, GONE_S, since=t_kill)
     finally:
         proc.kill()
         err = proc.communicate(timeout=SCRIPT_TIMEOUT_S)[1]
@@ -731,7 +707,7 @@ def test_ctrl_c_raises_keyboard_interrupt_promptly_and_workers_exit_quietly(star
         t_int = time.monotonic()
         os.killpg(proc.pid, signal.SIGINT)  # what the terminal does on Ctrl-C
         out, err = proc.communicate(timeout=SCRIPT_TIMEOUT_S)
-        exited = _exited(pids, GONE_S, since=t_int)
+        exited = exited_after(pids, GONE_S, since=t_int)
     finally:
         proc.kill()
     caught = float(out.split()[1]) - t_int
@@ -775,7 +751,7 @@ def test_ctrl_c_while_a_spawned_pool_starts_prints_no_child_traceback(tmp_path):
         out, err = proc.communicate(timeout=SCRIPT_TIMEOUT_S)
     finally:
         proc.kill()
-    assert _exited([pool], GONE_S) is not None
+    assert exited_after([pool], GONE_S) is not None
     # One traceback: the script's own; none from the pool's new interpreter.
     assert err.count("Traceback") == 1 and err.rstrip().endswith("KeyboardInterrupt"), err
     assert "train.py" in err and "importlib" not in err, err

@@ -12,10 +12,9 @@ import signal
 import subprocess
 import sys
 import textwrap
-import time
 from pathlib import Path
 
-import psutil
+from _procs import exited_after
 
 ROOT = Path(__file__).resolve().parent.parent
 SCRIPT_TIMEOUT_S = 90.0
@@ -73,22 +72,6 @@ def _run(tmp_path: Path, body: str, **env: str) -> dict:
     return json.loads(out.stdout.strip().splitlines()[-1]) | {"stderr": out.stderr}
 
 
-def _gone(pids: list[int], timeout_s: float) -> list[int]:
-    """Those of `pids` still running after `timeout_s`."""
-    deadline = time.monotonic() + timeout_s
-    while True:
-        left = []
-        for pid in pids:
-            try:
-                if psutil.Process(pid).status() != psutil.STATUS_ZOMBIE:
-                    left.append(pid)
-            except psutil.NoSuchProcess:
-                pass
-        if not left or time.monotonic() > deadline:
-            return left
-        time.sleep(0.02)
-
-
 def test_after_jax_starts_pools_fork_from_the_server_and_the_script_runs_once(tmp_path):
     result = _run(tmp_path, """
         class InMain:                       # defined after JAX started, holds a lambda
@@ -118,7 +101,7 @@ def test_after_jax_starts_pools_fork_from_the_server_and_the_script_runs_once(tm
     assert result["in_main"]
     assert len((tmp_path / "body.log").read_text().splitlines()) == 1  # never re-run
     assert "fresh interpreter" not in result["stderr"]
-    assert _gone([result["server"]], GONE_S) == []  # left with the script
+    assert exited_after([result["server"]], GONE_S) is not None  # left with the script
 
 
 def test_a_process_forked_from_the_training_process_does_not_share_its_server(tmp_path):
@@ -239,4 +222,4 @@ def test_killing_the_training_process_leaves_no_pool_process(tmp_path):
         proc.kill()
         proc.wait(SCRIPT_TIMEOUT_S)
         proc.stdout.close()
-    assert _gone(pids, GONE_S) == []
+    assert exited_after(pids, GONE_S) is not None
