@@ -164,9 +164,13 @@ def start(automatic: bool = False) -> bool:
     me = os.getpid()
     unfinished = _unfinished_imports()
     ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    def serve() -> None:
+        ours.close()  # the training process's end
+        _serve(theirs, me, unfinished)
+
     try:
         with sigint_deferred():
-            pid = fork_child(lambda: (ours.close(), _serve(theirs, me, unfinished)))
+            pid = fork_child(serve)
     except BaseException:
         ours.close()
         raise
