@@ -53,6 +53,7 @@ for ID, label in labels.items():
     np.save(os.path.join(data_dir, ID + ".npy"), rng.random((16, 16, 16, 1), np.float32) + 0.3 * label)
 partition = {"train": list(labels)[:512], "validation": list(labels)[512:]}
 
+keras.utils.set_random_seed(0)  # the model's initial weights: a run is reproducible
 model = keras.Sequential([keras.Input((16, 16, 16, 1)), keras.layers.GlobalAveragePooling3D(),
                           keras.layers.Dense(2, activation="softmax")])
 model.compile(optimizer=keras.optimizers.Adam(0.05), loss="categorical_crossentropy", metrics=["accuracy"])
