@@ -87,6 +87,17 @@ static PyObject *Control_claim(ControlObject *self, PyObject *args) {
     return Py_BuildValue("iIKI", (int)st, gen, (unsigned long long)epoch, batch);
 }
 
+static PyObject *Control_claim_wait(ControlObject *self, PyObject *args) {
+    unsigned int worker;
+    double timeout_s;
+    if (!PyArg_ParseTuple(args, "Id", &worker, &timeout_s)) return NULL;
+    uint32_t gen = 0, batch = 0;
+    uint64_t epoch = 0;
+    shmf_status st;
+    Py_BEGIN_ALLOW_THREADS st = shmf_claim_wait(self->base, worker, timeout_s, &gen, &epoch, &batch);
+    Py_END_ALLOW_THREADS return Py_BuildValue("iIKI", (int)st, gen, (unsigned long long)epoch, batch);
+}
+
 static PyObject *Control_wait_gen(ControlObject *self, PyObject *args) {
     unsigned int gen;
     double timeout_s;
@@ -379,6 +390,8 @@ static PyMethodDef Control_methods[] = {
     {"check", (PyCFunction)Control_check, METH_NOARGS, "check() -> status"},
     {"start_epoch", (PyCFunction)Control_start_epoch, METH_VARARGS, "start_epoch(epoch, first_batch, n_batches, slot_base) -> gen"},
     {"claim", (PyCFunction)Control_claim, METH_VARARGS, "claim(worker) -> (status, gen, epoch, batch)"},
+    {"claim_wait", (PyCFunction)Control_claim_wait, METH_VARARGS,
+     "claim_wait(worker, timeout_s) -> (status, gen, epoch, batch)"},
     {"wait_gen", (PyCFunction)Control_wait_gen, METH_VARARGS, "wait_gen(gen, timeout_s) -> status"},
     {"acquire", (PyCFunction)Control_acquire, METH_VARARGS, "acquire(worker, gen, batch, timeout_s) -> (status, slot)"},
     {"publish", (PyCFunction)Control_publish, METH_VARARGS, "publish(worker, slot, gen, batch, rows, state, busy_ns) -> status"},

@@ -26,13 +26,15 @@
  * become FREE: a batch the caller keeps simply pins its slot and the others keep
  * circulating.  The assignment table maps batch b to its slot at index b % n_slots;
  * at most n_slots batches are assigned and not yet taken, so an entry is reused only
- * after its batch was taken.  Wake-ups are batched: a slot the consumer releases is
- * assigned at once (a worker that looks finds it), but workers asleep waiting for one
- * are woken only once a few have been (ctl.c: wake_threshold), or when the consumer
- * itself is about to wait.  Claims (which worker builds which batch) come from one
+ * after its batch was taken.  Claims (which worker builds which batch) come from one
  * 64-bit word (g << 32 | next batch), advanced by compare-and-swap after the worker
  * recorded what it is about to claim, so the claim of a worker that dies at any
- * point can be recovered.
+ * point can be recovered.  A worker claims only a batch that has a slot
+ * (shmf_claim_wait), so a worker asleep holds no claim and any one of them can build
+ * the next batch.  Wake-ups are batched: a slot the consumer releases is assigned at
+ * once (a worker that looks finds it), but a worker asleep waiting for one is woken
+ * only once a few have been (ctl.c: wake_threshold), and then one worker, not all;
+ * every sleeper is woken when the consumer itself is about to wait.
  */
 #ifndef SHMFEED_CTL_H
 #define SHMFEED_CTL_H
@@ -42,7 +44,7 @@
 #include <stdatomic.h>
 
 #define SHMF_MAGIC 0x31444545464d4853ULL /* the bytes "SHMFEED1" in memory (little-endian) */
-#define SHMF_VERSION 4u
+#define SHMF_VERSION 5u
 #define SHMF_DATA_ALIGN 4096u    /* slot data starts page aligned */
 #define SHMF_REPORT_BYTES 8192u  /* per-slot error report (pickled by Python) */
 #define SHMF_GEN_TABLE 64u       /* epoch parameters kept for this many generations */
@@ -97,6 +99,7 @@ typedef struct {
     _Alignas(64) _Atomic uint32_t assign_seq; /* futex word for workers: bumped per assignment */
     _Atomic uint32_t assign_waiters;
     _Atomic uint32_t assign_deferred;       /* slots released and assigned, wake-up not sent */
+    _Atomic uint32_t claim_waiters;         /* of assign_waiters, those in shmf_claim_wait */
     _Alignas(64) _Atomic uint32_t progress; /* futex word for the consumer: bumped per publish */
     _Atomic uint32_t progress_waiters;
     shmf_gen_info gens[SHMF_GEN_TABLE];
@@ -144,9 +147,15 @@ shmf_status shmf_check(const void *base, size_t total_bytes);
 uint32_t shmf_start_epoch(void *base, uint64_t epoch, uint64_t first_batch, uint64_t n_batches,
                           uint64_t slot_base);
 
-/* Worker: claim the next batch of the current epoch. */
+/* Claim the next batch of the current epoch, with or without a slot (the in-process
+ * builder, which assigns slots itself). */
 shmf_status shmf_claim(void *base, uint32_t worker, uint32_t *gen, uint64_t *epoch,
                        uint32_t *batch);
+/* Worker: claim the next batch of the current epoch once it has a slot, waiting at
+ * most `timeout_s` for one (SHMF_TIMEOUT: nothing claimed).  What workers use: a worker
+ * asleep here holds no claim, so a release can wake just one of them. */
+shmf_status shmf_claim_wait(void *base, uint32_t worker, double timeout_s, uint32_t *gen,
+                            uint64_t *epoch, uint32_t *batch);
 /* Worker: wait until the generation differs from `gen` (or timeout/shutdown). */
 shmf_status shmf_wait_gen(void *base, uint32_t gen, double timeout_s);
 /* Worker: wait until the batch has a slot and take it (ASSIGNED -> FILLING); *slot is

@@ -7,7 +7,7 @@
  * batch's tag, which the consumer checks, so a batch delivered twice, out of order,
  * torn or from the wrong slot fails the run.
  *
- * First, a deterministic check of batched wake-ups (check_deferred_wake).
+ * First, deterministic checks of batched wake-ups (check_deferred_wake, check_wake_one).
  * Phase 1 ("wake-ups"): no faults, and every wait has a long timeout.  A wait that
  * runs out means a wake-up was lost, and fails the run.  Every batch of every epoch
  * must be claimed exactly once.
@@ -49,7 +49,7 @@ typedef struct {
     _Atomic uint32_t claims[MAX_GENS][MAX_BATCHES / 8]; /* claims per (gen, batch) */
     _Atomic uint64_t timeouts;                         /* waits that ran out (phase 1) */
     _Atomic uint32_t phase;
-    _Atomic uint64_t claimed; /* successful shmf_claim calls */
+    _Atomic uint64_t claimed; /* successful shmf_claim_wait calls */
 } shared_t;
 
 static void *base;
@@ -58,6 +58,7 @@ static uint32_t batches_per_epoch;
 static pid_t pids[N_WORKERS];
 static pid_t parent;
 static uint64_t kills, restarts, rebuilt, abandons, delivered;
+static int dying[N_WORKERS]; /* killed and not reaped yet */
 
 static void fail(const char *fmt, ...) {
     va_list ap;
@@ -131,8 +132,18 @@ static void worker_main(uint32_t w, uint64_t pending) {
     for (;;) {
         uint32_t gen = 0, batch = 0;
         uint64_t epoch = 0;
-        shmf_status st = shmf_claim(base, w, &gen, &epoch, &batch);
+        /* Odd workers claim at once and wait in shmf_acquire for the slot (as sharded
+         * streams do), even ones wait to claim until the batch has a slot: both kinds
+         * of sleeper, both kinds of wake-up, and kills with and without a claim. */
+        shmf_status st = w % 2 ? shmf_claim(base, w, &gen, &epoch, &batch)
+                               : shmf_claim_wait(base, w, wait_s(), &gen, &epoch, &batch);
         if (st == SHMF_SHUTDOWN) _exit(0);
+        if (st == SHMF_TIMEOUT || st == SHMF_INTERRUPTED) {
+            /* No lost wake-up either: with one worker woken per few releases, the
+             * others may sleep as long as it keeps up (the consumer's waits tell). */
+            if (getppid() != parent) _exit(0);
+            continue;
+        }
         if (st == SHMF_EPOCH_DONE) {
             st = shmf_wait_gen(base, gen, wait_s());
             if (st == SHMF_SHUTDOWN) _exit(0);
@@ -182,6 +193,7 @@ static void supervise(void) {
             if (atomic_load(&slots[i].owner) == w)
                 fail("slot %u still owned by dead worker %d after reclaim", i, w);
         restarts++;
+        dying[w] = 0;
         rebuilt += pending != SHMF_NO_CLAIM;
         start_worker((uint32_t)w, pending);
     }
@@ -262,6 +274,7 @@ static void run_phase(uint32_t phase, uint32_t epochs, uint32_t *gen_io, unsigne
                     for (volatile uint32_t spin = (uint32_t)rand_r(seed) % 20000; spin > 0; spin--) {
                     }
                     kill(pids[w], SIGKILL);
+                    dying[w] = 1;
                     kills++;
                 }
                 supervise();
@@ -338,6 +351,97 @@ static void check_deferred_wake(void) {
     munmap(b, total);
 }
 
+/* A worker of check_wake_one: claim, build and publish until shutdown. */
+static void wake_one_worker(void *b, uint32_t w) {
+    prctl(PR_SET_PDEATHSIG, SIGKILL);
+    for (;;) {
+        uint32_t gen, batch, slot;
+        uint64_t epoch;
+        shmf_status st = shmf_claim_wait(b, w, LONG_WAIT_S, &gen, &epoch, &batch);
+        if (st == SHMF_SHUTDOWN) _exit(0);
+        if (st == SHMF_TIMEOUT || st == SHMF_INTERRUPTED) continue;
+        if (st != SHMF_OK || shmf_acquire(b, w, gen, batch, 1.0, &slot) != SHMF_OK ||
+            shmf_publish(b, w, slot, gen, batch, 1, SHMF_READY, 1) != SHMF_OK)
+            _exit(3);
+    }
+}
+
+/* Wake-one (ctl.c): two workers asleep in shmf_claim_wait with the ring full.  A
+ * release below the threshold wakes neither; the one that reaches it wakes exactly
+ * one, which builds both batches; the consumer's own wait for a batch nobody builds
+ * wakes them all (here, with one worker stopped after the wake-up). */
+static void check_wake_one(void) {
+    const uint32_t n_slots = 4, workers = 3; /* threshold: 2 slots; worker 2 is the parent */
+    size_t total = shmf_data_offset(n_slots, workers) + (size_t)n_slots * SLOT_BYTES;
+    void *b = mmap(NULL, total, PROT_READ | PROT_WRITE, MAP_SHARED | MAP_ANONYMOUS, -1, 0);
+    if (b == MAP_FAILED || shmf_init(b, total, n_slots, workers, SLOT_BYTES) != SHMF_OK)
+        fail("wake one: ring set-up");
+    shmf_header *h = shmf_hdr(b);
+    shmf_worker *ws = shmf_workers(b);
+    uint32_t gen = shmf_start_epoch(b, 0, 0, 100, 0), g, batch, slot, state;
+    uint64_t epoch, rows;
+    for (uint32_t i = 0; i < n_slots; i++) { /* the parent fills the ring: batches 0..3 */
+        if (shmf_claim_wait(b, 2, 0, &g, &epoch, &batch) != SHMF_OK || batch != i ||
+            shmf_acquire(b, 2, gen, i, 1.0, &slot) != SHMF_OK ||
+            shmf_publish(b, 2, slot, gen, i, 1, SHMF_READY, 1) != SHMF_OK)
+            fail("wake one: filling batch %u", i);
+    }
+    if (shmf_claim_wait(b, 2, 0.01, &g, &epoch, &batch) != SHMF_TIMEOUT)
+        fail("wake one: claimed batch %u although it has no slot", batch);
+    pid_t pid[2];
+    for (uint32_t w = 0; w < 2; w++) {
+        pid[w] = fork();
+        if (pid[w] == 0) wake_one_worker(b, w);
+    }
+    double deadline = now_s() + LONG_WAIT_S;
+    while (atomic_load(&h->claim_waiters) < 2)
+        if (now_s() > deadline) fail("wake one: the workers never waited");
+    usleep(20000); /* into the futex */
+    uint32_t next = 0;
+    /* Take and release batch `next`. */
+#define TAKE_RELEASE()                                                                      \
+    do {                                                                                    \
+        if (shmf_take(b, gen, next, LONG_WAIT_S, &state, &rows, &slot) != SHMF_OK ||        \
+            shmf_release(b, slot, shmf_tag(gen, next)) != SHMF_OK)                          \
+            fail("wake one: batch %u", next);                                               \
+        next++;                                                                             \
+    } while (0)
+    TAKE_RELEASE(); /* 1 slot waits: below the threshold */
+    usleep(100000);
+    if (atomic_load(&ws[0].batches) + atomic_load(&ws[1].batches) != 0)
+        fail("wake one: a release below the threshold woke a worker");
+    TAKE_RELEASE(); /* 2 slots wait: one worker is woken and builds both */
+    deadline = now_s() + LONG_WAIT_S;
+    while (atomic_load(&ws[0].batches) + atomic_load(&ws[1].batches) < 2)
+        if (now_s() > deadline) fail("wake one: nobody built batches 4 and 5");
+    usleep(100000);
+    uint64_t built0 = atomic_load(&ws[0].batches), built1 = atomic_load(&ws[1].batches);
+    if (!((built0 == 2 && built1 == 0) || (built0 == 0 && built1 == 2)))
+        fail("wake one: the workers built %llu and %llu batches, not 2 and 0",
+             (unsigned long long)built0, (unsigned long long)built1);
+    /* Stop the worker that just ran: the next wake-up may reach it alone, and the
+     * consumer's wait must still get its batches built by the other. */
+    uint32_t active = built0 == 2 ? 0 : 1;
+    kill(pid[active], SIGSTOP);
+    while (next < 10) {
+        double t = now_s();
+        TAKE_RELEASE();
+        if (now_s() - t > LONG_WAIT_S / 2)
+            fail("wake one: batch %u took %.1f s: the consumer's wait did not wake a builder", next - 1,
+                 now_s() - t);
+    }
+#undef TAKE_RELEASE
+    if (atomic_load(&ws[1 - active].batches) == 0) fail("wake one: the other worker never built");
+    shmf_shutdown(b);
+    kill(pid[active], SIGCONT);
+    for (uint32_t w = 0; w < 2; w++) {
+        int status;
+        if (waitpid(pid[w], &status, 0) != pid[w] || !WIFEXITED(status) || WEXITSTATUS(status) != 0)
+            fail("wake one: worker %u ended with status 0x%x", w, status);
+    }
+    munmap(b, total);
+}
+
 int main(int argc, char **argv) {
     uint32_t epochs = argc > 1 ? (uint32_t)atoi(argv[1]) : 10;
     batches_per_epoch = argc > 2 ? (uint32_t)atoi(argv[2]) : 3000;
@@ -345,6 +449,7 @@ int main(int argc, char **argv) {
         fail("bad arguments");
     parent = getpid();
     check_deferred_wake();
+    check_wake_one();
     size_t total = shmf_data_offset(N_SLOTS, N_WORKERS) + (size_t)N_SLOTS * SLOT_BYTES;
     base = mmap(NULL, total, PROT_READ | PROT_WRITE, MAP_SHARED | MAP_ANONYMOUS, -1, 0);
     shared = mmap(NULL, sizeof(shared_t), PROT_READ | PROT_WRITE, MAP_SHARED | MAP_ANONYMOUS, -1, 0);
@@ -365,6 +470,15 @@ int main(int argc, char **argv) {
     run_phase(2, epochs, &gen, &seed);
     double t2 = now_s();
 
+    /* A worker killed during the last batches may not have died yet: reap it (and
+     * start its replacement) before checking that the others leave on their own. */
+    double deadline = now_s() + STALL_S;
+    for (int i = 0; i < N_WORKERS; i++)
+        while (dying[i]) {
+            if (now_s() > deadline) fail("worker %d did not die of SIGKILL", i);
+            supervise();
+            usleep(1000);
+        }
     shmf_shutdown(base);
     for (int i = 0; i < N_WORKERS; i++) {
         double deadline = now_s() + 5;

@@ -134,7 +134,8 @@ def build_parser() -> argparse.ArgumentParser:
                        help=f"measured time per loader after its first batch (default: {DEFAULT_SECONDS:g})")
     bench.add_argument("--slots", type=_slots, default=None, metavar="N",
                        help="shmfeed ring slots, also the in-flight cap of Pool.imap "
-                            "(default: 2 x workers + 4)")
+                            "(default: 2 x workers + 4, up to 4x that for batches small enough "
+                            "that the ring stays within 8 MiB)")
     bench.add_argument("--step-ms", type=_step_ms, default=0.0, metavar="MS",
                        help="simulate a training step of MS milliseconds after each batch (a "
                             "sleep: a GPU step leaves the CPU to the workers), so that input wait "

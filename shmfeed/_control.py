@@ -178,6 +178,21 @@ class Control:
             raise PoolShutdown()
         raise _fail(f"claim({worker})", st)
 
+    def claim_wait(self, worker: int, timeout_s: float) -> tuple[int, int | None] | None:
+        """What a worker claims with: like `claim`, but only a batch that already has a
+        slot, waiting up to `timeout_s` for one; None when the wait ran out with nothing
+        claimed (the epoch still has batches).  Raises PoolShutdown."""
+        st, gen, _epoch, batch = self._c.claim_wait(worker, timeout_s)
+        if st == _OK:
+            return gen, batch
+        if st == Status.EPOCH_DONE:
+            return gen, None
+        if st == _TIMEOUT or st == _INTERRUPTED:
+            return None
+        if st == Status.SHUTDOWN:
+            raise PoolShutdown()
+        raise _fail(f"claim_wait({worker})", st)
+
     def wait_gen(self, gen: int, timeout_s: float) -> bool:
         """Wait for a generation after `gen`; False if none came within `timeout_s`."""
         st = self._c.wait_gen(gen, timeout_s)

@@ -250,9 +250,14 @@ class Loader:
 
     def _pool_died(self) -> bool:
         """Whether the pool's supervisor died since the last epoch (nothing waited on
-        it meanwhile to notice): said once, and the next epoch starts a new pool."""
+        it meanwhile to notice): said once, and the next epoch starts a new pool.  Not a
+        pool that gave up (`max_restarts`): that one ends every epoch with its report,
+        whether its supervisor has exited yet or not; a new pool would quietly reset
+        the restart budget."""
         pool = self._res.pool
         ended = pool.poll() if pool is not None else None
+        if ended is not None and self._ring.ctl.fatal:
+            return False
         if ended is not None:
             log.warning("shmfeed: the worker pool's supervisor (pid %d) %s between epochs; "
                         "starting a new pool", pool.pid, ended)

@@ -139,13 +139,16 @@ def seed_global_rngs(seed: int, epoch: int, batch: int) -> None:
     """Key the global RNGs to the batch, for sources written against `np.random.*`,
     `random.*` or `torch.*` (tutorial code): forked workers then no longer repeat each
     other's draws, and the stream is the same with any `num_workers`.  torch's only
-    where the source (or anything) has imported torch: shmfeed never imports it."""
+    where the source (or anything) has imported torch: shmfeed never imports it.  Its
+    CPU generator, the one `torch.rand` & co. draw from in a worker, seeded directly:
+    `torch.manual_seed` also visits every accelerator backend, ~220 us a call, which
+    made batches of a few small samples 8x slower once torch was imported."""
     s = global_seed(seed, epoch, batch)
     np.random.seed(s)
     random.seed(s)
     torch = sys.modules.get("torch")
     if torch is not None:
-        torch.manual_seed(s)
+        torch.default_generator.manual_seed(s)
 
 
 @contextlib.contextmanager

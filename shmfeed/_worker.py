@@ -1,8 +1,9 @@
 """The body of a worker process (forked by the supervisor, see _supervisor.py).
 
-A worker loops: claim the next batch number of the current generation, build it into
-its slot (`build_batch`, _build.py), and, once every batch of the generation is
-claimed, sleep until the next one starts.  It leaves when the loader shuts down or
+A worker loops: claim the next batch number of the current generation once it has a
+slot (asleep meanwhile, holding no claim), build it into that slot (`build_batch`,
+_build.py), and, once every batch of the generation is claimed, sleep until the next
+one starts.  It leaves when the loader shuts down or
 its parent, the supervisor, is gone; it never decides anything else on its own.
 """
 
@@ -28,10 +29,13 @@ def worker_loop(ring: Ring, builder: Builder, worker: int, pending: int | None, 
             gen, batch = untag(pending)
             build_batch(ring, builder, worker, gen, batch, parent_pid)
         while True:
-            gen, batch = ctl.claim(worker)
-            if batch is not None:
-                build_batch(ring, builder, worker, gen, batch, parent_pid)
-            elif not ctl.wait_gen(gen, WAIT_SLICE_S) and os.getppid() != parent_pid:
+            claimed = ctl.claim_wait(worker, WAIT_SLICE_S)
+            if claimed is None:  # the next batch has no slot yet (the ring is full)
+                if os.getppid() != parent_pid:
+                    return
+            elif claimed[1] is not None:
+                build_batch(ring, builder, worker, *claimed, parent_pid)
+            elif not ctl.wait_gen(claimed[0], WAIT_SLICE_S) and os.getppid() != parent_pid:
                 return
     except (LeaveBuild, PoolShutdown):
         return

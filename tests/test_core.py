@@ -5,6 +5,7 @@ life cycle, and fork safety once JAX is running."""
 from __future__ import annotations
 
 import gc
+import importlib.util
 import os
 import pickle
 import subprocess
@@ -88,6 +89,44 @@ def test_augmented_stream_is_bit_identical_for_0_1_2_4_workers_and_across_runs()
     noise0 = np.concatenate([b[0] for b in e0])
     assert len({row.tobytes() for row in noise0}) == len(noise0)
     assert not _equal(e0, e1)
+
+
+TORCH_GLOBAL_RNG = textwrap.dedent("""
+    import numpy as np, torch, shmfeed
+
+    class TorchAugmenting:  # tutorial code: torch's global generator, no shmfeed.rng()
+        def __len__(self):
+            return 24
+
+        def __getitem__(self, i):
+            return {"noise": torch.rand(3).numpy(), "i": np.int32(i)}
+
+    def stream(nw):
+        with shmfeed.Loader(TorchAugmenting(), batch_size=4, num_workers=nw, shuffle=True, seed=3) as loader:
+            return [np.concatenate([b["noise"].copy() for b in loader]) for epoch in range(2)]
+
+    torch.manual_seed(1234)
+    mine = torch.get_rng_state()
+    runs = {nw: stream(nw) for nw in (0, 1, 2)}
+    assert torch.equal(torch.get_rng_state(), mine), "the training process's generator moved"
+    for nw in (1, 2):
+        assert all(np.array_equal(a, b) for a, b in zip(runs[nw], runs[0])), nw
+    rows = np.concatenate(runs[0])
+    assert len({r.tobytes() for r in rows}) == len(rows), "draws repeated across batches or epochs"
+    print("ok")
+""")
+
+
+def test_torch_global_generator_is_keyed_per_batch_like_numpy_and_random():
+    """A source drawing from torch's global generator (torch imported by the script)
+    gets the same keyed stream for any `num_workers`, never repeated across batches,
+    and the training process's generator is left alone.  In a fresh interpreter: torch
+    imported here would change what later tests see."""
+    if importlib.util.find_spec("torch") is None:  # not importorskip: that imports it here
+        pytest.skip("torch is not installed")
+    run = subprocess.run([sys.executable, "-c", TORCH_GLOBAL_RNG], capture_output=True, text=True,
+                         timeout=120)
+    assert run.returncode == 0 and run.stdout.strip() == "ok", run.stderr[-3000:]
 
 
 def test_seed_changes_the_stream():
@@ -289,6 +328,22 @@ def test_memory_budget_sets_slot_count_and_bounds_everything_the_ring_allocates(
                             memory_budget_bytes=budget) as loader:
             assert loader.num_slots == slots
             assert loader.ring_bytes <= budget
+
+
+def test_default_ring_is_deeper_for_small_batches_and_bounded():
+    # 4x4-byte rows: a one-page slot; 2 workers get 4 x (2*2 + 4) slots, not 8.
+    with shmfeed.Loader(Counting(100), batch_size=4, num_workers=2) as small:
+        assert (small.slot_bytes, small.num_slots) == (4096, 32)
+    # 1 MiB slots: 8 MiB holds 8 of them, the usual 2*2 + 4.
+    with shmfeed.Loader(Counting(16, shape=(65536,)), batch_size=4, num_workers=2) as large:
+        assert large.slot_bytes >= 1 << 20 and large.num_slots == 8
+    # ~260 KiB slots: 8 MiB holds 31 -> capped at 4 x (2*1 + 4) = 24 for one worker.
+    with shmfeed.Loader(Counting(16, shape=(16384,)), batch_size=4, num_workers=1) as mid:
+        assert 256 << 10 < mid.slot_bytes < 300 << 10 and mid.num_slots == 24
+    with shmfeed.Loader(Counting(100), batch_size=4, num_workers=0) as here:
+        assert here.num_slots == 4  # built in this process: nothing to prefetch
+    with shmfeed.Loader(Counting(100), batch_size=4, num_workers=2, num_slots=5) as asked:
+        assert asked.num_slots == 5
 
 
 def test_memory_budget_with_small_slots_counts_report_areas():

@@ -433,11 +433,16 @@ def test_deaths_beyond_max_restarts_raise_worker_error_naming_worker_pid_signal_
         assert (err.pid, err.signal, err.batch, err.epoch) == (pid, signal.SIGKILL, 17, 0)
         assert t_err - t_last < DETECT_S
         reliability.record("max_restarts", t_err - t_last)
-        # The pool gave up for good: the next epoch says so at once.
+        # The pool gave up for good: the next epoch says so at once, also once its
+        # supervisor has exited (it is not taken for one that died between epochs and
+        # replaced, which would quietly reset the restart budget).
+        gave_up = loader.pool_pid
+        assert exited_after([gave_up], 10) is not None
         t0 = time.monotonic()
         with pytest.raises(shmfeed.WorkerError, match="giving up"):
             next(iter(loader))
         assert time.monotonic() - t0 < DETECT_S
+        assert loader.pool_pid == gave_up, "a new pool was started"
     assert capfd.readouterr().err.count("replacing it") == max_restarts
 
 

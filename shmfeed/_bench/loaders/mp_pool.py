@@ -4,8 +4,9 @@ batch (`workloads.collate`) and the batch travels back pickled through a pipe.
 The pool is forked once and kept across epochs.  `imap` alone would queue every
 batch of the epoch as fast as the workers make them, so memory would grow without
 bound whenever the training loop is the slower side; batches in flight are capped
-at shmfeed's default ring size (`2 * workers + 4`, or `--slots`), which is also what
-a careful user of `Pool` writes.
+at shmfeed's default ring size for the workload's batch (`default_num_slots`: `2 *
+workers + 4`, more for small batches; or `--slots`), which is also what a careful user
+of `Pool` writes.
 
 Closing drains first: `Pool.terminate()` while a worker is writing a result larger
 than the pipe's buffer (64 KiB; every batch here is) can deadlock, the result thread
@@ -20,6 +21,9 @@ import multiprocessing
 import threading
 from typing import Any
 
+import numpy as np
+
+from ..._config import default_num_slots
 from .. import workloads
 from . import Job
 
@@ -45,11 +49,18 @@ class Adapter:
         self.source = source
         self.job = job
         self.batch_level = isinstance(source, workloads.BatchSource)
-        self.in_flight = job.slots or 2 * job.workers + 4
+        self.in_flight = job.slots or default_num_slots(job.workers, self._batch_nbytes())
         self.closing = threading.Event()
         self.results: Any = None  # the running epoch's imap iterator
         ctx = multiprocessing.get_context("fork")
         self.pool = ctx.Pool(job.workers, initializer=_init_worker, initargs=(source,))
+
+    def _batch_nbytes(self) -> int:
+        """The size of one batch, from the first sample (or source batch)."""
+        if self.batch_level:
+            return int(np.asarray(self.source[0]).nbytes)
+        first = workloads.collate([self.source[0]])
+        return sum(int(v.nbytes) for v in first.values()) * self.job.batch_size
 
     def _items(self, epoch: int, credits: threading.Semaphore):
         """Task items for `imap`; runs in the pool's task-feeding thread, which it
