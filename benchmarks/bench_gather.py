@@ -7,8 +7,8 @@ and in two at once.
 
 Prints GB/s per copy kind: the median of 3 timed passes of `--batches` batches each.
 What it shows on the project VM (benchmarks/RESULTS.md): two processes copying at once
-move only 1.2-1.5x the bytes of one, which bounds what two workers can gain over one
-in-process copy of large batches.
+move 1.2-1.8x the bytes of one, which bounds what two workers can gain over one
+in-process copy of large batches.  Then the arrays-tokens batch's copy alone, in us.
 """
 
 from __future__ import annotations
@@ -95,6 +95,39 @@ def main() -> None:
     print(f"{'copy':<24} {'1 process GB/s':>15} {'2 at once, total GB/s':>22}")
     for name in one:
         print(f"{name:<24} {one[name]:>15.1f} {sum(b[name] for b in both):>22.1f}")
+    small_batch_costs()
+
+
+def small_batch_costs(batches: int = 20000) -> None:
+    """The arrays-tokens batch (32 rows of 512 int32 from a 65536-row memmap): what the
+    copy alone costs, by `x[idx]` and by `gather_rows`, in us per batch (median of 3)."""
+    with tempfile.TemporaryDirectory() as tmp:
+        path = os.path.join(tmp, "tokens.npy")
+        data = np.lib.format.open_memmap(path, mode="w+", dtype=np.int32, shape=(65536, 512))
+        data[:] = 3
+        data.flush()
+        del data
+        x = np.load(path, mmap_mode="r")
+        out = np.empty((32, 512), np.int32)
+        starts = len(x) // 32
+
+        def idx(k):
+            return np.arange(32, dtype=np.int64) + (k % starts) * 32
+
+        kinds = {"x[idx]": lambda k: x[idx(k)],
+                 "gather_rows": lambda k: _kernels.gather_rows(x, 2048, 2048, idx(k), out)}
+        print("arrays-tokens batch (32x512 int32), us a batch:")
+        for name, fn in kinds.items():
+            for k in range(starts):  # map every page of the file first
+                fn(k)
+            times = []
+            for _ in range(3):
+                t = time.perf_counter()
+                for k in range(batches):
+                    fn(k)
+                times.append((time.perf_counter() - t) / batches * 1e6)
+            print(f"  {name:<12} {statistics.median(times):.1f}")
+        del x
 
 
 if __name__ == "__main__":
