@@ -127,7 +127,6 @@ def small_batch_costs(batches: int = 20000) -> None:
                     fn(k)
                 times.append((time.perf_counter() - t) / batches * 1e6)
             print(f"  {name:<12} {statistics.median(times):.1f}")
-        del x
 
 
 if __name__ == "__main__":
