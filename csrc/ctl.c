@@ -251,7 +251,11 @@ static uint32_t assign_free(void *base, int defer) {
     for (uint32_t k = 0; k < n; k++) {
         shmf_slot *s = &slots[(start + k) % n];
         uint32_t st = SHMF_FREE;
-        if (!atomic_compare_exchange_strong(&s->state, &st, SHMF_ASSIGNING)) continue;
+        /* A load first: a compare-and-swap takes the slot's cache line exclusive even
+         * when it fails, and the workers write those lines (a release scans them all). */
+        if (atomic_load_explicit(&s->state, memory_order_relaxed) != SHMF_FREE ||
+            !atomic_compare_exchange_strong(&s->state, &st, SHMF_ASSIGNING))
+            continue;
         uint64_t a;
         for (;;) {
             a = atomic_load(&h->assign_next);
