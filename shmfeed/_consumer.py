@@ -52,6 +52,7 @@ class Consumer:
         self.next_slot = 0
         self.delivered = 0  # batches of the current epoch handed to the loop
         self.builder = builder_for(source, cfg, ring) if cfg.num_workers == 0 else None
+        self.row_bytes = cfg.spec.row_bytes  # a batch without a bucket: rows x this
         self.t_first: float | None = None
         self.thread: int | None = None  # the thread iterating the current generation
         # A sharded stream says per epoch which batches hold data and when it ends.
@@ -159,7 +160,7 @@ class Consumer:
             return _NO_DATA
         leaves = ring.lease(slot, t, rows, None if bucket is None else self.cfg.padding.shapes(bucket))
         stats.batches += 1
-        stats.bytes += sum([x.nbytes for x in leaves])
+        stats.bytes += rows * self.row_bytes if bucket is None else sum([x.nbytes for x in leaves])
         self.delivered = epoch_batch + 1
         return unflatten(self.cfg.spec.tree, leaves)
 

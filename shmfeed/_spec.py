@@ -55,8 +55,13 @@ class Spec:
     slot_bytes: int
 
     @property
+    def row_bytes(self) -> int:
+        """Bytes of one row of every leaf together."""
+        return sum(int(np.prod(lf.shape)) * lf.dtype.itemsize for lf in self.leaves)
+
+    @property
     def batch_bytes(self) -> int:
-        return sum(int(np.prod((self.rows,) + lf.shape)) * lf.dtype.itemsize for lf in self.leaves)
+        return self.rows * self.row_bytes
 
     def describe(self) -> str:
         parts = [f"{lf.path or 'batch'}: {lf.dtype}{list((self.rows,) + lf.shape)}" for lf in self.leaves]

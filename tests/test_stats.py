@@ -69,3 +69,19 @@ def test_summary_of_batches_built_in_the_training_process():
             pass
         text = str(loader.stats())
     assert "built in the training process (`num_workers=0`): " in text and "slowest" not in text
+
+
+def test_bytes_are_those_of_the_arrays_delivered_with_and_without_buckets():
+    """`stats().bytes` counts the arrays handed to the loop (a short last batch, a
+    bucket's narrower shape), not whole slots."""
+    from _sources import Counting, Tokens
+
+    tokens = Tokens(50)
+    bucketing = dict(padded_shapes={"tokens": (None,)}, bucket_boundaries=[4, 8, 16, 40],
+                     bucket_lengths=[tokens.length(i) for i in range(len(tokens))])
+    for source, opts in ((Counting(30, shape=(5,)), {}), (tokens, bucketing)):
+        with shmfeed.Loader(source, batch_size=8, num_workers=1, **opts) as loader:
+            delivered = 0
+            for batch in loader:
+                delivered += sum(np.asarray(v).nbytes for v in batch.values())
+            assert loader.stats().bytes == delivered
