@@ -17,23 +17,25 @@
  * and the workers sleep in shmf_claim_wait until the next batch has a slot.  Waking
  * them at every release costs a context switch per batch on each side, and on a
  * machine with few cores a woken worker takes the CPU the training loop was about
- * to use.  So a release that assigns a slot while workers sleep only counts it
- * (assign_deferred); once wake_threshold slots wait, it wakes ONE worker, which
- * claims and builds them in turn (a worker asleep holds no claim, so any one will
- * do; if it falls behind, the releases meanwhile wake the next).  Every sleeper is
- * woken when the consumer is about to sleep itself for a batch nobody builds
- * (flush_assign, in shmf_take), and by any other assignment (epoch start, abandon,
- * reclaim).  When a worker waits in shmf_acquire for its own batch's slot (stream
- * shards, a rebuilt claim), a threshold wakes all: one woken at random might not be
- * that one.  A worker never misses a slot assigned before it sleeps (assign_seq
- * changes at every assignment), and a deferred wake-up only delays one asleep: its
- * wait is a bounded slice after which it looks again.  The consumer, likewise, is
- * woken only by the publication of the batch it waits for, of a batch that frees a
- * slot, or of a release.
+ * to use.  So a release that assigns a slot while workers sleep wakes nobody until
+ * the batches waiting for a builder (unclaimed) reach wake_threshold, and then ONE
+ * worker, which claims and builds them in turn (a worker asleep holds no claim, so
+ * any one will do).  More are woken by the consumer (flush_assign, in shmf_take):
+ * one more each time it must sleep while that many batches still wait for a builder
+ * (the workers awake are behind), every sleeper when the batch it waits for has no
+ * builder at all; and all by any other assignment (epoch start, abandon, reclaim).
+ * When a worker waits in shmf_acquire for its own batch's slot (stream shards, a
+ * rebuilt claim), releases are counted (assign_deferred) and a threshold of them
+ * wakes all: one woken at random might not be that one, and the consumer wakes all
+ * too before it waits.  A worker never misses a slot assigned before it sleeps
+ * (assign_seq changes at every assignment), and a deferred wake-up only delays one
+ * asleep: its wait is a bounded slice after which it looks again.  The consumer,
+ * likewise, is woken only by the publication of the batch it waits for, of a batch
+ * that frees a slot, or of a release.
  *
- * Measured (arrays of 32x512 int32 rows, 2 workers, 2 cores, 8 slots, medians of 4-5
+ * Measured (arrays of 32x512 int32 rows, 2 workers, 2 cores, 8 slots, medians of 4
  * alternating runs): with every worker woken per threshold and claims made before
- * the slot, 0.46x in-process `x[idx]`; with one woken, 0.72x.  A consumer that must
+ * the slot, 0.46x in-process `x[idx]`; with one woken, 0.72-0.90x.  A consumer that must
  * sleep while batches wait for a builder wakes one more (flush_assign): without it,
  * a per-sample source (hundreds of us a batch) ran on one worker, the other asleep
  * for its whole slice.
