@@ -230,9 +230,10 @@ def default_num_slots(num_workers: int, slot_bytes: int) -> int:
     more, up to 4x that while the slots fit in SMALL_RING_BYTES: a batch built in
     microseconds is consumed in microseconds too, and a sleeping worker is woken only
     once half the ring waits for it, so a deeper ring is what lets a worker's wake-up
-    (tens of us on a busy machine) pass before the loop runs dry (arrays of 32x512
-    int32 rows, 2 workers on 2 cores: 8 slots 0.72x in-process `x[idx]`, 32 slots
-    0.91x, benchmarks/RESULTS.md).  Building in the training process, the ring only
+    (tens of us on a busy machine) pass before the loop runs dry (2 workers on 2
+    cores, medians of 4 alternating rounds, benchmarks/RESULTS.md: arrays of 32x512
+    int32 rows 0.90x in-process `x[idx]` with 8 slots, 0.94x with 32; per-sample rows
+    of the same size 1.70x -> 1.90x).  Building in the training process, the ring only
     holds what the loop keeps: no more."""
     base = 2 * num_workers + 4
     if num_workers == 0:

@@ -3,8 +3,8 @@
 A worker loops: claim the next batch number of the current generation once it has a
 slot (asleep meanwhile, holding no claim), build it into that slot (`build_batch`,
 _build.py), and, once every batch of the generation is claimed, sleep until the next
-one starts.  It leaves when the loader shuts down or
-its parent, the supervisor, is gone; it never decides anything else on its own.
+one starts.  It leaves when the loader shuts down or its parent, the supervisor, is
+gone; it never decides anything else on its own.
 """
 
 from __future__ import annotations
@@ -33,9 +33,11 @@ def worker_loop(ring: Ring, builder: Builder, worker: int, pending: int | None, 
             if claimed is None:  # the next batch has no slot yet (the ring is full)
                 if os.getppid() != parent_pid:
                     return
-            elif claimed[1] is not None:
-                build_batch(ring, builder, worker, *claimed, parent_pid)
-            elif not ctl.wait_gen(claimed[0], WAIT_SLICE_S) and os.getppid() != parent_pid:
+                continue
+            gen, batch = claimed
+            if batch is not None:
+                build_batch(ring, builder, worker, gen, batch, parent_pid)
+            elif not ctl.wait_gen(gen, WAIT_SLICE_S) and os.getppid() != parent_pid:
                 return
     except (LeaveBuild, PoolShutdown):
         return
