@@ -315,6 +315,27 @@ uint32_t shmf_start_epoch(void *base, uint64_t epoch, uint64_t first_batch, uint
     return g;
 }
 
+/* One try at claiming the next batch of the current epoch.  SHMF_OK: *batch is ours;
+ * SHMF_EPOCH_DONE; SHMF_BLOCKED: `need_slot` and the batch has no slot yet; SHMF_STALE:
+ * another worker claimed it first (try again). */
+static shmf_status try_claim(shmf_header *h, shmf_worker *w, int need_slot, uint32_t *gen,
+                             uint64_t *epoch, uint32_t *batch) {
+    uint64_t c = atomic_load(&h->claim);
+    uint32_t g = (uint32_t)(c >> 32), b = (uint32_t)c;
+    const shmf_gen_info *info = &h->gens[g % SHMF_GEN_TABLE];
+    *gen = g;
+    *epoch = info->epoch;
+    if (g == 0 || b >= info->n_batches) return SHMF_EPOCH_DONE;
+    /* Batch b has a slot once the assignment word is past it (a newer generation
+     * counts too: the claim below then fails, or is of a batch acquire finds stale). */
+    if (need_slot && atomic_load(&h->assign_next) <= c) return SHMF_BLOCKED;
+    /* Record the intent first: if we die after the CAS, shmf_reclaim finds it. */
+    atomic_store(&w->claim, c);
+    if (!atomic_compare_exchange_strong(&h->claim, &c, c + 1)) return SHMF_STALE;
+    *batch = b;
+    return SHMF_OK;
+}
+
 shmf_status shmf_claim(void *base, uint32_t worker, uint32_t *gen, uint64_t *epoch,
                        uint32_t *batch) {
     shmf_header *h = shmf_hdr(base);
@@ -322,18 +343,8 @@ shmf_status shmf_claim(void *base, uint32_t worker, uint32_t *gen, uint64_t *epo
     shmf_worker *w = &shmf_workers(base)[worker];
     for (;;) {
         if (atomic_load(&h->shutdown)) return SHMF_SHUTDOWN;
-        uint64_t c = atomic_load(&h->claim);
-        uint32_t g = (uint32_t)(c >> 32), b = (uint32_t)c;
-        const shmf_gen_info *info = &h->gens[g % SHMF_GEN_TABLE];
-        *gen = g;
-        *epoch = info->epoch;
-        if (g == 0 || b >= info->n_batches) return SHMF_EPOCH_DONE;
-        /* Record the intent first: if we die after the CAS, shmf_reclaim finds it. */
-        atomic_store(&w->claim, c);
-        if (atomic_compare_exchange_strong(&h->claim, &c, c + 1)) {
-            *batch = b;
-            return SHMF_OK;
-        }
+        shmf_status st = try_claim(h, w, 0, gen, epoch, batch);
+        if (st != SHMF_STALE) return st;
     }
 }
 
@@ -345,23 +356,10 @@ shmf_status shmf_claim_wait(void *base, uint32_t worker, double timeout_s, uint3
     double deadline = now_s() + clamp_timeout(timeout_s);
     for (;;) {
         if (atomic_load(&h->shutdown)) return SHMF_SHUTDOWN;
-        uint32_t seq = atomic_load(&h->assign_seq);
-        uint64_t c = atomic_load(&h->claim);
-        uint32_t g = (uint32_t)(c >> 32), b = (uint32_t)c;
-        const shmf_gen_info *info = &h->gens[g % SHMF_GEN_TABLE];
-        *gen = g;
-        *epoch = info->epoch;
-        if (g == 0 || b >= info->n_batches) return SHMF_EPOCH_DONE;
-        /* Batch b has a slot once the assignment word is past it (a newer generation
-         * counts too: the claim below then fails, or is of a batch acquire finds stale). */
-        if (atomic_load(&h->assign_next) > c) {
-            atomic_store(&w->claim, c); /* as in shmf_claim: the intent first */
-            if (atomic_compare_exchange_strong(&h->claim, &c, c + 1)) {
-                *batch = b;
-                return SHMF_OK;
-            }
-            continue;
-        }
+        uint32_t seq = atomic_load(&h->assign_seq); /* before looking: no wake-up is lost */
+        shmf_status st = try_claim(h, w, 1, gen, epoch, batch);
+        if (st == SHMF_STALE) continue;
+        if (st != SHMF_BLOCKED) return st;
         double left_s = deadline - now_s();
         if (left_s <= 0) return SHMF_TIMEOUT;
         atomic_fetch_add(&h->claim_waiters, 1);

@@ -34,7 +34,8 @@
  * the next batch.  Wake-ups are batched: a slot the consumer releases is assigned at
  * once (a worker that looks finds it), but a worker asleep waiting for one is woken
  * only once a few have been (ctl.c: wake_threshold), and then one worker, not all;
- * every sleeper is woken when the consumer itself is about to wait.
+ * the consumer wakes one more when it must sleep while batches wait for a builder,
+ * and every sleeper when the batch it waits for has none (ctl.c: flush_assign).
  */
 #ifndef SHMFEED_CTL_H
 #define SHMFEED_CTL_H

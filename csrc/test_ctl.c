@@ -294,6 +294,26 @@ static void run_phase(uint32_t phase, uint32_t epochs, uint32_t *gen_io, unsigne
     }
 }
 
+/* A fresh ring of `n_slots` (mapped shared, `*total` bytes) whose epoch of 100 batches
+ * has its first n_slots built and READY, by worker `filler` in this process. */
+static void *full_ring(const char *what, uint32_t n_slots, uint32_t workers, uint32_t filler,
+                       size_t *total, uint32_t *gen) {
+    *total = shmf_data_offset(n_slots, workers) + (size_t)n_slots * SLOT_BYTES;
+    void *b = mmap(NULL, *total, PROT_READ | PROT_WRITE, MAP_SHARED | MAP_ANONYMOUS, -1, 0);
+    if (b == MAP_FAILED || shmf_init(b, *total, n_slots, workers, SLOT_BYTES) != SHMF_OK)
+        fail("%s: ring set-up", what);
+    *gen = shmf_start_epoch(b, 0, 0, 100, 0);
+    uint32_t g, batch, slot;
+    uint64_t epoch;
+    for (uint32_t i = 0; i < n_slots; i++) {
+        if (shmf_claim_wait(b, filler, 0, &g, &epoch, &batch) != SHMF_OK || batch != i ||
+            shmf_acquire(b, filler, *gen, i, 1.0, &slot) != SHMF_OK ||
+            shmf_publish(b, filler, slot, *gen, i, 1, SHMF_READY, 1) != SHMF_OK)
+            fail("%s: filling batch %u", what, i);
+    }
+    return b;
+}
+
 /* Batched wake-ups (ctl.c): a worker asleep for a slot that a release assigned is
  * not woken by that release alone (below the threshold), but must be as soon as the
  * consumer waits for the batch it builds; otherwise the consumer would wait for the
@@ -301,18 +321,10 @@ static void run_phase(uint32_t phase, uint32_t epochs, uint32_t *gen_io, unsigne
  * threshold leaves the worker asleep (the point of batching). */
 static void check_deferred_wake(void) {
     const uint32_t n_slots = 4, workers = 2; /* threshold: 2 slots */
-    size_t total = shmf_data_offset(n_slots, workers) + (size_t)n_slots * SLOT_BYTES;
-    void *b = mmap(NULL, total, PROT_READ | PROT_WRITE, MAP_SHARED | MAP_ANONYMOUS, -1, 0);
-    if (b == MAP_FAILED || shmf_init(b, total, n_slots, workers, SLOT_BYTES) != SHMF_OK)
-        fail("deferred wake: ring set-up");
-    uint32_t gen = shmf_start_epoch(b, 0, 0, 100, 0), g, batch, slot, state;
+    size_t total;
+    uint32_t gen, g, batch, slot, state;
     uint64_t epoch, rows;
-    for (uint32_t i = 0; i < n_slots; i++) { /* fill the ring: batches 0..3 ready */
-        if (shmf_claim(b, 0, &g, &epoch, &batch) != SHMF_OK || batch != i ||
-            shmf_acquire(b, 0, gen, i, 1.0, &slot) != SHMF_OK ||
-            shmf_publish(b, 0, slot, gen, i, 1, SHMF_READY, 1) != SHMF_OK)
-            fail("deferred wake: filling batch %u", i);
-    }
+    void *b = full_ring("deferred wake", n_slots, workers, 0, &total, &gen);
     if (shmf_claim(b, 1, &g, &epoch, &batch) != SHMF_OK || batch != n_slots)
         fail("deferred wake: claim of batch %u", n_slots);
     pid_t pid = fork();
@@ -372,20 +384,12 @@ static void wake_one_worker(void *b, uint32_t w) {
  * wakes them all (here, with one worker stopped after the wake-up). */
 static void check_wake_one(void) {
     const uint32_t n_slots = 4, workers = 3; /* threshold: 2 slots; worker 2 is the parent */
-    size_t total = shmf_data_offset(n_slots, workers) + (size_t)n_slots * SLOT_BYTES;
-    void *b = mmap(NULL, total, PROT_READ | PROT_WRITE, MAP_SHARED | MAP_ANONYMOUS, -1, 0);
-    if (b == MAP_FAILED || shmf_init(b, total, n_slots, workers, SLOT_BYTES) != SHMF_OK)
-        fail("wake one: ring set-up");
+    size_t total;
+    uint32_t gen, g, batch, slot, state;
+    uint64_t epoch, rows;
+    void *b = full_ring("wake one", n_slots, workers, 2, &total, &gen);
     shmf_header *h = shmf_hdr(b);
     shmf_worker *ws = shmf_workers(b);
-    uint32_t gen = shmf_start_epoch(b, 0, 0, 100, 0), g, batch, slot, state;
-    uint64_t epoch, rows;
-    for (uint32_t i = 0; i < n_slots; i++) { /* the parent fills the ring: batches 0..3 */
-        if (shmf_claim_wait(b, 2, 0, &g, &epoch, &batch) != SHMF_OK || batch != i ||
-            shmf_acquire(b, 2, gen, i, 1.0, &slot) != SHMF_OK ||
-            shmf_publish(b, 2, slot, gen, i, 1, SHMF_READY, 1) != SHMF_OK)
-            fail("wake one: filling batch %u", i);
-    }
     if (shmf_claim_wait(b, 2, 0.01, &g, &epoch, &batch) != SHMF_TIMEOUT)
         fail("wake one: claimed batch %u although it has no slot", batch);
     pid_t pid[2];

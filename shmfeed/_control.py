@@ -87,6 +87,17 @@ class GenInfo(NamedTuple):
     n_batches: int
 
 
+def _claimed(st: int, gen: int, _epoch: int, batch: int, call: str) -> tuple[int, int | None]:
+    """A claim's result: (gen, batch), or (gen, None) once the epoch is all claimed."""
+    if st == _OK:
+        return gen, batch
+    if st == Status.EPOCH_DONE:
+        return gen, None
+    if st == Status.SHUTDOWN:
+        raise PoolShutdown()
+    raise _fail(call, st)
+
+
 def tag(gen: int, batch: int) -> int:
     return (gen << 32) | batch
 
@@ -169,29 +180,16 @@ class Control:
     def claim(self, worker: int) -> tuple[int, int | None]:
         """(gen, batch) of the batch this worker now builds, or (gen, None) when every
         batch of generation `gen` is claimed.  Raises PoolShutdown."""
-        st, gen, _epoch, batch = self._c.claim(worker)
-        if st == _OK:
-            return gen, batch
-        if st == Status.EPOCH_DONE:
-            return gen, None
-        if st == Status.SHUTDOWN:
-            raise PoolShutdown()
-        raise _fail(f"claim({worker})", st)
+        return _claimed(*self._c.claim(worker), f"claim({worker})")
 
     def claim_wait(self, worker: int, timeout_s: float) -> tuple[int, int | None] | None:
         """What a worker claims with: like `claim`, but only a batch that already has a
         slot, waiting up to `timeout_s` for one; None when the wait ran out with nothing
         claimed (the epoch still has batches).  Raises PoolShutdown."""
-        st, gen, _epoch, batch = self._c.claim_wait(worker, timeout_s)
-        if st == _OK:
-            return gen, batch
-        if st == Status.EPOCH_DONE:
-            return gen, None
+        st, gen, epoch, batch = self._c.claim_wait(worker, timeout_s)
         if st == _TIMEOUT or st == _INTERRUPTED:
             return None
-        if st == Status.SHUTDOWN:
-            raise PoolShutdown()
-        raise _fail(f"claim_wait({worker})", st)
+        return _claimed(st, gen, epoch, batch, f"claim_wait({worker})")
 
     def wait_gen(self, gen: int, timeout_s: float) -> bool:
         """Wait for a generation after `gen`; False if none came within `timeout_s`."""
