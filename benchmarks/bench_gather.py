@@ -59,14 +59,25 @@ def measure(path: str, batches: int) -> dict[str, float]:
     out = {}
     for name, fn in kinds.items():
         fn(0)
-        rates = []
-        for _ in range(3):
-            t = time.perf_counter()
-            for k in range(batches):
-                fn(k)
-            rates.append(private.nbytes * batches / (time.perf_counter() - t) / 1e9)
-        out[name] = statistics.median(rates)
+        out[name] = private.nbytes / _seconds_per_call(fn, batches) / 1e9
     return out
+
+
+def _seconds_per_call(fn, calls: int) -> float:
+    """The median over 3 passes of the time one `fn(k)` takes, k = 0..calls-1."""
+    times = []
+    for _ in range(3):
+        t = time.perf_counter()
+        for k in range(calls):
+            fn(k)
+        times.append((time.perf_counter() - t) / calls)
+    return statistics.median(times)
+
+
+def _write_npy(path: str, dtype, shape: tuple[int, ...], value: int) -> None:
+    data = np.lib.format.open_memmap(path, mode="w+", dtype=dtype, shape=shape)
+    data[:] = value
+    data.flush()
 
 
 def _child(path: str, batches: int, queue) -> None:
@@ -79,10 +90,7 @@ def main() -> None:
     args = ap.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         path = os.path.join(tmp, "images.npy")
-        data = np.lib.format.open_memmap(path, mode="w+", dtype=np.uint8, shape=SHAPE)
-        data[:] = 7
-        data.flush()
-        del data
+        _write_npy(path, np.uint8, SHAPE, 7)
         one = measure(path, args.batches)
         ctx = multiprocessing.get_context("fork")
         queue = ctx.Queue()
@@ -103,10 +111,7 @@ def small_batch_costs(batches: int = 20000) -> None:
     copy alone costs, by `x[idx]` and by `gather_rows`, in us per batch (median of 3)."""
     with tempfile.TemporaryDirectory() as tmp:
         path = os.path.join(tmp, "tokens.npy")
-        data = np.lib.format.open_memmap(path, mode="w+", dtype=np.int32, shape=(65536, 512))
-        data[:] = 3
-        data.flush()
-        del data
+        _write_npy(path, np.int32, (65536, 512), 3)
         x = np.load(path, mmap_mode="r")
         out = np.empty((32, 512), np.int32)
         starts = len(x) // 32
@@ -120,13 +125,7 @@ def small_batch_costs(batches: int = 20000) -> None:
         for name, fn in kinds.items():
             for k in range(starts):  # map every page of the file first
                 fn(k)
-            times = []
-            for _ in range(3):
-                t = time.perf_counter()
-                for k in range(batches):
-                    fn(k)
-                times.append((time.perf_counter() - t) / batches * 1e6)
-            print(f"  {name:<12} {statistics.median(times):.1f}")
+            print(f"  {name:<12} {_seconds_per_call(fn, batches) * 1e6:.1f}")
 
 
 if __name__ == "__main__":
