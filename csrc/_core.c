@@ -2,7 +2,8 @@
  * Thin CPython binding over ctl.c.  It owns no policy and writes nothing to the
  * control block itself: every write is one shmf_* call (so csrc/test_ctl.c covers
  * them all); the rest are read-only snapshots (header, worker, slot, gen_info) and
- * two objects whose deallocation makes one such call (SlotRef, EpochGuard).  Waits
+ * two objects whose deallocation makes one such call (SlotRef, EpochGuard; `take`
+ * hands the slot it took to a new SlotRef, so that no path loses it).  Waits
  * release the GIL.  Status codes go back to shmfeed/_control.py, the one place that
  * interprets them.  The only exceptions raised here are for misuse (bad buffer,
  * index out of range) and for signals that arrive during a wait (PyErr_CheckSignals,
@@ -11,12 +12,14 @@
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
 
+#include <pthread.h>
 #include <signal.h>
 #include <stddef.h>
 #include <sys/mman.h>
 #include <sys/prctl.h>
 #include <unistd.h>
 
+#include "gather.h"
 #include "shmfeed_ctl.h"
 
 typedef struct {
@@ -29,6 +32,11 @@ static void Control_dealloc(ControlObject *self) {
     if (self->base) PyBuffer_Release(&self->view);
     Py_TYPE(self)->tp_free((PyObject *)self);
 }
+
+/* This process's pid without a system call per batch (glibc's getpid() is one):
+ * set when the module loads and again in every child fork() makes. */
+static pid_t this_pid;
+static void refresh_pid(void) { this_pid = getpid(); }
 
 static int Control_init(ControlObject *self, PyObject *args, PyObject *kwds) {
     static char *kwlist[] = {"buffer", NULL};
@@ -128,6 +136,83 @@ static PyObject *Control_publish(ControlObject *self, PyObject *args) {
         shmf_publish(self->base, worker, slot, gen, batch, rows, state, busy_ns));
 }
 
+static PyObject *new_slot_ref(ControlObject *self, uint32_t slot, uint64_t tag);
+
+/* gather_batches(worker, timeout_s, order, epoch, key, leaves): see gather.h.
+ * order: (n_items, batch_size, shard_count, shard_index, full_batches, tail_rows,
+ * shuffle, shuffle_block); leaves: [(source buffer, stride, row_bytes, offset)]. */
+static PyObject *Control_gather_batches(ControlObject *self, PyObject *args) {
+    unsigned int worker;
+    double timeout_s;
+    unsigned long long epoch, key;
+    PyObject *leaves_obj;
+    shmf_gather_plan p = {0};
+    if (!PyArg_ParseTuple(args, "Id(KKKKKKiK)KKO!", &worker, &timeout_s, &p.n_items,
+                          &p.batch_size, &p.shard_count, &p.shard_index, &p.full_batches,
+                          &p.tail_rows, &p.shuffle, &p.shuffle_block, &epoch, &key,
+                          &PyList_Type, &leaves_obj))
+        return NULL;
+    p.epoch = epoch;
+    p.key = key;
+    shmf_header *h = shmf_hdr(self->base);
+    Py_ssize_t n = PyList_GET_SIZE(leaves_obj);
+    if (n < 1 || n > 4096 || p.batch_size < 1 || p.batch_size > (1u << 24) || p.shard_count < 1)
+        return PyErr_Format(PyExc_ValueError, "gather_batches: a plan of %zd leaves and batch size "
+                            "%llu", n, (unsigned long long)p.batch_size);
+    Py_buffer *views = PyMem_Calloc((size_t)n, sizeof(Py_buffer));
+    shmf_gather_leaf *leaves = PyMem_Calloc((size_t)n, sizeof(shmf_gather_leaf));
+    p.scratch = PyMem_Malloc(p.batch_size * sizeof(int64_t));
+    Py_ssize_t held = 0;
+    PyObject *result = NULL;
+    if (!views || !leaves || !p.scratch) {
+        PyErr_NoMemory();
+        goto done;
+    }
+    for (; held < n; held++) {
+        PyObject *src;
+        Py_ssize_t stride, row_bytes, offset;
+        if (!PyArg_ParseTuple(PyList_GET_ITEM(leaves_obj, held), "Onnn", &src, &stride, &row_bytes,
+                              &offset) ||
+            PyObject_GetBuffer(src, &views[held], PyBUF_SIMPLE) < 0)
+            goto done;
+        shmf_gather_leaf *lf = &leaves[held];
+        const Py_buffer *v = &views[held];
+        lf->n_rows = stride < 1 || row_bytes < 1 || v->len < row_bytes
+                         ? 0 : (uint64_t)((v->len - row_bytes) / stride) + 1;
+        /* Every row of the order must be readable, and every batch must fit its slot:
+         * then no copy can fail (gather.h). */
+        if (lf->n_rows < p.n_items || offset < 0 ||
+            (uint64_t)offset + p.batch_size * (uint64_t)row_bytes > h->slot_bytes) {
+            PyErr_Format(PyExc_ValueError, "gather_batches: leaf %zd (%llu rows of %zd bytes at "
+                         "offset %zd) does not fit %llu items and slots of %llu bytes", held,
+                         (unsigned long long)lf->n_rows, row_bytes, offset,
+                         (unsigned long long)p.n_items, (unsigned long long)h->slot_bytes);
+            held++;
+            goto done;
+        }
+        lf->src = v->buf;
+        lf->stride = (size_t)stride;
+        lf->row_bytes = (size_t)row_bytes;
+        lf->offset = (size_t)offset;
+    }
+    p.n_leaves = (uint32_t)n;
+    p.leaves = leaves;
+    uint32_t gen = 0, batch = 0;
+    uint64_t claimed_epoch = 0, built = 0;
+    shmf_status st;
+    Py_BEGIN_ALLOW_THREADS
+    st = shmf_gather_batches(self->base, worker, &p, timeout_s, &gen, &claimed_epoch, &batch, &built);
+    Py_END_ALLOW_THREADS
+    result = Py_BuildValue("iIKIK", (int)st, gen, (unsigned long long)claimed_epoch, batch,
+                           (unsigned long long)built);
+done:
+    for (Py_ssize_t i = 0; i < held; i++) PyBuffer_Release(&views[i]);
+    PyMem_Free(views);
+    PyMem_Free(leaves);
+    PyMem_Free(p.scratch);
+    return result;
+}
+
 static PyObject *Control_take(ControlObject *self, PyObject *args) {
     unsigned int gen, batch;
     double timeout_s;
@@ -136,10 +221,28 @@ static PyObject *Control_take(ControlObject *self, PyObject *args) {
     uint32_t state = 0, slot = 0;
     uint64_t rows = 0;
     Py_BEGIN_ALLOW_THREADS st = shmf_take(self->base, gen, batch, timeout_s, &state, &rows, &slot);
+    Py_END_ALLOW_THREADS
+    /* The slot is HELD from here on: its SlotRef releases it however this call and the
+     * caller end (with the tuple, on an error; with the batch's arrays, otherwise). */
+    PyObject *ref = Py_None;
+    if (st == SHMF_OK) {
+        ref = new_slot_ref(self, slot, shmf_tag(gen, batch));
+        if (!ref) {
+            shmf_release(self->base, slot, shmf_tag(gen, batch));
+            return NULL;
+        }
+    } else {
+        Py_INCREF(ref);
+    }
+    PyObject *result = Py_BuildValue("iIKIN", (int)st, state, (unsigned long long)rows, slot, ref);
+    if (!result) return NULL;
     /* Every time, not only after EINTR: see status_result.  This is the call a training
      * loop makes once per step, so a Ctrl-C surfaces within a step at worst. */
-    Py_END_ALLOW_THREADS if (PyErr_CheckSignals() < 0) return NULL;
-    return Py_BuildValue("iIKI", (int)st, state, (unsigned long long)rows, slot);
+    if (PyErr_CheckSignals() < 0) {
+        Py_DECREF(result);
+        return NULL;
+    }
+    return result;
 }
 
 static PyObject *Control_release(ControlObject *self, PyObject *args) {
@@ -274,7 +377,7 @@ typedef struct {
 
 static void SlotRef_dealloc(SlotRefObject *self) {
     ControlObject *ctl = (ControlObject *)self->control;
-    if (ctl && ctl->base && getpid() == self->pid) shmf_release(ctl->base, self->slot, self->tag);
+    if (ctl && ctl->base && this_pid == self->pid) shmf_release(ctl->base, self->slot, self->tag);
     if (self->weakreflist) PyObject_ClearWeakRefs((PyObject *)self);
     Py_XDECREF(self->control);
     Py_TYPE(self)->tp_free((PyObject *)self);
@@ -302,24 +405,21 @@ static PyTypeObject SlotRefType = {
     .tp_weaklistoffset = offsetof(SlotRefObject, weakreflist),
 };
 
-static PyObject *Control_slot_ref(ControlObject *self, PyObject *args) {
-    unsigned int slot;
-    unsigned long long tag;
-    Py_ssize_t offset, nbytes;
-    if (!PyArg_ParseTuple(args, "IKnn", &slot, &tag, &offset, &nbytes)) return NULL;
-    if (slot >= shmf_hdr(self->base)->n_slots || offset < 0 || nbytes < 0 ||
-        offset > self->view.len - nbytes)
-        return PyErr_Format(PyExc_ValueError, "slot_ref(%u, ..., %zd, %zd) outside the ring", slot,
-                            offset, nbytes);
+/* A SlotRef over slot `slot`'s data, for the batch `tag` this process holds there. */
+static PyObject *new_slot_ref(ControlObject *self, uint32_t slot, uint64_t tag) {
+    shmf_header *h = shmf_hdr(self->base);
+    uint64_t offset = h->data_offset + (uint64_t)slot * h->slot_bytes;
+    if (slot >= h->n_slots || offset + h->slot_bytes > (uint64_t)self->view.len)
+        return PyErr_Format(PyExc_ValueError, "slot %u lies outside the ring", slot);
     SlotRefObject *ref = PyObject_New(SlotRefObject, &SlotRefType);
     if (!ref) return NULL;
     Py_INCREF(self);
     ref->control = (PyObject *)self;
     ref->buf = (char *)self->base + offset;
-    ref->len = nbytes;
+    ref->len = (Py_ssize_t)h->slot_bytes;
     ref->slot = slot;
     ref->tag = tag;
-    ref->pid = getpid();
+    ref->pid = this_pid;
     ref->weakreflist = NULL;
     return (PyObject *)ref;
 }
@@ -338,7 +438,7 @@ typedef struct {
 
 static void EpochGuard_dealloc(EpochGuardObject *self) {
     ControlObject *ctl = (ControlObject *)self->control;
-    if (self->armed && ctl && ctl->base && getpid() == self->pid) shmf_abandon(ctl->base, self->gen);
+    if (self->armed && ctl && ctl->base && this_pid == self->pid) shmf_abandon(ctl->base, self->gen);
     Py_XDECREF(self->control);
     Py_TYPE(self)->tp_free((PyObject *)self);
 }
@@ -379,13 +479,12 @@ static PyObject *Control_epoch_guard(ControlObject *self, PyObject *args) {
     g->control = (PyObject *)self;
     g->gen = gen;
     g->armed = 1;
-    g->pid = getpid();
+    g->pid = this_pid;
     return (PyObject *)g;
 }
 
 static PyMethodDef Control_methods[] = {
     {"epoch_guard", (PyCFunction)Control_epoch_guard, METH_VARARGS, "epoch_guard(gen) -> EpochGuard: abandons the epoch when freed before disarm()"},
-    {"slot_ref", (PyCFunction)Control_slot_ref, METH_VARARGS, "slot_ref(slot, tag, offset, nbytes) -> SlotRef: bytes [offset, offset+nbytes) of the mapping, releasing (slot, tag) when freed"},
     {"init_block", (PyCFunction)Control_init_block, METH_VARARGS, "init_block(n_slots, max_workers, slot_bytes) -> status"},
     {"check", (PyCFunction)Control_check, METH_NOARGS, "check() -> status"},
     {"start_epoch", (PyCFunction)Control_start_epoch, METH_VARARGS, "start_epoch(epoch, first_batch, n_batches, slot_base) -> gen"},
@@ -395,7 +494,10 @@ static PyMethodDef Control_methods[] = {
     {"wait_gen", (PyCFunction)Control_wait_gen, METH_VARARGS, "wait_gen(gen, timeout_s) -> status"},
     {"acquire", (PyCFunction)Control_acquire, METH_VARARGS, "acquire(worker, gen, batch, timeout_s) -> (status, slot)"},
     {"publish", (PyCFunction)Control_publish, METH_VARARGS, "publish(worker, slot, gen, batch, rows, state, busy_ns) -> status"},
-    {"take", (PyCFunction)Control_take, METH_VARARGS, "take(gen, batch, timeout_s) -> (status, state, rows, slot)"},
+    {"gather_batches", (PyCFunction)Control_gather_batches, METH_VARARGS,
+     "gather_batches(worker, timeout_s, order, epoch, key, leaves) -> (status, gen, epoch, batch, built): "
+     "build array batches of `epoch` in C until a claim needs Python (csrc/gather.h)"},
+    {"take", (PyCFunction)Control_take, METH_VARARGS, "take(gen, batch, timeout_s) -> (status, state, rows, slot, SlotRef or None): the SlotRef releases the taken slot when freed"},
     {"release", (PyCFunction)Control_release, METH_VARARGS, "release(slot, tag) -> status"},
     {"reclaim", (PyCFunction)Control_reclaim, METH_VARARGS, "reclaim(worker) -> (status, pending_tag)"},
     {"set_claim", (PyCFunction)Control_set_claim, METH_VARARGS, "set_claim(worker, tag) -> status"},
@@ -475,6 +577,8 @@ static struct PyModuleDef core_module = {
 };
 
 PyMODINIT_FUNC PyInit__core(void) {
+    refresh_pid();
+    if (pthread_atfork(NULL, NULL, refresh_pid) != 0) return PyErr_NoMemory();
     if (PyType_Ready(&ControlType) < 0) return NULL;
     if (PyType_Ready(&SlotRefType) < 0) return NULL;
     if (PyType_Ready(&EpochGuardType) < 0) return NULL;

@@ -18,12 +18,16 @@ Invariants:
   csrc/kernels.c, one memcpy per row, GIL released for large batches, or, for a
   non-contiguous array, fancy indexing), and a memory-mapped file is read only where
   a batch needs it.
+- In a worker, when every leaf is contiguous (`_row_copies`), the whole loop (claim,
+  order, copy, publish) runs in C (csrc/gather.h; `Builder.gather_plan`), with the
+  same `_row_copy` description of each leaf as the Python path.
 - Pickling (workers started from a fresh interpreter) sends a memory-mapped file by
   name, not by content.
 """
 
 from __future__ import annotations
 
+import math
 import mmap
 from typing import Any
 
@@ -85,17 +89,26 @@ def _unpickle_arrays(items: list) -> list[np.ndarray]:
     return out
 
 
-def _take_rows(rows: np.ndarray, indices: np.ndarray, out: np.ndarray,
-               base: np.ndarray | None = None) -> None:
-    """Rows `indices` of `rows` into the first rows of `out` (a slot's leaf, contiguous).
-    `base`: the contiguous array that `rows` is a strided view of, from its first byte
-    (overlapping windows)."""
+def _row_copy(rows: np.ndarray, base: np.ndarray | None = None,
+              stride: int | None = None) -> tuple[np.ndarray, int, int] | None:
+    """How C copies row i of `rows`: (source, stride, row_bytes), row i being the
+    row_bytes bytes at byte i * stride of the contiguous `source` (`rows` itself, or
+    the `base` it is a view of, for overlapping windows); None when rows cannot be
+    copied that way (not contiguous, or empty)."""
     src = rows if base is None else base
-    row_bytes = out.nbytes // len(out)
-    if row_bytes and src.flags.c_contiguous:
+    row_bytes = rows.itemsize * math.prod(rows.shape[1:])
+    if not row_bytes or not src.flags.c_contiguous:
+        return None
+    return src, row_bytes if stride is None else stride, row_bytes
+
+
+def _take_rows(rows: np.ndarray, copy: tuple | None, indices: np.ndarray, out: np.ndarray) -> None:
+    """Rows `indices` of `rows` into the first rows of `out` (a slot's leaf, contiguous);
+    `copy`: `_row_copy(rows, ...)`."""
+    if copy is not None:
         # In C: one memcpy per row (a large batch bypasses the cache, see
         # csrc/kernels.h), no temporary, the GIL released for large batches.
-        _kernels.gather_rows(src, rows.strides[0], row_bytes, indices, out)
+        _kernels.gather_rows(*copy, indices, out)
     else:
         # Fancy indexing reads only the rows asked for (np.take would first make the
         # whole array contiguous).
@@ -138,8 +151,11 @@ class Arrays:
         return unflatten(self._tree, [a[i] for a in self._arrays])
 
     def __shmfeed_gather__(self, indices: np.ndarray, out: list[np.ndarray]) -> None:
-        for arr, view in zip(self._arrays, out):
-            _take_rows(arr, indices, view)
+        for arr, copy, view in zip(self._arrays, self._row_copies(), out):
+            _take_rows(arr, copy, indices, view)
+
+    def _row_copies(self) -> list[tuple | None]:
+        return [_row_copy(a) for a in self._arrays]
 
     def _leaf_rows(self) -> list[tuple[np.dtype, tuple]]:
         return [(a.dtype, tuple(a.shape[1:])) for a in self._arrays]
@@ -224,7 +240,10 @@ class Windows:
         return self.tokens[start : start + self.length]
 
     def __shmfeed_gather__(self, indices: np.ndarray, out: list[np.ndarray]) -> None:
-        _take_rows(self._windows, indices, out[0], base=self.tokens)
+        _take_rows(self._windows, self._row_copies()[0], indices, out[0])
+
+    def _row_copies(self) -> list[tuple | None]:
+        return [_row_copy(self._windows, self.tokens, self._windows.strides[0])]
 
     def _leaf_rows(self) -> list[tuple[np.dtype, tuple]]:
         return [(self.tokens.dtype, (self.length,))]

@@ -49,6 +49,18 @@ class Builder:
         # A gathered batch runs no user code: nothing draws from the global RNGs.
         self.seed_global_rngs = cfg.seed_global_rngs and self._gather is None
 
+    def gather_plan(self) -> tuple | None:
+        """(order, leaves) with which `Control.gather_batches` builds batches in C
+        (csrc/gather.h), when they are gathered and every leaf is contiguous; else None."""
+        if self._gather is None:
+            return None
+        copies = self.source._row_copies()
+        if any(c is None for c in copies):
+            return None
+        leaves = [(src, stride, row_bytes, lf.offset)
+                  for (src, stride, row_bytes), lf in zip(copies, self.spec.leaves)]
+        return self.order.c_params(), leaves
+
     def fill(self, slot: int, epoch: int, batch: int) -> int:
         """Write batch `batch` of `epoch` into `slot`; return the word the slot
         publishes: its number of rows, and its bucket (see _bucket.pack)."""

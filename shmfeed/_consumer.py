@@ -4,7 +4,8 @@ in the training process.
 Owns: opening a generation for an epoch (or the rest of one, on resume), the fast
 take and the slow take (health checks of the pool while waiting, the ring-full
 check, the timeout and the worker it kills), turning a slot into the batch's
-arrays (a lease that gives the slot back when they die), and, with `num_workers=0`,
+arrays (views of the `SlotRef` that the take returns, which gives the slot back
+when they all die), and, with `num_workers=0`,
 building each batch here just before taking it.
 
 Invariants (see DESIGN.md):
@@ -146,19 +147,19 @@ class Consumer:
             taken = None  # the slow take finds out which, again, and acts on it
         if taken is None:
             taken = self._slow_take(gen, epoch, b, epoch_batch, t0)
-        state, word, slot = taken
-        stats, t = self.stats, tag(gen, b)
+        state, word, slot, ref = taken
+        del taken
+        stats = self.stats
         stats.wait_s += time.perf_counter() - t0
         self.next_slot = (slot + 1) % ring.n_slots
         if state == SlotState.ERROR:
             report = ring.read_report(slot)
-            ctl.release(slot, t)
+            del ref  # gives the slot back (the traceback would keep it otherwise)
             raise report.to_exception()
         rows, bucket = _bucket.unpack(word)
         if self.cut is not None and not self.cut.keep(epoch_batch, rows):
-            ctl.release(slot, t)
-            return _NO_DATA
-        leaves = ring.lease(slot, t, rows, None if bucket is None else self.cfg.padding.shapes(bucket))
+            return _NO_DATA  # the slot goes back with `ref`
+        leaves = ring.views(ref, rows, None if bucket is None else self.cfg.padding.shapes(bucket))
         stats.batches += 1
         stats.bytes += rows * self.row_bytes if bucket is None else sum([x.nbytes for x in leaves])
         self.delivered = epoch_batch + 1
@@ -189,7 +190,6 @@ class Consumer:
         pinned by a batch the caller still references."""
         ctl, n = self.ring.ctl, self.ring.n_slots
         gc.collect()  # batches caught in reference cycles
-        self.ring.release_orphans()  # releases lost to a Ctrl-C
         ctl.assign_free()
         if ctl.slot_of(gen, b) >= 0:
             return

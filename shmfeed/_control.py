@@ -18,7 +18,7 @@ Invariants:
 from __future__ import annotations
 
 import enum
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 from ._errors import internal
 
@@ -78,7 +78,7 @@ class RingBlocked(Exception):
 
 # A taken slot: (state, rows, slot), state SlotState.READY or SlotState.ERROR.  A
 # plain tuple of ints: the training loop takes one per batch.
-Taken = tuple[int, int, int]
+Taken = tuple[int, int, int, Any]  # (state, rows word, slot, its SlotRef)
 
 
 class GenInfo(NamedTuple):
@@ -136,11 +136,12 @@ class Control:
         return self._c.start_epoch(epoch, first_batch, n_batches, slot_base)
 
     def take(self, gen: int, batch: int, timeout_s: float) -> Taken | None:
-        """The slot of `batch`, now HELD by the consumer; None if it was not ready
+        """The slot of `batch`, now HELD by the consumer, with the `SlotRef` (a buffer
+        over the slot's bytes) that gives it back when freed; None if it was not ready
         within `timeout_s` (or a signal arrived).  Raises RingBlocked or PoolShutdown."""
-        st, state, rows, slot = self._c.take(gen, batch, timeout_s)
+        st, state, rows, slot, ref = self._c.take(gen, batch, timeout_s)
         if st == _OK:
-            return state, rows, slot
+            return state, rows, slot, ref
         if st == _TIMEOUT or st == _INTERRUPTED:
             return None
         if st == Status.BLOCKED:
@@ -167,9 +168,6 @@ class Control:
     def epoch_guard(self, gen: int):
         return self._c.epoch_guard(gen)
 
-    def slot_ref(self, slot: int, tag_: int, offset: int, nbytes: int):
-        return self._c.slot_ref(slot, tag_, offset, nbytes)
-
     def shutdown(self) -> None:
         self._c.shutdown()
 
@@ -190,6 +188,20 @@ class Control:
         if st == _TIMEOUT or st == _INTERRUPTED:
             return None
         return _claimed(st, gen, epoch, batch, f"claim_wait({worker})")
+
+    def gather_batches(self, worker: int, timeout_s: float, plan: tuple, epoch: int,
+                       key: int) -> tuple[int, int | None] | None:
+        """Like `claim_wait`, but the batches of `epoch` claimed meanwhile are built and
+        published in C (array sources; `plan` is `Builder.gather_plan()`, `key` the
+        epoch's order key; csrc/gather.h).  Returns only what the caller must act on:
+        a claim it builds itself (another epoch's batch, or one C left), the end of the
+        epoch, or None when the wait ran out.  Raises PoolShutdown."""
+        order, leaves = plan
+        st, gen, claimed_epoch, batch, _built = self._c.gather_batches(
+            worker, timeout_s, order, epoch, key, leaves)
+        if st == _TIMEOUT or st == _INTERRUPTED:
+            return None
+        return _claimed(st, gen, claimed_epoch, batch, f"gather_batches({worker})")
 
     def wait_gen(self, gen: int, timeout_s: float) -> bool:
         """Wait for a generation after `gen`; False if none came within `timeout_s`."""

@@ -128,12 +128,23 @@ class Order:
         Overwrites `positions` and returns it."""
         if not self.shuffle:
             return positions
-        key = _epoch_key(self.seed, epoch)
+        key = self.epoch_key(epoch)
         if self.shuffle == "block":
             _kernels.block_permute(self.n_items, self.shuffle_block, key, positions, positions)
         else:
             _kernels.permute(self.n_items, key, positions, positions)
         return positions
+
+    def epoch_key(self, epoch: int) -> int:
+        """The 64-bit key of `epoch`'s order (0 when unshuffled: unused)."""
+        return _epoch_key(self.seed, epoch) if self.shuffle else 0
+
+    def c_params(self) -> tuple:
+        """The order as csrc/gather.h's shmf_gather_plan takes it (per-sample sources)."""
+        assert self.batch_size is not None
+        mode = {False: 0, True: 1, "block": 2}[self.shuffle]
+        return (self.n_items, self.batch_size, self.shard_count, self.shard_index,
+                self._full_batches, self._tail_rows, mode, self.shuffle_block)
 
     def first_item(self) -> int:
         """The source index of the first item of epoch 0 (what the spec is inferred from)."""

@@ -26,7 +26,7 @@ import weakref
 import numpy as np
 
 from . import _control, _report
-from ._control import Control, SlotState
+from ._control import Control
 from ._errors import LoaderClosedError, RingMemoryError
 from ._spec import Spec
 
@@ -97,8 +97,6 @@ class Ring:
         self._write_views: list[list[np.ndarray]] | None = None
         self._layout_spec: Spec | None = None  # the spec `_layout` was made for
         self._layout: list[tuple[np.dtype, tuple[int, ...], int]] = []
-        # slot -> (tag, weak reference to its SlotRef), for release_orphans
-        self._leases: dict[int, tuple[int, weakref.ref]] = {}
 
     @property
     def mm(self) -> mmap.mmap:
@@ -161,33 +159,11 @@ class Ring:
         return _report.read(self.mm, self.fatal_offset if slot is None else self.report_offsets[slot])
 
     # -- consumer side ----------------------------------------------------------------
-    def lease(self, slot: int, tag: int, rows: int,
-              shapes: list[tuple[int, ...]] | None = None) -> list[np.ndarray]:
-        """Arrays of one taken batch; the slot is released when they all die.
-
-        They are views of a `SlotRef` (each array's base), whose deallocation (in C,
-        so that no Ctrl-C can interrupt it) releases the slot."""
-        ref = self.ctl.slot_ref(slot, tag, self.data_offset + slot * self.slot_bytes, self.slot_bytes)
-        self._leases[slot] = (tag, weakref.ref(ref))
+    def views(self, ref, rows: int, shapes: list[tuple[int, ...]] | None = None) -> list[np.ndarray]:
+        """Arrays of one taken batch, views of its `SlotRef` (`Control.take` returns it):
+        each array's base is the ref, whose deallocation (in C, so that no Ctrl-C can
+        interrupt it) releases the slot when the last of them dies."""
         return self._views(ref, rows, shapes)
-
-    def release_orphans(self) -> int:
-        """Give back the slots the consumer holds for batches no array refers to any
-        more; return how many.
-
-        Their release was lost: a KeyboardInterrupt (or any exception) raised between
-        taking a slot and leasing it.  Call only from the thread that iterates.
-        """
-        freed = 0
-        for slot in range(self.n_slots):
-            info = self.ctl.slot(slot)
-            if info["state"] != SlotState.HELD:
-                continue
-            entry = self._leases.get(slot)
-            if entry is not None and entry[0] == info["tag"] and entry[1]() is not None:
-                continue
-            freed += self.ctl.release(slot, info["tag"])
-        return freed
 
     def close(self) -> None:
         """Drop this object's hold on the mapping and its descriptor.  The memory is
@@ -195,7 +171,6 @@ class Ring:
         of them dies (each holds the control object, which holds the mapping)."""
         self._write_views = None
         self.slot_raw = []
-        self._leases = {}
         if self.fd >= 0:
             os.close(self.fd)
             self.fd = -1

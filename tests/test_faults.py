@@ -531,10 +531,12 @@ def test_slot_of_a_worker_killed_while_filling_is_reclaimed_and_rebuilt():
         os.waitpid(pid, 0)
         os.close(r)
         os.close(w)
-        assert ctl.take(gen, 0, 5.0) == (SlotState.READY, 2, slot)
-        assert (ring.lease(slot, tag(gen, 0), 2)[0] == 100).all()
+        state, rows, taken_slot, ref = ctl.take(gen, 0, 5.0)
+        assert (state, rows, taken_slot) == (SlotState.READY, 2, slot)
+        assert (ring.views(ref, 2)[0] == 100).all()
+        del ref
         gc.collect()
-        assert ctl.slot(slot)["state"] != SlotState.HELD  # released with the lease
+        assert ctl.slot(slot)["state"] != SlotState.HELD  # released with the views
         assert ctl.worker(1)["claim"] == NO_CLAIM
     finally:
         ring.close()

@@ -57,11 +57,13 @@ def _assert_same(a, b):
 
 @pytest.mark.parametrize("num_workers", [0, 2])
 @pytest.mark.parametrize("shard", [(0, 1), (1, 3)])
-def test_arrays_batches_equal_the_per_sample_path_and_x_of_idx(num_workers, shard):
+@pytest.mark.parametrize("shuffle", [True, "block"])
+def test_arrays_batches_equal_the_per_sample_path_and_x_of_idx(num_workers, shard, shuffle):
     x = _table()
     y = (np.arange(len(x)) * 3).astype(np.int64)
     data = {"x": x, "y": y}
-    opts = dict(batch_size=8, shuffle=True, seed=5, shard_index=shard[0], shard_count=shard[1])
+    opts = dict(batch_size=8, shuffle=shuffle, shuffle_block=5, seed=5, shard_index=shard[0],
+                shard_count=shard[1])
     with shmfeed.Loader(Arrays(data), num_workers=num_workers, **opts) as fast, \
             shmfeed.Loader(PerSample(data), num_workers=0, **opts) as reference:
         for _ in range(2):
@@ -75,6 +77,60 @@ def test_arrays_batches_equal_the_per_sample_path_and_x_of_idx(num_workers, shar
             assert len(ids) == per_shard and len(set(ids.tolist())) == per_shard  # exactly once
             if shard[1] == 1:
                 assert sorted(ids.tolist()) == list(range(len(x)))
+
+
+@pytest.mark.parametrize("shuffle", [False, True, "block"])
+def test_the_workers_c_loop_builds_what_the_python_path_builds(shuffle):
+    """Control.gather_batches (csrc/gather.h), driven by hand on a loader's ring: it
+    hands back the claim of an epoch it has no key for, then builds the next batches
+    itself until the ring is full, byte for byte what Builder.fill writes, the short
+    last batch of this host's shard included; at the epoch's end it says so."""
+    from shmfeed._build import build_batch
+    from shmfeed._control import SlotState
+    from shmfeed._worker import NO_EPOCH
+
+    x = _table(n=211, width=7)
+    y = (np.arange(len(x)) * 3).astype(np.int64)
+    opts = dict(batch_size=8, shuffle=shuffle, shuffle_block=6, seed=9, shard_index=1,
+                shard_count=2, num_slots=4)
+    with shmfeed.Loader(Arrays({"x": x, "y": y}), num_workers=0, **opts) as loader:
+        ring, builder = loader._consumer.ring, loader._consumer.builder
+        ctl, order, epoch = ring.ctl, builder.order, 3
+        plan = builder.gather_plan()
+        assert plan is not None
+        gen = ctl.start_epoch(epoch, 0, order.n_batches, 0)
+        assert ctl.gather_batches(0, 0.0, plan, NO_EPOCH, 0) == (gen, 0)  # no key: back to Python
+        assert build_batch(ring, builder, 0, gen, 0, None)
+        key = order.epoch_key(epoch)
+        seen = []
+        for b in range(order.n_batches):
+            # Builds every batch that has a slot, then finds nothing to claim.
+            assert ctl.gather_batches(0, 0.0, plan, epoch, key) in (None, (gen, None))
+            state, rows, slot, ref = ctl.take(gen, b, 1.0)
+            assert state == SlotState.READY
+            got_x, got_y = ring.views(ref, rows)
+            idx = order.batch_items(epoch, b)
+            assert rows == len(idx) and np.array_equal(got_x, x[idx]) and np.array_equal(got_y, y[idx])
+            seen += idx.tolist()
+            del got_x, got_y, ref  # gives the slot back: the next batch gets it
+        assert len(seen) == len(set(seen)) == order.items_per_shard
+        assert order.n_batches * 8 > order.items_per_shard  # the last batch was short
+        assert ctl.gather_batches(0, 0.0, plan, epoch, key) == (gen, None)
+        assert ctl.worker(0)["batches"] == order.n_batches
+
+
+def test_the_c_loop_refuses_a_plan_that_does_not_fit_the_ring():
+    x = _table(n=64, width=4)
+    with shmfeed.Loader(Arrays(x), batch_size=8, num_workers=0) as loader:
+        ring, builder = loader._consumer.ring, loader._consumer.builder
+        order, leaves = builder.gather_plan()
+        src, stride, row_bytes, offset = leaves[0]
+        too_few_rows = [(src[:10], stride, row_bytes, offset)]
+        with pytest.raises(ValueError, match="leaf 0 .*does not fit 64 items"):
+            ring.ctl.gather_batches(0, 0.0, (order, too_few_rows), 0, 0)
+        past_the_slot = [(src, stride, row_bytes, ring.slot_bytes)]
+        with pytest.raises(ValueError, match="slots of"):
+            ring.ctl.gather_batches(0, 0.0, (order, past_the_slot), 0, 0)
 
 
 def test_same_batches_with_0_and_2_workers_and_after_a_resume():
