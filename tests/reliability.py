@@ -4,7 +4,7 @@ happens, which test proves it and, measured by that test, how long it took.
 The tests call `record(key, seconds)`; with SHMFEED_RELIABILITY_OUT=path.json set,
 the measurements are written there.  Then
 
-    SHMFEED_RELIABILITY_OUT=/tmp/rel.json python -m pytest -q tests/test_faults.py tests/test_stress.py
+    SHMFEED_RELIABILITY_OUT=/tmp/rel.json python -m pytest -q tests/test_faults.py tests/test_stress.py tests/test_edges.py
     python tests/reliability.py /tmp/rel.json
 
 rewrites the table in RELIABILITY.md (between its `faults:begin`/`faults:end`
@@ -87,6 +87,11 @@ FAULTS = [
           "SIGKILL to a random worker every ~30 ms over 2 epochs of 300 small batches",
           "every batch exactly once, in order, with the right content", "",
           _t("test_workers_killed_at_random_instants_never_lose_or_repeat_a_batch")),
+    Fault("random_kills_arrays", "Workers killed at random instants inside the C loop of an array source",
+          "SIGKILL to a random worker every ~30 ms while `Arrays` workers copy 1 MB batches in C "
+          "(csrc/gather.c), at least 3 epochs and 10 kills",
+          "every batch exactly once, in order, with the right content", "",
+          _t("test_workers_killed_inside_the_c_loop_of_an_array_source_never_lose_or_repeat_a_batch")),
     Fault("max_restarts", "A worker that dies every time",
           "SIGKILL at sample 70 on every attempt, `max_restarts` 0 and 2",
           "`WorkerError`: \"worker 1 (pid 4121) was killed by SIGKILL while building batch "

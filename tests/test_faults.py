@@ -410,6 +410,35 @@ def test_workers_killed_at_random_instants_never_lose_or_repeat_a_batch():
         assert loader.stats().restarts >= 10
 
 
+def test_workers_killed_inside_the_c_loop_of_an_array_source_never_lose_or_repeat_a_batch():
+    """The same with an `Arrays` source, whose workers build in C (csrc/gather.c): a
+    kill lands in the middle of a copy, a claim or a publish, and the batch is rebuilt."""
+    from shmfeed.sources import Arrays
+
+    n, width = 3000, 8192  # 64 KB rows, 1 MB batches: a copy is long enough to be hit
+    x = np.zeros((n, width), np.int64)
+    x[:, 0] = x[:, -1] = np.arange(n)
+    with shmfeed.Loader(Arrays(x), batch_size=16, num_workers=2, shuffle=True, seed=3,
+                        max_restarts=100_000) as loader:
+        kills: list = []
+        stop = threading.Event()
+        killer = threading.Thread(target=_random_killer, args=(loader, stop, kills), daemon=True)
+        killer.start()
+        try:
+            epoch, t0 = 0, time.monotonic()
+            while epoch < 3 or (len(set(kills)) < 10 and time.monotonic() - t0 < 20):
+                loader.set_epoch(epoch)
+                rows = np.concatenate([np.array(b) for b in loader])
+                assert rows[:, 0].tolist() == epoch_items(Order(n, 16, True, 3, False), epoch).tolist()
+                assert (rows[:, -1] == rows[:, 0]).all() and not rows[:, 1:-1].any()
+                epoch += 1
+        finally:
+            stop.set()
+            killer.join(timeout=5)
+        assert len(set(kills)) >= 10, f"only {len(set(kills))} kills: the test proved little"
+        assert loader.stats().restarts >= 10
+
+
 @pytest.mark.parametrize("max_restarts", [0, 2])
 def test_deaths_beyond_max_restarts_raise_worker_error_naming_worker_pid_signal_batch(
         max_restarts, tmp_path, capfd):
