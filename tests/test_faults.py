@@ -10,6 +10,7 @@ tests.
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import gc
 import os
@@ -392,22 +393,29 @@ class Tiny:
         return _sample(i)
 
 
+@contextlib.contextmanager
+def _killing_workers(loader):
+    """A thread SIGKILLs a random worker of `loader` every 10-50 ms meanwhile; yields
+    the pids killed so far, and checks on the way out that there were enough."""
+    kills: list = []
+    stop = threading.Event()
+    killer = threading.Thread(target=_random_killer, args=(loader, stop, kills), daemon=True)
+    killer.start()
+    try:
+        yield kills
+    finally:
+        stop.set()
+        killer.join(timeout=5)
+    assert len(set(kills)) >= 10, f"only {len(set(kills))} kills: the test proved little"
+    assert loader.stats().restarts >= 10
+
+
 def test_workers_killed_at_random_instants_never_lose_or_repeat_a_batch():
     with shmfeed.Loader(Tiny(), batch_size=2, num_workers=3, shuffle=True, seed=5,
-                        max_restarts=100_000) as loader:
-        kills: list = []
-        stop = threading.Event()
-        killer = threading.Thread(target=_random_killer, args=(loader, stop, kills), daemon=True)
-        killer.start()
-        try:
-            for epoch in range(2):
-                order = epoch_items(Order(600, 2, True, 5, False), epoch)
-                _check_epoch([_copy(b) for b in loader], 600, order)
-        finally:
-            stop.set()
-            killer.join(timeout=5)
-        assert len(set(kills)) >= 10, f"only {len(set(kills))} kills: the test proved little"
-        assert loader.stats().restarts >= 10
+                        max_restarts=100_000) as loader, _killing_workers(loader):
+        for epoch in range(2):
+            order = epoch_items(Order(600, 2, True, 5, False), epoch)
+            _check_epoch([_copy(b) for b in loader], 600, order)
 
 
 def test_workers_killed_inside_the_c_loop_of_an_array_source_never_lose_or_repeat_a_batch():
@@ -419,24 +427,14 @@ def test_workers_killed_inside_the_c_loop_of_an_array_source_never_lose_or_repea
     x = np.zeros((n, width), np.int64)
     x[:, 0] = x[:, -1] = np.arange(n)
     with shmfeed.Loader(Arrays(x), batch_size=16, num_workers=2, shuffle=True, seed=3,
-                        max_restarts=100_000) as loader:
-        kills: list = []
-        stop = threading.Event()
-        killer = threading.Thread(target=_random_killer, args=(loader, stop, kills), daemon=True)
-        killer.start()
-        try:
-            epoch, t0 = 0, time.monotonic()
-            while epoch < 3 or (len(set(kills)) < 10 and time.monotonic() - t0 < 20):
-                loader.set_epoch(epoch)
-                rows = np.concatenate([np.array(b) for b in loader])
-                assert rows[:, 0].tolist() == epoch_items(Order(n, 16, True, 3, False), epoch).tolist()
-                assert (rows[:, -1] == rows[:, 0]).all() and not rows[:, 1:-1].any()
-                epoch += 1
-        finally:
-            stop.set()
-            killer.join(timeout=5)
-        assert len(set(kills)) >= 10, f"only {len(set(kills))} kills: the test proved little"
-        assert loader.stats().restarts >= 10
+                        max_restarts=100_000) as loader, _killing_workers(loader) as kills:
+        epoch, t0 = 0, time.monotonic()
+        while epoch < 3 or (len(set(kills)) < 10 and time.monotonic() - t0 < 20):
+            loader.set_epoch(epoch)
+            rows = np.concatenate([np.array(b) for b in loader])
+            assert rows[:, 0].tolist() == epoch_items(Order(n, 16, True, 3, False), epoch).tolist()
+            assert (rows[:, -1] == rows[:, 0]).all() and not rows[:, 1:-1].any()
+            epoch += 1
 
 
 @pytest.mark.parametrize("max_restarts", [0, 2])
