@@ -5,8 +5,8 @@ Owns: opening a generation for an epoch (or the rest of one, on resume), the fas
 take and the slow take (health checks of the pool while waiting, the ring-full
 check, the timeout and the worker it kills), turning a slot into the batch's
 arrays (views of the `SlotRef` that the take returns, which gives the slot back
-when they all die), and, with `num_workers=0`,
-building each batch here just before taking it.
+when they all die), and, with `num_workers=0`, building each batch here just
+before taking it.
 
 Invariants (see DESIGN.md):
 1. each batch of an epoch is delivered exactly once, in batch order;

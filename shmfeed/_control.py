@@ -76,9 +76,9 @@ class RingBlocked(Exception):
     """Every slot is held by the consumer: no slot can be given to the next batch."""
 
 
-# A taken slot: (state, rows, slot), state SlotState.READY or SlotState.ERROR.  A
-# plain tuple of ints: the training loop takes one per batch.
-Taken = tuple[int, int, int, Any]  # (state, rows word, slot, its SlotRef)
+# A taken slot: (state, rows word, slot, its SlotRef), state SlotState.READY or
+# SlotState.ERROR.  A plain tuple: the training loop takes one per batch.
+Taken = tuple[int, int, int, Any]
 
 
 class GenInfo(NamedTuple):

@@ -2,7 +2,8 @@
 control block, per-slot error reports and `n_slots` slots of `slot_bytes` each.
 
 Owns: allocation, mapping in each process, the per-slot leaf views workers write
-into, and the leases that tie a delivered batch's arrays to its slot.
+into, and the views of a delivered batch (of the `SlotRef` that ties them to its
+slot).
 
 Invariants:
 - Memory is fixed at construction: `nbytes = data_offset + n_slots * slot_bytes`.
