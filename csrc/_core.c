@@ -156,9 +156,13 @@ static PyObject *Control_gather_batches(ControlObject *self, PyObject *args) {
     p.key = key;
     shmf_header *h = shmf_hdr(self->base);
     Py_ssize_t n = PyList_GET_SIZE(leaves_obj);
-    if (n < 1 || n > 4096 || p.batch_size < 1 || p.batch_size > (1u << 24) || p.shard_count < 1)
-        return PyErr_Format(PyExc_ValueError, "gather_batches: a plan of %zd leaves and batch size "
-                            "%llu", n, (unsigned long long)p.batch_size);
+    /* A batch of more rows than its slot has bytes cannot fit (the leaves are checked
+     * below): this also bounds the scratch allocated for the positions. */
+    if (n < 1 || p.batch_size < 1 || p.batch_size > h->slot_bytes || p.shard_count < 1)
+        return PyErr_Format(PyExc_ValueError, "gather_batches: a plan of %zd leaves, batch size "
+                            "%llu and %llu host(s), for slots of %llu bytes", n,
+                            (unsigned long long)p.batch_size, (unsigned long long)p.shard_count,
+                            (unsigned long long)h->slot_bytes);
     Py_buffer *views = PyMem_Calloc((size_t)n, sizeof(Py_buffer));
     shmf_gather_leaf *leaves = PyMem_Calloc((size_t)n, sizeof(shmf_gather_leaf));
     p.scratch = PyMem_Malloc(p.batch_size * sizeof(int64_t));
