@@ -14,7 +14,6 @@
 
 #include <pthread.h>
 #include <signal.h>
-#include <stddef.h>
 #include <sys/mman.h>
 #include <sys/prctl.h>
 #include <unistd.h>
@@ -230,9 +229,10 @@ static PyObject *Control_take(ControlObject *self, PyObject *args) {
      * caller end (with the tuple, on an error; with the batch's arrays, otherwise). */
     PyObject *ref = Py_None;
     if (st == SHMF_OK) {
-        ref = new_slot_ref(self, slot, shmf_tag(gen, batch));
+        uint64_t tag = shmf_tag(gen, batch);
+        ref = new_slot_ref(self, slot, tag);
         if (!ref) {
-            shmf_release(self->base, slot, shmf_tag(gen, batch));
+            shmf_release(self->base, slot, tag);
             return NULL;
         }
     } else {
@@ -376,13 +376,11 @@ typedef struct {
     uint32_t slot;
     uint64_t tag;
     pid_t pid; /* a forked copy must not release the parent's slot */
-    PyObject *weakreflist;
 } SlotRefObject;
 
 static void SlotRef_dealloc(SlotRefObject *self) {
     ControlObject *ctl = (ControlObject *)self->control;
     if (ctl && ctl->base && this_pid == self->pid) shmf_release(ctl->base, self->slot, self->tag);
-    if (self->weakreflist) PyObject_ClearWeakRefs((PyObject *)self);
     Py_XDECREF(self->control);
     Py_TYPE(self)->tp_free((PyObject *)self);
 }
@@ -406,7 +404,6 @@ static PyTypeObject SlotRefType = {
     .tp_dealloc = (destructor)SlotRef_dealloc,
     .tp_as_buffer = &SlotRef_as_buffer,
     .tp_repr = (reprfunc)SlotRef_repr,
-    .tp_weaklistoffset = offsetof(SlotRefObject, weakreflist),
 };
 
 /* A SlotRef over slot `slot`'s data, for the batch `tag` this process holds there. */
@@ -424,7 +421,6 @@ static PyObject *new_slot_ref(ControlObject *self, uint32_t slot, uint64_t tag) 
     ref->slot = slot;
     ref->tag = tag;
     ref->pid = this_pid;
-    ref->weakreflist = NULL;
     return (PyObject *)ref;
 }
 
