@@ -19,6 +19,7 @@
 #include <unistd.h>
 
 #include "gather.h"
+#include "kernels.h"
 #include "shmfeed_ctl.h"
 
 typedef struct {
@@ -180,8 +181,8 @@ static PyObject *Control_gather_batches(ControlObject *self, PyObject *args) {
             goto done;
         shmf_gather_leaf *lf = &leaves[held];
         const Py_buffer *v = &views[held];
-        lf->n_rows = stride < 1 || row_bytes < 1 || v->len < row_bytes
-                         ? 0 : (uint64_t)((v->len - row_bytes) / stride) + 1;
+        lf->n_rows = stride < 1 || row_bytes < 1
+                         ? 0 : shmf_rows_in((uint64_t)v->len, (uint64_t)stride, (uint64_t)row_bytes);
         /* Every row of the order must be readable, and every batch must fit its slot:
          * then no copy can fail (gather.h). */
         if (lf->n_rows < p.n_items || offset < 0 ||
@@ -201,13 +202,12 @@ static PyObject *Control_gather_batches(ControlObject *self, PyObject *args) {
     p.n_leaves = (uint32_t)n;
     p.leaves = leaves;
     uint32_t gen = 0, batch = 0;
-    uint64_t claimed_epoch = 0, built = 0;
+    uint64_t claimed_epoch = 0;
     shmf_status st;
     Py_BEGIN_ALLOW_THREADS
-    st = shmf_gather_batches(self->base, worker, &p, timeout_s, &gen, &claimed_epoch, &batch, &built);
+    st = shmf_gather_batches(self->base, worker, &p, timeout_s, &gen, &claimed_epoch, &batch);
     Py_END_ALLOW_THREADS
-    result = Py_BuildValue("iIKIK", (int)st, gen, (unsigned long long)claimed_epoch, batch,
-                           (unsigned long long)built);
+    result = Py_BuildValue("iIKI", (int)st, gen, (unsigned long long)claimed_epoch, batch);
 done:
     for (Py_ssize_t i = 0; i < held; i++) PyBuffer_Release(&views[i]);
     PyMem_Free(views);
@@ -495,7 +495,7 @@ static PyMethodDef Control_methods[] = {
     {"acquire", (PyCFunction)Control_acquire, METH_VARARGS, "acquire(worker, gen, batch, timeout_s) -> (status, slot)"},
     {"publish", (PyCFunction)Control_publish, METH_VARARGS, "publish(worker, slot, gen, batch, rows, state, busy_ns) -> status"},
     {"gather_batches", (PyCFunction)Control_gather_batches, METH_VARARGS,
-     "gather_batches(worker, timeout_s, order, epoch, key, leaves) -> (status, gen, epoch, batch, built): "
+     "gather_batches(worker, timeout_s, order, epoch, key, leaves) -> (status, gen, epoch, batch): "
      "build array batches of `epoch` in C until a claim needs Python (csrc/gather.h)"},
     {"take", (PyCFunction)Control_take, METH_VARARGS, "take(gen, batch, timeout_s) -> (status, state, rows, slot, SlotRef or None): the SlotRef releases the taken slot when freed"},
     {"release", (PyCFunction)Control_release, METH_VARARGS, "release(slot, tag) -> status"},

@@ -139,7 +139,7 @@ static PyObject *kernels_gather_rows(PyObject *Py_UNUSED(m), PyObject *args) {
         return NULL;
     }
     Py_ssize_t count = v[1].len / 8;
-    uint64_t n_rows = v[0].len < row_bytes ? 0 : (uint64_t)((v[0].len - row_bytes) / stride) + 1;
+    uint64_t n_rows = shmf_rows_in((uint64_t)v[0].len, (uint64_t)stride, (uint64_t)row_bytes);
     PyObject *r = NULL;
     if (count > v[2].len / row_bytes) {
         PyErr_Format(PyExc_ValueError, "out holds %zd rows of %zd bytes, %zd indices given",

@@ -38,10 +38,8 @@ static int fill(const shmf_gather_plan *p, char *slot_data, uint64_t rows) {
 }
 
 shmf_status shmf_gather_batches(void *base, uint32_t worker, const shmf_gather_plan *plan,
-                                double timeout_s, uint32_t *gen, uint64_t *epoch, uint32_t *batch,
-                                uint64_t *built) {
+                                double timeout_s, uint32_t *gen, uint64_t *epoch, uint32_t *batch) {
     shmf_header *h = shmf_hdr(base);
-    *built = 0;
     for (;;) {
         shmf_status st = shmf_claim_wait(base, worker, timeout_s, gen, epoch, batch);
         if (st != SHMF_OK || *epoch != plan->epoch) return st;
@@ -57,6 +55,5 @@ shmf_status shmf_gather_batches(void *base, uint32_t worker, const shmf_gather_p
             return SHMF_EINVAL;
         st = shmf_publish(base, worker, slot, *gen, *batch, rows, SHMF_READY, now_ns() - t0);
         if (st != SHMF_OK) return st;
-        (*built)++;
     }
 }

@@ -57,10 +57,8 @@ enum { SHMF_ORDER_NONE = 0, SHMF_ORDER_FULL = 1, SHMF_ORDER_BLOCK = 2 };
  * built (the caller builds it), SHMF_EPOCH_DONE, SHMF_TIMEOUT (nothing claimable within
  * timeout_s of waiting), SHMF_INTERRUPTED, SHMF_SHUTDOWN; or SHMF_EINVAL with the
  * batch's slot still FILLING, if a copy failed (the plan does not fit the ring: a bug;
- * the worker must exit, and its slot and claim are reclaimed).  *built: batches
- * published meanwhile. */
+ * the worker must exit, and its slot and claim are reclaimed). */
 shmf_status shmf_gather_batches(void *base, uint32_t worker, const shmf_gather_plan *plan,
-                                double timeout_s, uint32_t *gen, uint64_t *epoch, uint32_t *batch,
-                                uint64_t *built);
+                                double timeout_s, uint32_t *gen, uint64_t *epoch, uint32_t *batch);
 
 #endif

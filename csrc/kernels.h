@@ -1,9 +1,10 @@
 /*
  * shmfeed's hot loops outside the control block: pure functions over plain arrays.
  *
- * Plain C11, no Python.h (the CPython binding is _kernels.c).  Nothing here
- * allocates, locks or keeps state between calls; every function returns an
- * shmf_kstatus and writes only its output array.
+ * Plain C11, no Python.h (the CPython binding is _kernels.c; _core.c's worker loop
+ * for array sources calls the same kernels).  Nothing here allocates, locks or keeps
+ * state between calls; every kernel returns an shmf_kstatus and writes only its
+ * output array.
  *
  * Epoch order.  The position -> sample map of an epoch is a keyed bijection on
  * [0, n), computed per position in O(1) memory for any n up to SHMF_ORDER_MAX_N:
@@ -62,6 +63,12 @@ shmf_kstatus shmf_permute(uint64_t n, uint64_t key, const int64_t *positions, in
 /* The block order: blocks of `block` samples permuted, and samples within each. */
 shmf_kstatus shmf_block_permute(uint64_t n, uint64_t block, uint64_t key,
                                 const int64_t *positions, int64_t *out, size_t count);
+
+/* How many whole rows a source of `src_bytes` bytes holds, row i being the `row_bytes`
+ * bytes at i * src_stride (both >= 1): what shmf_gather_rows takes as n_rows. */
+static inline uint64_t shmf_rows_in(uint64_t src_bytes, uint64_t src_stride, uint64_t row_bytes) {
+    return src_bytes < row_bytes ? 0 : (src_bytes - row_bytes) / src_stride + 1;
+}
 
 /* Copy rows idx[0..count) of a source whose row i is the `row_bytes` bytes at
  * src + i * src_stride (rows may overlap: windows over a token stream), i in

@@ -197,7 +197,7 @@ class Control:
         a claim it builds itself (another epoch's batch, or one C left), the end of the
         epoch, or None when the wait ran out.  Raises PoolShutdown."""
         order, leaves = plan
-        st, gen, claimed_epoch, batch, _built = self._c.gather_batches(
+        st, gen, claimed_epoch, batch = self._c.gather_batches(
             worker, timeout_s, order, epoch, key, leaves)
         if st == _TIMEOUT or st == _INTERRUPTED:
             return None
