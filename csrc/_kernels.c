@@ -169,19 +169,21 @@ static PyObject *kernels_gather_rows(PyObject *Py_UNUSED(m), PyObject *args) {
     return r;
 }
 
-/* stack_rows(out, rows, array_type, format, shape): row k of out = the bytes of rows[k],
+/* stack_rows(out, rows, array_type, format, shape, stream=False): row k of out = the bytes of rows[k],
  * for each rows[k] that is an `array_type` (numpy.ndarray, or a subclass: a memmap's
  * rows are np.memmap), C-contiguous, of
  * struct format `format` and shape `shape`; stops at the first that is not and returns
  * its position (rows before it are written), or -1 when every row was written.  The
  * caller checks, converts or rejects the rest in Python, naming the sample.  Not a
  * kernel of kernels.c: it reads Python objects, so it runs with the GIL (32 rows of a
- * batch are microseconds of copying). */
+ * batch are microseconds of copying).  `stream`: copy with non-temporal stores
+ * (shmf_copy_stream), for the rows of a slot too large to stay in cache until read. */
 static PyObject *kernels_stack_rows(PyObject *Py_UNUSED(m), PyObject *args) {
     PyObject *out_obj, *rows, *array_type, *shape;
     const char *want_fmt;
-    if (!PyArg_ParseTuple(args, "OO!OsO!", &out_obj, &PyTuple_Type, &rows, &array_type, &want_fmt,
-                          &PyTuple_Type, &shape))
+    int stream = 0;
+    if (!PyArg_ParseTuple(args, "OO!OsO!|p", &out_obj, &PyTuple_Type, &rows, &array_type, &want_fmt,
+                          &PyTuple_Type, &shape, &stream))
         return NULL;
     Py_ssize_t ndim = PyTuple_GET_SIZE(shape);
     Py_ssize_t dims[8];
@@ -205,7 +207,10 @@ static PyObject *kernels_stack_rows(PyObject *Py_UNUSED(m), PyObject *args) {
         for (Py_ssize_t d = 0; ok && d < ndim; d++) ok = v.shape[d] == dims[d];
         if (ok && row_bytes < 0) row_bytes = v.len;
         ok = ok && v.len == row_bytes && (k + 1) * row_bytes <= out.len;
-        if (ok) memcpy((char *)out.buf + k * row_bytes, v.buf, (size_t)row_bytes);
+        if (ok && stream)
+            shmf_copy_stream((char *)out.buf + k * row_bytes, v.buf, (size_t)row_bytes);
+        else if (ok)
+            memcpy((char *)out.buf + k * row_bytes, v.buf, (size_t)row_bytes);
         PyBuffer_Release(&v);
         if (!ok) break;
     }
@@ -215,9 +220,10 @@ static PyObject *kernels_stack_rows(PyObject *Py_UNUSED(m), PyObject *args) {
 
 static PyMethodDef kernels_methods[] = {
     {"stack_rows", kernels_stack_rows, METH_VARARGS,
-     "stack_rows(out, rows, array_type, format, shape): copy each row (an array_type, "
-     "C-contiguous, of that struct format and shape) into out's rows in turn; -1 when all were "
-     "copied, else the position of the first that was not"},
+     "stack_rows(out, rows, array_type, format, shape, stream=False): copy each row (an "
+     "array_type, C-contiguous, of that struct format and shape) into out's rows in turn "
+     "(with non-temporal stores if `stream`); -1 when all were copied, else the position of "
+     "the first that was not"},
     {"gather_rows", kernels_gather_rows, METH_VARARGS,
      "gather_rows(src, src_stride, row_bytes, indices, out): out's rows k = src bytes "
      "[indices[k] * src_stride, + row_bytes), for int64 indices (large gathers bypass the cache)"},

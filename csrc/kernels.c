@@ -235,6 +235,13 @@ static void copy_row_stream(char *dst, const char *src, size_t n) {
 #endif
 }
 
+void shmf_copy_stream(void *dst, const void *src, size_t n) {
+    copy_row_stream(dst, src, n);
+#if defined(__SSE2__)
+    _mm_sfence();
+#endif
+}
+
 shmf_kstatus shmf_gather_rows(const void *src, uint64_t n_rows, size_t src_stride, size_t row_bytes,
                               const int64_t *idx, size_t count, void *dst) {
     for (size_t i = 0; i < count; i++)

@@ -70,6 +70,11 @@ static inline uint64_t shmf_rows_in(uint64_t src_bytes, uint64_t src_stride, uin
     return src_bytes < row_bytes ? 0 : (src_bytes - row_bytes) / src_stride + 1;
 }
 
+/* Copy n bytes from src to dst with non-temporal stores where the CPU has them (the
+ * copy of a large slot's rows: see SHMF_STREAM_MIN_BYTES), fenced, so that the stores
+ * are visible before the caller publishes the slot. */
+void shmf_copy_stream(void *dst, const void *src, size_t n);
+
 /* Copy rows idx[0..count) of a source whose row i is the `row_bytes` bytes at
  * src + i * src_stride (rows may overlap: windows over a token stream), i in
  * [0, n_rows), one after another into dst (count * row_bytes bytes).  Every index is

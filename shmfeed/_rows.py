@@ -1,7 +1,8 @@
 """Writing the samples of a batch into a slot: the per-sample path's last step, after
 `__getitem__` gave each sample and the spec's flattener its leaves.
 
-A batch is written a leaf at a time.  Rows that are C-contiguous ndarrays (or memmaps) of
+A batch of small samples is written a leaf at a time (`write_samples`); one of large
+samples a sample at a time, as each is made (`write_row`; see _build.py for why).  Rows that are C-contiguous ndarrays (or memmaps) of
 the leaf's exact format and shape (the usual case) are checked and copied in one C loop
 (`_kernels.stack_rows`); otherwise the leaf's rows are checked together (types, dtypes
 and shapes compared as sets) and copied with one numpy call, so a batch costs a few
@@ -38,13 +39,15 @@ def _arrays_ok(col: tuple, leaf: Leaf) -> bool:
     return set(map(_dtype_of, col)) == {leaf.dtype} and set(map(_shape_of, col)) == {leaf.shape}
 
 
-def write_leaf(view: np.ndarray, col: tuple, leaf: Leaf, items: list[int]) -> None:
+def write_leaf(view: np.ndarray, col: tuple, leaf: Leaf, items: list[int], stream: bool = False) -> None:
+    """Write rows `col` (source indices `items`) into `view`'s first rows; `stream`: with
+    non-temporal stores (see csrc/kernels.h SHMF_STREAM_MIN_BYTES)."""
     n = len(col)
     if leaf.pytype is not None and set(map(type, col)) == {leaf.pytype}:
         view[:n] = col  # Python scalars: converted in one C call
         return
     if (leaf.shape and not leaf.dtype.hasobject
-            and _stack_rows(view, col, np.ndarray, _buffer_format(leaf.dtype), leaf.shape) < 0):
+            and _stack_rows(view, col, np.ndarray, _buffer_format(leaf.dtype), leaf.shape, stream) < 0):
         return  # every row an ndarray of the leaf's exact layout: copied in one C loop
     if not _arrays_ok(col, leaf):
         # Raises, naming the sample, unless x fits as is or converts (a tensor, an image).
@@ -55,6 +58,14 @@ def write_leaf(view: np.ndarray, col: tuple, leaf: Leaf, items: list[int]) -> No
         np.concatenate(col, axis=0, out=target, casting="no")
     else:
         view[:n] = col
+
+
+def write_row(spec: Spec, views: list[np.ndarray], row: int, leaves: list, index: int,
+              stream: bool) -> None:
+    """Write one sample (its flattened `leaves`; `index` names it in an error) into row
+    `row` of `views`: the path of large samples, written while they are still in cache."""
+    for view, x, leaf in zip(views, leaves, spec.leaves):
+        write_leaf(view[row : row + 1], (x,), leaf, [index], stream)
 
 
 def write_samples(spec: Spec, views: list[np.ndarray], samples: list[list], items: list[int]) -> None:

@@ -114,3 +114,101 @@ def test_per_sample_rows_of_mixed_layouts_come_out_right(num_workers):
         got = np.concatenate([b.copy() for b in loader])
     want = np.stack([Mixed()[i] for i in range(40)])
     np.testing.assert_array_equal(got, want)
+
+
+# -- large samples: written a sample at a time, as each is made (_build.ROW_AT_A_TIME_MIN_BYTES) --
+class Large:
+    """Fresh ~150 KB samples (as a decoder or `np.array(mm[r])` gives them), one in seven
+    of them not contiguous, every tenth label a numpy scalar: the row path's checks."""
+
+    def __len__(self):
+        return 40
+
+    def __getitem__(self, i):
+        x = np.full((100, 128, 3), i % 251, np.uint32)
+        x[0, 0, 0] = i
+        if i % 7 == 3:
+            x = np.ascontiguousarray(x)[:, ::-1]
+        return {"x": x, "y": np.int64(i) if i % 10 == 5 else i}
+
+
+@pytest.mark.parametrize("num_workers", [0, 2])
+def test_large_samples_written_as_they_are_made_come_out_as_stacked(num_workers):
+    from shmfeed import _build
+
+    x = Large()[0]["x"]  # the row path runs:
+    assert 16 * x.nbytes >= _build.ROW_AT_A_TIME_MIN_BYTES and x.nbytes >= _build.ROW_AT_A_TIME_MIN_ROW_BYTES
+    with shmfeed.Loader(Large(), batch_size=16, num_workers=num_workers, shuffle=True, seed=3) as loader:
+        for _ in range(2):
+            seen = []
+            for b in loader:
+                want = [Large()[int(i)] for i in b["y"]]
+                np.testing.assert_array_equal(b["x"], np.stack([w["x"] for w in want]))
+                seen += b["y"].tolist()
+            assert sorted(seen) == list(range(40))
+
+
+@pytest.mark.parametrize("bad_index", [16, 21])  # the first and a middle row of batch 1
+def test_a_large_sample_that_does_not_fit_names_its_sample_and_field(bad_index):
+    class Bad(Large):
+        def __getitem__(self, i):
+            s = super().__getitem__(i)
+            if i == bad_index:
+                s["x"] = s["x"][:50]
+            return s
+
+    with shmfeed.Loader(Bad(), batch_size=16, num_workers=0) as loader:
+        with pytest.raises(shmfeed.SpecError, match=rf"sample {bad_index}, field \['x'\]: got shape \(50, 128, 3\)"):
+            list(loader)
+
+
+def test_a_large_sample_that_raises_is_named_with_its_index():
+    class Raises(Large):
+        def __getitem__(self, i):
+            if i == 21:
+                raise ValueError("unreadable record")
+            return super().__getitem__(i)
+
+    with shmfeed.Loader(Raises(), batch_size=16, num_workers=1) as loader:
+        with pytest.raises(shmfeed.WorkerError, match=r"sample index 21") as info:
+            list(loader)
+    assert isinstance(info.value.__cause__, ValueError)
+
+
+def test_large_fresh_samples_do_not_fault_in_every_batch():
+    """The 4x regression of issue 24: 64 fresh 150 KB samples kept alive until the batch
+    was written grew glibc's heap past its trim threshold, so every page of every batch
+    faulted in again (~2,400 minor faults a batch).  Written as they are made, the
+    same cache-hot memory is reused: a handful a batch."""
+    import resource
+
+    class Fresh:
+        def __len__(self):
+            return 64 * 40
+
+        def __getitem__(self, i):
+            return {"x": np.full((224, 224, 3), i % 256, np.uint8), "y": i}
+
+    with shmfeed.Loader(Fresh(), batch_size=64, num_workers=0) as loader:
+        it = iter(loader)
+        for _ in range(5):  # warm: the ring's pages, the allocator
+            next(it)
+        before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+        for _ in range(30):
+            next(it)
+        faults = (resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before) / 30
+        del it
+    assert faults < 200, f"{faults:.0f} minor page faults per 9.6 MB batch (a page is 4 KB: 2,352 a batch)"
+
+
+def test_stack_rows_with_streaming_stores_copies_every_byte():
+    from shmfeed._kernels import stack_rows
+
+    rng = np.random.default_rng(0)
+    for n in (1, 15, 16, 63, 64, 65, 1000, 150_531):  # around the 16-byte and 64-byte steps
+        rows = [rng.integers(0, 256, n, dtype=np.uint8) for _ in range(3)]
+        out = np.zeros(3 * n + 7, np.uint8)
+        view = out[5 : 5 + 3 * n].reshape(3, n)  # a destination that is not 16-byte aligned
+        assert stack_rows(view, tuple(rows), np.ndarray, "B", (n,), True) == -1
+        np.testing.assert_array_equal(view, np.stack(rows))
+        assert not out[:5].any() and not out[5 + 3 * n :].any()  # nothing around it

@@ -105,7 +105,7 @@ class Workload:
     name: str
     data: DataFile
     batch_size: int  # default; for `batchlevel`, the rows of each source batch
-    work: str  # "none" | "augment" | "compute" | "decode"
+    work: str  # "none" | "copy" | "copy-flip" | "augment" | "compute" | "decode"
     batch_level: bool
     about: str
     arrays: str | None = None  # "rows": Arrays over the file; "windows": Windows over it
@@ -117,6 +117,12 @@ class Workload:
 WORKLOADS: dict[str, Workload] = {w.name: w for w in [
     Workload("transport", IMAGES, 64, "none", False,
              "224x224x3 uint8 samples from a memory-mapped file, no work (batch 64: 9.6 MB)"),
+    Workload("samples-large", IMAGES, 64, "copy", False,
+             "224x224x3 uint8 samples returned as FRESH arrays (`np.array(mm[r])`, as a decoder or "
+             "a reader would), no other work (batch 64: 9.6 MB)"),
+    Workload("samples-large-flip", IMAGES, 64, "copy-flip", False,
+             "samples-large plus a random horizontal flip per sample (a second fresh array, half "
+             "the time), drawn from the sample's keyed RNG"),
     Workload("images", IMAGES, 64, "augment", False,
              f"224x224x3 uint8 samples, random {CROP}x{CROP} crop, flip and normalise to float32 "
              "with the sample's keyed RNG"),
@@ -379,7 +385,11 @@ class SampleSource:
         if not 0 <= i < self.length:
             raise IndexError(f"sample {i} out of range [0, {self.length})")
         x = data[i % self._rows]
-        if self.work == "augment":
+        if self.work.startswith("copy"):
+            x = np.array(x)
+            if self.work == "copy-flip" and sample_rng(self.seed, i).random() < 0.5:
+                x = np.ascontiguousarray(x[:, ::-1])
+        elif self.work == "augment":
             x = augment(x, sample_rng(self.seed, i))
         elif self.work == "compute":
             x = compute(x)
