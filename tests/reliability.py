@@ -216,6 +216,21 @@ FAULTS = [
           "RSS of training process and workers flat (< 5 % growth after warm-up), fds and "
           "children constant", "run time",
           "test_stress.py::test_soak_memory_fds_and_children_stay_flat"),
+    Fault("state_pickle_payload", "A checkpoint edited to run code on loading",
+          "the state's `source` field replaced by a pickle (or an object-dtype array of one) "
+          "whose loading would create a file",
+          "`SpecError` naming `source`; nothing is unpickled, the file is never created", "",
+          "test_resume.py::test_an_edited_checkpoint_with_a_pickle_payload_runs_no_code"),
+    Fault("state_fuzz", "Malformed resume states",
+          "hypothesis: each field of a real state (with the tutorial generator's attributes) "
+          "replaced by an odd value or deleted, 300 cases",
+          "the state loads, or a `ShmfeedError` names the field; no other exception, the source "
+          "untouched", "",
+          "test_resume.py::test_a_malformed_state_is_a_shmfeed_error_naming_the_field"),
+    Fault("state_not_data", "A hooked source with an attribute that is not data",
+          "a `threading.Lock` attribute, then `state_dict()`",
+          "`SpecError` naming `source.lock`, with the remedy (`state_dict`/`load_state_dict`)", "",
+          "test_resume.py::test_state_of_a_hooked_source_that_is_not_data_names_the_attribute"),
 ]
 BY_KEY = {f.key: f for f in FAULTS}
 
