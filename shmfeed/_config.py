@@ -36,6 +36,7 @@ START_METHODS = ("auto", "fork", "forkserver", "spawn")
 REQUIRED: Any = object()  # the default of options a caller must give
 MAX_NICE = 19
 MAX_BATCHES = 0xFFFFFFFF  # batch numbers are the low 32 bits of a tag; this one is reserved
+MAX_SLOTS = 0xFFFFFFFE  # slot numbers are 32-bit, and 0xFFFFFFFF means "no slot"
 
 
 @dataclass(frozen=True)
@@ -188,6 +189,8 @@ def build(source: Any, *, batch_size: Any, num_workers: Any, shuffle: Any, shuff
     elif num_slots is None:
         num_slots = default_num_slots(num_workers, spec.slot_bytes)
     num_slots = check_int("num_slots", num_slots, 2)
+    if num_slots > MAX_SLOTS:
+        raise SpecError(f"`num_slots` must be <= {MAX_SLOTS} (slot numbers are 32-bit), got {num_slots}")
     check_memory(ring_bytes(num_slots, max_workers, spec.slot_bytes), num_slots, spec.slot_bytes)
     return Config(order=order, spec=spec, n_slots=num_slots, num_workers=num_workers,
                   max_restarts=max_restarts, seed_global_rngs=seed_global_rngs,
@@ -243,7 +246,7 @@ def default_num_slots(num_workers: int, slot_bytes: int) -> int:
 
 def slots_within(budget_bytes: int, max_workers: int, slot_bytes: int) -> int:
     """The most slots whose whole ring (see `ring_bytes`) fits `budget_bytes`."""
-    hi = budget_bytes // slot_bytes
+    hi = min(budget_bytes // slot_bytes, MAX_SLOTS)
     lo = 0
     while lo < hi:  # ring_bytes grows with n: bisect for the largest n that fits
         mid = (lo + hi + 1) // 2

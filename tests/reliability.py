@@ -231,6 +231,20 @@ FAULTS = [
           "a `threading.Lock` attribute, then `state_dict()`",
           "`SpecError` naming `source.lock`, with the remedy (`state_dict`/`load_state_dict`)", "",
           "test_resume.py::test_state_of_a_hooked_source_that_is_not_data_names_the_attribute"),
+    Fault("ring_too_big", "A ring far beyond memory",
+          "`num_slots=10**8`, `num_slots=2**40`, `memory_budget_bytes=2**50`",
+          "`RingMemoryError`/`SpecError` naming `num_slots`, decided arithmetically: < 0.5 s and "
+          "<= 1 MB allocated (it took 6 s and 3.9 GB)", "",
+          "test_edges.py::test_a_ring_too_big_is_refused_in_milliseconds_before_any_memory_is_spent"),
+    Fault("epoch_64_bits", "An epoch beyond 64 bits",
+          "`set_epoch(2**64 + 3)`, a state with that epoch, iterating past epoch 2^64-1",
+          "`SpecError` naming `epoch` (it gave epoch 3's batches); past the last epoch a "
+          "`ShmfeedError`", "",
+          "test_edges.py::test_an_epoch_beyond_64_bits_is_refused_not_wrapped_to_a_small_one"),
+    Fault("padded_overflow", "A padded shape beyond what numpy holds",
+          "`padded_shapes=(2**64,)` and `(2**62,)`",
+          "`SpecError` naming `padded_shapes` and the byte count (it was an `OverflowError`)", "",
+          "test_edges.py::test_a_padded_shape_beyond_what_numpy_holds_is_a_spec_error_not_an_overflow"),
 ]
 BY_KEY = {f.key: f for f in FAULTS}
 
