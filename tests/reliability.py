@@ -245,6 +245,42 @@ FAULTS = [
           "`padded_shapes=(2**64,)` and `(2**62,)`",
           "`SpecError` naming `padded_shapes` and the byte count (it was an `OverflowError`)", "",
           "test_edges.py::test_a_padded_shape_beyond_what_numpy_holds_is_a_spec_error_not_an_overflow"),
+    Fault("bench_data_dir", "`shmfeed bench` with a data folder it cannot use",
+          "`--data-dir /dev/null`",
+          "one line naming the folder and the error, `--data-dir`/`$SHMFEED_BENCH_DATA` as the fix; "
+          "exit 2, no traceback", "",
+          "test_cli.py::test_a_data_dir_that_is_a_file_is_one_line_not_a_traceback"),
+    Fault("bench_cache_dir", "`shmfeed bench` with an unwritable default cache folder",
+          "`$XDG_CACHE_HOME` under a file", "as above", "",
+          "test_cli.py::test_an_unwritable_default_cache_folder_is_one_line_not_a_traceback"),
+    Fault("bench_read_only", "`shmfeed bench` with a read-only data folder",
+          "a read-only tmpfs mounted in a private mount namespace (skipped where none can be made)",
+          "as above, naming `Read-only file system`", "",
+          "test_cli.py::test_a_read_only_data_dir_is_one_line"),
+    Fault("bench_too_big", "`shmfeed bench` batches or ring beyond memory",
+          "`--batch-size 1000000000`, `--slots 1000000000` (and `1e9`, `10000000000`)",
+          "one line with the batch and ring sizes, the limit and `Lower --batch-size or --slots`; "
+          "exit 2 before anything is allocated (it allocated for minutes, or a numpy traceback)", "",
+          "test_cli.py::test_batches_or_a_ring_beyond_memory_are_refused_before_allocating"),
+    Fault("bench_64mb", "`shmfeed bench` in a 64 MB container",
+          "`RLIMIT_AS` 64 MB above what the CLI has mapped (the check that reads the cgroup limit too)",
+          "one line naming `RLIMIT_AS`, exit 2", "",
+          "test_cli.py::test_a_ring_beyond_a_64_mb_memory_limit_is_one_line"),
+    Fault("bench_dev_shm", "`/dev/shm` unusable or 1 MB",
+          "a read-only (or 1 MB) tmpfs on /dev/shm in a private mount namespace, `--compare pickle` "
+          "(and the torch check)",
+          "shmfeed runs (its ring is a memfd); a peer that needs /dev/shm is one line naming it and "
+          "`--shm-size`, exit 2", "",
+          "test_cli.py::test_a_dev_shm_a_peer_cannot_use_is_one_line_and_shmfeed_runs_without_it"),
+    Fault("slow_unpickle", "A source slow to unpickle in a spawned pool",
+          "`__setstate__` sleeps 1.5 s in the supervisor, `timeout_s=0.5`",
+          "every batch delivered: the pool's start does not count towards `timeout_s` (it was "
+          "\"no worker had claimed it\")", "",
+          "test_edges.py::test_a_pool_slow_to_unpickle_the_source_is_not_timed_out_as_a_stuck_worker"),
+    Fault("never_started", "A pool that never finishes starting",
+          "`__setstate__` sleeps 60 s, the startup bound lowered to 1 s",
+          "`WorkerError` saying the pool is still starting, with the remedy", "",
+          "test_edges.py::test_a_pool_that_never_finishes_starting_is_reported_as_starting"),
 ]
 BY_KEY = {f.key: f for f in FAULTS}
 

@@ -552,3 +552,28 @@ def test_a_padded_shape_beyond_what_numpy_holds_is_a_spec_error_not_an_overflow(
     for shape in ((2**64,), (2**62,)):
         with pytest.raises(shmfeed.SpecError, match="`padded_shapes`.*numpy array holds at most"):
             shmfeed.Loader(Ragged(), batch_size=2, num_workers=0, padded_shapes=shape)
+
+
+def test_a_pool_slow_to_unpickle_the_source_is_not_timed_out_as_a_stuck_worker():
+    """A spawned pool's supervisor unpickling the source for 1.5 s, `timeout_s=0.5`: it
+    used to fail with "no worker had claimed it"; the start does not count."""
+    from _sources import SlowToUnpickle
+
+    with shmfeed.Loader(SlowToUnpickle(1.5), batch_size=4, num_workers=1, start_method="spawn",
+                        timeout_s=0.5) as loader:
+        assert [int(b[0, 0]) for b in loader] == [0, 4, 8, 12]
+
+
+def test_a_pool_that_never_finishes_starting_is_reported_as_starting(monkeypatch):
+    from _sources import SlowToUnpickle
+
+    from shmfeed import _consumer
+
+    monkeypatch.setattr(_consumer, "STARTUP_TIMEOUT_S", 1.0)  # instead of 600 s
+    with shmfeed.Loader(SlowToUnpickle(60.0), batch_size=4, num_workers=1, start_method="spawn",
+                        timeout_s=0.3) as loader:
+        t0 = time.monotonic()
+        with pytest.raises(shmfeed.WorkerError, match="still starting") as exc:
+            next(iter(loader))
+        assert "no worker had claimed" not in str(exc.value)
+        assert time.monotonic() - t0 < 10
