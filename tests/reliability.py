@@ -281,6 +281,21 @@ FAULTS = [
           "`__setstate__` sleeps 60 s, the startup bound lowered to 1 s",
           "`WorkerError` saying the pool is still starting, with the remedy", "",
           "test_edges.py::test_a_pool_that_never_finishes_starting_is_reported_as_starting"),
+    Fault("stream_make_changes", "A `Stream` whose `make` gives other samples when called again",
+          "`make` orders each shard by an unseeded RNG (the reading pid); SIGKILL of a worker after "
+          "6 batches (and the same with a steady `make`)",
+          "`SpecError` \"gave other samples when called again\" in batch order, nothing repeated before "
+          "it (it lost and repeated samples silently); a steady `make` delivers every sample once", "",
+          "test_streams.py::test_a_make_that_gives_other_samples_when_called_again_is_caught_after_a_kill"),
+    Fault("stream_ignores_shard", "A `Stream` whose `make` ignores its shard index",
+          "every shard is the whole stream",
+          "`SpecError` at construction: the first two shards start alike, the stream would come "
+          "`num_shards` times", "",
+          "test_streams.py::test_a_make_that_ignores_its_shard_index_is_refused"),
+    Fault("stream_error_names", "An exception in a shard of a `Stream`",
+          "`raise ValueError` at sample 7 of shard 2, `num_workers` 0 and 2",
+          "`WorkerError` \"... at sample 7 of shard 2\" (it said \"sample index 8589934599\")", "",
+          "test_streams.py::test_an_error_in_a_shard_names_the_sample_and_shard_not_an_internal_key"),
 ]
 BY_KEY = {f.key: f for f in FAULTS}
 
