@@ -23,8 +23,8 @@ A state is data that people copy between machines: loading one never unpickles o
 evaluates anything.  Attributes are written as JSON scalars and lists, with tagged
 one-key dicts for the rest: `{"tuple": [...]}`, `{"dict": [[key, value], ...]}` (keys
 of any of these kinds, e.g. the int IDs of a labels dict), `{"ndarray": {"dtype",
-"shape", "data"}}` (base64 bytes, read back with `np.frombuffer`) and `{"scalar":
-{"dtype", "data"}}` for numpy scalars; `state_dict()` refuses, naming the attribute,
+"shape", "data"}}` (base64 bytes, read back with `np.frombuffer`), `{"scalar":
+{"dtype", "data"}}` for numpy scalars and `{"path": "..."}` for a `pathlib` path; `state_dict()` refuses, naming the attribute,
 anything else.  Every field of a state is checked on loading, and a malformed one is a
 `SpecError` naming it (numpy integers are taken where an int is expected).
 """
@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import pathlib
 import reprlib
 from typing import Any
 
@@ -149,6 +150,8 @@ def encode(value: Any, path: str, owner: str, depth: int = 0) -> Any:
     if type(value) is dict:
         return {"dict": [[encode(k, f"{path} (a key)", owner, depth + 1),
                           encode(v, f"{path}[{k!r}]", owner, depth + 1)] for k, v in value.items()]}
+    if isinstance(value, pathlib.PurePath):  # a data folder, say
+        return {"path": str(value)}
     if type(value) is np.ndarray or isinstance(value, np.generic):
         dtype = value.dtype
         if dtype.hasobject or dtype.fields is not None or dtype.subdtype is not None:
@@ -157,7 +160,7 @@ def encode(value: Any, path: str, owner: str, depth: int = 0) -> Any:
         if isinstance(value, np.generic):
             return {"scalar": {"dtype": dtype.str, "data": data}}
         return {"ndarray": {"dtype": dtype.str, "shape": list(value.shape), "data": data}}
-    raise _unwritable(path, owner, value, "it is not a number, string, list, tuple, dict or numpy array")
+    raise _unwritable(path, owner, value, "it is not a number, string, list, tuple, dict, path or numpy array")
 
 
 def _unwritable(path: str, owner: str, value: Any, why: str) -> SpecError:
@@ -195,6 +198,8 @@ def decode(data: Any, path: str, depth: int = 0) -> Any:
                 raise _malformed(f"{path}.dict[{i}][0]", f"a key cannot be a {type(key).__name__}") from None
             out[key] = decode(pair[1], f"{path}.dict[{i}][1]", depth + 1)
         return out
+    if tag == "path" and isinstance(body, str):
+        return pathlib.Path(body)
     if tag in ("ndarray", "scalar") and isinstance(body, dict):
         return _array(body, f"{path}.{tag}", tag == "scalar")
     raise _malformed(path, f"unknown tag {_short(tag)} with {type(body).__name__}")

@@ -12,6 +12,7 @@ import base64
 import json
 import os
 import pickle
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -231,6 +232,7 @@ class _Attributes:
         self.things = {"ints": [1, 2], (3, "a"): (np.float32(0.5), None, True, "text"), 7: 2.5}
         self.table = np.arange(12, dtype=np.uint16).reshape(3, 4)
         self.empty = np.zeros((0, 3), "<U4")
+        self.folder = Path("/data/shards")
 
     def __len__(self):
         return 2
@@ -254,6 +256,7 @@ def test_source_attributes_of_every_kind_round_trip_through_json():
         assert got.things == saved[0] and type(got.things[(3, "a")][0]) is np.float32
         assert got.table.dtype == np.uint16 and (got.table == saved[1]).all()
         assert got.empty.shape == (0, 3) and got.empty.dtype == saved[2].dtype
+        assert got.folder == Path("/data/shards")
         got.table += 1  # writable, as the source had it
 
 
