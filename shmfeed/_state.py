@@ -24,8 +24,8 @@ evaluates anything.  Attributes are written as JSON scalars and lists, with tagg
 one-key dicts for the rest: `{"tuple": [...]}`, `{"dict": [[key, value], ...]}` (keys
 of any of these kinds, e.g. the int IDs of a labels dict), `{"ndarray": {"dtype",
 "shape", "data"}}` (base64 bytes, read back with `np.frombuffer`), `{"scalar":
-{"dtype", "data"}}` for numpy scalars and `{"path": "..."}` for a `pathlib` path; `state_dict()` refuses, naming the attribute,
-anything else.  Every field of a state is checked on loading, and a malformed one is a
+{"dtype", "data"}}` for numpy scalars and `{"path": "..."}` for a `pathlib` path;
+`state_dict()` refuses, naming the attribute, anything else.  Every field of a state is checked on loading, and a malformed one is a
 `SpecError` naming it (numpy integers are taken where an int is expected).
 """
 
