@@ -449,7 +449,7 @@ def test_a_ring_beyond_a_64_mb_memory_limit_is_one_line(data_dir):
     _one_line_exit_2(proc.returncode, proc.stderr, "RLIMIT_AS", "Lower --batch-size or --slots")
 
 
-def _in_mount_namespace(script: str, tmp_path) -> subprocess.CompletedProcess:
+def _in_mount_namespace(script: str) -> subprocess.CompletedProcess:
     """Run `script` (sh) in a private mount namespace: its mounts vanish with it."""
     if shutil.which("unshare") is None:
         pytest.skip("no unshare here")
@@ -476,11 +476,11 @@ def test_a_read_only_data_dir_is_one_line(tmp_path):
     ro = tmp_path / "ro"
     ro.mkdir()
     proc = _in_mount_namespace(f"mount -t tmpfs -o ro,size=1m none {ro}\n"
-                               f"{_cli_line('--data-dir', str(ro / 'data'))}", tmp_path)
+                               f"{_cli_line('--data-dir', str(ro / 'data'))}")
     _one_line_exit_2(proc.returncode, proc.stderr, "Read-only file system", "--data-dir")
 
 
-def test_a_dev_shm_a_peer_cannot_use_is_one_line_and_shmfeed_runs_without_it(data_dir, tmp_path):
+def test_a_dev_shm_a_peer_cannot_use_is_one_line_and_shmfeed_runs_without_it(data_dir):
     """shmfeed's ring is a memfd: a read-only or 1 MB /dev/shm is no matter to it, but
     `Pool.imap` needs its semaphores there, and torch every batch in flight."""
     check = ("from shmfeed._bench.runner import BenchOptions, SetupError, check_shm\n"
@@ -493,7 +493,7 @@ def test_a_dev_shm_a_peer_cannot_use_is_one_line_and_shmfeed_runs_without_it(dat
         f"{_cli_line('--data-dir', str(data_dir), '--compare', 'pickle')} || echo rc=$?\n"
         f"{_cli_line('--data-dir', str(data_dir), '--compare', 'none')} >/dev/null\n"
         "mount -o remount,rw /dev/shm\n"
-        f"{shlex.quote(sys.executable)} -c {shlex.quote(check)}\n", tmp_path)
+        f"{shlex.quote(sys.executable)} -c {shlex.quote(check)}\n")
     assert proc.returncode == 0, proc.stderr
     assert "rc=2" in proc.stdout, proc.stdout
     _one_line_exit_2(2, proc.stderr, "/dev/shm is missing or not writable", "--compare")
