@@ -539,6 +539,19 @@ static PyObject *core_layout(PyObject *Py_UNUSED(m), PyObject *args) {
                          (Py_ssize_t)shmf_data_offset(n_slots, max_workers));
 }
 
+/* data_offset(n_slots, max_workers): where slot data starts, computed without building
+ * the per-slot list layout() returns, so that any ring size is checked before anything
+ * of its size is made.  Counts beyond 32 bits are refused, not truncated. */
+static PyObject *core_data_offset(PyObject *Py_UNUSED(m), PyObject *args) {
+    unsigned long long n_slots, max_workers;
+    if (!PyArg_ParseTuple(args, "KK", &n_slots, &max_workers)) return NULL;
+    if (n_slots > UINT32_MAX || max_workers > UINT32_MAX) {
+        PyErr_SetString(PyExc_OverflowError, "n_slots and max_workers must fit 32 bits");
+        return NULL;
+    }
+    return PyLong_FromSize_t(shmf_data_offset((uint32_t)n_slots, (uint32_t)max_workers));
+}
+
 static PyObject *core_address(PyObject *Py_UNUSED(m), PyObject *obj) {
     Py_buffer view;
     if (PyObject_GetBuffer(obj, &view, PyBUF_SIMPLE) < 0) return NULL;
@@ -564,6 +577,7 @@ static PyObject *core_unmap(PyObject *Py_UNUSED(m), PyObject *args) {
 }
 
 static PyMethodDef core_methods[] = {
+    {"data_offset", core_data_offset, METH_VARARGS, "data_offset(n_slots, max_workers) -> offset of the slot data"},
     {"layout", core_layout, METH_VARARGS, "layout(n_slots, max_workers) -> offsets of reports, fatal message and data"},
     {"address", core_address, METH_O, "address(buffer) -> address of its first byte"},
     {"unmap", core_unmap, METH_VARARGS, "unmap(address, length): munmap an inherited ring"},

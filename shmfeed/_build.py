@@ -132,6 +132,11 @@ class Builder:
             del sample  # before the next one is made: its memory is then reused, still in cache
         return len(items)
 
+    def describe_item(self, item: int) -> str | None:
+        """How an error names `current_item` when its index alone would not say it
+        (a stream's sample: "sample 7 of shard 2"); None: by its index."""
+        return None
+
     def write_rows(self, slot: int, flat: list, names: list, bucket: int | None = None) -> int:
         """Write a batch's flattened samples into `slot` (padded, at `bucket`'s shapes,
         when the loader pads); return the word the slot publishes.  `names`: how an
@@ -190,6 +195,8 @@ def build_batch(ring: Ring, builder: Builder, worker: int, gen: int, batch: int,
             raise LoaderClosedError("the loader was closed while a batch was being built") from None
         ring.write_report(slot, BuildFailure.of(exc, worker=worker, batch=epoch_batch, epoch=epoch,
                                                 item=builder.current_item,
+                                                item_name=None if builder.current_item is None
+                                                else builder.describe_item(builder.current_item),
                                                 batch_level=builder.spec.batch_level))
         rows, state = 0, SlotState.ERROR
         if parent_pid is None and not isinstance(exc, Exception):

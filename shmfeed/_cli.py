@@ -11,7 +11,9 @@ Owns argument parsing and exit codes; the work is in `shmfeed._bench` and
 Exit codes: 0 done (loaders that are not installed are skipped, not failures; the
 doctor found no problem, warnings included); 1 a measurement failed, or the doctor
 found a problem; 2 bad arguments (argparse's usage message) or an optional package
-a bench option needs is missing; 130 interrupted.
+a bench option needs is missing, or the bench cannot run here (a data folder it cannot
+write, batches beyond the memory left, an unusable /dev/shm a peer needs: one line
+saying what to do, no traceback); 130 interrupted.
 """
 
 from __future__ import annotations
@@ -43,9 +45,13 @@ def _positive_int(text: str) -> int:
 
 
 def _slots(text: str) -> int:
+    from ._config import MAX_SLOTS
+
     value = _positive_int(text)
     if value < 2:
         raise argparse.ArgumentTypeError(f"a ring needs at least 2 slots, got {value}")
+    if value > MAX_SLOTS:
+        raise argparse.ArgumentTypeError(f"a ring has at most {MAX_SLOTS} slots, got {value}")
     return value
 
 
@@ -193,7 +199,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _bench(args: argparse.Namespace, parser: argparse.ArgumentParser, argv: list[str]) -> int:
-    from ._bench import BenchOptions, report, run_bench
+    from ._bench import BenchOptions, SetupError, report, run_bench
 
     if args.plot is not None and not args.plot.lower().endswith((".png", ".svg", ".pdf")):
         parser.error(f"--plot {args.plot!r}: give a .png, .svg or .pdf file name")
@@ -231,7 +237,11 @@ def _bench(args: argparse.Namespace, parser: argparse.ArgumentParser, argv: list
     )
     if args.data_dir is not None:
         opts.data_dir = _path(args.data_dir)
-    doc = report.summarise(run_bench(opts))
+    try:
+        doc = report.summarise(run_bench(opts))
+    except SetupError as exc:
+        print(f"shmfeed bench: {exc} (nothing was measured)", file=sys.stderr)
+        return 2
     doc["command"] = ["shmfeed"] + argv
     out = sys.stderr if args.json == "-" else sys.stdout
     print(report.heading(doc), file=out)
@@ -252,7 +262,7 @@ def _bench(args: argparse.Namespace, parser: argparse.ArgumentParser, argv: list
 def _keras_fit(args: argparse.Namespace, parser: argparse.ArgumentParser, names: list[str],
                argv: list[str]) -> int:
     """`--workload keras-sequence`: model.fit with shmfeed, Keras's workers and in-process."""
-    from ._bench import report
+    from ._bench import SetupError, report
 
     if names != [keras_fit.NAME]:
         parser.error(f"--workload {keras_fit.NAME} trains a model and runs alone; it cannot be "
@@ -267,7 +277,11 @@ def _keras_fit(args: argparse.Namespace, parser: argparse.ArgumentParser, names:
                      f"in-process loading over {keras_fit.EPOCHS} epochs (--repeat rounds); it does not take "
                      f"{', '.join(given)}")
     data_dir = _path(args.data_dir) if args.data_dir is not None else workloads.default_data_dir()
-    doc = keras_fit.run(data_dir, args.workers or 2, args.repeat, progress=not args.no_progress)
+    try:
+        doc = keras_fit.run(data_dir, args.workers or 2, args.repeat, progress=not args.no_progress)
+    except SetupError as exc:
+        print(f"shmfeed bench: {exc} (nothing was measured)", file=sys.stderr)
+        return 2
     doc["command"] = ["shmfeed"] + argv
     out = sys.stderr if args.json == "-" else sys.stdout
     print(keras_fit.table(doc), file=out)

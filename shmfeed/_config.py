@@ -36,6 +36,7 @@ START_METHODS = ("auto", "fork", "forkserver", "spawn")
 REQUIRED: Any = object()  # the default of options a caller must give
 MAX_NICE = 19
 MAX_BATCHES = 0xFFFFFFFF  # batch numbers are the low 32 bits of a tag; this one is reserved
+MAX_SLOTS = 0xFFFFFFFE  # slot numbers are 32-bit, and 0xFFFFFFFF means "no slot"
 
 
 @dataclass(frozen=True)
@@ -188,6 +189,8 @@ def build(source: Any, *, batch_size: Any, num_workers: Any, shuffle: Any, shuff
     elif num_slots is None:
         num_slots = default_num_slots(num_workers, spec.slot_bytes)
     num_slots = check_int("num_slots", num_slots, 2)
+    if num_slots > MAX_SLOTS:
+        raise SpecError(f"`num_slots` must be <= {MAX_SLOTS} (slot numbers are 32-bit), got {num_slots}")
     check_memory(ring_bytes(num_slots, max_workers, spec.slot_bytes), num_slots, spec.slot_bytes)
     return Config(order=order, spec=spec, n_slots=num_slots, num_workers=num_workers,
                   max_restarts=max_restarts, seed_global_rngs=seed_global_rngs,
@@ -198,25 +201,31 @@ def build(source: Any, *, batch_size: Any, num_workers: Any, shuffle: Any, shuff
 def check_memory(nbytes: int, n_slots: int, slot_bytes: int) -> None:
     """Refuse a ring this process could not map, or could not fill without being
     killed: over `RLIMIT_AS`, or over the memory the machine or its cgroup has left."""
-    what = (f"the ring needs {nbytes} bytes ({nbytes / 2**20:.1f} MiB: {n_slots} slots of "
-            f"{slot_bytes} bytes, with their control block)")
-    fix = ("Lower `num_slots` or pass a smaller `memory_budget_bytes` (or a smaller batch), "
-           "or give the process more memory.")
+    why = memory_shortfall(nbytes)
+    if why is not None:
+        raise RingMemoryError(
+            f"the ring needs {nbytes} bytes ({nbytes / 2**20:.1f} MiB: {n_slots} slots of "
+            f"{slot_bytes} bytes, with their control block), but {why}. Lower `num_slots` or pass "
+            "a smaller `memory_budget_bytes` (or a smaller batch), or give the process more memory.")
+
+
+def memory_shortfall(nbytes: int) -> str | None:
+    """Why `nbytes` more cannot be allocated in this process now (the limit that refuses
+    it, with its numbers), or None when they can.  Arithmetic and a few small reads."""
     soft, _ = resource.getrlimit(resource.RLIMIT_AS)
     if soft != resource.RLIM_INFINITY:
         with open("/proc/self/statm") as f:
             vm_bytes = int(f.read().split()[0]) * os.sysconf("SC_PAGE_SIZE")
         if vm_bytes + nbytes > soft:
-            raise RingMemoryError(
-                f"{what}, but RLIMIT_AS (`ulimit -v`) is {soft} bytes and {vm_bytes} are already "
-                f"in use by this process's address space. {fix}")
+            return (f"RLIMIT_AS (`ulimit -v`) is {soft} bytes and {vm_bytes} are already in use by "
+                    "this process's address space")
     # The ring's pages are charged as they are first written, within the first epoch:
     # a ring beyond what is left would have the OOM killer end the run minutes later.
     headroom = _sysinfo.memory_headroom_bytes()
     if headroom.value is not None and nbytes > headroom.value:
-        raise RingMemoryError(
-            f"{what}, but only {headroom.value} bytes ({headroom.value / 2**20:.1f} MiB) can be "
-            f"allocated now ({headroom.source}). {fix}")
+        return (f"only {headroom.value} bytes ({headroom.value / 2**20:.1f} MiB) can be allocated now "
+                f"({headroom.source})")
+    return None
 
 
 SMALL_RING_BYTES = 8 << 20  # a ring of small batches is given at least this much
@@ -243,7 +252,7 @@ def default_num_slots(num_workers: int, slot_bytes: int) -> int:
 
 def slots_within(budget_bytes: int, max_workers: int, slot_bytes: int) -> int:
     """The most slots whose whole ring (see `ring_bytes`) fits `budget_bytes`."""
-    hi = budget_bytes // slot_bytes
+    hi = min(budget_bytes // slot_bytes, MAX_SLOTS)
     lo = 0
     while lo < hi:  # ring_bytes grows with n: bisect for the largest n that fits
         mid = (lo + hi + 1) // 2

@@ -12,7 +12,9 @@ Invariants (see DESIGN.md):
 1. each batch of an epoch is delivered exactly once, in batch order;
 2. an epoch the loop leaves early (break, an exception, the iterator dropped) is
    given up at once, in C (`EpochGuard`), so its slots come back;
-3. every wait is a slice of `TAKE_SLICE_S` followed by a liveness check.
+3. every wait is a slice of `TAKE_SLICE_S` followed by a liveness check;
+4. `timeout_s` counts from when the pool's first worker runs (`STARTUP_TIMEOUT_S`
+   bounds the start before it).
 """
 
 from __future__ import annotations
@@ -36,6 +38,11 @@ from ._spec import unflatten
 
 TAKE_SLICE_S = 0.1  # how often a waiting consumer checks the pool's health
 MAX_SLICE_S = 2 * TAKE_SLICE_S  # a slice counts this much at most towards `timeout_s`
+# A pool starting in a fresh interpreter imports the training process's modules and
+# unpickles the source (a big in-memory dataset: seconds to minutes) before any worker
+# exists; that is not a stuck worker, so it does not count towards `timeout_s`, only
+# towards this much longer bound.
+STARTUP_TIMEOUT_S = 600.0
 _NO_DATA = object()  # a sharded stream's batch of a shard that has ended
 
 
@@ -56,6 +63,7 @@ class Consumer:
         self.row_bytes = cfg.spec.row_bytes  # a batch without a bucket: rows x this
         self.t_first: float | None = None
         self.thread: int | None = None  # the thread iterating the current generation
+        self.started_pool: Any = None  # the pool last seen with a worker running
         # A sharded stream says per epoch which batches hold data and when it ends.
         self.new_cut = getattr(source, "_shmfeed_epoch_cut", None)
         self.cut: Any = None
@@ -227,11 +235,41 @@ class Consumer:
             now_published = self._published()
             if now_published != published:
                 published, stalled_s = now_published, 0.0
+            if not self._pool_started():
+                stalled_s = 0.0
+                self._check_startup(epoch, epoch_batch, now - t0)
             self._check_health(epoch, epoch_batch, b, stalled_s, now - t0)
 
     def _published(self) -> int:
         ctl = self.ring.ctl
         return sum(ctl.worker(w)["batches"] for w in range(self.ring.max_workers))
+
+    def _pool_started(self) -> bool:
+        """Whether a worker of the current pool runs (a worker records its pid first
+        thing; a pid left by an earlier pool on this ring is not one of ours)."""
+        pool = self.res.pool
+        if pool is None or pool is self.started_pool:
+            return True
+        for pid in pool.worker_pids():
+            try:
+                if psutil.Process(pid).ppid() == pool.pid:
+                    self.started_pool = pool
+                    return True
+            except psutil.Error:
+                pass
+        return False
+
+    def _check_startup(self, epoch: int, epoch_batch: int, waited_s: float) -> None:
+        if waited_s <= STARTUP_TIMEOUT_S:
+            return
+        pool = self.res.pool
+        raise WorkerError(
+            f"batch {epoch_batch} of epoch {epoch} was not ready after waiting {waited_s:.0f} s: the "
+            f"worker pool (supervisor pid {pool.pid}) is still starting, with no worker running yet "
+            f"(it imports your modules and unpickles the source; `timeout_s` counts only after). "
+            "Make the source cheaper to pickle (open big files lazily in `__getitem__`), or use "
+            "`start_method='fork'`.",
+            batch=epoch_batch, epoch=epoch, pid=pool.pid, waited_s=waited_s)
 
     def _check_health(self, epoch: int, epoch_batch: int, b: int, stalled_s: float,
                       waited_s: float) -> None:

@@ -33,6 +33,7 @@ except ImportError as exc:
 NO_CLAIM: int = _core.SHMF_NO_CLAIM
 REPORT_BYTES: int = _core.SHMF_REPORT_BYTES
 layout = _core.layout
+data_offset = _core.data_offset
 set_pdeathsig = _core.set_pdeathsig
 address = _core.address
 unmap = _core.unmap

@@ -298,7 +298,10 @@ class Loader:
 
     def set_epoch(self, epoch: int) -> None:
         """Choose the epoch the next iteration produces, from its first batch."""
-        self._epoch = check_int("epoch", epoch, 0)
+        epoch = check_int("epoch", epoch, 0)
+        if epoch > _state.MAX_EPOCH:
+            raise SpecError(f"`epoch` must be <= {_state.MAX_EPOCH} (epochs are 64-bit), got {epoch}")
+        self._epoch = epoch
         self._first_batch = 0
 
     def state_dict(self) -> dict:
@@ -459,6 +462,9 @@ class Loader:
             # Resumed after the epoch's last batch but before its on_epoch_end ran.
             self._call_hook("on_epoch_end", epoch)
             epoch, first = epoch + 1, 0
+        if epoch > _state.MAX_EPOCH:  # the C order would wrap it around to epoch 0's stream
+            raise ShmfeedError(f"this loader has run its last epoch ({_state.MAX_EPOCH}, epochs are 64-bit); "
+                               "`set_epoch` to an earlier one or create a new Loader")
         self._epoch, self._first_batch = epoch + 1, 0
         if first == 0:
             self._call_hook("on_epoch_begin", epoch)

@@ -24,6 +24,7 @@ index, the field and both shapes, raised before the batch is published.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -36,6 +37,7 @@ from ._spec import Leaf, Node, Spec, check_batch_leaves, relayout
 
 LENGTHS_KEY = "lengths"  # the batch entry `with_lengths=True` adds
 LENGTHS_DTYPE = np.dtype(np.int32)
+MAX_ARRAY_BYTES = np.iinfo(np.intp).max  # numpy's bound on an array's size
 
 
 @dataclass(frozen=True)
@@ -267,6 +269,11 @@ def plan(spec: Spec, padded_shapes: Any, padding_values: Any, with_lengths: bool
                             "needs `bucket_boundaries` (a slot is sized once: give each dimension its "
                             "largest length)")
         full = tuple(top if d is None else int(d) for d in ps)
+        batch_bytes = spec.rows * math.prod(full) * leaf.dtype.itemsize
+        if batch_bytes > MAX_ARRAY_BYTES:
+            raise SpecError(f"`padded_shapes`, field {leaf.path or '(root)'}: {full} makes a batch of "
+                            f"{batch_bytes} bytes, and a numpy array holds at most {MAX_ARRAY_BYTES}: "
+                            "give each dimension its real largest length")
         _check_fits(leaf.shape, leaf.dtype, leaf, full, full, where)
         lengths_leaf = len(spec.leaves) + lengths_order.index(j) if j in lengths_order else None
         pads[j] = LeafPad(full, _pad_value(values.get(j, 0), leaf),

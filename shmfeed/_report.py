@@ -125,12 +125,13 @@ class BuildFailure(_Report):
     traceback: str
     exception: bytes | None  # the exception pickled, when it pickles and fits
     shortened: bool = False
+    item_name: str | None = None  # how the message names `item`, when not by its index
 
     @classmethod
     def of(cls, exc: BaseException, *, worker: int, batch: int, epoch: int, item: int | None,
-           batch_level: bool) -> BuildFailure:
+           batch_level: bool, item_name: str | None = None) -> BuildFailure:
         return cls(worker=worker, pid=os.getpid(), batch=batch, epoch=epoch, item=item,
-                   batch_level=batch_level, type_module=type(exc).__module__,
+                   item_name=item_name, batch_level=batch_level, type_module=type(exc).__module__,
                    type_name=type(exc).__qualname__, message=_safe_str(exc),
                    traceback=_safe_traceback(exc), exception=_safe_pickle(exc))
 
@@ -163,7 +164,9 @@ class BuildFailure(_Report):
         if isinstance(original, ShmfeedError):
             return original
         where = ""
-        if self.item is not None:
+        if self.item_name is not None:
+            where = f", at {self.item_name}"
+        elif self.item is not None:
             where = f", at {'source batch' if self.batch_level else 'sample'} index {self.item}"
         err = WorkerError(
             f"worker {self.worker} (pid {self.pid}) raised {self.type_name}: {self.message} "

@@ -46,8 +46,9 @@ def forget_inherited(keep: Ring | None = None) -> None:
 
 
 def ring_bytes(n_slots: int, max_workers: int, slot_bytes: int) -> int:
-    """Everything a ring of this geometry allocates: control block, report areas, slots."""
-    return _control.layout(n_slots, max_workers)["data"] + n_slots * slot_bytes
+    """Everything a ring of this geometry allocates: control block, report areas, slots.
+    Arithmetic only (O(1) time and memory), so that any size is checked before it is made."""
+    return _control.data_offset(n_slots, max_workers) + n_slots * slot_bytes
 
 
 class Ring:

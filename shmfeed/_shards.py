@@ -25,21 +25,37 @@ Invariants:
   its iterator is at (a new epoch, a replacement worker) is read afresh from `make`
   up to that round, which is why `make` must give the same samples when called again.
 - `shmfeed.rng()` inside `make` is keyed by (seed, epoch, shard << 32 | position).
+
+A `make` that breaks its contract is caught, not left to lose or repeat samples
+silently: one that ignores `shard_index` (the first samples of this host's first two
+shards are equal, checked at construction), and one that gives other samples when called again
+(checked when a replacement worker re-reads a shard: each worker records, per shard,
+a running fingerprint of the batches it built, CRC32 of a strided sample of each
+batch's bytes in its slot, in a small table shared with its replacement; the re-read
+batches must give the same one).  Either is a `SpecError` that arrives in batch order.
 """
 
 from __future__ import annotations
 
+import mmap
 import os
+import struct
+import zlib
 from collections.abc import Iterator
 from typing import Any
+
+import numpy as np
 
 from . import _rng
 from ._build import WAIT_SLICE_S, Builder, LeaveBuild, build_batch
 from ._config import check_int
 from ._control import PoolShutdown, SlotState, tag, untag
 from ._errors import SpecError, internal
+from ._rows import write_samples
 
 STREAM_BATCH_BOUND = 1 << 31  # batch numbers a sharded epoch may use (tags hold 32 bits)
+PRINT_ELEMENTS = 256  # elements of each leaf of a batch its fingerprint reads, at most
+SAME_START_SAMPLES = 2  # samples of shards 0 and 1 compared at construction
 
 
 class Stream:
@@ -53,8 +69,9 @@ class Stream:
     called afresh each epoch, in the worker that serves the shard; inside it,
     `shmfeed.rng()` is keyed by (seed, epoch, shard, position).  It must give the same
     samples when called again: a worker that dies is replaced and re-reads its shards
-    up to where it stopped.  With `shard_count` hosts, host h reads the shards
-    `s % shard_count == h`.
+    up to where it stopped (a `make` that gives other samples then is a `SpecError`, as
+    is one whose first two shards start alike, i.e. that ignores `shard_index`).  With
+    `shard_count` hosts, host h reads the shards `s % shard_count == h`.
     """
 
     def __init__(self, make: Any, num_shards: int):
@@ -75,13 +92,46 @@ def _item_key(shard: int, position: int) -> int:
     return (shard << 32) | position
 
 
-class _Shard:
-    """One shard's iterator in this process, and the round (batch of the shard) it is at."""
+def _describe_item(key: int) -> str:
+    return f"sample {key & 0xFFFFFFFF} of shard {key >> 32}"
 
-    __slots__ = ("epoch", "it", "round")
+
+class _Shard:
+    """One shard's iterator in this process, the round (batch of the shard) it is at,
+    the fingerprint of the rounds before it, and what a predecessor recorded for this
+    shard (rounds, fingerprint), still to be compared with ours."""
+
+    __slots__ = ("epoch", "expect", "it", "print", "round")
 
     def __init__(self, epoch: int, it: Iterator | None, round_: int):
         self.epoch, self.it, self.round = epoch, it, round_
+        self.print = 0
+        self.expect: tuple[int, int] | None = None
+
+
+class _Prints:
+    """Per local shard, the (epoch, rounds, fingerprint) its worker built last: a table
+    in an anonymous shared mapping made before the workers fork, so a replacement reads
+    what its predecessor wrote.  A check word makes a record torn by a kill invalid."""
+
+    RECORD = struct.Struct("<4Q")  # epoch, rounds, fingerprint, check
+    FIELDS = struct.Struct("<3Q")
+
+    def __init__(self, n_shards: int):
+        self._mm = mmap.mmap(-1, max(n_shards, 1) * self.RECORD.size)  # MAP_SHARED: seen after fork
+
+    def _check(self, epoch: int, rounds: int, fingerprint: int) -> int:
+        return zlib.crc32(self.FIELDS.pack(epoch, rounds, fingerprint)) | 1 << 32
+
+    def record(self, j: int, epoch: int, rounds: int, fingerprint: int) -> None:
+        self.RECORD.pack_into(self._mm, j * self.RECORD.size, epoch, rounds, fingerprint,
+                              self._check(epoch, rounds, fingerprint))
+
+    def recorded(self, j: int, epoch: int) -> tuple[int, int] | None:
+        e, rounds, fingerprint, check = self.RECORD.unpack_from(self._mm, j * self.RECORD.size)
+        if e != epoch or check != self._check(e, rounds, fingerprint):
+            return None
+        return rounds, fingerprint
 
 
 class ShardBuilder(Builder):
@@ -96,6 +146,11 @@ class ShardBuilder(Builder):
     def __init__(self, *args: Any):
         super().__init__(*args)
         self._shards: dict[int, _Shard] = {}
+        self._prints = _Prints(len(self.source.shards))
+        self._scratch: list[np.ndarray] | None = None  # a slot's leaves, for re-read batches
+
+    def describe_item(self, item: int) -> str:
+        return _describe_item(item)
 
     def _shard_at(self, j: int, epoch: int, round_: int) -> _Shard:
         src, seed = self.source, self.order.seed
@@ -104,15 +159,66 @@ class ShardBuilder(Builder):
             return sh
         shard = src.shards[j]
         rows = src.batch_size
+        self.current_item = _item_key(shard, 0)  # an error in `make` itself names the shard
         sh = self._shards[j] = _Shard(epoch, iter(src.stream.make(shard, src.stream.num_shards)), 0)
-        skip = round_ * rows  # re-read what was built before (exactly once)
-        for pos in range(skip):
-            _rng.set_item(seed, epoch, _item_key(shard, pos))
-            if next(sh.it, _END) is _END:
-                sh.it = None
+        sh.expect = self._prints.recorded(j, epoch) if round_ else None
+        for r in range(round_):  # re-read what was built before (exactly once)
+            samples: list = []
+            for pos in range(r * rows, (r + 1) * rows):
+                self.current_item = key = _item_key(shard, pos)
+                _rng.set_item(seed, epoch, key)
+                sample = next(sh.it, _END)
+                if sample is _END:
+                    sh.it = None
+                    break
+                samples.append(sample)
+            if sh.expect is not None:
+                names = [f"{r * rows + k} of shard {shard}" for k in range(len(samples))]  # as fill's
+                sh.print = self._fingerprint(self._replayed(samples, names), len(samples), sh.print)
+                self._compare(sh, shard, r + 1)
+            if sh.it is None:
                 break
         sh.round = round_
         return sh
+
+    def _replayed(self, samples: list, names: list) -> list[np.ndarray]:
+        """The leaves of a slot holding these samples, as a worker writes them (a
+        scratch slot: only a replacement re-reading a shard needs one)."""
+        if self._scratch is None:
+            self._scratch = self.ring._views(np.zeros(self.spec.slot_bytes, np.uint8), self.spec.rows, None)
+        flat = self._flatten_samples(samples, names)
+        if self.padding is None:
+            write_samples(self.spec, self._scratch, flat, names)
+        else:
+            self.padding.write_samples(self.spec, self._scratch, flat, names)
+        return self._scratch
+
+    @staticmethod
+    def _fingerprint(leaves: list[np.ndarray], rows: int, previous: int) -> int:
+        """`previous` extended by a batch of `rows` rows in `leaves`: CRC32 of up to
+        PRINT_ELEMENTS elements of each leaf, spread over its rows (cheap, and any
+        other sample or order almost surely changes it)."""
+        h = (previous + rows) & 0xFFFFFFFF  # a batch of other rows, or a shorter one, differs
+        for leaf in leaves:  # full-capacity slot leaves: contiguous, so reshape is a view
+            flat = leaf.reshape(-1)
+            n = rows * (flat.size // leaf.shape[0])
+            h = zlib.crc32(flat[: n : n // PRINT_ELEMENTS or 1].tobytes(), h)
+        return h
+
+    def _compare(self, sh: _Shard, shard: int, rounds: int) -> None:
+        """After `rounds` rounds of `sh`, compare with what the predecessor recorded."""
+        if sh.expect is None or sh.expect[0] != rounds:
+            return
+        if sh.print != sh.expect[1]:
+            stream, rows = self.source.stream, self.source.batch_size
+            raise SpecError(
+                f"shard {shard}: `make({shard}, {stream.num_shards})` gave other samples when called "
+                f"again: its first {rounds} batch(es) ({rounds * rows} samples at most), re-read by a "
+                "worker replacing one that died, differ from those already delivered, so samples would "
+                "be lost or repeated. `make` must give the same samples every time it is called in an "
+                "epoch: shuffle with `shmfeed.rng()` (not an unseeded RNG) and list files in a fixed "
+                "(sorted) order.")
+        sh.expect = None
 
     def fill(self, slot: int, epoch: int, batch: int) -> int:
         src, seed = self.source, self.order.seed
@@ -137,7 +243,11 @@ class ShardBuilder(Builder):
                     keys.append(key)
             self.current_item = None  # a bad sample's SpecError names it, as below
             names = [f"{key & 0xFFFFFFFF} of shard {shard}" for key in keys]  # "sample 7 of shard 3"
-            return self.write_rows(slot, self._flatten_samples(samples, names), names)
+            word = self.write_rows(slot, self._flatten_samples(samples, names), names)
+            sh.print = self._fingerprint(self.ring.write_views(slot), len(samples), sh.print)
+            self._compare(sh, shard, round_ + 1)
+            self._prints.record(j, epoch, round_ + 1, sh.print)
+            return word
         finally:
             _rng.clear_item()
 
@@ -266,14 +376,50 @@ class ShardedSource:
             if close is not None:
                 close()
             if first is not _END:
+                self._check_shards_differ()
                 return first
         raise SpecError(f"every shard of {self.stream!r} read by this host is empty: there is nothing to load")
+
+    def _check_shards_differ(self) -> None:
+        """Refuse a `make` that ignores its shard index: two shards (this host's first
+        two) starting with the same samples would deliver the whole stream `num_shards`
+        times."""
+        stream = self.stream
+        if len(self.shards) < 2:
+            return
+        starts = []
+        for shard in self.shards[:2]:  # this host's: another host's files may not be here
+            it = iter(stream.make(shard, stream.num_shards))
+            starts.append([x for x, _ in zip(it, range(SAME_START_SAMPLES))])
+            close = getattr(it, "close", None)
+            if close is not None:
+                close()
+        if starts[0] and len(starts[0]) == len(starts[1]) and all(
+                _same_sample(a, b) for a, b in zip(*starts)):
+            raise SpecError(
+                f"{stream!r}: `make({self.shards[0]}, {stream.num_shards})` and "
+                f"`make({self.shards[1]}, {stream.num_shards})` start "
+                f"with the same {len(starts[0])} sample(s): `make` seems to ignore `shard_index` and "
+                f"return the whole stream, which would then come {stream.num_shards} times per epoch. "
+                "Return only shard `shard_index` of `num_shards` (e.g. `files[shard_index::num_shards]`).")
 
     def _shmfeed_epoch_cut(self) -> _EpochCut:
         return _EpochCut(len(self.shards), self.batch_size, self.drop_last)
 
     def __repr__(self) -> str:
         return f"{self.stream!r} (shards {self.shards} on this host)"
+
+
+def _same_sample(a: Any, b: Any) -> bool:
+    """Whether two samples are equal: same structure, equal arrays and values."""
+    if isinstance(a, dict) and isinstance(b, dict):
+        return a.keys() == b.keys() and all(_same_sample(a[k], b[k]) for k in a)
+    if isinstance(a, (tuple, list)) and isinstance(b, (tuple, list)):
+        return len(a) == len(b) and all(_same_sample(x, y) for x, y in zip(a, b))
+    try:
+        return bool(np.array_equal(np.asarray(a), np.asarray(b)))
+    except Exception:
+        return False
 
 
 def sharded_source(stream: Stream, *, steps_per_epoch: Any, batch_size: Any, num_workers: Any,

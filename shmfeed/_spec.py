@@ -17,6 +17,7 @@ number never pays for it.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from operator import itemgetter
 from typing import Any
@@ -57,7 +58,7 @@ class Spec:
     @property
     def row_bytes(self) -> int:
         """Bytes of one row of every leaf together."""
-        return sum(int(np.prod(lf.shape)) * lf.dtype.itemsize for lf in self.leaves)
+        return sum(math.prod(lf.shape) * lf.dtype.itemsize for lf in self.leaves)
 
     @property
     def batch_bytes(self) -> int:
@@ -178,7 +179,7 @@ def _lay_out(tree: Node, protos: list[Leaf], rows: int, batch_level: bool) -> Sp
     leaves = []
     offset = 0
     for lf in protos:
-        cap = int(np.prod((rows,) + lf.shape, dtype=np.int64)) * lf.dtype.itemsize
+        cap = math.prod((rows,) + lf.shape) * lf.dtype.itemsize  # Python ints: no wrap-around
         leaves.append(Leaf(lf.path, lf.shape, lf.dtype, offset, lf.pytype))
         offset += -(-cap // LEAF_ALIGN_BYTES) * LEAF_ALIGN_BYTES
     slot_bytes = max(SLOT_ALIGN_BYTES, -(-offset // SLOT_ALIGN_BYTES) * SLOT_ALIGN_BYTES)

@@ -224,3 +224,27 @@ def token_generator():
     while True:
         yield src[i]
         i += 1
+
+
+class SlowToUnpickle:
+    """Sample i: int64[3] of i.  Unpickling it outside the process that made it (a
+    spawned pool's supervisor) takes `delay_s`, like a big in-memory dataset."""
+
+    def __init__(self, delay_s: float, n: int = 16):
+        import os
+
+        self.delay_s, self.n, self.maker = delay_s, n, os.getpid()
+
+    def __len__(self):
+        return self.n
+
+    def __getitem__(self, i):
+        return np.full(3, i, np.int64)
+
+    def __setstate__(self, state):
+        import os
+        import time
+
+        self.__dict__.update(state)
+        if os.getpid() != self.maker:
+            time.sleep(self.delay_s)

@@ -216,6 +216,86 @@ FAULTS = [
           "RSS of training process and workers flat (< 5 % growth after warm-up), fds and "
           "children constant", "run time",
           "test_stress.py::test_soak_memory_fds_and_children_stay_flat"),
+    Fault("state_pickle_payload", "A checkpoint edited to run code on loading",
+          "the state's `source` field replaced by a pickle (or an object-dtype array of one) "
+          "whose loading would create a file",
+          "`SpecError` naming `source`; nothing is unpickled, the file is never created", "",
+          "test_resume.py::test_an_edited_checkpoint_with_a_pickle_payload_runs_no_code"),
+    Fault("state_fuzz", "Malformed resume states",
+          "hypothesis: each field of a real state (with the tutorial generator's attributes) "
+          "replaced by an odd value or deleted, 300 cases",
+          "the state loads, or a `ShmfeedError` names the field; no other exception, the source "
+          "untouched", "",
+          "test_resume.py::test_a_malformed_state_is_a_shmfeed_error_naming_the_field"),
+    Fault("state_not_data", "A hooked source with an attribute that is not data",
+          "a `threading.Lock` attribute, then `state_dict()`",
+          "`SpecError` naming `source.lock`, with the remedy (`state_dict`/`load_state_dict`)", "",
+          "test_resume.py::test_state_of_a_hooked_source_that_is_not_data_names_the_attribute"),
+    Fault("ring_too_big", "A ring far beyond memory",
+          "`num_slots=10**8`, `num_slots=2**40`, `memory_budget_bytes=2**50`",
+          "`RingMemoryError`/`SpecError` naming `num_slots`, decided arithmetically: < 0.5 s and "
+          "<= 1 MB allocated (it took 6 s and 3.9 GB)", "",
+          "test_edges.py::test_a_ring_too_big_is_refused_in_milliseconds_before_any_memory_is_spent"),
+    Fault("epoch_64_bits", "An epoch beyond 64 bits",
+          "`set_epoch(2**64 + 3)`, a state with that epoch, iterating past epoch 2^64-1",
+          "`SpecError` naming `epoch` (it gave epoch 3's batches); past the last epoch a "
+          "`ShmfeedError`", "",
+          "test_edges.py::test_an_epoch_beyond_64_bits_is_refused_not_wrapped_to_a_small_one"),
+    Fault("padded_overflow", "A padded shape beyond what numpy holds",
+          "`padded_shapes=(2**64,)` and `(2**62,)`",
+          "`SpecError` naming `padded_shapes` and the byte count (it was an `OverflowError`)", "",
+          "test_edges.py::test_a_padded_shape_beyond_what_numpy_holds_is_a_spec_error_not_an_overflow"),
+    Fault("bench_data_dir", "`shmfeed bench` with a data folder it cannot use",
+          "`--data-dir /dev/null`",
+          "one line naming the folder and the error, `--data-dir`/`$SHMFEED_BENCH_DATA` as the fix; "
+          "exit 2, no traceback", "",
+          "test_cli.py::test_a_data_dir_that_is_a_file_is_one_line_not_a_traceback"),
+    Fault("bench_cache_dir", "`shmfeed bench` with an unwritable default cache folder",
+          "`$XDG_CACHE_HOME` under a file", "as above", "",
+          "test_cli.py::test_an_unwritable_default_cache_folder_is_one_line_not_a_traceback"),
+    Fault("bench_read_only", "`shmfeed bench` with a read-only data folder",
+          "a read-only tmpfs mounted in a private mount namespace (skipped where none can be made)",
+          "as above, naming `Read-only file system`", "",
+          "test_cli.py::test_a_read_only_data_dir_is_one_line"),
+    Fault("bench_too_big", "`shmfeed bench` batches or ring beyond memory",
+          "`--batch-size 1000000000`, `--slots 1000000000` (and `1e9`, `10000000000`)",
+          "one line with the batch and ring sizes, the limit and `Lower --batch-size or --slots`; "
+          "exit 2 before anything is allocated (it allocated for minutes, or a numpy traceback)", "",
+          "test_cli.py::test_batches_or_a_ring_beyond_memory_are_refused_before_allocating"),
+    Fault("bench_64mb", "`shmfeed bench` in a 64 MB container",
+          "`RLIMIT_AS` 64 MB above what the CLI has mapped (the check that reads the cgroup limit too)",
+          "one line naming `RLIMIT_AS`, exit 2", "",
+          "test_cli.py::test_a_ring_beyond_a_64_mb_memory_limit_is_one_line"),
+    Fault("bench_dev_shm", "`/dev/shm` unusable or 1 MB",
+          "a read-only (or 1 MB) tmpfs on /dev/shm in a private mount namespace, `--compare pickle` "
+          "(and the torch check)",
+          "shmfeed runs (its ring is a memfd); a peer that needs /dev/shm is one line naming it and "
+          "`--shm-size`, exit 2", "",
+          "test_cli.py::test_a_dev_shm_a_peer_cannot_use_is_one_line_and_shmfeed_runs_without_it"),
+    Fault("slow_unpickle", "A source slow to unpickle in a spawned pool",
+          "`__setstate__` sleeps 1.5 s in the supervisor, `timeout_s=0.5`",
+          "every batch delivered: the pool's start does not count towards `timeout_s` (it was "
+          "\"no worker had claimed it\")", "",
+          "test_edges.py::test_a_pool_slow_to_unpickle_the_source_is_not_timed_out_as_a_stuck_worker"),
+    Fault("never_started", "A pool that never finishes starting",
+          "`__setstate__` sleeps 60 s, the startup bound lowered to 1 s",
+          "`WorkerError` saying the pool is still starting, with the remedy", "",
+          "test_edges.py::test_a_pool_that_never_finishes_starting_is_reported_as_starting"),
+    Fault("stream_make_changes", "A `Stream` whose `make` gives other samples when called again",
+          "`make` orders each shard by an unseeded RNG (the reading pid); SIGKILL of a worker after "
+          "6 batches (and the same with a steady `make`)",
+          "`SpecError` \"gave other samples when called again\" in batch order, nothing repeated before "
+          "it (it lost and repeated samples silently); a steady `make` delivers every sample once", "",
+          "test_streams.py::test_a_make_that_gives_other_samples_when_called_again_is_caught_after_a_kill"),
+    Fault("stream_ignores_shard", "A `Stream` whose `make` ignores its shard index",
+          "every shard is the whole stream",
+          "`SpecError` at construction: the first two shards start alike, the stream would come "
+          "`num_shards` times", "",
+          "test_streams.py::test_a_make_that_ignores_its_shard_index_is_refused"),
+    Fault("stream_error_names", "An exception in a shard of a `Stream`",
+          "`raise ValueError` at sample 7 of shard 2, `num_workers` 0 and 2",
+          "`WorkerError` \"... at sample 7 of shard 2\" (it said \"sample index 8589934599\")", "",
+          "test_streams.py::test_an_error_in_a_shard_names_the_sample_and_shard_not_an_internal_key"),
 ]
 BY_KEY = {f.key: f for f in FAULTS}
 

@@ -14,8 +14,11 @@ import dataclasses
 import importlib.util
 import io
 import json
+import shlex
+import shutil
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -377,3 +380,121 @@ def test_progress_on_a_terminal_shows_a_live_bar_with_rich():
     text = out.getvalue()
     assert "data: somewhere" in text and "[1/2] tokens / shmfeed: 99 batches/s" in text
     assert "left" in text
+
+
+# -- a user's mistake is one line and exit 2, never a traceback --------------------------
+def _one_line_exit_2(code: int, err: str, *needles: str) -> None:
+    lines = [ln for ln in err.splitlines() if ln.strip()]
+    assert code == 2, err
+    assert "Traceback" not in err and len(lines) == 1, err
+    for needle in needles:
+        assert needle in lines[0], (needle, lines[0])
+
+
+def _quick(*args: str) -> list[str]:
+    return ["bench", *args, "--seconds", str(RUN_S), "--data-rows", str(DATA_ROWS), "--no-progress"]
+
+
+def test_a_data_dir_that_is_a_file_is_one_line_not_a_traceback(capsys):
+    code = main(_quick("--data-dir", "/dev/null"))
+    _one_line_exit_2(code, capsys.readouterr().err, "'/dev/null' is not a folder", "--data-dir")
+
+
+def test_an_unwritable_default_cache_folder_is_one_line_not_a_traceback(tmp_path, monkeypatch, capsys):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")
+    monkeypatch.delenv("SHMFEED_BENCH_DATA", raising=False)
+    monkeypatch.setenv("XDG_CACHE_HOME", str(blocker / "cache"))  # under a file: no folder there
+    code = main(_quick())
+    _one_line_exit_2(code, capsys.readouterr().err, "cannot hold the generated data", "--data-dir")
+
+
+@pytest.mark.parametrize(("args", "needle", "usage"), [
+    (("--batch-size", "1000000000"), "Lower --batch-size or --slots", False),
+    (("--slots", "1000000000"), "Lower --batch-size or --slots", False),
+    (("--batch-size", "1e9"), "--batch-size: expected a whole number", True),
+    (("--slots", "10000000000"), "at most 4294967294 slots", True),
+])
+def test_batches_or_a_ring_beyond_memory_are_refused_before_allocating(args, needle, usage, data_dir, capsys):
+    """`--slots 1000000000` used to allocate for minutes; `--batch-size 1000000000` died in
+    numpy with a traceback."""
+    t0 = time.monotonic()
+    try:
+        code = main(_quick(*args, "--data-dir", str(data_dir)))
+    except SystemExit as exc:  # argparse: its usage, then one line with the reason
+        code = exc.code
+    err = capsys.readouterr().err
+    if usage:
+        assert code == 2 and needle in err.splitlines()[-1] and "Traceback" not in err, err
+    else:
+        _one_line_exit_2(code, err, needle)
+    assert time.monotonic() - t0 < 30  # nothing measured
+
+
+_UNDER_RLIMIT = """
+import resource, sys
+from shmfeed._cli import main
+with open("/proc/self/statm") as f:
+    vm = int(f.read().split()[0]) * resource.getpagesize()
+resource.setrlimit(resource.RLIMIT_AS, (vm + (64 << 20), resource.RLIM_INFINITY))
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+def test_a_ring_beyond_a_64_mb_memory_limit_is_one_line(data_dir):
+    """A 64 MB container (here: RLIMIT_AS at 64 MB above what the CLI has mapped, which
+    the same arithmetic check reads) cannot hold transport's ring of 8 x 9 MB batches."""
+    proc = subprocess.run([sys.executable, "-c", _UNDER_RLIMIT, *_quick("--data-dir", str(data_dir))],
+                          capture_output=True, text=True, timeout=CLI_TIMEOUT_S, env=_this_checkout())
+    _one_line_exit_2(proc.returncode, proc.stderr, "RLIMIT_AS", "Lower --batch-size or --slots")
+
+
+def _in_mount_namespace(script: str) -> subprocess.CompletedProcess:
+    """Run `script` (sh) in a private mount namespace: its mounts vanish with it."""
+    if shutil.which("unshare") is None:
+        pytest.skip("no unshare here")
+    probe = subprocess.run(["unshare", "-m", "true"], capture_output=True, timeout=CLI_TIMEOUT_S)
+    if probe.returncode != 0:
+        pytest.skip(f"no mount namespace here: {probe.stderr.decode().strip()}")
+    return subprocess.run(["unshare", "-m", "sh", "-ec", script], capture_output=True, text=True,
+                          timeout=CLI_TIMEOUT_S, env=_this_checkout())
+
+
+def _this_checkout() -> dict:
+    """The environment of a child that imports this checkout's shmfeed, wherever it runs."""
+    import os
+
+    root = str(Path(__file__).resolve().parent.parent)
+    return {**os.environ, "PYTHONPATH": os.pathsep.join([root, os.environ.get("PYTHONPATH", "")])}
+
+
+def _cli_line(*args: str) -> str:
+    return f"{shlex.quote(sys.executable)} -m shmfeed " + " ".join(shlex.quote(a) for a in _quick(*args))
+
+
+def test_a_read_only_data_dir_is_one_line(tmp_path):
+    ro = tmp_path / "ro"
+    ro.mkdir()
+    proc = _in_mount_namespace(f"mount -t tmpfs -o ro,size=1m none {ro}\n"
+                               f"{_cli_line('--data-dir', str(ro / 'data'))}")
+    _one_line_exit_2(proc.returncode, proc.stderr, "Read-only file system", "--data-dir")
+
+
+def test_a_dev_shm_a_peer_cannot_use_is_one_line_and_shmfeed_runs_without_it(data_dir):
+    """shmfeed's ring is a memfd: a read-only or 1 MB /dev/shm is no matter to it, but
+    `Pool.imap` needs its semaphores there, and torch every batch in flight."""
+    check = ("from shmfeed._bench.runner import BenchOptions, SetupError, check_shm\n"
+             "try:\n"
+             "    check_shm(['torch'], 9 << 20, BenchOptions(workloads=[], peers=[]))\n"
+             "except SetupError as exc:\n"
+             "    print(exc)\n")
+    proc = _in_mount_namespace(
+        "mount -t tmpfs -o ro,size=1m none /dev/shm\n"
+        f"{_cli_line('--data-dir', str(data_dir), '--compare', 'pickle')} || echo rc=$?\n"
+        f"{_cli_line('--data-dir', str(data_dir), '--compare', 'none')} >/dev/null\n"
+        "mount -o remount,rw /dev/shm\n"
+        f"{shlex.quote(sys.executable)} -c {shlex.quote(check)}\n")
+    assert proc.returncode == 0, proc.stderr
+    assert "rc=2" in proc.stdout, proc.stdout
+    _one_line_exit_2(2, proc.stderr, "/dev/shm is missing or not writable", "--compare")
+    assert "/dev/shm has 1.0 MiB free, and torch put every batch in flight there" in proc.stdout

@@ -494,3 +494,86 @@ def test_as_pid_1_dead_pools_leave_no_zombies(tmp_path):
         pytest.skip(f"no PID namespace here: {out.stderr.strip()}")
     assert out.returncode == 0, out.stderr
     assert "zombies 0" in out.stdout
+
+
+class _Tiny:
+    def __len__(self):
+        return 10
+
+    def __getitem__(self, i):
+        return np.full(3, i, np.float32)
+
+
+@pytest.mark.parametrize("size", [dict(num_slots=10**8), dict(num_slots=2**40),
+                                  dict(memory_budget_bytes=2**50)])
+def test_a_ring_too_big_is_refused_in_milliseconds_before_any_memory_is_spent(size):
+    """The slot layout used to be built as per-slot Python lists before the size check:
+    `num_slots=10**8` took 3.9 GB and 6 s to be refused.  The check is arithmetic."""
+    import tracemalloc
+
+    tracemalloc.start()
+    t0 = time.perf_counter()
+    try:
+        with pytest.raises((shmfeed.RingMemoryError, shmfeed.SpecError), match="num_slots"):
+            shmfeed.Loader(_Tiny(), batch_size=2, num_workers=0, **size)
+        took_s = time.perf_counter() - t0
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert took_s < 0.5, took_s  # ~3 ms here; generous for a loaded machine
+    assert peak <= 1 << 20, peak
+
+
+def test_an_epoch_beyond_64_bits_is_refused_not_wrapped_to_a_small_one():
+    """`set_epoch(2**64 + 3)` used to give epoch 3's batches."""
+    with shmfeed.Loader(_Tiny(), batch_size=2, num_workers=0, shuffle=True) as loader:
+        with pytest.raises(shmfeed.SpecError, match="`epoch` must be <= 18446744073709551615"):
+            loader.set_epoch(2**64 + 3)
+        state = loader.state_dict()
+        with pytest.raises(shmfeed.SpecError, match="`epoch` must be <= 18446744073709551615"):
+            loader.load_state_dict({**state, "epoch": 2**64 + 3})
+        loader.set_epoch(3)
+        third = [b.tobytes() for b in loader]
+        loader.set_epoch(2**64 - 1)  # the last epoch there is: its own stream
+        last = [b.tobytes() for b in loader]
+        assert last != third
+        with pytest.raises(shmfeed.ShmfeedError, match="last epoch"):
+            iter(loader)
+
+
+def test_a_padded_shape_beyond_what_numpy_holds_is_a_spec_error_not_an_overflow():
+    class Ragged:
+        def __len__(self):
+            return 4
+
+        def __getitem__(self, i):
+            return np.zeros(i + 1, np.float32)
+
+    for shape in ((2**64,), (2**62,)):
+        with pytest.raises(shmfeed.SpecError, match="`padded_shapes`.*numpy array holds at most"):
+            shmfeed.Loader(Ragged(), batch_size=2, num_workers=0, padded_shapes=shape)
+
+
+def test_a_pool_slow_to_unpickle_the_source_is_not_timed_out_as_a_stuck_worker():
+    """A spawned pool's supervisor unpickling the source for 1.5 s, `timeout_s=0.5`: it
+    used to fail with "no worker had claimed it"; the start does not count."""
+    from _sources import SlowToUnpickle
+
+    with shmfeed.Loader(SlowToUnpickle(1.5), batch_size=4, num_workers=1, start_method="spawn",
+                        timeout_s=0.5) as loader:
+        assert [int(b[0, 0]) for b in loader] == [0, 4, 8, 12]
+
+
+def test_a_pool_that_never_finishes_starting_is_reported_as_starting(monkeypatch):
+    from _sources import SlowToUnpickle
+
+    from shmfeed import _consumer
+
+    monkeypatch.setattr(_consumer, "STARTUP_TIMEOUT_S", 1.0)  # instead of 600 s
+    with shmfeed.Loader(SlowToUnpickle(60.0), batch_size=4, num_workers=1, start_method="spawn",
+                        timeout_s=0.3) as loader:
+        t0 = time.monotonic()
+        with pytest.raises(shmfeed.WorkerError, match="still starting") as exc:
+            next(iter(loader))
+        assert "no worker had claimed" not in str(exc.value)
+        assert time.monotonic() - t0 < 10

@@ -8,11 +8,17 @@ does not fit, naming the field."""
 
 from __future__ import annotations
 
+import base64
 import json
+import os
+import pickle
+from pathlib import Path
 
 import numpy as np
 import pytest
 from _sources import Augmenting, DataGenerator, Stamped
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 import shmfeed
 
@@ -212,8 +218,145 @@ class HookedWithLock:
         pass
 
 
-def test_state_of_a_hooked_source_that_cannot_be_pickled_names_the_attribute():
+def test_state_of_a_hooked_source_that_is_not_data_names_the_attribute():
     with shmfeed.Loader(HookedWithLock(), batch_size=None, num_workers=0) as loader:
         next(iter(loader))
-        with pytest.raises(shmfeed.SpecError, match=r"`source\.lock` \(lock\) cannot be pickled"):
+        with pytest.raises(shmfeed.SpecError, match=r"`source\.lock` \(lock\) cannot be written"):
             loader.state_dict()
+
+
+class _Attributes:
+    """A hooked batch-level source whose attributes are every kind a state writes."""
+
+    def __init__(self):
+        self.things = {"ints": [1, 2], (3, "a"): (np.float32(0.5), None, True, "text"), 7: 2.5}
+        self.table = np.arange(12, dtype=np.uint16).reshape(3, 4)
+        self.empty = np.zeros((0, 3), "<U4")
+        self.folder = Path("/data/shards")
+
+    def __len__(self):
+        return 2
+
+    def __getitem__(self, b):
+        return np.full((2,), b, np.int32)
+
+    def on_epoch_end(self):
+        self.table = self.table[::-1] + 1
+
+
+def test_source_attributes_of_every_kind_round_trip_through_json():
+    with shmfeed.Loader(_Attributes(), batch_size=None, num_workers=0) as loader:
+        _run(loader, 2)
+        state = _roundtrip(loader.state_dict())
+        source = loader._source
+        saved = (source.things, source.table.copy(), source.empty)
+    with shmfeed.Loader(_Attributes(), batch_size=None, num_workers=0) as other:
+        other.load_state_dict(state)
+        got = other._source
+        assert got.things == saved[0] and type(got.things[(3, "a")][0]) is np.float32
+        assert got.table.dtype == np.uint16 and (got.table == saved[1]).all()
+        assert got.empty.shape == (0, 3) and got.empty.dtype == saved[2].dtype
+        assert got.folder == Path("/data/shards")
+        got.table += 1  # writable, as the source had it
+
+
+class _Payload:
+    """What an attacker pickles: loading it creates `path` (any code could run)."""
+
+    def __init__(self, path):
+        self.path = path
+
+    def __reduce__(self):
+        return (open, (self.path, "w"))
+
+
+def test_an_edited_checkpoint_with_a_pickle_payload_runs_no_code(tmp_path):
+    marker = str(tmp_path / "ran")
+    payload = base64.b64encode(pickle.dumps(_Payload(marker))).decode("ascii")
+    with shmfeed.Loader(_generator(), batch_size=None, num_workers=0) as loader:
+        state = _roundtrip(loader.state_dict())
+        raw = base64.b64encode(pickle.dumps(_Payload(marker))).decode("ascii")
+        attributes = state["source"]["attributes"]
+        for source in (payload,  # what shmfeed itself wrote there before
+                       {"attributes": {**attributes, "indexes": {"ndarray": {"dtype": "|O", "shape": [1],
+                                                                             "data": raw}}}},
+                       {"attributes": {**attributes, "indexes": {"scalar": {"dtype": "O", "data": raw}}}}):
+            with pytest.raises(shmfeed.SpecError, match="`source"):
+                loader.load_state_dict({**state, "source": source})
+            assert not os.path.exists(marker)
+        loader.load_state_dict({**state, "source": {"attributes": {**attributes, "note": payload}}})
+        assert loader._source.note == payload and not os.path.exists(marker)  # a string stays one
+
+
+def test_numpy_integers_are_taken_where_a_state_has_ints():
+    with shmfeed.Loader(Augmenting(45), batch_size=4, num_workers=0) as loader:
+        state = loader.state_dict()
+        loader.load_state_dict({**state, "format": np.int64(1), "epoch": np.int64(2),
+                                "next_batch": np.int32(3),
+                                "fingerprint": {k: np.int64(v) if type(v) is int else v
+                                                for k, v in state["fingerprint"].items()}})
+        assert (loader.epoch, loader.state_dict()["next_batch"]) == (2, 3)
+
+
+def _paths(node, path=()):
+    """Every place in a state, as the keys or indexes that lead there."""
+    yield path
+    children = node.items() if isinstance(node, dict) else enumerate(node) if isinstance(node, list) else ()
+    for key, child in children:
+        if len(path) < 7 and not (isinstance(key, int) and key > 2):  # a few list items are enough
+            yield from _paths(child, path + (key,))
+
+
+_ODD = st.one_of(
+    st.none(), st.booleans(), st.integers(-2**70, 2**70), st.floats(allow_nan=True), st.text(max_size=8),
+    st.lists(st.integers(-3, 3), max_size=3), st.dictionaries(st.text(max_size=3), st.integers(), max_size=2),
+    st.integers(-5, 5).map(np.int64), st.just(np.arange(3)), st.just({"tuple": 5}), st.just({"dict": [[1]]}),
+    st.just({"ndarray": {"dtype": "<i8", "shape": [2**62, 2**62], "data": ""}}),
+    st.just({"ndarray": {"dtype": "V0", "shape": [1], "data": ""}}),
+    st.just({"ndarray": {"dtype": "<i8", "shape": [1], "data": "!!"}}),
+    st.just({"scalar": {"dtype": "(2,)i4", "data": "AAAAAAAAAAA="}}),
+    st.sampled_from(["DELETE"]))
+
+
+def _edit(state, path, value):
+    node = state = json.loads(json.dumps(state))
+    for key in path[:-1]:
+        node = node[key]
+    delete = isinstance(value, str) and value == "DELETE"
+    if delete and isinstance(node, dict):
+        del node[path[-1]]
+    elif not delete:
+        node[path[-1]] = value
+    return state
+
+
+@pytest.fixture(scope="module")
+def hooked_state():
+    with shmfeed.Loader(_generator(), batch_size=None, num_workers=0) as loader:
+        _run(loader, 1)
+        next(iter(loader))
+        return _roundtrip(loader.state_dict())
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(data=st.data())
+def test_a_malformed_state_is_a_shmfeed_error_naming_the_field(hooked_state, data):
+    """Any field of a real state (the tutorial generator's, with its source attributes),
+    replaced by an odd value or deleted: the state loads, or the error is shmfeed's and
+    names the field; never another exception, never a half-restored source."""
+    path = data.draw(st.sampled_from([p for p in _paths(hooked_state) if p]))
+    value = data.draw(_ODD)
+    state = _edit(hooked_state, path, value)
+    with shmfeed.Loader(_generator(), batch_size=None, num_workers=0) as loader:
+        before = dict(vars(loader._source))
+        try:
+            loader.load_state_dict(state)
+        except shmfeed.ShmfeedError as exc:
+            named = path[0]
+            if path[0] == "fingerprint" and len(path) > 1:
+                named = path[1]
+            elif path[:2] == ("source", "attributes") and len(path) > 2:
+                named = f"source.attributes.{path[2]}"
+            assert str(named) in str(exc), (path, value, str(exc))
+            assert vars(loader._source).keys() == before.keys()
+            assert all(vars(loader._source)[k] is v for k, v in before.items())

@@ -222,3 +222,69 @@ def test_a_bad_sample_names_its_position_and_shard(num_workers):
                            r"expected dtype int32 with shape \(2,\)"):
             for _ in loader:
                 pass
+
+
+# -- a `make` that breaks its contract ---------------------------------------------------
+LONG = 12  # samples per shard of the contract tests: 4 batches of BATCH
+
+
+def reshuffled_per_process(s, num_shards):
+    """Shard s, in an order drawn from an unseeded RNG (here: the reading process's
+    pid): a replacement worker re-reads other samples than its predecessor delivered."""
+    order = np.random.default_rng(os.getpid()).permutation(LONG)
+    for i in order:
+        yield {"s": s, "i": int(i), "x": np.full(2, 100 * s + int(i), np.int32)}
+
+
+def whole_stream(s, num_shards):
+    """Ignores its shard index: every shard is the whole stream."""
+    for i in range(LONG):
+        yield {"i": i, "x": np.full(2, i, np.int32)}
+
+
+def steady(s, num_shards):
+    for i in range(LONG):
+        yield {"s": s, "i": i, "x": np.full(2, 100 * s + i, np.int32)}
+
+
+@pytest.mark.parametrize("make", [reshuffled_per_process, steady])
+def test_a_make_that_gives_other_samples_when_called_again_is_caught_after_a_kill(make):
+    """A replacement re-reads its shards up to where its predecessor stopped: with a
+    `make` that reshuffles per process it used to lose and repeat samples silently."""
+    with shmfeed.Loader(Stream(make, num_shards=4), batch_size=BATCH, num_workers=2, num_slots=3) as loader:
+        got, error = [], None
+        try:
+            for k, b in enumerate(loader):
+                got += list(zip(b["s"].tolist(), b["i"].tolist()))
+                if k == 5:
+                    os.kill(loader.worker_pids[0], signal.SIGKILL)
+        except shmfeed.SpecError as exc:
+            error = exc
+        assert loader.stats().restarts == 1
+    if make is steady:
+        assert error is None and sorted(got) == [(s, i) for s in range(4) for i in range(LONG)]
+    else:
+        assert error is not None and "gave other samples when called again" in str(error)
+        assert len(set(got)) == len(got)  # nothing repeated before the error
+
+
+def test_a_make_that_ignores_its_shard_index_is_refused():
+    with pytest.raises(shmfeed.SpecError, match=r"ignore `shard_index`.*come 4 times per epoch"):
+        shmfeed.Loader(Stream(whole_stream, num_shards=4), batch_size=BATCH, num_workers=2)
+
+
+def raising_at_7_of_2(s, num_shards):
+    for item in steady(s, num_shards):
+        if (s, item["i"]) == (2, 7):
+            raise ValueError("bad record")
+        yield item
+
+
+@pytest.mark.parametrize("num_workers", [0, 2])
+def test_an_error_in_a_shard_names_the_sample_and_shard_not_an_internal_key(num_workers):
+    with shmfeed.Loader(Stream(raising_at_7_of_2, num_shards=4), batch_size=BATCH,
+                        num_workers=num_workers) as loader:
+        with pytest.raises(shmfeed.WorkerError, match=r"at sample 7 of shard 2\.") as info:
+            for _ in loader:
+                pass
+    assert "index" not in str(info.value).split("Worker traceback")[0]

@@ -13,6 +13,6 @@ Private; `shmfeed/_cli.py` is its only user.  One concept per module:
 - `report`: medians, the table, the JSON document and the plot.
 """
 
-from .runner import BenchOptions, run_bench
+from .runner import BenchOptions, SetupError, run_bench
 
-__all__ = ["BenchOptions", "run_bench"]
+__all__ = ["BenchOptions", "SetupError", "run_bench"]

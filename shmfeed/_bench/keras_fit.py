@@ -120,7 +120,12 @@ def run(data_dir: Path, workers: int, repeat: int = 1, progress: bool = True) ->
     """Train with each loader in its own interpreter, the loaders taking turns, `repeat`
     rounds; per loader the medians over rounds (ratios are taken within a round, so
     that a slow moment of the machine weighs on all loaders alike); the JSON document."""
-    path = ensure_files(data_dir)
+    try:
+        path = ensure_files(data_dir)
+    except OSError as exc:
+        from .runner import data_folder_error
+
+        raise data_folder_error(data_dir, exc) from exc
     doc: dict = {"workload": NAME, "about": ABOUT, "data_path": str(path), "workers": workers,
                  "epochs": EPOCHS, "batches_per_epoch": N_IDS // BATCH_SIZE, "repeat": repeat,
                  "loaders": {}}

@@ -15,6 +15,10 @@ Invariants:
   descendants every `MEMORY_SAMPLE_S` and keeps the peaks; and it reports the CPU
   that processes outside the tree took meanwhile (on a shared machine, the reason
   one repeat differs from the next).
+- A mistake in the options or the machine's setup (a data folder that cannot be
+  written, batches or a ring beyond the memory left, a /dev/shm a peer needs and
+  cannot use) is a `SetupError`, found before anything is measured: the CLI prints
+  its one-line message and exits 2.
 """
 
 from __future__ import annotations
@@ -37,6 +41,8 @@ import numpy as np
 import psutil
 
 from .. import _interpreter, _sysinfo
+from .._config import MAX_SLOTS, default_num_slots, memory_shortfall
+from .._ring import ring_bytes
 from . import workloads
 from .loaders import LOADERS, Job, not_installed
 
@@ -53,6 +59,16 @@ CEILING_BUDGET_S = 0.5  # each process of the parallel-ceiling check reads for t
 CEILING_STRIDE = 8  # items read between two looks at the clock
 CEILING_ROUNDS = 2  # the 1-process and N-process checks alternate this many times
 BUSY_LOAD_PER_CPU = 0.5  # a 1-minute load average above this per CPU gets a warning
+# Peers that need /dev/shm: for their semaphores (multiprocessing's locks are named
+# POSIX semaphores there), or for every batch in flight too.  shmfeed itself does not
+# (its ring is a memfd).
+SHM_FOR_SEMAPHORES = ("pickle", "keras")
+SHM_FOR_BATCHES = ("torch", "grain")
+
+
+class SetupError(Exception):
+    """The options or this machine's setup cannot run the benchmark; the message is one
+    line saying what is wrong and what to do (see the module docstring)."""
 
 
 @dataclass
@@ -77,6 +93,52 @@ class BenchOptions:
         d = asdict(self)
         d["data_dir"] = str(self.data_dir)
         return d
+
+
+def data_folder_error(data_dir: Path, exc: OSError) -> SetupError:
+    if data_dir.exists() and not data_dir.is_dir():
+        return SetupError(f"the data folder {str(data_dir)!r} is not a folder. Give a writable folder "
+                          "with --data-dir DIR (or $SHMFEED_BENCH_DATA)")
+    where = f" ({exc.filename})" if exc.filename else ""
+    return SetupError(f"the data folder {str(data_dir)!r} cannot hold the generated data: "
+                      f"{exc.strerror or exc}{where}. Give a writable folder with --data-dir DIR (or "
+                      "$SHMFEED_BENCH_DATA)")
+
+
+def check_fits(workload: str, batch_size: int, batch_bytes: int, opts: BenchOptions) -> None:
+    """Refuse, before allocating anything, batches and a ring beyond the memory left:
+    the ring of `--slots` batches plus the two batch buffers of the memcpy bound."""
+    slots = opts.slots or default_num_slots(opts.workers, batch_bytes)
+    need = ring_bytes(min(slots, MAX_SLOTS), opts.workers, batch_bytes) + 2 * batch_bytes
+    why = memory_shortfall(need)
+    if why is not None:
+        raise SetupError(
+            f"{workload}: batches of {batch_size} samples are {batch_bytes / 2**20:,.1f} MiB, and a ring "
+            f"of {slots} of them with the reference copies needs {need / 2**20:,.1f} MiB, but {why}. "
+            "Lower --batch-size or --slots")
+
+
+def check_shm(loaders: list[str], batch_bytes: int, opts: BenchOptions,
+              path: str = _sysinfo.SHM_PATH) -> None:
+    """Refuse peers that cannot run with this machine's /dev/shm (see SHM_FOR_*)."""
+    users = [n for n in loaders if n in SHM_FOR_SEMAPHORES + SHM_FOR_BATCHES]
+    if not users:
+        return
+    size, free = _sysinfo.shm_bytes(path)
+    usable = size.value is not None and os.access(path, os.W_OK) and not (
+        os.statvfs(path).f_flag & os.ST_RDONLY)
+    labels = ", ".join(LOADERS[n].label for n in users)
+    fix = (f"mount a writable tmpfs there (Docker: --shm-size=1g), or leave {', '.join(users)} "
+           "out of --compare")
+    if not usable:
+        raise SetupError(f"{path} is missing or not writable ({size.source}), and {labels} "
+                         f"need{'s' if len(users) == 1 else ''} it: {fix}")
+    big = [n for n in users if n in SHM_FOR_BATCHES]
+    need = batch_bytes * (opts.slots or default_num_slots(opts.workers, batch_bytes))
+    if big and free.value < need:
+        raise SetupError(
+            f"{path} has {free.value / 2**20:,.1f} MiB free, and {', '.join(big)} put every batch in "
+            f"flight there ({need / 2**20:,.1f} MiB): {fix}")
 
 
 # -- in-process references ---------------------------------------------------------------
@@ -466,7 +528,10 @@ def _run(opts: BenchOptions, loaders: list[str], missing: dict, runnable: list[s
                      "expect noisy numbers; --repeat 3 or more reports medians")
     for name in opts.workloads:
         workload = workloads.WORKLOADS[name]
-        path, made = workloads.ensure_file(workload.data, opts.data_dir, opts.data_rows)
+        try:
+            path, made = workloads.ensure_file(workload.data, opts.data_dir, opts.data_rows)
+        except OSError as exc:
+            raise data_folder_error(opts.data_dir, exc) from exc
         progress.say(f"data: {path} ({'generated' if made else 'cached'})")
         if not workload.cold:
             workloads.warm_page_cache(path)
@@ -474,6 +539,8 @@ def _run(opts: BenchOptions, loaders: list[str], missing: dict, runnable: list[s
         source = workloads.make_source(workload, str(path), batch_size=batch_size,
                                        length=opts.length, seed=opts.seed)
         batch_bytes, item_us = describe_batch(workload, source, batch_size)
+        check_fits(name, batch_size, batch_bytes, opts)
+        check_shm(runnable, batch_bytes, opts)
         budget_s = min(CEILING_BUDGET_S, MEMCPY_BUDGET_FRACTION * opts.seconds)
         one = many = 0.0
         for _ in range(CEILING_ROUNDS):  # alternated, best of each: a short check is noisy
