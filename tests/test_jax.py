@@ -81,6 +81,7 @@ def points_into_ring(arr: jax.Array, loader: shmfeed.Loader) -> bool:
 
 
 # -- values and structure ----------------------------------------------------------------
+@pytest.mark.contract
 def test_batches_arrive_as_jax_arrays_equal_to_the_loaders():
     kw = dict(batch_size=4, num_workers=0, shuffle=True, seed=3)
     with shmfeed.Loader(Stamped(18, named=True), **kw) as ref:
@@ -112,6 +113,7 @@ def test_64bit_leaves_become_jax_dtypes_in_one_copy():
 
 
 # -- ring safety ---------------------------------------------------------------------------
+@pytest.mark.contract
 def test_kept_arrays_keep_their_values_while_the_ring_turns_many_times():
     """The default (copy) transfer: arrays kept from early batches must not change when
     their slots are rewritten, and must not pin the slots (3 slots, ~40 ring turns)."""
@@ -130,6 +132,7 @@ def test_kept_arrays_keep_their_values_while_the_ring_turns_many_times():
             np.testing.assert_array_equal(np.asarray(batch["meta"][0]), snap["meta"][0])
 
 
+@pytest.mark.contract
 def test_xla_device_put_on_cpu_aliases_the_ring_and_keeps_the_slot_alive():
     """Plain jax.device_put of a loader batch on CPU (jax 0.10.2): the jax.Array points
     into the ring, and JAX holds the numpy base, so the slot is not reused while the
@@ -150,6 +153,7 @@ def test_xla_device_put_on_cpu_aliases_the_ring_and_keeps_the_slot_alive():
         assert held_slots(loader) == 0
 
 
+@pytest.mark.contract
 def test_xla_transfer_on_cpu_holds_slots_safely_and_says_when_they_run_out():
     with shmfeed.Loader(Stamped(40), batch_size=4, num_workers=0, num_slots=5, shuffle=True) as loader:
         first = []
