@@ -79,6 +79,12 @@ def _check_sane(doc: dict, workload: str, loaders: list[str]) -> None:
     assert stats["ring_bytes"] > 0 and len(stats["workers"]) == 2
 
 
+def _header(out: str) -> list[str]:
+    """The table's column names, from the CLI's stdout."""
+    line = next(row for row in out.splitlines() if row.startswith("| workload "))
+    return [c.strip() for c in line.split("|")[1:-1]]
+
+
 # -- argument errors -------------------------------------------------------------------------
 @pytest.mark.parametrize("args, message", [
     (["bench", "--compare", "nosuch"], "unknown loader 'nosuch'; known loaders: shmfeed, inline, pickle, torch, grain, keras"),
@@ -315,9 +321,9 @@ def test_step_ms_sleeps_after_each_batch_and_reports_input_wait_per_loader(data_
     assert code == 0, err
     _check_sane(doc, "tokens", ["shmfeed", "inline"])
     assert doc["options"]["step_ms"] == STEP_MS
-    header = out.splitlines()[-4]
-    assert header.split("|")[-2].strip() == "input wait"
+    assert _header(out)[-1] == "input wait"
     assert f"a simulated {STEP_MS:g} ms training step per batch" in out
+    assert "  input wait: share of the time" in out and "the loop waited for input" in out
     for name, info in doc["workloads"]["tokens"]["loaders"].items():
         run = info["runs"][0]
         # Each batch is followed by a step: the rate cannot beat 1 / step.
@@ -329,9 +335,14 @@ def test_without_a_step_the_table_shows_loop_cpu_and_leaves_input_wait_out(data_
     code, doc, out, err = _bench(["--workload", "compute", "--compare", "inline", "--workers", "2"],
                                  data_dir, tmp_path, capsys)
     assert code == 0, err
-    header = [c.strip() for c in out.splitlines()[-4].split("|")[1:-1]]
+    header = _header(out)
     assert header[-1] == "loop CPU ms" and "input wait" not in header
     assert "input wait is ~1 for every loader, left out" in out
+    # Under the table: what the columns a newcomer cannot guess mean, and one verdict line.
+    legend = {line.split(":")[0].strip() for line in out.splitlines() if line.startswith("  ")}
+    assert {"x shmfeed", "memcpy", "loop CPU ms"} <= legend and "input wait" not in legend
+    verdict = out.splitlines()[-1]
+    assert verdict.startswith("verdict (compute): shmfeed delivered ") and "ms of CPU per batch" in verdict
     loaders = doc["workloads"]["compute"]["loaders"]
     for info in loaders.values():
         assert 0 < info["summary"]["input_wait_fraction"] <= 1  # still in the JSON
