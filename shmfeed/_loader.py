@@ -24,7 +24,7 @@ import numpy as np
 
 from . import _forkserver, _interpreter, _state, _sysinfo
 from ._arrays import as_source
-from ._config import REQUIRED, build, check_int
+from ._config import build, check_int
 from ._consumer import Consumer
 from ._errors import LoaderClosedError, ShmfeedError, SourcePickleError, SpecError, WorkerError
 from ._order import DEFAULT_SHUFFLE_BLOCK
@@ -160,8 +160,8 @@ class Loader:
         self,
         source: Any,
         *,
-        batch_size: int | None = REQUIRED,
-        num_workers: int = REQUIRED,
+        batch_size: int | None,  # required, like num_workers (None: source[b] is a whole batch)
+        num_workers: int,
         shuffle: bool | str = False,
         shuffle_block: int = DEFAULT_SHUFFLE_BLOCK,
         seed: int = 0,
