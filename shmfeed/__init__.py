@@ -19,7 +19,6 @@ if not _sys.platform.startswith("linux"):
                       "ring uses memfd_create and futex waits. Use a Linux machine or container.")
 
 from . import sources
-from ._control import SlotState
 from ._errors import (
     LoaderClosedError,
     RingFullError,
@@ -50,7 +49,6 @@ __all__ = [
     "RingFullError",
     "RingMemoryError",
     "ShmfeedError",
-    "SlotState",
     "SourcePickleError",
     "SpecError",
     "Stats",

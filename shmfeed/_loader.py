@@ -380,11 +380,12 @@ class Loader:
         return self._ring.nbytes
 
     @property
-    def ring_address(self) -> int:
+    def _ring_address(self) -> int:
         return self._ring.address
 
-    def ring_data(self) -> np.ndarray:
-        """The slot region as a uint8 array (e.g. to page-lock it once on a GPU)."""
+    def _ring_data(self) -> np.ndarray:
+        """The slot region as a uint8 array (shmfeed.jax page-locks it once on a GPU).
+        Private: a user holding it would see slots being rewritten."""
         self._check_open()
         return self._ring.data_view()
 

@@ -224,7 +224,7 @@ def test_batch_level_slices_arrive_intact():
 
 def test_batches_are_views_into_the_ring():
     with shmfeed.Loader(Counting(20, shape=(64,)), batch_size=4, num_workers=2) as loader:
-        lo = loader.ring_address
+        lo = loader._ring_address
         hi = lo + loader.ring_bytes
         for batch in loader:
             for leaf in (batch["x"], batch["y"]):

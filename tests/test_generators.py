@@ -13,6 +13,7 @@ import psutil
 import pytest
 
 import shmfeed
+from shmfeed._control import SlotState
 
 STEPS = 3
 BATCH = 4
@@ -92,7 +93,7 @@ def test_the_worker_prefetches_while_the_loop_works():
         it = iter(loader)
         next(it)
         time.sleep(0.5)  # the training step
-        ready = sum(loader._ring.ctl.slot(s)["state"] == shmfeed.SlotState.READY for s in range(8))
+        ready = sum(loader._ring.ctl.slot(s)["state"] == SlotState.READY for s in range(8))
         assert ready == 5  # every other batch of the epoch was built meanwhile
         assert [b["n"][0] for b in it] == [4, 8, 12, 16, 20]
 

@@ -75,7 +75,7 @@ def host_values(tree):
 
 
 def points_into_ring(arr: jax.Array, loader: shmfeed.Loader) -> bool:
-    ring = loader.ring_data()
+    ring = loader._ring_data()
     lo = ring.ctypes.data
     return any(lo <= s.data.unsafe_buffer_pointer() < lo + ring.nbytes for s in arr.addressable_shards)
 

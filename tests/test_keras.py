@@ -154,12 +154,12 @@ def test_batches_are_copies_unless_copy_false():
     with shmfeed.keras.feed(seq, num_workers=0) as f:
         f.on_epoch_begin()
         x, _ = f[0]
-        assert not np.may_share_memory(x, f.loader.ring_data())
+        assert not np.may_share_memory(x, f.loader._ring_data())
         np.testing.assert_array_equal(x, seq[0][0])
     with shmfeed.keras.feed(seq, num_workers=0, copy=False) as f:
         f.on_epoch_begin()
         x, _ = f[0]
-        assert np.may_share_memory(x, f.loader.ring_data())
+        assert np.may_share_memory(x, f.loader._ring_data())
         del x
 
 
