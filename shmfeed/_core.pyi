@@ -1,8 +1,9 @@
 # Stub of the C extension shmfeed._core (csrc/_core.c, over csrc/ctl.c and csrc/gather.c).
 # Statuses are the SHMF_* ints below; shmfeed/_control.py turns them into exceptions.
-from typing import Any, final
+from typing import Any, TypeAlias, final
 
-from typing_extensions import Buffer
+# Any object with the buffer protocol (collections.abc.Buffer needs Python 3.12).
+Buffer: TypeAlias = Any
 
 SHMF_FREE: int
 SHMF_FILLING: int
@@ -25,7 +26,7 @@ SHMF_VERSION: int
 SHMF_NO_CLAIM: int
 
 @final
-class SlotRef(Buffer):
+class SlotRef:
     """A held ring slot, as a writable buffer; released when it is freed."""
     def __buffer__(self, flags: int, /) -> memoryview: ...
 

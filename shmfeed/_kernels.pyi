@@ -1,8 +1,9 @@
 # Stub of the C extension shmfeed._kernels (csrc/_kernels.c over csrc/kernels.c): hot
 # loops that release the GIL.  Arrays are any buffer of the stated item type.
-from typing import Any
+from typing import Any, TypeAlias
 
-from typing_extensions import Buffer
+# Any object with the buffer protocol (collections.abc.Buffer needs Python 3.12).
+Buffer: TypeAlias = Any
 
 ORDER_MAX_N: int
 GIL_RELEASE_MIN_COUNT: int
