@@ -151,7 +151,13 @@ def test_device_without_gpu_says_why_and_exits_0():
 
 
 # -- runs ------------------------------------------------------------------------------------
-@pytest.mark.parametrize("workload", PER_SAMPLE + ["batchlevel"])
+# Workloads whose data takes seconds to generate and read (JPEG files, large images, ~1 ms
+# of work per sample) run in the integration tier; the rest cover the same code paths.
+HEAVY = ("images", "compute", "images-jpeg")
+
+
+@pytest.mark.parametrize("workload", [pytest.param(w, marks=pytest.mark.integration) if w in HEAVY else w
+                                      for w in PER_SAMPLE + ["batchlevel"]])
 def test_each_workload_runs_shmfeed_inline_and_pickle(workload, data_dir, tmp_path, capsys):
     code, doc, out, err = _bench(["--workload", workload, "--compare", "inline,pickle", "--workers", "2"],
                                  data_dir, tmp_path, capsys)
@@ -171,6 +177,7 @@ def test_each_array_workload_runs_shmfeed_and_inline_and_marks_peers_na(workload
     _check_sane(doc, workload, ["shmfeed", "inline"])
 
 
+@pytest.mark.integration  # each peer's child imports torch, grain or keras: seconds
 @pytest.mark.parametrize("peer", ["torch", "grain", "keras"])
 def test_peer_runs_a_per_sample_and_the_batch_level_workload(peer, data_dir, tmp_path, capsys):
     # The adapters have two paths, per-sample and batch-level; the workloads differ

@@ -330,6 +330,7 @@ def _run(args: list[str], env_extra: dict[str, str]) -> subprocess.CompletedProc
                           text=True, timeout=SUBPROCESS_TIMEOUT_S)
 
 
+@pytest.mark.integration
 def test_sharding_over_four_cpu_devices():
     proc = _run([__file__, "sharded"], {"XLA_FLAGS": "--xla_force_host_platform_device_count=4",
                                         "JAX_PLATFORMS": "cpu"})
@@ -343,6 +344,7 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+@pytest.mark.integration
 def test_two_hosts_each_load_their_own_part_and_build_global_batches():
     port = str(_free_port())
     env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=2", JAX_PLATFORMS="cpu")
@@ -384,6 +386,7 @@ EPOCH_LINE = re.compile(r"epoch (\d+)/\d+\s+loss ([\d.]+)\s+accuracy ([\d.]+)\s+
                         r"val_accuracy ([\d.]+)\s+examples/s (\d+)")
 
 
+@pytest.mark.integration
 def test_the_flax_example_learns(tmp_path):
     proc = _run([str(ROOT / "examples" / "train_flax.py"), "--samples", "480", "--epochs", "3",
                  "--batch-size", "32", "--workers", "1", "--data-dir", str(tmp_path / "data")],
@@ -398,6 +401,7 @@ def test_the_flax_example_learns(tmp_path):
 
 
 @pytest.mark.timeout(360)  # three runs of the example, each starting JAX and compiling
+@pytest.mark.integration
 def test_flax_example_killed_mid_epoch_resumes_with_the_uninterrupted_losses(tmp_path):
     """SIGKILL of the training script in the middle of its second epoch; started again,
     it restores model, optimiser and loader state from orbax, and every later step's

@@ -186,6 +186,7 @@ def test_keras_workers_cannot_be_turned_on_and_options_are_checked():
             shmfeed.keras.feed(loader, num_workers=2)
 
 
+@pytest.mark.integration
 def test_the_keras_example_trains_and_runs_its_body_once(tmp_path):
     """examples/train_keras.py: the tutorial's script with no __main__ guard, JAX
     running before the feeds exist (so their pools start from the fork server)."""
