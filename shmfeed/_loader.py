@@ -258,7 +258,7 @@ class Loader:
         ended = pool.poll() if pool is not None else None
         if ended is not None and self._ring.ctl.fatal:
             return False
-        if ended is not None:
+        if pool is not None and ended is not None:
             log.warning("shmfeed: the worker pool's supervisor (pid %d) %s between epochs; "
                         "starting a new pool", pool.pid, ended)
         return ended is not None
@@ -418,7 +418,8 @@ class Loader:
                 {"worker": w, "pid": info["pid"], "batches": info["batches"], "busy_s": info["busy_ns"] / 1e9}
                 for w in range(self._ring.max_workers) for info in [ctl.worker(w)]
             ]
-        return Stats(**{k: (list(v) if isinstance(v, list) else v) for k, v in s.__dict__.items()})
+        copied: dict[str, Any] = {k: (list(v) if isinstance(v, list) else v) for k, v in s.__dict__.items()}
+        return Stats(**copied)
 
     def __repr__(self) -> str:
         mib = self._ring.nbytes / 2**20

@@ -26,7 +26,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 
@@ -93,7 +93,8 @@ class Padding:
                 write_leaf(view, col, leaf, items)
                 continue
             room = view.shape[1:]
-            shapes = [x.shape if type(x) is np.ndarray and x.dtype == leaf.dtype else None for x in col]
+            shapes: list[Any] = [x.shape if type(x) is np.ndarray and x.dtype == leaf.dtype else None
+                                 for x in col]
             for row, shape in enumerate(shapes):
                 if shape is None or len(shape) != len(room) or any(a > b for a, b in zip(shape, room)):
                     _check_row(col[row], leaf, room, pad.shape, items[row])  # raises, saying why
@@ -266,7 +267,7 @@ def plan(spec: Spec, padded_shapes: Any, padding_values: Any, with_lengths: bool
             raise SpecError(f"`padded_shapes`, field {leaf.path or '(root)'}: {tuple(ps)} has None, which "
                             "needs `bucket_boundaries` (a slot is sized once: give each dimension its "
                             "largest length)")
-        full = tuple(top if d is None else int(d) for d in ps)
+        full = tuple(cast(int, top) if d is None else int(d) for d in ps)  # top: checked just above
         _check_fits(leaf.shape, leaf.dtype, leaf, full, full, where)
         lengths_leaf = len(spec.leaves) + lengths_order.index(j) if j in lengths_order else None
         pads[j] = LeafPad(full, _pad_value(values.get(j, 0), leaf),

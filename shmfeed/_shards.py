@@ -104,11 +104,12 @@ class ShardBuilder(Builder):
             return sh
         shard = src.shards[j]
         rows = src.batch_size
-        sh = self._shards[j] = _Shard(epoch, iter(src.stream.make(shard, src.stream.num_shards)), 0)
+        it = iter(src.stream.make(shard, src.stream.num_shards))
+        sh = self._shards[j] = _Shard(epoch, it, 0)
         skip = round_ * rows  # re-read what was built before (exactly once)
         for pos in range(skip):
             _rng.set_item(seed, epoch, _item_key(shard, pos))
-            if next(sh.it, _END) is _END:
+            if next(it, _END) is _END:
                 sh.it = None
                 break
         sh.round = round_
@@ -124,7 +125,8 @@ class ShardBuilder(Builder):
         try:
             sh = self._shard_at(j, epoch, round_)
             sh.round = round_ + 1
-            samples, keys = [], []
+            samples: list = []
+            keys = []
             while sh.it is not None and len(samples) < rows:
                 key = _item_key(shard, round_ * rows + len(samples))
                 self.current_item = key

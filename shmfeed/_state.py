@@ -44,7 +44,7 @@ def fingerprint(order: Order) -> dict:
         "batch_level": batch_level,
         # Global, so that a state taken with k hosts loads with k' at the same k*B;
         # batch-level sources deal whole source batches to hosts, so k itself counts.
-        "global_batch_size": None if batch_level else order.batch_size * order.shard_count,
+        "global_batch_size": None if order.batch_size is None else order.batch_size * order.shard_count,
         "shard_count": order.shard_count if batch_level else None,
         "shuffle": order.shuffle,
         "shuffle_block": order.shuffle_block if order.shuffle == "block" else None,
