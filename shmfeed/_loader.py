@@ -18,6 +18,7 @@ import logging
 import os
 import time
 import weakref
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import numpy as np
@@ -435,7 +436,7 @@ class Loader:
         self._closed = True
         self._finalizer()
 
-    def add_close_callback(self, fn) -> None:
+    def add_close_callback(self, fn: Callable[[], object]) -> None:
         """Run `fn()` once when the loader closes (by `close()`, `with`, or garbage
         collection), after its workers stop and before its ring is released; e.g. to
         unregister a page-locked ring.  Callbacks run last-added first."""
@@ -448,7 +449,7 @@ class Loader:
     def __exit__(self, *exc: Any) -> None:
         self.close()
 
-    def __iter__(self):
+    def __iter__(self) -> Iterator[Any]:
         self._check_open()
         other = self._consumer.iterating_elsewhere() if self._active is not None else None
         if other is not None:
