@@ -140,8 +140,16 @@ def test_no_automatic_server_where_the_process_already_holds_more_memory_than_al
 def test_a_dead_fork_server_falls_back_to_a_fresh_interpreter(tmp_path):
     result = _run(tmp_path, """
         import signal
+        import psutil
+        def dead(pid):
+            try:
+                return psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
+            except psutil.NoSuchProcess:
+                return True
         os.kill(server, signal.SIGKILL)
-        time.sleep(0.2)
+        deadline = time.monotonic() + 20  # dead before the loader asks it (slow under load)
+        while not dead(server) and time.monotonic() < deadline:
+            time.sleep(0.01)
         with shmfeed.Loader(mylib.Squares(20), batch_size=5, num_workers=2) as loader:
             got = sorted(int(v) for b in loader for v in b[:, 0])
             print(json.dumps({"method": loader.start_method, "ok": got == [i * i for i in range(20)]}))
