@@ -284,14 +284,15 @@ def test_python_dash_m_runs_the_readme_command_with_json_on_stdout_and_a_plot(da
     plot = tmp_path / "bench.png"
     with_plot = importlib.util.find_spec("matplotlib") is not None  # not in the `test` extra
     proc = subprocess.run(
-        [sys.executable, "-m", "shmfeed", "bench", "--workload", "transport", "--compare", "inline",
-         "--seconds", str(RUN_S), "--data-dir", str(data_dir), "--data-rows", str(DATA_ROWS),
+        [sys.executable, "-m", "shmfeed", "bench", "--workload", "compute", "--compare", "inline",
+         "--step-ms", "30", "--seconds", str(RUN_S), "--data-dir", str(data_dir), "--data-rows", str(DATA_ROWS),
          "--json", "-"] + (["--plot", str(plot)] if with_plot else []),
         capture_output=True, text=True, timeout=CLI_TIMEOUT_S)
     assert proc.returncode == 0, proc.stderr
     doc = json.loads(proc.stdout)  # the table went to stderr
-    _check_sane(doc, "transport", ["shmfeed", "inline"])
-    assert "| transport" in proc.stderr and "data: " in proc.stderr
+    _check_sane(doc, "compute", ["shmfeed", "inline"])
+    assert "| compute" in proc.stderr and "data: " in proc.stderr
+    assert "verdict (compute): shmfeed delivered " in proc.stderr  # with the table
     if with_plot:
         assert plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
