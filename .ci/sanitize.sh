@@ -11,6 +11,7 @@
 # About a minute on 2 cores.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+export SHMFEED_WERROR=1  # the project's own builds fail on any compiler warning
 CC=${CC:-gcc}
 work=$(mktemp -d /tmp/shmfeed-sanitize.XXXXXX)
 trap 'rm -rf "$work"' EXIT

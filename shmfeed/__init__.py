@@ -11,8 +11,14 @@ built, keyed by (seed, epoch, index).  `shmfeed.jax.prefetch_to_device` turns ba
 into `jax.Array`s.
 """
 
+import sys as _sys
+
+if not _sys.platform.startswith("linux"):
+    # memfd, futex waits, /proc and PR_SET_PDEATHSIG are Linux's; nothing else would work.
+    raise ImportError(f"shmfeed runs on Linux only (this is {_sys.platform}): its shared-memory "
+                      "ring uses memfd_create and futex waits. Use a Linux machine or container.")
+
 from . import sources
-from ._control import SlotState
 from ._errors import (
     LoaderClosedError,
     RingFullError,
@@ -43,7 +49,6 @@ __all__ = [
     "RingFullError",
     "RingMemoryError",
     "ShmfeedError",
-    "SlotState",
     "SourcePickleError",
     "SpecError",
     "Stats",

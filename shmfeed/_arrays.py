@@ -102,7 +102,8 @@ def _row_copy(rows: np.ndarray, base: np.ndarray | None = None,
     return src, row_bytes if stride is None else stride, row_bytes
 
 
-def _take_rows(rows: np.ndarray, copy: tuple | None, indices: np.ndarray, out: np.ndarray) -> None:
+def _take_rows(rows: np.ndarray, copy: tuple[np.ndarray, int, int] | None, indices: np.ndarray,
+               out: np.ndarray) -> None:
     """Rows `indices` of `rows` into the first rows of `out` (a slot's leaf, contiguous);
     `copy`: `_row_copy(rows, ...)`."""
     if copy is not None:

@@ -147,8 +147,8 @@ class BucketedOrder(Order):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        grouping = Grouping(self.buckets, self.global_batch_size, self._full_batches,  # type: ignore[attr-defined]
-                            self._tail_rows * self.shard_count, bool(self.shuffle), self.seed)  # type: ignore[attr-defined]
+        grouping = Grouping(self.buckets, self.global_batch_size, self._full_batches,
+                            self._tail_rows * self.shard_count, bool(self.shuffle), self.seed)
         object.__setattr__(self, "_grouping", grouping)
 
     def _epoch(self, epoch: int) -> tuple[np.ndarray, np.ndarray]:

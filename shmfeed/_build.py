@@ -111,7 +111,7 @@ class Builder:
                 self.current_item = _rng.current_index()
                 raise
             self.current_item = None  # a bad sample's SpecError names its own index
-            bucket = order.bucket(epoch, batch) if self.padding and self.padding.boundaries else None
+            bucket = order.bucket(epoch, batch) if isinstance(order, _bucket.BucketedOrder) else None
             return self.write_rows(slot, self._flatten_samples(samples, items), items, bucket)
         finally:
             _rng.clear_item()

@@ -3,7 +3,7 @@
 Owns argument parsing and exit codes; the work is in `shmfeed._bench` and
 `shmfeed._doctor`.
 
-    shmfeed bench --workload transport --compare inline --seconds 2
+    shmfeed bench --workload compute --compare inline --step-ms 30 --seconds 3
     shmfeed bench --workload all --compare all --workers 2 --repeat 3 --json out.json --plot out.png
     shmfeed bench --device
     shmfeed doctor [--json]
@@ -246,6 +246,9 @@ def _bench(args: argparse.Namespace, parser: argparse.ArgumentParser, argv: list
     out = sys.stderr if args.json == "-" else sys.stdout
     print(report.heading(doc), file=out)
     print(report.table(doc), file=out)
+    print(report.legend(doc), file=out)
+    for line in report.verdicts(doc):
+        print(line, file=out)
     if args.json is not None:
         report.write_json(doc, args.json)
     if args.plot is not None:

@@ -33,7 +33,6 @@ from ._spec import Spec, infer, with_rows
 log = logging.getLogger("shmfeed")
 
 START_METHODS = ("auto", "fork", "forkserver", "spawn")
-REQUIRED: Any = object()  # the default of options a caller must give
 MAX_NICE = 19
 MAX_BATCHES = 0xFFFFFFFF  # batch numbers are the low 32 bits of a tag; this one is reserved
 MAX_SLOTS = 0xFFFFFFFE  # slot numbers are 32-bit, and 0xFFFFFFFF means "no slot"
@@ -94,15 +93,6 @@ def build(source: Any, *, batch_size: Any, num_workers: Any, shuffle: Any, shuff
           with_lengths: Any = False, bucket_boundaries: Any = None, bucket_lengths: Any = None,
           worker_nice: Any = 0) -> Config:
     """Validate the Loader's arguments, probe the source, size the ring."""
-    if batch_size is REQUIRED:
-        raise SpecError(
-            "`batch_size` is required: the number of samples per batch (source[i] is one "
-            "sample), or None when source[b] is already a whole batch (a Keras Sequence).")
-    if num_workers is REQUIRED:
-        raise SpecError(
-            "`num_workers` is required: how many processes build batches (0 builds them in "
-            f"this process; this machine has {_sysinfo.usable_cpus().value} usable CPUs, and one of them runs "
-            "the training loop).")
     if not (hasattr(source, "__len__") and hasattr(source, "__getitem__")):
         raise SpecError(f"`source` must have __len__ and __getitem__, or be a generator, an iterable "
                         f"or a function returning one (with `steps_per_epoch`); got {type(source).__name__}")

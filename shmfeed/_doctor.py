@@ -199,7 +199,7 @@ def check_core() -> Check:
                      "build it: `pip install -e .` in the checkout, or "
                      "`python setup.py build_ext --inplace`",
                      {"shmfeed": str(package_dir)})
-    core_path = Path(core.__file__)
+    core_path = Path(str(core.__file__))
     details = {"shmfeed": str(package_dir), "core": str(core_path), "version": shmfeed.__version__}
     if core_path.parent != package_dir:
         # An editable install's finder can serve the core of another checkout.

@@ -18,13 +18,14 @@ import logging
 import os
 import time
 import weakref
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import numpy as np
 
 from . import _forkserver, _interpreter, _state, _sysinfo
 from ._arrays import as_source
-from ._config import REQUIRED, build, check_int
+from ._config import build, check_int
 from ._consumer import Consumer
 from ._errors import LoaderClosedError, ShmfeedError, SourcePickleError, SpecError, WorkerError
 from ._order import DEFAULT_SHUFFLE_BLOCK
@@ -160,8 +161,8 @@ class Loader:
         self,
         source: Any,
         *,
-        batch_size: int | None = REQUIRED,
-        num_workers: int = REQUIRED,
+        batch_size: int | None,  # required, like num_workers (None: source[b] is a whole batch)
+        num_workers: int,
         shuffle: bool | str = False,
         shuffle_block: int = DEFAULT_SHUFFLE_BLOCK,
         seed: int = 0,
@@ -258,7 +259,7 @@ class Loader:
         ended = pool.poll() if pool is not None else None
         if ended is not None and self._ring.ctl.fatal:
             return False
-        if ended is not None:
+        if pool is not None and ended is not None:
             log.warning("shmfeed: the worker pool's supervisor (pid %d) %s between epochs; "
                         "starting a new pool", pool.pid, ended)
         return ended is not None
@@ -383,11 +384,12 @@ class Loader:
         return self._ring.nbytes
 
     @property
-    def ring_address(self) -> int:
+    def _ring_address(self) -> int:
         return self._ring.address
 
-    def ring_data(self) -> np.ndarray:
-        """The slot region as a uint8 array (e.g. to page-lock it once on a GPU)."""
+    def _ring_data(self) -> np.ndarray:
+        """The slot region as a uint8 array (shmfeed.jax page-locks it once on a GPU).
+        Private: a user holding it would see slots being rewritten."""
         self._check_open()
         return self._ring.data_view()
 
@@ -420,7 +422,8 @@ class Loader:
                 {"worker": w, "pid": info["pid"], "batches": info["batches"], "busy_s": info["busy_ns"] / 1e9}
                 for w in range(self._ring.max_workers) for info in [ctl.worker(w)]
             ]
-        return Stats(**{k: (list(v) if isinstance(v, list) else v) for k, v in s.__dict__.items()})
+        copied: dict[str, Any] = {k: (list(v) if isinstance(v, list) else v) for k, v in s.__dict__.items()}
+        return Stats(**copied)
 
     def __repr__(self) -> str:
         mib = self._ring.nbytes / 2**20
@@ -436,7 +439,7 @@ class Loader:
         self._closed = True
         self._finalizer()
 
-    def add_close_callback(self, fn) -> None:
+    def add_close_callback(self, fn: Callable[[], object]) -> None:
         """Run `fn()` once when the loader closes (by `close()`, `with`, or garbage
         collection), after its workers stop and before its ring is released; e.g. to
         unregister a page-locked ring.  Callbacks run last-added first."""
@@ -449,7 +452,7 @@ class Loader:
     def __exit__(self, *exc: Any) -> None:
         self.close()
 
-    def __iter__(self):
+    def __iter__(self) -> Iterator[Any]:
         self._check_open()
         other = self._consumer.iterating_elsewhere() if self._active is not None else None
         if other is not None:

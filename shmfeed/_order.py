@@ -31,8 +31,9 @@ every item exactly once when k = 1 and `drop_last=False`.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import lru_cache
+from typing import TYPE_CHECKING
 
 import numpy as np
 
@@ -65,6 +66,10 @@ class Order:
     shard_index: int = 0
     shard_count: int = 1
     shuffle_block: int = DEFAULT_SHUFFLE_BLOCK  # samples per run, for shuffle="block"
+    if TYPE_CHECKING:  # set by __post_init__, not fields (not compared, not shown)
+        _full_batches: int = field(init=False, compare=False)
+        _tail_rows: int = field(init=False, compare=False)
+        _n_batches: int = field(init=False, compare=False)
 
     def __post_init__(self) -> None:
         shuffle = self.shuffle

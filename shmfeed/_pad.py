@@ -27,7 +27,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 
@@ -95,7 +95,8 @@ class Padding:
                 write_leaf(view, col, leaf, items)
                 continue
             room = view.shape[1:]
-            shapes = [x.shape if type(x) is np.ndarray and x.dtype == leaf.dtype else None for x in col]
+            shapes: list[Any] = [x.shape if type(x) is np.ndarray and x.dtype == leaf.dtype else None
+                                 for x in col]
             for row, shape in enumerate(shapes):
                 if shape is None or len(shape) != len(room) or any(a > b for a, b in zip(shape, room)):
                     _check_row(col[row], leaf, room, pad.shape, items[row])  # raises, saying why
@@ -268,7 +269,7 @@ def plan(spec: Spec, padded_shapes: Any, padding_values: Any, with_lengths: bool
             raise SpecError(f"`padded_shapes`, field {leaf.path or '(root)'}: {tuple(ps)} has None, which "
                             "needs `bucket_boundaries` (a slot is sized once: give each dimension its "
                             "largest length)")
-        full = tuple(top if d is None else int(d) for d in ps)
+        full = tuple(cast(int, top) if d is None else int(d) for d in ps)
         batch_bytes = spec.rows * math.prod(full) * leaf.dtype.itemsize
         if batch_bytes > MAX_ARRAY_BYTES:
             raise SpecError(f"`padded_shapes`, field {leaf.path or '(root)'}: {full} makes a batch of "

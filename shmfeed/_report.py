@@ -29,6 +29,7 @@ import signal
 import struct
 import traceback
 from dataclasses import dataclass, fields, replace
+from typing import Any, cast
 
 from ._control import REPORT_BYTES
 from ._errors import ShmfeedError, WorkerError, internal
@@ -102,7 +103,7 @@ class _Report:
 
     @staticmethod
     def _pickle(report: _Report) -> bytes:
-        values = tuple(getattr(report, f.name) for f in fields(report))
+        values = tuple(getattr(report, f.name) for f in fields(cast(Any, report)))  # each kind is a dataclass
         return pickle.dumps((report.KIND, values), protocol=pickle.HIGHEST_PROTOCOL)
 
     def to_exception(self) -> BaseException:

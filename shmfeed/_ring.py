@@ -59,7 +59,9 @@ class Ring:
         self.spec = spec
         self.n_slots = n_slots
         self.max_workers = max_workers
-        self.slot_bytes = spec.slot_bytes if spec is not None else slot_bytes
+        slot_bytes = spec.slot_bytes if spec is not None else slot_bytes
+        assert slot_bytes is not None, "a Ring needs its spec or its slot_bytes"
+        self.slot_bytes = slot_bytes
         offsets = _control.layout(n_slots, max_workers)
         self.report_offsets: list[int] = offsets["reports"]
         self.fatal_offset: int = offsets["fatal"]
@@ -135,12 +137,17 @@ class Ring:
             layout = self._layout if self._layout_spec is self.spec else self._lay_out()
             return [np.ndarray((rows,) + shape, dtype, buffer, offset) for dtype, shape, offset in layout]
         return [np.ndarray((rows,) + tuple(shape), lf.dtype, buffer, lf.offset)
-                for lf, shape in zip(self.spec.leaves, shapes)]
+                for lf, shape in zip(self._known_spec().leaves, shapes)]
+
+    def _known_spec(self) -> Spec:
+        """The spec, which a spawned pool's ring learns after mapping (see __init__)."""
+        assert self.spec is not None, "the ring's spec is not known yet"
+        return self.spec
 
     def _lay_out(self) -> list[tuple[np.dtype, tuple[int, ...], int]]:
         """(dtype, row shape, offset) of each leaf of the spec (which a spawned pool
         learns after mapping the ring)."""
-        self._layout = [(lf.dtype, tuple(lf.shape), lf.offset) for lf in self.spec.leaves]
+        self._layout = [(lf.dtype, tuple(lf.shape), lf.offset) for lf in self._known_spec().leaves]
         self._layout_spec = self.spec
         return self._layout
 
@@ -148,9 +155,10 @@ class Ring:
         """Full-capacity arrays of each leaf in `slot`, for the worker to write into
         (with `shapes`: of those row shapes, for a bucket)."""
         if shapes is not None:
-            return self._views(self.slot_raw[slot], self.spec.rows, shapes)
+            return self._views(self.slot_raw[slot], self._known_spec().rows, shapes)
         if self._write_views is None:
-            self._write_views = [self._views(raw, self.spec.rows, None) for raw in self.slot_raw]
+            rows = self._known_spec().rows
+            self._write_views = [self._views(raw, rows, None) for raw in self.slot_raw]
         return self._write_views[slot]
 
     def write_report(self, slot: int | None, report: _report._Report) -> None:

@@ -51,7 +51,8 @@ def set_item(seed: int, epoch: int, index: int) -> None:
 def samples_of(source: Any, seed: int, epoch: int, items: list[int]) -> list:
     """`source[i]` for each `i` of `items`, each with its own `rng()` (set_item, inlined:
     this loop runs for every sample).  If one raises, `current_index()` names it."""
-    ctx, samples = _ctx, []
+    ctx = _ctx
+    samples: list = []
     append = samples.append
     for index in items:
         ctx.key = (seed, epoch, index)
@@ -164,7 +165,7 @@ def kept_global_rngs() -> Iterator[None]:
     finally:
         np.random.set_state(saved[0])
         random.setstate(saved[1])
-        if saved[2] is not None:
+        if torch is not None and saved[2] is not None:
             torch.set_rng_state(saved[2])
 
 
@@ -172,6 +173,7 @@ def seed_of_user_rng() -> int:
     """A seed taken from the state of the user's `np.random` without drawing from it:
     after `np.random.seed(s)` it is a function of `s`, and the user's stream goes on
     exactly as if shmfeed were not there (what `seed=None` means)."""
-    _, key, pos, *_ = np.random.get_state()
+    state: Any = np.random.get_state()  # (name, key, pos, ...): numpy's stub is a union with a dict
+    _, key, pos, *_ = state
     entropy = np.random.SeedSequence([*key.tolist(), int(pos)]).generate_state(1, np.uint32)
     return int(entropy[0])

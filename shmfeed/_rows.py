@@ -29,7 +29,7 @@ _shape_of = attrgetter("shape")
 @functools.cache
 def _buffer_format(dtype: np.dtype) -> str:
     """The struct format numpy's buffers of `dtype` carry (what stack_rows compares)."""
-    return memoryview(np.empty(0, dtype)).format
+    return np.empty(0, dtype).data.format
 
 
 def _arrays_ok(col: tuple, leaf: Leaf) -> bool:

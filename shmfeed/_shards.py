@@ -160,14 +160,15 @@ class ShardBuilder(Builder):
         shard = src.shards[j]
         rows = src.batch_size
         self.current_item = _item_key(shard, 0)  # an error in `make` itself names the shard
-        sh = self._shards[j] = _Shard(epoch, iter(src.stream.make(shard, src.stream.num_shards)), 0)
+        it = iter(src.stream.make(shard, src.stream.num_shards))
+        sh = self._shards[j] = _Shard(epoch, it, 0)
         sh.expect = self._prints.recorded(j, epoch) if round_ else None
         for r in range(round_):  # re-read what was built before (exactly once)
             samples: list = []
             for pos in range(r * rows, (r + 1) * rows):
                 self.current_item = key = _item_key(shard, pos)
                 _rng.set_item(seed, epoch, key)
-                sample = next(sh.it, _END)
+                sample = next(it, _END)
                 if sample is _END:
                     sh.it = None
                     break
@@ -230,7 +231,8 @@ class ShardBuilder(Builder):
         try:
             sh = self._shard_at(j, epoch, round_)
             sh.round = round_ + 1
-            samples, keys = [], []
+            samples: list = []
+            keys = []
             while sh.it is not None and len(samples) < rows:
                 key = _item_key(shard, round_ * rows + len(samples))
                 self.current_item = key

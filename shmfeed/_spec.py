@@ -121,7 +121,7 @@ def _unsupported(obj: Any, where: str, path: str, expected: str) -> SpecError:
     return SpecError(f"{head} Convert it in `__getitem__`, e.g. with np.asarray.")
 
 
-def _as_leaf_array(obj: Any, path: tuple, where: str) -> tuple[np.ndarray, type | None]:
+def _as_leaf_array(obj: Any, path: tuple, where: str) -> tuple[np.ndarray | np.generic, type | None]:
     here = _path_str(path) or "(root)"
     if isinstance(obj, np.ndarray | np.generic):
         arr = obj

@@ -57,7 +57,7 @@ def fingerprint(order: Order) -> dict:
         "batch_level": batch_level,
         # Global, so that a state taken with k hosts loads with k' at the same k*B;
         # batch-level sources deal whole source batches to hosts, so k itself counts.
-        "global_batch_size": None if batch_level else order.batch_size * order.shard_count,
+        "global_batch_size": None if order.batch_size is None else order.batch_size * order.shard_count,
         "shard_count": order.shard_count if batch_level else None,
         "shuffle": order.shuffle,
         "shuffle_block": order.shuffle_block if order.shuffle == "block" else None,
@@ -117,10 +117,13 @@ def check(state: Any, order: Order, n_batches: int) -> tuple[int, int]:
                 f"the loader state was saved with {key}={_short(theirs.get(key))} (`fingerprint.{key}`), this loader has "
                 f"{key}={value!r}: its stream would differ. Resume with the same dataset and "
                 "options (for several hosts: the same global batch size, `batch_size * shard_count`).")
-    epoch, nxt = _int(state["epoch"]), _int(state["next_batch"])
-    for name, v in (("epoch", epoch), ("next_batch", nxt)):
+    checked = []
+    for name in ("epoch", "next_batch"):
+        v = _int(state[name])
         if v is None or v < 0:
             raise SpecError(f"the loader state's `{name}` must be an integer >= 0, got {_short(state[name])}")
+        checked.append(v)
+    epoch, nxt = checked
     if epoch > MAX_EPOCH:
         raise SpecError(f"the loader state's `epoch` must be <= {MAX_EPOCH} (epochs are 64-bit), got {epoch}")
     if nxt > n_batches:

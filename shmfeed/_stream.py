@@ -139,6 +139,7 @@ class GeneratorSource:
             return self._first.pop()
         it = self._iterator
         if it is None:
+            assert self.make is not None  # (__init__: no iterator, then a make)
             it = self._iterator = iter(self.make())
         return next(it)
 

@@ -157,6 +157,7 @@ def supervise(ring: Ring, chan_fd: int, source: Any, cfg: Config, parent_pid: in
         except OSError:
             pass  # older kernels: the POLL_S loop still reaps it
 
+    w: int | None  # a worker's index (None below: a pid that is no worker of ours)
     for w in range(cfg.num_workers):
         start(w, None)
 
@@ -203,9 +204,9 @@ def supervise(ring: Ring, chan_fd: int, source: Any, cfg: Config, parent_pid: in
             del workers[pid]
             if pid in busy:
                 os.waitpid(pid, 0)
-                fd = pidfds.pop(pid, None)
-                if fd is not None:
-                    os.close(fd)
+                pidfd = pidfds.pop(pid, None)
+                if pidfd is not None:
+                    os.close(pidfd)
             else:
                 retired[pid] = w
         for w in range(cfg.num_workers):
@@ -215,7 +216,7 @@ def supervise(ring: Ring, chan_fd: int, source: Any, cfg: Config, parent_pid: in
         return True
 
     retired: dict[int, int] = {}  # pid -> worker index, of workers replaced by an update
-    listen = [chan]
+    listen: list[Any] = [chan]  # select() takes fds and sockets alike
     orphaned = False
     while not ctl.shutting_down and not orphaned:
         ready = select.select(list(pidfds.values()) + parent_fd + listen, [], [], POLL_S)[0]
@@ -229,9 +230,9 @@ def supervise(ring: Ring, chan_fd: int, source: Any, cfg: Config, parent_pid: in
                 break
             w = workers.pop(pid, None)
             retired.pop(pid, None)
-            fd = pidfds.pop(pid, None)
-            if fd is not None:
-                os.close(fd)
+            pidfd = pidfds.pop(pid, None)
+            if pidfd is not None:
+                os.close(pidfd)
             if w is None or ctl.shutting_down:
                 continue
             held = ctl.worker(w)["claim"]  # what it was building, needed or not

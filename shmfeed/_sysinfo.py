@@ -21,6 +21,7 @@ import os
 import sys
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import psutil
 
@@ -37,7 +38,9 @@ V1_NO_LIMIT_BYTES = 2**62
 class Reading:
     """A number the kernel reported (None: no limit, or not readable) and its source."""
 
-    value: int | float | None
+    # int or float, or None; typed Any because most readings (CPUs, MemTotal) always have
+    # one, and their callers compute with it directly.
+    value: Any
     source: str
 
     def as_dict(self) -> dict:

@@ -30,6 +30,7 @@ def worker_loop(ring: Ring, builder: Builder, worker: int, pending: int | None, 
     # and hands back the first batch of each epoch (and anything unusual) to build here.
     plan = builder.gather_plan()
     epoch, key = NO_EPOCH, 0
+    batch: int | None
     try:
         if pending is not None:
             # A predecessor died building this batch: rebuild it first (the

@@ -82,6 +82,12 @@ def _check_sane(doc: dict, workload: str, loaders: list[str]) -> None:
     assert stats["ring_bytes"] > 0 and len(stats["workers"]) == 2
 
 
+def _header(out: str) -> list[str]:
+    """The table's column names, from the CLI's stdout."""
+    line = next(row for row in out.splitlines() if row.startswith("| workload "))
+    return [c.strip() for c in line.split("|")[1:-1]]
+
+
 # -- argument errors -------------------------------------------------------------------------
 @pytest.mark.parametrize("args, message", [
     (["bench", "--compare", "nosuch"], "unknown loader 'nosuch'; known loaders: shmfeed, inline, pickle, torch, grain, keras"),
@@ -148,7 +154,13 @@ def test_device_without_gpu_says_why_and_exits_0():
 
 
 # -- runs ------------------------------------------------------------------------------------
-@pytest.mark.parametrize("workload", PER_SAMPLE + ["batchlevel"])
+# Workloads whose data takes seconds to generate and read (JPEG files, large images, ~1 ms
+# of work per sample) run in the integration tier; the rest cover the same code paths.
+HEAVY = ("images", "compute", "images-jpeg")
+
+
+@pytest.mark.parametrize("workload", [pytest.param(w, marks=pytest.mark.integration) if w in HEAVY else w
+                                      for w in PER_SAMPLE + ["batchlevel"]])
 def test_each_workload_runs_shmfeed_inline_and_pickle(workload, data_dir, tmp_path, capsys):
     code, doc, out, err = _bench(["--workload", workload, "--compare", "inline,pickle", "--workers", "2"],
                                  data_dir, tmp_path, capsys)
@@ -168,6 +180,7 @@ def test_each_array_workload_runs_shmfeed_and_inline_and_marks_peers_na(workload
     _check_sane(doc, workload, ["shmfeed", "inline"])
 
 
+@pytest.mark.integration  # each peer's child imports torch, grain or keras: seconds
 @pytest.mark.parametrize("peer", ["torch", "grain", "keras"])
 def test_peer_runs_a_per_sample_and_the_batch_level_workload(peer, data_dir, tmp_path, capsys):
     # The adapters have two paths, per-sample and batch-level; the workloads differ
@@ -274,14 +287,15 @@ def test_python_dash_m_runs_the_readme_command_with_json_on_stdout_and_a_plot(da
     plot = tmp_path / "bench.png"
     with_plot = importlib.util.find_spec("matplotlib") is not None  # not in the `test` extra
     proc = subprocess.run(
-        [sys.executable, "-m", "shmfeed", "bench", "--workload", "transport", "--compare", "inline",
-         "--seconds", str(RUN_S), "--data-dir", str(data_dir), "--data-rows", str(DATA_ROWS),
+        [sys.executable, "-m", "shmfeed", "bench", "--workload", "compute", "--compare", "inline",
+         "--step-ms", "30", "--seconds", str(RUN_S), "--data-dir", str(data_dir), "--data-rows", str(DATA_ROWS),
          "--json", "-"] + (["--plot", str(plot)] if with_plot else []),
         capture_output=True, text=True, timeout=CLI_TIMEOUT_S)
     assert proc.returncode == 0, proc.stderr
     doc = json.loads(proc.stdout)  # the table went to stderr
-    _check_sane(doc, "transport", ["shmfeed", "inline"])
-    assert "| transport" in proc.stderr and "data: " in proc.stderr
+    _check_sane(doc, "compute", ["shmfeed", "inline"])
+    assert "| compute" in proc.stderr and "data: " in proc.stderr
+    assert "verdict (compute): shmfeed delivered " in proc.stderr  # with the table
     if with_plot:
         assert plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
@@ -318,9 +332,9 @@ def test_step_ms_sleeps_after_each_batch_and_reports_input_wait_per_loader(data_
     assert code == 0, err
     _check_sane(doc, "tokens", ["shmfeed", "inline"])
     assert doc["options"]["step_ms"] == STEP_MS
-    header = out.splitlines()[-4]
-    assert header.split("|")[-2].strip() == "input wait"
+    assert _header(out)[-1] == "input wait"
     assert f"a simulated {STEP_MS:g} ms training step per batch" in out
+    assert "  input wait: share of the time" in out and "the loop waited for input" in out
     for name, info in doc["workloads"]["tokens"]["loaders"].items():
         run = info["runs"][0]
         # Each batch is followed by a step: the rate cannot beat 1 / step.
@@ -332,9 +346,14 @@ def test_without_a_step_the_table_shows_loop_cpu_and_leaves_input_wait_out(data_
     code, doc, out, err = _bench(["--workload", "compute", "--compare", "inline", "--workers", "2"],
                                  data_dir, tmp_path, capsys)
     assert code == 0, err
-    header = [c.strip() for c in out.splitlines()[-4].split("|")[1:-1]]
+    header = _header(out)
     assert header[-1] == "loop CPU ms" and "input wait" not in header
     assert "input wait is ~1 for every loader, left out" in out
+    # Under the table: what the columns a newcomer cannot guess mean, and one verdict line.
+    legend = {line.split(":")[0].strip() for line in out.splitlines() if line.startswith("  ")}
+    assert {"x shmfeed", "memcpy", "loop CPU ms"} <= legend and "input wait" not in legend
+    verdict = out.splitlines()[-1]
+    assert verdict.startswith("verdict (compute): shmfeed delivered ") and "ms of CPU per batch" in verdict
     loaders = doc["workloads"]["compute"]["loaders"]
     for info in loaders.values():
         assert 0 < info["summary"]["input_wait_fraction"] <= 1  # still in the JSON

@@ -38,6 +38,7 @@ from shmfeed._ring import Ring
 from shmfeed._spec import infer
 
 DETECT_S = 1.0  # a fault must be noticed (and a dead worker's batch rebuilt) within this
+REPLACE_WAIT_S = 30.0  # an off-the-critical-path replacement, on a loaded machine
 GONE_S = 2.0  # processes of a pool must have exited within this
 SCRIPT_TIMEOUT_S = 30.0  # a subprocess scenario that takes longer has hung
 TESTS = Path(__file__).resolve().parent
@@ -195,6 +196,17 @@ class Dying:
 class DyingWithEpochHook(Dying):
     def on_epoch_end(self):  # makes every epoch re-fork the workers
         pass
+
+
+def _replaced(loader: shmfeed.Loader, pid: int, num_workers: int, timeout_s: float) -> bool:
+    """Whether the worker `pid` had its replacement started within `timeout_s`."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        pids = loader.worker_pids
+        if pid not in pids and len(pids) == num_workers:
+            return True
+        time.sleep(0.01)
+    return False
 
 
 def _deaths(log: Path) -> list[tuple[int, float]]:
@@ -593,6 +605,11 @@ def test_hung_worker_times_out_naming_the_batch_and_the_wait(tmp_path, capfd):
         reliability.record("hung_worker", waited - 0.5)
         assert exited_after([hung], DETECT_S) is not None
         _check_epoch([_copy(b) for b in loader], 200)
+        # The supervisor says "replacing it" only before shutdown begins (it stays quiet
+        # about the workers it stops): the next epoch needs no replacement, so under load
+        # the `with` could end before the supervisor got to it.  Its replacement's pid is
+        # published after the message.
+        assert _replaced(loader, hung, 2, REPLACE_WAIT_S), f"worker (pid {hung}) not replaced"
     err = capfd.readouterr().err
     assert f"(pid {hung}) was killed by SIGKILL while building batch 17 of epoch 0; replacing it" in err
     assert "will be rebuilt" not in err  # the epoch was given up: nothing to rebuild

@@ -14,6 +14,7 @@ import sys
 import textwrap
 from pathlib import Path
 
+import pytest
 from _procs import exited_after
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -139,8 +140,16 @@ def test_no_automatic_server_where_the_process_already_holds_more_memory_than_al
 def test_a_dead_fork_server_falls_back_to_a_fresh_interpreter(tmp_path):
     result = _run(tmp_path, """
         import signal
+        import psutil
+        def dead(pid):
+            try:
+                return psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
+            except psutil.NoSuchProcess:
+                return True
         os.kill(server, signal.SIGKILL)
-        time.sleep(0.2)
+        deadline = time.monotonic() + 20  # dead before the loader asks it (slow under load)
+        while not dead(server) and time.monotonic() < deadline:
+            time.sleep(0.01)
         with shmfeed.Loader(mylib.Squares(20), batch_size=5, num_workers=2) as loader:
             got = sorted(int(v) for b in loader for v in b[:, 0])
             print(json.dumps({"method": loader.start_method, "ok": got == [i * i for i in range(20)]}))
@@ -223,3 +232,44 @@ def test_killing_the_training_process_leaves_no_pool_process(tmp_path):
         proc.wait(SCRIPT_TIMEOUT_S)
         proc.stdout.close()
     assert exited_after(pids, GONE_S) is not None
+
+
+# Python 3.14 makes forkserver multiprocessing's default on Linux; users also set it (or
+# spawn) themselves.  shmfeed starts its pools its own way, so neither may change how.
+MP_SCRIPT = """
+import json, multiprocessing, os, sys
+import numpy as np
+import shmfeed
+
+multiprocessing.set_start_method(sys.argv[1])
+with open(os.environ["BODY_LOG"], "a") as f:
+    f.write(f"body ran in {os.getpid()}\\n")
+
+class Rows:                                  # defined in __main__, no guard anywhere
+    def __len__(self):
+        return 30
+    def __getitem__(self, i):
+        return np.full((2,), i, np.int32)
+
+out = {"mp": multiprocessing.get_start_method()}
+for asked in ("auto", "spawn"):
+    with shmfeed.Loader(Rows(), batch_size=4, num_workers=2, start_method=asked) as loader:
+        out[asked] = [loader.start_method, [int(v) for b in loader for v in b[:, 0]]]
+print(json.dumps(out))
+"""
+
+
+@pytest.mark.parametrize("mp_method", ["forkserver", "spawn"])
+def test_multiprocessings_start_method_set_by_the_user_does_not_change_shmfeeds(tmp_path, mp_method):
+    script = tmp_path / "train.py"
+    script.write_text(MP_SCRIPT)
+    out = subprocess.run([sys.executable, str(script), mp_method], capture_output=True, text=True,
+                         timeout=SCRIPT_TIMEOUT_S, env=_env(tmp_path), cwd=tmp_path)
+    assert out.returncode == 0, out.stdout + out.stderr
+    result = json.loads(out.stdout.strip().splitlines()[-1])
+    assert result["mp"] == mp_method
+    # auto forks (nothing started JAX here); spawn is shmfeed's fresh interpreter, which
+    # never re-runs the unguarded __main__ as multiprocessing's spawn would.
+    assert result["auto"] == ["fork", list(range(30))]
+    assert result["spawn"] == ["spawn", list(range(30))]
+    assert len((tmp_path / "body.log").read_text().splitlines()) == 1

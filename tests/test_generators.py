@@ -13,10 +13,12 @@ import psutil
 import pytest
 
 import shmfeed
+from shmfeed._control import SlotState
 
 STEPS = 3
 BATCH = 4
 GONE_S = 5.0
+PREFETCH_WAIT_S = 20.0  # five tiny batches: milliseconds idle, allow for a loaded machine
 
 
 # -- streams (module level: a spawned pool unpickles them) --------------------------------
@@ -91,9 +93,16 @@ def test_the_worker_prefetches_while_the_loop_works():
     with shmfeed.Loader(counting, batch_size=BATCH, num_workers=1, steps_per_epoch=6, num_slots=8) as loader:
         it = iter(loader)
         next(it)
-        time.sleep(0.5)  # the training step
-        ready = sum(loader._ring.ctl.slot(s)["state"] == shmfeed.SlotState.READY for s in range(8))
-        assert ready == 5  # every other batch of the epoch was built meanwhile
+
+        def ready() -> int:
+            return sum(loader._ring.ctl.slot(s)["state"] == SlotState.READY for s in range(8))
+
+        # The training step: every other batch of the epoch gets built meanwhile, without
+        # the loop asking (waited for, not slept for: a loaded machine may take longer).
+        deadline = time.monotonic() + PREFETCH_WAIT_S
+        while ready() < 5 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert ready() == 5
         assert [b["n"][0] for b in it] == [4, 8, 12, 16, 20]
 
 

@@ -75,12 +75,13 @@ def host_values(tree):
 
 
 def points_into_ring(arr: jax.Array, loader: shmfeed.Loader) -> bool:
-    ring = loader.ring_data()
+    ring = loader._ring_data()
     lo = ring.ctypes.data
     return any(lo <= s.data.unsafe_buffer_pointer() < lo + ring.nbytes for s in arr.addressable_shards)
 
 
 # -- values and structure ----------------------------------------------------------------
+@pytest.mark.contract
 def test_batches_arrive_as_jax_arrays_equal_to_the_loaders():
     kw = dict(batch_size=4, num_workers=0, shuffle=True, seed=3)
     with shmfeed.Loader(Stamped(18, named=True), **kw) as ref:
@@ -112,6 +113,7 @@ def test_64bit_leaves_become_jax_dtypes_in_one_copy():
 
 
 # -- ring safety ---------------------------------------------------------------------------
+@pytest.mark.contract
 def test_kept_arrays_keep_their_values_while_the_ring_turns_many_times():
     """The default (copy) transfer: arrays kept from early batches must not change when
     their slots are rewritten, and must not pin the slots (3 slots, ~40 ring turns)."""
@@ -130,6 +132,7 @@ def test_kept_arrays_keep_their_values_while_the_ring_turns_many_times():
             np.testing.assert_array_equal(np.asarray(batch["meta"][0]), snap["meta"][0])
 
 
+@pytest.mark.contract
 def test_xla_device_put_on_cpu_aliases_the_ring_and_keeps_the_slot_alive():
     """Plain jax.device_put of a loader batch on CPU (jax 0.10.2): the jax.Array points
     into the ring, and JAX holds the numpy base, so the slot is not reused while the
@@ -150,6 +153,7 @@ def test_xla_device_put_on_cpu_aliases_the_ring_and_keeps_the_slot_alive():
         assert held_slots(loader) == 0
 
 
+@pytest.mark.contract
 def test_xla_transfer_on_cpu_holds_slots_safely_and_says_when_they_run_out():
     with shmfeed.Loader(Stamped(40), batch_size=4, num_workers=0, num_slots=5, shuffle=True) as loader:
         first = []
@@ -326,6 +330,7 @@ def _run(args: list[str], env_extra: dict[str, str]) -> subprocess.CompletedProc
                           text=True, timeout=SUBPROCESS_TIMEOUT_S)
 
 
+@pytest.mark.integration
 def test_sharding_over_four_cpu_devices():
     proc = _run([__file__, "sharded"], {"XLA_FLAGS": "--xla_force_host_platform_device_count=4",
                                         "JAX_PLATFORMS": "cpu"})
@@ -339,6 +344,7 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+@pytest.mark.integration
 def test_two_hosts_each_load_their_own_part_and_build_global_batches():
     port = str(_free_port())
     env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=2", JAX_PLATFORMS="cpu")
@@ -380,6 +386,7 @@ EPOCH_LINE = re.compile(r"epoch (\d+)/\d+\s+loss ([\d.]+)\s+accuracy ([\d.]+)\s+
                         r"val_accuracy ([\d.]+)\s+examples/s (\d+)")
 
 
+@pytest.mark.integration
 def test_the_flax_example_learns(tmp_path):
     proc = _run([str(ROOT / "examples" / "train_flax.py"), "--samples", "480", "--epochs", "3",
                  "--batch-size", "32", "--workers", "1", "--data-dir", str(tmp_path / "data")],
@@ -394,6 +401,7 @@ def test_the_flax_example_learns(tmp_path):
 
 
 @pytest.mark.timeout(360)  # three runs of the example, each starting JAX and compiling
+@pytest.mark.integration
 def test_flax_example_killed_mid_epoch_resumes_with_the_uninterrupted_losses(tmp_path):
     """SIGKILL of the training script in the middle of its second epoch; started again,
     it restores model, optimiser and loader state from orbax, and every later step's

@@ -66,7 +66,7 @@ def test_values_are_right_every_copy_reads_the_pinned_ring_and_jax_adopts_the_bu
             for batch in sj.prefetch_to_device(loader, size=2, transfer="cupy"):
                 kept.append(batch)
                 snaps.append(host(sim, batch))
-        ring = loader.ring_data()
+        ring = loader._ring_data()
         assert [c for c in sim.calls if c[0] == "hostRegister"] == [
             ("hostRegister", ring.ctypes.data, ring.nbytes, CUDA_HOST_REGISTER_PORTABLE)]
         assert sim.copies and all(pinned for _src, _n, pinned in sim.copies)
@@ -156,7 +156,7 @@ def test_a_failed_copy_is_a_device_feed_error_after_the_batches_before_it(sim):
 
 def test_the_ring_is_unlocked_at_close_only_after_its_queued_copies_have_run(sim):
     loader = shmfeed.Loader(Stamped(16), batch_size=4, num_workers=0, num_slots=4)
-    ring = loader.ring_data()
+    ring = loader._ring_data()
     ptr, nbytes = ring.ctypes.data, ring.nbytes
     del ring
     stream = _gpu.copy_stream(jax.local_devices()[0].local_hardware_id)

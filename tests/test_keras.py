@@ -94,6 +94,7 @@ def assert_same_run(a, b):
     assert after_a == after_b  # the user's RNG streams went on exactly as under Keras
 
 
+@pytest.mark.contract
 def test_fit_trains_every_epoch_on_the_same_batches_as_keras_in_process():
     keras_run = train(by_keras)
     shm_run = train(by_shmfeed)
@@ -103,16 +104,19 @@ def test_fit_trains_every_epoch_on_the_same_batches_as_keras_in_process():
     assert len(shm_run[1]["loss"]) == 3
 
 
+@pytest.mark.contract
 def test_fit_without_keras_shuffle_and_with_validation_data():
     assert_same_run(train(by_keras, fit={"shuffle": False}, validation=True),
                     train(by_shmfeed, fit={"shuffle": False}, validation=True))
 
 
+@pytest.mark.contract
 def test_steps_per_epoch_continues_the_pass_across_epochs_and_initial_epoch():
     fit = {"steps_per_epoch": 3, "initial_epoch": 1}  # 6 batches a pass: cut by a hook
     assert_same_run(train(by_keras, fit=fit, epochs=5), train(by_shmfeed, fit=fit, epochs=5))
 
 
+@pytest.mark.contract
 def test_evaluate_and_predict_match_keras():
     model = small_model()
     np.random.seed(5)
@@ -124,6 +128,7 @@ def test_evaluate_and_predict_match_keras():
         np.testing.assert_allclose(model.predict(f, verbose=0), want_pred, rtol=1e-6)
 
 
+@pytest.mark.contract
 def test_a_per_sample_source_and_a_loader_train_like_arrays():
     n, bs = 20, 4
     x = np.stack([Labelled(n)[i][0] for i in range(n)])
@@ -149,15 +154,16 @@ def test_batches_are_copies_unless_copy_false():
     with shmfeed.keras.feed(seq, num_workers=0) as f:
         f.on_epoch_begin()
         x, _ = f[0]
-        assert not np.may_share_memory(x, f.loader.ring_data())
+        assert not np.may_share_memory(x, f.loader._ring_data())
         np.testing.assert_array_equal(x, seq[0][0])
     with shmfeed.keras.feed(seq, num_workers=0, copy=False) as f:
         f.on_epoch_begin()
         x, _ = f[0]
-        assert np.may_share_memory(x, f.loader.ring_data())
+        assert np.may_share_memory(x, f.loader._ring_data())
         del x
 
 
+@pytest.mark.contract
 def test_an_index_out_of_order_is_an_error_not_another_batch():
     with shmfeed.keras.feed(Tutorial(shuffle=False), num_workers=0) as f:
         f.on_epoch_begin()
@@ -180,6 +186,7 @@ def test_keras_workers_cannot_be_turned_on_and_options_are_checked():
             shmfeed.keras.feed(loader, num_workers=2)
 
 
+@pytest.mark.integration
 def test_the_keras_example_trains_and_runs_its_body_once(tmp_path):
     """examples/train_keras.py: the tutorial's script with no __main__ guard, JAX
     running before the feeds exist (so their pools start from the fork server)."""

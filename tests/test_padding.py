@@ -133,7 +133,7 @@ def test_with_lengths_needs_a_dict_sample_without_a_lengths_key():
 
 def test_padded_batch_is_a_view_into_the_ring():
     with shmfeed.Loader(Tokens(8), batch_size=4, num_workers=0, padded_shapes={"tokens": (40,)}) as loader:
-        ring = loader.ring_data()
+        ring = loader._ring_data()
         for batch in loader:
             assert np.shares_memory(batch["tokens"], ring) and batch["tokens"].flags.c_contiguous
             del batch

@@ -35,6 +35,7 @@ import subprocess
 import sys
 import tempfile
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -89,7 +90,7 @@ def boundary_numbers(epochs: list[list[tuple[float, float]]]) -> dict:
     return {
         "step_ms": None if step_s is None else step_s * 1e3,
         "epoch_gap_ms": None if across_s is None else across_s * 1e3,
-        "boundary_ms": None if None in (step_s, across_s) else (across_s - step_s) * 1e3,
+        "boundary_ms": None if step_s is None or across_s is None else (across_s - step_s) * 1e3,
     }
 
 
@@ -108,7 +109,8 @@ def _train(name: str, path: Path, workers: int) -> dict:
             log = (proc.stdout + proc.stderr)[-4000:]
         except subprocess.TimeoutExpired:
             log = f"no result after {CHILD_TIMEOUT_S:.0f} s"
-        result = json.loads(out.read_text()) if out.exists() else {"status": "error", "log": log}
+        result: dict[str, Any] = (json.loads(out.read_text()) if out.exists()
+                                  else {"status": "error", "log": log})
     if result.get("status") == "ok":
         result.update(boundary_numbers(result.pop("steps")))
     else:
@@ -151,7 +153,7 @@ def run(data_dir: Path, workers: int, repeat: int = 1, progress: bool = True) ->
         if len(ok) < len(runs):
             doc["loaders"][name] = next(run_ for run_ in runs if run_.get("status") != "ok")
             continue
-        summary = {"status": "ok", "runs": runs}
+        summary: dict[str, Any] = {"status": "ok", "runs": runs}
         for key in ("fit_s", "startup_s", "after_first_step_s", "step_ms", "epoch_gap_ms",
                     "boundary_ms", "ratio_to_keras", "gap_over_inline_ms"):
             summary[key] = _median([run_[key] for run_ in ok if run_.get(key) is not None])

@@ -16,7 +16,9 @@ Owns the meaning of every column:
   spent in `next()`.  Without a step the loop does nothing but take batches, so it is
   near 1 for every loader and the table leaves it out (the JSON keeps it).
 
-Documents written before a column existed render with "-" in it.
+Documents written before a column existed render with "-" in it.  Under the table the CLI
+prints `legend` (those meanings, in a few lines) and `verdicts` (shmfeed against in-process
+loading, one line per workload).
 """
 
 from __future__ import annotations
@@ -151,6 +153,48 @@ def heading(doc: dict) -> str:
                      f"one item in-process {e['item_us_in_process']:,.1f} us, "
                      f"{o['workers']} plain processes read {e['ceiling_ratio']:.2f}x the items/s of one{noise}")
     return "\n".join(lines)
+
+
+LEGEND = {
+    "x shmfeed": "batches/s over shmfeed's in the same run (below 1: slower than shmfeed)",
+    "memcpy": "MB/s as a share of one memcpy of the batch (how close to a single copy)",
+    "loop CPU ms": "CPU time the training process spends per batch: what loading takes "
+                   "from the training step itself",
+    "input wait": "share of the time the training loop waited in next() for a batch",
+}
+
+
+def legend(doc: dict) -> str:
+    """What the table's less obvious columns mean, one line each."""
+    return "\n".join(f"  {name}: {LEGEND[name]}" for name in LEGEND if name in columns(doc))
+
+
+def verdicts(doc: dict) -> list[str]:
+    """One line per workload that ran shmfeed and in-process loading: the training loop's
+    CPU per batch (what shmfeed saves whatever else runs on the machine), then the rates,
+    with the CPUs the workers had when shmfeed came out slower."""
+    out = []
+    for wname, e in doc["workloads"].items():
+        loaders = e["loaders"]
+        if "inline" not in loaders:
+            continue
+        shm, inl = loaders["shmfeed"]["summary"], loaders["inline"]["summary"]
+        if shm["status"] != "ok" or inl["status"] != "ok" or not inl["batches_per_s"]:
+            continue
+        speed = shm["batches_per_s"] / inl["batches_per_s"]
+        line = f"verdict ({wname}): shmfeed delivered {speed:.2f}x the batches/s of in-process loading"
+        shm_cpu, inl_cpu = shm.get("loop_cpu_ms_per_batch"), inl.get("loop_cpu_ms_per_batch")
+        if shm_cpu and inl_cpu:
+            line += (f", and its training loop spent {_cpu_ms(shm_cpu)} ms of CPU per batch "
+                     f"instead of {_cpu_ms(inl_cpu)} ms ({inl_cpu / shm_cpu:,.0f}x less)")
+        if step_ms(doc) and shm.get("input_wait_fraction") is not None:
+            line += (f"; the loop waited for input {shm['input_wait_fraction']:.0%} of the time, "
+                     f"in-process {inl['input_wait_fraction']:.0%}")
+        if speed < 1 and e.get("ceiling_ratio"):
+            line += (f" (slower here: {doc['options']['workers']} plain processes read only "
+                     f"{e['ceiling_ratio']:.2f}x the items/s of one on this machine now)")
+        out.append(line)
+    return out
 
 
 def write_json(doc: dict, dest: str, stdout: IO[str] = sys.stdout) -> None:

@@ -36,6 +36,7 @@ import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import psutil
@@ -45,6 +46,7 @@ from .._config import MAX_SLOTS, default_num_slots, memory_shortfall
 from .._ring import ring_bytes
 from . import workloads
 from .loaders import LOADERS, Job, not_installed
+from .workloads import default_data_dir
 
 CHILD_SLACK_S = 180.0  # a child may take this long beyond `seconds` (imports, startup, close)
 LEFTOVER_GRACE_S = 3.0  # processes a child left behind get this long to exit by themselves
@@ -82,7 +84,7 @@ class BenchOptions:
     shuffle: bool = False
     seed: int = 0
     repeat: int = 1
-    data_dir: Path = field(default_factory=workloads.default_data_dir)
+    data_dir: Path = field(default_factory=default_data_dir)  # (the field `workloads` hides the module)
     data_rows: int | None = None  # rows of each data file (tests make small ones)
     length: int | None = None  # samples (batches) per epoch; None: the workload's default
     progress: bool = True
@@ -547,7 +549,7 @@ def _run(opts: BenchOptions, loaders: list[str], missing: dict, runnable: list[s
             one = max(one, parallel_ceiling(source, 1, budget_s))
             many = max(many, parallel_ceiling(source, opts.workers, budget_s))
         del source
-        entry = {
+        entry: dict[str, Any] = {
             "about": workload.about,
             "data_path": str(path),
             "batch_size": batch_size,

@@ -380,7 +380,7 @@ class SampleSource:
         return self._data
 
     def __getitem__(self, i: int) -> dict:
-        data = self._data if self._pid == os.getpid() else self._open()
+        data = self._data if self._pid == os.getpid() and self._data is not None else self._open()
         i = int(i)
         if not 0 <= i < self.length:
             raise IndexError(f"sample {i} out of range [0, {self.length})")
@@ -401,7 +401,7 @@ class JpegSource:
     decoded and resized by `shmfeed.sources.ImageFolder`."""
 
     def __init__(self, path: str, length: int):
-        self.folder = ImageFolder(path, size=JPEGS.shape[:2])
+        self.folder = ImageFolder(path, size=(JPEGS.shape[0], JPEGS.shape[1]))
         self.length = int(length)
 
     def __len__(self) -> int:

@@ -122,7 +122,7 @@ def run_device_benchmark(seconds: float) -> dict[str, Any]:
 
 
 def _device_put_gbps(jax: Any, host: np.ndarray, device: Any, seconds: float) -> float:
-    times = []
+    times: list[float] = []
     deadline = time.perf_counter() + seconds
     while len(times) < 3 or (time.perf_counter() < deadline and len(times) < 200):
         t0 = time.perf_counter()
@@ -196,7 +196,7 @@ def h2d_gbps(src: np.ndarray, ordinal: int, seconds: float) -> float:
     stream = copy_stream(ordinal)
     with cp.cuda.Device(ordinal), stream:
         dst = cp.empty(src.nbytes, np.uint8)
-        times = []
+        times: list[float] = []
         deadline = time.perf_counter() + seconds
         while len(times) < 3 or (time.perf_counter() < deadline and len(times) < 1000):
             start, end = cp.cuda.Event(), cp.cuda.Event()

@@ -227,7 +227,7 @@ def make_transfer(transfer: str, target: Target, loader: Loader | None) -> Trans
 
 
 def _feed(source: Iterable, loader: Loader | None, size: int, limit: int,
-          transfer: Transfer) -> Iterator[Any]:
+          transfer: Transfer) -> Generator[Any, None, None]:
     """The generator behind prefetch_to_device (see the invariants above).  A Loader
     is told which batch the loop has received (for its `state_dict`), not which ones
     were read ahead."""

@@ -128,7 +128,7 @@ def pin_ring(loader: Any) -> PinnedRing | None:
     pin = _pins.get(key)
     if pin is not None and pin.active:
         return pin
-    data = loader.ring_data()
+    data = loader._ring_data()
     try:
         pin = PinnedRing(data)
     except Exception as exc:

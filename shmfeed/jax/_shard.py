@@ -18,7 +18,7 @@ Invariants:
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 import jax
 import numpy as np
@@ -49,7 +49,7 @@ def host_shard() -> tuple[int, int]:
 
 def default_device() -> jax.Device:
     """The device an uncommitted `jax.device_put(x)` would use."""
-    d = jax.config.jax_default_device
+    d = cast(Any, jax.config).jax_default_device  # an option, not in jax.config's type
     if isinstance(d, jax.Device):
         return d
     if isinstance(d, str):
@@ -141,7 +141,7 @@ class Target:
                     f"`sharding` {_describe(s)}. {fix}")
             global_shape.append(n if total == local else n // local * total)
         gshape = tuple(global_shape)
-        index_map = s.addressable_devices_indices_map(gshape)
+        index_map: Any = s.addressable_devices_indices_map(gshape)  # (no None in it here)
         # The host-local leaf holds this process's blocks side by side, in the order of
         # their global position (as make_array_from_process_local_data expects).
         local_starts = [

@@ -94,6 +94,8 @@ class _Recycled(np.ndarray):
     its `__del__` runs when the last of them dies: for an array XLA:CPU adopted, when
     JAX lets go of it.  It then hands the buffer back to its pool."""
 
+    _shmfeed_back: tuple  # (pool, raw buffer), set on the holder only
+
     def __del__(self) -> None:
         back = self.__dict__.get("_shmfeed_back")
         if back is not None:

@@ -85,12 +85,12 @@ def test_values_are_right_and_kept_arrays_survive_the_ring_turning(transfer):
 
 def test_the_ring_is_page_locked_once_and_unregistered_with_the_loader():
     loader = shmfeed.Loader(Stamped(16, shape=SAMPLE_SHAPE), batch_size=4, num_workers=0)
-    ptr, key = loader.ring_data().ctypes.data, id(loader)
+    ptr, key = loader._ring_data().ctypes.data, id(loader)
     pins = []
     for _ in range(3):
         for _b in sj.prefetch_to_device(loader, transfer="cupy"):
             pass
-        assert _gpu.pinned_bytes(loader) == loader.ring_data().nbytes
+        assert _gpu.pinned_bytes(loader) == loader._ring_data().nbytes
         pins.append(_gpu._pins[key])
     assert pins[0] is pins[1] is pins[2] and _registered(ptr)  # registered once
     loader.close()

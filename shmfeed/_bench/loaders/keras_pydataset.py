@@ -39,6 +39,7 @@ class _Batches(keras.utils.PyDataset):
         if self.batch_level:
             return self.source[b]
         bs = self.batch_size
+        assert self.order is not None  # (per-sample sources have one)
         return workloads.collate([self.source[i] for i in self.order[b * bs : (b + 1) * bs]])
 
 

@@ -67,6 +67,7 @@ class Adapter:
         blocks (never forever) while `in_flight` batches are unconsumed."""
         job = self.job
         order = workloads.epoch_order(len(self.source), job.shuffle, job.seed, epoch)
+        items: Any  # batch numbers, or arrays of sample indices
         if self.batch_level:
             items = (int(b) for b in order)
         else:
