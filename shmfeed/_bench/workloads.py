@@ -117,15 +117,15 @@ class Workload:
 WORKLOADS: dict[str, Workload] = {w.name: w for w in [
     Workload("transport", IMAGES, 64, "none", False,
              "224x224x3 uint8 samples from a memory-mapped file, no work (batch 64: 9.6 MB)"),
+    Workload("images", IMAGES, 64, "augment", False,
+             f"224x224x3 uint8 samples, random {CROP}x{CROP} crop, flip and normalise to float32 "
+             "with the sample's keyed RNG"),
     Workload("samples-large", IMAGES, 64, "copy", False,
              "224x224x3 uint8 samples returned as FRESH arrays (`np.array(mm[r])`, as a decoder or "
              "a reader would), no other work (batch 64: 9.6 MB)"),
     Workload("samples-large-flip", IMAGES, 64, "copy-flip", False,
              "samples-large plus a random horizontal flip per sample (a second fresh array, half "
              "the time), drawn from the sample's keyed RNG"),
-    Workload("images", IMAGES, 64, "augment", False,
-             f"224x224x3 uint8 samples, random {CROP}x{CROP} crop, flip and normalise to float32 "
-             "with the sample's keyed RNG"),
     Workload("compute", FEATURES, 32, "compute", False,
              "64x64x3 float32 samples with ~1 ms of numpy work each (batch 32)"),
     Workload("tokens", TOKENS, 32, "none", False, "512 int32 tokens per sample, no work (batch 32)"),
