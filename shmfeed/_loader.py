@@ -205,7 +205,11 @@ class Loader:
         self._epoch = 0  # the epoch the next iteration produces
         self._first_batch = 0  # and the batch it starts at (> 0 after a resume)
         self._active: int | None = None  # the epoch being iterated, until it completes
-        self._received: tuple[int, int] | None = None  # set by a device feed reading ahead
+        # The position of the last batch the training step acknowledged, where a feed
+        # between the loader and the step reads ahead (the device feed, the Keras feed);
+        # None: every batch handed out counts.  `_acked` counts those batches.
+        self._received: tuple[int, int] | None = None
+        self._acked: int | None = None
         self._hooks = any(_epoch_hook(source, h) for h in _HOOKS)
         self._snapshot: tuple[int, Any] | None = None  # (epoch, source state at its start)
         self._closed = False
@@ -353,9 +357,13 @@ class Loader:
                 "state dict cannot hold, so a run over it cannot be resumed exactly. Save your "
                 "own position in the data, or use a source with __len__ and __getitem__.")
 
-    def _note_received(self, position: tuple[int, int]) -> None:
-        """A device feed handed the loop the batch that ends at `position`."""
+    def _note_received(self, position: tuple[int, int], batches: int = 1) -> None:
+        """The training step acknowledged `batches` more batches (a device feed: the
+        loop took the batch after them; the Keras feed: `on_train_batch_end`), the last
+        of which ends at `position`: what `state_dict()` and `stats()` count from now on,
+        instead of the batches read ahead."""
         self._received = position
+        self._acked = (self._acked or 0) + batches
 
     def _position(self) -> tuple[int, int]:
         """(epoch, next batch) after the last batch the consumer handed out."""
@@ -407,17 +415,25 @@ class Loader:
         return None if pool is None else pool.start_method
 
     def stats(self) -> Stats:
+        """What the loader has done so far (also after `close()`: the final numbers).
+        Behind a feed that reads ahead (the device feed, the Keras feed), `batches` and
+        `bytes` count the batches the training step acknowledged, not those read ahead."""
         s = self._stats
         t_first = self._consumer.t_first
-        s.elapsed_s = (time.perf_counter() - t_first) if t_first is not None else 0.0
-        ctl = self._ring.ctl
         if not self._closed:
+            s.elapsed_s = (time.perf_counter() - t_first) if t_first is not None else 0.0
+            ctl = self._ring.ctl
             s.restarts = ctl.header()["restarts"]
             s.workers = [
                 {"worker": w, "pid": info["pid"], "batches": info["batches"], "busy_s": info["busy_ns"] / 1e9}
                 for w in range(self._ring.max_workers) for info in [ctl.worker(w)]
             ]
-        return Stats(**{k: (list(v) if isinstance(v, list) else v) for k, v in s.__dict__.items()})
+        out = Stats(**{k: (list(v) if isinstance(v, list) else v) for k, v in s.__dict__.items()})
+        if self._acked is not None and out.batches:
+            # Bytes per batch of those read (exact unless batches vary in size: buckets).
+            out.bytes = round(out.bytes * min(self._acked, out.batches) / out.batches)
+            out.batches = self._acked
+        return out
 
     def __repr__(self) -> str:
         mib = self._ring.nbytes / 2**20
@@ -429,7 +445,12 @@ class Loader:
 
     def close(self) -> None:
         """Stop the workers and release the ring.  Batches still referenced stay
-        readable; the memory goes when the last of them does."""
+        readable; the memory goes when the last of them does.  `stats()` still works."""
+        if not self._closed and not self._ring.closed:
+            try:
+                self.stats()  # the final numbers, while the ring can still be read
+            except Exception:  # noqa: BLE001 - closing must not fail for want of statistics
+                log.debug("shmfeed: final stats unavailable", exc_info=True)
         self._closed = True
         self._finalizer()
 
