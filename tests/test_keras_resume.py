@@ -160,18 +160,24 @@ import json, os, signal, sys
 import numpy as np
 import keras
 import shmfeed.keras
-from _sources import Labelled
+from _sources import DataGenerator, Labelled
 
 BS = 4
+backup, kind, out, data = sys.argv[1:5]
+
+class Tutorial(DataGenerator, keras.utils.Sequence):
+    def __init__(self):
+        keras.utils.Sequence.__init__(self)
+        DataGenerator.__init__(self, list(range(48)), {i: i % 5 for i in range(48)}, batch_size=BS)
 
 def model():
-    keras.utils.set_random_seed(1)
-    m = keras.Sequential([keras.Input((6,)), keras.layers.Dense(8, activation="tanh"),
+    keras.utils.set_random_seed(1)  # seeds random and np.random too
+    shape = (6,) if data == "loader" else (2, 3)
+    m = keras.Sequential([keras.Input(shape), keras.layers.Flatten(),
+                          keras.layers.Dense(8, activation="tanh"),
                           keras.layers.Dense(5, activation="softmax")])
     m.compile(optimizer=keras.optimizers.SGD(0.05), loss="categorical_crossentropy")
     return m
-
-backup, kind, out = sys.argv[1], sys.argv[2], sys.argv[3]
 
 class KillAt(keras.callbacks.Callback):
     def on_train_batch_end(self, batch, logs=None):
@@ -181,37 +187,44 @@ class KillAt(keras.callbacks.Callback):
         self.epoch = epoch
 
 m = model()
-with shmfeed.keras.feed(Labelled(48), batch_size=BS, num_workers=1, shuffle=True, seed=5) as f:
-    m.fit(f, epochs=3, shuffle=False, verbose=0,
+if data == "loader":  # the Loader's order (its own shuffle)
+    f, shuffle = shmfeed.keras.feed(Labelled(48), batch_size=BS, num_workers=1, shuffle=True, seed=5), False
+else:  # a Sequence in Keras's order (fit's shuffle), reshuffling with np.random at each epoch's end
+    f, shuffle = shmfeed.keras.feed(Tutorial(), num_workers=1), True
+with f:
+    m.fit(f, epochs=3, shuffle=shuffle, verbose=0,
           callbacks=[shmfeed.keras.BackupAndRestore(backup, save_freq=3), KillAt()])
     trained = f.stats().batches
 json.dump({"weights": [w.tolist() for w in m.get_weights()], "trained": trained}, open(out, "w"))
 """
 
 
-def run_fit(tmp_path: Path, backup: Path, kind: str) -> subprocess.CompletedProcess:
+def run_fit(tmp_path: Path, backup: Path, kind: str, data: str) -> subprocess.CompletedProcess:
     out = tmp_path / f"{kind}.json"
     return subprocess.run(
-        [sys.executable, "-c", KILLED_FIT, str(backup), kind, str(out)], capture_output=True,
+        [sys.executable, "-c", KILLED_FIT, str(backup), kind, str(out), data], capture_output=True,
         text=True, timeout=120,
         env=dict(os.environ, PYTHONPATH=f"{ROOT}{os.pathsep}{ROOT / 'tests'}", KERAS_BACKEND="jax"))
 
 
-def test_a_fit_killed_mid_epoch_resumes_at_the_exact_batch_through_backup_and_restore(tmp_path):
+@pytest.mark.parametrize("data", ["loader", "sequence"])
+def test_a_fit_killed_mid_epoch_resumes_at_the_exact_batch_through_backup_and_restore(tmp_path, data):
     """12 batches an epoch, a checkpoint every 3 (the one due at an epoch's last batch is
     taken at its end), SIGKILL at epoch 1's batch 7: the second run starts after batch 5
-    and trains 6 + 12 batches; the weights equal an uninterrupted run's."""
+    and trains 6 + 12 batches; the weights equal an uninterrupted run's.  For a Sequence
+    in fit's shuffled order that also takes the pass's order, the Sequence's state and
+    the RNGs its hooks and Keras's shuffle draw from."""
     backup = tmp_path / "backup"
-    killed = run_fit(tmp_path, backup, "kill")
+    killed = run_fit(tmp_path, backup, "kill", data)
     assert killed.returncode == -signal.SIGKILL, killed.stderr
     metadata = json.loads((backup / "training_metadata.json").read_text())
     assert (metadata["epoch"], metadata["batch"]) == (1, 5)
     assert metadata["shmfeed"]["position"] == 6 and not metadata["shmfeed"]["between_epochs"]
-    resumed = run_fit(tmp_path, backup, "resume")
+    resumed = run_fit(tmp_path, backup, "resume", data)
     assert resumed.returncode == 0, resumed.stderr
     assert "ran out of data" not in resumed.stderr
     assert not backup.exists()  # Keras's delete_checkpoint, once fit completed
-    full = run_fit(tmp_path, tmp_path / "other", "full")
+    full = run_fit(tmp_path, tmp_path / "other", "full", data)
     assert full.returncode == 0, full.stderr
     got, want = (json.loads((tmp_path / f"{k}.json").read_text()) for k in ("resume", "full"))
     assert got["trained"] == 6 + 12 and want["trained"] == 36
