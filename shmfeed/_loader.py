@@ -26,7 +26,14 @@ from . import _forkserver, _interpreter, _state, _sysinfo
 from ._arrays import as_source
 from ._config import REQUIRED, build, check_int
 from ._consumer import Consumer
-from ._errors import LoaderClosedError, ShmfeedError, SourcePickleError, SpecError, WorkerError
+from ._errors import (
+    LoaderClosedError,
+    ShmfeedError,
+    SourcePickleError,
+    SpecError,
+    WorkerError,
+    worker_error_as,
+)
 from ._order import DEFAULT_SHUFFLE_BLOCK
 from ._pool import Pool, sigint_deferred
 from ._ring import Ring
@@ -140,8 +147,10 @@ class Loader:
     Faults (RELIABILITY.md has the details and measured times):
 
     - An exception in `__getitem__` (or a bad sample: `SpecError`) is raised in batch
-      order, as a `WorkerError` chained from an exception of the original type, after
-      every earlier batch.  So is one from `on_epoch_end`, after the whole epoch.  The
+      order, after every earlier batch, as a `WorkerError` that is also of the original
+      type (`except ValueError` catches a worker's ValueError), chained from an
+      exception of that type; it names the batch and sample and carries the worker's
+      traceback.  So is one from `on_epoch_end`, after the whole epoch.  The
       epoch ends there; iterating again starts the next epoch, and `close()` is clean.
     - A worker that dies (signal, `os._exit`, segfault, OOM killer) is replaced and its
       batch rebuilt: the epoch still comes out exactly once, in order.  After
@@ -214,7 +223,8 @@ class Loader:
         self._snapshot: tuple[int, Any] | None = None  # (epoch, source state at its start)
         self._closed = False
         self._stats = Stats(n_slots=cfg.n_slots, slot_bytes=cfg.spec.slot_bytes,
-                            ring_bytes=self._ring.nbytes)
+                            ring_bytes=self._ring.nbytes, num_workers=cfg.num_workers,
+                            cpus=_sysinfo.usable_cpus().value)
         self._consumer = Consumer(self._ring, cfg, self._res, source, self._stats)
         if cfg.num_workers:
             self._start_pool()
@@ -531,7 +541,8 @@ class Loader:
             hook()
         except Exception as exc:
             when = "after" if name == "on_epoch_end" else "before"
-            raise WorkerError(
+            raise worker_error_as(
+                type(exc),
                 f"the source's {name}() raised {type(exc).__name__}: {exc} ({when} epoch {epoch}). "
                 "Every batch of the epoch before it was delivered; iterating again starts "
                 "the next epoch, or close the loader.",
