@@ -5,6 +5,7 @@ the constructor's warning follow one rule, and a ragged list of samples is point
 
 from __future__ import annotations
 
+import logging
 import pickle
 import threading
 
@@ -12,6 +13,8 @@ import numpy as np
 import pytest
 
 import shmfeed
+from shmfeed._stats import Stats
+from shmfeed._sysinfo import most_useful_workers, usable_cpus
 
 
 class TwoArgs(Exception):
@@ -87,3 +90,43 @@ def test_an_epoch_hooks_exception_is_caught_by_its_own_type():
             for _ in loader:
                 pass
     assert isinstance(info.value, shmfeed.WorkerError) and info.value.epoch == 0
+
+
+@pytest.mark.parametrize("num_workers", [0, 1])
+def test_stats_after_close_are_the_final_numbers(num_workers):
+    with shmfeed.Loader(np.arange(40.0).reshape(20, 2), batch_size=4, num_workers=num_workers) as loader:
+        for _ in loader:
+            pass
+        before = loader.stats()
+    after = loader.stats()  # the natural print(loader.stats()) after the with block
+    assert after.batches == before.batches == 5 and after.epochs_started == 1
+    assert after.elapsed_s >= before.elapsed_s > 0
+    assert [w["batches"] for w in after.workers] == [w["batches"] for w in before.workers]
+    assert "5 batches" in str(after)
+    assert loader.stats().elapsed_s == after.elapsed_s  # frozen at close
+
+
+@pytest.mark.parametrize("cpus, num_workers, more", [(2, 2, False), (2, 1, False), (8, 2, True),
+                                                     (8, 7, False), (1, 1, False)])
+def test_stats_advise_more_workers_only_below_the_rule_the_constructor_warns_with(cpus, num_workers, more):
+    """2 CPUs running 2 workers were told 'a few more workers' while the constructor said
+    'Use at most 1'."""
+    most = most_useful_workers(cpus)
+    for wait_s in (3.0, 9.0):  # partly and fully input-bound
+        advice = Stats(batches=10, wait_s=wait_s, elapsed_s=10.0, num_workers=num_workers,
+                       cpus=cpus).input_wait_verdict()
+        if more:
+            assert f"more workers may help (`num_workers={num_workers}`, at most {most} on {cpus} CPUs" in advice
+        else:
+            assert "more workers would not help" in advice and "make __getitem__ cheaper" in advice
+
+
+def test_the_constructors_warning_names_the_same_most_useful_workers(caplog):
+    cpus = usable_cpus().value
+    with caplog.at_level(logging.WARNING, logger="shmfeed"):
+        with shmfeed.Loader(np.zeros((8, 2)), batch_size=4, num_workers=cpus + 1) as loader:
+            s = loader.stats()
+    assert f"Use at most {most_useful_workers(cpus)}." in caplog.text
+    assert (s.num_workers, s.cpus) == (cpus + 1, cpus)
+    s.batches, s.wait_s, s.elapsed_s = 10, 9.0, 10.0
+    assert "more workers would not help" in s.input_wait_verdict()
