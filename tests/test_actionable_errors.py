@@ -130,3 +130,22 @@ def test_the_constructors_warning_names_the_same_most_useful_workers(caplog):
     assert (s.num_workers, s.cpus) == (cpus + 1, cpus)
     s.batches, s.wait_s, s.elapsed_s = 10, 9.0, 10.0
     assert "more workers would not help" in s.input_wait_verdict()
+
+
+@pytest.mark.parametrize("samples, example", [
+    ([np.zeros(3), np.zeros(5)], "`padded_shapes=(5,)`"),
+    ([{"tokens": np.zeros(3, np.int32)}, {"tokens": np.zeros(7, np.int32)}], "`padded_shapes={'tokens': (7,)}`"),
+    ([(np.zeros(3), 1), (np.zeros(4), 2)], "a tuple with `(4,)` at position 0 and None"),
+])
+def test_ragged_samples_from_a_list_point_at_padded_shapes(samples, example):
+    with pytest.raises(shmfeed.SpecError) as info:
+        list(shmfeed.Loader(samples, batch_size=2, num_workers=0))
+    msg = str(info.value)
+    assert "got shape" in msg and example in msg
+    assert "or in the list or arrays you give the Loader" in msg  # a list has no __getitem__
+
+
+def test_samples_of_another_rank_are_not_sent_to_padded_shapes():
+    with pytest.raises(shmfeed.SpecError) as info:
+        list(shmfeed.Loader([np.zeros(3), np.zeros((2, 2))], batch_size=2, num_workers=0))
+    assert "padded_shapes" not in str(info.value) and "same shape and dtype per field" in str(info.value)
