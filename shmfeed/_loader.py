@@ -327,7 +327,9 @@ class Loader:
         if self._received is not None:
             epoch, nxt = self._received
         elif self._active is not None:
-            epoch, nxt = self._active, self._consumer.delivered
+            # Behind a feed that acknowledges, nothing of this epoch is acknowledged yet.
+            epoch, nxt = self._active, (self._consumer.first_batch if self._acked is not None
+                                        else self._consumer.delivered)
         else:
             epoch, nxt = self._epoch, self._first_batch
         source_state = None

@@ -25,8 +25,20 @@ py_dataset_adapter.py; read for keras 3.15), and what the Feed does about it:
 - `steps_per_epoch` smaller than a pass continues the same pass in the next epoch (no
   reshuffle until it is used up), with the hooks still run at every epoch's end.  So a
   pass can be cut by hooks: after a hook the rest of the pass is built from the updated
-  Sequence, as Keras would.  `fit` also reads one batch to build an unbuilt model, then
-  ends that epoch early (the hooks run once more, as under Keras).
+  Sequence, as Keras would.  `fit` and `evaluate` also read one batch to build an
+  unbuilt model (`Trainer._symbolic_build`, recognised on the stack at the epoch's
+  start), then end that epoch early: the hooks run once more, as under Keras, and the
+  batch is zeros shaped like the spec, so no loader epoch starts and nothing is
+  consumed.
+- Position: what the model acknowledged (`on_train_batch_end`, through an attached
+  `BackupAndRestore`; without one, each batch handed out: Keras on CPU reads a batch
+  only to train on it).  `state_dict()`, `stats()` and the Loader's own count that.
+- Resume (`load_state_dict`, `BackupAndRestore`, or a Loader resumed by hand before
+  `feed()`): applied as Keras starts its next epoch; Keras reads `num_batches` as a
+  pass's batches begin, so the resumed epoch asks only for the rest of the pass, and its
+  "ran out of data" warning at the end is silenced.  Keras's indices in a resumed pass
+  are positions only.  `BackupAndRestore` finds fit's training Feed as the first Feed
+  to start a (non-build) epoch after its `on_train_begin`.
 - Any other index than the one expected (threads, random access, something drawing
   from `random` between `on_epoch_begin` and the first batch) raises a ShmfeedError
   instead of silently handing out another batch.

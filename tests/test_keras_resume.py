@@ -230,3 +230,29 @@ def test_a_fit_killed_mid_epoch_resumes_at_the_exact_batch_through_backup_and_re
     assert got["trained"] == 6 + 12 and want["trained"] == 36
     for a, b in zip(got["weights"], want["weights"]):
         np.testing.assert_allclose(np.array(a), np.array(b), rtol=0, atol=1e-7)
+
+
+def test_batches_read_ahead_are_not_the_position_until_the_model_acknowledges_them(tmp_path):
+    """On a GPU, Keras's JAX trainer reads one batch ahead of the step; the position and
+    stats follow `on_train_batch_end`, not the reads."""
+    with shmfeed.keras.feed(Labelled(40), batch_size=BS, num_workers=1) as f:
+        callback = shmfeed.keras.BackupAndRestore(str(tmp_path / "b"))
+        callback._attach(f)
+        f.on_epoch_begin()
+        f[0], f[1], f[2]  # the step on batch 0 runs while 1 and 2 are read
+        assert f.state_dict()["position"] == 0 and f.loader.state_dict()["next_batch"] == 0
+        f._acknowledge(0)
+        assert f.state_dict()["position"] == 1 and f.loader.state_dict()["next_batch"] == 1
+        assert f.stats().batches == 1 and f.loader.stats().batches == 1
+
+
+def test_a_sequence_feeds_stats_count_keras_epochs_and_trained_batches_only():
+    """'169 batches over 4 epochs' for a 3-epoch fit: the build step's batch and pass."""
+    from test_keras import Tutorial, small_model
+
+    m = small_model()
+    with shmfeed.keras.feed(Tutorial(), num_workers=1) as f:
+        m.fit(f, epochs=3, verbose=0)
+    s = f.stats()
+    assert (s.batches, s.epochs_started) == (3 * len(f), 3)
+    assert f"{3 * len(f)} batches" in str(s) and "over 3 epoch(s)" in str(s)
