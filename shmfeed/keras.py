@@ -38,7 +38,7 @@ py_dataset_adapter.py; read for keras 3.15), and what the Feed does about it:
   pass's batches begin, so the resumed epoch asks only for the rest of the pass, and its
   "ran out of data" warning at the end is silenced.  Keras's indices in a resumed pass
   are positions only.  `BackupAndRestore` finds fit's training Feed as the first Feed
-  to start a (non-build) epoch after its `on_train_begin`.
+  to start a (non-build) epoch after its `on_epoch_begin`, epoch by epoch.
 - Any other index than the one expected (threads, random access, something drawing
   from `random` between `on_epoch_begin` and the first batch) raises a ShmfeedError
   instead of silently handing out another batch.
@@ -318,6 +318,8 @@ class Feed(keras.utils.PyDataset):
         self._peeking = _called_to_peek()
         if not self._peeking:
             self._keras_epochs += 1
+            # Attached for this epoch only: a fit that raised never says it ended.
+            self._callback = None
             if _waiting:
                 _waiting.pop()._attach(self)
             if self._pending is None and self._pos >= self._n and self._wrapper is None \
@@ -560,13 +562,13 @@ class BackupAndRestore(keras.callbacks.BackupAndRestore):
     def on_train_begin(self, logs: Any = None) -> None:
         self._feed, self._restored = None, None
         self._load_model()
-        _waiting[:] = [self]  # the next Feed to start a training epoch is fit's
 
     def _attach(self, feed: Feed) -> None:
         self._feed = feed
         feed._callback = self
-        if self._restored is not None:
-            feed.load_state_dict(self._restored)
+        restored, self._restored = self._restored, None
+        if restored is not None:
+            feed.load_state_dict(restored)
 
     def _load_model(self) -> None:
         if not self.model.built:
@@ -590,6 +592,8 @@ class BackupAndRestore(keras.callbacks.BackupAndRestore):
         # Keras's own counts epochs only at their end, so a resumed run's checkpoints
         # inside its first epoch would name epoch 0.
         self._current_epoch = epoch
+        self._feed = None
+        _waiting[:] = [self]  # the next Feed to start an epoch is fit's training data
 
     def on_train_batch_begin(self, batch: int, logs: Any = None) -> None:
         if self in _waiting:  # no Feed started the epoch: fit's data is something else

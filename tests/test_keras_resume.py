@@ -236,9 +236,8 @@ def test_batches_read_ahead_are_not_the_position_until_the_model_acknowledges_th
     """On a GPU, Keras's JAX trainer reads one batch ahead of the step; the position and
     stats follow `on_train_batch_end`, not the reads."""
     with shmfeed.keras.feed(Labelled(40), batch_size=BS, num_workers=1) as f:
-        callback = shmfeed.keras.BackupAndRestore(str(tmp_path / "b"))
-        callback._attach(f)
-        f.on_epoch_begin()
+        shmfeed.keras.BackupAndRestore(str(tmp_path / "b")).on_epoch_begin(0)
+        f.on_epoch_begin()  # as in fit: the callback's epoch starts first, then the data's
         f[0], f[1], f[2]  # the step on batch 0 runs while 1 and 2 are read
         assert f.state_dict()["position"] == 0 and f.loader.state_dict()["next_batch"] == 0
         f._acknowledge(0)
@@ -256,3 +255,15 @@ def test_a_sequence_feeds_stats_count_keras_epochs_and_trained_batches_only():
     s = f.stats()
     assert (s.batches, s.epochs_started) == (3 * len(f), 3)
     assert f"{3 * len(f)} batches" in str(s) and "over 3 epoch(s)" in str(s)
+
+
+def test_a_checkpoint_of_a_feed_is_refused_for_other_training_data(tmp_path):
+    backup = str(tmp_path / "b")
+    m = model()
+    with shmfeed.keras.feed(Labelled(40), batch_size=BS, num_workers=0) as f:
+        m.fit(f, epochs=1, shuffle=False, verbose=0,
+              callbacks=[shmfeed.keras.BackupAndRestore(backup, save_freq=3, delete_checkpoint=False)])
+    x = np.stack([Labelled(40)[i][0] for i in range(40)])
+    y = np.stack([Labelled(40)[i][1] for i in range(40)])
+    with pytest.raises(shmfeed.ShmfeedError, match="holds the position of a shmfeed Feed"):
+        m.fit(x, y, epochs=2, verbose=0, callbacks=[shmfeed.keras.BackupAndRestore(backup, save_freq=3)])
