@@ -458,13 +458,14 @@ class Loader:
     def close(self) -> None:
         """Stop the workers and release the ring.  Batches still referenced stay
         readable; the memory goes when the last of them does.  `stats()` still works."""
-        if not self._closed and not self._ring.closed:
-            try:
+        try:
+            if not self._closed and not self._ring.closed:
                 self.stats()  # the final numbers, while the ring can still be read
-            except Exception:  # noqa: BLE001 - closing must not fail for want of statistics
-                log.debug("shmfeed: final stats unavailable", exc_info=True)
-        self._closed = True
-        self._finalizer()
+        except Exception:  # closing must not fail for want of statistics
+            log.debug("shmfeed: final stats unavailable", exc_info=True)
+        finally:  # even on a Ctrl-C meanwhile
+            self._closed = True
+            self._finalizer()
 
     def add_close_callback(self, fn) -> None:
         """Run `fn()` once when the loader closes (by `close()`, `with`, or garbage
