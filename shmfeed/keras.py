@@ -84,7 +84,10 @@ _waiting: list[BackupAndRestore] = []
 
 def _called_to_peek() -> bool:
     """Whether Keras is starting an epoch only to read one batch and build the model."""
-    frame = sys._getframe(2)
+    try:
+        frame = sys._getframe(2)  # the caller of Feed.on_epoch_begin
+    except ValueError:  # no such frame
+        return False
     for _ in range(_PEEK_DEPTH):
         if frame is None:
             return False
