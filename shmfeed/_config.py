@@ -123,7 +123,7 @@ def build(source: Any, *, batch_size: Any, num_workers: Any, shuffle: Any, shuff
         log.warning(
             "shmfeed: num_workers=%d is more than the %d CPUs this process may use: the workers "
             "will take turns on them and slow the training loop down. Use at most %d.",
-            num_workers, cpus, max(cpus - 1, 1))
+            num_workers, cpus, _sysinfo.most_useful_workers(cpus))
 
     n_items = len(source)
     if n_items == 0:

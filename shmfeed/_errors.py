@@ -6,6 +6,8 @@ parameter to change in backticks.
 
 from __future__ import annotations
 
+from typing import cast
+
 
 class ShmfeedError(Exception):
     """Base class of every error shmfeed raises on purpose."""
@@ -38,12 +40,55 @@ class WorkerError(ShmfeedError):
               "worker_traceback")
 
     def __init__(self, message: str, **fields: object):
-        super().__init__(message)
+        # Not super(): in a WorkerError that is also the user's type (worker_error_as),
+        # that type's __init__ may want other arguments.
+        BaseException.__init__(self, message)
         unknown = set(fields) - set(self.FIELDS)
         if unknown:
             raise TypeError(f"unknown WorkerError fields: {sorted(unknown)}")
         for name in self.FIELDS:
             setattr(self, name, fields.get(name))
+
+
+_AS_CAUGHT: dict[type | None, type | None] = {}  # user exception type -> WorkerError that is also one
+
+
+def _rebuild_worker_error(original: type, message: str, fields: dict) -> WorkerError:
+    return worker_error_as(original, message, **fields)
+
+
+def worker_error_as(original: type | None, message: str, **fields: object) -> WorkerError:
+    """A WorkerError that is also an `original` (so `except ValueError` catches a worker's
+    ValueError, as it would in a loop without workers), when that type can be
+    subclassed; a plain WorkerError otherwise (`BaseException`s such as `SystemExit`
+    are never mimicked: a worker's `sys.exit()` must not end the training loop)."""
+    if original not in _AS_CAUGHT:
+        both = None
+        if isinstance(original, type) and issubclass(original, Exception) \
+                and not issubclass(original, ShmfeedError) and original is not Exception:
+            try:
+                both = type(f"WorkerError[{original.__name__}]", (WorkerError, original), {
+                    "__module__": __name__,
+                    # The original's own __init__ and __str__ may want other arguments or
+                    # print differently (KeyError quotes): this one is a WorkerError's.
+                    "__init__": WorkerError.__init__,
+                    "__str__": BaseException.__str__,
+                    "__reduce__": lambda self: (_rebuild_worker_error, (
+                        original, self.args[0] if self.args else "",
+                        {f: getattr(self, f) for f in WorkerError.FIELDS})),
+                })
+            except TypeError:  # a final class, or a layout no subclass can mix
+                both = None
+        _AS_CAUGHT[original] = both
+    cls = _AS_CAUGHT[original]
+    if cls is None:
+        return WorkerError(message, **fields)
+    try:
+        err = cast(WorkerError, cls.__new__(cls, message))
+    except Exception:  # a __new__ that wants other arguments
+        return WorkerError(message, **fields)
+    WorkerError.__init__(err, message, **fields)
+    return err
 
 
 class ImageDecodeError(ShmfeedError, OSError):

@@ -54,7 +54,9 @@ class ImageFolder:
     Labels number the class folders in sorted order (`class_names[label]` is the
     folder's name).  Each image is decoded with Pillow where the batch is built (in a
     worker), converted to RGB (grayscale, palette and RGBA images too) and resized to
-    `size=(height, width)` with `interpolation` (default "bilinear", as Keras).
+    `size=(height, width)` with `interpolation`: "bilinear" by default, as Keras's
+    `image_dataset_from_directory` (Pillow's own default is "bicubic"), or one of
+    "nearest", "bicubic", "lanczos", "box", "hamming".
     Use `shmfeed.rng()` in a subclass's `__getitem__` for random augmentation.
     """
 

@@ -27,7 +27,14 @@ from . import _forkserver, _interpreter, _state, _sysinfo
 from ._arrays import as_source
 from ._config import build, check_int
 from ._consumer import Consumer
-from ._errors import LoaderClosedError, ShmfeedError, SourcePickleError, SpecError, WorkerError
+from ._errors import (
+    LoaderClosedError,
+    ShmfeedError,
+    SourcePickleError,
+    SpecError,
+    WorkerError,
+    worker_error_as,
+)
 from ._order import DEFAULT_SHUFFLE_BLOCK
 from ._pool import Pool, sigint_deferred
 from ._ring import Ring
@@ -141,8 +148,10 @@ class Loader:
     Faults (RELIABILITY.md has the details and measured times):
 
     - An exception in `__getitem__` (or a bad sample: `SpecError`) is raised in batch
-      order, as a `WorkerError` chained from an exception of the original type, after
-      every earlier batch.  So is one from `on_epoch_end`, after the whole epoch.  The
+      order, after every earlier batch, as a `WorkerError` that is also of the original
+      type (`except ValueError` catches a worker's ValueError), chained from an
+      exception of that type; it names the batch and sample and carries the worker's
+      traceback.  So is one from `on_epoch_end`, after the whole epoch.  The
       epoch ends there; iterating again starts the next epoch, and `close()` is clean.
     - A worker that dies (signal, `os._exit`, segfault, OOM killer) is replaced and its
       batch rebuilt: the epoch still comes out exactly once, in order.  After
@@ -206,12 +215,17 @@ class Loader:
         self._epoch = 0  # the epoch the next iteration produces
         self._first_batch = 0  # and the batch it starts at (> 0 after a resume)
         self._active: int | None = None  # the epoch being iterated, until it completes
-        self._received: tuple[int, int] | None = None  # set by a device feed reading ahead
+        # The position of the last batch the training step acknowledged, where a feed
+        # between the loader and the step reads ahead (the device feed, the Keras feed);
+        # None: every batch handed out counts.  `_acked` counts those batches.
+        self._received: tuple[int, int] | None = None
+        self._acked: int | None = None
         self._hooks = any(_epoch_hook(source, h) for h in _HOOKS)
         self._snapshot: tuple[int, Any] | None = None  # (epoch, source state at its start)
         self._closed = False
         self._stats = Stats(n_slots=cfg.n_slots, slot_bytes=cfg.spec.slot_bytes,
-                            ring_bytes=self._ring.nbytes)
+                            ring_bytes=self._ring.nbytes, num_workers=cfg.num_workers,
+                            cpus=_sysinfo.usable_cpus().value)
         self._consumer = Consumer(self._ring, cfg, self._res, source, self._stats)
         if cfg.num_workers:
             self._start_pool()
@@ -317,7 +331,9 @@ class Loader:
         if self._received is not None:
             epoch, nxt = self._received
         elif self._active is not None:
-            epoch, nxt = self._active, self._consumer.delivered
+            # Behind a feed that acknowledges, nothing of this epoch is acknowledged yet.
+            epoch, nxt = self._active, (self._consumer.first_batch if self._acked is not None
+                                        else self._consumer.delivered)
         else:
             epoch, nxt = self._epoch, self._first_batch
         source_state = None
@@ -357,9 +373,13 @@ class Loader:
                 "state dict cannot hold, so a run over it cannot be resumed exactly. Save your "
                 "own position in the data, or use a source with __len__ and __getitem__.")
 
-    def _note_received(self, position: tuple[int, int]) -> None:
-        """A device feed handed the loop the batch that ends at `position`."""
+    def _note_received(self, position: tuple[int, int], batches: int = 1) -> None:
+        """The training step acknowledged `batches` more batches (a device feed: the
+        loop took the batch after them; the Keras feed: `on_train_batch_end`), the last
+        of which ends at `position`: what `state_dict()` and `stats()` count from now on,
+        instead of the batches read ahead."""
         self._received = position
+        self._acked = (self._acked or 0) + batches
 
     def _position(self) -> tuple[int, int]:
         """(epoch, next batch) after the last batch the consumer handed out."""
@@ -412,18 +432,26 @@ class Loader:
         return None if pool is None else pool.start_method
 
     def stats(self) -> Stats:
+        """What the loader has done so far (also after `close()`: the final numbers).
+        Behind a feed that reads ahead (the device feed, the Keras feed), `batches` and
+        `bytes` count the batches the training step acknowledged, not those read ahead."""
         s = self._stats
         t_first = self._consumer.t_first
-        s.elapsed_s = (time.perf_counter() - t_first) if t_first is not None else 0.0
-        ctl = self._ring.ctl
         if not self._closed:
+            s.elapsed_s = (time.perf_counter() - t_first) if t_first is not None else 0.0
+            ctl = self._ring.ctl
             s.restarts = ctl.header()["restarts"]
             s.workers = [
                 {"worker": w, "pid": info["pid"], "batches": info["batches"], "busy_s": info["busy_ns"] / 1e9}
                 for w in range(self._ring.max_workers) for info in [ctl.worker(w)]
             ]
         copied: dict[str, Any] = {k: (list(v) if isinstance(v, list) else v) for k, v in s.__dict__.items()}
-        return Stats(**copied)
+        out = Stats(**copied)
+        if self._acked is not None and out.batches:
+            # Bytes per batch of those read (exact unless batches vary in size: buckets).
+            out.bytes = round(out.bytes * min(self._acked, out.batches) / out.batches)
+            out.batches = self._acked
+        return out
 
     def __repr__(self) -> str:
         mib = self._ring.nbytes / 2**20
@@ -435,9 +463,15 @@ class Loader:
 
     def close(self) -> None:
         """Stop the workers and release the ring.  Batches still referenced stay
-        readable; the memory goes when the last of them does."""
-        self._closed = True
-        self._finalizer()
+        readable; the memory goes when the last of them does.  `stats()` still works."""
+        try:
+            if not self._closed and not self._ring.closed:
+                self.stats()  # the final numbers, while the ring can still be read
+        except Exception:  # closing must not fail for want of statistics
+            log.debug("shmfeed: final stats unavailable", exc_info=True)
+        finally:  # even on a Ctrl-C meanwhile
+            self._closed = True
+            self._finalizer()
 
     def add_close_callback(self, fn: Callable[[], object]) -> None:
         """Run `fn()` once when the loader closes (by `close()`, `with`, or garbage
@@ -519,7 +553,8 @@ class Loader:
             hook()
         except Exception as exc:
             when = "after" if name == "on_epoch_end" else "before"
-            raise WorkerError(
+            raise worker_error_as(
+                type(exc),
                 f"the source's {name}() raised {type(exc).__name__}: {exc} ({when} epoch {epoch}). "
                 "Every batch of the epoch before it was delivered; iterating again starts "
                 "the next epoch, or close the loader.",

@@ -32,7 +32,7 @@ from dataclasses import dataclass, fields, replace
 from typing import Any, cast
 
 from ._control import REPORT_BYTES
-from ._errors import ShmfeedError, WorkerError, internal
+from ._errors import ShmfeedError, WorkerError, internal, worker_error_as
 
 _LEN = struct.Struct("<I")
 PAYLOAD_BYTES = REPORT_BYTES - _LEN.size  # what one report area holds after its length
@@ -159,8 +159,9 @@ class BuildFailure(_Report):
         return replace(self, message=message, traceback=tb, exception=None, shortened=True)
 
     def to_exception(self) -> BaseException:
-        """The worker's SpecError as is; anything else as a WorkerError chained from an
-        exception of the original type and message."""
+        """The worker's SpecError as is; anything else as a WorkerError that is also of
+        the original type where it can be (`except ValueError` catches it), chained
+        from an exception of the original type and message."""
         original = self._original()
         if isinstance(original, ShmfeedError):
             return original
@@ -169,7 +170,10 @@ class BuildFailure(_Report):
             where = f", at {self.item_name}"
         elif self.item is not None:
             where = f", at {'source batch' if self.batch_level else 'sample'} index {self.item}"
-        err = WorkerError(
+        # Caught as the original type only when that type itself came back.
+        same = type(original).__qualname__ == self.type_name
+        err = worker_error_as(
+            type(original) if same else None,
             f"worker {self.worker} (pid {self.pid}) raised {self.type_name}: {self.message} "
             f"while building batch {self.batch} of epoch {self.epoch}{where}.\n\n"
             f"Worker traceback:\n{self.traceback}",

@@ -339,11 +339,33 @@ def check_sample_leaf(x: Any, leaf: Leaf, index: int | None) -> Any:
         if leaf.pytype is type(x) and leaf.shape == ():
             return x
         got = f"a Python {type(x).__name__}"
-    raise SpecError(
-        f"{where}, field {here}: got {got}, expected "
-        f"{_leaf_expect(leaf)} like the first sample. Every sample must have the same "
-        "shape and dtype per field: pad, crop or cast in `__getitem__`."
-    )
+    if got.startswith("shape") and isinstance(x, np.ndarray) and x.ndim == len(leaf.shape):
+        # Ragged: the same field, another size.  Padding exists for exactly that, and a
+        # list of samples has no __getitem__ to pad in.
+        remedy = (f"Samples whose size varies are padded into fixed slots by the Loader: pass "
+                  f"`padded_shapes` with the largest size this field can have (e.g. "
+                  f"{_padded_example(leaf, x)}, or larger; `with_lengths=True` for the true sizes); "
+                  "or make the samples one shape first (pad or crop them in `__getitem__`, or in "
+                  "the list or arrays you give the Loader).")
+    else:
+        remedy = ("Every sample must have the same shape and dtype per field: convert the samples "
+                  "(in `__getitem__`, or in the list or arrays you give the Loader).")
+    raise SpecError(f"{where}, field {here}: got {got}, expected {_leaf_expect(leaf)} like the "
+                    f"first sample. {remedy}")
+
+
+def _padded_example(leaf: Leaf, x: np.ndarray) -> str:
+    """`padded_shapes` for one varying leaf, as the user would write it (see _pad.py)."""
+    big = tuple(max(a, b) for a, b in zip(leaf.shape, x.shape))
+    shape = repr(big)
+    path = leaf.path
+    if path.startswith("['") and path.endswith("']") and path.count("[") == 1:
+        return "`padded_shapes={" + repr(path[2:-2]) + ": " + shape + "}`"
+    if path.startswith("[") and path.endswith("]") and path[1:-1].isdigit() and path.count("[") == 1:
+        return f"a tuple with `{shape}` at position {path[1:-1]} and None for the fields kept as they are"
+    if path == "":
+        return f"`padded_shapes={shape}`"
+    return f"a structure like the sample's with `{shape}` at {path}"
 
 
 def _leaf_expect(leaf: Leaf) -> str:

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from ._sysinfo import human_bytes
+from ._sysinfo import human_bytes, most_useful_workers
 
 # Input wait above this fraction of the loop's time: the loop is input-bound.
 INPUT_BOUND_FRACTION = 0.5
@@ -38,6 +38,8 @@ class Stats:
     n_slots: int = 0
     slot_bytes: int = 0
     ring_bytes: int = 0
+    num_workers: int | None = None  # None: unknown (advice then does not count CPUs)
+    cpus: int | None = None  # CPUs this process may use
 
     @property
     def input_wait_fraction(self) -> float:
@@ -60,12 +62,21 @@ class Stats:
         f = self.input_wait_fraction
         if self.batches == 0:
             return "no batch taken yet"
-        if f >= INPUT_BOUND_FRACTION:
-            return ("input-bound: the loop mostly waits for data; add workers (`num_workers`) "
-                    "or make __getitem__ cheaper")
         if f <= KEEPS_UP_FRACTION:
             return "the loader keeps up: more workers would not speed this loop up"
-        return "partly input-bound: a few more workers (`num_workers`) may help"
+        what = "input-bound: the loop mostly waits for data" if f >= INPUT_BOUND_FRACTION \
+            else "partly input-bound"
+        if self.num_workers is None or self.cpus is None:
+            more = "add workers (`num_workers`)" if f >= INPUT_BOUND_FRACTION \
+                else "a few more workers (`num_workers`) may help"
+            return f"{what}; {more} or make __getitem__ cheaper"
+        most = most_useful_workers(self.cpus)
+        if self.num_workers < most:
+            return (f"{what}; more workers may help (`num_workers={self.num_workers}`, at most "
+                    f"{most} on {self.cpus} CPUs: one is the loop's), or make __getitem__ cheaper")
+        return (f"{what}; the {self.cpus} CPUs are all in use (`num_workers={self.num_workers}` and "
+                "the loop), so more workers would not help: make __getitem__ cheaper, or use a "
+                "machine with more CPUs")
 
     def slowest_worker(self) -> dict | None:
         """The worker with the most busy time per batch it built (None before any)."""

@@ -201,6 +201,12 @@ def usable_cpus(cgroup_root: Path = CGROUP_ROOT) -> Reading:
     return cpus
 
 
+def most_useful_workers(cpus: int) -> int:
+    """The most workers that can speed a training loop up on `cpus` CPUs: one CPU is the
+    loop's own.  The constructor's warning and `Stats`' advice both follow this rule."""
+    return max(cpus - 1, 1)
+
+
 def memory_total_bytes() -> Reading:
     return Reading(psutil.virtual_memory().total, "MemTotal (/proc/meminfo)")
 

@@ -43,7 +43,8 @@ def _t(name: str) -> str:
 FAULTS = [
     Fault("getitem_raises", "Exception in `__getitem__`",
           "`raise ValueError` at sample 17 (batch 4), `num_workers` 0 and 2",
-          "`WorkerError` at batch 4, chained from a `ValueError` with the same message; "
+          "`WorkerError` at batch 4 that `except ValueError` also catches, chained from a "
+          "`ValueError` with the same message; "
           "message names worker, pid, batch, epoch, sample index and has the worker's "
           "traceback; batches 0-3 delivered intact; next epoch and `close()` work",
           "wait for batch 4 until the error",

@@ -256,6 +256,7 @@ def test_exception_in_getitem_raises_worker_error_in_batch_order(num_workers):
         reliability.record("getitem_raises", time.monotonic() - t0)
         _check_epoch(got, 16)  # batches 0-3, intact
         err = info.value
+        assert isinstance(err, ValueError)  # `except ValueError` catches it, as without workers
         assert type(err.__cause__) is ValueError
         assert str(err.__cause__) == "cannot decode sample 17"
         msg = str(err)

@@ -162,3 +162,20 @@ def test_missing_pillow_is_a_clear_error_and_shmfeed_imports_without_it(tmp_path
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert "ERROR: ImageFolder decodes images with Pillow, which cannot be imported" in out.stdout, out.stderr
     assert "pip install 'shmfeed[images]'" in out.stdout
+
+
+@pytest.mark.parametrize("interpolation", ["bilinear", "bicubic", "nearest", "lanczos"])
+def test_images_are_resized_with_the_interpolation_asked_bilinear_by_default(tmp_path, interpolation):
+    """Keras resizes bilinearly, Pillow bicubically by default: the choice is the user's,
+    and a silent difference from the model's other pipeline would shift its inputs."""
+    (tmp_path / "c").mkdir()
+    ramp = np.add.outer(np.arange(20) * 12, np.arange(15) * 5).astype(np.uint8)
+    Image.fromarray(np.stack([ramp, ramp[::-1], ramp.T[:, ::-1].T], -1)).save(tmp_path / "c" / "x.png")
+    kwargs = {} if interpolation == "bilinear" else {"interpolation": interpolation}
+    got = ImageFolder(str(tmp_path), size=SIZE, **kwargs)[0]["image"]
+    with Image.open(tmp_path / "c" / "x.png") as img:
+        resample = getattr(Image.Resampling, interpolation.upper())
+        want = np.asarray(img.convert("RGB").resize(SIZE[::-1], resample))
+        other = np.asarray(img.convert("RGB").resize(SIZE[::-1], Image.Resampling.BOX))
+    np.testing.assert_array_equal(got, want)
+    assert not np.array_equal(got, other)  # the ramp tells interpolations apart

@@ -9,6 +9,7 @@ import pytest
 
 import shmfeed
 from shmfeed._stats import INPUT_BOUND_FRACTION, KEEPS_UP_FRACTION
+from shmfeed._sysinfo import most_useful_workers
 
 SLOW_SAMPLE_S = 0.01
 
@@ -37,7 +38,10 @@ def test_summary_of_an_input_bound_loop_says_so_with_its_numbers():
     text = str(s)
     assert text.startswith("shmfeed loader: 6 batches (384 B) in ")
     assert f"input wait {s.input_wait_fraction:.2f}" in text and "input-bound" in text
-    assert "add workers (`num_workers`)" in text
+    if s.num_workers < most_useful_workers(s.cpus):
+        assert "more workers may help (`num_workers=1`" in text
+    else:  # e.g. 2 CPUs: the worker and the loop use them
+        assert "more workers would not help" in text
     busy_ms = s.workers[0]["busy_s"] / 6 * 1e3
     assert busy_ms >= 4 * SLOW_SAMPLE_S * 1e3 * 0.9
     assert f"slowest: worker 0 (pid {pid}), {busy_ms:.1f} ms per batch over 6 batches" in text
