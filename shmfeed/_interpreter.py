@@ -18,7 +18,10 @@ Invariants:
 
 from __future__ import annotations
 
+import io
+import mmap
 import os
+import socket
 import sys
 from typing import Any
 
@@ -63,12 +66,16 @@ def dump_source(source: Any, why: str) -> bytes:
         found = unpicklable_part(source, "source", 0)
         path, part, cause = found if found is not None else (None, source, exc)
         what = f"its attribute `{path}` ({type(part).__name__})" if path else type(source).__name__
+        held = _held_resource(part)
         raise SourcePickleError(
             f"the source ({type(source).__name__}) cannot be sent to the worker processes: "
-            f"{what} cannot be pickled ({type(cause).__name__}: {cause}). They start in a fresh "
-            f"interpreter because {why}. Open such resources lazily in `__getitem__` (and leave "
-            "them out of `__getstate__`), create the Loader before JAX/CUDA starts, or pass "
-            "`start_method='fork'` to fork anyway (unsafe once JAX/CUDA threads run).",
+            f"{what} cannot be pickled ({type(cause).__name__}: {cause})"
+            + (f"; it is {held} of this process, which a process started apart cannot share"
+               if held else "")
+            + f". They rebuild the source from bytes (in a fresh interpreter, or the fork server's "
+            f"copy of this process) because {why}. Open such resources lazily in `__getitem__` "
+            "(and leave them out of `__getstate__`), create the Loader before JAX/CUDA starts, or "
+            "pass `start_method='fork'` to fork anyway (unsafe once JAX/CUDA threads run).",
             path) from exc
     try:
         cloudpickle.loads(data)
@@ -78,6 +85,18 @@ def dump_source(source: Any, why: str) -> bytes:
             f"({type(exc).__name__}: {exc}), so the worker processes could not rebuild it. "
             "Check its `__getstate__`/`__setstate__` or `__reduce__`.") from exc
     return data
+
+
+def _held_resource(obj: Any) -> str | None:
+    """'an open file ...' / 'an open socket' when `obj` is a descriptor's owner."""
+    if isinstance(obj, io.IOBase):
+        name = getattr(obj, "name", None)
+        return "an open file" + (f" ({name!r})" if isinstance(name, str) else "")
+    if isinstance(obj, socket.socket):
+        return "an open socket"
+    if isinstance(obj, mmap.mmap):
+        return "an open memory map (wrap it in `np.memmap` to send it)"
+    return None
 
 
 def _children(obj: Any) -> list[tuple[str, Any]]:

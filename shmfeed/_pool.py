@@ -48,7 +48,7 @@ from ._config import Config
 from ._errors import WorkerError
 from ._report import describe_exit, proc_state
 from ._ring import Ring
-from ._supervisor import UPDATE, UPDATE_FAILED, UPDATED, fork_child, fork_main
+from ._supervisor import UPDATE, UPDATE_FAILED, UPDATED, fork_child, fork_main, hold_fds
 
 # Popen arguments that start a spawned supervisor in a process group of its own.
 _NEW_GROUP: dict = {"process_group": 0} if sys.version_info >= (3, 11) else {"start_new_session": True}
@@ -108,6 +108,7 @@ class Pool:
         # when that thread is the main one; otherwise the supervisor watches our pidfd.
         pdeathsig = threading.current_thread() is threading.main_thread()
         self._chan, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        hold_fds(self)  # pools forked later (by any loader) close our channel
         try:
             if start_method == "fork":
                 self.pid = fork_child(lambda: fork_main(ring.fd, theirs.fileno(), source, cfg, me, pdeathsig))
@@ -125,6 +126,11 @@ class Pool:
             raise
         finally:
             theirs.close()
+
+    def own_fds(self) -> set[int]:
+        """Our descriptors, which no other pool process may keep (see child_setup)."""
+        fds = {self._chan.fileno()} | ({self._status_fd} if self._status_fd is not None else set())
+        return {fd for fd in fds if fd >= 0}
 
     def _payload(self, cfg: Config, source_bytes: bytes) -> bytes:
         """What a supervisor that does not share our memory starts from."""

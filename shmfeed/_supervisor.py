@@ -27,7 +27,8 @@ import socket
 import sys
 import time
 import traceback
-from collections.abc import Callable
+import weakref
+from collections.abc import Callable, Iterable
 from dataclasses import replace
 from typing import Any
 
@@ -35,7 +36,7 @@ from . import _control, _interpreter
 from ._build import builder_for
 from ._config import Config
 from ._report import STOPPED_STATES, StartupFailure, exit_hint, proc_state, worker_death
-from ._ring import Ring, forget_inherited
+from ._ring import Ring, forget_inherited, mapped_fds
 from ._worker import worker_loop
 
 WORKER_GRACE_S = 0.3  # workers get this long to leave on their own at shutdown
@@ -59,9 +60,57 @@ def say(text: str) -> None:
         pass
 
 
+# Objects of this process that hold descriptors shmfeed opened for its own use (a pool's
+# channel and status pipe), listed by their `own_fds()`; rings are found in _ring.py.
+_fd_holders: weakref.WeakSet = weakref.WeakSet()
+
+
+def hold_fds(obj: Any) -> None:
+    """Have forked pool processes close `obj.own_fds()` (see `child_setup`)."""
+    _fd_holders.add(obj)
+
+
+def _own_fds() -> set[int]:
+    """Descriptors shmfeed opened in this process for its own use: every ring's, and
+    those of the objects given to `hold_fds`."""
+    fds = mapped_fds()
+    for holder in list(_fd_holders):
+        fds.update(holder.own_fds())
+    return fds
+
+
+def _same_files(fds: set[int]) -> set[int]:
+    """Every descriptor of this process open on the same file as one of `fds` (memfds,
+    sockets, pipes: each its own inode): a mapped ring also holds a dup that mmap made
+    for itself and does not show."""
+    files = set()
+    for fd in fds:
+        with contextlib.suppress(OSError):
+            st = os.fstat(fd)
+            files.add((st.st_dev, st.st_ino))
+    found = set(fds)
+    for name in os.listdir("/proc/self/fd"):
+        with contextlib.suppress(OSError, ValueError):
+            st = os.fstat(int(name))
+            if (st.st_dev, st.st_ino) in files:
+                found.add(int(name))
+    return found
+
+
 def child_setup(parent_pid: int, keep_fds: set[int], pdeathsig: bool = True,
-                 keep_ring: Ring | None = None) -> None:
-    """First thing in every process we fork or spawn."""
+                 keep_ring: Ring | None = None, keep_source_fds: bool = False,
+                 drop_fds: Iterable[int] = ()) -> None:
+    """First thing in every process we fork or spawn.
+
+    Descriptors: a process that rebuilds its source from bytes (the fork server, a
+    supervisor it forks or a fresh interpreter) closes every one it inherited but
+    `keep_fds`.  One that inherits the source itself (`keep_source_fds`: a supervisor
+    forked from the training process, every worker) closes only shmfeed's own (other
+    loaders' rings, so that closing those really frees them; other pools' channels)
+    and `drop_fds`: whatever else is open may be the source's, and a file, socket or
+    database it holds must keep working (a generator that opened a file, an lmdb
+    environment: found by no walk of Python objects).  That is what fork itself
+    promises, and what Keras's and PyTorch's forked workers do."""
     if pdeathsig:
         _control.set_pdeathsig(signal.SIGKILL)
     if os.getppid() != parent_pid:  # the parent died before prctl took effect
@@ -71,19 +120,23 @@ def child_setup(parent_pid: int, keep_fds: set[int], pdeathsig: bool = True,
     from . import _forkserver  # imports this module
 
     _forkserver.forget_inherited()
+    drop = (_same_files(_own_fds()) | set(drop_fds)) - keep_fds if keep_source_fds else None
     # Objects inherited through fork are never collected here: their destructors
     # (closing fds, releasing slots) belong to the parent.
     gc.freeze()
     # Nor its rings' memory: a pool must not keep another loader's ring alive after
     # that loader closed.  Our own ring is mapped again from its descriptor.
     forget_inherited(keep_ring)
-    # Drop descriptors inherited from the parent (other loaders' rings among them),
-    # so that closing those really frees them.
-    fd = 3
-    for keep in sorted(k for k in keep_fds if k >= 3):
-        os.closerange(fd, keep)
-        fd = keep + 1
-    os.closerange(fd, _max_fd())
+    if drop is not None:
+        for fd in drop:
+            with contextlib.suppress(OSError):
+                os.close(fd)
+    else:
+        fd = 3
+        for keep in sorted(k for k in keep_fds if k >= 3):
+            os.closerange(fd, keep)
+            fd = keep + 1
+        os.closerange(fd, _max_fd())
     # sys.stdout/sys.stderr may have written to a descriptor just closed: give the
     # source's print() the real fds 1 and 2 instead of an OSError per sample.
     for name, fileno in (("stdout", 1), ("stderr", 2)):
@@ -129,6 +182,7 @@ def supervise(ring: Ring, chan_fd: int, source: Any, cfg: Config, parent_pid: in
     builder = builder_for(source, cfg, ring)
     workers: dict[int, int] = {}  # pid -> worker index
     pidfds: dict[int, int] = {}  # pid -> pidfd
+    parent_fd: list[int] = []  # the training process's pidfd, once opened
 
     def start(w: int, pending: int | None) -> None:
         # Recorded before the fork: a replacement that dies before running a line
@@ -140,7 +194,9 @@ def supervise(ring: Ring, chan_fd: int, source: Any, cfg: Config, parent_pid: in
             # First thing, so that a supervisor killed right after this fork still
             # leaves the pid where the training process finds (and, as PID 1, reaps) it.
             ctl.set_worker_pid(w, os.getpid())
-            child_setup(me, {ring.fd}, keep_ring=ring)
+            # The source's descriptors stay open; ours (the channel, pidfds) go.
+            child_setup(me, {ring.fd}, keep_ring=ring, keep_source_fds=True,
+                        drop_fds={chan_fd, *pidfds.values(), *parent_fd})
             # A segfault in native code then leaves the worker's Python stack on
             # stderr; the supervisor reports the signal.
             with contextlib.suppress(Exception):
@@ -162,10 +218,8 @@ def supervise(ring: Ring, chan_fd: int, source: Any, cfg: Config, parent_pid: in
 
     # The training process's pidfd turns readable when it dies: noticed at once even
     # when no parent-death signal was set up (a Loader made in a thread).
-    try:
-        parent_fd = [os.pidfd_open(parent_pid)]
-    except OSError:
-        parent_fd = []
+    with contextlib.suppress(OSError):
+        parent_fd.append(os.pidfd_open(parent_pid))
     stopped_since: dict[int, float] = {}  # pid -> when it was first seen stopped
     replaced_stopped: dict[int, float] = {}  # pid -> how long it had been stopped
     def update() -> bool:
@@ -328,7 +382,8 @@ def _death(ctl: _control.Control, w: int, pid: int, status: int, held: int):
 def fork_main(ring_fd: int, chan_fd: int, source: Any, cfg: Config, parent_pid: int,
               pdeathsig: bool) -> None:
     """Entry point of a forked supervisor (the child side of Pool's fork)."""
-    child_setup(parent_pid, {ring_fd, chan_fd}, pdeathsig)
+    # The source came with the fork: what it holds open stays open (see child_setup).
+    child_setup(parent_pid, {ring_fd, chan_fd}, pdeathsig, keep_source_fds=True)
     ring = Ring(cfg.spec, cfg.n_slots, cfg.num_workers, fd=ring_fd)
     supervise(ring, chan_fd, source, cfg, parent_pid)
 
