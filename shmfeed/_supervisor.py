@@ -49,6 +49,7 @@ UPDATE = b"update"
 UPDATED = b"updated"
 UPDATE_FAILED = b"update-failed:"
 _REASON_BYTES = 3000  # of an UPDATE_FAILED reason
+MAX_FDS = 253  # the most descriptors one message carries (the kernel's SCM_MAX_FD)
 
 
 def say(text: str) -> None:
@@ -227,20 +228,20 @@ def supervise(ring: Ring, chan_fd: int, source: Any, cfg: Config, parent_pid: in
         the training process's end of the channel is closed."""
         nonlocal builder
         try:
-            msg, fds, _, _ = socket.recv_fds(chan, 64, 1)
+            msg, fds, _, _ = socket.recv_fds(chan, 64, MAX_FDS)
         except OSError:
             msg, fds = b"", []
-        if msg != UPDATE or len(fds) != 1:
-            for fd in fds:
-                os.close(fd)
+        if msg != UPDATE or not fds:
+            _close_all(fds)
             return bool(msg)
         try:
-            with os.fdopen(fds[0], "rb") as f:
-                new = builder_for(_interpreter.loads(f.read()), cfg, ring)
+            new = builder_for(_interpreter.load_source(fds[0]), cfg, ring)
         except BaseException as exc:  # noqa: B036 - whatever the source's unpickling raises
             reason = f"{type(exc).__name__}: {exc}".encode(errors="replace")[:_REASON_BYTES]
             chan.send(UPDATE_FAILED + reason)
             return True
+        finally:
+            _close_all(fds)
         builder = new
         # Between epochs no generation is open, so a worker without a claim is idle in
         # its wait and, SIGKILLed, never touches the ring again: its record is reused
@@ -388,21 +389,31 @@ def fork_main(ring_fd: int, chan_fd: int, source: Any, cfg: Config, parent_pid: 
     supervise(ring, chan_fd, source, cfg, parent_pid)
 
 
+def _close_all(fds: Iterable[int]) -> None:
+    for fd in fds:
+        with contextlib.suppress(OSError):
+            os.close(fd)
+
+
 def spawn_main() -> None:
     """Entry point of a spawned supervisor (see _interpreter.python_command):
-    `python -c ... <payload fd> <ring fd> <channel fd> <parent pid> <pdeathsig>`."""
+    `python -c ... <payload fd> <ring fd> <channel fd> <parent pid> <pdeathsig>
+    <the parcel's fds, comma-separated>`."""
     payload_fd, ring_fd, chan_fd, parent_pid, pdeathsig = (int(a) for a in sys.argv[1:6])
-    start_from_payload(payload_fd, ring_fd, chan_fd, parent_pid, parent_pid, bool(pdeathsig))
+    source_fds = [int(a) for a in sys.argv[6].split(",")]
+    start_from_payload(payload_fd, ring_fd, chan_fd, parent_pid, parent_pid, bool(pdeathsig),
+                       source_fds=source_fds)
 
 
 def start_from_payload(payload_fd: int, ring_fd: int, chan_fd: int, parent_pid: int,
-                       ppid: int, pdeathsig: bool = True) -> None:
-    """A supervisor that receives its config and source as bytes (the spawn payload of
-    _pool.py): in a fresh interpreter, or forked by the fork server (`ppid`, its
-    parent, is then the server; `parent_pid` is always the training process)."""
+                       ppid: int, pdeathsig: bool = True, *, source_fds: list[int]) -> None:
+    """A supervisor that receives its config as bytes (the spawn payload of _pool.py)
+    and its source as a parcel (_interpreter.Parcel, descriptors `source_fds`): in a
+    fresh interpreter, or forked by the fork server (`ppid`, its parent, is then the
+    server; `parent_pid` is always the training process)."""
     with os.fdopen(payload_fd, "rb") as f:
-        sys_path, geometry, cfg_bytes, source_bytes = _interpreter.loads(f.read())
-    child_setup(ppid, {ring_fd, chan_fd}, pdeathsig)
+        sys_path, geometry, cfg_bytes = _interpreter.loads(f.read())
+    child_setup(ppid, {ring_fd, chan_fd, *source_fds}, pdeathsig)
     # Map the ring from its plain geometry first, so that a failure to rebuild the
     # config (which names the user's classes, e.g. a namedtuple in the batch spec) or
     # the source can still be reported to the training process.
@@ -414,7 +425,7 @@ def start_from_payload(payload_fd: int, ring_fd: int, chan_fd: int, parent_pid: 
         _interpreter.adopt_sys_path(sys_path)
         cfg = _interpreter.loads(cfg_bytes)
         ring.spec = cfg.spec
-        source = _interpreter.loads(source_bytes)
+        source = _interpreter.load_source(source_fds[0])
     except BaseException as exc:
         ring.write_report(None, StartupFailure(
             "the worker pool could not rebuild the source in its supervisor (forked by the fork "
@@ -423,6 +434,8 @@ def start_from_payload(payload_fd: int, ring_fd: int, chan_fd: int, parent_pid: 
             "create the Loader before JAX starts."))
         ring.ctl.set_fatal()
         return
+    finally:
+        _close_all(source_fds)
     supervise(ring, chan_fd, source, cfg, parent_pid)
 
 

@@ -1,0 +1,77 @@
+"""A large in-memory dataset is not kept twice (issue 26.4): with the fork server or a
+fresh interpreter its large arrays reach the pool through one shared memfd that the
+supervisor maps copy-on-write, never as pickled bytes; the workers read exactly the
+training process's data, before and after an epoch hook re-sends the source."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+import shmfeed
+
+ROW_INTS = 512  # 4 KiB rows
+ROWS = 128 * 2**20 // (8 * ROW_INTS)  # 128 MiB in all
+BATCH = 256
+
+
+class Big:
+    """128 MiB of random rows, and a count of the epochs that ended (an epoch hook:
+    after each epoch the source is sent to the pool again)."""
+
+    def __init__(self, rows=ROWS):
+        self.x = np.random.default_rng(7).integers(0, 2**62, (rows, ROW_INTS), dtype=np.int64)
+        self.ended = 0
+
+    def __len__(self):
+        return len(self.x)
+
+    def __getitem__(self, i):
+        return self.x[i], np.int64(self.ended)
+
+    def on_epoch_end(self):
+        self.ended += 1
+
+
+def _anonymous_bytes(pid: int) -> int:
+    """Process `pid`'s resident anonymous memory (shared with its forks or not): pickled
+    bytes and unpickled copies count here; pages of a memfd it maps do not."""
+    with open(f"/proc/{pid}/smaps_rollup") as f:
+        for line in f:
+            if line.startswith("Anonymous:"):
+                return int(line.split()[1]) * 1024
+    raise AssertionError("no Anonymous in smaps_rollup")
+
+
+@pytest.fixture(params=["fork", "forkserver", "spawn"])
+def start_method(request):
+    if request.param == "forkserver":
+        assert shmfeed.start_fork_server()
+        yield request.param
+        shmfeed._forkserver.stop()
+    else:
+        yield request.param
+
+
+def test_a_big_dataset_reaches_the_pool_once_and_bit_identical(start_method):
+    with shmfeed.Loader(Big(rows=64), batch_size=8, num_workers=1, start_method=start_method) as small:
+        for _ in small:
+            pass
+        base = _anonymous_bytes(small.pool_pid)
+    source = Big()
+    dataset = source.x.nbytes
+    # A forked supervisor maps the training process's own pages of the dataset (shared
+    # until written): those are not a copy.
+    inherited = dataset if start_method == "fork" else 0
+    with shmfeed.Loader(source, batch_size=BATCH, num_workers=2, start_method=start_method) as loader:
+        held = []
+        for epoch in range(2):  # epoch 1 runs on the source sent again after the hook
+            rows = 0
+            for x, ended in loader:
+                assert np.array_equal(x, source.x[rows : rows + len(x)]), f"epoch {epoch} rows {rows}"
+                assert (ended == epoch).all()
+                rows += len(x)
+            assert rows == ROWS
+            held.append(_anonymous_bytes(loader.pool_pid) - base - inherited)
+    # The supervisor holds no pickled copy, nor an unpickled one (was: 2x the dataset).
+    assert max(held) < dataset // 10, f"the supervisor holds {[h >> 20 for h in held]} MiB more"
