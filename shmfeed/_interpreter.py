@@ -27,13 +27,16 @@ import sys
 from typing import Any
 
 import cloudpickle
+import numpy as np
 
 from . import _sysinfo
+from ._arrays import MappedFile, _file_ref
 from ._errors import SourcePickleError
 
 # The directory holding the imported `shmfeed` package.
 PACKAGE_PARENT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 _CULPRIT_DEPTH = 6  # how deep the search for an unpicklable attribute goes
+MAX_FILES = 248  # a message carries 253 descriptors (SCM_MAX_FD), 5 of them not the source's
 INBAND_BYTES = 64 << 10  # smaller arrays stay inside the pickle (a page each would cost more)
 PAGE_BYTES = mmap.PAGESIZE
 WRITE_CHUNK_BYTES = 1 << 30
@@ -65,9 +68,10 @@ def loads(data: bytes) -> Any:
     return cloudpickle.loads(data)
 
 
-def dump_source(source: Any, why: str) -> Parcel:
+def dump_source(source: Any, why: str, files: FileTable) -> Parcel:
     """The source as a `Parcel` a pool process rebuilds it from (`load_source`), after
-    checking here that it loads back.  `why` says why it must travel (for the error).
+    checking here that it loads back.  `why` says why it must travel (for the error);
+    `files` holds the files its memmaps map, opened once for the loader's life.
 
     Its large contiguous numpy arrays travel out of band (pickle protocol 5): each is
     written once, straight from its memory, into the parcel's memfd, which the pool
@@ -82,8 +86,13 @@ def dump_source(source: Any, why: str) -> Parcel:
         buffers.append(buf)
         return False
 
+    out = io.BytesIO()
+    pickler = _SourcePickler(out, files, out_of_band)
     try:
-        data = cloudpickle.dumps(source, protocol=5, buffer_callback=out_of_band)
+        pickler.dump(source)
+        data = out.getvalue()
+    except SourcePickleError:
+        raise
     except Exception as exc:
         found = unpicklable_part(source, "source", 0)
         path, part, cause = found if found is not None else (None, source, exc)
@@ -100,27 +109,29 @@ def dump_source(source: Any, why: str) -> Parcel:
             "pass `start_method='fork'` to fork anyway (unsafe once JAX/CUDA threads run).",
             path) from exc
     try:
-        cloudpickle.loads(data, buffers=buffers)
+        _loads(data, buffers, [files.fds[i] for i in pickler.sent])
     except Exception as exc:
         raise SourcePickleError(
             f"the source ({type(source).__name__}) pickles but does not load back "
             f"({type(exc).__name__}: {exc}), so the worker processes could not rebuild it. "
             "Check its `__getstate__`/`__setstate__` or `__reduce__`.") from exc
-    return Parcel(_pack(source, data, buffers))
+    return Parcel(_pack(source, data, buffers), [files.fds[i] for i in pickler.sent])
 
 
 class Parcel:
     """A source on its way to a pool process: one memfd holding, in order, the length
     of the head (8 bytes), the head (a pickle of the source's pickle and where each
-    out-of-band buffer lies), then each buffer at a page boundary.  The sender closes
-    it once sent (`close`); the receiver maps it (`load_source`)."""
+    out-of-band buffer lies), then each buffer at a page boundary; and `files`, the
+    descriptors of the files its memmaps map (the loader's: borrowed).  The sender
+    closes it once sent (`close`); the receiver maps it (`load_source`)."""
 
-    def __init__(self, fd: int):
+    def __init__(self, fd: int, files: list[int]):
         self.fd = fd
+        self.files = files
 
     def fds(self) -> list[int]:
-        """What travels: the memfd."""
-        return [self.fd]
+        """What travels: the memfd, then the files."""
+        return [self.fd, *self.files]
 
     def close(self) -> None:
         if self.fd >= 0:
@@ -171,19 +182,119 @@ def _write_all(fd: int, data: Any, offset: int) -> None:
             done += os.pwrite(fd, flat[done : done + WRITE_CHUNK_BYTES], offset + done)
 
 
-def load_source(fd: int) -> Any:
-    """The source of the parcel in memfd `fd` (see `Parcel`), its large arrays views
-    of one private (copy-on-write) mapping of it: pages nobody writes stay shared
-    with every process that maps it, and a write stays in the process that made it,
-    as after a fork.  `fd` is the caller's to close."""
+def load_source(fds: list[int]) -> Any:
+    """The source of the parcel whose descriptors are `fds` (see `Parcel`), its large
+    arrays views of one private (copy-on-write) mapping of the memfd: pages nobody
+    writes stay shared with every process that maps it, and a write stays in the
+    process that made it, as after a fork.  `fds` are the caller's to close."""
+    fd, files = fds[0], fds[1:]
     size = int.from_bytes(os.pread(fd, 8, 0), "little")
     data, table = pickle.loads(os.pread(fd, size, 8))
     if not table:
-        return cloudpickle.loads(data)
+        return _loads(data, [], files)
     start = -(-(8 + size) // PAGE_BYTES) * PAGE_BYTES
     mm = mmap.mmap(fd, os.fstat(fd).st_size, mmap.MAP_PRIVATE, mmap.PROT_READ | mmap.PROT_WRITE)
     whole = memoryview(mm)
-    return cloudpickle.loads(data, buffers=[whole[start + off : start + off + n] for off, n in table])
+    return _loads(data, [whole[start + off : start + off + n] for off, n in table], files)
+
+
+_loading_files: list[int] = []  # the descriptors `_open_file` maps while a source loads
+
+
+def _loads(data: bytes, buffers: list, files: list[int]) -> Any:
+    global _loading_files
+    _loading_files = files
+    try:
+        return cloudpickle.loads(data, buffers=buffers)
+    finally:
+        _loading_files = []
+
+
+def _open_file(index: int, dtype: str, shape: tuple, offset: int, order: str) -> np.memmap:
+    """A memmap of the `index`th file sent with the source (mmap keeps its own
+    descriptor: the one received may be closed afterwards)."""
+    with open(_loading_files[index], "rb", closefd=False) as f:
+        return np.memmap(f, dtype=np.dtype(dtype), mode="r", offset=offset, shape=shape, order=order)
+
+
+class _SourcePickler(cloudpickle.Pickler):
+    """cloudpickle, protocol 5, with memory-mapped files sent as open files: an
+    `np.memmap` of a whole file (`_arrays.MappedFile`, or one anywhere in the source)
+    unpickles as a memmap of the descriptor `FileTable` opened for it, never by name
+    and never by content (a plain pickle would copy the whole file)."""
+
+    def __init__(self, out: io.BytesIO, files: FileTable, buffer_callback: Any):
+        super().__init__(out, protocol=5, buffer_callback=buffer_callback)
+        self.files = files
+        self.sent: list[int] = []  # indices into files.fds, in the order the pickle names them
+
+    def reducer_override(self, obj: Any) -> Any:
+        array = obj.array if isinstance(obj, MappedFile) else obj
+        if isinstance(array, np.memmap):
+            ref = _file_ref(array)
+            if ref is not None:
+                index = self.files.open(array, ref[0])
+                if index not in self.sent:
+                    self.sent.append(index)
+                return _open_file, (self.sent.index(index), *ref[1:])
+        return super().reducer_override(obj)
+
+
+class FileTable:
+    """The files a loader's source maps, each opened once, by name, after checking that
+    the name still leads to the file the source maps (its inode, read from
+    /proc/self/maps), then kept open for the loader's life and passed by descriptor:
+    a pool started later (a restart, the next epoch's) reads the same file even if
+    the name has since been given to another."""
+
+    def __init__(self) -> None:
+        self.fds: list[int] = []
+        self._index: dict[Any, int] = {}
+
+    def open(self, array: np.memmap, filename: str) -> int:
+        """The index in `fds` of the file `array` maps."""
+        mapped = _mapped_inode(array.ctypes.data)
+        key = mapped if mapped is not None else filename
+        if key in self._index:
+            return self._index[key]
+        if len(self.fds) >= MAX_FILES:
+            raise SourcePickleError(
+                f"the source maps more than {MAX_FILES} files, which is more than one message can "
+                "send to the worker processes. Map fewer, larger files, or open them lazily in "
+                "`__getitem__`.")
+        fd = os.open(filename, os.O_RDONLY | os.O_CLOEXEC)
+        ino = os.fstat(fd).st_ino
+        # The inode alone: overlayfs shows the layer's device in /proc/self/maps.
+        if mapped is not None and ino != mapped[1]:
+            os.close(fd)
+            raise SourcePickleError(
+                f"the source maps the file {os.fspath(filename)!r} (inode {mapped[1]}), but that name now leads "
+                f"to another file (inode {ino}): it was replaced after the memmap was made, and the "
+                "worker processes would read different data. Keep a file in place while a loader "
+                "maps it (write new data under a new name), or make the memmap again.")
+        self._index[key] = len(self.fds)
+        self.fds.append(fd)
+        return self._index[key]
+
+    def close(self) -> None:
+        fds, self.fds, self._index = self.fds, [], {}
+        for fd in fds:
+            os.close(fd)
+
+
+def _mapped_inode(address: int) -> tuple[str, int] | None:
+    """(device, inode) of the file mapped at `address` in this process, from
+    /proc/self/maps; None where that cannot be read."""
+    try:
+        with open("/proc/self/maps") as f:
+            for line in f:
+                fields = line.split(maxsplit=5)
+                lo, hi = (int(a, 16) for a in fields[0].split("-"))
+                if lo <= address < hi:
+                    return (fields[3], int(fields[4])) if int(fields[4]) else None
+    except (OSError, ValueError, IndexError):
+        return None
+    return None
 
 
 def _held_resource(obj: Any) -> str | None:

@@ -62,6 +62,7 @@ class _Resources:
         self.source_stale = False  # the workers' copy of the source is out of date
         self.owner_pid = os.getpid()
         self.callbacks: list = []  # run once at close, before the ring goes
+        self.files = _interpreter.FileTable()  # the files the source maps, sent to pools
 
     def stop_pool(self) -> None:
         pool, self.pool = self.pool, None
@@ -90,6 +91,7 @@ class _Resources:
             self.ring.close()
         except BaseException as exc:  # noqa: B036
             failures.append(exc)
+        self.files.close()
         if failures:
             raise failures[0]
 
@@ -242,7 +244,7 @@ class Loader:
             if isinstance(self._source, GeneratorSource):
                 self._source.check_sendable(why or asked)
             parcel = _interpreter.dump_source(
-                self._source, f"{why} is running in this process" if why else asked)
+                self._source, f"{why} is running in this process" if why else asked, self._res.files)
         try:
             self._ring.ctl.reopen()
             with sigint_deferred():  # a Ctrl-C meanwhile is raised once the pool is registered
@@ -274,7 +276,8 @@ class Loader:
         assert pool is not None
         try:
             parcel = _interpreter.dump_source(self._source, f"its state changed (an epoch hook ran) "
-                                              f"and the pool was started by {pool.start_method}")
+                                              f"and the pool was started by {pool.start_method}",
+                                              self._res.files)
         except SourcePickleError:
             if pool.start_method != "fork":
                 raise

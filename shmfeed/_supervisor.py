@@ -235,7 +235,7 @@ def supervise(ring: Ring, chan_fd: int, source: Any, cfg: Config, parent_pid: in
             _close_all(fds)
             return bool(msg)
         try:
-            new = builder_for(_interpreter.load_source(fds[0]), cfg, ring)
+            new = builder_for(_interpreter.load_source(fds), cfg, ring)
         except BaseException as exc:  # noqa: B036 - whatever the source's unpickling raises
             reason = f"{type(exc).__name__}: {exc}".encode(errors="replace")[:_REASON_BYTES]
             chan.send(UPDATE_FAILED + reason)
@@ -425,7 +425,7 @@ def start_from_payload(payload_fd: int, ring_fd: int, chan_fd: int, parent_pid: 
         _interpreter.adopt_sys_path(sys_path)
         cfg = _interpreter.loads(cfg_bytes)
         ring.spec = cfg.spec
-        source = _interpreter.load_source(source_fds[0])
+        source = _interpreter.load_source(source_fds)
     except BaseException as exc:
         ring.write_report(None, StartupFailure(
             "the worker pool could not rebuild the source in its supervisor (forked by the fork "

@@ -7,8 +7,10 @@ naming the attribute."""
 from __future__ import annotations
 
 import os
+import signal
 import socket
 import threading
+import time
 
 import numpy as np
 import pytest
@@ -102,3 +104,70 @@ def test_an_open_file_or_socket_that_cannot_travel_is_refused_at_construction(tm
             shmfeed.Loader(Holding(attr, resource), batch_size=8, num_workers=1, start_method=method)
     finally:
         resource.close()
+
+
+# -- one file, one identity (issue 26.3) -----------------------------------------------------
+GONE_S = 5.0
+
+
+class Mapped:
+    """A source of its own class holding a memmap (not `shmfeed.sources.Arrays`)."""
+
+    def __init__(self, x):
+        self.x = x
+
+    def __len__(self):
+        return len(self.x)
+
+    def __getitem__(self, i):
+        return np.asarray(self.x[i])
+
+
+def _write_rows(path, first):
+    tmp = path.with_suffix(".tmp")
+    with open(tmp, "wb") as f:
+        np.save(f, np.arange(first, first + N * 4, dtype=np.int64).reshape(N, 4))
+    os.replace(tmp, path)  # as a job that refreshes a dataset does: renamed over
+
+
+def _wait_pool_ended(loader):
+    pool = loader._res.pool
+    os.kill(loader.pool_pid, signal.SIGKILL)
+    deadline = time.monotonic() + GONE_S
+    while pool.poll() is None:
+        assert time.monotonic() < deadline, "the killed supervisor was never reported"
+        time.sleep(0.01)
+
+
+@pytest.mark.parametrize("kind", ["arrays", "own class"])
+@pytest.mark.parametrize("method", ["fork", "forkserver", "spawn"])
+def test_workers_of_a_restarted_pool_read_the_mapped_file_not_the_one_renamed_over_it(
+        tmp_path, method, kind, request, caplog):
+    if method == "forkserver":
+        request.getfixturevalue("fork_server")
+    path = tmp_path / "rows.npy"
+    _write_rows(path, 0)
+    x = np.load(path, mmap_mode="r")
+    source = x if kind == "arrays" else Mapped(x)
+    with shmfeed.Loader(source, batch_size=8, num_workers=2, start_method=method) as loader:
+        first = np.concatenate([b for b in loader])
+        _write_rows(path, 10_000)  # the name now leads to other data
+        old_pool = loader.pool_pid
+        _wait_pool_ended(loader)
+        second = np.concatenate([b for b in loader])  # on a new pool
+        assert loader.pool_pid != old_pool and loader.start_method == method
+    assert first.tolist() == np.asarray(x).tolist() == np.arange(N * 4).reshape(N, 4).tolist()
+    assert second.tolist() == first.tolist()  # was: rows 10000.. with spawn and the fork server
+
+
+@pytest.mark.parametrize("method", ["forkserver", "spawn"])
+def test_a_memmap_whose_file_was_replaced_before_the_loader_is_refused(tmp_path, method, request):
+    if method == "forkserver":
+        request.getfixturevalue("fork_server")
+    path = tmp_path / "rows.npy"
+    _write_rows(path, 0)
+    x = np.load(path, mmap_mode="r")
+    _write_rows(path, 10_000)
+    with pytest.raises(shmfeed.SourcePickleError, match=r"the source maps the file '.*rows\.npy' \(inode \d+\), "
+                       r"but that name now leads to another file .*Keep a file in place"):
+        shmfeed.Loader(Mapped(x), batch_size=8, num_workers=2, start_method=method)
