@@ -12,8 +12,9 @@ then times `Loader(ds, batch_size=256, num_workers=2, start_method=...)` and its
 batch, while a thread samples the tree's memory every 5 ms until the first batch and
 for `--settle-s` after it.  Tree memory = the PSS of every process of the tree outside
 shared-memory mappings, plus each distinct shmfeed memfd (ring, source parcel) once,
-at its allocated size (`st_blocks`): a memfd's pages are memory whether or not a
-process maps or has touched them.  Reported: peak minus baseline, as MiB and as a
+at its allocated size (`st_blocks`; a memfd only mapped is read through
+/proc/<pid>/map_files, which needs CAP_SYS_ADMIN, else counted as the mapping's length):
+a memfd's pages are memory whether or not a process maps or has touched them.  Reported: peak minus baseline, as MiB and as a
 fraction of the dataset; construction and first-batch times.
 """
 
@@ -56,7 +57,11 @@ def tree_bytes():
                     if "/memfd:shmfeed" in line:
                         fields = line.split()
                         lo, hi = (int(a, 16) for a in fields[0].split("-"))
-                        memfds.setdefault(int(fields[4]), hi - lo)  # mapped only: its length
+                        try:  # the memfd behind the mapping (needs CAP_SYS_ADMIN)
+                            size = os.stat(f"/proc/{p.pid}/map_files/{fields[0]}").st_blocks * 512
+                        except OSError:
+                            size = hi - lo  # at least what this mapping covers
+                        memfds[int(fields[4])] = max(memfds.get(int(fields[4]), 0), size)
         except (OSError, psutil.Error, KeyError):
             continue
     return total + sum(memfds.values())

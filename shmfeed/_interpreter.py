@@ -29,7 +29,7 @@ from typing import Any
 import cloudpickle
 import numpy as np
 
-from . import _sysinfo
+from . import _sharepages, _sysinfo
 from ._arrays import MappedFile, _file_ref
 from ._errors import SourcePickleError
 
@@ -140,28 +140,37 @@ class Parcel:
 
 
 def _pack(source: Any, data: bytes, buffers: list[pickle.PickleBuffer]) -> int:
-    """The parcel's memfd for the pickle `data` and its out-of-band `buffers`."""
-    table, end = [], 0
+    """The parcel's memfd for the pickle `data` and its out-of-band `buffers`; each
+    buffer lies at the same offset within a page as in this process, so that its
+    whole pages can be moved into the memfd (_sharepages.py)."""
+    table, end, places = [], 0, []
     for buf in buffers:
         with buf.raw() as raw:
-            table.append((end, raw.nbytes))
-            end += -(-raw.nbytes // PAGE_BYTES) * PAGE_BYTES
+            address = np.frombuffer(raw, np.uint8).ctypes.data if raw.nbytes else 0
+            shift = address % PAGE_BYTES
+            table.append((end + shift, raw.nbytes))
+            places.append((address, _sharepages.movable(raw.obj, address, raw.nbytes)))
+            end += -(-(shift + raw.nbytes) // PAGE_BYTES) * PAGE_BYTES
     head = pickle.dumps((data, table), protocol=5)
     start = -(-(8 + len(head)) // PAGE_BYTES) * PAGE_BYTES
     total = start + end
+    # Moved pages are memory that changes hands, not more of it: a chunk at a time.
+    copied = sum(n for (_, n), (_, move) in zip(table, places) if move is None)
+    needed = start + copied + min(end - copied, _sharepages.CHUNK_BYTES)
     headroom = _sysinfo.memory_headroom_bytes()
-    if end and headroom.value is not None and total > headroom.value:
+    if end and headroom.value is not None and needed > headroom.value:
         raise SourcePickleError(
             f"the source ({type(source).__name__}) holds {end / 2**20:.1f} MiB of arrays that the "
-            f"worker processes would share through memory, but only {headroom.value / 2**20:.1f} MiB "
-            f"can be allocated now ({headroom.source}). {_BIG_FIX}")
+            f"worker processes would share through memory, {needed / 2**20:.1f} MiB of it copied, "
+            f"but only {headroom.value / 2**20:.1f} MiB can be allocated now ({headroom.source}). "
+            f"{_BIG_FIX}")
     fd = os.memfd_create("shmfeed-source", os.MFD_CLOEXEC)
     try:
         os.ftruncate(fd, total)
         _write_all(fd, len(head).to_bytes(8, "little") + head, 0)
-        for buf, (offset, _) in zip(buffers, table):
+        for buf, (offset, _), (address, move) in zip(buffers, table, places):
             with buf.raw() as raw:
-                _write_all(fd, raw, start + offset)
+                _write_moving(fd, raw, start + offset, address, move)
     except OSError as exc:
         os.close(fd)
         raise SourcePickleError(
@@ -171,6 +180,27 @@ def _pack(source: Any, data: bytes, buffers: list[pickle.PickleBuffer]) -> int:
         os.close(fd)
         raise
     return fd
+
+
+def _write_moving(fd: int, raw: memoryview, offset: int, address: int,
+                  move: tuple[int, int] | None) -> None:
+    """Write buffer `raw` (at `address` here) at `offset` of memfd `fd`, chunk by
+    chunk; with `move` (its movable pages), move each chunk's pages into the memfd
+    right after writing them (_sharepages.py), until the kernel refuses one."""
+    if move is None:
+        _write_all(fd, raw, offset)
+        return
+    lo, hi = move[0], move[0] + move[1]
+    step = _sharepages.CHUNK_BYTES
+    cut = address
+    while cut < address + raw.nbytes:
+        nxt = min(address + raw.nbytes, (cut // step + 1) * step)
+        _write_all(fd, raw[cut - address : nxt - address], offset + cut - address)
+        a = max(lo, -(-cut // PAGE_BYTES) * PAGE_BYTES)
+        b = min(hi, nxt // PAGE_BYTES * PAGE_BYTES)
+        if b > a and not _sharepages.move(fd, offset + a - address, a, b - a):
+            lo = hi  # keep the rest as it is
+        cut = nxt
 
 
 def _write_all(fd: int, data: Any, offset: int) -> None:

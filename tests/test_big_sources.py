@@ -5,6 +5,8 @@ training process's data, before and after an epoch hook re-sends the source."""
 
 from __future__ import annotations
 
+import os
+
 import numpy as np
 import pytest
 
@@ -43,14 +45,18 @@ def _anonymous_bytes(pid: int) -> int:
     raise AssertionError("no Anonymous in smaps_rollup")
 
 
+@pytest.fixture
+def fork_server():
+    assert shmfeed.start_fork_server()
+    yield
+    shmfeed._forkserver.stop()
+
+
 @pytest.fixture(params=["fork", "forkserver", "spawn"])
 def start_method(request):
     if request.param == "forkserver":
-        assert shmfeed.start_fork_server()
-        yield request.param
-        shmfeed._forkserver.stop()
-    else:
-        yield request.param
+        request.getfixturevalue("fork_server")
+    return request.param
 
 
 def test_a_big_dataset_reaches_the_pool_once_and_bit_identical(start_method):
@@ -75,3 +81,26 @@ def test_a_big_dataset_reaches_the_pool_once_and_bit_identical(start_method):
             held.append(_anonymous_bytes(loader.pool_pid) - base - inherited)
     # The supervisor holds no pickled copy, nor an unpickled one (was: 2x the dataset).
     assert max(held) < dataset // 10, f"the supervisor holds {[h >> 20 for h in held]} MiB more"
+
+
+@pytest.mark.parametrize("start_method", ["forkserver", "spawn"])
+def test_the_training_process_gives_its_copy_to_the_pool_and_keeps_its_writes_private(start_method, request):
+    if start_method == "forkserver":
+        request.getfixturevalue("fork_server")
+    source = Big()
+    dataset = source.x.nbytes
+    expected = source.x.copy()
+    before = _anonymous_bytes(os.getpid())
+    with shmfeed.Loader(source, batch_size=BATCH, num_workers=2, start_method=start_method) as loader:
+        # Its pages now come from the memfd the pool maps: not in memory twice (was: 2x).
+        moved = before - _anonymous_bytes(os.getpid())
+        assert moved > dataset * 0.9, f"only {moved >> 20} MiB of {dataset >> 20} MiB are shared"
+        # A write here copies its page (as after a fork): the running pool never sees it.
+        source.x[0] = -1
+        first = next(iter(loader))[0]
+        assert np.array_equal(first[0], expected[0])
+        for _ in loader:  # the rest of epoch 0; the hook then re-sends the source, write included
+            pass
+        assert np.array_equal(next(iter(loader))[0][0], source.x[0])
+    assert np.array_equal(source.x[1:], expected[1:]) and (source.x[0] == -1).all()
+    del source  # its memory, now mapped from the memfd, goes back like any array's
