@@ -4,8 +4,9 @@ children), and what crosses into them.
 Owns: the command line of such an interpreter, which imports this very shmfeed (the
 directory this package was imported from comes first on its `sys.path`, so a checkout
 in the working directory cannot shadow an installed copy, nor the reverse); the
-`sys.path` it adopts from the training process; and turning the source into bytes
-that it can rebuild (`dump_source`), checked in the training process at once.
+`sys.path` it adopts from the training process; and turning the source into a
+`Parcel` that a pool process (fresh, or forked by the fork server) rebuilds it from
+(`dump_source`, `load_source`), checked in the training process at once.
 
 Invariants:
 - The user's `__main__` is never imported or run again: classes, functions and lambdas
@@ -14,6 +15,11 @@ Invariants:
   training process's `sys.path`.
 - A source that cannot make the trip fails in the training process, with a
   `SourcePickleError` naming the attribute to blame, never later in a worker.
+- Large arrays never travel as pickled bytes: out of band, through the parcel's memfd,
+  which the training process's own pages move into where they safely can
+  (_sharepages.py).  Memory-mapped files travel as the open file the loader checked
+  (`FileTable`), never by name.  The training process closes a parcel once sent; the
+  receiver closes the descriptors it got once the source is rebuilt.
 """
 
 from __future__ import annotations

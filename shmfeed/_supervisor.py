@@ -7,7 +7,7 @@ is running (fork copies its locks, not its threads).  The supervisor is forked f
 the training process when that is still clean; when it is not, it is forked by the
 fork server (_forkserver.py: a copy of the training process taken while it was
 clean) or started as a fresh interpreter (`spawn`), and receives the ring's memfd and
-the pickled source.
+the source's parcel (_interpreter.Parcel: a memfd, and the files its memmaps map).
 Either way it is single-threaded, so it can fork workers and replacements at any
 time safely, and it keeps its imports: when an epoch hook changes the source, the
 supervisor receives the new state and re-forks only the workers (the update exchange;
