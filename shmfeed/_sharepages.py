@@ -76,24 +76,31 @@ def _owner(obj: Any) -> np.ndarray | None:
     return obj if get_handler_name(obj) == "default_allocator" else None
 
 
-def _anonymous(lo: int, hi: int) -> bool:
-    """Whether [lo, hi) is covered by private mappings without a file, or by mappings
-    of a parcel's memfd (pages moved by an earlier parcel)."""
-    covered = lo
+def _mappings() -> list[tuple[int, int, str, str]]:
+    """(start, end, permissions, path) of each mapping of this process."""
+    out = []
     with open("/proc/self/maps") as f:
         for line in f:
             fields = line.split(maxsplit=5)
             start, end = (int(a, 16) for a in fields[0].split("-"))
-            if end <= covered or start > covered:
-                continue
-            path = fields[5].strip() if len(fields) > 5 else ""
-            if not fields[1].startswith("rw") or fields[1][3] != "p":
-                return False
-            if path and not path.startswith("/memfd:shmfeed-source"):
-                return False
-            covered = end
-            if covered >= hi:
-                return True
+            out.append((start, end, fields[1], fields[5].strip() if len(fields) > 5 else ""))
+    return out
+
+
+def _anonymous(maps: list[tuple[int, int, str, str]], lo: int, hi: int) -> bool:
+    """Whether [lo, hi) is covered by private writable mappings without a file, or of
+    a parcel's memfd (pages moved by an earlier parcel)."""
+    covered = lo
+    for start, end, perms, path in maps:
+        if end <= covered or start > covered:
+            continue
+        if not perms.startswith("rw") or perms[3] != "p":
+            return False
+        if path and not path.startswith("/memfd:shmfeed-source"):
+            return False
+        covered = end
+        if covered >= hi:
+            return True
     return False
 
 
@@ -107,13 +114,17 @@ def movable(exporter: Any, address: int, nbytes: int) -> tuple[int, int] | None:
     if owner is None:
         return None
     base = owner.ctypes.data
+    maps = _mappings()
+    # Only read glibc's header words where they can be read: in the same memory.
+    if not _anonymous(maps, base - _HEADER_BYTES, base + owner.nbytes):
+        return None
     size_word = ctypes.c_size_t.from_address(base - 8).value
     pad = ctypes.c_size_t.from_address(base - _HEADER_BYTES).value
     chunk = base - _HEADER_BYTES - pad
     chunk_end = base - _HEADER_BYTES + (size_word & ~0x7)
     if (not size_word & _IS_MMAPPED or chunk % PAGE_BYTES or not base <= address
             or address + nbytes > base + owner.nbytes or chunk_end < base + owner.nbytes
-            or not _anonymous(chunk, chunk_end)):
+            or not _anonymous(maps, chunk, chunk_end)):
         return None
     lo = -(-address // PAGE_BYTES) * PAGE_BYTES
     hi = (address + nbytes) // PAGE_BYTES * PAGE_BYTES

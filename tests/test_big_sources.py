@@ -104,3 +104,34 @@ def test_the_training_process_gives_its_copy_to_the_pool_and_keeps_its_writes_pr
         assert np.array_equal(next(iter(loader))[0][0], source.x[0])
     assert np.array_equal(source.x[1:], expected[1:]) and (source.x[0] == -1).all()
     del source  # its memory, now mapped from the memfd, goes back like any array's
+
+
+class Mixed:
+    """Arrays whose pages may not be moved (a view of bytes, an array 64 KiB-1 MiB that
+    glibc may have put in its heap) next to one that may."""
+
+    def __init__(self):
+        rng = np.random.default_rng(3)
+        self.from_bytes = np.frombuffer(rng.bytes(64 * 4096 * 8), np.int64).reshape(-1, 64)
+        self.mid = rng.integers(0, 1 << 40, (4096, 32), dtype=np.int64)
+        self.big = rng.integers(0, 1 << 40, (4096, 1024), dtype=np.int64)
+
+    def __len__(self):
+        return 4096
+
+    def __getitem__(self, i):
+        return self.from_bytes[i], self.mid[i], self.big[i]
+
+
+def test_arrays_whose_pages_cannot_move_keep_their_copy_and_arrive_identical():
+    source = Mixed()
+    expected = [a.copy() for a in (source.from_bytes, source.mid, source.big)]
+    with shmfeed.Loader(source, batch_size=512, num_workers=1, start_method="spawn") as loader:
+        rows = 0
+        for batch in loader:
+            for got, want in zip(batch, expected):
+                assert np.array_equal(got, want[rows : rows + len(got)])
+            rows += len(batch[0])
+    assert rows == 4096
+    for have, want in zip((source.from_bytes, source.mid, source.big), expected):
+        assert np.array_equal(have, want)
