@@ -172,15 +172,17 @@ def _max_fd() -> int:
         return 1024
 
 
-def supervise(ring: Ring, chan_fd: int, source: Any, cfg: Config, parent_pid: int) -> None:
-    """The supervisor's main loop."""
+def supervise(ring: Ring, chan_fd: int, source: list, cfg: Config, parent_pid: int) -> None:
+    """The supervisor's main loop.  `source`: a list holding the source, which this
+    takes out, so that a source replaced by an update is freed (its parcel's memory with
+    it), not kept by a caller's frame for the pool's life."""
     ctl = ring.ctl
     chan = socket.socket(fileno=chan_fd)
     me = os.getpid()
     # The training process, or the fork server that forked us for it: we leave if it
     # goes (PR_SET_PDEATHSIG kills us unless the pool was made in another thread).
     ppid = os.getppid()
-    builder = builder_for(source, cfg, ring)
+    builder = builder_for(source.pop(), cfg, ring)
     workers: dict[int, int] = {}  # pid -> worker index
     pidfds: dict[int, int] = {}  # pid -> pidfd
     parent_fd: list[int] = []  # the training process's pidfd, once opened
@@ -386,7 +388,7 @@ def fork_main(ring_fd: int, chan_fd: int, source: Any, cfg: Config, parent_pid: 
     # The source came with the fork: what it holds open stays open (see child_setup).
     child_setup(parent_pid, {ring_fd, chan_fd}, pdeathsig, keep_source_fds=True)
     ring = Ring(cfg.spec, cfg.n_slots, cfg.num_workers, fd=ring_fd)
-    supervise(ring, chan_fd, source, cfg, parent_pid)
+    supervise(ring, chan_fd, [source], cfg, parent_pid)
 
 
 def _close_all(fds: Iterable[int]) -> None:
@@ -436,6 +438,8 @@ def start_from_payload(payload_fd: int, ring_fd: int, chan_fd: int, parent_pid: 
         return
     finally:
         _close_all(source_fds)
-    supervise(ring, chan_fd, source, cfg, parent_pid)
+    held = [source]
+    del source
+    supervise(ring, chan_fd, held, cfg, parent_pid)
 
 

@@ -45,6 +45,12 @@ def _anonymous_bytes(pid: int) -> int:
     raise AssertionError("no Anonymous in smaps_rollup")
 
 
+def _parcels_mapped(pid: int) -> set[str]:
+    """Inodes of the source parcels (memfds) that process `pid` maps."""
+    with open(f"/proc/{pid}/maps") as f:
+        return {line.split()[4] for line in f if "shmfeed-source" in line}
+
+
 @pytest.fixture
 def fork_server():
     assert shmfeed.start_fork_server()
@@ -79,6 +85,8 @@ def test_a_big_dataset_reaches_the_pool_once_and_bit_identical(start_method):
                 rows += len(x)
             assert rows == ROWS
             held.append(_anonymous_bytes(loader.pool_pid) - base - inherited)
+            # The source the hook replaced is freed, with its parcel (was: kept for the pool's life).
+            assert len(_parcels_mapped(loader.pool_pid)) <= 1
     # The supervisor holds no pickled copy, nor an unpickled one (was: 2x the dataset).
     assert max(held) < dataset // 10, f"the supervisor holds {[h >> 20 for h in held]} MiB more"
 
