@@ -51,13 +51,12 @@ import time
 import psutil
 
 from . import _sysinfo
-from ._supervisor import child_setup, fork_child, start_from_payload
+from ._supervisor import MAX_FDS, child_setup, fork_child, start_from_payload
 
 log = logging.getLogger("shmfeed")
 
 SPAWN = b"spawn"
 PID = b"pid "
-MAX_FDS = 253  # the most descriptors one message carries (the kernel's SCM_MAX_FD)
 REPLY_TIMEOUT_S = 10.0  # the server forks a supervisor within this long, or is dropped
 SERVER_POLL_S = 1.0  # how often the idle server checks that its parent lives
 ENV_SWITCH = "SHMFEED_FORK_SERVER"  # "0": no automatic start
