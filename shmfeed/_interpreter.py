@@ -81,8 +81,9 @@ def dump_source(source: Any, why: str, files: FileTable) -> Parcel:
 
     Its large contiguous numpy arrays travel out of band (pickle protocol 5): each is
     written once, straight from its memory, into the parcel's memfd, which the pool
-    process maps copy-on-write; so neither side ever holds pickled bytes of them, and
-    the check here rebuilds views of the source's own arrays (no copy)."""
+    process maps copy-on-write, and its pages here then move into that memfd where
+    they safely can (_sharepages.py); so neither side ever holds pickled bytes of them,
+    and the check here rebuilds views of the source's own arrays (no copy)."""
     buffers: list[pickle.PickleBuffer] = []
 
     def out_of_band(buf: pickle.PickleBuffer) -> bool:
@@ -127,7 +128,8 @@ def dump_source(source: Any, why: str, files: FileTable) -> Parcel:
 class Parcel:
     """A source on its way to a pool process: one memfd holding, in order, the length
     of the head (8 bytes), the head (a pickle of the source's pickle and where each
-    out-of-band buffer lies), then each buffer at a page boundary; and `files`, the
+    out-of-band buffer lies), then each buffer, at its own pages, at the same offset
+    within a page as in the training process; and `files`, the
     descriptors of the files its memmaps map (the loader's: borrowed).  The sender
     closes it once sent (`close`); the receiver maps it (`load_source`)."""
 
