@@ -21,8 +21,9 @@ Invariants:
 - In a worker, when every leaf is contiguous (`_row_copies`), the whole loop (claim,
   order, copy, publish) runs in C (csrc/gather.h; `Builder.gather_plan`), with the
   same `_row_copy` description of each leaf as the Python path.
-- Pickling (workers started from a fresh interpreter) sends a memory-mapped file by
-  name, not by content.
+- Pickling (workers started from a fresh interpreter) sends a memory-mapped file, not
+  its content: shmfeed's pickler sends the open file itself (_interpreter.py), a plain
+  pickle its name.
 """
 
 from __future__ import annotations
@@ -74,19 +75,30 @@ def _file_ref(arr: np.ndarray) -> tuple | None:
     return None
 
 
+class MappedFile:
+    """A memory-mapped file in a source's pickled state (`ref`: see `_file_ref`).  A
+    plain pickle reopens it by name; shmfeed's own (_interpreter.dump_source) sends the
+    very file this process maps, as a descriptor, so that a name that now points
+    elsewhere is never read."""
+
+    def __init__(self, array: np.ndarray, ref: tuple):
+        self.array = array
+        self.ref = ref
+
+    def __reduce__(self) -> tuple:
+        return _reopen, self.ref
+
+
+def _reopen(filename: str, dtype: str, shape: tuple, offset: int, order: str) -> np.memmap:
+    return np.memmap(filename, dtype=np.dtype(dtype), mode="r", offset=offset, shape=shape, order=order)
+
+
 def _pickle_arrays(arrays: list[np.ndarray]) -> list:
-    return [("file", ref) if (ref := _file_ref(a)) is not None else ("data", a) for a in arrays]
+    return [MappedFile(a, ref) if (ref := _file_ref(a)) is not None else a for a in arrays]
 
 
 def _unpickle_arrays(items: list) -> list[np.ndarray]:
-    out = []
-    for kind, value in items:
-        if kind == "file":
-            filename, dtype, shape, offset, order = value
-            value = np.memmap(filename, dtype=np.dtype(dtype), mode="r", offset=offset, shape=shape,
-                              order=order)
-        out.append(value)
-    return out
+    return list(items)  # a MappedFile unpickles as its memmap
 
 
 def _row_copy(rows: np.ndarray, base: np.ndarray | None = None,

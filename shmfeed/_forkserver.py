@@ -18,9 +18,10 @@ automatic start off, and it is skipped (with a warning) in a process that alread
 holds more than `AUTO_MAX_PRIVATE_BYTES` of private memory, which the copy would pin.
 
 The exchange, over a SOCK_SEQPACKET socket pair that only this process and the server
-hold, one request at a time (a lock): the training process sends `SPAWN` with four
-descriptors (a memfd holding the spawn payload of _pool.py, the ring, the supervisor's
-end of its channel, the write end of a status pipe), the server forks the supervisor
+hold, one request at a time (a lock): the training process sends `SPAWN` with the
+descriptors of a memfd holding the spawn payload of _pool.py, the ring, the supervisor's
+end of its channel, the write end of a status pipe, then the source's parcel
+(_interpreter.Parcel: its memfd, then the files it maps), the server forks the supervisor
 and answers `PID <pid>`.  When that supervisor exits, the server reaps it and writes
 its wait status (decimal) into the status pipe, which the pool's handle reads; EOF
 without a status means the server died first.
@@ -50,7 +51,7 @@ import time
 import psutil
 
 from . import _sysinfo
-from ._supervisor import child_setup, fork_child, start_from_payload
+from ._supervisor import MAX_FDS, child_setup, fork_child, start_from_payload
 
 log = logging.getLogger("shmfeed")
 
@@ -206,15 +207,17 @@ def _drop() -> None:
         _server = None
 
 
-def request(payload_fd: int, ring_fd: int, chan_fd: int, status_fd: int) -> int | None:
-    """Have the server fork a supervisor from the spawn payload in `payload_fd`;
-    its pid, or None when no server is running (or it no longer answers)."""
+def request(payload_fd: int, ring_fd: int, chan_fd: int, status_fd: int,
+            source_fds: list[int]) -> int | None:
+    """Have the server fork a supervisor from the spawn payload in `payload_fd` and
+    the source's parcel in `source_fds`; its pid, or None when no server is running
+    (or it no longer answers)."""
     server = _server
     if server is None:
         return None
     with server.lock:
         try:
-            socket.send_fds(server.sock, [SPAWN], [payload_fd, ring_fd, chan_fd, status_fd])
+            socket.send_fds(server.sock, [SPAWN], [payload_fd, ring_fd, chan_fd, status_fd, *source_fds])
             deadline = time.monotonic() + REPLY_TIMEOUT_S
             while not select.select([server.sock], [], [], 0.05)[0]:
                 if not _alive(server.pid) or time.monotonic() > deadline:
@@ -263,18 +266,19 @@ def _serve(sock: socket.socket, parent_pid: int, unfinished: list[str]) -> None:
                 os.close(status_fd)
                 del children[pid]
         try:
-            msg, fds, _, _ = socket.recv_fds(sock, 64, 4, socket.MSG_DONTWAIT)
+            msg, fds, _, _ = socket.recv_fds(sock, 64, MAX_FDS, socket.MSG_DONTWAIT)
         except BlockingIOError:
             continue
         if not msg:  # the training process closed its end (it stopped us, or exited)
             return
-        if msg != SPAWN or len(fds) != 4:
+        if msg != SPAWN or len(fds) < 5:
             for fd in fds:
                 os.close(fd)
             continue
-        payload_fd, ring_fd, chan_fd, status_fd = fds
-        pid = fork_child(functools.partial(start_from_payload, payload_fd, ring_fd, chan_fd, parent_pid, me))
-        for fd in (payload_fd, ring_fd, chan_fd):
+        payload_fd, ring_fd, chan_fd, status_fd, *source_fds = fds
+        pid = fork_child(functools.partial(start_from_payload, payload_fd, ring_fd, chan_fd, parent_pid, me,
+                                           source_fds=source_fds))
+        for fd in (payload_fd, ring_fd, chan_fd, *source_fds):
             os.close(fd)
         children[pid] = (os.pidfd_open(pid), status_fd)
         try:

@@ -70,6 +70,7 @@ class _Resources:
         self.source_stale = False  # the workers' copy of the source is out of date
         self.owner_pid = os.getpid()
         self.callbacks: list = []  # run once at close, before the ring goes
+        self.files = _interpreter.FileTable()  # the files the source maps, sent to pools
 
     def stop_pool(self) -> None:
         pool, self.pool = self.pool, None
@@ -98,6 +99,7 @@ class _Resources:
             self.ring.close()
         except BaseException as exc:  # noqa: B036
             failures.append(exc)
+        self.files.close()
         if failures:
             raise failures[0]
 
@@ -251,17 +253,21 @@ class Loader:
                 f"can start now: {_forkserver.cannot_start()}. Call `shmfeed.start_fork_server()` "
                 "(or `import shmfeed.jax` / `shmfeed.keras`) before JAX starts, or use "
                 "`start_method='auto'`.")
-        source_bytes = None
+        parcel = None
         if method != "fork":
             asked = f"`start_method={method!r}` was asked"
             if isinstance(self._source, GeneratorSource):
                 self._source.check_sendable(why or asked)
-            source_bytes = _interpreter.dump_source(
-                self._source, f"{why} is running in this process" if why else asked)
-        self._ring.ctl.reopen()
-        with sigint_deferred():  # a Ctrl-C meanwhile is raised once the pool is registered
-            self._res.pool = Pool(self._ring, self._source, self._cfg, method, source_bytes)
-            self._res.pool_stale = self._res.source_stale = False
+            parcel = _interpreter.dump_source(
+                self._source, f"{why} is running in this process" if why else asked, self._res.files)
+        try:
+            self._ring.ctl.reopen()
+            with sigint_deferred():  # a Ctrl-C meanwhile is raised once the pool is registered
+                self._res.pool = Pool(self._ring, self._source, self._cfg, method, parcel)
+                self._res.pool_stale = self._res.source_stale = False
+        finally:
+            if parcel is not None:  # the pool's supervisor has its own hold on it now
+                parcel.close()
 
     def _pool_died(self) -> bool:
         """Whether the pool's supervisor died since the last epoch (nothing waited on
@@ -284,8 +290,9 @@ class Loader:
         pool = self._res.pool
         assert pool is not None
         try:
-            data = _interpreter.dump_source(self._source, f"its state changed (an epoch hook ran) "
-                                            f"and the pool was started by {pool.start_method}")
+            parcel = _interpreter.dump_source(self._source, f"its state changed (an epoch hook ran) "
+                                              f"and the pool was started by {pool.start_method}",
+                                              self._res.files)
         except SourcePickleError:
             if pool.start_method != "fork":
                 raise
@@ -294,10 +301,12 @@ class Loader:
             self._start_pool()
             return
         try:
-            pool.update_source(data)
+            pool.update_source(parcel)
         except WorkerError:
             self._res.pool_stale = True
             raise
+        finally:
+            parcel.close()
         self._res.source_stale = False
 
     # -- public surface ----------------------------------------------------------------

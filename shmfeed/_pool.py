@@ -8,8 +8,8 @@ no import), and stopping it; holding Ctrl-C back while a pool process is created
 updated or stopped.
 
 The update exchange, over a SOCK_SEQPACKET socket pair that only this handle and the
-supervisor hold: the training process sends `UPDATE` with a memfd holding the pickled
-source (never blocks, whatever its size), then waits for `UPDATED` (new workers are
+supervisor hold: the training process sends `UPDATE` with the source's parcel (a memfd
+and the files it maps, see _interpreter.Parcel: never blocks, whatever its size), then waits for `UPDATED` (new workers are
 running; no worker of the old source is left) or `UPDATE_FAILED` + reason, checking
 that the supervisor lives.  It only ever does so between epochs, when no generation is
 open: the old workers' half-built batches are of abandoned or finished epochs.
@@ -48,7 +48,7 @@ from ._config import Config
 from ._errors import WorkerError
 from ._report import describe_exit, proc_state
 from ._ring import Ring
-from ._supervisor import UPDATE, UPDATE_FAILED, UPDATED, fork_child, fork_main
+from ._supervisor import UPDATE, UPDATE_FAILED, UPDATED, fork_child, fork_main, hold_fds
 
 # Popen arguments that start a spawned supervisor in a process group of its own.
 _NEW_GROUP: dict = {"process_group": 0} if sys.version_info >= (3, 11) else {"start_new_session": True}
@@ -96,7 +96,7 @@ class Pool:
     """The training process's handle on a running supervisor."""
 
     def __init__(self, ring: Ring, source: Any, cfg: Config, start_method: str,
-                 source_bytes: bytes | None = None):
+                 parcel: _interpreter.Parcel | None = None):
         self.ring = ring
         self.cfg = cfg
         self.start_method = start_method
@@ -108,16 +108,17 @@ class Pool:
         # when that thread is the main one; otherwise the supervisor watches our pidfd.
         pdeathsig = threading.current_thread() is threading.main_thread()
         self._chan, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        hold_fds(self)  # pools forked later (by any loader) close our channel
         try:
             if start_method == "fork":
                 self.pid = fork_child(lambda: fork_main(ring.fd, theirs.fileno(), source, cfg, me, pdeathsig))
             else:
-                assert source_bytes is not None
-                payload = self._payload(cfg, source_bytes)
-                if start_method == "forkserver" and not self._from_server(payload, theirs.fileno()):
+                assert parcel is not None
+                payload = self._payload(cfg)
+                if start_method == "forkserver" and not self._from_server(payload, theirs.fileno(), parcel):
                     self.start_method = "spawn"
                 if self.start_method == "spawn":
-                    self._spawn(payload, theirs.fileno(), me, pdeathsig)
+                    self._spawn(payload, theirs.fileno(), me, pdeathsig, parcel)
         except BaseException:
             self._chan.close()
             if self._status_fd is not None:
@@ -126,20 +127,25 @@ class Pool:
         finally:
             theirs.close()
 
-    def _payload(self, cfg: Config, source_bytes: bytes) -> bytes:
-        """What a supervisor that does not share our memory starts from."""
+    def own_fds(self) -> set[int]:
+        """Our descriptors, which no other pool process may keep (see child_setup)."""
+        fds = {self._chan.fileno()} | ({self._status_fd} if self._status_fd is not None else set())
+        return {fd for fd in fds if fd >= 0}
+
+    def _payload(self, cfg: Config) -> bytes:
+        """What a supervisor that does not share our memory starts from (with the
+        source's parcel, which travels as descriptors)."""
         geometry = (cfg.n_slots, self.ring.max_workers, self.ring.slot_bytes)
         # Not multiprocessing's spawn: it would import the user's __main__ there (and run
         # an unguarded script a second time).  What __main__ defines travels by value.
-        return _interpreter.dumps((_interpreter.parent_sys_path(), geometry,
-                                   _interpreter.dumps(cfg), source_bytes))
+        return _interpreter.dumps((_interpreter.parent_sys_path(), geometry, _interpreter.dumps(cfg)))
 
-    def _from_server(self, payload: bytes, chan_fd: int) -> bool:
+    def _from_server(self, payload: bytes, chan_fd: int, parcel: _interpreter.Parcel) -> bool:
         """Have the fork server fork the supervisor; False if there is none."""
         pfd = _memfd_with(payload)
         read_fd, write_fd = os.pipe2(os.O_CLOEXEC | os.O_NONBLOCK)
         try:
-            pid = _forkserver.request(pfd, self.ring.fd, chan_fd, write_fd)
+            pid = _forkserver.request(pfd, self.ring.fd, chan_fd, write_fd, parcel.fds())
         finally:
             os.close(pfd)
             os.close(write_fd)
@@ -150,15 +156,17 @@ class Pool:
         self._status_fd = read_fd
         return True
 
-    def _spawn(self, payload: bytes, chan_fd: int, me: int, pdeathsig: bool) -> None:
+    def _spawn(self, payload: bytes, chan_fd: int, me: int, pdeathsig: bool,
+               parcel: _interpreter.Parcel) -> None:
         ring = self.ring
         # The payload goes through a memfd, not a pipe: writing it can never block.
         pfd = _memfd_with(payload)
         try:
             self._popen = subprocess.Popen(
                 _interpreter.python_command("from shmfeed._supervisor import spawn_main; spawn_main()")
-                + [str(pfd), str(ring.fd), str(chan_fd), str(me), str(int(pdeathsig))],
-                pass_fds=(pfd, ring.fd, chan_fd), stdin=subprocess.DEVNULL,
+                + [str(pfd), str(ring.fd), str(chan_fd), str(me), str(int(pdeathsig)),
+                   ",".join(str(fd) for fd in parcel.fds())],
+                pass_fds=(pfd, ring.fd, chan_fd, *parcel.fds()), stdin=subprocess.DEVNULL,
                 # Its own process group: the terminal's Ctrl-C (sent to the foreground
                 # group) would otherwise hit the new interpreter while it starts, before
                 # it can ignore SIGINT, and print a traceback.
@@ -167,9 +175,9 @@ class Pool:
             os.close(pfd)
         self.pid = self._popen.pid
 
-    def update_source(self, source_bytes: bytes) -> None:
+    def update_source(self, parcel: _interpreter.Parcel) -> None:
         """Have the supervisor replace every worker by one building from the source in
-        `source_bytes` (see the update exchange above).  Raises WorkerError."""
+        `parcel` (see the update exchange above; the caller closes it).  Raises WorkerError."""
         def failed(why: str) -> WorkerError:
             return WorkerError(
                 f"the worker pool's supervisor (pid {self.pid}) {why} while taking the "
@@ -177,9 +185,8 @@ class Pool:
                 "pool, or close the loader", pid=self.pid)
 
         with sigint_deferred():  # interrupted halfway, an answer would be left unread
-            fd = _memfd_with(source_bytes)
             try:
-                socket.send_fds(self._chan, [UPDATE], [fd])
+                socket.send_fds(self._chan, [UPDATE], parcel.fds())
                 deadline = time.monotonic() + UPDATE_TIMEOUT_S
                 while not select.select([self._chan], [], [], UPDATE_POLL_S)[0]:
                     ended = self.poll()
@@ -189,8 +196,6 @@ class Pool:
                 answer = self._chan.recv(4096)
             except OSError as exc:  # it died meanwhile: its end of the channel is gone
                 raise failed(f"closed its channel ({type(exc).__name__}: {exc})") from None
-            finally:
-                os.close(fd)
         if answer != UPDATED:
             reason = answer[len(UPDATE_FAILED):].decode(errors="replace") if answer else "no answer"
             raise WorkerError(

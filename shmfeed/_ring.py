@@ -45,6 +45,11 @@ def forget_inherited(keep: Ring | None = None) -> None:
             _mapped.discard(ring)
 
 
+def mapped_fds() -> set[int]:
+    """The descriptors of the rings mapped in this process."""
+    return {r.fd for r in list(_mapped) if r.fd >= 0}
+
+
 def ring_bytes(n_slots: int, max_workers: int, slot_bytes: int) -> int:
     """Everything a ring of this geometry allocates: control block, report areas, slots.
     Arithmetic only (O(1) time and memory), so that any size is checked before it is made."""

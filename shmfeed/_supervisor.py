@@ -7,7 +7,7 @@ is running (fork copies its locks, not its threads).  The supervisor is forked f
 the training process when that is still clean; when it is not, it is forked by the
 fork server (_forkserver.py: a copy of the training process taken while it was
 clean) or started as a fresh interpreter (`spawn`), and receives the ring's memfd and
-the pickled source.
+the source's parcel (_interpreter.Parcel: a memfd, and the files its memmaps map).
 Either way it is single-threaded, so it can fork workers and replacements at any
 time safely, and it keeps its imports: when an epoch hook changes the source, the
 supervisor receives the new state and re-forks only the workers (the update exchange;
@@ -27,7 +27,8 @@ import socket
 import sys
 import time
 import traceback
-from collections.abc import Callable
+import weakref
+from collections.abc import Callable, Iterable
 from dataclasses import replace
 from typing import Any
 
@@ -35,7 +36,7 @@ from . import _control, _interpreter
 from ._build import builder_for
 from ._config import Config
 from ._report import STOPPED_STATES, StartupFailure, exit_hint, proc_state, worker_death
-from ._ring import Ring, forget_inherited
+from ._ring import Ring, forget_inherited, mapped_fds
 from ._worker import worker_loop
 
 WORKER_GRACE_S = 0.3  # workers get this long to leave on their own at shutdown
@@ -48,6 +49,7 @@ UPDATE = b"update"
 UPDATED = b"updated"
 UPDATE_FAILED = b"update-failed:"
 _REASON_BYTES = 3000  # of an UPDATE_FAILED reason
+MAX_FDS = 253  # the most descriptors one message carries (the kernel's SCM_MAX_FD)
 
 
 def say(text: str) -> None:
@@ -59,9 +61,57 @@ def say(text: str) -> None:
         pass
 
 
+# Objects of this process that hold descriptors shmfeed opened for its own use (a pool's
+# channel and status pipe), listed by their `own_fds()`; rings are found in _ring.py.
+_fd_holders: weakref.WeakSet = weakref.WeakSet()
+
+
+def hold_fds(obj: Any) -> None:
+    """Have forked pool processes close `obj.own_fds()` (see `child_setup`)."""
+    _fd_holders.add(obj)
+
+
+def _own_fds() -> set[int]:
+    """Descriptors shmfeed opened in this process for its own use: every ring's, and
+    those of the objects given to `hold_fds`."""
+    fds = mapped_fds()
+    for holder in list(_fd_holders):
+        fds.update(holder.own_fds())
+    return fds
+
+
+def _same_files(fds: set[int]) -> set[int]:
+    """Every descriptor of this process open on the same file as one of `fds` (memfds,
+    sockets, pipes: each its own inode): a mapped ring also holds a dup that mmap made
+    for itself and does not show."""
+    files = set()
+    for fd in fds:
+        with contextlib.suppress(OSError):
+            st = os.fstat(fd)
+            files.add((st.st_dev, st.st_ino))
+    found = set(fds)
+    for name in os.listdir("/proc/self/fd"):
+        with contextlib.suppress(OSError, ValueError):
+            st = os.fstat(int(name))
+            if (st.st_dev, st.st_ino) in files:
+                found.add(int(name))
+    return found
+
+
 def child_setup(parent_pid: int, keep_fds: set[int], pdeathsig: bool = True,
-                 keep_ring: Ring | None = None) -> None:
-    """First thing in every process we fork or spawn."""
+                 keep_ring: Ring | None = None, keep_source_fds: bool = False,
+                 drop_fds: Iterable[int] = ()) -> None:
+    """First thing in every process we fork or spawn.
+
+    Descriptors: a process that rebuilds its source from bytes (the fork server, a
+    supervisor it forks or a fresh interpreter) closes every one it inherited but
+    `keep_fds`.  One that inherits the source itself (`keep_source_fds`: a supervisor
+    forked from the training process, every worker) closes only shmfeed's own (other
+    loaders' rings, so that closing those really frees them; other pools' channels)
+    and `drop_fds`: whatever else is open may be the source's, and a file, socket or
+    database it holds must keep working (a generator that opened a file, an lmdb
+    environment: found by no walk of Python objects).  That is what fork itself
+    promises, and what Keras's and PyTorch's forked workers do."""
     if pdeathsig:
         _control.set_pdeathsig(signal.SIGKILL)
     if os.getppid() != parent_pid:  # the parent died before prctl took effect
@@ -71,19 +121,23 @@ def child_setup(parent_pid: int, keep_fds: set[int], pdeathsig: bool = True,
     from . import _forkserver  # imports this module
 
     _forkserver.forget_inherited()
+    drop = (_same_files(_own_fds()) | set(drop_fds)) - keep_fds if keep_source_fds else None
     # Objects inherited through fork are never collected here: their destructors
     # (closing fds, releasing slots) belong to the parent.
     gc.freeze()
     # Nor its rings' memory: a pool must not keep another loader's ring alive after
     # that loader closed.  Our own ring is mapped again from its descriptor.
     forget_inherited(keep_ring)
-    # Drop descriptors inherited from the parent (other loaders' rings among them),
-    # so that closing those really frees them.
-    fd = 3
-    for keep in sorted(k for k in keep_fds if k >= 3):
-        os.closerange(fd, keep)
-        fd = keep + 1
-    os.closerange(fd, _max_fd())
+    if drop is not None:
+        for fd in drop:
+            with contextlib.suppress(OSError):
+                os.close(fd)
+    else:
+        fd = 3
+        for keep in sorted(k for k in keep_fds if k >= 3):
+            os.closerange(fd, keep)
+            fd = keep + 1
+        os.closerange(fd, _max_fd())
     # sys.stdout/sys.stderr may have written to a descriptor just closed: give the
     # source's print() the real fds 1 and 2 instead of an OSError per sample.
     for name, fileno in (("stdout", 1), ("stderr", 2)):
@@ -118,17 +172,20 @@ def _max_fd() -> int:
         return 1024
 
 
-def supervise(ring: Ring, chan_fd: int, source: Any, cfg: Config, parent_pid: int) -> None:
-    """The supervisor's main loop."""
+def supervise(ring: Ring, chan_fd: int, source: list, cfg: Config, parent_pid: int) -> None:
+    """The supervisor's main loop.  `source`: a list holding the source, which this
+    takes out, so that a source replaced by an update is freed (its parcel's memory with
+    it), not kept by a caller's frame for the pool's life."""
     ctl = ring.ctl
     chan = socket.socket(fileno=chan_fd)
     me = os.getpid()
     # The training process, or the fork server that forked us for it: we leave if it
     # goes (PR_SET_PDEATHSIG kills us unless the pool was made in another thread).
     ppid = os.getppid()
-    builder = builder_for(source, cfg, ring)
+    builder = builder_for(source.pop(), cfg, ring)
     workers: dict[int, int] = {}  # pid -> worker index
     pidfds: dict[int, int] = {}  # pid -> pidfd
+    parent_fd: list[int] = []  # the training process's pidfd, once opened
 
     def start(w: int, pending: int | None) -> None:
         # Recorded before the fork: a replacement that dies before running a line
@@ -140,7 +197,9 @@ def supervise(ring: Ring, chan_fd: int, source: Any, cfg: Config, parent_pid: in
             # First thing, so that a supervisor killed right after this fork still
             # leaves the pid where the training process finds (and, as PID 1, reaps) it.
             ctl.set_worker_pid(w, os.getpid())
-            child_setup(me, {ring.fd}, keep_ring=ring)
+            # The source's descriptors stay open; ours (the channel, pidfds) go.
+            child_setup(me, {ring.fd}, keep_ring=ring, keep_source_fds=True,
+                        drop_fds={chan_fd, *pidfds.values(), *parent_fd})
             # A segfault in native code then leaves the worker's Python stack on
             # stderr; the supervisor reports the signal.
             with contextlib.suppress(Exception):
@@ -163,10 +222,8 @@ def supervise(ring: Ring, chan_fd: int, source: Any, cfg: Config, parent_pid: in
 
     # The training process's pidfd turns readable when it dies: noticed at once even
     # when no parent-death signal was set up (a Loader made in a thread).
-    try:
-        parent_fd = [os.pidfd_open(parent_pid)]
-    except OSError:
-        parent_fd = []
+    with contextlib.suppress(OSError):
+        parent_fd.append(os.pidfd_open(parent_pid))
     stopped_since: dict[int, float] = {}  # pid -> when it was first seen stopped
     replaced_stopped: dict[int, float] = {}  # pid -> how long it had been stopped
     def update() -> bool:
@@ -174,20 +231,20 @@ def supervise(ring: Ring, chan_fd: int, source: Any, cfg: Config, parent_pid: in
         the training process's end of the channel is closed."""
         nonlocal builder
         try:
-            msg, fds, _, _ = socket.recv_fds(chan, 64, 1)
+            msg, fds, _, _ = socket.recv_fds(chan, 64, MAX_FDS)
         except OSError:
             msg, fds = b"", []
-        if msg != UPDATE or len(fds) != 1:
-            for fd in fds:
-                os.close(fd)
+        if msg != UPDATE or not fds:
+            _close_all(fds)
             return bool(msg)
         try:
-            with os.fdopen(fds[0], "rb") as f:
-                new = builder_for(_interpreter.loads(f.read()), cfg, ring)
+            new = builder_for(_interpreter.load_source(fds), cfg, ring)
         except BaseException as exc:  # noqa: B036 - whatever the source's unpickling raises
             reason = f"{type(exc).__name__}: {exc}".encode(errors="replace")[:_REASON_BYTES]
             chan.send(UPDATE_FAILED + reason)
             return True
+        finally:
+            _close_all(fds)
         builder = new
         # Between epochs no generation is open, so a worker without a claim is idle in
         # its wait and, SIGKILLed, never touches the ring again: its record is reused
@@ -329,26 +386,37 @@ def _death(ctl: _control.Control, w: int, pid: int, status: int, held: int):
 def fork_main(ring_fd: int, chan_fd: int, source: Any, cfg: Config, parent_pid: int,
               pdeathsig: bool) -> None:
     """Entry point of a forked supervisor (the child side of Pool's fork)."""
-    child_setup(parent_pid, {ring_fd, chan_fd}, pdeathsig)
+    # The source came with the fork: what it holds open stays open (see child_setup).
+    child_setup(parent_pid, {ring_fd, chan_fd}, pdeathsig, keep_source_fds=True)
     ring = Ring(cfg.spec, cfg.n_slots, cfg.num_workers, fd=ring_fd)
-    supervise(ring, chan_fd, source, cfg, parent_pid)
+    supervise(ring, chan_fd, [source], cfg, parent_pid)
+
+
+def _close_all(fds: Iterable[int]) -> None:
+    for fd in fds:
+        with contextlib.suppress(OSError):
+            os.close(fd)
 
 
 def spawn_main() -> None:
     """Entry point of a spawned supervisor (see _interpreter.python_command):
-    `python -c ... <payload fd> <ring fd> <channel fd> <parent pid> <pdeathsig>`."""
+    `python -c ... <payload fd> <ring fd> <channel fd> <parent pid> <pdeathsig>
+    <the parcel's fds, comma-separated>`."""
     payload_fd, ring_fd, chan_fd, parent_pid, pdeathsig = (int(a) for a in sys.argv[1:6])
-    start_from_payload(payload_fd, ring_fd, chan_fd, parent_pid, parent_pid, bool(pdeathsig))
+    source_fds = [int(a) for a in sys.argv[6].split(",")]
+    start_from_payload(payload_fd, ring_fd, chan_fd, parent_pid, parent_pid, bool(pdeathsig),
+                       source_fds=source_fds)
 
 
 def start_from_payload(payload_fd: int, ring_fd: int, chan_fd: int, parent_pid: int,
-                       ppid: int, pdeathsig: bool = True) -> None:
-    """A supervisor that receives its config and source as bytes (the spawn payload of
-    _pool.py): in a fresh interpreter, or forked by the fork server (`ppid`, its
-    parent, is then the server; `parent_pid` is always the training process)."""
+                       ppid: int, pdeathsig: bool = True, *, source_fds: list[int]) -> None:
+    """A supervisor that receives its config as bytes (the spawn payload of _pool.py)
+    and its source as a parcel (_interpreter.Parcel, descriptors `source_fds`): in a
+    fresh interpreter, or forked by the fork server (`ppid`, its parent, is then the
+    server; `parent_pid` is always the training process)."""
     with os.fdopen(payload_fd, "rb") as f:
-        sys_path, geometry, cfg_bytes, source_bytes = _interpreter.loads(f.read())
-    child_setup(ppid, {ring_fd, chan_fd}, pdeathsig)
+        sys_path, geometry, cfg_bytes = _interpreter.loads(f.read())
+    child_setup(ppid, {ring_fd, chan_fd, *source_fds}, pdeathsig)
     # Map the ring from its plain geometry first, so that a failure to rebuild the
     # config (which names the user's classes, e.g. a namedtuple in the batch spec) or
     # the source can still be reported to the training process.
@@ -360,7 +428,7 @@ def start_from_payload(payload_fd: int, ring_fd: int, chan_fd: int, parent_pid: 
         _interpreter.adopt_sys_path(sys_path)
         cfg = _interpreter.loads(cfg_bytes)
         ring.spec = cfg.spec
-        source = _interpreter.loads(source_bytes)
+        source = _interpreter.load_source(source_fds)
     except BaseException as exc:
         ring.write_report(None, StartupFailure(
             "the worker pool could not rebuild the source in its supervisor (forked by the fork "
@@ -369,6 +437,10 @@ def start_from_payload(payload_fd: int, ring_fd: int, chan_fd: int, parent_pid: 
             "create the Loader before JAX starts."))
         ring.ctl.set_fatal()
         return
-    supervise(ring, chan_fd, source, cfg, parent_pid)
+    finally:
+        _close_all(source_fds)
+    held = [source]
+    del source
+    supervise(ring, chan_fd, held, cfg, parent_pid)
 
 

@@ -8,6 +8,7 @@ RELIABILITY.md (tests/reliability.py).
 
 from __future__ import annotations
 
+import contextlib
 import multiprocessing
 import os
 import resource
@@ -133,13 +134,25 @@ def test_batch_handed_to_a_fork_started_child_can_be_read_there():
             break
 
 
+def _fd_inodes(pid: int) -> set[int]:
+    """Inodes of the files process `pid` has open."""
+    found = set()
+    for fd in os.listdir(f"/proc/{pid}/fd"):
+        with contextlib.suppress(OSError):
+            found.add(os.stat(f"/proc/{pid}/fd/{fd}").st_ino)
+    return found
+
+
 def test_another_loaders_pool_does_not_keep_a_closed_ring_alive():
     first = shmfeed.Loader(Slowish(64), batch_size=8, num_workers=1)
     ino = os.fstat(first._ring.fd).st_ino
+    chan = os.fstat(first._res.pool._chan.fileno()).st_ino
     with shmfeed.Loader(Slowish(64), batch_size=8, num_workers=2) as second:
         next(iter(second))
         for pid in [second.pool_pid, *second.worker_pids]:
             assert ino not in _ring_inodes(pid), f"pool process {pid} of another loader maps it"
+            # Forked pool processes keep what the source holds open, but not shmfeed's own.
+            assert not {ino, chan} & _fd_inodes(pid), f"pool process {pid} holds the other's fds"
         first.close()
         assert ino not in _ring_inodes(os.getpid())
         assert sum(1 for _ in second) == 8  # and the other pool works on

@@ -4,6 +4,7 @@ epoch continues it; several workers, a lost position and pickling are clear erro
 
 from __future__ import annotations
 
+import functools
 import os
 import signal
 import time
@@ -195,3 +196,40 @@ def test_a_generator_cannot_be_resumed_from_a_state_dict():
             loader.state_dict()
         with pytest.raises(shmfeed.SpecError, match=r"cannot be resumed exactly"):
             loader.load_state_dict({})
+
+
+# -- a generator that reads files (issue 23.2) ----------------------------------------------
+LINES_PER_FILE = 1500  # ~7 KB a file: the worker reads past the buffer the probe filled
+
+
+def read_lines(paths):
+    """Yields each line of each file as a sample, the files opened as it goes."""
+    for path in paths:
+        with open(path) as f:
+            for line in f:
+                yield {"v": np.int64(int(line))}
+
+
+@pytest.fixture(params=["fork", "forkserver", "spawn"])
+def start_method(request):
+    if request.param == "forkserver":
+        assert shmfeed.start_fork_server()
+        yield request.param
+        shmfeed._forkserver.stop()
+    else:
+        yield request.param
+
+
+def test_a_generator_keeps_reading_the_file_it_opened_in_its_worker(tmp_path, start_method):
+    paths = []
+    for k in range(2):
+        paths.append(tmp_path / f"part{k}.txt")
+        paths[-1].write_text("".join(f"{k * LINES_PER_FILE + i}\n" for i in range(LINES_PER_FILE)))
+    steps = 2 * LINES_PER_FILE // 32
+    # Made before JAX starts, as the issue's script: with fork, the worker continues the
+    # generator the probe started, which holds the first file open.
+    with shmfeed.Loader(functools.partial(read_lines, paths), batch_size=32, num_workers=1,
+                        steps_per_epoch=steps, start_method=start_method) as loader:
+        got = [v for b in loader for v in b["v"].tolist()]
+        assert loader.start_method == start_method
+    assert got == list(range(steps * 32))
