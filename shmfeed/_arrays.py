@@ -90,7 +90,7 @@ class MappedFile:
 
 
 def _reopen(filename: str, dtype: str, shape: tuple, offset: int, order: str) -> np.memmap:
-    return np.memmap(filename, dtype=np.dtype(dtype), mode="r", offset=offset, shape=shape, order=order)
+    return np.memmap(filename, dtype=np.dtype(dtype), mode="r", offset=offset, shape=shape, order=order)  # type: ignore[call-overload]
 
 
 def _pickle_arrays(arrays: list[np.ndarray]) -> list:

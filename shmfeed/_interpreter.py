@@ -252,7 +252,7 @@ def _open_file(index: int, dtype: str, shape: tuple, offset: int, order: str) ->
     """A memmap of the `index`th file sent with the source (mmap keeps its own
     descriptor: the one received may be closed afterwards)."""
     with open(_loading_files[index], "rb", closefd=False) as f:
-        return np.memmap(f, dtype=np.dtype(dtype), mode="r", offset=offset, shape=shape, order=order)
+        return np.memmap(f, dtype=np.dtype(dtype), mode="r", offset=offset, shape=shape, order=order)  # type: ignore[call-overload]
 
 
 class _SourcePickler(cloudpickle.Pickler):

@@ -54,7 +54,7 @@ def _glibc() -> Any:
             ours = here == ctypes.cast(libc.malloc, ctypes.c_void_p).value
         except (OSError, AttributeError):
             ours, libc = False, None
-        if ours:
+        if ours and libc is not None:
             libc.mmap.restype = ctypes.c_void_p
             libc.mmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int,
                                   ctypes.c_int, ctypes.c_long]
@@ -72,7 +72,7 @@ def _owner(obj: Any) -> np.ndarray | None:
     try:
         from numpy._core.multiarray import get_handler_name
     except ImportError:  # numpy < 2
-        from numpy.core.multiarray import get_handler_name
+        from numpy.core.multiarray import get_handler_name  # type: ignore[no-redef]
     return obj if get_handler_name(obj) == "default_allocator" else None
 
 
