@@ -50,7 +50,8 @@ class Consumer:
     """Takes batches from the ring for one Loader.  `resources.pool` is the running
     pool (None with `num_workers=0`, or while none runs)."""
 
-    def __init__(self, ring: Ring, cfg: Config, resources: Any, source: Any, stats: Any):
+    def __init__(self, ring: Ring, cfg: Config, resources: Any, source: Any, stats: Any,
+                 build_here: bool = True):
         self.ring = ring
         self.cfg = cfg
         self.res = resources
@@ -59,7 +60,8 @@ class Consumer:
         self.first_batch = 0  # of the current generation, in its epoch
         self.next_slot = 0
         self.delivered = 0  # batches of the current epoch handed to the loop
-        self.builder = builder_for(source, cfg, ring) if cfg.num_workers == 0 else None
+        # With `num_workers=0` batches are built here, unless remote builders do.
+        self.builder = builder_for(source, cfg, ring) if cfg.num_workers == 0 and build_here else None
         self.row_bytes = cfg.spec.row_bytes  # a batch without a bucket: rows x this
         self.t_first: float | None = None
         self.thread: int | None = None  # the thread iterating the current generation

@@ -59,6 +59,19 @@ def _epoch_hook(source: Any, name: str) -> Any:
     return getattr(source, name)
 
 
+def _check_remote(source: Any, builders: Any) -> None:
+    """What remote builders (shmfeed.ray) cannot build yet: streams (read in one
+    process, in order) and sources with epoch hooks (their state would have to follow
+    them to every actor)."""
+    if isinstance(source, (GeneratorSource, ShardedSource)):
+        raise SpecError(f"`builders` build batches by index, and the source is {type(source).__name__}, a "
+                        "stream read in order: use local workers for it (no `builders`)")
+    if any(_epoch_hook(source, h) for h in _HOOKS):
+        raise SpecError("`builders` cannot build from a source with epoch hooks (on_epoch_begin/"
+                        "on_epoch_end) yet: its state would have to reach every actor. Use local "
+                        "workers for it (no `builders`).")
+
+
 class _Resources:
     """Everything `close()` must release, kept apart from the Loader so that the
     finalizer holds no reference to it."""
@@ -194,6 +207,7 @@ class Loader:
         bucket_boundaries: Any = None,
         bucket_lengths: Any = None,
         worker_nice: int = 0,
+        builders: Any = None,
     ):
         # Arrays, dicts and tuples of arrays: shmfeed.sources.Arrays; generators: _stream.py.
         source = stream_source(as_source(source), steps_per_epoch=steps_per_epoch,
@@ -211,7 +225,11 @@ class Loader:
                     worker_nice=worker_nice)
         self._source = source
         self._cfg = cfg
-        self._ring = Ring(cfg.spec, cfg.n_slots, cfg.max_workers)
+        if builders is not None:
+            _check_remote(source, builders)
+        # Remote builders' delivery threads each have a worker record, after the local ones.
+        remote_workers = 0 if builders is None else builders.window
+        self._ring = Ring(cfg.spec, cfg.n_slots, cfg.max_workers + remote_workers)
         self._res = _Resources(self._ring)
         self._finalizer = weakref.finalize(self, _Resources.close, self._res)
         self._epoch = 0  # the epoch the next iteration produces
@@ -228,9 +246,18 @@ class Loader:
         self._stats = Stats(n_slots=cfg.n_slots, slot_bytes=cfg.spec.slot_bytes,
                             ring_bytes=self._ring.nbytes, num_workers=cfg.num_workers,
                             cpus=_sysinfo.usable_cpus().value)
-        self._consumer = Consumer(self._ring, cfg, self._res, source, self._stats)
+        self._consumer = Consumer(self._ring, cfg, self._res, source, self._stats,
+                                  build_here=builders is None)
         if cfg.num_workers:
             self._start_pool()
+        self.builders = builders
+        if builders is not None:
+            try:  # after the pool: it is forked before the delivery threads exist
+                remote = builders._start(self._ring, source, cfg, first_worker=cfg.max_workers)
+            except BaseException:
+                self.close()
+                raise
+            self._res.callbacks.append(remote.stop)
 
     def _start_pool(self) -> None:
         method = self._cfg.start_method
