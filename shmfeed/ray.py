@@ -41,6 +41,7 @@ threads, kill the actors.  The Ray connection itself is the caller's.
 
 from __future__ import annotations
 
+import socket
 import threading
 import time
 from dataclasses import dataclass, field
@@ -64,6 +65,7 @@ __all__ = ["Builders", "RayClusterError"]
 
 ALIGN_BYTES = 4096  # the actor's buffer starts page aligned, like a ring slot
 READY_TIMEOUT_S = 60.0  # actors must start within this at construction
+CONNECT_PROBE_S = 10.0  # an explicit `address` must accept a connection within this
 CPU_WAIT_S = 5.0  # how long construction waits for CPUs that are being given back
 KILL_WAIT_S = 5.0  # how long stop() waits for the delivery threads
 NO_BATCH = 0xFFFFFFFF  # the consumer's tag once it gave an epoch up
@@ -236,8 +238,12 @@ def _connect(address: str | None) -> None:
     if ray.is_initialized():
         return
     try:
+        if address and "://" not in address:
+            # Ray retries an unreachable GCS for minutes; a refused port is known at once.
+            host, _, port = address.rpartition(":")
+            socket.create_connection((host, int(port)), timeout=CONNECT_PROBE_S).close()
         ray.init(address=address or "auto", log_to_driver=False)
-    except (ConnectionError, RuntimeError, ValueError) as exc:
+    except (OSError, RuntimeError, ValueError) as exc:
         raise RayClusterError(
             f"no Ray cluster is reachable at {address or 'auto (RAY_ADDRESS, or `ray start` here)'}: "
             f"{type(exc).__name__}: {exc}. Start one (`ray start --head`, or `ray.init()` in this "
