@@ -5,28 +5,23 @@ A real Ray cluster on localhost: one `ray.init(num_cpus=2)` for this module (3 t
 to start on a loaded 2-core machine, so the default tier runs only the bit-identity
 test on it, ~11 s; the fault tests, ~40 s together, are in the integration tier), and,
 in the integration tier, a 3-node `ray.cluster_utils.Cluster` from which a node is
-removed and actors are killed.  Every
-fixture shuts Ray down in a finalizer, so the leak check (tests/conftest.py) sees none
-of its processes left."""
+removed and actors are killed (tests/test_ray_cluster.py).  Every fixture shuts Ray
+down in a finalizer and checks that none of its processes is left."""
 
 from __future__ import annotations
 
-import gc
 import os
-import random
 import subprocess
 import sys
-import time
 
-import conftest
 import numpy as np
-import psutil
 import pytest
 
 ray = pytest.importorskip("ray")
 
 import _raysources  # noqa: E402
 from _raysources import Locked, Noisy, Ragged  # noqa: E402
+from _raytools import OPTS, RAY_INIT, copy, no_leaks, ray_children_gone, reference, same, take  # noqa: E402, F401
 from ray import cloudpickle  # noqa: E402
 
 import shmfeed  # noqa: E402
@@ -35,97 +30,13 @@ from shmfeed.ray import Builders, RayClusterError  # noqa: E402
 # The actors do not have tests/ on their path: the sources travel by value.
 cloudpickle.register_pickle_by_value(_raysources)
 
-OBJECT_STORE_BYTES = 80 * 2**20  # Ray's minimum is about 75 MiB
-RAY_EXIT_S = 15.0  # Ray's processes must be gone this long after its shutdown
-RAY_INIT = dict(include_dashboard=False, log_to_driver=False, object_store_memory=OBJECT_STORE_BYTES)
-
-
-def _ray_children_gone() -> None:
-    """Fail unless Ray's raylet, GCS and workers exit within RAY_EXIT_S of its shutdown."""
-    me = psutil.Process()
-    deadline = time.monotonic() + RAY_EXIT_S
-    while True:
-        left = [p for p in me.children(recursive=True) if p.is_running()
-                and p.status() != psutil.STATUS_ZOMBIE]
-        if not left:
-            return
-        if time.monotonic() > deadline:
-            for p in left:
-                p.kill()
-            pytest.fail(f"Ray processes left after its shutdown: {[(p.pid, p.name()) for p in left]}")
-        time.sleep(0.1)
-
-
-@pytest.fixture(autouse=True)
-def no_leaks():
-    """tests/conftest.py's check (no child process, fd or ring mapping left), except for
-    sockets: Ray's driver keeps a gRPC channel to each actor and node it talked to until
-    `ray.shutdown()`, which runs once per module (starting Ray takes seconds)."""
-    me = psutil.Process()
-    before_children = {p.pid for p in me.children(recursive=True)}
-    before_fds, before_maps = conftest._fds(), conftest._ring_mappings()
-    yield
-    gc.collect()
-    deadline = time.monotonic() + conftest.LEAK_WAIT_S
-    while True:
-        children = [p for p in me.children(recursive=True) if p.pid not in before_children
-                    and p.is_running() and p.status() != psutil.STATUS_ZOMBIE]
-        fds = [fd for fd in conftest._fds() - before_fds
-               if not conftest._readlink(fd).startswith("socket:")]
-        maps = conftest._ring_mappings() - before_maps
-        if not (children or fds or maps > 0) or time.monotonic() > deadline:
-            break
-        time.sleep(0.05)
-        gc.collect()
-    assert not children, f"child processes left: {[(p.pid, p.name()) for p in children]}"
-    assert not fds, f"fds left open: {[conftest._readlink(fd) for fd in fds]}"
-    assert maps <= 0, f"{maps} mapping(s) of a shmfeed ring left"
-
 
 @pytest.fixture(scope="module")
 def ray_local(request):
     ray.init(num_cpus=2, **RAY_INIT)
-    request.addfinalizer(_ray_children_gone)
+    request.addfinalizer(ray_children_gone)
     request.addfinalizer(ray.shutdown)
     return ray
-
-
-def copy(batch: dict) -> dict:
-    """The batch in memory of its own (its views would pin their slot)."""
-    return {k: copy(v) if isinstance(v, dict) else np.array(v) for k, v in batch.items()}
-
-
-def take(loader, epochs: int = 1, stop_after: int | None = None) -> list[list[dict]]:
-    """Copies of every batch of `epochs` epochs (the last one cut after `stop_after`)."""
-    out = []
-    for e in range(epochs):
-        got = []
-        for batch in loader:
-            got.append(copy(batch))
-            if stop_after is not None and e == epochs - 1 and len(got) == stop_after:
-                break
-        out.append(got)
-    return out
-
-
-def reference(source, epochs: int = 1, **kw) -> list[list[dict]]:
-    with shmfeed.Loader(source, num_workers=0, **kw) as loader:
-        return take(loader, epochs)
-
-
-def same_batch(x: dict, y: dict) -> bool:
-    return x.keys() == y.keys() and all(
-        same_batch(x[k], y[k]) if isinstance(x[k], dict) else
-        x[k].dtype == y[k].dtype and np.array_equal(x[k], y[k]) for k in x)
-
-
-def same(a: list, b: list) -> bool:
-    """Epochs of batches, bit for bit."""
-    return len(a) == len(b) and all(
-        len(x) == len(y) and all(same_batch(p, q) for p, q in zip(x, y)) for x, y in zip(a, b))
-
-
-OPTS = dict(batch_size=4, shuffle=True, seed=7)
 
 
 def test_ray_batches_differ_from_local_workers_for_no_actor_count_or_mix(ray_local):
@@ -156,8 +67,11 @@ def test_actor_that_dies_mid_batch_is_replaced_and_batch_rebuilt_once(ray_local,
     builders = Builders(num_actors=2)
     with shmfeed.Loader(src, num_workers=0, builders=builders, **OPTS) as loader:
         assert same(take(loader, 2), want)
+    # The batch that killed its actor, and at most one more that was queued on it (a
+    # window of 4 over 2 actors), each asked once more; each copied into the ring once.
     stats = builders.stats()
-    assert (stats["rebuilt"], stats["actors_replaced"], stats["batches"]) == (1, 1, 20)
+    assert (stats["actors_replaced"], stats["batches"]) == (1, 20) and 1 <= stats["rebuilt"] <= 2
+    assert stats["requests"] == stats["batches"] + stats["rebuilt"]
 
 
 @pytest.mark.integration
@@ -168,7 +82,8 @@ def test_stalled_actor_times_out_and_its_batch_is_built_elsewhere(ray_local, tmp
     with shmfeed.Loader(src, num_workers=0, builders=builders, timeout_s=30, **OPTS) as loader:
         assert same(take(loader), want)
     stats = builders.stats()
-    assert (stats["stalls"], stats["rebuilt"], stats["batches"]) == (1, 1, 6)
+    assert (stats["stalls"], stats["actors_replaced"], stats["batches"]) == (1, 1, 6)
+    assert 1 <= stats["rebuilt"] <= 2 and stats["requests"] == stats["batches"] + stats["rebuilt"]
 
 
 @pytest.mark.integration
@@ -243,49 +158,3 @@ def test_unreachable_cluster_is_refused_at_construction():
     out = subprocess.run([sys.executable, "-c", NO_CLUSTER], env=env, capture_output=True, text=True,
                          timeout=110)
     assert "REFUSED no Ray cluster is reachable at 127.0.0.1:9" in out.stdout, out.stderr[-2000:]
-
-
-# -- integration: a 3-node cluster ----------------------------------------------------
-@pytest.fixture
-def cluster(request):
-    from ray.cluster_utils import Cluster
-    c = Cluster(initialize_head=True, connect=True,
-                head_node_args=dict(num_cpus=1, object_store_memory=OBJECT_STORE_BYTES,
-                                    include_dashboard=False))
-    request.addfinalizer(_ray_children_gone)
-    request.addfinalizer(c.shutdown)
-    request.addfinalizer(ray.shutdown)
-    nodes = [c.add_node(num_cpus=1, object_store_memory=OBJECT_STORE_BYTES) for _ in range(2)]
-    c.wait_for_nodes()
-    return c, nodes
-
-
-@pytest.mark.integration
-@pytest.mark.timeout(400)
-def test_cluster_node_removed_actors_killed_and_stalled_every_epoch_exact(cluster, tmp_path):
-    c, nodes = cluster
-    epochs = 3
-    want = reference(Noisy(60), epochs + 1, **OPTS)
-    src = Noisy(60, fault="stall", at=31, marker=str(tmp_path / "stall"), delay_s=0.005)
-    builders = Builders(num_actors=2, timeout_s=5.0, max_retries=6)
-    rnd = random.Random(0)
-    got = []
-    with shmfeed.Loader(src, num_workers=0, builders=builders, timeout_s=120, **OPTS) as loader:
-        for epoch in range(epochs):
-            batches = []
-            for b, batch in enumerate(loader):
-                batches.append(copy(batch))
-                if epoch == 0 and b == 3:
-                    c.remove_node(nodes[0])  # whatever it hosted dies with it
-                if epoch >= 1 and b in (2, 9):
-                    ray.kill(rnd.choice(builders.actors))
-            got.append(batches)
-        state = loader.state_dict()
-        stats = builders.stats()
-    assert same(got, want[:epochs])
-    assert stats["batches"] == epochs * 15 and stats["stalls"] >= 1 and stats["actors_replaced"] >= 3
-    assert stats["object_store_bytes_max"] <= stats["object_store_bytes_cap"]
-    # Resume on the nodes left with one actor beside a local worker.
-    with shmfeed.Loader(Noisy(60), num_workers=1, builders=Builders(1), **OPTS) as loader:
-        loader.load_state_dict(state)
-        assert same(take(loader), want[epochs:])
