@@ -41,6 +41,7 @@ threads, kill the actors.  The Ray connection itself is the caller's.
 
 from __future__ import annotations
 
+import logging
 import socket
 import threading
 import time
@@ -51,7 +52,7 @@ import numpy as np
 
 from ._build import WAIT_SLICE_S, builder_for
 from ._control import BatchStale, PoolShutdown, SlotState, untag
-from ._errors import ShmfeedError, SourcePickleError, SpecError, WorkerError
+from ._errors import LoaderClosedError, ShmfeedError, SourcePickleError, SpecError, WorkerError
 from ._report import BuildFailure
 from ._ring import Ring
 
@@ -62,6 +63,7 @@ except ImportError as exc:  # pragma: no cover - depends on the environment
     raise ImportError(f"shmfeed.ray needs Ray ({exc}): `pip install 'shmfeed[ray]'`") from exc
 
 __all__ = ["Builders", "RayClusterError"]
+log = logging.getLogger("shmfeed")
 
 ALIGN_BYTES = 4096  # the actor's buffer starts page aligned, like a ring slot
 READY_TIMEOUT_S = 60.0  # actors must start within this at construction
@@ -146,6 +148,7 @@ class _Counters:
     rebuilt: int = 0  # batches asked again after an actor died or stalled
     actors_replaced: int = 0
     stalls: int = 0  # requests that hit `timeout_s`
+    driver_s: float = 0.0  # this process's time per delivered batch: ray.get, the copy, publish
     in_flight: int = 0
     in_flight_max: int = 0
     lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
@@ -208,7 +211,8 @@ class Builders:
 
     def stats(self) -> dict:
         """What the builders did: actors, requests, batches and bytes delivered, batches
-        rebuilt (an actor died or stalled), actors replaced, stalls; batches in flight
+        rebuilt (an actor died or stalled), actors replaced, stalls, `driver_s` (time the
+        delivery threads spent per batch here: ray.get, the copy, publish); batches in flight
         and their peak, the object-store bytes they hold (at most one slot each) and
         their cap (`window * slot_bytes`)."""
         r = self._remote
@@ -217,7 +221,7 @@ class Builders:
         c, sb = r.counters, r.slot_bytes
         return {"actors": len(r.actors), "window": self.window, "requests": c.requests,
                 "batches": c.batches, "bytes": c.bytes, "rebuilt": c.rebuilt,
-                "actors_replaced": c.actors_replaced, "stalls": c.stalls,
+                "actors_replaced": c.actors_replaced, "stalls": c.stalls, "driver_s": c.driver_s,
                 "in_flight": c.in_flight, "in_flight_max": c.in_flight_max,
                 "object_store_bytes": c.in_flight * sb, "object_store_bytes_max": c.in_flight_max * sb,
                 "object_store_bytes_cap": self.window * sb}
@@ -375,8 +379,13 @@ class _Remote:
                 if batch is None:
                     ctl.wait_gen(gen, WAIT_SLICE_S)
                     continue
-                self._deliver(worker, gen, batch)
-        except PoolShutdown:
+                try:
+                    self._deliver(worker, gen, batch)
+                except (PoolShutdown, BatchStale):
+                    raise
+                except Exception:  # the loader's `timeout_s` then names the batch
+                    log.exception("shmfeed: a Ray delivery thread failed on batch %d", batch)
+        except (PoolShutdown, LoaderClosedError):
             return
 
     def _stale(self, gen: int) -> bool:
@@ -407,19 +416,23 @@ class _Remote:
             ctl.publish(worker, slot, gen, batch, 0, SlotState.ERROR, time.perf_counter_ns() - t0)
             return
         word, payload = result
+        t_copy = time.perf_counter()
         self.ring.slot_raw[slot][:payload.nbytes] = payload  # the one copy into the ring
         c = self.counters
-        with c.lock:
-            c.batches += 1
-            c.bytes += payload.nbytes
+        nbytes = payload.nbytes
         del result, payload  # the object-store copy can go
         ctl.publish(worker, slot, gen, batch, word, SlotState.READY, time.perf_counter_ns() - t0)
+        with c.lock:
+            c.batches += 1
+            c.bytes += nbytes
+            c.driver_s += time.perf_counter() - t_copy
 
     def _request(self, worker: int, gen: int, epoch: int, epoch_batch: int) -> Any:
         """The actor's answer for the batch; None when nobody wants it any more."""
         c, spec = self.counters, self.spec
         failures: list[str] = []
         while True:
+            why = ""
             i = self._pick()
             actor = self.actors[i]
             with c.lock:
@@ -432,16 +445,22 @@ class _Remote:
                 if why == "stale":
                     return None
                 if why == "ready":
+                    t_get = time.perf_counter()
                     try:
                         return ray.get(ref)
                     except _ACTOR_GONE as exc:
                         why = f"its actor died ({type(exc).__name__})"
+                    except _rex.RayError as exc:  # e.g. the result did not deserialize here
+                        return BuildFailure.of(exc, worker=worker, batch=epoch_batch, epoch=epoch,
+                                               item=None, batch_level=False)
                 else:
                     with c.lock:
                         c.stalls += 1
             finally:
                 with c.lock:
                     c.in_flight -= 1
+                    if why == "ready":
+                        c.driver_s += time.perf_counter() - t_get
                 with self.lock:
                     self.busy[i] -= 1
             self._replace(i, actor)
