@@ -381,8 +381,10 @@ class _Remote:
                     continue
                 try:
                     self._deliver(worker, gen, batch)
-                except (PoolShutdown, BatchStale):
+                except (PoolShutdown, LoaderClosedError):
                     raise
+                except BatchStale:
+                    pass
                 except Exception:  # the loader's `timeout_s` then names the batch
                     log.exception("shmfeed: a Ray delivery thread failed on batch %d", batch)
         except (PoolShutdown, LoaderClosedError):
