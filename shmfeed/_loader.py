@@ -7,7 +7,8 @@ Invariants (see DESIGN.md):
 1. each batch of an epoch is delivered exactly once, in batch order;
 2. the stream is a function of (source, seed, epoch, options) only;
 3. memory is fixed at construction (`ring_bytes`);
-4. batch data is written once, by the process that builds it, and read in place;
+4. batch data is written once, by the process that builds it (or, for a remote
+   builder, by the one copy from its transfer: shmfeed/ray.py), and read in place;
 5. nothing outlives the loader: `close()`, garbage collection, `with`, and the exit
    of the interpreter all run the pool's shutdown protocol (see _pool.py).
 """
@@ -153,6 +154,10 @@ class Loader:
     index), samples of similar length are batched together and each batch is padded
     to the smallest boundary that holds it: at most `len(bucket_boundaries)` shapes.
     See shmfeed/_pad.py and shmfeed/_bucket.py.
+
+    `builders=shmfeed.ray.Builders(num_actors=...)` adds batch builders on a Ray cluster
+    beside the `num_workers` local ones (or instead of them, with `num_workers=0`): the
+    same batches, delivered into the ring in order (see shmfeed/ray.py).
 
     `worker_nice` (0-19) lowers the workers' CPU priority below the training loop's:
     where the loop itself is the bottleneck on a machine with as many workers as CPUs
