@@ -110,9 +110,9 @@ class _BuildActor:
         self.buffer = _SlotBuffer(cfg.spec)
         self.builder = builder_for(source, cfg, self.buffer)  # type: ignore[arg-type]
 
-    def ready(self) -> int:
-        import os
-        return os.getpid()
+    def ready(self) -> str:
+        """The id of the node it runs on (hex)."""
+        return ray.get_runtime_context().get_node_id()
 
     def build(self, epoch: int, batch: int, worker: int) -> Any:
         """(word, the slot's bytes), or the BuildFailure a worker would have written."""

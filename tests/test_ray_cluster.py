@@ -66,13 +66,17 @@ def test_cluster_node_removed_actors_killed_and_stalled_every_epoch_exact(cluste
             for b, batch in enumerate(loader):
                 batches.append(copy(batch))
                 if epoch == 0 and b == 3:
-                    c.remove_node(nodes[0])  # whatever it hosted dies with it
+                    # A node hosting an actor (3 nodes, 2 actors: one is not the head).
+                    hosts = set(ray.get([a.ready.remote() for a in builders.actors]))
+                    c.remove_node(next(n for n in nodes if n.node_id in hosts))
                 if epoch >= 1 and b in (2, 9):
                     ray.kill(rnd.choice(builders.actors))
             got.append(batches)
         state = loader.state_dict()
         stats = builders.stats()
     assert same(got, want[:epochs])
+    # The node's actor, the stalled one and those killed (one may be hit twice) replaced;
+    # every batch copied into the ring once.
     assert stats["batches"] == epochs * 15 and stats["stalls"] >= 1 and stats["actors_replaced"] >= 3
     assert stats["object_store_bytes_max"] <= stats["object_store_bytes_cap"]
     # Resume on the nodes left with one actor beside a local worker.
