@@ -15,6 +15,7 @@ Invariants (see DESIGN.md):
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import time
@@ -26,7 +27,7 @@ import numpy as np
 
 from . import _forkserver, _interpreter, _state, _sysinfo
 from ._arrays import as_source
-from ._config import build, check_int
+from ._config import build, check_int, check_memory, default_num_slots
 from ._consumer import Consumer
 from ._errors import (
     LoaderClosedError,
@@ -38,7 +39,7 @@ from ._errors import (
 )
 from ._order import DEFAULT_SHUFFLE_BLOCK
 from ._pool import Pool, sigint_deferred
-from ._ring import Ring
+from ._ring import Ring, ring_bytes
 from ._shards import ShardedSource
 from ._spec import Spec
 from ._stats import Stats
@@ -232,6 +233,13 @@ class Loader:
         self._cfg = cfg
         if builders is not None:
             _check_remote(source, builders)
+            if num_slots is None and memory_budget_bytes is None:
+                # A slot for each batch in flight to the builders, beside the usual ring.
+                n_slots = default_num_slots(cfg.num_workers, cfg.spec.slot_bytes) + builders.window
+                check_memory(ring_bytes(n_slots, cfg.max_workers + builders.window, cfg.spec.slot_bytes),
+                             n_slots, cfg.spec.slot_bytes)
+                cfg = dataclasses.replace(cfg, n_slots=n_slots)
+                self._cfg = cfg
         # Remote builders' delivery threads each have a worker record, after the local ones.
         remote_workers = 0 if builders is None else builders.window
         self._ring = Ring(cfg.spec, cfg.n_slots, cfg.max_workers + remote_workers)

@@ -161,10 +161,11 @@ class Builders:
     what local workers build from the same seed.
 
     - `num_actors`: Ray actors, each reserving `num_cpus` CPUs of the cluster.
-    - `window`: batches requested from Ray at once (default `2 * num_actors`); with the
-      ring's slots it bounds the object-store bytes held: `window * slot_bytes`.  A
-      window larger than `num_slots` gains nothing: a batch is asked for only once it has
-      a slot.
+    - `window`: batches requested from Ray at once (default `2 * num_actors`); it bounds
+      the object-store bytes held: `window * slot_bytes`.  The ring gets `window` slots
+      more than it would without builders (unless `num_slots` or `memory_budget_bytes`
+      is given: a batch is asked for only once it has a slot, so a window larger than
+      the free slots gains nothing).
     - `timeout_s`: an actor that has not answered a request within it is taken as stalled,
       killed and replaced, and the batch asked of another; keep it below the Loader's
       `timeout_s` and above the slowest batch's build time.
