@@ -1,10 +1,10 @@
 """shmfeed.ray: batches built by Ray actors are the local workers' batches, exactly once,
 in order, under actor deaths and stalls, resumable with another number of actors.
 
-A real Ray cluster on localhost: one `ray.init(num_cpus=2)` for this module (3 to 9 s
-to start on a loaded 2-core machine, so the default tier runs only the bit-identity
-test on it, ~11 s; the fault tests, ~40 s together, are in the integration tier), and,
-in the integration tier, a 3-node `ray.cluster_utils.Cluster` from which a node is
+A real Ray cluster on localhost: one `ray.init(num_cpus=2)` for this module, in the
+integration tier (starting it alone takes 3 to 16 s on the loaded 2-core development
+machine, the module ~45 s; the default tier runs only the refusals that need no
+cluster), and, also in the integration tier, a 3-node `ray.cluster_utils.Cluster` from which a node is
 removed and actors are killed (tests/test_ray_cluster.py).  Every fixture shuts Ray
 down in a finalizer and checks that none of its processes is left."""
 
@@ -39,6 +39,7 @@ def ray_local(request):
     return ray
 
 
+@pytest.mark.integration
 def test_ray_batches_differ_from_local_workers_for_no_actor_count_or_mix(ray_local):
     src = Noisy(42)
     want = reference(src, 2, **OPTS)
