@@ -4,9 +4,9 @@ in order, under actor deaths and stalls, resumable with another number of actors
 A real Ray cluster on localhost: one `ray.init(num_cpus=2)` for this module, in the
 integration tier (starting it alone takes 3 to 16 s on the loaded 2-core development
 machine, the module ~45 s; the default tier runs only the refusals that need no
-cluster), and, also in the integration tier, a 3-node `ray.cluster_utils.Cluster` from which a node is
-removed and actors are killed (tests/test_ray_cluster.py).  Every fixture shuts Ray
-down in a finalizer and checks that none of its processes is left."""
+cluster), and, also in the integration tier, a 3-node `ray.cluster_utils.Cluster` from
+which a node is removed and actors are killed (tests/test_ray_cluster.py).  Every
+fixture shuts Ray down in a finalizer and checks that none of its processes is left."""
 
 from __future__ import annotations
 
