@@ -65,6 +65,8 @@ def _check_remote(source: Any, builders: Any) -> None:
     """What remote builders (shmfeed.ray) cannot build yet: streams (read in one
     process, in order) and sources with epoch hooks (their state would have to follow
     them to every actor)."""
+    if not hasattr(builders, "_start"):
+        raise SpecError(f"`builders` must be a `shmfeed.ray.Builders`, got {type(builders).__name__}")
     if isinstance(source, (GeneratorSource, ShardedSource)):
         raise SpecError(f"`builders` build batches by index, and the source is {type(source).__name__}, a "
                         "stream read in order: use local workers for it (no `builders`)")
@@ -231,6 +233,7 @@ class Loader:
                     worker_nice=worker_nice)
         self._source = source
         self._cfg = cfg
+        self.builders = builders  # shmfeed.ray.Builders, or None
         if builders is not None:
             _check_remote(source, builders)
             if num_slots is None and memory_budget_bytes is None:
@@ -263,7 +266,6 @@ class Loader:
                                   build_here=builders is None)
         if cfg.num_workers:
             self._start_pool()
-        self.builders = builders
         if builders is not None:
             try:  # after the pool: it is forked before the delivery threads exist
                 remote = builders._start(self._ring, source, cfg, first_worker=cfg.max_workers)
@@ -581,6 +583,10 @@ class Loader:
         The source is pickled each time and sent to the pool, whose workers are
         re-forked: tens of milliseconds, plus pickling the source's state."""
         self._check_open()
+        if self.builders is not None:
+            raise SpecError("this Loader's batches are also built by Ray actors (`builders`), whose "
+                            "copies of the source cannot take a new state yet: create a new Loader "
+                            "over the changed source")
         if self._cfg.num_workers == 0:
             return  # batches are built here, from the source itself
         self._res.source_stale = True

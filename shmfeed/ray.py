@@ -74,8 +74,9 @@ NO_BATCH = 0xFFFFFFFF  # the consumer's tag once it gave an epoch up
 
 # What a request may fail with when its actor (or the actor's node) is gone; the batch
 # is then asked again of a replacement.
-_ACTOR_GONE = (_rex.RayActorError, _rex.ObjectLostError, _rex.WorkerCrashedError,
-               _rex.OwnerDiedError if hasattr(_rex, "OwnerDiedError") else _rex.ObjectLostError)
+# (RayActorError covers ActorDiedError and ActorUnavailableError; OwnerDiedError is an
+# ObjectLostError.)
+_ACTOR_GONE = (_rex.RayActorError, _rex.ObjectLostError, _rex.WorkerCrashedError)
 
 
 class RayClusterError(ShmfeedError):

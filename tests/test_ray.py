@@ -108,6 +108,8 @@ def test_state_dict_resumes_with_another_number_of_actors(ray_local):
     with shmfeed.Loader(src, num_workers=0, builders=Builders(2), **OPTS) as loader:
         first = take(loader, 1) + take(loader, 1, stop_after=4)
         state = loader.state_dict()
+        with pytest.raises(shmfeed.SpecError, match="create a new Loader"):
+            loader.source_changed()  # the actors' copies would go stale
     with shmfeed.Loader(src, num_workers=1, builders=Builders(1, window=1), **OPTS) as loader:
         loader.load_state_dict(state)
         rest = take(loader, 1)
@@ -140,6 +142,10 @@ def test_stream_and_hooked_sources_are_refused_before_any_cluster_is_needed():
 
     with pytest.raises(shmfeed.SpecError, match="epoch hooks"):
         shmfeed.Loader(Hooked(8), batch_size=2, num_workers=0, builders=Builders(1))
+    with pytest.raises(shmfeed.SpecError, match="must be a `shmfeed.ray.Builders`, got int"):
+        shmfeed.Loader(Noisy(8), batch_size=2, num_workers=0, builders=4)
+    with pytest.raises(shmfeed.SpecError, match="`window` must be an integer >= 1, got 0"):
+        Builders(2, window=0)
 
 
 NO_CLUSTER = """
