@@ -308,10 +308,14 @@ class _Remote:
         self.next_actor = 0
         self.actors: list = []
         self.busy: list[int] = []  # requests in flight per actor
+        # Per actor, its `ready()` call until it answered: a replacement's start (a new
+        # process, the source unpickled) does not count towards `timeout_s`.
+        self.starting: list[Any] = []
         try:
             for _ in range(spec.num_actors):
                 self.actors.append(self._new_actor())
                 self.busy.append(0)
+                self.starting.append(None)
             self._wait_ready()
         except BaseException:
             self._kill_all()
@@ -356,6 +360,7 @@ class _Remote:
             if self.actors[i] is not actor:
                 return
             self.actors[i] = self._new_actor()
+            self.starting[i] = self.actors[i].ready.remote()
             self.counters.actors_replaced += 1
         try:
             ray.kill(actor, no_restart=True)
@@ -445,7 +450,7 @@ class _Remote:
                 c.in_flight_max = max(c.in_flight_max, c.in_flight)
             try:
                 ref = actor.build.remote(epoch, epoch_batch, worker)
-                why = self._await(ref, gen)
+                why = self._await(ref, gen, i)
                 if why == "stale":
                     return None
                 if why == "ready":
@@ -479,16 +484,29 @@ class _Remote:
             with c.lock:
                 c.rebuilt += 1
 
-    def _await(self, ref: Any, gen: int) -> str:
-        """"ready", "stale", or why the request was given up (a stall)."""
-        deadline = time.monotonic() + self.spec.timeout_s
+    def _await(self, ref: Any, gen: int, i: int) -> str:
+        """"ready", "stale", or why the request was given up (a stall) on actor `i`."""
+        t0 = time.monotonic()
+        deadline = t0 + self.spec.timeout_s
         while True:
             ready, _ = ray.wait([ref], timeout=WAIT_SLICE_S)
             if ready:
                 return "ready"
             if self.stopping.is_set() or self._stale(gen):
                 return "stale"  # the actor finishes it; nobody reads the result
-            if time.monotonic() > deadline:
+            now = time.monotonic()
+            starting = self.starting[i]
+            if starting is not None:  # a replacement still starting: the clock waits
+                if ray.wait([starting], timeout=0)[0]:
+                    with self.lock:
+                        if self.starting[i] is starting:
+                            self.starting[i] = None
+                elif now - t0 < READY_TIMEOUT_S:
+                    deadline = now + self.spec.timeout_s
+                    continue
+                else:
+                    return f"its actor did not start within {READY_TIMEOUT_S:.0f} s"
+            if now > deadline:
                 return f"its actor made no answer within `timeout_s={self.spec.timeout_s:g}`"
 
     def stop(self) -> None:

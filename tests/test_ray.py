@@ -83,7 +83,8 @@ def test_stalled_actor_times_out_and_its_batch_is_built_elsewhere(ray_local, tmp
     with shmfeed.Loader(src, num_workers=0, builders=builders, timeout_s=30, **OPTS) as loader:
         assert same(take(loader), want)
     stats = builders.stats()
-    assert (stats["stalls"], stats["actors_replaced"], stats["batches"]) == (1, 1, 6)
+    # A request queued behind the stalled one on the same actor stalls with it.
+    assert stats["actors_replaced"] == 1 and stats["batches"] == 6 and 1 <= stats["stalls"] <= 2
     assert 1 <= stats["rebuilt"] <= 2 and stats["requests"] == stats["batches"] + stats["rebuilt"]
 
 
