@@ -12,12 +12,15 @@ How a batch travels:
   (shmfeed/_build.py) writing into one actor-local buffer laid out exactly like a ring
   slot (`_SlotBuffer` borrows `Ring`'s own view code): the same keyed order, keyed RNG,
   spec and padding as a local worker, so batch `(epoch, b)` is the same bytes wherever
-  it is built.  It returns the slot's bytes and the word a slot publishes (rows,
-  bucket), or the `BuildFailure` a worker would have written.
+  it is built.  It returns a `Built` (the slot's bytes and the word a slot publishes:
+  rows, bucket), or the `BuildFailure` a worker would have written.
 - A delivery thread in the training process is a worker as far as the control block
   knows (a worker record of its own, after the local workers'): it claims the next
   batch that has a slot (`claim_wait`), asks an actor for it, waits, acquires the slot,
-  copies the transferred bytes into it (the one copy of invariant 4) and publishes it.
+  copies the transferred bytes into it (the one copy of invariant 4; a batch under
+  Ray's inline limit, 100 KiB by default, is also copied once by Ray as it arrives)
+  and publishes it.  `Loader.stats().workers` lists these records after the local
+  workers' (pid 0: no process of their own).
   Local workers claim from the same word, so the two kinds mix freely, and the consumer
   takes batches in order whoever built them.
 - `window` threads, each with at most one request in flight: at most `window` batches
@@ -37,6 +40,10 @@ the loader's, independent of how many actors build.
 Shutdown: the loader's close sets the shutdown word (every delivery thread leaves its
 wait within `WAIT_SLICE_S`), then runs `_Remote.stop` (a close callback): join the
 threads, kill the actors.  The Ray connection itself is the caller's.
+
+Not yet: streams (generators, `Stream`: read in order, in one place) and sources with
+epoch hooks or `source_changed()` (the actors' copies would have to take the new
+state): refused at construction, naming what to use instead.
 """
 
 from __future__ import annotations
@@ -46,7 +53,7 @@ import socket
 import threading
 import time
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 
@@ -103,6 +110,13 @@ class _SlotBuffer:
         self._layout: list = []
 
 
+class Built(NamedTuple):
+    """What an actor returns for a batch it built."""
+
+    word: int  # what the slot publishes: rows, and the bucket (see _bucket.pack)
+    data: np.ndarray  # the slot's bytes, uint8[slot_bytes]
+
+
 class _BuildActor:
     """Builds batches on a Ray node (made a Ray actor class in `_actor_class`)."""
 
@@ -115,8 +129,8 @@ class _BuildActor:
         """The id of the node it runs on (hex)."""
         return ray.get_runtime_context().get_node_id()
 
-    def build(self, epoch: int, batch: int, worker: int) -> Any:
-        """(word, the slot's bytes), or the BuildFailure a worker would have written."""
+    def build(self, epoch: int, batch: int, worker: int) -> Built | BuildFailure:
+        """The batch, or the BuildFailure a worker would have written."""
         builder = self.builder
         try:
             word = builder.fill(0, epoch, batch)
@@ -125,7 +139,7 @@ class _BuildActor:
             return BuildFailure.of(exc, worker=worker, batch=batch, epoch=epoch, item=item,
                                    item_name=None if item is None else builder.describe_item(item),
                                    batch_level=builder.spec.batch_level)
-        return word, self.buffer.raw  # Ray copies it into the object store as it returns
+        return Built(word, self.buffer.raw)  # Ray copies it into the object store as it returns
 
 
 _actor_classes: dict[tuple, Any] = {}
@@ -417,14 +431,16 @@ class _Remote:
         except BatchStale:
             ctl.set_claim(worker, None)
             return
-        if result is None:  # given up meanwhile: publish so the slot comes back
-            ctl.publish(worker, slot, gen, batch, 0, SlotState.ERROR, 0)
-            return
+        if result is None:  # given up, yet the slot still wants it: say so in order
+            result = BuildFailure.of(
+                WorkerError(f"batch {epoch_batch} of epoch {epoch} was given up by its Ray delivery "
+                            "thread (the loader is closing)", batch=epoch_batch, epoch=epoch),
+                worker=worker, batch=epoch_batch, epoch=epoch, item=None, batch_level=False)
         if isinstance(result, BuildFailure):
             self.ring.write_report(slot, result)
             ctl.publish(worker, slot, gen, batch, 0, SlotState.ERROR, time.perf_counter_ns() - t0)
             return
-        word, payload = result
+        word, payload = result.word, result.data
         t_copy = time.perf_counter()
         self.ring.slot_raw[slot][:payload.nbytes] = payload  # the one copy into the ring
         c = self.counters
