@@ -53,6 +53,14 @@ def test_ray_batches_differ_from_local_workers_for_no_actor_count_or_mix(ray_loc
 
 
 @pytest.mark.integration
+def test_ray_gathered_array_batches_differ_from_the_c_loop_of_local_workers(ray_local):
+    data = {"x": np.arange(70 * 6, dtype=np.float32).reshape(70, 6), "y": np.arange(70, dtype=np.int16)}
+    want = reference(data, 2, **OPTS)
+    with shmfeed.Loader(data, num_workers=1, builders=Builders(1), **OPTS) as loader:
+        assert same(take(loader, 2), want)
+
+
+@pytest.mark.integration
 def test_ray_padded_buckets_laid_out_like_a_local_slot(ray_local):
     kw = dict(batch_size=5, shuffle=True, seed=1, padded_shapes={"tokens": (None,)},
               bucket_boundaries=[3, 8], bucket_lengths=lambda i: 1 + i % 7, with_lengths=True)
