@@ -6,6 +6,8 @@
                                         (`pip install 'shmfeed[images]'`)
     Stream(make, num_shards)            a stream read in shards by several workers, the same
                                         for any `num_workers`
+    Parquet(paths, columns=...)         rows of Parquet files, by row (`shmfeed[parquet]`)
+    Arrow(table, columns=...)           rows of a pyarrow Table or a Hugging Face Dataset
 
 A Loader fills batches from `Arrays` and `Windows` by index, straight into its ring
 slots (numpy's `take`, in C with the GIL released), with no Python per sample.
@@ -16,7 +18,10 @@ itself.
 from ._arrays import Arrays, Windows
 from ._errors import ImageDecodeError
 from ._images import ImageFolder
+from ._parquet import Arrow, Parquet
 from ._shards import Stream
+from ._sourcefiles import SourceFileError
 from ._stream import StreamEndedError
 
-__all__ = ["Arrays", "ImageDecodeError", "ImageFolder", "Stream", "StreamEndedError", "Windows"]
+__all__ = ["Arrays", "Arrow", "ImageDecodeError", "ImageFolder", "Parquet", "SourceFileError", "Stream",
+           "StreamEndedError", "Windows"]
