@@ -8,6 +8,7 @@
                                         for any `num_workers`
     Parquet(paths, columns=...)         rows of Parquet files, by row (`shmfeed[parquet]`)
     Arrow(table, columns=...)           rows of a pyarrow Table or a Hugging Face Dataset
+    ArrayRecord(paths, decode=fn)       records of ArrayRecord files (`shmfeed[arrayrecord]`)
 
 A Loader fills batches from `Arrays` and `Windows` by index, straight into its ring
 slots (numpy's `take`, in C with the GIL released), with no Python per sample.
@@ -15,6 +16,7 @@ slots (numpy's `take`, in C with the GIL released), with no Python per sample.
 itself.
 """
 
+from ._arrayrecord import ArrayRecord
 from ._arrays import Arrays, Windows
 from ._errors import ImageDecodeError
 from ._images import ImageFolder
@@ -23,5 +25,5 @@ from ._shards import Stream
 from ._sourcefiles import SourceFileError
 from ._stream import StreamEndedError
 
-__all__ = ["Arrays", "Arrow", "ImageDecodeError", "ImageFolder", "Parquet", "SourceFileError", "Stream",
+__all__ = ["ArrayRecord", "Arrays", "Arrow", "ImageDecodeError", "ImageFolder", "Parquet", "SourceFileError", "Stream",
            "StreamEndedError", "Windows"]
