@@ -9,6 +9,7 @@
     Parquet(paths, columns=...)         rows of Parquet files, by row (`shmfeed[parquet]`)
     Arrow(table, columns=...)           rows of a pyarrow Table or a Hugging Face Dataset
     ArrayRecord(paths, decode=fn)       records of ArrayRecord files (`shmfeed[arrayrecord]`)
+    TarShards(paths, decode=fn)         WebDataset-style .tar shards, a `Stream` of one shard a file
 
 A Loader fills batches from `Arrays` and `Windows` by index, straight into its ring
 slots (numpy's `take`, in C with the GIL released), with no Python per sample.
@@ -24,6 +25,7 @@ from ._parquet import Arrow, Parquet
 from ._shards import Stream
 from ._sourcefiles import SourceFileError
 from ._stream import StreamEndedError
+from ._tarshards import TarShards
 
 __all__ = ["ArrayRecord", "Arrays", "Arrow", "ImageDecodeError", "ImageFolder", "Parquet", "SourceFileError", "Stream",
-           "StreamEndedError", "Windows"]
+           "StreamEndedError", "TarShards", "Windows"]
