@@ -19,8 +19,8 @@ Invariants:
 - pyarrow is imported lazily (the extra `shmfeed[parquet]`).  Files are opened per
   process (_sourcefiles.PerProcess): a forked worker never uses its parent's reader,
   and reads with `use_threads=False` (one worker, one core).
-- Each process keeps at most `cache_chunks` decoded chunks (least recently used
-  dropped), so a batch inside one row group decodes it once.
+- Each process keeps decoded chunks up to `cache_bytes` (least recently used dropped,
+  the last one always kept), so a batch inside one row group decodes it once.
 - A file changed since construction (size or mtime), one that cannot be decoded, a
   null value, or a row whose length differs from the batch's without padding raise
   `SourceFileError` / `SpecError` naming the file, row group, row and column; in a
@@ -38,7 +38,9 @@ import numpy as np
 from ._errors import SpecError
 from ._sourcefiles import PerProcess, SourceFileError, file_list, require
 
-CACHE_CHUNKS = 2  # decoded chunks a process keeps by default
+# Decoded chunks a process keeps (least recently used dropped; at least the last one):
+# enough for every row group of a shuffled epoch of a small dataset, a few of a large one.
+CACHE_BYTES = 64 << 20
 ARROW_CHUNK_ROWS = 1 << 16  # rows per chunk of an in-memory table split for reading
 
 
@@ -88,7 +90,7 @@ class _ArrowRows:
     columns: list[str]
     _kinds: list[tuple[str, np.dtype, tuple]]
     _starts: np.ndarray
-    cache_chunks: int
+    cache_bytes: int
 
     def _init_cache(self) -> None:
         self._handles = PerProcess()
@@ -130,8 +132,10 @@ class _ArrowRows:
                 vals = _flat_values(arr).to_numpy(zero_copy_only=False)
                 cols.append(vals.reshape((len(arr),) + shape))
         cache[k] = cols
-        while len(cache) > self.cache_chunks:
-            cache.popitem(last=False)
+        sizes = self._handles.get("sizes", dict)
+        sizes[k] = sum(c.nbytes if isinstance(c, np.ndarray) else c[0].nbytes + c[1].nbytes for c in cols)
+        while len(cache) > 1 and sum(sizes[j] for j in cache) > self.cache_bytes:
+            del sizes[cache.popitem(last=False)[0]]
         return cols
 
     def __getitem__(self, i: int) -> dict:
@@ -211,18 +215,19 @@ class Parquet(_ArrowRows):
     in the order given, each pattern's matches sorted).  `columns`: the columns to read
     (default: all; each must be a number, a fixed-size list of numbers, or a list of
     numbers).  The row groups are indexed once, here (O(row groups) memory); a worker
-    decodes a whole row group at a time and keeps the last `cache_chunks` of them, so
-    shuffled rows cost a row-group decode each: write files with small row groups (e.g.
+    decodes a whole row group at a time and keeps up to `cache_bytes` of them (the
+    least recently used dropped), so shuffled rows of data larger than that cost a
+    row-group decode each: write files with small row groups (e.g.
     `row_group_size=1024`) when you shuffle.  Batches are filled by column, with no
     Python per row.  Needs `pip install 'shmfeed[parquet]'`.
     """
 
-    def __init__(self, paths: Any, columns: Any = None, *, cache_chunks: int = CACHE_CHUNKS):
+    def __init__(self, paths: Any, columns: Any = None, *, cache_bytes: int = CACHE_BYTES):
         what = "Parquet"
         pa = _pyarrow(what)
         pq = require("pyarrow.parquet", "parquet", what)
         self.paths = file_list(paths, what)
-        self.cache_chunks = max(int(cache_chunks), 1)
+        self.cache_bytes = int(cache_bytes)
         starts, chunk_file, chunk_group, stamps = [0], [], [], []
         schema0 = None
         for f, path in enumerate(self.paths):
@@ -312,7 +317,7 @@ class Arrow(_ArrowRows):
     """
 
     def __init__(self, table: Any, columns: Any = None, *, chunk_rows: int = ARROW_CHUNK_ROWS,
-                 cache_chunks: int = CACHE_CHUNKS):
+                 cache_bytes: int = CACHE_BYTES):
         what = "Arrow"
         pa = _pyarrow(what)
         if getattr(table, "_indices", None) is not None:
@@ -333,7 +338,7 @@ class Arrow(_ArrowRows):
         self.table = table.select(self.columns)
         self._batches = self.table.to_batches(max_chunksize=max(int(chunk_rows), 1))
         self._starts = np.cumsum([0] + [b.num_rows for b in self._batches], dtype=np.int64)
-        self.cache_chunks = max(int(cache_chunks), 1)
+        self.cache_bytes = int(cache_bytes)
         self._init_cache()
 
     def _where(self, k: int) -> str:

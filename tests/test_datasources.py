@@ -204,3 +204,14 @@ def test_a_hugging_face_dataset_gives_its_rows(tmp_path):
         Arrow(ds.shuffle(seed=0))
     flat = Arrow(ds.shuffle(seed=0).flatten_indices())
     assert sorted(int(flat[i]["y"]) for i in range(40)) == list(range(40))
+
+
+def test_a_process_keeps_decoded_row_groups_within_cache_bytes(files):
+    src = Parquet(files, columns=["x", "y"], cache_bytes=1)  # only the last row group
+    for i in range(0, 87, 8):
+        src[i]
+    assert list(src._handles.get("decoded", dict)) == [10]
+    big = Parquet(files, columns=["x", "y"])
+    for i in range(0, 87, 8):
+        big[i]
+    assert list(big._handles.get("decoded", dict)) == list(range(11))
