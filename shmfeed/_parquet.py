@@ -36,7 +36,8 @@ from typing import Any
 import numpy as np
 
 from ._errors import SpecError
-from ._sourcefiles import PerProcess, SourceFileError, file_list, require
+from ._objstore import ObjectCache, is_url, source_paths, stamp
+from ._sourcefiles import PerProcess, SourceFileError, require
 
 # Decoded chunks a process keeps (least recently used dropped; at least the last one):
 # enough for every row group of a shuffled epoch of a small dataset, a few of a large one.
@@ -219,20 +220,30 @@ class Parquet(_ArrowRows):
     least recently used dropped), so shuffled rows of data larger than that cost a
     row-group decode each: write files with small row groups (e.g.
     `row_group_size=1024`) when you shuffle.  Batches are filled by column, with no
-    Python per row.  Needs `pip install 'shmfeed[parquet]'`.
+    Python per row.  Remote files (`"s3://bucket/*.parquet"`, any fsspec URL) are read
+    through `cache`, an `ObjectCache`: footers here, at construction, straight from the
+    store; each file whole, once per machine, by the first worker that needs it.
+    Needs `pip install 'shmfeed[parquet]'`.
     """
 
-    def __init__(self, paths: Any, columns: Any = None, *, cache_bytes: int = CACHE_BYTES):
+    def __init__(self, paths: Any, columns: Any = None, *, cache: ObjectCache | None = None,
+                 cache_bytes: int = CACHE_BYTES):
         what = "Parquet"
         pa = _pyarrow(what)
         pq = require("pyarrow.parquet", "parquet", what)
-        self.paths = file_list(paths, what)
+        self.paths = source_paths(paths, cache, what)
+        self.cache = cache
         self.cache_bytes = int(cache_bytes)
         starts, chunk_file, chunk_group, stamps = [0], [], [], []
         schema0 = None
         for f, path in enumerate(self.paths):
             try:
-                meta = pq.read_metadata(path)
+                if is_url(path):
+                    assert cache is not None
+                    with cache.open_remote(path) as remote:
+                        meta = pq.read_metadata(remote)
+                else:
+                    meta = pq.read_metadata(path)
                 schema = meta.schema.to_arrow_schema()
             except (OSError, pa.ArrowException) as exc:
                 raise SourceFileError(
@@ -255,8 +266,7 @@ class Parquet(_ArrowRows):
                 starts.append(starts[-1] + meta.row_group(g).num_rows)
                 chunk_file.append(f)
                 chunk_group.append(g)
-            st = os.stat(path)
-            stamps.append((st.st_size, st.st_mtime_ns))
+            stamps.append(stamp(path, cache))
         if starts[-1] == 0:
             raise SpecError(f"{what}: the {len(self.paths)} file(s) hold no rows")
         self._starts = np.asarray(starts, np.int64)
@@ -275,6 +285,10 @@ class Parquet(_ArrowRows):
     def _open(self, f: int) -> Any:
         pq = require("pyarrow.parquet", "parquet", "Parquet")
         path = self.paths[f]
+        if is_url(path):
+            assert self.cache is not None  # held open (never evicted) while this process reads it
+            obj = self._handles.get(("cached", f), lambda: self.cache.open(path, self._stamps[f]))
+            return pq.ParquetFile(obj.path)
         try:
             st = os.stat(path)
         except OSError as exc:

@@ -21,8 +21,9 @@ from collections.abc import Iterator
 from typing import Any
 
 from ._errors import SpecError
+from ._objstore import ObjectCache, is_url, source_paths, stamp
 from ._shards import Stream
-from ._sourcefiles import SourceFileError, file_list
+from ._sourcefiles import SourceFileError
 
 
 def split_key(name: str) -> tuple[str, str]:
@@ -32,9 +33,11 @@ def split_key(name: str) -> tuple[str, str]:
     return (os.path.join(head, stem) if head else stem), ext
 
 
-def read_groups(path: str) -> Iterator[dict]:
+def read_groups(path: str, name: str | None = None) -> Iterator[dict]:
     """The samples of one tar file: dicts {"__key__": key, field: bytes, ...}, in member
-    order; directories and other non-files are skipped."""
+    order; directories and other non-files are skipped.  `name`: what errors call the
+    file (its URL, when `path` is a cached copy)."""
+    name = name or path
     group: dict | None = None
     last = None
     try:
@@ -53,13 +56,13 @@ def read_groups(path: str) -> Iterator[dict]:
                     group = {"__key__": key}
                 if field in group:
                     raise SourceFileError(
-                        f"tar shard {path!r}: sample {key!r} has two members with field {field!r} "
+                        f"tar shard {name!r}: sample {key!r} has two members with field {field!r} "
                         f"(at {member.name!r}); each key's members must differ in extension.")
                 group[field] = data
     except (tarfile.TarError, OSError, EOFError) as exc:
         where = f"at or just after member {last!r}" if last else "at its start"
         raise SourceFileError(
-            f"tar shard {path!r}: cannot read it {where} ({type(exc).__name__}: {exc}); the file is "
+            f"tar shard {name!r}: cannot read it {where} ({type(exc).__name__}: {exc}); the file is "
             "truncated or corrupt. Write it again, or leave it out of `paths`.") from exc
     if group is not None:
         yield group
@@ -76,21 +79,32 @@ class TarShards(Stream):
     shard re-read to where it stopped, `shmfeed.rng()` in `decode` keyed by
     (seed, epoch, shard, position), hosts splitting the shards (`shard_count`).
     `paths`: files, glob patterns, or a list of them (`"data/train-*.tar"`); gzip-
-    compressed tars (`.tar.gz`) are read too.
+    compressed tars (`.tar.gz`) are read too.  Remote shards (`"s3://bucket/train-*.tar"`,
+    any fsspec URL) are read through `cache`, an `ObjectCache`: each is downloaded whole,
+    once per machine, by the worker that reads it, and must not change during the run.
     """
 
-    def __init__(self, paths: Any, decode: Any):
+    def __init__(self, paths: Any, decode: Any, *, cache: ObjectCache | None = None):
         if not callable(decode):
             raise SpecError(f"TarShards: `decode` must be a function decode(sample_fields) -> sample, "
                             f"got {type(decode).__name__}")
-        self.paths = file_list(paths, "TarShards")
+        self.paths = source_paths(paths, cache, "TarShards")
+        self.cache = cache
+        # A remote shard's version, fixed here: a shard read again is the same bytes.
+        self._stamps = [stamp(p, cache) if is_url(p) else None for p in self.paths]
         self.decode = decode
         super().__init__(self._read_shard, len(self.paths))
 
     def _read_shard(self, shard: int, num_shards: int) -> Iterator:
-        decode = self.decode
-        for group in read_groups(self.paths[shard]):
-            yield decode(group)
+        decode, path = self.decode, self.paths[shard]
+        if not is_url(path):
+            for group in read_groups(path):
+                yield decode(group)
+            return
+        assert self.cache is not None
+        with self.cache.open(path, self._stamps[shard]) as obj:  # never evicted while read
+            for group in read_groups(obj.path, path):
+                yield decode(group)
 
     def __repr__(self) -> str:
         return (f"shmfeed.sources.TarShards({len(self.paths)} shards, "

@@ -10,6 +10,8 @@
     Arrow(table, columns=...)           rows of a pyarrow Table or a Hugging Face Dataset
     ArrayRecord(paths, decode=fn)       records of ArrayRecord files (`shmfeed[arrayrecord]`)
     TarShards(paths, decode=fn)         WebDataset-style .tar shards, a `Stream` of one shard a file
+    ObjectCache(dir, max_bytes)         s3:// (any fsspec URL) files for the three above, through
+                                        a bounded local cache (`shmfeed[s3]`)
 
 A Loader fills batches from `Arrays` and `Windows` by index, straight into its ring
 slots (numpy's `take`, in C with the GIL released), with no Python per sample.
@@ -21,11 +23,12 @@ from ._arrayrecord import ArrayRecord
 from ._arrays import Arrays, Windows
 from ._errors import ImageDecodeError
 from ._images import ImageFolder
+from ._objstore import ObjectCache
 from ._parquet import Arrow, Parquet
 from ._shards import Stream
 from ._sourcefiles import SourceFileError
 from ._stream import StreamEndedError
 from ._tarshards import TarShards
 
-__all__ = ["ArrayRecord", "Arrays", "Arrow", "ImageDecodeError", "ImageFolder", "Parquet", "SourceFileError", "Stream",
-           "StreamEndedError", "TarShards", "Windows"]
+__all__ = ["ArrayRecord", "Arrays", "Arrow", "ImageDecodeError", "ImageFolder", "ObjectCache", "Parquet",
+           "SourceFileError", "Stream", "StreamEndedError", "TarShards", "Windows"]
