@@ -24,7 +24,8 @@ from typing import Any
 import numpy as np
 
 from ._errors import SpecError
-from ._sourcefiles import PerProcess, SourceFileError, file_list, require
+from ._objstore import ObjectCache, is_url, source_paths, stamp
+from ._sourcefiles import PerProcess, SourceFileError, require
 
 # Random access: no readahead buffer, no reader threads (a worker is one core).
 READER_OPTIONS = "readahead_buffer_size:0,max_parallelism:0"
@@ -46,22 +47,31 @@ class ArrayRecord:
     file).  `decode(bytes) -> sample` runs in the worker that builds the batch (e.g.
     `lambda b: {k: np.asarray(v) for k, v in json.loads(b).items()}`, or parse a
     `tf.train.Example`); `shmfeed.rng()` is keyed by the record there, for
-    augmentation.  The default gives the raw bytes as a uint8 array.  Needs
-    `pip install 'shmfeed[arrayrecord]'`.
+    augmentation.  The default gives the raw bytes as a uint8 array.  Remote files
+    (`"s3://bucket/*.array_record"`, any fsspec URL) are read through `cache`, an
+    `ObjectCache` (the records are counted here, so this process downloads each file
+    once; the workers find them in the cache).  Needs `pip install 'shmfeed[arrayrecord]'`.
     """
 
-    def __init__(self, paths: Any, decode: Any = raw_bytes):
+    def __init__(self, paths: Any, decode: Any = raw_bytes, *, cache: ObjectCache | None = None):
         what = "ArrayRecord"
         ar = _module()
         if not callable(decode):
             raise SpecError(f"{what}: `decode` must be a function decode(record_bytes) -> sample, "
                             f"got {type(decode).__name__}")
-        self.paths = file_list(paths, what)
+        self.paths = source_paths(paths, cache, what)
+        self.cache = cache
         self.decode = decode
         starts, stamps = [0], []
         for path in self.paths:
+            stamps.append(stamp(path, cache))
             try:
-                reader = ar.ArrayRecordReader(path, READER_OPTIONS)
+                if is_url(path):
+                    assert cache is not None
+                    with cache.open(path, stamps[-1]) as obj:
+                        reader = ar.ArrayRecordReader(obj.path, READER_OPTIONS)
+                else:
+                    reader = ar.ArrayRecordReader(path, READER_OPTIONS)
                 try:
                     n, ok = reader.num_records(), reader.ok()
                 finally:
@@ -74,8 +84,6 @@ class ArrayRecord:
                     f"{' '.join(str(exc).split())[:300]}); it is truncated, corrupt or not ArrayRecord. "
                     "Write it again, or leave it out of `paths`.") from exc
             starts.append(starts[-1] + n)
-            st = os.stat(path)
-            stamps.append((st.st_size, st.st_mtime_ns))
         if starts[-1] == 0:
             raise SpecError(f"{what}: the {len(self.paths)} file(s) hold no records")
         self._starts = np.asarray(starts, np.int64)
@@ -87,6 +95,10 @@ class ArrayRecord:
 
     def _open(self, f: int) -> Any:
         path = self.paths[f]
+        if is_url(path):
+            assert self.cache is not None  # held open (never evicted) while this process reads it
+            obj = self._readers.get(("cached", f), lambda: self.cache.open(path, self._stamps[f]))
+            return _module().ArrayRecordReader(obj.path, READER_OPTIONS)
         try:
             st = os.stat(path)
         except OSError as exc:

@@ -21,7 +21,7 @@ import numpy as np
 import pytest
 
 import shmfeed
-from shmfeed.sources import ObjectCache, Parquet, SourceFileError, TarShards
+from shmfeed.sources import ArrayRecord, ObjectCache, Parquet, SourceFileError, TarShards
 
 pytest.importorskip("moto.server")
 s3fs = pytest.importorskip("s3fs")
@@ -285,3 +285,21 @@ def _writable(d) -> bool:
         return False
     os.unlink(os.path.join(d, ".shmfeed-probe"))
     return True
+
+
+def test_array_record_files_from_s3_are_read_through_the_cache(s3, tmp_path):
+    ar = pytest.importorskip("array_record.python.array_record_module")
+    fs, opts, _ = s3
+    for k in range(2):
+        local = tmp_path / f"part-{k}.array_record"
+        w = ar.ArrayRecordWriter(str(local), "group_size:1")
+        for i in range(10 * k, 10 * k + 10):
+            w.write(json.dumps({"i": i}).encode())
+        w.close()
+        fs.put(str(local), f"{BUCKET}/ar/part-{k}.array_record")
+    cache = ObjectCache(tmp_path / "cache", max_bytes=4 << 20, storage_options=opts)
+    src = ArrayRecord(f"s3://{BUCKET}/ar/*.array_record", decode=lambda b: json.loads(b)["i"], cache=cache)
+    assert len(src) == 20
+    with shmfeed.Loader(src, batch_size=4, num_workers=2, shuffle=True) as loader:
+        assert sorted(int(i) for b in loader for i in b) == list(range(20))
+    assert len(_cache_files(tmp_path / "cache")) == 2
