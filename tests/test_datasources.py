@@ -65,11 +65,11 @@ def test_rows_are_the_files_rows_by_index(files):
         src[len(src)]
 
 
-@pytest.mark.parametrize("num_workers", [0, 2])
-def test_every_row_comes_once_shuffled_and_matches_for_any_num_workers(files, num_workers):
+@pytest.mark.parametrize("num_workers,start_method", [(0, "fork"), (2, "fork"), (2, "spawn")])
+def test_every_row_comes_once_shuffled_and_matches_for_any_num_workers(files, num_workers, start_method):
     src = Parquet(files, columns=["x", "img", "y", "ok"])
     kw = dict(batch_size=10, shuffle=True, seed=3)
-    with shmfeed.Loader(src, num_workers=num_workers, **kw) as loader:
+    with shmfeed.Loader(src, num_workers=num_workers, start_method=start_method, **kw) as loader:
         batches = [{k: v.copy() for k, v in b.items()} for b in loader]
     with shmfeed.Loader(src, num_workers=0, **kw) as ref:
         assert [b["y"].tolist() for b in ref] == [b["y"].tolist() for b in batches]
