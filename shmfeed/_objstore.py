@@ -70,6 +70,12 @@ def _unlock(fd: int) -> None:
     os.close(fd)  # closing the only fd of the open file releases its flock
 
 
+def _version(info: dict) -> tuple[int, str]:
+    """(size, version tag) from an fsspec info dict."""
+    tag = info.get("ETag") or info.get("etag") or info.get("mtime") or info.get("LastModified") or ""
+    return int(info["size"]), str(tag).strip('"')
+
+
 class CachedObject:
     """A cached object open for reading: `path` stays valid (never evicted) until
     `close()` (or the end of the `with` block, or the process)."""
@@ -131,6 +137,7 @@ class ObjectCache:
                 f"{exc}); give a directory on a writable local disk with room for `max_bytes`="
                 f"{max_bytes}.") from exc
         self._fs = PerProcess()
+        self._listed: dict[str, tuple[int, str]] = {}
 
     # -- the remote side -----------------------------------------------------------
     def _filesystem(self, url: str) -> tuple[Any, str]:
@@ -170,17 +177,20 @@ class ObjectCache:
             "raise `retries` / `retry_wait_s` for a flaky one.") from last
 
     def info(self, url: str) -> tuple[int, str]:
-        """(size in bytes, version tag) of the object at `url`."""
-        def call(fs: Any, path: str) -> tuple[int, str]:
-            info = fs.info(path)
-            tag = info.get("ETag") or info.get("etag") or info.get("mtime") or info.get("LastModified") or ""
-            return int(info["size"]), str(tag).strip('"')
-        return self._remote(url, "reading its size", call)
+        """(size in bytes, version tag) of the object at `url` (as listed by the last
+        `glob` that found it, else asked of the store)."""
+        known = self._listed.pop(url, None)
+        if known is not None:
+            return known
+        return self._remote(url, "reading its size", lambda fs, path: _version(fs.info(path)))
 
     def glob(self, pattern: str) -> list[str]:
         """The URLs that match `pattern` (sorted)."""
         def call(fs: Any, path: str) -> list[str]:
-            return sorted(fs.unstrip_protocol(p) for p in fs.glob(path))
+            found = {fs.unstrip_protocol(p): _version(i) for p, i in fs.glob(path, detail=True).items()
+                     if i.get("type", "file") == "file"}
+            self._listed.update(found)  # one listing instead of a request per object
+            return sorted(found)
         return self._remote(pattern, "listing", call)
 
     def open_remote(self, url: str) -> Any:
