@@ -123,6 +123,12 @@ class _ArrowRows:
                     f"{self._where(k)}, column {name!r}: row {row} is null ({arr.null_count} null "
                     "rows in this chunk); shmfeed cannot put a null in a batch. Fill them "
                     "(e.g. pyarrow.compute.fill_null) or filter them out, and write the data again.")
+            flat = arr.flatten() if kind == "var" else _flat_values(arr)
+            if kind != "scalar" and flat.null_count:
+                raise SourceFileError(
+                    f"{self._where(k)}, column {name!r}: {flat.null_count} null value(s) inside its lists; "
+                    "shmfeed cannot put a null in a batch. Fill them (e.g. with 0 or NaN) and write the "
+                    "data again.")
             if kind == "var":
                 off = arr.offsets.to_numpy().astype(np.int64)
                 vals = arr.values.to_numpy(zero_copy_only=False)
@@ -130,8 +136,7 @@ class _ArrowRows:
                     vals = vals.astype(dtype)
                 cols.append((off, vals))
             else:
-                vals = _flat_values(arr).to_numpy(zero_copy_only=False)
-                cols.append(vals.reshape((len(arr),) + shape))
+                cols.append(flat.to_numpy(zero_copy_only=False).reshape((len(arr),) + shape))
         cache[k] = cols
         sizes = self._handles.get("sizes", dict)
         sizes[k] = sum(c.nbytes if isinstance(c, np.ndarray) else c[0].nbytes + c[1].nbytes for c in cols)

@@ -181,6 +181,15 @@ def test_a_null_is_an_error_naming_its_row(tmp_path):
         Parquet(p)[0]
 
 
+def test_a_null_inside_a_list_is_an_error_not_a_nan_cast_to_int(tmp_path):
+    p = tmp_path / "n.parquet"
+    x = pa.FixedSizeListArray.from_arrays(pa.array([1, 2, None, 4], pa.int32()), 2)
+    pq.write_table(pa.table({"x": x, "t": pa.array([[1], [None]], pa.list_(pa.int32()))}), p)
+    for col in ("x", "t"):
+        with pytest.raises(SourceFileError, match=rf"n.parquet', row group 0, column '{col}': 1 null value"):
+            Parquet(p, columns=[col])[0]
+
+
 def test_an_arrow_table_gives_its_rows_in_forked_and_spawned_workers(files):
     table = pa.concat_tables([_table(0, 50), _table(50, 37)]).select(["x", "y"])
     src = Arrow(table, chunk_rows=16)
