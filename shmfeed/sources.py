@@ -14,7 +14,8 @@
                                         a bounded local cache (`shmfeed[s3]`)
 
 A Loader fills batches from `Arrays` and `Windows` by index, straight into its ring
-slots (numpy's `take`, in C with the GIL released), with no Python per sample.
+slots (numpy's `take`, in C with the GIL released), with no Python per sample; from
+`Parquet` and `Arrow` by column, from the row groups it decoded.
 `Loader(x)` with an array, a dict of arrays or a tuple `(X, y)` wraps it in `Arrays` by
 itself.
 """

@@ -224,3 +224,22 @@ def test_a_process_keeps_decoded_row_groups_within_cache_bytes(files):
     for i in range(0, 87, 8):
         big[i]
     assert list(big._handles.get("decoded", dict)) == list(range(11))
+
+
+def test_shmfeed_imports_without_the_extras_and_names_the_one_to_install():
+    import subprocess
+    import sys
+    code = ("import sys\n"
+            "for m in ('pyarrow', 'fsspec', 'array_record'): sys.modules[m] = None\n"
+            "import shmfeed, shmfeed.sources as s\n"
+            "for make in (lambda: s.Parquet('x'), lambda: s.Arrow(None), lambda: s.ArrayRecord('x'),\n"
+            "             lambda: s.ObjectCache('/tmp/x', 10)):\n"
+            "    try:\n"
+            "        make()\n"
+            "    except shmfeed.ShmfeedError as e:\n"
+            "        print(str(e).split('Install it: ')[1])\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60,
+                         env={**os.environ, "PYTHONPATH": os.path.dirname(os.path.dirname(shmfeed.__file__))})
+    assert out.stdout.split("\n")[:4] == [
+        "`pip install 'shmfeed[parquet]'`.", "`pip install 'shmfeed[parquet]'`.",
+        "`pip install 'shmfeed[arrayrecord]'`.", "`pip install 'shmfeed[s3]'`."], out.stderr
