@@ -1,5 +1,6 @@
 """Rows/s of `shmfeed.sources.Parquet` against pyarrow's own reader in one process
-(issue 29), measured with the public API only (`PYTHONPATH=TREE python
+(issue 29), and of `shmfeed.sources.ArrayRecord` against the `array_record` reader
+(`--arrayrecord`), measured with the public API only (`PYTHONPATH=TREE python
 benchmarks/bench_datasources.py`).
 
 The data: `--rows` rows of a float32[--width] fixed-size list column and an int64
@@ -14,11 +15,15 @@ epoch each, alternating `--rounds` times, median reported:
   batch converted to numpy (`to_numpy` of the flattened list, reshaped), in order;
 - pyarrow, threaded: the same with `use_threads=True` (shown alongside).
 
+With `--arrayrecord`, the same rows as ArrayRecord records (the float32 row's bytes
+then the label's), decoded by `np.frombuffer`: shmfeed's `ArrayRecord` with workers
+against `ArrayRecordReader.read(start, end)` in one process, decoded alike.
+
 Goal (issue 29): shmfeed with 2 workers >= 1.5x pyarrow one-thread where decoding
 dominates.  Timings on a loaded machine mean nothing; run it on a quiet one.
 
     python benchmarks/bench_datasources.py [--rows 200000] [--width 64] [--group 4096]
-        [--batch 256] [--workers 2] [--rounds 3] [--shuffle] [--json OUT]
+        [--batch 256] [--workers 2] [--rounds 3] [--shuffle] [--arrayrecord] [--json OUT]
 """
 
 from __future__ import annotations
@@ -71,6 +76,48 @@ def run_pyarrow(path: str, batch: int, threads: bool) -> float:
     return rows / (time.perf_counter() - t0)
 
 
+def write_arrayrecord(path: str, rows: int, width: int) -> int:
+    from array_record.python.array_record_module import ArrayRecordWriter
+    rng = np.random.default_rng(0)
+    w = ArrayRecordWriter(path, "group_size:1")
+    for i in range(rows):
+        w.write(rng.standard_normal(width, dtype=np.float32).tobytes() + np.int64(i).tobytes())
+    w.close()
+    return os.path.getsize(path)
+
+
+def decode_record(b: bytes) -> dict:
+    return {"x": np.frombuffer(b, np.float32, count=(len(b) - 8) // 4), "y": np.frombuffer(b, np.int64, offset=len(b) - 8)[0]}
+
+
+def run_shmfeed_arrayrecord(path: str, batch: int, workers: int, shuffle: bool) -> float:
+    from shmfeed.sources import ArrayRecord
+    with shmfeed.Loader(ArrayRecord(path, decode=decode_record), batch_size=batch, num_workers=workers,
+                        shuffle=shuffle) as loader:
+        t0, rows = None, 0
+        for b in loader:
+            if t0 is None:
+                t0 = time.perf_counter()
+            else:
+                rows += len(b["y"])
+            _ = b["x"][0, 0] + b["y"][0]
+        return rows / (time.perf_counter() - t0)
+
+
+def run_arrayrecord(path: str, batch: int) -> float:
+    from array_record.python.array_record_module import ArrayRecordReader
+    reader = ArrayRecordReader(path, "readahead_buffer_size:0,max_parallelism:0")
+    n = reader.num_records()
+    t0, rows = time.perf_counter(), 0
+    for start in range(0, n, batch):
+        samples = [decode_record(r) for r in reader.read(start, min(start + batch, n))]
+        x, y = np.stack([s["x"] for s in samples]), np.array([s["y"] for s in samples])
+        rows += len(y)
+        _ = x[0, 0] + y[0]
+    reader.close()
+    return rows / (time.perf_counter() - t0)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--rows", type=int, default=200_000)
@@ -80,24 +127,35 @@ def main() -> None:
     ap.add_argument("--workers", type=int, default=2)
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--shuffle", action="store_true")
+    ap.add_argument("--arrayrecord", action="store_true", help="ArrayRecord instead of Parquet")
     ap.add_argument("--json")
     args = ap.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
-        path = os.path.join(tmp, "data.parquet")
-        size = write(path, args.rows, args.width, args.group)
-        runs: dict[str, list[float]] = {"shmfeed": [], "pyarrow-1thread": [], "pyarrow-threads": []}
-        for _ in range(args.rounds):
-            runs["shmfeed"].append(run_shmfeed(path, args.batch, args.workers, args.shuffle))
-            runs["pyarrow-1thread"].append(run_pyarrow(path, args.batch, False))
-            runs["pyarrow-threads"].append(run_pyarrow(path, args.batch, True))
+        runs: dict[str, list[float]]
+        if args.arrayrecord:
+            path = os.path.join(tmp, "data.array_record")
+            size = write_arrayrecord(path, args.rows, args.width)
+            runs, base = {"shmfeed": [], "array_record": []}, "array_record"
+            for _ in range(args.rounds):
+                runs["shmfeed"].append(run_shmfeed_arrayrecord(path, args.batch, args.workers, args.shuffle))
+                runs["array_record"].append(run_arrayrecord(path, args.batch))
+        else:
+            path = os.path.join(tmp, "data.parquet")
+            size = write(path, args.rows, args.width, args.group)
+            runs, base = {"shmfeed": [], "pyarrow-1thread": [], "pyarrow-threads": []}, "pyarrow-1thread"
+            for _ in range(args.rounds):
+                runs["shmfeed"].append(run_shmfeed(path, args.batch, args.workers, args.shuffle))
+                runs["pyarrow-1thread"].append(run_pyarrow(path, args.batch, False))
+                runs["pyarrow-threads"].append(run_pyarrow(path, args.batch, True))
     med = {k: statistics.median(v) for k, v in runs.items()}
     mb_per_row = size / args.rows / 1e6
-    print(f"{args.rows} rows x float32[{args.width}], row groups of {args.group}, batch {args.batch}, "
+    layout = "ArrayRecord records" if args.arrayrecord else f"Parquet, row groups of {args.group}"
+    print(f"{args.rows} rows x float32[{args.width}], {layout}, batch {args.batch}, "
           f"file {size / 1e6:.1f} MB, shuffle={args.shuffle}, cpus={os.cpu_count()}")
     for k, v in med.items():
         print(f"  {k + (f' ({args.workers} workers)' if k == 'shmfeed' else ''):28s} {v:12,.0f} rows/s "
               f"{v * mb_per_row:8.1f} MB/s (file bytes)")
-    print(f"  shmfeed / pyarrow-1thread: {med['shmfeed'] / med['pyarrow-1thread']:.2f}x (goal >= 1.5x)")
+    print(f"  shmfeed / {base}: {med['shmfeed'] / med[base]:.2f}x (goal >= 1.5x)")
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"args": vars(args), "file_bytes": size, "rows_per_s": med, "runs": runs}, f, indent=1)
