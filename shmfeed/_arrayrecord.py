@@ -136,8 +136,10 @@ class ArrayRecord:
             return self.decode(data)
         except Exception as exc:
             f = int(np.searchsorted(self._starts, int(i) % len(self), side="right")) - 1
-            exc.add_note(f"(shmfeed: in `decode` of record {int(i) % len(self) - int(self._starts[f])} "
-                         f"of ArrayRecord file {self.paths[f]!r})")
+            note = (f"(shmfeed: in `decode` of record {int(i) % len(self) - int(self._starts[f])} "
+                    f"of ArrayRecord file {self.paths[f]!r})")
+            if hasattr(exc, "add_note"):  # Python 3.11+; 3.10 keeps the exception as it is
+                exc.add_note(note)
             raise
 
     def __repr__(self) -> str:

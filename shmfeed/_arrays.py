@@ -286,8 +286,8 @@ def gatherer(source: Any, spec: Spec):
     cls = type(source)
     # The shmfeed class that defines the hook (Arrays, Windows, the Arrow sources of
     # _parquet.py): a user's subclass may not have changed what a sample is.
-    base = next((b for b in cls.__mro__ if "__shmfeed_gather__" in vars(b)
-                 and b.__module__.startswith("shmfeed.")), None)
+    base: Any = next((b for b in cls.__mro__ if "__shmfeed_gather__" in vars(b)
+                      and b.__module__.startswith("shmfeed.")), None)
     if base is None or cls.__getitem__ is not base.__getitem__:
         return None
     rows = source._leaf_rows()

@@ -321,13 +321,15 @@ def source_paths(paths: Any, cache: ObjectCache | None, what: str) -> list[str]:
     for p in items:
         if not is_url(p):
             out += file_list([p], what)
-        elif any(c in p for c in "*?["):
-            matches = cache.glob(p)
+            continue
+        url = str(p)
+        if any(c in url for c in "*?["):
+            matches = cache.glob(url)
             if not matches:
-                raise SpecError(f"{what}: the pattern {p!r} matches no object")
+                raise SpecError(f"{what}: the pattern {url!r} matches no object")
             out += matches
         else:
-            out.append(p)
+            out.append(url)
     return out
 
 

@@ -93,6 +93,13 @@ class _ArrowRows:
     _starts: np.ndarray
     cache_bytes: int
 
+    def _where(self, k: int) -> str:
+        """How an error names chunk k (a Parquet row group, an Arrow record batch)."""
+        raise NotImplementedError
+
+    def _read_chunk(self, k: int) -> Any:
+        raise NotImplementedError
+
     def _init_cache(self) -> None:
         self._handles = PerProcess()
         self._var_len: dict[int, int] = {}

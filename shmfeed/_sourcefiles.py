@@ -87,4 +87,4 @@ class PerProcess:
         return {}  # handles never travel: the other process opens its own
 
     def __setstate__(self, state: dict) -> None:
-        self.__init__()
+        PerProcess.__init__(self)
