@@ -6,6 +6,14 @@
                                         (`pip install 'shmfeed[images]'`)
     Stream(make, num_shards)            a stream read in shards by several workers, the same
                                         for any `num_workers`
+    Packed(docs, length)                variable-length token sequences packed into rows of
+                                        `length` tokens, with segment ids and positions
+    Mix(sources, weights)               several sources in fixed proportions
+    Sampled(source, weights)            weighted draws with replacement
+
+`Packed`, `Mix` and `Sampled` (shmfeed/_pipelines.py) read the Loader's seed and epoch
+from the sample being built: use them with the Loader's `shuffle=False` (they order
+their items themselves) and any `num_workers`; `state_dict()` resumes them exactly.
 
 A Loader fills batches from `Arrays` and `Windows` by index, straight into its ring
 slots (numpy's `take`, in C with the GIL released), with no Python per sample.
@@ -16,7 +24,9 @@ itself.
 from ._arrays import Arrays, Windows
 from ._errors import ImageDecodeError
 from ._images import ImageFolder
+from ._pipelines import Mix, Packed, Sampled
 from ._shards import Stream
 from ._stream import StreamEndedError
 
-__all__ = ["Arrays", "ImageDecodeError", "ImageFolder", "Stream", "StreamEndedError", "Windows"]
+__all__ = ["Arrays", "ImageDecodeError", "ImageFolder", "Mix", "Packed", "Sampled", "Stream", "StreamEndedError",
+           "Windows"]
