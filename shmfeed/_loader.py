@@ -132,6 +132,13 @@ class Loader:
     to the smallest boundary that holds it: at most `len(bucket_boundaries)` shapes.
     See shmfeed/_pad.py and shmfeed/_bucket.py.
 
+    `batch_transform=fn`: `fn(batch)` runs in the worker on each built batch (a pytree
+    of numpy arrays; `shmfeed.rng()` inside is keyed by the batch) and its result is
+    what the loop gets: mixup, cutmix, tokenizing a batch.  Its structure, dtypes and
+    shapes are probed from batch 0 (built once at construction) and each leaf must keep
+    the batch's rows; a later result that differs is an error naming the batch and
+    leaf.  Each worker builds the batch in a private scratch slot first.
+
     `worker_nice` (0-19) lowers the workers' CPU priority below the training loop's:
     where the loop itself is the bottleneck on a machine with as many workers as CPUs
     (tiny batches at memory speed, a GPU step), a woken worker then does not take its
@@ -183,6 +190,7 @@ class Loader:
         bucket_boundaries: Any = None,
         bucket_lengths: Any = None,
         worker_nice: int = 0,
+        batch_transform: Callable[[Any], Any] | None = None,
     ):
         # Arrays, dicts and tuples of arrays: shmfeed.sources.Arrays; generators: _stream.py.
         source = stream_source(as_source(source), steps_per_epoch=steps_per_epoch,
@@ -197,7 +205,7 @@ class Loader:
                     shard_count=shard_count, padded_shapes=padded_shapes,
                     padding_values=padding_values, with_lengths=with_lengths,
                     bucket_boundaries=bucket_boundaries, bucket_lengths=bucket_lengths,
-                    worker_nice=worker_nice)
+                    worker_nice=worker_nice, batch_transform=batch_transform)
         self._source = source
         self._cfg = cfg
         self._ring = Ring(cfg.spec, cfg.n_slots, cfg.max_workers)
