@@ -41,12 +41,24 @@ _MASK64 = (1 << 64) - 1
 PLANS_KEPT = 4  # windows' plans a Packed keeps per process (rows of a batch may span a few)
 
 
-def _key_of(index: int) -> tuple[int, int]:
-    """(seed, epoch) of the Loader building sample `index` (0, 0 outside one)."""
+def _key_of() -> tuple[int, int]:
+    """(seed, epoch) of the item being built (0, 0 outside a build): the Loader's, or,
+    inside a `Mix`, the source's own seed and pass (see `Mix.__getitem__`)."""
     key = _rng.rng_key()
-    if key is None or key[2] != index:
-        return 0, 0
-    return key[0], key[1]
+    return (0, 0) if key is None else (key[0], key[1])
+
+
+def _read(source: Any, index: int, seed: int, epoch: int) -> Any:
+    """`source[index]` with the item key (seed, epoch, index), the key put back after."""
+    saved = _rng.rng_key()
+    _rng.set_item(seed, epoch, index)
+    try:
+        return source[index]
+    finally:
+        if saved is None:
+            _rng.clear_item()
+        else:
+            _rng.set_item(*saved)
 
 
 def _hash64(*words: int) -> int:
@@ -115,6 +127,8 @@ class Sampled:
     exactly.  `shmfeed.rng()` inside `source[j]` is keyed by i, so two draws of the same
     sample get different augmentations.  Memory: the cumulative weights (float64)."""
 
+    _orders_by_epoch = True  # inside a Mix, reads its items in its own order
+
     def __init__(self, source: Any, weights: Any, num_samples: int | None = None):
         n = _check_source("source", source)
         w = _check_weights("weights", weights, n)
@@ -138,7 +152,7 @@ class Sampled:
     def __getitem__(self, index: int) -> Any:
         if not 0 <= index < self.num_samples:
             raise IndexError(f"sample {index} of a Sampled of {self.num_samples}")
-        seed, epoch = _key_of(index)
+        seed, epoch = _key_of()
         return self.source[self.draw(index, seed=seed, epoch=epoch)]
 
 
@@ -163,16 +177,21 @@ class Mix:
     within one sample of its share (measured for more sources in
     tests/test_pipelines.py).
 
-    Each source is read in its own keyed order (`shuffle=True`, else in index order)
-    without repeats until exhausted, then in a new order for its next pass; passes
-    continue across epochs (epoch e starts where epoch e-1 left each source).
+    Each source is read in its own keyed order without repeats until exhausted, then
+    in a new order for its next pass; passes continue across epochs (epoch e starts
+    where epoch e-1 left each source).  `shuffle=None` (default): a source that orders
+    itself by epoch (`Packed`, `Sampled`, `Mix`) is read in its own order, pass p as
+    its epoch p, the others are shuffled; True or False: every source shuffled or not.
 
     An epoch is `num_samples` positions, by default the most for which no source
     repeats a sample within the first epoch: `floor(min_k len_k / p_k)` (the smallest
     source relative to its share is read exactly once; larger ones in part, the rest
     in later epochs).  `shmfeed.rng()` inside a source is keyed by the Mix position."""
 
-    def __init__(self, sources: Any, weights: Any, *, num_samples: int | None = None, shuffle: bool = True):
+    _orders_by_epoch = True  # inside a Mix, reads its items in its own order
+
+    def __init__(self, sources: Any, weights: Any, *, num_samples: int | None = None,
+                 shuffle: bool | None = None):
         sources = list(sources)
         if not sources:
             raise SpecError("`sources` is empty: give at least one source to mix")
@@ -181,7 +200,11 @@ class Mix:
         w = _check_weights("weights", weights, None)
         if len(w) != len(sources):
             raise SpecError(f"`weights` has {len(w)} entries for {len(sources)} sources: give one per source")
-        self.shuffle = bool(shuffle)
+        self.shuffle = shuffle
+        # None: shuffle each source unless it orders itself by epoch (a Packed read out of
+        # its order would pack a window of documents for nearly every row).
+        self._shuffled = [bool(shuffle) if shuffle is not None else not getattr(type(s), "_orders_by_epoch", False)
+                          for s in sources]
         self._w = _integer_weights(w)
         total = sum(self._w)
         self.proportions = [x / total for x in self._w]
@@ -236,20 +259,27 @@ class Mix:
 
     def locate(self, index: int, *, seed: int = 0, epoch: int = 0) -> tuple[int, int]:
         """(source, source index) that position `index` of `epoch` reads."""
+        k, pos, _ = self._locate(index, seed, epoch)
+        return k, pos
+
+    def _locate(self, index: int, seed: int, epoch: int) -> tuple[int, int, int]:
         k, seat = self.schedule(index)
         count = epoch * self._per_epoch[k] + seat
         n = self.lengths[k]
         passes, pos = divmod(count, n)
-        if self.shuffle:
+        if self._shuffled[k]:
             pos = _permuted(n, _order_key(seed, k, passes, MIX_STREAM), pos)
-        return k, pos
+        return k, pos, passes
 
     def __getitem__(self, index: int) -> Any:
         if not 0 <= index < self.num_samples:
             raise IndexError(f"position {index} of a Mix of {self.num_samples}")
-        seed, epoch = _key_of(index)
-        k, j = self.locate(index, seed=seed, epoch=epoch)
-        return self.sources[k][j]
+        seed, epoch = _key_of()
+        k, j, passes = self._locate(index, seed, epoch)
+        # The source reads as if a Loader of its own seed ran its epoch `passes`: a
+        # source that orders itself by epoch (Packed, Sampled, Mix) then gives a new
+        # order each pass, and its `shmfeed.rng()` a new stream per read.
+        return _read(self.sources[k], j, _hash64(MIX_STREAM, seed, k) >> 1, passes)
 
 
 # -- packing --------------------------------------------------------------------------------
@@ -306,7 +336,10 @@ class Packed:
     needs one of its rows and keeps the last few plans: memory O(`window`).
 
     `lengths` (one int per document) saves reading every document at construction
-    when `docs` is a source of documents."""
+    when `docs` is a source of documents.  Read it in order (Loader `shuffle=False`; a
+    `Mix` does): read out of order, nearly every row would pack its window again."""
+
+    _orders_by_epoch = True  # inside a Mix, reads its items in its own order
 
     def __init__(self, docs: Any, length: int, *, boundaries: Any = None, lengths: Any = None,
                  window: int = 1024, shuffle: bool = True, seed: int = 0, pad_id: int = 0):
@@ -432,7 +465,7 @@ class Packed:
     def __getitem__(self, index: int) -> dict:
         if not 0 <= index < self.n_rows:
             raise IndexError(f"row {index} of a Packed of {self.n_rows}")
-        seed, epoch = _key_of(index)
+        seed, epoch = _key_of()
         w, row = self.locate(index, seed=seed, epoch=epoch)
         docs, plan = self._plan(w)
         tokens = np.full(self.length, self.pad_id, self.dtype)

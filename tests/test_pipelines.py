@@ -226,3 +226,19 @@ def test_packed_refuses_bad_arguments_naming_them(kwargs, needle):
 def test_packed_refuses_an_empty_document_in_a_source_of_documents():
     with pytest.raises(shmfeed.SpecError, match="document 1 is empty"):
         Packed([np.arange(3), np.arange(0), np.arange(2)], 8)
+
+
+def test_mix_of_packed_sources_reads_each_in_its_own_order_every_document_once_per_pass():
+    ta, ba = _docs(120, seed=3, mean=60, max_len=200)
+    tb, bb = _docs(400, seed=4, mean=60, max_len=200)
+    small, large = Packed(ta, 128, boundaries=ba, window=32), Packed(tb + 5_000_000, 128, boundaries=bb, window=32)
+    m = Mix([small, large], [0.5, 0.5])  # an epoch reads `small` once: 2 * len(small) positions
+    assert len(m) == 2 * len(small)
+    for epoch in range(2):
+        rows = [shmfeed.build_sample(m, i, seed=6, epoch=epoch) for i in range(len(m))]
+        from_small = [r for r in rows if r["tokens"].max() < 5_000_000]
+        assert len(from_small) == len(small)
+        assert sorted(_unpack(from_small)) == list(range(120))
+        if epoch == 0:
+            first = [r["tokens"].tobytes() for r in from_small]
+    assert [r["tokens"].tobytes() for r in from_small] != first  # the next pass: a new order
