@@ -242,3 +242,15 @@ def test_mix_of_packed_sources_reads_each_in_its_own_order_every_document_once_p
         if epoch == 0:
             first = [r["tokens"].tobytes() for r in from_small]
     assert [r["tokens"].tobytes() for r in from_small] != first  # the next pass: a new order
+
+
+def test_pipeline_sources_travel_to_workers_started_in_a_fresh_interpreter():
+    tokens, bounds = _docs(200, seed=5, mean=60, max_len=200)
+
+    def make():
+        packed = Packed(tokens, 128, boundaries=bounds, window=32)
+        return Mix([packed, Sampled(packed, np.arange(len(packed)) % 3)], [0.6, 0.4], num_samples=40)
+    with shmfeed.Loader(make(), batch_size=8, num_workers=0, seed=2) as ref:
+        reference = _epochs(ref, 1)
+    with shmfeed.Loader(make(), batch_size=8, num_workers=1, seed=2, start_method="spawn") as spawned:
+        assert _epochs(spawned, 1) == reference
