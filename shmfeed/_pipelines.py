@@ -332,7 +332,9 @@ class Packed:
     at construction, a window at a time, and kept as one integer per window.  Each
     epoch (`shuffle=True`) visits the windows in a new keyed order and each window's
     rows in a new keyed order; documents share rows with the same documents every
-    epoch (as with a dataset packed offline). A worker packs a window when it first
+    epoch (as with a dataset packed offline: with attention masked by segment ids, which
+    documents share a row does not change what the model sees; varying it per epoch
+    would change the epoch's length). A worker packs a window when it first
     needs one of its rows and keeps the last few plans: memory O(`window`).
 
     `lengths` (one int per document) saves reading every document at construction
