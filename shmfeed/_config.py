@@ -21,7 +21,7 @@ from typing import Any
 
 import numpy as np
 
-from . import _rng, _sysinfo
+from . import _build, _rng, _sysinfo
 from ._bucket import BucketedOrder, item_buckets
 from ._errors import RingMemoryError, SpecError
 from ._order import Order
@@ -50,6 +50,10 @@ class Config:
     start_method: str
     padding: Padding | None = None  # padded_shapes and what goes with them (_pad.py)
     worker_nice: int = 0  # added to the workers' nice value
+    # fn(batch) -> batch, run by the builder; `spec` is then its result's (probed on
+    # batch 0) and `built_spec` the batch's before it (a builder's scratch slot).
+    batch_transform: Any = None
+    built_spec: Spec | None = None
 
     @property
     def max_workers(self) -> int:
@@ -91,7 +95,7 @@ def build(source: Any, *, batch_size: Any, num_workers: Any, shuffle: Any, shuff
           timeout_s: Any, max_restarts: Any, start_method: Any, seed_global_rngs: Any,
           shard_index: Any, shard_count: Any, padded_shapes: Any = None, padding_values: Any = None,
           with_lengths: Any = False, bucket_boundaries: Any = None, bucket_lengths: Any = None,
-          worker_nice: Any = 0) -> Config:
+          worker_nice: Any = 0, batch_transform: Any = None) -> Config:
     """Validate the Loader's arguments, probe the source, size the ring."""
     if not (hasattr(source, "__len__") and hasattr(source, "__getitem__")):
         raise SpecError(f"`source` must have __len__ and __getitem__, or be a generator, an iterable "
@@ -164,6 +168,20 @@ def build(source: Any, *, batch_size: Any, num_workers: Any, shuffle: Any, shuff
         if not spec.batch_level:
             raise SpecError("`max_batch_rows` is for batch-level sources (`batch_size=None`)")
         spec = with_rows(spec, check_int("max_batch_rows", max_batch_rows, spec.rows))
+    built_spec = None
+    if batch_transform is not None:
+        if not callable(batch_transform):
+            raise SpecError(f"`batch_transform` must be a function batch -> batch, got {batch_transform!r:.80}")
+        if boundaries is not None:
+            raise SpecError("`batch_transform` with `bucket_boundaries`: each bucket's batch has its own "
+                            "shapes, and a transform's result is probed once. Pad to fixed shapes, or "
+                            "transform inside `__getitem__`.")
+        if hasattr(type(source), "_shmfeed_builder"):
+            raise SpecError("`batch_transform` is not supported for a stream (a generator or a `Stream`) "
+                            "yet: probing it would read the stream. Transform inside the stream.")
+        pre = Config(order=order, spec=spec, n_slots=2, num_workers=0, max_restarts=0,
+                     seed_global_rngs=seed_global_rngs, timeout_s=None, start_method="auto", padding=padding)
+        built_spec, spec = spec, _build.probe_transform(source, pre, batch_transform)
 
     max_workers = max(num_workers, 1)
     if num_slots is not None and memory_budget_bytes is not None:
@@ -185,7 +203,8 @@ def build(source: Any, *, batch_size: Any, num_workers: Any, shuffle: Any, shuff
     return Config(order=order, spec=spec, n_slots=num_slots, num_workers=num_workers,
                   max_restarts=max_restarts, seed_global_rngs=seed_global_rngs,
                   timeout_s=None if timeout_s is None else float(timeout_s),
-                  start_method=start_method, padding=padding, worker_nice=worker_nice)
+                  start_method=start_method, padding=padding, worker_nice=worker_nice,
+                  batch_transform=batch_transform, built_spec=built_spec)
 
 
 def check_memory(nbytes: int, n_slots: int, slot_bytes: int) -> None:

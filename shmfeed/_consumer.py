@@ -84,7 +84,7 @@ class Consumer:
         # after the last slot taken (warm caches); slots still held are skipped.
         self.gen = self.ring.ctl.start_epoch(epoch, first_batch, n, self.next_slot)
         self.first_batch = self.delivered = first_batch
-        self.cut = None if self.new_cut is None else self.new_cut()
+        self.cut = None if self.new_cut is None else self.new_cut(epoch, first_batch)
         return self.gen
 
     def batches(self, gen: int, epoch: int, first_batch: int, closed: Callable[[], bool],
@@ -131,10 +131,13 @@ class Consumer:
     def _stream_batches(self, gen: int, epoch: int, owner: int,
                         closed: Callable[[], bool]) -> Iterator[Any]:
         """A sharded stream's epoch: its batches with data, until every shard ended."""
-        b = 0
+        # Epoch batch numbers: a resumed generation starts at first_batch, its shards that
+        # had ended already marked in the cut.
+        first = self.first_batch
+        b = first if self.builder is not None else self.cut.after(first - 1)
         while not self.cut.done:
             self._check_current(gen, epoch, owner, closed)
-            batch = self._next_batch(gen, epoch, b, b)
+            batch = self._next_batch(gen, epoch, b - first, b)
             # Workers never build the batches of ended shards: skip them.  Built here,
             # one of them costs nothing, and the claims must stay in order.
             b = self.cut.after(b) if self.builder is None else b + 1

@@ -177,9 +177,13 @@ def _match(node: Node, ps: Any, path: str, found: dict, what: str) -> Any:
     kind = node[0]
     here = path or "(root)"
     if kind == "leaf":
+        if what == "padded_shapes" and isinstance(ps, (int, np.integer)) and not isinstance(ps, bool):
+            found[node[1]] = int(ps)  # a text field's width, checked by plan()
+            return None
         if what == "padded_shapes" and not _is_shape(ps):
             raise SpecError(f"`padded_shapes`, field {here}: expected a shape (a tuple of ints) for "
-                            f"this array field, or None to keep it as it is; got {ps!r}")
+                            f"this array field, a width (an int) for a text field, or None to keep it "
+                            f"as it is; got {ps!r}")
         found[node[1]] = ps
         return node[1]
     if kind == "dict":
@@ -208,6 +212,19 @@ def _pad_value(value: Any, leaf: Leaf) -> Any:
         raise SpecError(f"`padding_values`, field {leaf.path or '(root)'}: {value!r} is not a number that "
                         f"dtype {leaf.dtype} holds exactly")
     return cast[()]
+
+
+def _text_leaf(leaf: Leaf, width: Any) -> Leaf:
+    """A text field's leaf at the width `padded_shapes` gives it."""
+    here = leaf.path or "(root)"
+    if leaf.dtype.kind not in "SU":
+        raise SpecError(f"`padded_shapes`, field {here}: {width!r} is a width, for a text field; this "
+                        f"field has dtype {leaf.dtype}: give it a shape (a tuple of ints)")
+    if not isinstance(width, int) or width <= 0:
+        raise SpecError(f"`padded_shapes`, field {here}: a text field's width must be an int > 0 "
+                        f"(characters, or bytes), got {width!r}")
+    order = leaf.dtype.byteorder if leaf.dtype.kind == "U" else "|"
+    return Leaf(leaf.path, leaf.shape, np.dtype(f"{order}{leaf.dtype.kind}{width}"), 0, leaf.pytype)
 
 
 def _lengths_node(matched: Any, n_leaves: int, order: list) -> Node:
@@ -262,6 +279,9 @@ def plan(spec: Spec, padded_shapes: Any, padding_values: Any, with_lengths: bool
     protos = list(spec.leaves)
     for j, ps in shapes.items():
         leaf = spec.leaves[j]
+        if isinstance(ps, int) or leaf.dtype.kind in "SU":
+            protos[j] = _text_leaf(leaf, ps)
+            continue
         if len(ps) != len(leaf.shape):
             raise SpecError(f"`padded_shapes`, field {leaf.path or '(root)'}: {tuple(ps)} has {len(ps)} "
                             f"dimension(s), the field has {len(leaf.shape)} ({where}: shape {leaf.shape})")
@@ -284,6 +304,8 @@ def plan(spec: Spec, padded_shapes: Any, padding_values: Any, with_lengths: bool
         nd = len(spec.leaves[j].shape)
         protos.append(Leaf(f"[{LENGTHS_KEY!r}]{spec.leaves[j].path}", () if nd == 1 else (nd,),
                            LENGTHS_DTYPE, 0, None))
+    if boundaries is None and not lengths_order and all(p is None for p in pads):
+        return relayout(spec, tree, protos), None  # only text widths: nothing to pad
     if boundaries is not None and not any(p is not None and p.bucket_dims for p in pads):
         raise SpecError("`bucket_boundaries` needs a dimension to bucket: give it as None in "
                         "`padded_shapes`, e.g. {'tokens': (None,)}")

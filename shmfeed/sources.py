@@ -12,6 +12,14 @@
     TarShards(paths, decode=fn)         WebDataset-style .tar shards, a `Stream` of one shard a file
     ObjectCache(dir, max_bytes)         s3:// (any fsspec URL) files for the three above, through
                                         a bounded local cache (`shmfeed[s3]`)
+    Packed(docs, length)                variable-length token sequences packed into rows of
+                                        `length` tokens, with segment ids and positions
+    Mix(sources, weights)               several sources in fixed proportions
+    Sampled(source, weights)            weighted draws with replacement
+
+`Packed`, `Mix` and `Sampled` (shmfeed/_pipelines.py) read the Loader's seed and epoch
+from the sample being built: use them with the Loader's `shuffle=False` (they order
+their items themselves) and any `num_workers`; `state_dict()` resumes them exactly.
 
 A Loader fills batches from `Arrays` and `Windows` by index, straight into its ring
 slots (numpy's `take`, in C with the GIL released), with no Python per sample; from
@@ -26,10 +34,11 @@ from ._errors import ImageDecodeError
 from ._images import ImageFolder
 from ._objstore import ObjectCache
 from ._parquet import Arrow, Parquet
+from ._pipelines import Mix, Packed, Sampled
 from ._shards import Stream
 from ._sourcefiles import SourceFileError
 from ._stream import StreamEndedError
 from ._tarshards import TarShards
 
-__all__ = ["ArrayRecord", "Arrays", "Arrow", "ImageDecodeError", "ImageFolder", "ObjectCache", "Parquet",
-           "SourceFileError", "Stream", "StreamEndedError", "TarShards", "Windows"]
+__all__ = ["ArrayRecord", "Arrays", "Arrow", "ImageDecodeError", "ImageFolder", "Mix", "ObjectCache", "Packed",
+           "Parquet", "Sampled", "SourceFileError", "Stream", "StreamEndedError", "TarShards", "Windows"]
