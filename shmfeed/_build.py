@@ -19,7 +19,7 @@ from typing import Any
 from . import _bucket, _rng
 from ._arrays import gatherer
 from ._config import Config
-from ._control import BatchStale, PoolShutdown, SlotState
+from ._control import BatchStale, GatherPlan, PoolShutdown, SlotState
 from ._errors import LoaderClosedError
 from ._kernels import STREAM_MIN_BYTES
 from ._report import BuildFailure
@@ -67,17 +67,19 @@ class Builder:
                                and spec.row_bytes >= ROW_AT_A_TIME_MIN_ROW_BYTES)
         self._stream_rows = batch_bytes >= STREAM_MIN_BYTES  # written around the cache
 
-    def gather_plan(self) -> tuple | None:
-        """(order, leaves) with which `Control.gather_batches` builds batches in C
-        (csrc/gather.h), when they are gathered and every leaf is contiguous; else None."""
-        if self._gather is None:
+    def gather_plan(self) -> GatherPlan | None:
+        """What `Control.gather_batches` builds batches with in C (csrc/gather.h), made
+        once per worker, when they are gathered, every leaf is contiguous and the order
+        is C's (`Order.c_order`); else None."""
+        c_order = self.order.c_order
+        if self._gather is None or c_order is None:
             return None
         copies = self.source._row_copies()
         if any(c is None for c in copies):
             return None
         leaves = [(src, stride, row_bytes, lf.offset)
                   for (src, stride, row_bytes), lf in zip(copies, self.spec.leaves)]
-        return self.order.c_params(), leaves
+        return GatherPlan(c_order, leaves)
 
     def fill(self, slot: int, epoch: int, batch: int) -> int:
         """Write batch `batch` of `epoch` into `slot`; return the word the slot

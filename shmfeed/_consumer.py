@@ -82,7 +82,8 @@ class Consumer:
         n = self.cfg.order.n_batches - first_batch
         # Free slots go to the new epoch's first batches in ring order from the one
         # after the last slot taken (warm caches); slots still held are skipped.
-        self.gen = self.ring.ctl.start_epoch(epoch, first_batch, n, self.next_slot)
+        self.gen = self.ring.ctl.start_epoch(epoch, first_batch, n, self.next_slot,
+                                             self.cfg.order.epoch_key(epoch))
         self.first_batch = self.delivered = first_batch
         self.cut = None if self.new_cut is None else self.new_cut()
         return self.gen
