@@ -146,7 +146,9 @@ class Builder:
         if self.padding is None:
             write_samples(self.spec, self.ring.write_views(slot), flat, names)
             return len(flat)
-        views = self.ring.write_views(slot, None if bucket is None else self.padding.shapes(bucket))
+        pad = self.padding
+        views = (self.ring.write_views(slot) if bucket is None else
+                 self.ring.write_views(slot, pad.shapes(bucket), pad.rows(bucket), pad.offsets(bucket)))
         self.padding.write_samples(self.spec, views, flat, names)
         return _bucket.pack(len(flat), bucket)
 

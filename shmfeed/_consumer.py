@@ -168,8 +168,12 @@ class Consumer:
         rows, bucket = _bucket.unpack(word)
         if self.cut is not None and not self.cut.keep(epoch_batch, rows):
             return _NO_DATA  # the slot goes back with `ref`
-        # (a bucket comes only with padding)
-        leaves = ring.views(ref, rows, None if bucket is None else self.cfg.padding.shapes(bucket))  # type: ignore[union-attr]
+        if bucket is None:
+            leaves = ring.views(ref, rows)
+        else:
+            padding = self.cfg.padding
+            assert padding is not None  # a bucket comes only with padding
+            leaves = ring.views(ref, rows, padding.shapes(bucket), padding.offsets(bucket))
         stats.batches += 1
         stats.bytes += rows * self.row_bytes if bucket is None else sum([x.nbytes for x in leaves])
         self.delivered = epoch_batch + 1
