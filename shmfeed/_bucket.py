@@ -330,4 +330,7 @@ class BudgetOrder(BucketedOrder):
         return self._locate(epoch, batch)[0]
 
     def fingerprint_extra(self) -> dict:
-        return {**super().fingerprint_extra(), "token_budget": self.token_budget}
+        # Each bucket's global batch size decides the stream, not the budget itself (80
+        # and 83 tokens give the same batches over boundaries 4, 8, 16, 40).
+        return {**super().fingerprint_extra(),
+                "bucket_global_batch_sizes": [self.shard_count * r for r in self.bucket_rows]}

@@ -85,10 +85,9 @@ class Builder:
         """Write batch `batch` of `epoch` into `slot`; return the word the slot
         publishes: its number of rows, and its bucket (see _bucket.pack)."""
         order, spec, seed = self.order, self.spec, self.order.seed
-        views = self.ring.write_views(slot)
         if self._gather is not None:
             items = order.batch_items(epoch, batch)
-            self._gather(items, views)
+            self._gather(items, self.ring.write_views(slot))
             return len(items)
         if self.seed_global_rngs:
             _rng.seed_global_rngs(seed, epoch, batch)
@@ -101,7 +100,7 @@ class Builder:
                 if self.padding is not None:
                     return self._fill_padded_batch(slot, leaves, index)
                 rows = check_batch_leaves(leaves, spec, index)
-                for view, x in zip(views, leaves):
+                for view, x in zip(self.ring.write_views(slot), leaves):
                     view[:rows] = x
                 return rows
             items = order.batch_items(epoch, batch).tolist()
