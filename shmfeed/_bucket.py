@@ -34,7 +34,8 @@ of n indices, made once at construction (like the lengths themselves), nothing p
 epoch.
 
 A global batch's bucket is the largest bucket of the samples it delivers (all hosts'
-rows: every host of an SPMD step gets the same shapes).
+rows: every host of an SPMD step gets the same shapes); with a token budget, the
+bucket whose order it comes from.
 
 The bucket of a built batch travels in the slot's published `rows` word, above the
 row count (`pack`/`unpack`): the consumer needs it to shape the batch's views and

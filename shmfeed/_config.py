@@ -129,7 +129,8 @@ def build(source: Any, *, batch_size: Any, num_workers: Any, shuffle: Any, shuff
     boundaries = check_boundaries(bucket_boundaries)
     if token_budget is not None:
         token_budget = check_token_budget(token_budget, batch_size, boundaries)
-        batch_size = token_budget // boundaries[0]  # type: ignore[index]  # the largest batch: a slot's rows
+        assert boundaries is not None  # checked there
+        batch_size = token_budget // boundaries[0]  # bucket 0's batches are the largest: a slot's rows
     if shard_index >= shard_count:
         raise SpecError(f"`shard_index` must be < `shard_count` ({shard_count}), got {shard_index}")
     if timeout_s is not None and (isinstance(timeout_s, bool) or not isinstance(timeout_s, (int, float))
