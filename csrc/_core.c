@@ -195,10 +195,11 @@ static int GatherPlan_init(GatherPlanObject *self, PyObject *args, PyObject *Py_
         self->n_views = i + 1;
         shmf_gather_leaf *lf = &self->leaves[i];
         const Py_buffer *v = &self->views[i];
-        lf->n_rows = stride < 1 || row_bytes < 1
-                         ? 0 : shmf_rows_in((uint64_t)v->len, (uint64_t)stride, (uint64_t)row_bytes);
-        /* A batch of more bytes than 2^63 fits no slot: refused here, not wrapped. */
-        if (lf->n_rows < n_items || offset < 0 || rows > (UINT64_C(1) << 62) / (uint64_t)row_bytes) {
+        int sized = stride >= 1 && row_bytes >= 1;
+        lf->n_rows = sized ? shmf_rows_in((uint64_t)v->len, (uint64_t)stride, (uint64_t)row_bytes) : 0;
+        /* A batch of more bytes than 2^62 fits no slot: refused here, not wrapped. */
+        if (!sized || lf->n_rows < n_items || offset < 0 ||
+            rows > (UINT64_C(1) << 62) / (uint64_t)row_bytes) {
             PyErr_Format(PyExc_ValueError, "GatherPlan: leaf %zd (%llu rows of %zd bytes at offset "
                          "%zd) does not fit %llu items", i, (unsigned long long)lf->n_rows, row_bytes,
                          offset, (unsigned long long)n_items);
@@ -255,12 +256,11 @@ static PyObject *Control_gather_batches(ControlObject *self, PyObject *args) {
     uint32_t gen = 0, batch = 0;
     uint64_t claimed_epoch = 0;
     shmf_status st;
-    Py_INCREF(plan); /* a second thread cannot free it while this one runs */
+    /* `args` holds the plan (and its buffers) until this call returns. */
     Py_BEGIN_ALLOW_THREADS
     st = shmf_gather_batches(self->base, worker, &plan->plan, scratch, timeout_s, &gen,
                              &claimed_epoch, &batch);
     Py_END_ALLOW_THREADS
-    Py_DECREF(plan);
     PyMem_Free(scratch);
     return Py_BuildValue("iIKI", (int)st, gen, (unsigned long long)claimed_epoch, batch);
 }

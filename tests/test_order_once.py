@@ -119,6 +119,19 @@ def test_shuffle_modes_are_the_c_headers_constants():
         _kernels.EpochOrder(10, 2, 1, 0, False, 99, 1)
 
 
+def test_a_gather_plan_refuses_leaves_that_cannot_hold_the_order():
+    from shmfeed._control import GatherPlan
+
+    order = _kernels.EpochOrder(10, 2, 1, 0, False, _kernels.SHUFFLE_FULL, 1)
+    rows = np.zeros((10, 4), np.uint8)
+    assert GatherPlan(order, [(rows, 4, 4, 128)]).slot_extent == 128 + 2 * 4
+    for stride, row_bytes in [(0, 4), (4, 0), (4, 5)]:
+        with pytest.raises(ValueError, match="leaf 0 .*does not fit 10 items"):
+            GatherPlan(order, [(rows, stride, row_bytes, 0)])
+    with pytest.raises(IndexError, match="batch 5 is outside the epoch's 5 batches"):
+        order.batch(0, 5, np.empty(2, np.int64))
+
+
 def test_a_bucketed_order_is_never_handed_to_the_c_loop():
     buckets = np.zeros(50, np.uint8)
     order = BucketedOrder(50, 5, True, 1, False, boundaries=(4,), buckets=buckets)
