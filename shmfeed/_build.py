@@ -25,7 +25,7 @@ import numpy as np
 
 from . import _bucket, _rng
 from ._arrays import gatherer
-from ._control import BatchStale, PoolShutdown, SlotState
+from ._control import BatchStale, GatherPlan, PoolShutdown, SlotState
 from ._errors import LoaderClosedError, SpecError
 from ._kernels import STREAM_MIN_BYTES
 from ._report import BuildFailure
@@ -84,26 +84,27 @@ class Builder:
                                and spec.row_bytes >= ROW_AT_A_TIME_MIN_ROW_BYTES)
         self._stream_rows = batch_bytes >= STREAM_MIN_BYTES  # written around the cache
 
-    def gather_plan(self) -> tuple | None:
-        """(order, leaves) with which `Control.gather_batches` builds batches in C
-        (csrc/gather.h), when they are gathered and every leaf is contiguous; else None."""
-        if self._gather is None:
+    def gather_plan(self) -> GatherPlan | None:
+        """What `Control.gather_batches` builds batches with in C (csrc/gather.h), made
+        once per worker, when they are gathered, every leaf is contiguous and the order
+        is C's (`Order.c_order`); else None."""
+        c_order = self.order.c_order
+        if self._gather is None or c_order is None:
             return None
         copies = self.source._row_copies()
         if any(c is None for c in copies):
             return None
         leaves = [(src, stride, row_bytes, lf.offset)
                   for (src, stride, row_bytes), lf in zip(copies, self.spec.leaves)]
-        return self.order.c_params(), leaves
+        return GatherPlan(c_order, leaves)
 
     def fill(self, slot: int, epoch: int, batch: int) -> int:
         """Write batch `batch` of `epoch` into `slot`; return the word the slot
         publishes: its number of rows, and its bucket (see _bucket.pack)."""
         order, spec, seed = self.order, self.spec, self.order.seed
-        views = self.ring.write_views(slot)
         if self._gather is not None:
             items = order.batch_items(epoch, batch)
-            self._gather(items, views)
+            self._gather(items, self.ring.write_views(slot))
             return len(items)
         if self.seed_global_rngs:
             _rng.seed_global_rngs(seed, epoch, batch)
@@ -116,7 +117,7 @@ class Builder:
                 if self.padding is not None:
                     return self._fill_padded_batch(slot, leaves, index)
                 rows = check_batch_leaves(leaves, spec, index)
-                for view, x in zip(views, leaves):
+                for view, x in zip(self.ring.write_views(slot), leaves):
                     view[:rows] = x
                 return rows
             items = order.batch_items(epoch, batch).tolist()
@@ -161,7 +162,9 @@ class Builder:
         if self.padding is None:
             write_samples(self.spec, self.ring.write_views(slot), flat, names)
             return len(flat)
-        views = self.ring.write_views(slot, None if bucket is None else self.padding.shapes(bucket))
+        pad = self.padding
+        views = (self.ring.write_views(slot) if bucket is None else
+                 self.ring.write_views(slot, pad.shapes(bucket), pad.rows(bucket), pad.offsets(bucket)))
         self.padding.write_samples(self.spec, views, flat, names)
         return _bucket.pack(len(flat), bucket)
 

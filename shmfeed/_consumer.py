@@ -82,7 +82,8 @@ class Consumer:
         n = self.cfg.order.n_batches - first_batch
         # Free slots go to the new epoch's first batches in ring order from the one
         # after the last slot taken (warm caches); slots still held are skipped.
-        self.gen = self.ring.ctl.start_epoch(epoch, first_batch, n, self.next_slot)
+        self.gen = self.ring.ctl.start_epoch(epoch, first_batch, n, self.next_slot,
+                                             self.cfg.order.epoch_key(epoch))
         self.first_batch = self.delivered = first_batch
         self.cut = None if self.new_cut is None else self.new_cut(epoch, first_batch)
         return self.gen
@@ -170,8 +171,12 @@ class Consumer:
         rows, bucket = _bucket.unpack(word)
         if self.cut is not None and not self.cut.keep(epoch_batch, rows):
             return _NO_DATA  # the slot goes back with `ref`
-        # (a bucket comes only with padding)
-        leaves = ring.views(ref, rows, None if bucket is None else self.cfg.padding.shapes(bucket))  # type: ignore[union-attr]
+        if bucket is None:
+            leaves = ring.views(ref, rows)
+        else:
+            padding = self.cfg.padding
+            assert padding is not None  # a bucket comes only with padding
+            leaves = ring.views(ref, rows, padding.shapes(bucket), padding.offsets(bucket))
         stats.batches += 1
         stats.bytes += rows * self.row_bytes if bucket is None else sum([x.nbytes for x in leaves])
         self.delivered = epoch_batch + 1

@@ -139,6 +139,8 @@ class Loader:
     dimension they bound) and `bucket_lengths` (len(source) ints, or a function of the
     index), samples of similar length are batched together and each batch is padded
     to the smallest boundary that holds it: at most `len(bucket_boundaries)` shapes.
+    `token_budget=T` (with `batch_size=None`) sizes each bucket's batches instead:
+    `T // boundary` rows, so a batch holds about T tokens whatever its bucket.
     See shmfeed/_pad.py and shmfeed/_bucket.py.
 
     `batch_transform=fn`: `fn(batch)` runs in the worker on each built batch (a pytree
@@ -200,6 +202,7 @@ class Loader:
         with_lengths: bool = False,
         bucket_boundaries: Any = None,
         bucket_lengths: Any = None,
+        token_budget: int | None = None,
         worker_nice: int = 0,
         batch_transform: Callable[[Any], Any] | None = None,
     ):
@@ -216,7 +219,7 @@ class Loader:
                     shard_count=shard_count, padded_shapes=padded_shapes,
                     padding_values=padding_values, with_lengths=with_lengths,
                     bucket_boundaries=bucket_boundaries, bucket_lengths=bucket_lengths,
-                    worker_nice=worker_nice, batch_transform=batch_transform)
+                    token_budget=token_budget, worker_nice=worker_nice, batch_transform=batch_transform)
         self._source = source
         self._cfg = cfg
         self._ring = Ring(cfg.spec, cfg.n_slots, cfg.max_workers)
