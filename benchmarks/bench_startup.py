@@ -114,6 +114,7 @@ MEMORY_MB = 8192  # each run's memory limit (issue 31: "a memory cgroup of 8 GB"
 RUN_TIMEOUT_S = 300.0
 CGROUP_V1 = Path("/sys/fs/cgroup/memory")
 CGROUP_V2 = Path("/sys/fs/cgroup")
+LEFTOVER_GRACE_S = 3.0  # what a run left running gets this long to end by itself
 CGROUP_DRAIN_S = 10.0  # a cgroup's last processes get this long to go before it is removed
 
 
@@ -350,6 +351,16 @@ def _own_cgroup(controller: str) -> str:
     return "/"
 
 
+def _group_alive(pgid: int) -> bool:
+    try:
+        os.killpg(pgid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
 def sweep_run(spec: dict, memory_bytes: int, jail_kind: str, timeout_s: float) -> dict:
     """One run of the sweep in its own interpreter and memory limit; never raises for
     what happens inside it: an OOM kill, a MemoryError or a hang is its result."""
@@ -368,8 +379,13 @@ def sweep_run(spec: dict, memory_bytes: int, jail_kind: str, timeout_s: float) -
                 timed_out = False
             except subprocess.TimeoutExpired:
                 timed_out = True
+            # What it left running gets a moment to end by itself (Python's resource
+            # tracker unlinks a pool's semaphores from /dev/shm), then is killed.
+            deadline = time.monotonic() + (0 if timed_out else LEFTOVER_GRACE_S)
+            while time.monotonic() < deadline and _group_alive(proc.pid):
+                time.sleep(0.05)
             with contextlib.suppress(ProcessLookupError, PermissionError):
-                os.killpg(proc.pid, signal.SIGKILL)  # with whatever it left running
+                os.killpg(proc.pid, signal.SIGKILL)
             if timed_out:
                 _, err = proc.communicate()
             with contextlib.suppress(OSError, ValueError), open(out) as f:
@@ -415,9 +431,11 @@ def sweep(args: argparse.Namespace) -> int:
         return 2
     limit = args.memory_mb << 20
     probe = MemoryJail(limit, args.memory_limit)
-    print(f"start-up sweep: first batch of {SWEEP_BATCH} samples of {SAMPLE_BYTES} B, "
-          f"{'shuffled' if args.shuffle else 'in order'}; limit: {probe.describe()}", flush=True)
+    cgroups_in = None if probe.path is None else str(probe.path.parent)
+    limit_text = probe.describe()
     probe.close()
+    print(f"start-up sweep: first batch of {SWEEP_BATCH} samples of {SAMPLE_BYTES} B, "
+          f"{'shuffled' if args.shuffle else 'in order'}; limit: {limit_text}", flush=True)
     results = []
     for w in workers:
         for loader in loaders:
@@ -441,7 +459,7 @@ def sweep(args: argparse.Namespace) -> int:
                 print(f"{loader:<9}{w:>8}" + "".join(f"{_cell(row[n], key, fmt):>9}" for n in lengths))
     print("OOM: killed by the kernel in the memory limit; MemErr: a MemoryError under RLIMIT_AS; "
           "t/o: past --timeout-s; skip: not installed")
-    doc = {"limit": probe.describe(), "batch_size": SWEEP_BATCH, "sample_bytes": SAMPLE_BYTES,
+    doc = {"limit": limit_text, "cgroups_in": cgroups_in, "batch_size": SWEEP_BATCH, "sample_bytes": SAMPLE_BYTES,
            "shuffle": args.shuffle, "runs": results}
     if args.json:
         Path(args.json).write_text(json.dumps(doc, indent=2) + "\n")
