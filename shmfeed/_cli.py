@@ -278,7 +278,8 @@ def _keras_fit(args: argparse.Namespace, parser: argparse.ArgumentParser, names:
     given = [flag for flag, value in (("--compare", args.compare), ("--batch-size", args.batch_size),
                                       ("--seconds", args.seconds), ("--slots", args.slots),
                                       ("--plot", args.plot), ("--step-ms", args.step_ms or None),
-                                      ("--worker-nice", args.worker_nice or None))
+                                      ("--worker-nice", args.worker_nice or None),
+                                      ("--no-headspace", args.no_headspace or None))
              if value is not None]
     if given:
         parser.error(f"--workload {keras_fit.NAME} always compares shmfeed, Keras's workers and "
@@ -315,7 +316,8 @@ def _gpu_present() -> bool:
 def _device(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     given = [flag for flag, value in (("--workload", args.workload), ("--compare", args.compare),
                                       ("--plot", args.plot), ("--step-ms", args.step_ms or None),
-                                      ("--worker-nice", args.worker_nice or None))
+                                      ("--worker-nice", args.worker_nice or None),
+                                      ("--no-headspace", args.no_headspace or None))
              if value is not None]
     if given:
         parser.error(f"--device measures the GPU upload only; it does not take {', '.join(given)}")

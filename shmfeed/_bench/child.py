@@ -132,8 +132,8 @@ def measure(job: Job) -> dict:
         n = nbytes = 0
         wait_s = 0.0
         now = t_first
+        tree0_s = tree_cpu_s()  # (first: reading /proc is not the loop's CPU)
         cpu0_s = time.process_time()
-        tree0_s = tree_cpu_s()
         while now < deadline:
             t = time.perf_counter()
             try:
