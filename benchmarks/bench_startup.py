@@ -115,6 +115,7 @@ RUN_TIMEOUT_S = 300.0
 CGROUP_V1 = Path("/sys/fs/cgroup/memory")
 CGROUP_V2 = Path("/sys/fs/cgroup")
 LEFTOVER_GRACE_S = 3.0  # what a run left running gets this long to end by itself
+CGROUP_PREFIX = f"shmfeed-sweep-{os.getpid()}-"  # a run's cgroup: this sweep's, then a number
 CGROUP_DRAIN_S = 10.0  # a cgroup's last processes get this long to go before it is removed
 
 
@@ -265,7 +266,7 @@ class MemoryJail:
             self.why_not_cgroup = "RLIMIT_AS was asked for"
 
     def _make_cgroup(self) -> tuple[Path, str]:
-        name = f"shmfeed-sweep-{os.getpid()}-{time.monotonic_ns()}"
+        name = f"{CGROUP_PREFIX}{time.monotonic_ns()}"
         controllers = CGROUP_V2 / "cgroup.controllers"
         if controllers.exists() and "memory" in controllers.read_text().split():
             own = _own_cgroup("")
@@ -459,7 +460,8 @@ def sweep(args: argparse.Namespace) -> int:
                 print(f"{loader:<9}{w:>8}" + "".join(f"{_cell(row[n], key, fmt):>9}" for n in lengths))
     print("OOM: killed by the kernel in the memory limit; MemErr: a MemoryError under RLIMIT_AS; "
           "t/o: past --timeout-s; skip: not installed")
-    doc = {"limit": limit_text, "cgroups_in": cgroups_in, "batch_size": SWEEP_BATCH, "sample_bytes": SAMPLE_BYTES,
+    doc = {"limit": limit_text, "cgroups_in": cgroups_in, "cgroup_prefix": CGROUP_PREFIX,
+           "batch_size": SWEEP_BATCH, "sample_bytes": SAMPLE_BYTES,
            "shuffle": args.shuffle, "runs": results}
     if args.json:
         Path(args.json).write_text(json.dumps(doc, indent=2) + "\n")

@@ -154,7 +154,7 @@ def test_sweep_records_an_oom_kill_in_a_64_mb_cgroup_as_that_runs_result(tmp_pat
     assert runs["shmfeed"]["status"] == "ok" and runs["shmfeed"]["first_batch_s"] > 0, runs["shmfeed"]
     assert 0 < runs["shmfeed"]["peak_MB"] <= 64 * 2**20 / 1e6
     assert doc["limit"].startswith("a memory cgroup v") and "OOM" in proc.stdout
-    assert not list(Path(doc["cgroups_in"]).glob("shmfeed-sweep-*")), "a run's cgroup was left behind"
+    assert not list(Path(doc["cgroups_in"]).glob(doc["cgroup_prefix"] + "*")), "a run's cgroup was left behind"
 
 
 def test_sweep_under_rlimit_as_records_a_memory_error_as_that_runs_result(tmp_path):
