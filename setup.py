@@ -30,7 +30,8 @@ def _extension(name: str, sources: list[str]) -> Extension:
 setup(
     ext_modules=[
         # the control block, and the workers' loop for array sources (which copies rows)
-        _extension("shmfeed._core", ["csrc/ctl.c", "csrc/gather.c", "csrc/kernels.c", "csrc/_core.c"]),
-        _extension("shmfeed._kernels", ["csrc/kernels.c", "csrc/_kernels.c"]),  # hot loops
+        _extension("shmfeed._core", ["csrc/ctl.c", "csrc/gather.c", "csrc/kernels.c", "csrc/order.c",
+                                       "csrc/_core.c"]),
+        _extension("shmfeed._kernels", ["csrc/kernels.c", "csrc/order.c", "csrc/_kernels.c"]),  # hot loops, the order
     ]
 )

@@ -6,7 +6,7 @@
 # 2. The Python extensions (_core, _kernels) built with SHMFEED_SANITIZE=1 in a
 #    scratch copy of the package, loaded into CPython with libasan/libubsan
 #    preloaded, running the fault-injection, stress, order and array-source tests
-#    (the last drive the workers' C loop, csrc/gather.c).
+#    (the last two drive the workers' C loop, csrc/gather.c, and the order, csrc/order.c).
 # Any sanitizer report fails the step (-fno-sanitize-recover, halt_on_error).
 # About a minute on 2 cores.
 set -euo pipefail
@@ -38,4 +38,5 @@ preload="$("$CC" -print-file-name=libasan.so) $("$CC" -print-file-name=libubsan.
 # swings by tens of MB between identical runs: the memory-at-scale test is left out.)
 (cd "$work/pkg" && LD_PRELOAD="$preload" PYTHONPATH="$work/pkg" SHMFEED_SOAK_BATCHES=20000 \
     python -m pytest -q -p no:cacheprovider tests/test_faults.py tests/test_stress.py tests/test_order.py tests/test_sources.py \
+    tests/test_order_once.py \
     -k "not c_stress and not memory_of_a_thousand")

@@ -53,7 +53,7 @@ def one_run(tree: Path, workload: str, seconds: float, extra: list[str]) -> tupl
     """(shmfeed batches/s, in-process batches/s) of one run, or None if it failed."""
     with tempfile.NamedTemporaryFile(suffix=".json") as out:
         cmd = [sys.executable, "-m", "shmfeed", "bench", "--workload", workload, "--compare", "inline",
-               "--workers", "2", "--seconds", str(seconds), "--repeat", "1", "--no-progress",
+               "--workers", "2", "--seconds", str(seconds), "--repeat", "1", "--no-progress", "--no-headspace",
                "--json", out.name, *extra]
         proc = subprocess.run(cmd, cwd=tree, env={**os.environ, "PYTHONPATH": str(tree)},
                               capture_output=True, text=True, timeout=600)

@@ -80,10 +80,11 @@ static PyObject *Control_check(ControlObject *self, PyObject *Py_UNUSED(a)) {
 }
 
 static PyObject *Control_start_epoch(ControlObject *self, PyObject *args) {
-    unsigned long long epoch, first_batch, n_batches, slot_base;
-    if (!PyArg_ParseTuple(args, "KKKK", &epoch, &first_batch, &n_batches, &slot_base)) return NULL;
+    unsigned long long epoch, key, first_batch, n_batches, slot_base;
+    if (!PyArg_ParseTuple(args, "KKKKK", &epoch, &key, &first_batch, &n_batches, &slot_base))
+        return NULL;
     return PyLong_FromUnsignedLong(
-        shmf_start_epoch(self->base, epoch, first_batch, n_batches, slot_base));
+        shmf_start_epoch(self->base, epoch, key, first_batch, n_batches, slot_base));
 }
 
 static PyObject *Control_claim(ControlObject *self, PyObject *args) {
@@ -138,82 +139,130 @@ static PyObject *Control_publish(ControlObject *self, PyObject *args) {
 
 static PyObject *new_slot_ref(ControlObject *self, uint32_t slot, uint64_t tag);
 
-/* gather_batches(worker, timeout_s, order, epoch, key, leaves): see gather.h.
- * order: (n_items, batch_size, shard_count, shard_index, full_batches, tail_rows,
- * shuffle, shuffle_block); leaves: [(source buffer, stride, row_bytes, offset)]. */
-static PyObject *Control_gather_batches(ControlObject *self, PyObject *args) {
-    unsigned int worker;
-    double timeout_s;
-    unsigned long long epoch, key;
-    PyObject *leaves_obj;
-    shmf_gather_plan p = {0};
-    if (!PyArg_ParseTuple(args, "Id(KKKKKKiK)KKO!", &worker, &timeout_s, &p.n_items,
-                          &p.batch_size, &p.shard_count, &p.shard_index, &p.full_batches,
-                          &p.tail_rows, &p.shuffle, &p.shuffle_block, &epoch, &key,
-                          &PyList_Type, &leaves_obj))
-        return NULL;
-    p.epoch = epoch;
-    p.key = key;
-    shmf_header *h = shmf_hdr(self->base);
-    Py_ssize_t n = PyList_GET_SIZE(leaves_obj);
-    /* A batch of more rows than its slot has bytes cannot fit (the leaves are checked
-     * below): this also bounds the scratch allocated for the positions. */
-    if (n < 1 || p.batch_size < 1 || p.batch_size > h->slot_bytes || p.shard_count < 1)
-        return PyErr_Format(PyExc_ValueError, "gather_batches: a plan of %zd leaves, batch size "
-                            "%llu and %llu host(s), for slots of %llu bytes", n,
-                            (unsigned long long)p.batch_size, (unsigned long long)p.shard_count,
-                            (unsigned long long)h->slot_bytes);
-    Py_buffer *views = PyMem_Calloc((size_t)n, sizeof(Py_buffer));
-    shmf_gather_leaf *leaves = PyMem_Calloc((size_t)n, sizeof(shmf_gather_leaf));
-    p.scratch = PyMem_Malloc(p.batch_size * sizeof(int64_t));
-    Py_ssize_t held = 0;
-    PyObject *result = NULL;
-    if (!views || !leaves || !p.scratch) {
-        PyErr_NoMemory();
-        goto done;
+/* ---- GatherPlan: gather.h's shmf_gather_plan, made once per worker ------------------ */
+
+typedef struct {
+    PyObject_HEAD
+    shmf_gather_plan plan;
+    Py_buffer *views; /* the leaves' sources, held for the plan's lifetime */
+    Py_ssize_t n_views;
+    shmf_gather_leaf *leaves;
+    uint64_t slot_extent; /* bytes of a slot the fullest batch writes */
+} GatherPlanObject;
+
+static void GatherPlan_dealloc(GatherPlanObject *self) {
+    for (Py_ssize_t i = 0; i < self->n_views; i++) PyBuffer_Release(&self->views[i]);
+    PyMem_Free(self->views);
+    PyMem_Free(self->leaves);
+    Py_TYPE(self)->tp_free((PyObject *)self);
+}
+
+/* GatherPlan(order, leaves): order an EpochOrder (its capsule), leaves a list of
+ * (source buffer, stride, row_bytes, offset in a slot).  Every row of the order must
+ * be readable from every leaf: then no copy can fail (gather.h). */
+static int GatherPlan_init(GatherPlanObject *self, PyObject *args, PyObject *Py_UNUSED(kwds)) {
+    PyObject *order_obj, *leaves_obj;
+    if (!PyArg_ParseTuple(args, "OO!", &order_obj, &PyList_Type, &leaves_obj)) return -1;
+    if (self->views) {
+        PyErr_SetString(PyExc_RuntimeError, "GatherPlan already initialised");
+        return -1;
     }
-    for (; held < n; held++) {
+    PyObject *cap = PyObject_GetAttrString(order_obj, "capsule");
+    if (!cap) return -1;
+    const shmf_order *order = PyCapsule_GetPointer(cap, SHMF_ORDER_CAPSULE);
+    if (order) self->plan.order = *order; /* copied while order_obj holds it */
+    Py_DECREF(cap);
+    if (!order) return -1;
+    Py_ssize_t n = PyList_GET_SIZE(leaves_obj);
+    if (n < 1) {
+        PyErr_SetString(PyExc_ValueError, "GatherPlan: no leaves");
+        return -1;
+    }
+    self->views = PyMem_Calloc((size_t)n, sizeof(Py_buffer));
+    self->leaves = PyMem_Calloc((size_t)n, sizeof(shmf_gather_leaf));
+    if (!self->views || !self->leaves) {
+        PyErr_NoMemory();
+        return -1;
+    }
+    const uint64_t n_items = self->plan.order.n_items, rows = self->plan.order.batch_size;
+    for (Py_ssize_t i = 0; i < n; i++) {
         PyObject *src;
         Py_ssize_t stride, row_bytes, offset;
-        if (!PyArg_ParseTuple(PyList_GET_ITEM(leaves_obj, held), "Onnn", &src, &stride, &row_bytes,
+        if (!PyArg_ParseTuple(PyList_GET_ITEM(leaves_obj, i), "Onnn", &src, &stride, &row_bytes,
                               &offset) ||
-            PyObject_GetBuffer(src, &views[held], PyBUF_SIMPLE) < 0)
-            goto done;
-        shmf_gather_leaf *lf = &leaves[held];
-        const Py_buffer *v = &views[held];
-        lf->n_rows = stride < 1 || row_bytes < 1
-                         ? 0 : shmf_rows_in((uint64_t)v->len, (uint64_t)stride, (uint64_t)row_bytes);
-        /* Every row of the order must be readable, and every batch must fit its slot:
-         * then no copy can fail (gather.h). */
-        if (lf->n_rows < p.n_items || offset < 0 ||
-            (uint64_t)offset + p.batch_size * (uint64_t)row_bytes > h->slot_bytes) {
-            PyErr_Format(PyExc_ValueError, "gather_batches: leaf %zd (%llu rows of %zd bytes at "
-                         "offset %zd) does not fit %llu items and slots of %llu bytes", held,
-                         (unsigned long long)lf->n_rows, row_bytes, offset,
-                         (unsigned long long)p.n_items, (unsigned long long)h->slot_bytes);
-            held++;
-            goto done;
+            PyObject_GetBuffer(src, &self->views[i], PyBUF_SIMPLE) < 0)
+            return -1;
+        self->n_views = i + 1;
+        shmf_gather_leaf *lf = &self->leaves[i];
+        const Py_buffer *v = &self->views[i];
+        int sized = stride >= 1 && row_bytes >= 1;
+        lf->n_rows = sized ? shmf_rows_in((uint64_t)v->len, (uint64_t)stride, (uint64_t)row_bytes) : 0;
+        /* A batch of more bytes than 2^62 fits no slot: refused here, not wrapped. */
+        if (!sized || lf->n_rows < n_items || offset < 0 ||
+            rows > (UINT64_C(1) << 62) / (uint64_t)row_bytes) {
+            PyErr_Format(PyExc_ValueError, "GatherPlan: leaf %zd (%llu rows of %zd bytes at offset "
+                         "%zd) does not fit %llu items", i, (unsigned long long)lf->n_rows, row_bytes,
+                         offset, (unsigned long long)n_items);
+            return -1;
         }
         lf->src = v->buf;
         lf->stride = (size_t)stride;
         lf->row_bytes = (size_t)row_bytes;
         lf->offset = (size_t)offset;
+        uint64_t end = (uint64_t)offset + rows * (uint64_t)row_bytes;
+        if (end > self->slot_extent) self->slot_extent = end;
     }
-    p.n_leaves = (uint32_t)n;
-    p.leaves = leaves;
+    self->plan.n_leaves = (uint32_t)n;
+    self->plan.leaves = self->leaves;
+    return 0;
+}
+
+static PyObject *GatherPlan_slot_extent(GatherPlanObject *self, void *Py_UNUSED(c)) {
+    return PyLong_FromUnsignedLongLong(self->slot_extent);
+}
+
+static PyGetSetDef GatherPlan_getset[] = {
+    {"slot_extent", (getter)GatherPlan_slot_extent, NULL, "bytes of a slot its fullest batch writes", NULL},
+    {NULL, NULL, NULL, NULL, NULL},
+};
+
+static PyTypeObject GatherPlanType = {
+    PyVarObject_HEAD_INIT(NULL, 0).tp_name = "shmfeed._core.GatherPlan",
+    .tp_basicsize = sizeof(GatherPlanObject),
+    .tp_flags = Py_TPFLAGS_DEFAULT,
+    .tp_doc = "GatherPlan(order, leaves): what a worker's C loop builds array batches with "
+              "(csrc/gather.h); order an _kernels.EpochOrder, leaves [(buffer, stride, row_bytes, offset)]",
+    .tp_new = PyType_GenericNew,
+    .tp_init = (initproc)GatherPlan_init,
+    .tp_dealloc = (destructor)GatherPlan_dealloc,
+    .tp_getset = GatherPlan_getset,
+};
+
+/* gather_batches(worker, timeout_s, plan): see gather.h. */
+static PyObject *Control_gather_batches(ControlObject *self, PyObject *args) {
+    unsigned int worker;
+    double timeout_s;
+    GatherPlanObject *plan;
+    if (!PyArg_ParseTuple(args, "IdO!", &worker, &timeout_s, &GatherPlanType, &plan)) return NULL;
+    shmf_header *h = shmf_hdr(self->base);
+    /* Every batch must fit its slot: then no copy can fail (gather.h). */
+    if (plan->slot_extent > h->slot_bytes)
+        return PyErr_Format(PyExc_ValueError, "gather_batches: the plan writes %llu bytes of a slot, "
+                            "and slots have %llu", (unsigned long long)plan->slot_extent,
+                            (unsigned long long)h->slot_bytes);
+    /* batch_size rows fit a slot (checked above), so this is at most 8 bytes a slot byte. */
+    int64_t *scratch = PyMem_Malloc(plan->plan.order.batch_size * sizeof(int64_t));
+    if (!scratch) return PyErr_NoMemory();
     uint32_t gen = 0, batch = 0;
     uint64_t claimed_epoch = 0;
     shmf_status st;
+    /* `args` holds the plan (and its buffers) until this call returns. */
     Py_BEGIN_ALLOW_THREADS
-    st = shmf_gather_batches(self->base, worker, &p, timeout_s, &gen, &claimed_epoch, &batch);
+    st = shmf_gather_batches(self->base, worker, &plan->plan, scratch, timeout_s, &gen,
+                             &claimed_epoch, &batch);
     Py_END_ALLOW_THREADS
-    result = Py_BuildValue("iIKI", (int)st, gen, (unsigned long long)claimed_epoch, batch);
-done:
-    for (Py_ssize_t i = 0; i < held; i++) PyBuffer_Release(&views[i]);
-    PyMem_Free(views);
-    PyMem_Free(leaves);
-    PyMem_Free(p.scratch);
-    return result;
+    PyMem_Free(scratch);
+    return Py_BuildValue("iIKI", (int)st, gen, (unsigned long long)claimed_epoch, batch);
 }
 
 static PyObject *Control_take(ControlObject *self, PyObject *args) {
@@ -303,8 +352,8 @@ static PyObject *Control_gen_info(ControlObject *self, PyObject *args) {
     unsigned int gen;
     if (!PyArg_ParseTuple(args, "I", &gen)) return NULL;
     const shmf_gen_info *g = &shmf_hdr(self->base)->gens[gen % SHMF_GEN_TABLE];
-    return Py_BuildValue("KKK", (unsigned long long)g->epoch, (unsigned long long)g->first_batch,
-                         (unsigned long long)g->n_batches);
+    return Py_BuildValue("KKKK", (unsigned long long)g->epoch, (unsigned long long)g->first_batch,
+                         (unsigned long long)g->n_batches, (unsigned long long)g->key);
 }
 
 static PyObject *Control_set_fatal(ControlObject *self, PyObject *Py_UNUSED(a)) {
@@ -487,7 +536,7 @@ static PyMethodDef Control_methods[] = {
     {"epoch_guard", (PyCFunction)Control_epoch_guard, METH_VARARGS, "epoch_guard(gen) -> EpochGuard: abandons the epoch when freed before disarm()"},
     {"init_block", (PyCFunction)Control_init_block, METH_VARARGS, "init_block(n_slots, max_workers, slot_bytes) -> status"},
     {"check", (PyCFunction)Control_check, METH_NOARGS, "check() -> status"},
-    {"start_epoch", (PyCFunction)Control_start_epoch, METH_VARARGS, "start_epoch(epoch, first_batch, n_batches, slot_base) -> gen"},
+    {"start_epoch", (PyCFunction)Control_start_epoch, METH_VARARGS, "start_epoch(epoch, key, first_batch, n_batches, slot_base) -> gen"},
     {"claim", (PyCFunction)Control_claim, METH_VARARGS, "claim(worker) -> (status, gen, epoch, batch)"},
     {"claim_wait", (PyCFunction)Control_claim_wait, METH_VARARGS,
      "claim_wait(worker, timeout_s) -> (status, gen, epoch, batch)"},
@@ -495,8 +544,8 @@ static PyMethodDef Control_methods[] = {
     {"acquire", (PyCFunction)Control_acquire, METH_VARARGS, "acquire(worker, gen, batch, timeout_s) -> (status, slot)"},
     {"publish", (PyCFunction)Control_publish, METH_VARARGS, "publish(worker, slot, gen, batch, rows, state, busy_ns) -> status"},
     {"gather_batches", (PyCFunction)Control_gather_batches, METH_VARARGS,
-     "gather_batches(worker, timeout_s, order, epoch, key, leaves) -> (status, gen, epoch, batch): "
-     "build array batches of `epoch` in C until a claim needs Python (csrc/gather.h)"},
+     "gather_batches(worker, timeout_s, plan) -> (status, gen, epoch, batch): "
+     "build array batches in C until a claim needs Python (csrc/gather.h)"},
     {"take", (PyCFunction)Control_take, METH_VARARGS, "take(gen, batch, timeout_s) -> (status, state, rows, slot, SlotRef or None): the SlotRef releases the taken slot when freed"},
     {"release", (PyCFunction)Control_release, METH_VARARGS, "release(slot, tag) -> status"},
     {"reclaim", (PyCFunction)Control_reclaim, METH_VARARGS, "reclaim(worker) -> (status, pending_tag)"},
@@ -506,7 +555,7 @@ static PyMethodDef Control_methods[] = {
     {"abandon", (PyCFunction)Control_abandon, METH_VARARGS, "abandon(gen): the consumer takes no more batches of this generation"},
     {"assign_free", (PyCFunction)Control_assign_free, METH_NOARGS, "assign_free(): give free slots to the next batches"},
     {"reopen", (PyCFunction)Control_reopen, METH_NOARGS, "reopen() -> status"},
-    {"gen_info", (PyCFunction)Control_gen_info, METH_VARARGS, "gen_info(gen) -> (epoch, first_batch, n_batches)"},
+    {"gen_info", (PyCFunction)Control_gen_info, METH_VARARGS, "gen_info(gen) -> (epoch, first_batch, n_batches, key)"},
     {"set_fatal", (PyCFunction)Control_set_fatal, METH_NOARGS, "set_fatal() -> status"},
     {"header", (PyCFunction)Control_header, METH_NOARGS, "header() -> dict"},
     {"add_restart", (PyCFunction)Control_add_restart, METH_NOARGS, "add_restart() -> (status, restarts so far)"},
@@ -596,8 +645,10 @@ PyMODINIT_FUNC PyInit__core(void) {
     if (PyType_Ready(&ControlType) < 0) return NULL;
     if (PyType_Ready(&SlotRefType) < 0) return NULL;
     if (PyType_Ready(&EpochGuardType) < 0) return NULL;
+    if (PyType_Ready(&GatherPlanType) < 0) return NULL;
     PyObject *m = PyModule_Create(&core_module);
     if (!m) return NULL;
+    if (PyModule_AddObjectRef(m, "GatherPlan", (PyObject *)&GatherPlanType) < 0) return NULL;
     Py_INCREF(&ControlType);
     if (PyModule_AddObject(m, "Control", (PyObject *)&ControlType) < 0) return NULL;
 #define ADD(name) if (PyModule_AddIntConstant(m, #name, name) < 0) return NULL

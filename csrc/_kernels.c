@@ -9,6 +9,10 @@
  *
  * A new kernel: a function taking (PyObject *module, PyObject *args), the buffers
  * through get_array/release_arrays, and one line in kernels_methods.
+ *
+ * EpochOrder wraps order.h's shmf_order: the one description of an epoch's order,
+ * which shmfeed/_order.py calls per batch and _core.c's GatherPlan copies (through
+ * its capsule, SHMF_ORDER_CAPSULE) for the workers' C loop.
  */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
@@ -16,6 +20,7 @@
 #include <string.h>
 
 #include "kernels.h"
+#include "order.h"
 
 #define GIL_RELEASE_MIN_COUNT 4096 /* elements; below this the work is under ~50 us */
 #define GATHER_GIL_RELEASE_MIN_BYTES (1 << 20) /* copied; below this, under ~100 us */
@@ -218,6 +223,152 @@ static PyObject *kernels_stack_rows(PyObject *Py_UNUSED(m), PyObject *args) {
     return PyLong_FromSsize_t(k == n ? -1 : k);
 }
 
+
+/* ---- EpochOrder: order.h's shmf_order ------------------------------------------- */
+
+typedef struct {
+    PyObject_HEAD
+    shmf_order order;
+    int drop_last;
+} EpochOrderObject;
+
+static int EpochOrder_init(EpochOrderObject *self, PyObject *args, PyObject *kwds) {
+    static char *kwlist[] = {"n_items", "batch_size", "shard_count", "shard_index", "drop_last",
+                             "shuffle", "shuffle_block", NULL};
+    unsigned long long n, bs, count, index, block;
+    int drop_last, shuffle;
+    if (!PyArg_ParseTupleAndKeywords(args, kwds, "KKKKpiK", kwlist, &n, &bs, &count, &index,
+                                     &drop_last, &shuffle, &block))
+        return -1;
+    if (shmf_order_init(&self->order, n, bs, count, index, drop_last, shuffle, block) != SHMF_K_OK) {
+        PyErr_Format(PyExc_ValueError, "EpochOrder(n_items=%llu, batch_size=%llu, shard_count=%llu, "
+                     "shard_index=%llu, shuffle=%d, shuffle_block=%llu): outside what order.h accepts",
+                     n, bs, count, index, shuffle, block);
+        return -1;
+    }
+    self->drop_last = drop_last;
+    return 0;
+}
+
+/* batch(key, b, out): the samples of this host's batch b into out (int64, rows(b) items). */
+static PyObject *EpochOrder_batch(EpochOrderObject *self, PyObject *args) {
+    unsigned long long key, b;
+    PyObject *out_obj;
+    if (!PyArg_ParseTuple(args, "KKO", &key, &b, &out_obj)) return NULL;
+    Py_buffer v;
+    if (get_array(out_obj, &v, 'i', 8, 1, "out") < 0) return NULL;
+    uint64_t rows = shmf_order_rows(&self->order, b);
+    PyObject *r = NULL;
+    if (rows == 0)
+        PyErr_Format(PyExc_IndexError, "batch %llu is outside the epoch's %llu batches", b,
+                     (unsigned long long)self->order.n_batches);
+    else if ((uint64_t)v.len / 8 != rows)
+        PyErr_Format(PyExc_ValueError, "out has %zd items, batch %llu has %llu rows", v.len / 8, b,
+                     (unsigned long long)rows);
+    else if (shmf_order_batch(&self->order, key, b, v.buf) != SHMF_K_OK)
+        PyErr_SetString(PyExc_SystemError, "[INTERNAL ERROR] shmf_order_batch failed on a batch it has");
+    else
+        r = Py_NewRef(Py_None);
+    PyBuffer_Release(&v);
+    return r;
+}
+
+/* indices(key, positions, out): out[i] = sample at positions[i] (int64; out may be positions). */
+static PyObject *EpochOrder_indices(EpochOrderObject *self, PyObject *args) {
+    unsigned long long key;
+    PyObject *pos_obj, *out_obj;
+    if (!PyArg_ParseTuple(args, "KOO", &key, &pos_obj, &out_obj)) return NULL;
+    Py_buffer v[2];
+    if (get_array(pos_obj, &v[0], 'i', 8, 0, "positions") < 0) return NULL;
+    if (get_array(out_obj, &v[1], 'i', 8, 1, "out") < 0) {
+        release_arrays(v, 1);
+        return NULL;
+    }
+    Py_ssize_t count = v[0].len / 8;
+    if (v[1].len != v[0].len) {
+        PyErr_Format(PyExc_ValueError, "out has %zd items, positions %zd: they must match",
+                     v[1].len / 8, count);
+        release_arrays(v, 2);
+        return NULL;
+    }
+    const int64_t *pos = v[0].buf;
+    shmf_kstatus st;
+    if (count >= GIL_RELEASE_MIN_COUNT) {
+        Py_BEGIN_ALLOW_THREADS
+        st = shmf_order_map(&self->order, key, pos, v[1].buf, (size_t)count);
+        Py_END_ALLOW_THREADS
+    } else {
+        st = shmf_order_map(&self->order, key, pos, v[1].buf, (size_t)count);
+    }
+    PyObject *r = st == SHMF_K_OK ? Py_NewRef(Py_None)
+                                  : order_error(st, self->order.n_items, self->order.shuffle_block, pos, count);
+    release_arrays(v, 2);
+    return r;
+}
+
+static PyObject *EpochOrder_rows(EpochOrderObject *self, PyObject *arg) {
+    unsigned long long b = PyLong_AsUnsignedLongLong(arg);
+    if (b == (unsigned long long)-1 && PyErr_Occurred()) return NULL;
+    return PyLong_FromUnsignedLongLong(shmf_order_rows(&self->order, b));
+}
+
+/* Picklable: a Loader's Order travels to its workers. */
+static PyObject *EpochOrder_reduce(EpochOrderObject *self, PyObject *Py_UNUSED(a)) {
+    const shmf_order *o = &self->order;
+    return Py_BuildValue("O(KKKKiiK)", (PyObject *)Py_TYPE(self), (unsigned long long)o->n_items,
+                         (unsigned long long)o->batch_size, (unsigned long long)o->shard_count,
+                         (unsigned long long)o->shard_index, self->drop_last, o->shuffle,
+                         (unsigned long long)o->shuffle_block);
+}
+
+static PyObject *EpochOrder_capsule(EpochOrderObject *self, void *Py_UNUSED(c)) {
+    /* Points into self: the reader copies the struct while it holds self. */
+    return PyCapsule_New(&self->order, SHMF_ORDER_CAPSULE, NULL);
+}
+
+#define ORDER_FIELD(name) \
+    static PyObject *EpochOrder_##name(EpochOrderObject *self, void *Py_UNUSED(c)) { \
+        return PyLong_FromUnsignedLongLong(self->order.name); \
+    }
+ORDER_FIELD(n_items)
+ORDER_FIELD(batch_size)
+ORDER_FIELD(full_batches)
+ORDER_FIELD(tail_rows)
+ORDER_FIELD(n_batches)
+
+static PyGetSetDef EpochOrder_getset[] = {
+    {"n_items", (getter)EpochOrder_n_items, NULL, "positions of an epoch", NULL},
+    {"batch_size", (getter)EpochOrder_batch_size, NULL, "rows of a host's full batch", NULL},
+    {"full_batches", (getter)EpochOrder_full_batches, NULL, "batches of batch_size rows", NULL},
+    {"tail_rows", (getter)EpochOrder_tail_rows, NULL, "rows of the partial last batch (0: none)", NULL},
+    {"n_batches", (getter)EpochOrder_n_batches, NULL, "batches per epoch, per host", NULL},
+    {"capsule", (getter)EpochOrder_capsule, NULL, "the shmf_order struct, for _core.GatherPlan", NULL},
+    {NULL, NULL, NULL, NULL, NULL},
+};
+
+static PyMethodDef EpochOrder_methods[] = {
+    {"batch", (PyCFunction)EpochOrder_batch, METH_VARARGS,
+     "batch(key, b, out): the samples of this host's batch b of the epoch keyed by key into out "
+     "(int64, rows(b) items)"},
+    {"indices", (PyCFunction)EpochOrder_indices, METH_VARARGS,
+     "indices(key, positions, out): out[i] = the sample at positions[i] (int64; out may be positions)"},
+    {"rows", (PyCFunction)EpochOrder_rows, METH_O, "rows(b): rows of this host's batch b; 0 past the end"},
+    {"__reduce__", (PyCFunction)EpochOrder_reduce, METH_NOARGS, NULL},
+    {NULL, NULL, 0, NULL},
+};
+
+static PyTypeObject EpochOrderType = {
+    PyVarObject_HEAD_INIT(NULL, 0).tp_name = "shmfeed._kernels.EpochOrder",
+    .tp_basicsize = sizeof(EpochOrderObject),
+    .tp_flags = Py_TPFLAGS_DEFAULT,
+    .tp_doc = "EpochOrder(n_items, batch_size, shard_count, shard_index, drop_last, shuffle, "
+              "shuffle_block): an epoch's order (csrc/order.h)",
+    .tp_new = PyType_GenericNew,
+    .tp_init = (initproc)EpochOrder_init,
+    .tp_methods = EpochOrder_methods,
+    .tp_getset = EpochOrder_getset,
+};
+
 static PyMethodDef kernels_methods[] = {
     {"stack_rows", kernels_stack_rows, METH_VARARGS,
      "stack_rows(out, rows, array_type, format, shape, stream=False): copy each row (an "
@@ -242,8 +393,14 @@ static struct PyModuleDef kernels_module = {
 };
 
 PyMODINIT_FUNC PyInit__kernels(void) {
+    if (PyType_Ready(&EpochOrderType) < 0) return NULL;
     PyObject *m = PyModule_Create(&kernels_module);
     if (!m) return NULL;
+    if (PyModule_AddObjectRef(m, "EpochOrder", (PyObject *)&EpochOrderType) < 0) return NULL;
+    if (PyModule_AddIntConstant(m, "SHUFFLE_NONE", SHMF_SHUFFLE_NONE) < 0 ||
+        PyModule_AddIntConstant(m, "SHUFFLE_FULL", SHMF_SHUFFLE_FULL) < 0 ||
+        PyModule_AddIntConstant(m, "SHUFFLE_BLOCK", SHMF_SHUFFLE_BLOCK) < 0)
+        return NULL;
     if (PyModule_AddObject(m, "ORDER_MAX_N", PyLong_FromUnsignedLongLong(SHMF_ORDER_MAX_N)) < 0)
         return NULL;
     if (PyModule_AddIntConstant(m, "GIL_RELEASE_MIN_COUNT", GIL_RELEASE_MIN_COUNT) < 0) return NULL;

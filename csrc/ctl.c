@@ -313,11 +313,12 @@ uint32_t shmf_slot_of(void *base, uint32_t gen, uint32_t batch) {
     return slot;
 }
 
-uint32_t shmf_start_epoch(void *base, uint64_t epoch, uint64_t first_batch, uint64_t n_batches,
-                          uint64_t slot_base) {
+uint32_t shmf_start_epoch(void *base, uint64_t epoch, uint64_t key, uint64_t first_batch,
+                          uint64_t n_batches, uint64_t slot_base) {
     shmf_header *h = shmf_hdr(base);
     uint32_t g = atomic_load(&h->gen) + 1;
     h->gens[g % SHMF_GEN_TABLE].epoch = epoch;
+    h->gens[g % SHMF_GEN_TABLE].key = key;
     h->gens[g % SHMF_GEN_TABLE].first_batch = first_batch;
     h->gens[g % SHMF_GEN_TABLE].n_batches = n_batches;
     h->gens[g % SHMF_GEN_TABLE].slot_base = slot_base;

@@ -12,23 +12,11 @@ static uint64_t now_ns(void) {
     return (uint64_t)ts.tv_sec * 1000000000u + (uint64_t)ts.tv_nsec;
 }
 
-/* Batch `b` of the epoch (its index in the whole epoch): its rows, and its positions
- * in p->scratch, as Order.batch_items computes them; 0 rows when b is past the end. */
-static uint64_t batch_positions(const shmf_gather_plan *p, uint64_t b) {
-    uint64_t rows = b < p->full_batches ? p->batch_size : p->tail_rows;
-    if (b > p->full_batches || rows == 0) return 0;
-    uint64_t first = b * p->shard_count * p->batch_size + p->shard_index * rows;
-    for (uint64_t r = 0; r < rows; r++) p->scratch[r] = (int64_t)(first + r);
-    return rows;
-}
-
-static int fill(const shmf_gather_plan *p, char *slot_data, uint64_t rows) {
-    int64_t *pos = p->scratch;
-    shmf_kstatus st = SHMF_K_OK;
-    if (p->shuffle == SHMF_ORDER_FULL)
-        st = shmf_permute(p->n_items, p->key, pos, pos, rows);
-    else if (p->shuffle == SHMF_ORDER_BLOCK)
-        st = shmf_block_permute(p->n_items, p->shuffle_block, p->key, pos, pos, rows);
+/* Batch `b` of the epoch keyed by `key` (b: its index in the whole epoch) into the
+ * slot's bytes; 0 if a copy failed. */
+static int fill(const shmf_gather_plan *p, uint64_t key, uint64_t b, int64_t *pos,
+                char *slot_data, uint64_t rows) {
+    shmf_kstatus st = shmf_order_batch(&p->order, key, b, pos);
     for (uint32_t i = 0; st == SHMF_K_OK && i < p->n_leaves; i++) {
         const shmf_gather_leaf *lf = &p->leaves[i];
         st = shmf_gather_rows(lf->src, lf->n_rows, lf->stride, lf->row_bytes, pos, rows,
@@ -38,20 +26,24 @@ static int fill(const shmf_gather_plan *p, char *slot_data, uint64_t rows) {
 }
 
 shmf_status shmf_gather_batches(void *base, uint32_t worker, const shmf_gather_plan *plan,
-                                double timeout_s, uint32_t *gen, uint64_t *epoch, uint32_t *batch) {
+                                int64_t *scratch, double timeout_s, uint32_t *gen,
+                                uint64_t *epoch, uint32_t *batch) {
     shmf_header *h = shmf_hdr(base);
     for (;;) {
         shmf_status st = shmf_claim_wait(base, worker, timeout_s, gen, epoch, batch);
-        if (st != SHMF_OK || *epoch != plan->epoch) return st;
+        if (st != SHMF_OK) return st;
+        /* Written before the generation's claim word, which claim_wait has read. */
         const shmf_gen_info *info = &h->gens[*gen % SHMF_GEN_TABLE];
-        uint64_t rows = batch_positions(plan, info->first_batch + *batch);
+        uint64_t b = info->first_batch + *batch;
+        uint64_t rows = shmf_order_rows(&plan->order, b);
         uint32_t slot;
         /* Not waiting: claim_wait saw the slot assigned, so it is there unless the batch
          * went stale or another worker owns it; the caller's build_batch sorts that out. */
         if (rows == 0 || shmf_acquire(base, worker, *gen, *batch, 0, &slot) != SHMF_OK)
             return SHMF_OK;
         uint64_t t0 = now_ns();
-        if (!fill(plan, (char *)base + h->data_offset + (uint64_t)slot * h->slot_bytes, rows))
+        if (!fill(plan, info->key, b, scratch,
+                  (char *)base + h->data_offset + (uint64_t)slot * h->slot_bytes, rows))
             return SHMF_EINVAL;
         st = shmf_publish(base, worker, slot, *gen, *batch, rows, SHMF_READY, now_ns() - t0);
         if (st != SHMF_OK) return st;

@@ -1,21 +1,23 @@
 /*
  * A worker's loop for array sources (shmfeed.sources.Arrays, Windows), in C: claim a
- * batch, take its slot, compute its sample indices from the epoch order and copy those
- * rows of every leaf into the slot, publish; again, until something needs Python.
+ * batch, take its slot, compute its sample indices from the epoch order (order.h,
+ * keyed by the key the training process published with the batch's generation) and
+ * copy those rows of every leaf into the slot, publish; again, until something needs
+ * Python.
  *
  * Why: such a batch is only a memcpy per row, a few microseconds for 32 rows of 2 KB,
  * and the Python around it (claim, acquire, order, gather, publish: ~15 calls) cost
  * more than the copy, on the same CPUs the training loop runs on.
  *
  * It builds exactly what the Python path (shmfeed/_build.py Builder.fill with
- * _arrays.py) builds: the batch's positions are those of shmfeed/_order.py
- * Order.batch_items, mapped by shmf_permute / shmf_block_permute with the epoch's key,
- * and each leaf's rows are copied by shmf_gather_rows.  Only the common case runs
- * here; the loop returns, holding the claim, for anything else (a batch of another
- * epoch, whose key the caller derives; a slot not there yet; a batch outside the
- * plan), and the caller builds that one the Python way.
+ * _arrays.py) builds: the batch's samples come from shmf_order_batch, the function
+ * shmfeed/_order.py Order.batch_items calls, and each leaf's rows are copied by
+ * shmf_gather_rows.  Only the common case runs here; the loop returns, holding the
+ * claim, for anything else (a slot not there yet, a batch outside the plan's order),
+ * and the caller builds that one the Python way.
  *
- * Plain C11, no Python.h; the binding is Control.gather_batches in _core.c.
+ * Plain C11, no Python.h; the binding is _core.c's GatherPlan (built once per worker)
+ * and Control.gather_batches.
  */
 #ifndef SHMFEED_GATHER_H
 #define SHMFEED_GATHER_H
@@ -23,6 +25,7 @@
 #include <stddef.h>
 #include <stdint.h>
 
+#include "order.h"
 #include "shmfeed_ctl.h"
 
 typedef struct {
@@ -33,32 +36,22 @@ typedef struct {
     size_t offset;     /* of the leaf in a slot */
 } shmf_gather_leaf;
 
-/* The epoch order's arithmetic (shmfeed/_order.py Order), and the leaves. */
+/* What a worker's loop builds with: the order (every epoch's: each generation
+ * carries its key) and the leaves.  Made once per worker; read-only here. */
 typedef struct {
-    uint64_t n_items;
-    uint64_t batch_size;
-    uint64_t shard_count;
-    uint64_t shard_index;
-    uint64_t full_batches; /* batches of batch_size rows */
-    uint64_t tail_rows;    /* rows of the last batch, 0 if none */
-    int shuffle;           /* SHMF_ORDER_NONE / _FULL / _BLOCK */
-    uint64_t shuffle_block;
-    uint64_t epoch;        /* the epoch `key` orders; a claim of another one returns */
-    uint64_t key;
+    shmf_order order;
     uint32_t n_leaves;
     const shmf_gather_leaf *leaves;
-    int64_t *scratch;      /* batch_size int64s */
 } shmf_gather_plan;
 
-enum { SHMF_ORDER_NONE = 0, SHMF_ORDER_FULL = 1, SHMF_ORDER_BLOCK = 2 };
-
-/* Worker: build batches of plan->epoch until something else comes.  Returns what
- * shmf_claim_wait returned then: SHMF_OK with (*gen, *epoch, *batch) claimed and NOT
+/* Worker: build the batches it claims until one needs Python.  `scratch` holds
+ * plan->order.batch_size int64s (the caller's: the plan is shared, read-only).
+ * Returns what shmf_claim_wait returned then: SHMF_OK with (*gen, *epoch, *batch) claimed and NOT
  * built (the caller builds it), SHMF_EPOCH_DONE, SHMF_TIMEOUT (nothing claimable within
  * timeout_s of waiting), SHMF_INTERRUPTED, SHMF_SHUTDOWN; or SHMF_EINVAL with the
  * batch's slot still FILLING, if a copy failed (the plan does not fit the ring: a bug;
  * the worker must exit, and its slot and claim are reclaimed). */
 shmf_status shmf_gather_batches(void *base, uint32_t worker, const shmf_gather_plan *plan,
-                                double timeout_s, uint32_t *gen, uint64_t *epoch, uint32_t *batch);
+                                int64_t *scratch, double timeout_s, uint32_t *gen, uint64_t *epoch, uint32_t *batch);
 
 #endif

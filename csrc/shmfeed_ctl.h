@@ -45,7 +45,7 @@
 #include <stdatomic.h>
 
 #define SHMF_MAGIC 0x31444545464d4853ULL /* the bytes "SHMFEED1" in memory (little-endian) */
-#define SHMF_VERSION 5u
+#define SHMF_VERSION 6u
 #define SHMF_DATA_ALIGN 4096u    /* slot data starts page aligned */
 #define SHMF_REPORT_BYTES 8192u  /* per-slot error report (pickled by Python) */
 #define SHMF_GEN_TABLE 64u       /* epoch parameters kept for this many generations */
@@ -78,6 +78,7 @@ typedef struct {
     uint64_t first_batch; /* batch b of the generation is batch first_batch + b of the epoch */
     uint64_t n_batches;
     uint64_t slot_base; /* slot where the epoch's assignment scan starts (locality only) */
+    uint64_t key;       /* the epoch order's key (order.h), for builders that compute it in C */
 } shmf_gen_info;
 
 typedef struct {
@@ -143,10 +144,10 @@ shmf_status shmf_init(void *base, size_t total_bytes, uint32_t n_slots, uint32_t
 shmf_status shmf_check(const void *base, size_t total_bytes);
 
 /* Consumer: open a new generation for batches first_batch .. first_batch + n_batches - 1
- * of `epoch` (first_batch > 0 resumes an epoch mid-way) and hand the free slots to its
- * first batches.  Returns the new generation. */
-uint32_t shmf_start_epoch(void *base, uint64_t epoch, uint64_t first_batch, uint64_t n_batches,
-                          uint64_t slot_base);
+ * of `epoch` (first_batch > 0 resumes an epoch mid-way), whose order has key `key`,
+ * and hand the free slots to its first batches.  Returns the new generation. */
+uint32_t shmf_start_epoch(void *base, uint64_t epoch, uint64_t key, uint64_t first_batch,
+                          uint64_t n_batches, uint64_t slot_base);
 
 /* Claim the next batch of the current epoch, with or without a slot (the in-process
  * builder, which assigns slots itself). */

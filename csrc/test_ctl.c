@@ -221,7 +221,7 @@ static void run_phase(uint32_t phase, uint32_t epochs, uint32_t *gen_io, unsigne
     for (uint32_t e = 0; e < epochs; e++) {
         uint32_t abandon_at = UINT32_MAX;
         if (phase == 2 && rand_r(seed) % 3 == 0) abandon_at = (uint32_t)rand_r(seed) % batches_per_epoch;
-        uint32_t gen = shmf_start_epoch(base, e, 0, batches_per_epoch, next_slot);
+        uint32_t gen = shmf_start_epoch(base, e, e * 7919, 0, batches_per_epoch, next_slot);
         if (gen != *gen_io + 1) fail("start_epoch gave generation %u after %u", gen, *gen_io);
         *gen_io = gen;
         for (uint32_t b = 0; b < batches_per_epoch; b++) {
@@ -302,7 +302,7 @@ static void *full_ring(const char *what, uint32_t n_slots, uint32_t workers, uin
     void *b = mmap(NULL, *total, PROT_READ | PROT_WRITE, MAP_SHARED | MAP_ANONYMOUS, -1, 0);
     if (b == MAP_FAILED || shmf_init(b, *total, n_slots, workers, SLOT_BYTES) != SHMF_OK)
         fail("%s: ring set-up", what);
-    *gen = shmf_start_epoch(b, 0, 0, 100, 0);
+    *gen = shmf_start_epoch(b, 0, 0, 0, 100, 0);
     uint32_t g, batch, slot;
     uint64_t epoch;
     for (uint32_t i = 0; i < n_slots; i++) {

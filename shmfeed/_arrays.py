@@ -2,7 +2,8 @@
 reads an array (or a dict / tuple of arrays) given as its source, and the batch-gather
 protocol that lets a worker fill a whole batch with no per-sample Python.
 
-The gather protocol (shmfeed's own sources only, for now): `__shmfeed_gather__(indices,
+The gather protocol (shmfeed's own sources only, for now: these two and `Parquet` /
+`Arrow` of _parquet.py): `__shmfeed_gather__(indices,
 out)` writes the rows `indices` (an int64 array, the Order's source indices of one
 batch) into `out`, the slot's leaf views in spec order, each with room for at least
 `len(indices)` rows.  `source[i]` still returns sample i (the spec is inferred from it,
@@ -277,16 +278,16 @@ class Windows:
         self._windows = self._window_view()
 
 
-_ARRAY_SOURCES = (Arrays, Windows)
-
-
 def gatherer(source: Any, spec: Spec):
     """`source.__shmfeed_gather__` when the Builder may fill batches with it: an array
     source, not overriding `__getitem__`, whose leaves are exactly the spec's."""
     if spec.batch_level:
         return None
     cls = type(source)
-    base = next((b for b in _ARRAY_SOURCES if isinstance(source, b)), None)
+    # The shmfeed class that defines the hook (Arrays, Windows, the Arrow sources of
+    # _parquet.py): a user's subclass may not have changed what a sample is.
+    base: Any = next((b for b in cls.__mro__ if "__shmfeed_gather__" in vars(b)
+                      and b.__module__.startswith("shmfeed.")), None)
     if base is None or cls.__getitem__ is not base.__getitem__:
         return None
     rows = source._leaf_rows()

@@ -2,8 +2,12 @@
 worker process or, with `num_workers=0`, in the training process itself (which is what
 makes that mode the reference).
 
-Owns `Builder` (which samples, which random draws, written where) and `build_batch`
-(acquire the batch's slot, build it in place, publish it).  Which samples and which
+Owns `Builder` (which samples, which random draws, written where), `build_batch`
+(acquire the batch's slot, build it in place, publish it) and, with a
+`batch_transform`, `TransformBuilder`: the batch is built into the worker's own scratch
+slot (laid out by the spec of the batch before the transform), the transform runs on
+it, and its result, checked against the spec probed from batch 0, is written into the
+ring slot: still once (DESIGN.md invariant 4).  Which samples and which
 random draws a batch gets depends only on `(seed, epoch, batch)` (see _order.py and
 _rng.py).  An exception becomes a `BuildFailure` report in the slot's report area and
 the slot is published as ERROR, so the training process meets it in batch order, after
@@ -14,18 +18,31 @@ from __future__ import annotations
 
 import os
 import time
-from typing import Any
+from dataclasses import replace
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
 
 from . import _bucket, _rng
 from ._arrays import gatherer
-from ._config import Config
-from ._control import BatchStale, PoolShutdown, SlotState
-from ._errors import LoaderClosedError
+from ._control import BatchStale, GatherPlan, PoolShutdown, SlotState
+from ._errors import LoaderClosedError, SpecError
 from ._kernels import STREAM_MIN_BYTES
 from ._report import BuildFailure
 from ._ring import Ring
 from ._rows import write_row, write_samples
-from ._spec import check_batch_leaves, flattener, samples_flattener
+from ._spec import (
+    Spec,
+    check_batch_leaves,
+    flattener,
+    infer,
+    samples_flattener,
+    unflatten,
+    with_rows,
+)
+
+if TYPE_CHECKING:  # _config probes a transform with the code below
+    from ._config import Config
 
 WAIT_SLICE_S = 0.25  # how often a waiting builder checks that its parent is alive
 # A batch whose samples together hold at least ROW_AT_A_TIME_MIN_BYTES, each at least
@@ -67,26 +84,27 @@ class Builder:
                                and spec.row_bytes >= ROW_AT_A_TIME_MIN_ROW_BYTES)
         self._stream_rows = batch_bytes >= STREAM_MIN_BYTES  # written around the cache
 
-    def gather_plan(self) -> tuple | None:
-        """(order, leaves) with which `Control.gather_batches` builds batches in C
-        (csrc/gather.h), when they are gathered and every leaf is contiguous; else None."""
-        if self._gather is None:
+    def gather_plan(self) -> GatherPlan | None:
+        """What `Control.gather_batches` builds batches with in C (csrc/gather.h), made
+        once per worker, when they are gathered, every leaf is contiguous and the order
+        is C's (`Order.c_order`); else None."""
+        c_order = self.order.c_order
+        if self._gather is None or c_order is None:
             return None
         copies = self.source._row_copies()
         if any(c is None for c in copies):
             return None
         leaves = [(src, stride, row_bytes, lf.offset)
                   for (src, stride, row_bytes), lf in zip(copies, self.spec.leaves)]
-        return self.order.c_params(), leaves
+        return GatherPlan(c_order, leaves)
 
     def fill(self, slot: int, epoch: int, batch: int) -> int:
         """Write batch `batch` of `epoch` into `slot`; return the word the slot
         publishes: its number of rows, and its bucket (see _bucket.pack)."""
         order, spec, seed = self.order, self.spec, self.order.seed
-        views = self.ring.write_views(slot)
         if self._gather is not None:
             items = order.batch_items(epoch, batch)
-            self._gather(items, views)
+            self._gather(items, self.ring.write_views(slot))
             return len(items)
         if self.seed_global_rngs:
             _rng.seed_global_rngs(seed, epoch, batch)
@@ -99,7 +117,7 @@ class Builder:
                 if self.padding is not None:
                     return self._fill_padded_batch(slot, leaves, index)
                 rows = check_batch_leaves(leaves, spec, index)
-                for view, x in zip(views, leaves):
+                for view, x in zip(self.ring.write_views(slot), leaves):
                     view[:rows] = x
                 return rows
             items = order.batch_items(epoch, batch).tolist()
@@ -144,7 +162,9 @@ class Builder:
         if self.padding is None:
             write_samples(self.spec, self.ring.write_views(slot), flat, names)
             return len(flat)
-        views = self.ring.write_views(slot, None if bucket is None else self.padding.shapes(bucket))
+        pad = self.padding
+        views = (self.ring.write_views(slot) if bucket is None else
+                 self.ring.write_views(slot, pad.shapes(bucket), pad.rows(bucket), pad.offsets(bucket)))
         self.padding.write_samples(self.spec, views, flat, names)
         return _bucket.pack(len(flat), bucket)
 
@@ -157,9 +177,116 @@ class Builder:
 
 def builder_for(source: Any, cfg: Config, ring: Ring) -> Builder:
     """The builder of `source`: the kind it names (`_shmfeed_builder`: the stream
-    sources of _stream.py), else `Builder`."""
+    sources of _stream.py), else `Builder`; wrapped in a TransformBuilder when the
+    loader has a `batch_transform`."""
     cls = getattr(type(source), "_shmfeed_builder", Builder)
-    return cls(source, cfg, ring)
+    if cfg.batch_transform is None:
+        return cls(source, cfg, ring)
+    assert cfg.built_spec is not None
+    inner = cls(source, replace(cfg, spec=cfg.built_spec, batch_transform=None, built_spec=None),
+                ScratchSlot(ring, cfg.built_spec))  # type: ignore[arg-type]
+    return TransformBuilder(inner, cfg, ring)  # type: ignore[return-value]
+
+
+class ScratchSlot:
+    """One private slot, laid out by `spec`, standing in for the ring (whose other
+    attributes it passes through) for a builder whose batch goes through a transform."""
+
+    def __init__(self, ring: Ring | None, spec: Spec):
+        self._ring, self.spec = ring, spec
+        self._buf = np.zeros(spec.slot_bytes, np.uint8)
+        self._views = self.write_views(0, [lf.shape for lf in spec.leaves])
+
+    def write_views(self, slot: int, shapes: list[tuple[int, ...]] | None = None) -> list[np.ndarray]:
+        if shapes is None:
+            return self._views
+        return [np.ndarray((self.spec.rows,) + tuple(shape), lf.dtype, self._buf, lf.offset)
+                for lf, shape in zip(self.spec.leaves, shapes)]
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._ring, name)
+
+
+class TransformBuilder:
+    """Builds a batch with `inner` into its scratch slot, runs the loader's
+    `batch_transform` on it (`shmfeed.rng()` keyed by the batch) and writes the result
+    into the ring slot; a result whose structure, dtypes, shapes or rows differ from
+    batch 0's is a SpecError naming the batch and the leaf."""
+
+    def __init__(self, inner: Builder, cfg: Config, ring: Ring):
+        self.inner, self.ring, self.fn = inner, ring, cfg.batch_transform
+        self.out_spec = cfg.spec
+        self.order = inner.order
+        self.seed_global_rngs = cfg.seed_global_rngs  # the transform is user code
+        self._flatten = flattener(cfg.spec)
+
+    spec = property(lambda self: self.inner.spec)
+    current_item = property(lambda self: self.inner.current_item)
+
+    def describe_item(self, item: int) -> str | None:
+        return self.inner.describe_item(item)
+
+    def gather_plan(self) -> None:
+        return None  # C would write the slot before the transform
+
+    def fill(self, slot: int, epoch: int, batch: int) -> int:
+        inner = self.inner
+        rows, bucket = _bucket.unpack(inner.fill(0, epoch, batch))
+        assert bucket is None, "batch_transform with buckets is refused at construction"
+        views = inner.ring.write_views(0)
+        built = unflatten(inner.spec.tree, [v[:rows] for v in views])
+        seed = self.order.seed
+        if self.seed_global_rngs and not inner.seed_global_rngs:
+            _rng.seed_global_rngs(seed, epoch, batch)
+        _rng.set_batch(seed, epoch, batch)
+        try:
+            out = self.fn(built)
+        finally:
+            _rng.clear_item()
+        del built
+        write_transformed(self.out_spec, self._flatten, out, rows, batch, self.ring.write_views(slot))
+        return rows
+
+
+def probe_transform(source: Any, cfg: Config, fn: Any) -> Spec:
+    """The spec of `fn`'s result on batch 0 of epoch 0 (built here, as a worker builds
+    it, with cfg's spec: the batch before the transform), with room for cfg's rows."""
+    inner = Builder(source, cfg, ScratchSlot(None, cfg.spec))  # type: ignore[arg-type]
+    with _rng.kept_global_rngs():
+        rows, _ = _bucket.unpack(inner.fill(0, 0, 0))
+        built = unflatten(cfg.spec.tree, [v[:rows] for v in inner.ring.write_views(0)])
+        if cfg.seed_global_rngs:
+            _rng.seed_global_rngs(cfg.order.seed, 0, 0)
+        _rng.set_batch(cfg.order.seed, 0, 0)
+        try:
+            out = fn(built)
+        finally:
+            _rng.clear_item()
+    try:
+        spec = with_rows(infer(out, rows=None, index=0), cfg.spec.rows)
+    except SpecError as exc:
+        raise SpecError(f"`batch_transform` returned what cannot be a batch: {exc}") from exc
+    write_transformed(spec, flattener(spec), out, rows, 0, None)
+    return spec
+
+
+def write_transformed(spec: Spec, flatten: Any, out: Any, rows: int, batch: int,
+                      views: list[np.ndarray] | None) -> None:
+    """Check `out` (batch `batch`'s transformed result, from a batch of `rows` rows)
+    against `spec` and write it into `views` (None: only check it)."""
+    try:
+        leaves = list(flatten(out, "batch", batch))
+        for leaf, x in zip(spec.leaves, leaves):
+            n = getattr(x, "shape", (None,))[:1]
+            if n and n[0] is not None and n[0] != rows:
+                raise SpecError(f"batch {batch}, field {leaf.path or '(root)'}: has {n[0]} rows, the batch "
+                                f"it was given has {rows}; every leaf keeps the batch's rows")
+        check_batch_leaves(leaves, spec, batch)
+    except SpecError as exc:
+        raise SpecError(f"`batch_transform` returned a result unlike batch 0's: {exc}") from exc
+    if views is not None:
+        for view, x in zip(views, leaves):
+            view[:rows] = x
 
 
 class LeaveBuild(Exception):

@@ -21,8 +21,8 @@ from typing import Any
 
 import numpy as np
 
-from . import _rng, _sysinfo
-from ._bucket import BucketedOrder, item_buckets
+from . import _build, _rng, _sysinfo
+from ._bucket import BucketedOrder, BudgetOrder, item_buckets
 from ._errors import RingMemoryError, SpecError
 from ._order import Order
 from ._pad import Padding
@@ -50,6 +50,10 @@ class Config:
     start_method: str
     padding: Padding | None = None  # padded_shapes and what goes with them (_pad.py)
     worker_nice: int = 0  # added to the workers' nice value
+    # fn(batch) -> batch, run by the builder; `spec` is then its result's (probed on
+    # batch 0) and `built_spec` the batch's before it (a builder's scratch slot).
+    batch_transform: Any = None
+    built_spec: Spec | None = None
 
     @property
     def max_workers(self) -> int:
@@ -86,12 +90,28 @@ def check_boundaries(value: Any) -> tuple[int, ...] | None:
     return out
 
 
+def check_token_budget(value: Any, batch_size: Any, boundaries: tuple[int, ...] | None) -> int:
+    """`token_budget`: an int >= the largest bucket length, with buckets and no `batch_size`."""
+    budget = check_int("token_budget", value, 1)
+    if boundaries is None:
+        raise SpecError("`token_budget` sizes each length bucket's batches (`token_budget // boundary` rows): "
+                        "give `bucket_boundaries` and `bucket_lengths` too")
+    if batch_size is not None:
+        raise SpecError(f"`token_budget={budget}` sets each bucket's batch size (`token_budget // boundary` "
+                        f"rows): give `batch_size=None` instead of `batch_size={batch_size}`")
+    if budget < boundaries[-1]:
+        raise SpecError(f"`token_budget={budget}` is smaller than the bucket length {boundaries[-1]} (the "
+                        "largest of `bucket_boundaries`): a batch of that bucket would have no row. Raise "
+                        f"`token_budget` to >= {boundaries[-1]}, or lower the largest boundary.")
+    return budget
+
+
 def build(source: Any, *, batch_size: Any, num_workers: Any, shuffle: Any, shuffle_block: Any, seed: Any,
           drop_last: Any, num_slots: Any, memory_budget_bytes: Any, max_batch_rows: Any,
           timeout_s: Any, max_restarts: Any, start_method: Any, seed_global_rngs: Any,
           shard_index: Any, shard_count: Any, padded_shapes: Any = None, padding_values: Any = None,
           with_lengths: Any = False, bucket_boundaries: Any = None, bucket_lengths: Any = None,
-          worker_nice: Any = 0) -> Config:
+          token_budget: Any = None, worker_nice: Any = 0, batch_transform: Any = None) -> Config:
     """Validate the Loader's arguments, probe the source, size the ring."""
     if not (hasattr(source, "__len__") and hasattr(source, "__getitem__")):
         raise SpecError(f"`source` must have __len__ and __getitem__, or be a generator, an iterable "
@@ -111,6 +131,10 @@ def build(source: Any, *, batch_size: Any, num_workers: Any, shuffle: Any, shuff
     seed_global_rngs = check_bool("seed_global_rngs", seed_global_rngs)
     with_lengths = check_bool("with_lengths", with_lengths)
     boundaries = check_boundaries(bucket_boundaries)
+    if token_budget is not None:
+        token_budget = check_token_budget(token_budget, batch_size, boundaries)
+        assert boundaries is not None  # checked there
+        batch_size = token_budget // boundaries[0]  # bucket 0's batches are the largest: a slot's rows
     if shard_index >= shard_count:
         raise SpecError(f"`shard_index` must be < `shard_count` ({shard_count}), got {shard_index}")
     if timeout_s is not None and (isinstance(timeout_s, bool) or not isinstance(timeout_s, (int, float))
@@ -137,8 +161,13 @@ def build(source: Any, *, batch_size: Any, num_workers: Any, shuffle: Any, shuff
                             "a `Stream`) is read in its own order: pad to fixed shapes (no None in "
                             "`padded_shapes`), or give a source read by index")
         buckets = item_buckets(bucket_lengths, n_items, boundaries)
-        order: Order = BucketedOrder(n_items, batch_size, shuffle, seed, drop_last, shard_index,
-                                     shard_count, shuffle_block, boundaries=boundaries, buckets=buckets)
+        order: Order
+        if token_budget is not None:
+            order = BudgetOrder(n_items, batch_size, shuffle, seed, drop_last, shard_index, shard_count,
+                                shuffle_block, boundaries=boundaries, buckets=buckets, token_budget=token_budget)
+        else:
+            order = BucketedOrder(n_items, batch_size, shuffle, seed, drop_last, shard_index,
+                                  shard_count, shuffle_block, boundaries=boundaries, buckets=buckets)
     elif boundaries is not None and shard_count > 1:
         raise SpecError(
             f"`bucket_boundaries` with a batch-level source and `shard_count={shard_count}`: each host's "
@@ -159,11 +188,26 @@ def build(source: Any, *, batch_size: Any, num_workers: Any, shuffle: Any, shuff
             f"fewer than {MAX_BATCHES}. Raise `batch_size` (now {batch_size}).")
     spec = probe(source, order, seed_global_rngs)
     spec, padding = plan_padding(spec, padded_shapes, padding_values, with_lengths, boundaries,
-                                 order.first_item())
+                                 order.first_item(),
+                                 order.bucket_rows if isinstance(order, BudgetOrder) else None)
     if max_batch_rows is not None:
         if not spec.batch_level:
             raise SpecError("`max_batch_rows` is for batch-level sources (`batch_size=None`)")
         spec = with_rows(spec, check_int("max_batch_rows", max_batch_rows, spec.rows))
+    built_spec = None
+    if batch_transform is not None:
+        if not callable(batch_transform):
+            raise SpecError(f"`batch_transform` must be a function batch -> batch, got {batch_transform!r:.80}")
+        if boundaries is not None:
+            raise SpecError("`batch_transform` with `bucket_boundaries`: each bucket's batch has its own "
+                            "shapes, and a transform's result is probed once. Pad to fixed shapes, or "
+                            "transform inside `__getitem__`.")
+        if hasattr(type(source), "_shmfeed_builder"):
+            raise SpecError("`batch_transform` is not supported for a stream (a generator or a `Stream`) "
+                            "yet: probing it would read the stream. Transform inside the stream.")
+        pre = Config(order=order, spec=spec, n_slots=2, num_workers=0, max_restarts=0,
+                     seed_global_rngs=seed_global_rngs, timeout_s=None, start_method="auto", padding=padding)
+        built_spec, spec = spec, _build.probe_transform(source, pre, batch_transform)
 
     max_workers = max(num_workers, 1)
     if num_slots is not None and memory_budget_bytes is not None:
@@ -185,7 +229,8 @@ def build(source: Any, *, batch_size: Any, num_workers: Any, shuffle: Any, shuff
     return Config(order=order, spec=spec, n_slots=num_slots, num_workers=num_workers,
                   max_restarts=max_restarts, seed_global_rngs=seed_global_rngs,
                   timeout_s=None if timeout_s is None else float(timeout_s),
-                  start_method=start_method, padding=padding, worker_nice=worker_nice)
+                  start_method=start_method, padding=padding, worker_nice=worker_nice,
+                  batch_transform=batch_transform, built_spec=built_spec)
 
 
 def check_memory(nbytes: int, n_slots: int, slot_bytes: int) -> None:

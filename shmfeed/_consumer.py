@@ -84,9 +84,10 @@ class Consumer:
         n = self.cfg.order.n_batches - first_batch
         # Free slots go to the new epoch's first batches in ring order from the one
         # after the last slot taken (warm caches); slots still held are skipped.
-        self.gen = self.ring.ctl.start_epoch(epoch, first_batch, n, self.next_slot)
+        self.gen = self.ring.ctl.start_epoch(epoch, first_batch, n, self.next_slot,
+                                             self.cfg.order.epoch_key(epoch))
         self.first_batch = self.delivered = first_batch
-        self.cut = None if self.new_cut is None else self.new_cut()
+        self.cut = None if self.new_cut is None else self.new_cut(epoch, first_batch)
         return self.gen
 
     def batches(self, gen: int, epoch: int, first_batch: int, closed: Callable[[], bool],
@@ -133,10 +134,13 @@ class Consumer:
     def _stream_batches(self, gen: int, epoch: int, owner: int,
                         closed: Callable[[], bool]) -> Iterator[Any]:
         """A sharded stream's epoch: its batches with data, until every shard ended."""
-        b = 0
+        # Epoch batch numbers: a resumed generation starts at first_batch, its shards that
+        # had ended already marked in the cut.
+        first = self.first_batch
+        b = first if self.builder is not None else self.cut.after(first - 1)
         while not self.cut.done:
             self._check_current(gen, epoch, owner, closed)
-            batch = self._next_batch(gen, epoch, b, b)
+            batch = self._next_batch(gen, epoch, b - first, b)
             # Workers never build the batches of ended shards: skip them.  Built here,
             # one of them costs nothing, and the claims must stay in order.
             b = self.cut.after(b) if self.builder is None else b + 1
@@ -169,8 +173,12 @@ class Consumer:
         rows, bucket = _bucket.unpack(word)
         if self.cut is not None and not self.cut.keep(epoch_batch, rows):
             return _NO_DATA  # the slot goes back with `ref`
-        # (a bucket comes only with padding)
-        leaves = ring.views(ref, rows, None if bucket is None else self.cfg.padding.shapes(bucket))  # type: ignore[union-attr]
+        if bucket is None:
+            leaves = ring.views(ref, rows)
+        else:
+            padding = self.cfg.padding
+            assert padding is not None  # a bucket comes only with padding
+            leaves = ring.views(ref, rows, padding.shapes(bucket), padding.offsets(bucket))
         stats.batches += 1
         stats.bytes += rows * self.row_bytes if bucket is None else sum([x.nbytes for x in leaves])
         self.delivered = epoch_batch + 1

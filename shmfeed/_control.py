@@ -33,6 +33,9 @@ except ImportError as exc:
 NO_CLAIM: int = _core.SHMF_NO_CLAIM
 REPORT_BYTES: int = _core.SHMF_REPORT_BYTES
 layout = _core.layout
+# What a worker's C loop builds array batches with: the order (`Order.c_order`) and the
+# leaves' sources, checked and held once per worker (csrc/gather.h).
+GatherPlan = _core.GatherPlan
 data_offset = _core.data_offset
 set_pdeathsig = _core.set_pdeathsig
 address = _core.address
@@ -86,6 +89,7 @@ class GenInfo(NamedTuple):
     epoch: int
     first_batch: int  # batch b of the generation is batch first_batch + b of the epoch
     n_batches: int
+    key: int  # of the epoch's order (Order.epoch_key)
 
 
 def _claimed(st: int, gen: int, _epoch: int, batch: int, call: str) -> tuple[int, int | None]:
@@ -132,9 +136,11 @@ class Control:
             raise internal("the ring handed to this process has a bad control block")
 
     # -- consumer --------------------------------------------------------------------
-    def start_epoch(self, epoch: int, first_batch: int, n_batches: int, slot_base: int) -> int:
-        """Open a generation for batches first_batch.. of `epoch`; return it."""
-        return self._c.start_epoch(epoch, first_batch, n_batches, slot_base)
+    def start_epoch(self, epoch: int, first_batch: int, n_batches: int, slot_base: int,
+                    key: int = 0) -> int:
+        """Open a generation for batches first_batch.. of `epoch`, whose order has `key`
+        (`Order.epoch_key`: the workers' C loop reads it there); return it."""
+        return self._c.start_epoch(epoch, key, first_batch, n_batches, slot_base)
 
     def take(self, gen: int, batch: int, timeout_s: float) -> Taken | None:
         """The slot of `batch`, now HELD by the consumer, with the `SlotRef` (a buffer
@@ -190,16 +196,15 @@ class Control:
             return None
         return _claimed(st, gen, epoch, batch, f"claim_wait({worker})")
 
-    def gather_batches(self, worker: int, timeout_s: float, plan: tuple, epoch: int,
-                       key: int) -> tuple[int, int | None] | None:
-        """Like `claim_wait`, but the batches of `epoch` claimed meanwhile are built and
-        published in C (array sources; `plan` is `Builder.gather_plan()`, `key` the
-        epoch's order key; csrc/gather.h).  Returns only what the caller must act on:
-        a claim it builds itself (another epoch's batch, or one C left), the end of the
-        epoch, or None when the wait ran out.  Raises PoolShutdown."""
-        order, leaves = plan
-        st, gen, claimed_epoch, batch = self._c.gather_batches(
-            worker, timeout_s, order, epoch, key, leaves)
+    def gather_batches(self, worker: int, timeout_s: float,
+                       plan: GatherPlan) -> tuple[int, int | None] | None:
+        """Like `claim_wait`, but the batches claimed meanwhile, of any epoch, are
+        built and published in C (array sources; `plan` is `Builder.gather_plan()`, the
+        order's key comes with each generation; csrc/gather.h).  Returns only what the
+        caller must act on: a claim it builds itself (one C left: its slot not there
+        yet, or a batch outside the plan's order), the end of the epoch, or None when
+        the wait ran out.  Raises PoolShutdown."""
+        st, gen, claimed_epoch, batch = self._c.gather_batches(worker, timeout_s, plan)
         if st == _TIMEOUT or st == _INTERRUPTED:
             return None
         return _claimed(st, gen, claimed_epoch, batch, f"gather_batches({worker})")

@@ -1,6 +1,7 @@
-# Stub of the C extension shmfeed._kernels (csrc/_kernels.c over csrc/kernels.c): hot
-# loops that release the GIL.  Arrays are any buffer of the stated item type.
-from typing import Any, TypeAlias
+# Stub of the C extension shmfeed._kernels (csrc/_kernels.c over csrc/kernels.c and
+# csrc/order.c): hot loops that release the GIL, and the epoch order.  Arrays are any
+# buffer of the stated item type.
+from typing import Any, TypeAlias, final
 
 # Any object with the buffer protocol (collections.abc.Buffer needs Python 3.12).
 Buffer: TypeAlias = Any
@@ -8,6 +9,30 @@ Buffer: TypeAlias = Any
 ORDER_MAX_N: int
 GIL_RELEASE_MIN_COUNT: int
 STREAM_MIN_BYTES: int
+SHUFFLE_NONE: int
+SHUFFLE_FULL: int
+SHUFFLE_BLOCK: int
+
+@final
+class EpochOrder:
+    """An epoch's order (csrc/order.h): which samples each batch holds."""
+    def __init__(self, n_items: int, batch_size: int, shard_count: int, shard_index: int,
+                 drop_last: bool, shuffle: int, shuffle_block: int) -> None: ...
+    @property
+    def n_items(self) -> int: ...
+    @property
+    def batch_size(self) -> int: ...
+    @property
+    def full_batches(self) -> int: ...
+    @property
+    def tail_rows(self) -> int: ...
+    @property
+    def n_batches(self) -> int: ...
+    @property
+    def capsule(self) -> Any: ...
+    def batch(self, key: int, b: int, out: Buffer, /) -> None: ...
+    def indices(self, key: int, positions: Buffer, out: Buffer, /) -> None: ...
+    def rows(self, b: int, /) -> int: ...
 
 def stack_rows(out: Buffer, rows: tuple[Any, ...], array_type: type, format: str,
                shape: tuple[int, ...], stream: bool = ..., /) -> int: ...

@@ -156,7 +156,16 @@ class Loader:
     dimension they bound) and `bucket_lengths` (len(source) ints, or a function of the
     index), samples of similar length are batched together and each batch is padded
     to the smallest boundary that holds it: at most `len(bucket_boundaries)` shapes.
+    `token_budget=T` (with `batch_size=None`) sizes each bucket's batches instead:
+    `T // boundary` rows, so a batch holds about T tokens whatever its bucket.
     See shmfeed/_pad.py and shmfeed/_bucket.py.
+
+    `batch_transform=fn`: `fn(batch)` runs in the worker on each built batch (a pytree
+    of numpy arrays; `shmfeed.rng()` inside is keyed by the batch) and its result is
+    what the loop gets: mixup, cutmix, tokenizing a batch.  Its structure, dtypes and
+    shapes are probed from batch 0 (built once at construction) and each leaf must keep
+    the batch's rows; a later result that differs is an error naming the batch and
+    leaf.  Each worker builds the batch in a private scratch slot first.
 
     `builders=shmfeed.ray.Builders(num_actors=...)` adds batch builders on a Ray cluster
     beside the `num_workers` local ones (or instead of them, with `num_workers=0`): the
@@ -214,7 +223,9 @@ class Loader:
         with_lengths: bool = False,
         bucket_boundaries: Any = None,
         bucket_lengths: Any = None,
+        token_budget: int | None = None,
         worker_nice: int = 0,
+        batch_transform: Callable[[Any], Any] | None = None,
         builders: Any = None,
     ):
         # Arrays, dicts and tuples of arrays: shmfeed.sources.Arrays; generators: _stream.py.
@@ -230,7 +241,7 @@ class Loader:
                     shard_count=shard_count, padded_shapes=padded_shapes,
                     padding_values=padding_values, with_lengths=with_lengths,
                     bucket_boundaries=bucket_boundaries, bucket_lengths=bucket_lengths,
-                    worker_nice=worker_nice)
+                    token_budget=token_budget, worker_nice=worker_nice, batch_transform=batch_transform)
         self._source = source
         self._cfg = cfg
         self.builders = builders  # shmfeed.ray.Builders, or None
@@ -377,7 +388,8 @@ class Loader:
         bit-identical to an uninterrupted run, whatever `num_workers` (and, for several
         hosts, whatever their number at the same global batch size).  Inside
         `shmfeed.jax.prefetch_to_device(loader)`, "received" means yielded by the feed,
-        not prefetched.  See shmfeed/_state.py for sources with epoch hooks."""
+        not prefetched.  See shmfeed/_state.py for sources with epoch hooks, and
+        shmfeed/_shards.py for a `Stream` (the same shards and hosts, any `num_workers`)."""
         self._check_resumable()
         if self._received is not None:
             epoch, nxt = self._received
@@ -387,6 +399,8 @@ class Loader:
                                         else self._consumer.delivered)
         else:
             epoch, nxt = self._epoch, self._first_batch
+        if isinstance(self._source, ShardedSource):
+            return self._stream_state(epoch, nxt)
         source_state = None
         if self._hooks:
             if self._snapshot is not None and self._snapshot[0] == epoch:
@@ -403,6 +417,13 @@ class Loader:
         batch size or option is refused, naming the field that differs."""
         self._check_open()
         self._check_resumable()
+        if isinstance(self._source, ShardedSource):
+            epoch, nxt = _state.check(state, self._cfg.order, self._cfg.order.n_batches)
+            self._source.resume = (epoch, nxt, _stream_ended(state, self._source, nxt))
+            self.source_changed()  # the workers must skip the shards that had ended
+            self._epoch, self._first_batch = epoch, nxt
+            self._active = self._received = None
+            return
         epoch, nxt = _state.check(state, self._cfg.order, len(self))
         if self._hooks:
             if "source" not in state:
@@ -414,10 +435,22 @@ class Loader:
         self._epoch, self._first_batch = epoch, nxt
         self._active = self._received = None
 
+    def _stream_state(self, epoch: int, nxt: int) -> dict:
+        """A Stream's state: besides (epoch, next batch), the shards of this host that
+        ended before the next batch, and the batch each ended in."""
+        src = self._source
+        assert isinstance(src, ShardedSource)
+        cut = self._consumer.cut
+        if self._consumer.gen and cut is not None and self._position()[0] == epoch:
+            ended = cut.ended_at
+        else:  # not iterated since `load_state_dict`, or between epochs
+            ended = src.ended_before(epoch, nxt)
+        state = _state.make(self._cfg.order, epoch, nxt, None)
+        state["stream"] = {**_stream_fingerprint(src),
+                           "ended": sorted([j, b] for j, b in ended.items() if b < nxt)}
+        return state
+
     def _check_resumable(self) -> None:
-        if isinstance(self._source, ShardedSource):
-            raise SpecError("a run over a Stream cannot be resumed from a state dict yet: the "
-                            "position of each shard is not recorded")
         if isinstance(self._source, GeneratorSource):
             raise SpecError(
                 f"the source is {self._source.what}: its position lives in the iterator, which a "
@@ -614,3 +647,31 @@ class Loader:
                 "Every batch of the epoch before it was delivered; iterating again starts "
                 "the next epoch, or close the loader.",
                 epoch=epoch) from exc
+
+
+def _stream_fingerprint(src: ShardedSource) -> dict:
+    """What a Stream's batch numbers mean on this host (they are the host's own)."""
+    return {"num_shards": src.stream.num_shards, "shard_count": src.shard_count, "shard_index": src.shard_index}
+
+
+def _stream_ended(state: dict, src: ShardedSource, nxt: int) -> dict[int, int]:
+    """The `ended` entries of a Stream's state, checked against `src`."""
+    theirs = state.get("stream")
+    if not isinstance(theirs, dict):
+        raise SpecError("the loader state has no `stream` entry: pass a state from `state_dict()` of a "
+                        "loader over a Stream")
+    for key, value in _stream_fingerprint(src).items():
+        if theirs.get(key) != value:
+            raise SpecError(
+                f"the loader state was saved with {key}={theirs.get(key)!r} (`stream.{key}`), this loader "
+                f"has {key}={value!r}: a Stream's batch numbers are its host's own, so it resumes with "
+                "the same shards and hosts (each host loading its own state)")
+    ended: dict[int, int] = {}
+    for entry in theirs.get("ended", ()):
+        ok = (isinstance(entry, (list, tuple)) and len(entry) == 2
+              and all(isinstance(x, int) and not isinstance(x, bool) for x in entry))
+        if not ok or not 0 <= entry[0] < len(src.shards) or not 0 <= entry[1] < nxt:
+            raise SpecError(f"the loader state's `stream.ended` has {entry!r}: expected [local shard < "
+                            f"{len(src.shards)}, batch < next_batch = {nxt}]")
+        ended[entry[0]] = entry[1]
+    return ended

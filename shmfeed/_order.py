@@ -11,6 +11,11 @@ sequential reads from disk).  The bijections (csrc/kernels.h) are computed per
 position from a 64-bit key derived from `(seed, epoch)`; nothing of size n is ever
 built, and any n up to 2^40 works.
 
+Described once, in C: csrc/order.h (`_kernels.EpochOrder`) holds the arithmetic below
+and the map, and both `Order.batch_items` and the workers' C loop for array sources
+(csrc/gather.c) call it.  The key is derived here (`epoch_key`) and published by the
+training process with each epoch's generation, where the C loop reads it.
+
 Global batches (elastic sharding).  With `shard_count=k` hosts and `batch_size=B`,
 global batch g is positions [g*k*B, (g+1)*k*B), and host h's batch g is its rows
 [h*B, (h+1)*B): positions g*k*B + h*B + r, r in [0, B).  So global batch g is the same
@@ -42,6 +47,8 @@ from ._errors import ShmfeedError, SpecError
 from ._rng import PERMUTATION_STREAM
 
 SHUFFLE_MODES = (False, True, "block")
+# The C order's mode of each `shuffle` value (the codes are csrc/order.h's).
+_C_SHUFFLE = {False: _kernels.SHUFFLE_NONE, True: _kernels.SHUFFLE_FULL, "block": _kernels.SHUFFLE_BLOCK}
 DEFAULT_SHUFFLE_BLOCK = 256  # samples: a few MB of typical records, one sequential read
 MAX_SHUFFLED_ITEMS = _kernels.ORDER_MAX_N
 
@@ -67,6 +74,7 @@ class Order:
     shard_count: int = 1
     shuffle_block: int = DEFAULT_SHUFFLE_BLOCK  # samples per run, for shuffle="block"
     if TYPE_CHECKING:  # set by __post_init__, not fields (not compared, not shown)
+        _c: _kernels.EpochOrder = field(init=False, compare=False)
         _full_batches: int = field(init=False, compare=False)
         _tail_rows: int = field(init=False, compare=False)
         _n_batches: int = field(init=False, compare=False)
@@ -86,13 +94,16 @@ class Order:
                 f"`shuffle={self.shuffle!r}` orders at most 2**40 = {MAX_SHUFFLED_ITEMS} items, "
                 f"the source has {self.n_items}. Set `shuffle=False`, or shuffle within parts "
                 "of the source yourself.")
-        # The arithmetic every batch needs, done once (not fields: not compared, not shown).
-        gbs = self.shard_count * (self.batch_size or 1)
-        full = self.n_items // gbs
-        tail = 0 if self.batch_size is None or self.drop_last else self.n_items % gbs // self.shard_count
-        object.__setattr__(self, "_full_batches", full)
-        object.__setattr__(self, "_tail_rows", tail)
-        object.__setattr__(self, "_n_batches", full + (1 if tail else 0))
+        # The order in C (csrc/order.h), with the arithmetic every batch needs, done
+        # once there (not fields: not compared, not shown).  A batch-level source is
+        # batches of one position, never partial.
+        c = _kernels.EpochOrder(self.n_items, self.batch_size or 1, self.shard_count, self.shard_index,
+                                self.drop_last or self.batch_size is None, _C_SHUFFLE[self.shuffle],
+                                self.shuffle_block)
+        object.__setattr__(self, "_c", c)
+        object.__setattr__(self, "_full_batches", c.full_batches)
+        object.__setattr__(self, "_tail_rows", c.tail_rows)
+        object.__setattr__(self, "_n_batches", c.n_batches)
 
     # -- sizes -----------------------------------------------------------------------
     @property
@@ -131,25 +142,20 @@ class Order:
     def indices(self, epoch: int, positions: np.ndarray) -> np.ndarray:
         """Source indices at `positions` (int64, in [0, n_items)) of `epoch`'s order.
         Overwrites `positions` and returns it."""
-        if not self.shuffle:
-            return positions
-        key = self.epoch_key(epoch)
-        if self.shuffle == "block":
-            _kernels.block_permute(self.n_items, self.shuffle_block, key, positions, positions)
-        else:
-            _kernels.permute(self.n_items, key, positions, positions)
+        self._c.indices(self.epoch_key(epoch), positions, positions)
         return positions
 
     def epoch_key(self, epoch: int) -> int:
-        """The 64-bit key of `epoch`'s order (0 when unshuffled: unused)."""
+        """The 64-bit key of `epoch`'s order (0 when unshuffled: unused).  The training
+        process publishes it with each epoch (`Control.start_epoch`) for the workers'
+        C loop."""
         return _epoch_key(self.seed, epoch) if self.shuffle else 0
 
-    def c_params(self) -> tuple:
-        """The order as csrc/gather.h's shmf_gather_plan takes it (per-sample sources)."""
-        assert self.batch_size is not None
-        mode = {False: 0, True: 1, "block": 2}[self.shuffle]
-        return (self.n_items, self.batch_size, self.shard_count, self.shard_index,
-                self._full_batches, self._tail_rows, mode, self.shuffle_block)
+    @property
+    def c_order(self) -> _kernels.EpochOrder | None:
+        """The order as csrc/order.h describes it, for the workers' C loop
+        (`_core.GatherPlan`); None for an order C does not compute (a subclass's)."""
+        return self._c if type(self) is Order else None
 
     def first_item(self) -> int:
         """The source index of the first item of epoch 0 (what the spec is inferred from)."""
@@ -162,16 +168,15 @@ class Order:
     def batch_items(self, epoch: int, batch: int) -> np.ndarray:
         """Source indices (int64) of the samples of this host's `batch` of `epoch`."""
         self._check_batch(batch)
-        bs = self.batch_size
-        assert bs is not None, "batch_items is for per-sample sources"
-        first = batch * self.shard_count * bs
-        rows = bs if batch < self._full_batches else self._tail_rows
-        first += self.shard_index * rows
-        return self.indices(epoch, np.arange(first, first + rows, dtype=np.int64))
+        assert self.batch_size is not None, "batch_items is for per-sample sources"
+        out = np.empty(self.batch_size if batch < self._full_batches else self._tail_rows, np.int64)
+        self._c.batch(self.epoch_key(epoch), batch, out)
+        return out
 
     def source_batch(self, epoch: int, batch: int) -> int:
         """Source batch index of this host's `batch` of `epoch` (batch-level sources)."""
         self._check_batch(batch)
         assert self.batch_size is None, "source_batch is for batch-level sources"
-        position = np.array([batch * self.shard_count + self.shard_index], dtype=np.int64)
-        return int(self.indices(epoch, position)[0])
+        out = np.empty(1, np.int64)
+        self._c.batch(self.epoch_key(epoch), batch, out)
+        return int(out[0])

@@ -16,7 +16,10 @@ per row), and writing a batch whose padded leaves are smaller than that shape.
   true sizes, int32, shaped (rows,) for a 1-d field and (rows, ndim) otherwise,
   mirroring `padded_shapes`.
 - With buckets, the slot holds each padded leaf contiguously at its bucket's shape
-  (what `shapes(bucket)` gives), so the delivered arrays are plain views.
+  (what `shapes(bucket)` gives), so the delivered arrays are plain views.  With token
+  budgets a bucket's batch has its own row count too, so each bucket has its own
+  layout (`rows(bucket)`, `offsets(bucket)`), and a slot is as large as the largest
+  bucket's batch (not the largest rows at the largest shape).
 
 Invariant: a sample that does not fit is a SpecError naming the sample (or batch)
 index, the field and both shapes, raised before the batch is published.
@@ -26,14 +29,22 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, cast
 
 import numpy as np
 
 from ._errors import SpecError
 from ._rows import write_leaf
-from ._spec import Leaf, Node, Spec, check_batch_leaves, relayout
+from ._spec import (
+    LEAF_ALIGN_BYTES,
+    SLOT_ALIGN_BYTES,
+    Leaf,
+    Node,
+    Spec,
+    check_batch_leaves,
+    relayout,
+)
 
 LENGTHS_KEY = "lengths"  # the batch entry `with_lengths=True` adds
 LENGTHS_DTYPE = np.dtype(np.int32)
@@ -61,10 +72,22 @@ class Padding:
     boundaries: tuple[int, ...] | None  # bucket lengths, ascending
 
     bucket_shapes: tuple[tuple[tuple[int, ...], ...], ...] = ()  # per bucket: every spec leaf's row shape
+    # Token budgets: per bucket, the rows a slot holds and every spec leaf's offset
+    # (empty: the spec's rows and offsets, for every bucket).
+    bucket_rows: tuple[int, ...] = ()
+    bucket_offsets: tuple[tuple[int, ...], ...] = ()
 
     def shapes(self, bucket: int) -> list[tuple[int, ...]]:
         """Row shape of every spec leaf in a batch of `bucket`."""
         return list(self.bucket_shapes[bucket])
+
+    def rows(self, bucket: int) -> int | None:
+        """Rows a slot holds for a batch of `bucket` (None: the spec's)."""
+        return self.bucket_rows[bucket] if self.bucket_rows else None
+
+    def offsets(self, bucket: int) -> tuple[int, ...] | None:
+        """Each spec leaf's offset in a slot of `bucket`'s batch (None: the spec's)."""
+        return self.bucket_offsets[bucket] if self.bucket_offsets else None
 
     def bucket_for(self, need: int, where: str) -> int:
         """The smallest bucket whose length is at least `need`."""
@@ -177,9 +200,13 @@ def _match(node: Node, ps: Any, path: str, found: dict, what: str) -> Any:
     kind = node[0]
     here = path or "(root)"
     if kind == "leaf":
+        if what == "padded_shapes" and isinstance(ps, (int, np.integer)) and not isinstance(ps, bool):
+            found[node[1]] = int(ps)  # a text field's width, checked by plan()
+            return None
         if what == "padded_shapes" and not _is_shape(ps):
             raise SpecError(f"`padded_shapes`, field {here}: expected a shape (a tuple of ints) for "
-                            f"this array field, or None to keep it as it is; got {ps!r}")
+                            f"this array field, a width (an int) for a text field, or None to keep it "
+                            f"as it is; got {ps!r}")
         found[node[1]] = ps
         return node[1]
     if kind == "dict":
@@ -210,6 +237,19 @@ def _pad_value(value: Any, leaf: Leaf) -> Any:
     return cast[()]
 
 
+def _text_leaf(leaf: Leaf, width: Any) -> Leaf:
+    """A text field's leaf at the width `padded_shapes` gives it."""
+    here = leaf.path or "(root)"
+    if leaf.dtype.kind not in "SU":
+        raise SpecError(f"`padded_shapes`, field {here}: {width!r} is a width, for a text field; this "
+                        f"field has dtype {leaf.dtype}: give it a shape (a tuple of ints)")
+    if not isinstance(width, int) or width <= 0:
+        raise SpecError(f"`padded_shapes`, field {here}: a text field's width must be an int > 0 "
+                        f"(characters, or bytes), got {width!r}")
+    order = leaf.dtype.byteorder if leaf.dtype.kind == "U" else "|"
+    return Leaf(leaf.path, leaf.shape, np.dtype(f"{order}{leaf.dtype.kind}{width}"), 0, leaf.pytype)
+
+
 def _lengths_node(matched: Any, n_leaves: int, order: list) -> Node:
     """The output tree of the lengths entry; appends the padded leaf of each of its
     leaves to `order`."""
@@ -225,9 +265,11 @@ def _lengths_node(matched: Any, n_leaves: int, order: list) -> Node:
 
 
 def plan(spec: Spec, padded_shapes: Any, padding_values: Any, with_lengths: bool,
-         boundaries: tuple[int, ...] | None, index: int) -> tuple[Spec, Padding | None]:
+         boundaries: tuple[int, ...] | None, index: int,
+         bucket_rows: tuple[int, ...] | None = None) -> tuple[Spec, Padding | None]:
     """The spec of padded batches (from `spec`, inferred from the first sample, source
-    index `index`) and how to pad; (spec, None) without padding."""
+    index `index`) and how to pad; (spec, None) without padding.  `bucket_rows`: each
+    bucket's batch size (token budgets), when they differ."""
     if padded_shapes is None:
         if padding_values is not None or with_lengths or boundaries is not None:
             given = [n for n, v in (("padding_values", padding_values), ("with_lengths", with_lengths),
@@ -262,6 +304,9 @@ def plan(spec: Spec, padded_shapes: Any, padding_values: Any, with_lengths: bool
     protos = list(spec.leaves)
     for j, ps in shapes.items():
         leaf = spec.leaves[j]
+        if isinstance(ps, int) or leaf.dtype.kind in "SU":
+            protos[j] = _text_leaf(leaf, ps)
+            continue
         if len(ps) != len(leaf.shape):
             raise SpecError(f"`padded_shapes`, field {leaf.path or '(root)'}: {tuple(ps)} has {len(ps)} "
                             f"dimension(s), the field has {len(leaf.shape)} ({where}: shape {leaf.shape})")
@@ -284,6 +329,8 @@ def plan(spec: Spec, padded_shapes: Any, padding_values: Any, with_lengths: bool
         nd = len(spec.leaves[j].shape)
         protos.append(Leaf(f"[{LENGTHS_KEY!r}]{spec.leaves[j].path}", () if nd == 1 else (nd,),
                            LENGTHS_DTYPE, 0, None))
+    if boundaries is None and not lengths_order and all(p is None for p in pads):
+        return relayout(spec, tree, protos), None  # only text widths: nothing to pad
     if boundaries is not None and not any(p is not None and p.bucket_dims for p in pads):
         raise SpecError("`bucket_boundaries` needs a dimension to bucket: give it as None in "
                         "`padded_shapes`, e.g. {'tokens': (None,)}")
@@ -291,5 +338,24 @@ def plan(spec: Spec, padded_shapes: Any, padding_values: Any, with_lengths: bool
         tuple(tuple(n if pad is not None and d in pad.bucket_dims else size for d, size in enumerate(lf.shape))
               for lf, pad in zip(protos, pads + [None] * len(lengths_order)))
         for n in boundaries or ())
-    return (relayout(spec, tree, protos),
-            Padding(spec.tree, tuple(pads), boundaries, bucket_shapes))
+    padded = relayout(spec, tree, protos)
+    if bucket_rows is None:
+        return padded, Padding(spec.tree, tuple(pads), boundaries, bucket_shapes)
+    # Each bucket laid out at its own rows and shapes; the slot fits the largest.
+    layouts = [bucket_layout(rows, shapes, [lf.dtype for lf in padded.leaves])
+               for rows, shapes in zip(bucket_rows, bucket_shapes)]
+    slot_bytes = max(nbytes for _, nbytes in layouts)
+    return (replace(padded, slot_bytes=slot_bytes),
+            Padding(spec.tree, tuple(pads), boundaries, bucket_shapes, tuple(bucket_rows),
+                    tuple(offsets for offsets, _ in layouts)))
+
+
+def bucket_layout(rows: int, shapes: tuple[tuple[int, ...], ...],
+                  dtypes: list[np.dtype]) -> tuple[tuple[int, ...], int]:
+    """Each leaf's offset, and the slot bytes, of a batch of `rows` rows of `shapes`
+    (aligned as _spec lays out a slot)."""
+    offsets, offset = [], 0
+    for shape, dtype in zip(shapes, dtypes):
+        offsets.append(offset)
+        offset += -(-rows * math.prod(shape) * dtype.itemsize // LEAF_ALIGN_BYTES) * LEAF_ALIGN_BYTES
+    return tuple(offsets), max(SLOT_ALIGN_BYTES, -(-offset // SLOT_ALIGN_BYTES) * SLOT_ALIGN_BYTES)

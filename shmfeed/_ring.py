@@ -133,16 +133,19 @@ class Ring:
         return np.frombuffer(self.mm, np.uint8, count=self.n_slots * self.slot_bytes, offset=self.data_offset)
 
     # -- worker side ------------------------------------------------------------------
-    def _views(self, buffer, rows: int, shapes: list[tuple[int, ...]] | None) -> list[np.ndarray]:
+    def _views(self, buffer, rows: int, shapes: list[tuple[int, ...]] | None,
+               offsets: tuple[int, ...] | None = None) -> list[np.ndarray]:
         """Each leaf of a slot as `rows` rows of its shape (`shapes`: a bucket's, packed
-        contiguously from the leaf's offset, so that the views stay plain arrays);
-        `buffer` is the slot's bytes, and each view's base."""
+        contiguously from the leaf's offset, or from `offsets`, the bucket's own layout
+        with token budgets, so that the views stay plain arrays); `buffer` is the slot's
+        bytes, and each view's base."""
         if shapes is None:
             # One constructor call per leaf: the consumer makes these for every batch.
             layout = self._layout if self._layout_spec is self.spec else self._lay_out()
             return [np.ndarray((rows,) + shape, dtype, buffer, offset) for dtype, shape, offset in layout]
-        return [np.ndarray((rows,) + tuple(shape), lf.dtype, buffer, lf.offset)
-                for lf, shape in zip(self._known_spec().leaves, shapes)]
+        leaves = self._known_spec().leaves
+        return [np.ndarray((rows,) + tuple(shape), lf.dtype, buffer, lf.offset if offsets is None else offsets[j])
+                for j, (lf, shape) in enumerate(zip(leaves, shapes))]
 
     def _known_spec(self) -> Spec:
         """The spec, which a spawned pool's ring learns after mapping (see __init__)."""
@@ -156,11 +159,14 @@ class Ring:
         self._layout_spec = self.spec
         return self._layout
 
-    def write_views(self, slot: int, shapes: list[tuple[int, ...]] | None = None) -> list[np.ndarray]:
+    def write_views(self, slot: int, shapes: list[tuple[int, ...]] | None = None, rows: int | None = None,
+                    offsets: tuple[int, ...] | None = None) -> list[np.ndarray]:
         """Full-capacity arrays of each leaf in `slot`, for the worker to write into
-        (with `shapes`: of those row shapes, for a bucket)."""
+        (with `shapes`: of those row shapes, for a bucket; `rows` and `offsets`: the
+        bucket's own layout, with token budgets)."""
         if shapes is not None:
-            return self._views(self.slot_raw[slot], self._known_spec().rows, shapes)
+            return self._views(self.slot_raw[slot], self._known_spec().rows if rows is None else rows, shapes,
+                               offsets)
         if self._write_views is None:
             rows = self._known_spec().rows
             self._write_views = [self._views(raw, rows, None) for raw in self.slot_raw]
@@ -174,11 +180,12 @@ class Ring:
         return _report.read(self.mm, self.fatal_offset if slot is None else self.report_offsets[slot])
 
     # -- consumer side ----------------------------------------------------------------
-    def views(self, ref, rows: int, shapes: list[tuple[int, ...]] | None = None) -> list[np.ndarray]:
+    def views(self, ref, rows: int, shapes: list[tuple[int, ...]] | None = None,
+              offsets: tuple[int, ...] | None = None) -> list[np.ndarray]:
         """Arrays of one taken batch, views of its `SlotRef` (`Control.take` returns it):
         each array's base is the ref, whose deallocation (in C, so that no Ctrl-C can
         interrupt it) releases the slot when the last of them dies."""
-        return self._views(ref, rows, shapes)
+        return self._views(ref, rows, shapes, offsets)
 
     def close(self) -> None:
         """Drop this object's hold on the mapping and its descriptor.  The memory is

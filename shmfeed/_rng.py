@@ -27,6 +27,7 @@ from ._errors import ShmfeedError
 PERMUTATION_STREAM = 0x5045524D  # "PERM": the epoch order
 ITEM_STREAM = 0x4954454D  # "ITEM": shmfeed.rng() of one sample or source batch
 GLOBAL_STREAM = 0x474C4F42  # "GLOB": np.random / random of one loader batch
+BATCH_STREAM = 0x42415443  # "BATC": shmfeed.rng() of a batch_transform
 
 
 class _Context:
@@ -46,6 +47,12 @@ def set_item(seed: int, epoch: int, index: int) -> None:
     # Cheap on purpose: runs once per sample; the Generator is built only on demand.
     _ctx.key = (seed, epoch, index)
     _ctx.gen = None
+
+
+def set_batch(seed: int, epoch: int, batch: int) -> None:
+    """Key `rng()` to loader batch `batch` (a batch transform runs), apart from its samples'."""
+    _ctx.key = (seed, epoch, batch)
+    _ctx.gen = np.random.default_rng(np.random.SeedSequence([seed, epoch, batch, BATCH_STREAM]))
 
 
 def samples_of(source: Any, seed: int, epoch: int, items: list[int]) -> list:

@@ -20,7 +20,7 @@ from operator import attrgetter
 import numpy as np
 
 from ._kernels import stack_rows as _stack_rows
-from ._spec import Leaf, Spec, check_sample_leaf
+from ._spec import Leaf, Spec, check_sample_leaf, text_too_long, text_width
 
 _dtype_of = attrgetter("dtype")
 _shape_of = attrgetter("shape")
@@ -44,6 +44,10 @@ def write_leaf(view: np.ndarray, col: tuple, leaf: Leaf, items: list[int], strea
     non-temporal stores (see csrc/kernels.h SHMF_STREAM_MIN_BYTES)."""
     n = len(col)
     if leaf.pytype is not None and set(map(type, col)) == {leaf.pytype}:
+        if leaf.dtype.kind in "SU" and max(map(len, col)) > text_width(leaf.dtype):
+            # numpy would cut the text to the slot's width without a word
+            row = next(r for r, x in enumerate(col) if len(x) > text_width(leaf.dtype))
+            raise text_too_long(f"sample {items[row]}", leaf, len(col[row]))
         view[:n] = col  # Python scalars: converted in one C call
         return
     if (leaf.shape and not leaf.dtype.hasobject
@@ -55,7 +59,8 @@ def write_leaf(view: np.ndarray, col: tuple, leaf: Leaf, items: list[int], strea
     if leaf.shape:
         # Rows stacked along the leaf's first axis: one numpy call, a copy per row in C.
         target = view[:n].reshape((n * leaf.shape[0],) + leaf.shape[1:])
-        np.concatenate(col, axis=0, out=target, casting="no")
+        # Text narrower than the slot's widens ("safe"); wider was refused above.
+        np.concatenate(col, axis=0, out=target, casting="safe" if leaf.dtype.kind in "SU" else "no")
     else:
         view[:n] = col
 

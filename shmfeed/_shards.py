@@ -18,6 +18,15 @@ consumer passed).  The epoch ends once every shard has ended; the consumer then
 gives the rest of the generation up, which sends the workers to the next one.
 The generation is opened with `STREAM_BATCH_BOUND` batches, a bound no epoch reaches.
 
+Resuming (`Loader.state_dict()`): batch numbers are fixed, so a state is the epoch, the
+next batch number, and the local shards that had ended before it (with the batch each
+ended in, so that a device feed reading ahead does not count ends the loop has not
+seen).  The generation of a resumed epoch starts at that batch (`first_batch`); workers
+and consumer deal shards by epoch batch numbers and skip the shards that had ended
+(`ShardedSource.resume`, sent to the workers like any source state).  A shard asked for
+round r > 0 is read by `make(shard, num_shards, start=r * batch_size)` when `make` has a
+`start` parameter (`Stream.seekable`), otherwise replayed from its start.
+
 Invariants:
 - The stream is a function of (make, num_shards, batch_size, seed, epoch, hosts):
   not of `num_workers`, nor of which worker built what, nor of a worker's death.
@@ -37,6 +46,7 @@ batches must give the same one).  Either is a `SpecError` that arrives in batch 
 
 from __future__ import annotations
 
+import inspect
 import mmap
 import os
 import struct
@@ -72,6 +82,12 @@ class Stream:
     up to where it stopped (a `make` that gives other samples then is a `SpecError`, as
     is one whose first two shards start alike, i.e. that ignores `shard_index`).  With
     `shard_count` hosts, host h reads the shards `s % shard_count == h`.
+
+    `Loader.state_dict()` resumes a Stream mid-epoch.  A `make` with a `start` parameter,
+    `make(shard_index, num_shards, start=0)`, declares that it can seek: it yields the
+    shard from sample `start`, and a resumed or replacement worker asks it to start
+    where it stopped (nothing is read twice, and not fingerprinted); any other `make`
+    is replayed from the start of the shard.
     """
 
     def __init__(self, make: Any, num_shards: int):
@@ -82,9 +98,19 @@ class Stream:
             raise SpecError(f"`num_shards` must be an integer >= 1, got {num_shards!r}")
         self.make = make
         self.num_shards = num_shards
+        self.seekable = _takes_start(make)
 
     def __repr__(self) -> str:
         return f"shmfeed.sources.Stream({getattr(self.make, '__name__', self.make)!r}, num_shards={self.num_shards})"
+
+
+def _takes_start(make: Any) -> bool:
+    """Whether `make` declares it can seek: a `start` parameter (with a default)."""
+    try:
+        param = inspect.signature(make).parameters.get("start")
+    except (TypeError, ValueError):  # a builtin or C callable without a signature
+        return False
+    return param is not None and param.default is not inspect.Parameter.empty
 
 
 def _item_key(shard: int, position: int) -> int:
@@ -159,7 +185,13 @@ class ShardBuilder(Builder):
             return sh
         shard = src.shards[j]
         rows = src.batch_size
-        self.current_item = _item_key(shard, 0)  # an error in `make` itself names the shard
+        self.current_item = _item_key(shard, round_ * rows)  # an error in `make` itself names the shard
+        if round_ and src.stream.seekable:  # `make` starts where asked: nothing is re-read
+            _rng.set_item(seed, epoch, self.current_item)
+            it = iter(src.stream.make(shard, src.stream.num_shards, start=round_ * rows))
+            sh = self._shards[j] = _Shard(epoch, it, round_)
+            return sh
+        self.current_item = _item_key(shard, 0)
         it = iter(src.stream.make(shard, src.stream.num_shards))
         sh = self._shards[j] = _Shard(epoch, it, 0)
         sh.expect = self._prints.recorded(j, epoch) if round_ else None
@@ -253,10 +285,12 @@ class ShardBuilder(Builder):
         finally:
             _rng.clear_item()
 
-    def _live(self, mine: list[int], epoch: int) -> list[int]:
-        """Those of the local shards `mine` not known to have ended in `epoch`."""
-        shards = self._shards
-        return [j for j in mine if not (j in shards and shards[j].epoch == epoch and shards[j].it is None)]
+    def _live(self, mine: list[int], epoch: int, first: int) -> list[int]:
+        """Those of the local shards `mine` not known to have ended in `epoch` (read here,
+        or, in a generation resumed at batch `first`, before it)."""
+        shards, before = self._shards, self.source.ended_before(epoch, first)
+        return [j for j in mine if j not in before
+                and not (j in shards and shards[j].epoch == epoch and shards[j].it is None)]
 
     def worker_loop(self, ring: Any, worker: int, pending: int | None, parent_pid: int) -> None:
         """A worker's life: per generation, build the batches of its shards in order,
@@ -274,15 +308,19 @@ class ShardBuilder(Builder):
                     continue
                 # (A predecessor's claim is never handed over as `pending`: the shared
                 # claim counter, which shmf_reclaim checks, is not used here.)
-                b = _resume_point(ctl, gen, mine, n_local)
+                # Shards are dealt by epoch batch numbers (a resumed generation starts at
+                # `first`); the ring's are the generation's, from 0.
                 info = ctl.gen_info(gen)
-                live = self._live(mine, info.epoch)
-                while b < info.n_batches and live:
+                first = info.first_batch
+                live = self._live(mine, info.epoch, first)
+                e = _resume_point(ctl, gen, live, n_local, first) if live else first
+                while e - first < info.n_batches and live:
+                    b = e - first
                     ctl.set_claim(worker, tag(gen, b))
                     if not build_batch(ring, self, worker, gen, b, parent_pid) and _epoch_over(ctl, gen):
                         break
-                    live = self._live(mine, info.epoch)
-                    b = _next_mine(b, live, n_local) if live else b
+                    live = self._live(mine, info.epoch, first)
+                    e = _next_mine(e, live, n_local) if live else e
                 done_gen = gen
         except (LeaveBuild, PoolShutdown):
             return
@@ -307,16 +345,17 @@ def _epoch_over(ctl: Any, gen: int) -> bool:
     return h["gen"] != gen or (consumer_gen == gen and consumer_batch == _TAG_BATCH_MASK)
 
 
-def _resume_point(ctl: Any, gen: int, mine: list[int], n_local: int) -> int:
-    """Where a worker starting in generation `gen` begins: after every batch of `mine`
-    already built, i.e. those the consumer has passed and those waiting in slots (its
-    predecessor, if any, built them in increasing order)."""
+def _resume_point(ctl: Any, gen: int, mine: list[int], n_local: int, first: int) -> int:
+    """The epoch batch number where a worker starting in generation `gen` (which starts
+    at epoch batch `first`) begins: after every batch of `mine` already built, i.e.
+    those the consumer has passed and those waiting in slots (its predecessor, if any,
+    built them in increasing order)."""
     consumer_gen, consumer_batch = untag(ctl.header()["consumer_tag"])
-    floor = consumer_batch if consumer_gen == gen else 0
-    built = [untag(info["tag"])[1] for info in (ctl.slot(s) for s in range(ctl.header()["n_slots"]))
+    floor = first + (consumer_batch if consumer_gen == gen else 0)
+    built = [first + untag(info["tag"])[1] for info in (ctl.slot(s) for s in range(ctl.header()["n_slots"]))
              if info["state"] in _BUILT and untag(info["tag"])[0] == gen]
     last = max([b for b in built if b % n_local in mine] + [floor - 1])
-    return _next_mine(last, mine, n_local) if last >= 0 else mine[0]
+    return _next_mine(last, mine, n_local)  # from -1: mine[0]
 
 
 _BUILT = (SlotState.READY, SlotState.HELD, SlotState.ERROR)
@@ -326,25 +365,29 @@ class _EpochCut:
     """The consumer's view of one epoch of a sharded stream: a batch shorter than
     `batch_size` is its shard's last; the epoch ends when every shard has ended."""
 
-    def __init__(self, n_local: int, batch_size: int, drop_last: bool):
+    def __init__(self, n_local: int, batch_size: int, drop_last: bool, ended_at: dict[int, int] | None = None):
         self.n_local, self.batch_size, self.drop_last = n_local, batch_size, drop_last
-        self.ended: set[int] = set()
+        self.ended_at: dict[int, int] = dict(ended_at or {})  # local shard -> batch it ended in
+
+    @property
+    def ended(self) -> set[int]:
+        return set(self.ended_at)
 
     @property
     def done(self) -> bool:
-        return len(self.ended) == self.n_local
+        return len(self.ended_at) == self.n_local
 
     def after(self, batch: int) -> int:
         """The batch after `batch` that belongs to a shard still running."""
         batch += 1
-        while not self.done and batch % self.n_local in self.ended:
+        while not self.done and batch % self.n_local in self.ended_at:
             batch += 1
         return batch
 
     def keep(self, batch: int, rows: int) -> bool:
         """Whether batch `batch`, of `rows` rows, is delivered."""
         if rows < self.batch_size:
-            self.ended.add(batch % self.n_local)
+            self.ended_at.setdefault(batch % self.n_local, batch)
         return rows == self.batch_size if self.drop_last else rows > 0
 
 
@@ -361,6 +404,16 @@ class ShardedSource:
         self.num_workers = max(num_workers, 1)
         self.drop_last = drop_last
         self.shards = list(range(shard_index, stream.num_shards, shard_count))
+        self.shard_index, self.shard_count = shard_index, shard_count
+        # (epoch, next batch, {local shard: batch it ended in}) of a loaded state: the
+        # generation that resumes there skips the shards that had ended.
+        self.resume: tuple[int, int, dict[int, int]] | None = None
+
+    def ended_before(self, epoch: int, first: int) -> dict[int, int]:
+        """The local shards that ended before batch `first` of `epoch`, when a loaded
+        state resumes there (else none: a generation from 0 reads every shard)."""
+        r = self.resume
+        return r[2] if r is not None and first and (r[0], r[1]) == (epoch, first) else {}
 
     def __len__(self) -> int:
         return STREAM_BATCH_BOUND * self.batch_size
@@ -405,8 +458,8 @@ class ShardedSource:
                 f"return the whole stream, which would then come {stream.num_shards} times per epoch. "
                 "Return only shard `shard_index` of `num_shards` (e.g. `files[shard_index::num_shards]`).")
 
-    def _shmfeed_epoch_cut(self) -> _EpochCut:
-        return _EpochCut(len(self.shards), self.batch_size, self.drop_last)
+    def _shmfeed_epoch_cut(self, epoch: int, first: int) -> _EpochCut:
+        return _EpochCut(len(self.shards), self.batch_size, self.drop_last, self.ended_before(epoch, first))
 
     def __repr__(self) -> str:
         return f"{self.stream!r} (shards {self.shards} on this host)"

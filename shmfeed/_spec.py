@@ -4,9 +4,14 @@ and where it lives in a slot.
 The spec is inferred from the first sample (or first batch, for batch-level sources)
 and every later sample or batch is checked against it before a byte is written.
 Errors name the sample or batch index, the field path (`['image']`, `[0]`) and what
-was expected.  Only plain numeric dtypes are allowed (bool, signed and unsigned
-integers, floats, complex): they are what can be shared as raw bytes and handed to
-JAX without conversion.
+was expected.  Plain numeric dtypes are allowed (bool, signed and unsigned integers,
+floats, complex): they are what can be shared as raw bytes and handed to JAX without
+conversion.  So are strings (file names, captions, ids): a `str` or `bytes` leaf, or a
+numpy `U`/`S` array, rides along as a fixed-width numpy unicode/bytes array, its width
+(characters, or bytes) given by `padded_shapes` (an int for the field) or probed from
+the first sample and rounded up to a power of two, at least MIN_TEXT_WIDTH; a longer
+one is a SpecError naming the sample and field (never cut silently).  numpy's `S`
+drops trailing NUL bytes.
 
 A leaf that numpy converts in one step (it has `__array__`, `__array_interface__` or
 `__array_struct__`: a PyTorch CPU tensor, a PIL image, a JAX array on the CPU) is
@@ -32,6 +37,8 @@ _NUMERIC_KINDS = "biufc"
 _PY_SCALARS = (bool, int, float, complex)
 _ARRAY_PROTOCOLS = ("__array__", "__array_interface__", "__array_struct__")
 _TEXT_TYPES = (str, bytes, bytearray, memoryview)
+_TEXT_KINDS = "SU"  # numpy's fixed-width bytes and unicode
+MIN_TEXT_WIDTH = 16  # characters (bytes) a probed text field holds at least
 
 # Tree nodes: ("leaf", index) | ("dict", keys, children) | ("seq", type, children),
 # and, in a batch's tree only, ("none",): a None in the batch.
@@ -112,7 +119,7 @@ def _convert(obj: Any, where: str, path: str) -> np.ndarray:
 def _unsupported(obj: Any, where: str, path: str, expected: str) -> SpecError:
     """The error for a leaf that is neither an array, a number nor convertible."""
     head = f"{where}, field {path}: got a value of type {type(obj).__name__}, expected {expected}."
-    if isinstance(obj, _TEXT_TYPES):
+    if isinstance(obj, memoryview):
         return SpecError(
             f"{head} Text and bytes cannot travel as fixed-size raw memory: encode them as numbers "
             "in `__getitem__` (token or class ids; bytes as a fixed-length uint8 array, e.g. "
@@ -129,18 +136,48 @@ def _as_leaf_array(obj: Any, path: tuple, where: str) -> tuple[np.ndarray | np.g
     elif type(obj) in _PY_SCALARS:
         arr = np.asarray(obj)
         pytype = type(obj)
+    elif type(obj) in (str, bytes, bytearray):
+        arr = np.str_(obj) if type(obj) is str else np.bytes_(bytes(obj))
+        pytype = str if type(obj) is str else bytes
     elif _convertible(obj):
         arr = _convert(obj, where, here)
         pytype = None
     else:
         raise _unsupported(obj, where, here, "a numpy array or a number (a dict, tuple or list of them)")
-    if arr.dtype.kind not in _NUMERIC_KINDS:
+    if arr.dtype.kind not in _NUMERIC_KINDS + _TEXT_KINDS:
         raise SpecError(
             f"{where}, field {here}: dtype {arr.dtype} is not supported, "
-            "expected bool, integer, float or complex. Encode strings/objects as numbers "
-            "(e.g. token ids) in `__getitem__`."
+            "expected bool, integer, float, complex or fixed-width text (str, bytes, numpy U/S). "
+            "Encode objects as numbers or text in `__getitem__`."
         )
     return arr, pytype
+
+
+def text_width(dtype: np.dtype) -> int:
+    """Characters (`U`) or bytes (`S`) a text dtype holds."""
+    return dtype.itemsize // 4 if dtype.kind == "U" else dtype.itemsize
+
+
+def _probed(dtype: np.dtype) -> np.dtype:
+    """A text leaf's slot dtype from the first sample's: room for longer ones."""
+    if dtype.kind not in _TEXT_KINDS:
+        return dtype
+    width = max(MIN_TEXT_WIDTH, 1 << max(text_width(dtype) - 1, 0).bit_length())
+    return np.dtype(f"{dtype.byteorder if dtype.kind == 'U' else '|'}{dtype.kind}{width}")
+
+
+def _text_fits(x: Any, leaf: Leaf) -> bool:
+    """Whether text array/scalar `x` fits `leaf`'s text dtype (same kind, not wider)."""
+    return x.dtype.kind == leaf.dtype.kind and text_width(x.dtype) <= text_width(leaf.dtype)
+
+
+def text_too_long(where: str, leaf: Leaf, got: int) -> SpecError:
+    unit = "characters" if leaf.dtype.kind == "U" else "bytes"
+    return SpecError(
+        f"{where}, field {leaf.path or '(root)'}: text of {got} {unit}, wider than the "
+        f"{text_width(leaf.dtype)} its slot holds ({leaf.dtype}, from `padded_shapes` or probed from the first "
+        f"sample). Give the field its largest width in `padded_shapes`, e.g. "
+        f"{{{leaf.path[1:-1] or 'field'}: {2 * got}}}, or cut it in `__getitem__`.")
 
 
 def infer(first: Any, *, rows: int | None, index: int) -> Spec:
@@ -167,7 +204,7 @@ def infer(first: Any, *, rows: int | None, index: int) -> Spec:
         rows = lead[0]
     assert rows is not None
     protos = [
-        Leaf(_path_str(path), tuple(arr.shape[1:]) if batch_level else tuple(arr.shape), arr.dtype, 0,
+        Leaf(_path_str(path), tuple(arr.shape[1:]) if batch_level else tuple(arr.shape), _probed(arr.dtype), 0,
              None if batch_level else pytype)
         for path, (arr, pytype) in found
     ]
@@ -322,6 +359,8 @@ def check_sample_leaf(x: Any, leaf: Leaf, index: int | None) -> Any:
     """Return x as one row of `leaf` (converted when it implements numpy's array
     protocols), or raise SpecError."""
     where, here = f"sample {index}", leaf.path or "(root)"
+    if type(x) in (str, bytes, bytearray):
+        x = np.str_(x) if type(x) is str else np.bytes_(bytes(x))
     if not isinstance(x, np.ndarray | np.generic) and type(x) not in _PY_SCALARS:
         if not _convertible(x):
             raise _unsupported(x, where, here, _leaf_expect(leaf) + " like the first sample")
@@ -329,7 +368,12 @@ def check_sample_leaf(x: Any, leaf: Leaf, index: int | None) -> Any:
     if isinstance(x, np.ndarray | np.generic):
         if x.dtype == leaf.dtype and x.shape == leaf.shape:
             return x
-        if x.dtype.kind not in _NUMERIC_KINDS:
+        if leaf.dtype.kind in _TEXT_KINDS and x.dtype.kind == leaf.dtype.kind and x.shape == leaf.shape:
+            if _text_fits(x, leaf):
+                return x
+            raise text_too_long(where, leaf, text_width(x.dtype))
+        if x.dtype.kind not in _NUMERIC_KINDS + _TEXT_KINDS or (
+                (x.dtype.kind in _TEXT_KINDS) != (leaf.dtype.kind in _TEXT_KINDS)):
             got = f"dtype {x.dtype}"
         elif x.shape != leaf.shape:
             got = f"shape {tuple(x.shape)}"
@@ -388,7 +432,10 @@ def check_batch_leaves(leaves: list, spec: Spec, index: int, padded: tuple[bool,
             if type(x) in _PY_SCALARS or isinstance(x, np.generic):
                 raise SpecError(f"{where}: got a scalar, expected an array with a leading batch axis")
             raise _unsupported(x, f"batch {index}", leaf.path or "(root)", "a numpy array")
-        if x.dtype != leaf.dtype or x.ndim == 0 or (
+        if (leaf.dtype.kind in _TEXT_KINDS and x.dtype.kind == leaf.dtype.kind
+                and text_width(x.dtype) > text_width(leaf.dtype)):
+            raise text_too_long(f"batch {index}", leaf, text_width(x.dtype))
+        if (x.dtype != leaf.dtype and not (leaf.dtype.kind in _TEXT_KINDS and _text_fits(x, leaf))) or x.ndim == 0 or (
                 x.ndim != len(leaf.shape) + 1 if i < len(padded) and padded[i] else tuple(x.shape[1:]) != leaf.shape):
             raise SpecError(
                 f"{where}: got dtype {x.dtype} shape {tuple(x.shape)}, expected dtype {leaf.dtype} "

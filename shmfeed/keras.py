@@ -72,7 +72,7 @@ from ._loader import Loader
 from ._spec import unflatten
 from ._stats import Stats
 
-__all__ = ["BackupAndRestore", "Feed", "feed"]
+__all__ = ["BackupAndRestore", "Feed", "InputWait", "feed"]
 
 FEED_STATE_FORMAT = 1
 # Keras's methods that read one batch only to build an unbuilt model (fit, evaluate).
@@ -647,6 +647,36 @@ class BackupAndRestore(keras.callbacks.BackupAndRestore):
             json.dump(metadata, f)
         os.replace(path + ".tmp", path)  # the commit: the checkpoint is this file
         self._weights_name = name
+
+
+class InputWait(keras.callbacks.Callback):
+    """Puts how input-bound each epoch was into `fit`'s logs, so History, TensorBoard
+    and the progress bar show it: `input_wait` (the fraction of the epoch's time the
+    training step waited for the feed's batches) and `input_batches_per_s`.
+
+        model.fit(train, epochs=10, callbacks=[shmfeed.keras.InputWait(train),
+                                               keras.callbacks.TensorBoard(log_dir)])
+
+    Put it before the callbacks that read the logs (Keras calls them in list order)."""
+
+    def __init__(self, feed: Feed):
+        super().__init__()
+        if not isinstance(feed, Feed):
+            raise SpecError(f"InputWait needs the shmfeed Feed that fit trains on, got {type(feed).__name__}")
+        self.feed = feed
+        self._start: Stats | None = None
+
+    def on_epoch_begin(self, epoch: int, logs: Any = None) -> None:
+        self._start = self.feed.loader.stats()
+
+    def on_epoch_end(self, epoch: int, logs: Any = None) -> None:
+        if logs is None or self._start is None:
+            return
+        now, start = self.feed.loader.stats(), self._start
+        elapsed = now.elapsed_s - start.elapsed_s
+        if elapsed > 0:
+            logs["input_wait"] = (now.wait_s - start.wait_s) / elapsed
+            logs["input_batches_per_s"] = (now.batches - start.batches) / elapsed
 
 
 # Keras (and JAX under it) are imported, their backend not started yet in a script

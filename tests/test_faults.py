@@ -814,7 +814,8 @@ def test_ctrl_c_while_a_spawned_pool_starts_prints_no_child_traceback(tmp_path):
 
 def test_leak_fixture_fails_tests_that_leave_a_process_fd_or_shm_file(tmp_path):
     (tmp_path / "conftest.py").write_text((TESTS / "conftest.py").read_text())
-    shm_file = f"/dev/shm/shmfeed-leak-check-{os.getpid()}"
+    prefix = f"leak-check-{os.getpid()}-"  # not "shmfeed...": see conftest.SHM_PREFIX
+    shm_file = f"/dev/shm/{prefix}file"
     (tmp_path / "test_leaky.py").write_text(textwrap.dedent(f"""
         import os, subprocess, sys
         import numpy as np, shmfeed
@@ -834,7 +835,7 @@ def test_leak_fixture_fails_tests_that_leave_a_process_fd_or_shm_file(tmp_path):
     """))
     try:
         run = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider",
-                              str(tmp_path)], cwd=tmp_path,
+                              str(tmp_path)], cwd=tmp_path, env={**os.environ, "SHMFEED_TEST_SHM_PREFIX": prefix},
                              capture_output=True, text=True, timeout=120)
     finally:
         if os.path.exists(shm_file):

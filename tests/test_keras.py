@@ -243,3 +243,22 @@ def test_the_torch_backend_trains_on_the_same_batches():
                          timeout=100, env=dict(os.environ, PYTHONPATH=str(root), KERAS_BACKEND="torch"))
     assert out.returncode == 0, out.stdout + out.stderr
     assert json.loads(out.stdout.strip().splitlines()[-1]) == {"backend": "torch", "same": True}
+
+
+def test_fits_logs_say_how_input_bound_each_epoch_was():
+    class SlowTutorial(Tutorial):
+        def __getitem__(self, index):
+            import time
+
+            time.sleep(0.02)  # far slower than the tiny model's step: the fit waits for input
+            return super().__getitem__(index)
+
+    model = small_model()
+    with shmfeed.keras.feed(SlowTutorial(), num_workers=1) as train:
+        history = model.fit(train, epochs=3, verbose=0, callbacks=[shmfeed.keras.InputWait(train)])
+    waits = history.history["input_wait"]
+    # The first epoch also compiles the step (seconds): only the later ones wait on input.
+    assert len(waits) == 3 and all(0 <= w <= 1 for w in waits) and min(waits[1:]) > 0.5, waits
+    assert all(r > 0 for r in history.history["input_batches_per_s"])
+    with pytest.raises(shmfeed.SpecError, match="InputWait needs the shmfeed Feed"):
+        shmfeed.keras.InputWait(SlowTutorial())

@@ -82,12 +82,10 @@ def test_arrays_batches_equal_the_per_sample_path_and_x_of_idx(num_workers, shar
 @pytest.mark.parametrize("shuffle", [False, True, "block"])
 def test_the_workers_c_loop_builds_what_the_python_path_builds(shuffle):
     """Control.gather_batches (csrc/gather.h), driven by hand on a loader's ring: it
-    hands back the claim of an epoch it has no key for, then builds the next batches
-    itself until the ring is full, byte for byte what Builder.fill writes, the short
-    last batch of this host's shard included; at the epoch's end it says so."""
-    from shmfeed._build import build_batch
+    builds every batch that has a slot, the epoch's first included (its key comes with
+    the generation), byte for byte what Builder.fill writes, the short last batch of
+    this host's shard included; at the epoch's end it says so."""
     from shmfeed._control import SlotState
-    from shmfeed._worker import NO_EPOCH
 
     x = _table(n=211, width=7)
     y = (np.arange(len(x)) * 3).astype(np.int64)
@@ -98,14 +96,12 @@ def test_the_workers_c_loop_builds_what_the_python_path_builds(shuffle):
         ctl, order, epoch = ring.ctl, builder.order, 3
         plan = builder.gather_plan()
         assert plan is not None
-        gen = ctl.start_epoch(epoch, 0, order.n_batches, 0)
-        assert ctl.gather_batches(0, 0.0, plan, NO_EPOCH, 0) == (gen, 0)  # no key: back to Python
-        assert build_batch(ring, builder, 0, gen, 0, None)
-        key = order.epoch_key(epoch)
+        gen = ctl.start_epoch(epoch, 0, order.n_batches, 0, order.epoch_key(epoch))
+        assert ctl.gen_info(gen).key == order.epoch_key(epoch)
         seen = []
         for b in range(order.n_batches):
             # Builds every batch that has a slot, then finds nothing to claim.
-            assert ctl.gather_batches(0, 0.0, plan, epoch, key) in (None, (gen, None))
+            assert ctl.gather_batches(0, 0.0, plan) in (None, (gen, None))
             state, rows, slot, ref = ctl.take(gen, b, 1.0)
             assert state == SlotState.READY
             got_x, got_y = ring.views(ref, rows)
@@ -115,22 +111,23 @@ def test_the_workers_c_loop_builds_what_the_python_path_builds(shuffle):
             del got_x, got_y, ref  # gives the slot back: the next batch gets it
         assert len(seen) == len(set(seen)) == order.items_per_shard
         assert order.n_batches * 8 > order.items_per_shard  # the last batch was short
-        assert ctl.gather_batches(0, 0.0, plan, epoch, key) == (gen, None)
+        assert ctl.gather_batches(0, 0.0, plan) == (gen, None)
         assert ctl.worker(0)["batches"] == order.n_batches
 
 
 def test_the_c_loop_refuses_a_plan_that_does_not_fit_the_ring():
+    from shmfeed._control import GatherPlan
+
     x = _table(n=64, width=4)
     with shmfeed.Loader(Arrays(x), batch_size=8, num_workers=0) as loader:
         ring, builder = loader._consumer.ring, loader._consumer.builder
-        order, leaves = builder.gather_plan()
-        src, stride, row_bytes, offset = leaves[0]
-        too_few_rows = [(src[:10], stride, row_bytes, offset)]
+        (src, stride, row_bytes), offset = builder.source._row_copies()[0], builder.spec.leaves[0].offset
+        order = builder.order.c_order
         with pytest.raises(ValueError, match="leaf 0 .*does not fit 64 items"):
-            ring.ctl.gather_batches(0, 0.0, (order, too_few_rows), 0, 0)
-        past_the_slot = [(src, stride, row_bytes, ring.slot_bytes)]
-        with pytest.raises(ValueError, match="slots of"):
-            ring.ctl.gather_batches(0, 0.0, (order, past_the_slot), 0, 0)
+            GatherPlan(order, [(src[:10], stride, row_bytes, offset)])
+        past_the_slot = GatherPlan(order, [(src, stride, row_bytes, ring.slot_bytes)])
+        with pytest.raises(ValueError, match="slots have"):
+            ring.ctl.gather_batches(0, 0.0, past_the_slot)
 
 
 def test_same_batches_with_0_and_2_workers_and_after_a_resume():

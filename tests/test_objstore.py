@@ -1,0 +1,305 @@
+"""`shmfeed.sources.ObjectCache` (issue 29) against a real S3-compatible server (moto's)
+started on 127.0.0.1 by each test: tar shards and Parquet files read from s3:// through
+a bounded local cache, once per machine, exactly once across a worker killed mid-
+download, and clear errors for a server that is down, a missing object, a cache too
+small or full, and a cache directory that cannot be written."""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import tarfile
+import time
+import urllib.request
+
+import numpy as np
+import pytest
+
+import shmfeed
+from shmfeed.sources import ArrayRecord, ObjectCache, Parquet, SourceFileError, TarShards
+
+pytest.importorskip("moto.server")
+s3fs = pytest.importorskip("s3fs")
+
+BUCKET = "data"
+LENGTHS = [6, 4, 7]
+
+
+@pytest.fixture(scope="module", autouse=True)
+def fsspec_loop():
+    """fsspec's one event loop thread (an epoll fd and a socket pair) lives as long as the
+    process: start it before the per-test leak check looks."""
+    import fsspec.asyn
+    fsspec.asyn.get_loop()
+
+
+class MotoServer:
+    """`python -m moto.server` on a free port of 127.0.0.1, in its own process: the
+    test process forks workers, and a server's threads in it could hold a lock the
+    children inherit."""
+
+    def __init__(self):
+        with socket.socket() as sock:
+            sock.bind(("127.0.0.1", 0))
+            self.port = sock.getsockname()[1]
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.proc = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p",
+                                      str(self.port)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                urllib.request.urlopen(self.url + "/moto-api/", timeout=1).close()
+                return
+            except OSError:
+                if time.monotonic() > deadline or self.proc.poll() is not None:
+                    self.stop()
+                    raise RuntimeError("the moto server did not start") from None
+                time.sleep(0.1)
+
+    def stop(self):
+        if self.proc.poll() is None:
+            self.proc.kill()
+        self.proc.wait(timeout=10)
+
+
+@pytest.fixture
+def s3(monkeypatch):
+    """A fresh S3 server on loopback: (filesystem to put objects with, storage_options, server)."""
+    for k, v in {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
+                 "AWS_DEFAULT_REGION": "us-east-1"}.items():
+        monkeypatch.setenv(k, v)
+    server = MotoServer()
+    try:
+        opts = {"client_kwargs": {"endpoint_url": server.url},
+                "config_kwargs": {"retries": {"max_attempts": 1}, "connect_timeout": 2, "read_timeout": 5}}
+        fs = s3fs.S3FileSystem(skip_instance_cache=True, **opts)
+        fs.mkdir(BUCKET)
+        yield fs, opts, server
+    finally:
+        server.stop()
+
+
+def _tar_bytes(s: int, n: int, pad: int = 0) -> bytes:
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w") as tar:
+        for i in range(n):
+            members = [(f"{s}-{i:04d}.json", json.dumps({"s": s, "i": i}).encode())]
+            if pad and i == 0:
+                members.append((f"{s}-{i:04d}.pad", os.urandom(pad)))
+            for name, data in members:
+                info = tarfile.TarInfo(name)
+                info.size = len(data)
+                tar.addfile(info, io.BytesIO(data))
+    return buf.getvalue()
+
+
+def decode(fields):
+    meta = json.loads(fields["json"])
+    return {"s": meta["s"], "i": meta["i"], "noise": shmfeed.rng().integers(1 << 30)}
+
+
+def _put_shards(fs, pad: int = 0) -> list[int]:
+    sizes = []
+    for s, n in enumerate(LENGTHS):
+        data = _tar_bytes(s, n, pad if s == 0 else 0)
+        fs.pipe(f"{BUCKET}/shards/train-{s}.tar", data)
+        sizes.append(len(data))
+    return sizes
+
+
+def _epoch(loader):
+    return [(b["s"].tolist(), b["i"].tolist(), b["noise"].tolist()) for b in loader]
+
+
+def _local_reference(tmp_path, pad: int = 0):
+    paths = []
+    for s, n in enumerate(LENGTHS):
+        p = tmp_path / f"local-{s}.tar"
+        p.write_bytes(_tar_bytes(s, n, pad if s == 0 else 0))
+        paths.append(str(p))
+    with shmfeed.Loader(TarShards(paths, decode), batch_size=2, num_workers=0, seed=1) as loader:
+        return _epoch(loader)
+
+
+def _cache_files(d) -> dict:
+    return {e.name: e.stat().st_size for e in os.scandir(d) if not e.name.endswith(".lock")
+            and not e.name.startswith(".")}
+
+
+def test_tar_shards_from_s3_give_the_local_stream_each_downloaded_once(s3, tmp_path):
+    fs, opts, _ = s3
+    sizes = _put_shards(fs)
+    cache = ObjectCache(tmp_path / "cache", max_bytes=10 << 20, storage_options=opts)
+    src = TarShards(f"s3://{BUCKET}/shards/train-*.tar", decode, cache=cache)
+    assert src.paths == [f"s3://{BUCKET}/shards/train-{s}.tar" for s in range(3)]
+    ref = _local_reference(tmp_path)
+    for _ in range(2):  # two loaders on one cache: the second downloads nothing
+        with shmfeed.Loader(src, batch_size=2, num_workers=2, seed=1) as loader:
+            assert _epoch(loader) == ref
+        files = _cache_files(tmp_path / "cache")
+        assert sorted(files.values()) == sorted(sizes)  # complete files, no .part
+        stamps = {n: os.stat(tmp_path / "cache" / n).st_ino for n in files}
+    assert stamps == {n: os.stat(tmp_path / "cache" / n).st_ino for n in _cache_files(tmp_path / "cache")}
+
+
+def test_parquet_from_s3_reads_footers_remotely_and_rows_through_the_cache(s3, tmp_path):
+    pa = pytest.importorskip("pyarrow")
+    pq = pytest.importorskip("pyarrow.parquet")
+    fs, opts, _ = s3
+    for k in range(2):
+        buf = io.BytesIO()
+        pq.write_table(pa.table({"y": np.arange(30 * k, 30 * k + 30)}), buf, row_group_size=7)
+        fs.pipe(f"{BUCKET}/pq/part-{k}.parquet", buf.getvalue())
+    cache = ObjectCache(tmp_path / "cache", max_bytes=1 << 20, storage_options=opts)
+    src = Parquet(f"s3://{BUCKET}/pq/*.parquet", cache=cache)
+    assert len(src) == 60 and src.num_row_groups == 10
+    with shmfeed.Loader(src, batch_size=8, num_workers=2, shuffle=True) as loader:
+        assert sorted(int(y) for b in loader for y in b["y"]) == list(range(60))
+    assert len(_cache_files(tmp_path / "cache")) == 2
+
+
+def _holder(pids, suffix):
+    """The pid among `pids` with a file ending in `suffix` open, if any."""
+    for pid in pids:
+        try:
+            for fd in os.listdir(f"/proc/{pid}/fd"):
+                if os.readlink(f"/proc/{pid}/fd/{fd}").endswith(suffix):
+                    return pid
+        except OSError:
+            continue
+    return None
+
+
+@pytest.mark.integration
+def test_a_worker_killed_mid_download_leaves_no_partial_file_and_every_sample_comes_once(s3, tmp_path):
+    fs, opts, _ = s3
+    pad = 24 << 20  # shard 0 downloads in 96 requests of 256 KiB: time to kill its reader
+    sizes = _put_shards(fs, pad=pad)
+    cache = ObjectCache(tmp_path / "cache", max_bytes=64 << 20, storage_options=opts,
+                        block_bytes=256 << 10)
+    ref = _local_reference(tmp_path, pad=pad)
+    with shmfeed.Loader(TarShards(f"s3://{BUCKET}/shards/train-*.tar", decode, cache=cache),
+                        batch_size=2, num_workers=2, seed=1, timeout_s=60) as loader:
+        it = iter(loader)
+        deadline = time.monotonic() + 30
+        victim = None
+        while victim is None and time.monotonic() < deadline:
+            victim = _holder(loader.worker_pids, ".tar.part")
+            time.sleep(0.002)
+        assert victim is not None, "never saw the download in progress"
+        os.kill(victim, signal.SIGKILL)
+        got = _epoch(it)
+        assert loader.stats().restarts == 1
+    assert got == ref
+    assert sorted(_cache_files(tmp_path / "cache").values()) == sorted(sizes)
+
+
+@pytest.mark.integration
+def test_a_server_that_is_down_is_an_error_after_retries(s3, tmp_path):
+    fs, opts, server = s3
+    _put_shards(fs)
+    cache = ObjectCache(tmp_path / "cache", max_bytes=1 << 20, storage_options=opts, retries=1,
+                        retry_wait_s=0.05)
+    src = TarShards(f"s3://{BUCKET}/shards/train-*.tar", decode, cache=cache)
+    server.stop()
+    t0 = time.monotonic()
+    with pytest.raises(SourceFileError, match=r"train-0.tar': downloading it failed 2 times, last with "
+                       r"EndpointConnectionError.*Check that the server is up"):
+        shmfeed.Loader(src, batch_size=2, num_workers=2)  # it reads the first sample for the spec
+    assert time.monotonic() - t0 < 30
+    assert _cache_files(tmp_path / "cache") == {}  # no partial file left
+
+
+def test_an_object_gone_mid_run_is_an_error_in_batch_order_after_every_earlier_batch(s3, tmp_path):
+    fs, opts, _ = s3
+    _put_shards(fs)
+    cache = ObjectCache(tmp_path / "cache", max_bytes=1 << 20, storage_options=opts, retries=1,
+                        retry_wait_s=0.05)
+    src = TarShards(f"s3://{BUCKET}/shards/train-*.tar", decode, cache=cache)
+    fs.rm(f"{BUCKET}/shards/train-2.tar")
+    got = []
+    with shmfeed.Loader(src, batch_size=2, num_workers=2, seed=1) as loader:
+        with pytest.raises(SourceFileError, match=r"'s3://data/shards/train-2.tar': no such object"):
+            for b in loader:
+                got.append(b["s"].tolist())
+    assert got == [[0, 0], [1, 1]]  # batch 2 (shard 2's first) is the error
+
+
+def test_a_missing_object_is_named(s3, tmp_path):
+    _, opts, _ = s3
+    cache = ObjectCache(tmp_path / "cache", max_bytes=1 << 20, storage_options=opts)
+    with pytest.raises(SourceFileError, match=r"'s3://data/nope.tar': no such object"):
+        TarShards(f"s3://{BUCKET}/nope.tar", decode, cache=cache)
+    with pytest.raises(shmfeed.SpecError, match=r"matches no object"):
+        TarShards(f"s3://{BUCKET}/nope-*.tar", decode, cache=cache)
+    with pytest.raises(shmfeed.SpecError, match=r"is remote: give a local cache"):
+        TarShards(f"s3://{BUCKET}/nope.tar", decode)
+
+
+def _read(path) -> bytes:
+    with open(path, "rb") as f:
+        return f.read()
+
+
+def test_the_cache_evicts_the_least_recently_used_object_nobody_reads(s3, tmp_path):
+    fs, opts, _ = s3
+    for name in "abcd":
+        fs.pipe(f"{BUCKET}/{name}.bin", name.encode() * 1000)
+    cache = ObjectCache(tmp_path / "cache", max_bytes=2500, storage_options=opts)
+    url = f"s3://{BUCKET}/{{}}.bin".format
+    for name in "ab":
+        with cache.open(url(name)) as obj:
+            assert _read(obj.path) == name.encode() * 1000
+    time.sleep(0.01)
+    cache.open(url("a")).close()  # a is now more recent than b
+    with cache.open(url("c")) as c:  # room for two: b goes
+        assert sorted(n[-5:] for n in _cache_files(tmp_path / "cache")) == ["a.bin", "c.bin"]
+        with cache.open(url("a")):  # a and c both being read: d finds no room
+            with pytest.raises(SourceFileError, match=r"cache .* is full: 's3://data/d.bin' needs 1000 bytes, "
+                               r"2000 of `max_bytes`=2500 are taken \(2000 by objects being read"):
+                cache.open(url("d"))
+        assert _read(c.path) == b"c" * 1000
+    assert sum(_cache_files(tmp_path / "cache").values()) <= 2500
+    with pytest.raises(SourceFileError, match=r"is 1000 bytes, more than the whole cache"):
+        ObjectCache(tmp_path / "small", max_bytes=999, storage_options=opts).open(url("d"))
+
+
+def test_a_cache_directory_that_cannot_be_written_is_refused_at_construction():
+    ro = "/sys/kernel"  # sysfs: not writable, even by root
+    if not os.path.isdir(ro) or os.access(ro, os.W_OK) and _writable(ro):
+        pytest.skip("no read-only directory here")
+    with pytest.raises(shmfeed.SpecError, match=r"cannot write to `cache_dir` '/sys/kernel'"):
+        ObjectCache(ro, max_bytes=1 << 20)
+
+
+def _writable(d) -> bool:
+    try:
+        with open(os.path.join(d, ".shmfeed-probe"), "wb"):
+            pass
+    except OSError:
+        return False
+    os.unlink(os.path.join(d, ".shmfeed-probe"))
+    return True
+
+
+def test_array_record_files_from_s3_are_read_through_the_cache(s3, tmp_path):
+    ar = pytest.importorskip("array_record.python.array_record_module")
+    fs, opts, _ = s3
+    for k in range(2):
+        local = tmp_path / f"part-{k}.array_record"
+        w = ar.ArrayRecordWriter(str(local), "group_size:1")
+        for i in range(10 * k, 10 * k + 10):
+            w.write(json.dumps({"i": i}).encode())
+        w.close()
+        fs.put(str(local), f"{BUCKET}/ar/part-{k}.array_record")
+    cache = ObjectCache(tmp_path / "cache", max_bytes=4 << 20, storage_options=opts)
+    src = ArrayRecord(f"s3://{BUCKET}/ar/*.array_record", decode=lambda b: json.loads(b)["i"], cache=cache)
+    assert len(src) == 20
+    with shmfeed.Loader(src, batch_size=4, num_workers=2, shuffle=True) as loader:
+        assert sorted(int(i) for b in loader for i in b) == list(range(20))
+    assert len(_cache_files(tmp_path / "cache")) == 2
