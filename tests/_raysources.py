@@ -60,6 +60,7 @@ def ragged(i: int) -> dict:
     return {"tokens": np.arange(i, i + 1 + i % 7, dtype=np.int32), "label": i}
 
 
+
 class Ragged:
     """Samples of varying length (padded by the loader)."""
 
@@ -71,3 +72,15 @@ class Ragged:
 
     def __getitem__(self, i):
         return ragged(i)
+
+
+def mixup(batch: dict) -> dict:
+    """A batch transform drawing from the batch's keyed RNG."""
+    r = shmfeed.rng()
+    lam = np.float32(r.beta(0.4, 0.4))
+    perm = r.permutation(len(batch["i"]))
+    return {"x": lam * batch["x"] + (1 - lam) * batch["x"][perm], "i": batch["i"][perm]}
+
+
+def ragged_length(i: int) -> int:
+    return 1 + i % 7

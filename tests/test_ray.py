@@ -20,7 +20,7 @@ import pytest
 ray = pytest.importorskip("ray")
 
 import _raysources  # noqa: E402
-from _raysources import Locked, Noisy, Ragged  # noqa: E402
+from _raysources import Locked, Noisy, Ragged, mixup, ragged_length  # noqa: E402
 from _raytools import OPTS, RAY_INIT, copy, no_leaks, ray_children_gone, reference, same, take  # noqa: E402, F401
 from ray import cloudpickle  # noqa: E402
 
@@ -61,12 +61,22 @@ def test_ray_gathered_array_batches_differ_from_the_c_loop_of_local_workers(ray_
 
 
 @pytest.mark.integration
-def test_ray_padded_buckets_laid_out_like_a_local_slot(ray_local):
-    kw = dict(batch_size=5, shuffle=True, seed=1, padded_shapes={"tokens": (None,)},
-              bucket_boundaries=[3, 8], bucket_lengths=lambda i: 1 + i % 7, with_lengths=True)
+@pytest.mark.parametrize("layout", ["buckets", "token_budget"])
+def test_ray_padded_buckets_laid_out_like_a_local_slot(ray_local, layout):
+    kw = dict(shuffle=True, seed=1, padded_shapes={"tokens": (None,)}, bucket_boundaries=[3, 8],
+              bucket_lengths=ragged_length, with_lengths=True)
+    kw.update(batch_size=5) if layout == "buckets" else kw.update(batch_size=None, token_budget=24)
     want = reference(Ragged(40), 1, **kw)
     with shmfeed.Loader(Ragged(40), num_workers=0, builders=Builders(2), **kw) as loader:
         assert same(take(loader), want)
+
+
+@pytest.mark.integration
+def test_ray_batch_transform_runs_on_the_actor_with_the_batch_keyed_rng(ray_local):
+    kw = dict(batch_size=4, shuffle=True, seed=2, batch_transform=mixup)
+    want = reference(Noisy(30), 2, **kw)
+    with shmfeed.Loader(Noisy(30), num_workers=1, builders=Builders(1), **kw) as loader:
+        assert same(take(loader, 2), want)
 
 
 @pytest.mark.integration
