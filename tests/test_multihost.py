@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -242,6 +243,54 @@ def test_one_process_killed_fails_the_others_within_the_heartbeat_and_a_restart_
         run = _steps(out)
         assert sorted(run) == list(range(resumed + 1, 25))
         _same_as_reference(run, ref)
+
+
+def _example(tmp_path: Path, *args: str) -> list[str]:
+    """The command line of examples/train_flax.py, small (96 training samples, 6 global
+    batches of 16 an epoch)."""
+    return [sys.executable, str(ROOT / "examples" / "train_flax.py"), "--samples", "120",
+            "--batch-size", "16", "--workers", "1", "--data-dir", str(tmp_path / "data"),
+            "--log-steps", *args]
+
+
+def _example_losses(out: str) -> dict[int, float]:
+    return {int(m[1]): float(m[2]) for m in re.finditer(r"^step (\d+) loss (\S+)$", out, re.M)}
+
+
+@pytest.mark.timeout(300)  # three runs of the example, each starting JAX and compiling
+@pytest.mark.integration
+def test_the_flax_example_runs_on_two_processes_and_resumes_on_one(tmp_path):
+    """The README's multi-process command, on 2 processes: the losses of one process
+    reading the whole global batch; its checkpoint resumes on 1 process and continues
+    with that process's losses."""
+    port = str(_free_port())
+    env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="--xla_force_host_platform_device_count=1",
+               PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]))
+    ckpt = ["--checkpoint-dir", str(tmp_path / "ckpt"), "--checkpoint-every", "4"]
+    # All three write the dataset at once: each file lands whole, by a rename.
+    opened = [subprocess.Popen(_example(tmp_path, "--epochs", "2"), env=env, stdout=subprocess.PIPE,
+                               stderr=subprocess.PIPE, text=True)]
+    opened += [subprocess.Popen(_example(tmp_path, "--epochs", "1", *ckpt, "--num-processes", "2",
+                                         "--process-id", str(r), "--coordinator", f"127.0.0.1:{port}"),
+                                env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+               for r in range(2)]
+    (rc, whole, err), *two = _finish(opened, timeout_s=2 * RUN_TIMEOUT_S)
+    assert rc == 0, whole + err
+    for rc, out, err in two:
+        assert rc == 0, out + err
+    reference, first = _example_losses(whole), _example_losses(two[0][1])
+    assert sorted(reference) == list(range(1, 13)) and sorted(first) == list(range(1, 7))
+    assert two[1][1].count("step ") == 0  # process 1 leaves the talking to process 0
+    for k, loss in first.items():
+        assert loss == pytest.approx(reference[k], rel=1e-5), k
+    again = subprocess.run(_example(tmp_path, "--epochs", "2", *ckpt), env=env, capture_output=True,
+                           text=True, timeout=RUN_TIMEOUT_S)
+    assert again.returncode == 0, again.stdout + again.stderr
+    assert "resumed at step 4: epoch 1, batch 4" in again.stdout, again.stdout
+    resumed = _example_losses(again.stdout)
+    assert sorted(resumed) == list(range(5, 13))
+    for k, loss in resumed.items():
+        assert loss == pytest.approx(reference[k], rel=1e-5), k
 
 
 # -- the processes ---------------------------------------------------------------------------
