@@ -161,6 +161,28 @@ def test_four_processes_train_on_the_global_batches_of_one():
         _same_as_reference(run, ref)
 
 
+@pytest.mark.timeout(90)
+def test_two_processes_step_on_global_batches_and_refuse_shardings_that_mix_their_rows():
+    """The default tier's multi-process run (2 processes x 1 CPU device, 3 steps): the
+    step's global batches and losses are one process's; and a sharding under which
+    two processes would hold the same rows (replicated), or a loader split into more
+    shards than the processes the mesh spans, is refused before the first batch
+    (JAX itself would build the array silently)."""
+    outs = _finish(_start(2, 1, 3, "--refusals"))
+    for rc, out, err in outs:
+        assert rc == 0, out + err
+    ref = _reference(3)
+    for _, out, _ in outs:
+        run = _steps(out)
+        assert sorted(run) == [1, 2, 3]
+        _same_as_reference(run, ref)
+        refused = next(r["refused"] for r in _records(out) if "refused" in r)
+        assert "on devices of processes 0 and 1" in refused["replicated"], refused
+        assert "`shard_count=1`" in refused["replicated"], refused
+        assert "from the rows of 2 processes" in refused["four_shards"], refused
+        assert "host_shard()" in refused["four_shards"], refused
+
+
 def _same_as_reference(run: dict[int, dict], ref: dict[int, dict]) -> None:
     for k in run:
         assert run[k]["ids"] == ref[k]["ids"], k  # the same global batches, exactly
@@ -303,6 +325,7 @@ def _main(argv: list[str]) -> None:
     p.add_argument("--ckpt", default=None)
     p.add_argument("--every", type=int, default=0)
     p.add_argument("--step-s", type=float, default=0.0, help="sleep after each step")
+    p.add_argument("--refusals", action="store_true", help="try shardings that must be refused")
     a = p.parse_args(argv)
 
     import jax
@@ -326,6 +349,18 @@ def _main(argv: list[str]) -> None:
         mesh = Mesh(np.array(jax.devices()), ("data",))
         assert mesh.devices.size == a.procs * a.devices
         rows, replicated = NamedSharding(mesh, P("data")), NamedSharding(mesh, P())
+        if a.refusals:
+            refused = {}
+            with make_loader(index, count, num_workers=0) as same, \
+                    shmfeed.Loader(Points(), batch_size=1, num_workers=0, drop_last=True,
+                                   shard_index=index, shard_count=4) as four:
+                for name, source, sharding in (("replicated", same, replicated),
+                                               ("four_shards", four, rows)):
+                    try:
+                        sj.prefetch_to_device(source, sharding=sharding)
+                    except shmfeed.SpecError as exc:
+                        refused[name] = str(exc)
+            print(json.dumps({"refused": refused}), flush=True)
         step_fn = make_step(replicated)
         params = jax.device_put(init_params(), replicated)
         k, ckpt = 0, None
