@@ -5,7 +5,8 @@ over the global batch; orbax checkpoints saved by one process count and resumed 
 another; one process killed with SIGKILL.
 
 Run as a script, this file is the body of those processes:
-`python tests/test_multihost.py RANK PROCS PORT DEVICES STEPS [CKPT_DIR EVERY]`.
+`python tests/test_multihost.py RANK PROCS PORT DEVICES STEPS [--ckpt DIR --every N]`
+(see `_main` for the other options).
 """
 
 from __future__ import annotations
@@ -125,7 +126,7 @@ def _resumed(out: str) -> int | None:
     return next((r["resumed"] for r in _records(out) if "resumed" in r), None)
 
 
-def _reference(steps: int, start: int = 0) -> dict[int, dict]:
+def _reference(steps: int) -> dict[int, dict]:
     """One process, one device, the whole global batch: the run the others must match."""
     import jax
 
@@ -155,6 +156,7 @@ def test_four_processes_train_on_the_global_batches_of_one():
     for rc, out, err in outs:
         assert rc == 0, out + err
     runs = [_steps(out) for _, out, _ in outs]
+    assert all(run == runs[0] for run in runs)  # losses, batches, loader states: bit for bit
     ref = _reference(steps)
     for run in runs:
         assert sorted(run) == list(range(1, steps + 1))
