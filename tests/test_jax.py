@@ -527,6 +527,7 @@ def _host_main(rank: int, port: str) -> None:
     from jax.sharding import PartitionSpec as P
 
     jax.distributed.initialize(f"127.0.0.1:{port}", num_processes=2, process_id=rank,
+                               coordinator_bind_address=f"127.0.0.1:{port}",  # not every interface
                                initialization_timeout=60)
     index, count = sj.host_shard()
     assert (index, count) == (rank, 2)

@@ -180,7 +180,7 @@ def prefetch_to_device(
     loader = loader_or_iterator if isinstance(loader_or_iterator, Loader) else None
     limit = size + 1
     if loader is not None:
-        target.check_spec(loader.spec)
+        target.check_spec(loader.spec, loader._cfg.order.shard_count)
     transfer_ = make_transfer(transfer, target, loader)
     if loader is not None:
         if transfer_.name == "xla" and "cpu" in target.platforms and size + 2 > loader.num_slots:
