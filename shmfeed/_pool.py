@@ -16,11 +16,18 @@ open: the old workers' half-built batches are of abandoned or finished epochs.
 
 Shutdown protocol (the only one; everything that ends a pool goes through it):
 1. The training process sets the control block's shutdown word (`Control.shutdown`),
-   which wakes every futex waiter.
+   which wakes every futex waiter, and closes its end of the channel, which wakes the
+   supervisor in its `select` at once.  A supervisor that has not forked a worker yet
+   (a fresh interpreter still importing) has nothing to take down: it is SIGKILLed.
 2. Workers see it at their next wait and exit; the supervisor gives them
-   `WORKER_GRACE_S`, SIGKILLs the rest, reaps them all, reclaims their slots, exits.
+   `WORKER_GRACE_S`, SIGKILLs the rest (one busy in a sample, or stuck in C code),
+   reaps them all, reclaims their slots, exits.
 3. The training process reaps the supervisor within `STOP_TIMEOUT_S`, else SIGKILLs
    it; the workers then die by PR_SET_PDEATHSIG, and we wait for their pids to go.
+So `close()` takes a few milliseconds with idle workers and at most ~`WORKER_GRACE_S`
+more with busy ones (a worker stuck in C code is SIGKILLed like any other); only a
+process the kernel cannot kill at once (uninterruptible I/O) makes it wait longer,
+3 * `STOP_TIMEOUT_S` at most (benchmarks/bench_close.py).
 If the training process dies instead, PR_SET_PDEATHSIG kills the supervisor and, in
 turn, the workers; the ring is a memfd, so no file or name is left anywhere.
 """
@@ -248,11 +255,20 @@ class Pool:
         # no descriptor), so that the pool stops even when this process has run out of
         # descriptors; a step that fails anyway does not keep the next from running.
         self.ring.ctl.shutdown()
+        self._chan.close()  # wakes the supervisor now, not at its next POLL_S
         pids = self.worker_pids()
         workers = self._worker_procs(pids)
+        if not pids and self.poll() is None:
+            # Still starting (a fresh interpreter importing takes seconds): no worker
+            # to take down, and a worker forked right now dies with it (pdeathsig) or
+            # leaves at the shutdown word.
+            try:
+                os.kill(self.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
         deadline = time.monotonic() + STOP_TIMEOUT_S
         while self.poll() is None and time.monotonic() < deadline:
-            time.sleep(0.005)
+            time.sleep(0.001)
         if self.poll() is None:
             try:
                 os.kill(self.pid, signal.SIGKILL)
