@@ -17,8 +17,9 @@ Transfers:
   its slot, until it is done with the array (it lets go lazily, at its next garbage
   collection, never early); but each batch a caller keeps, *and each step that
   async dispatch has queued*, holds a slot, so a loop that runs ahead of the device
-  exhausts the ring (RingFullError).  Zero copy on CPU is for loops that wait on
-  their steps.
+  waits for its steps when the ring is full (the take drives JAX's release:
+  _jaxrefs.py); batches kept exhaust it (RingFullError).  Zero copy on CPU is for
+  loops that wait on their steps.
 - "cupy" (default on a CUDA GPU with CuPy): see _gpu.py.
 
 Invariants:
