@@ -28,7 +28,7 @@ from typing import Any
 import psutil
 
 from . import _bucket, _jaxrefs, _rng
-from ._build import build_batch, builder_for
+from ._build import LeaveBuild, build_batch, builder_for
 from ._config import Config
 from ._control import NO_CLAIM, PoolShutdown, RingBlocked, SlotState, Taken, tag, untag
 from ._errors import LoaderClosedError, RingFullError, ShmfeedError, WorkerError, internal
@@ -174,7 +174,17 @@ class Consumer:
         return unflatten(self.cfg.spec.tree, leaves)
 
     def _build_here(self, gen: int, b: int) -> None:
-        """num_workers=0: build the batch in this process with the workers' code."""
+        """num_workers=0: build the batch in this process with the workers' code.  A
+        `close()` from another thread meanwhile is a LoaderClosedError, wherever it
+        lands (the shutdown word makes the claim and the slot's wait leave)."""
+        try:
+            self._claim_and_build(gen, b)
+        except (LeaveBuild, PoolShutdown):
+            if self.ring.closed or self.ring.ctl.shutting_down:
+                raise LoaderClosedError("the loader was closed while a batch was being built") from None
+            raise
+
+    def _claim_and_build(self, gen: int, b: int) -> None:
         ctl = self.ring.ctl
         g, claimed = ctl.claim(0)
         if (g, claimed) != (gen, b):
@@ -182,6 +192,8 @@ class Consumer:
         if ctl.slot_of(gen, b) < 0:
             self._raise_if_full(gen, b, self.first_batch + b)
             if ctl.slot_of(gen, b) < 0:
+                if ctl.shutting_down:
+                    raise PoolShutdown()
                 raise internal(f"batch {b} has no slot although not every slot is held")
         # With `seed_global_rngs`, the global RNGs are keyed per batch here exactly as
         # in a worker (that is what keeps this mode the reference), and then put back:

@@ -80,6 +80,12 @@ class sigint_deferred:
     needed: the at-fork hooks of another thread cannot be interrupted).
     """
 
+    def __init__(self, past: Any = None):
+        # `past`: the code object of the finalizer (`__del__`) this runs in, where a
+        # KeyboardInterrupt would be printed and dropped: a Ctrl-C caught meanwhile is
+        # raised in the code that runs after that finalizer returns instead.
+        self._past = past
+
     def __enter__(self) -> sigint_deferred:
         self._previous: Any = None
         self._caught = False
@@ -96,7 +102,63 @@ class sigint_deferred:
         if self._previous is not None:
             signal.signal(signal.SIGINT, self._previous)
             if self._caught:
-                signal.raise_signal(signal.SIGINT)
+                if self._past is not None:
+                    raise_sigint_after(self._past)
+                else:
+                    signal.raise_signal(signal.SIGINT)
+
+
+RETRIP_S = 0.001  # how soon a Ctrl-C held past a finalizer is looked at again
+
+
+def raise_sigint_after(code: Any) -> None:
+    """Deliver a Ctrl-C, caught while a finalizer ran `code`, to the code that runs
+    after that finalizer: the SIGINT handler becomes `_PastFinalizer` and another
+    thread sends the signal again a moment later (from the main thread it would be
+    raised at once, inside the finalizer: `signal.raise_signal`,
+    `signal.pthread_kill` and `_thread.interrupt_main` all check for it at once)."""
+    if threading.current_thread() is not threading.main_thread():
+        return
+    previous = signal.getsignal(signal.SIGINT)
+    if previous is None:
+        return
+    signal.signal(signal.SIGINT, _PastFinalizer(previous, code))
+    _trip_soon()
+
+
+def _trip_soon() -> None:
+    main = threading.main_thread().ident
+    assert main is not None
+
+    def trip() -> None:
+        time.sleep(RETRIP_S)
+        # A real signal, not `_thread.interrupt_main()`: it also wakes a main thread
+        # blocked in a system call (a sleep, a wait for a batch).
+        signal.pthread_kill(main, signal.SIGINT)
+
+    threading.Thread(target=trip, name="shmfeed-ctrl-c", daemon=True).start()
+
+
+class _PastFinalizer:
+    """A SIGINT handler that hands the signal to `previous` (a KeyboardInterrupt, by
+    default) once no frame of `code` is running any more, and meanwhile has it come
+    back a moment later."""
+
+    def __init__(self, previous: Any, code: Any):
+        self.previous, self.code = previous, code
+
+    def __call__(self, signum: int, frame: Any) -> None:
+        f = frame
+        while f is not None:
+            if f.f_code is self.code:
+                _trip_soon()
+                return
+            f = f.f_back
+        signal.signal(signal.SIGINT, self.previous)
+        if callable(self.previous):
+            self.previous(signum, frame)
+        elif self.previous == signal.SIG_DFL:
+            signal.raise_signal(signal.SIGINT)
 
 
 class Pool:

@@ -29,6 +29,7 @@ from _ring import held_slots
 import shmfeed
 import shmfeed.jax as sj
 from shmfeed import _jaxrefs
+from shmfeed.jax._transfer import HostPool
 
 ROOT = Path(__file__).resolve().parent.parent
 SUBPROCESS_TIMEOUT_S = 90.0  # for each helper process; they take a few seconds
@@ -298,6 +299,24 @@ def test_keeping_every_batch_raises_ring_full_error_promptly_naming_them():
     assert "epoch 0: batches 0, 1, 2, 3" in message
     assert "np.array(x)" in message and "`num_slots`, now 4" in message
     assert waited_s < 2.0, f"RingFullError took {waited_s:.2f} s"
+
+
+def test_host_copies_are_reused_only_once_no_array_of_them_is_left():
+    """The "copy" transfer's buffers (HostPool, reused by reference count, with no
+    `__del__`): not while a copy, or a jax.Array that XLA:CPU made from it, lives."""
+    pool = HostPool()
+    x = np.arange(64, dtype=np.float32)
+    a = pool.copy(x)
+    first = a.ctypes.data
+    assert pool.copy(x).ctypes.data != first  # `a` lives
+    on_device = jax.device_put(a)
+    del a
+    gc.collect()
+    assert pool.copy(x).ctypes.data != first  # JAX still holds it
+    np.testing.assert_array_equal(np.asarray(on_device), x)
+    del on_device
+    gc.collect()  # JAX lets go at a collection
+    assert pool.copy(x).ctypes.data == first
 
 
 # -- the pipeline --------------------------------------------------------------------------
