@@ -205,7 +205,10 @@ def test_jax_holds_an_aligned_numpy_argument_while_computing_and_lets_go_only_at
     holds its 64-byte-aligned numpy argument (it reads it in place) while it computes,
     the pending result is among JAX's live arrays and not ready, and once it is ready
     the argument is still held until a garbage collection (JAX's gc callback), which
-    releases it.  A JAX that changes any of this must fail here, not in a training loop."""
+    releases it.  (That `jax.device_put` aliases such an array is pinned by
+    test_xla_device_put_on_cpu_aliases_the_ring_and_keeps_the_slot_alive; for a jitted
+    call, holding the argument until done is what keeps a slot from being reused under
+    it.)  A JAX that changes any of this must fail here, not in a training loop."""
     _slow_sum(np.ones(128 * 128, np.float32)).block_until_ready()  # compiled
     x, alive = _watched_aligned_f32(128 * 128)
     result = _slow_sum(x)
