@@ -281,14 +281,16 @@ class Consumer:
         names = "; ".join(
             ("epoch ?" if e < 0 else f"epoch {e}") + ": batch" + ("es " if len(bs) > 1 else " ")
             + ", ".join(map(str, sorted(bs))) for e, bs in sorted(held.items()))
+        jax = (", with no computation of JAX in flight that could release them"
+               if _jaxrefs.loaded() else "")
         return (
             f"batch {epoch_batch} has no ring slot: all {n} slots hold batches that this process "
-            f"still references ({names}), with no computation of JAX in flight that could "
-            "release them. The arrays of those batches are kept somewhere: e.g. appended to a "
-            "list, or as a view (`x[0]`, `x.reshape(...)`), or a `jax.Array` made from one on "
-            "CPU (`jnp.asarray`, `jax.device_put` and jitted calls alias an aligned view there "
-            "instead of copying it). Keep a copy instead (`np.array(x)`), or drop them sooner, "
-            f"or give the loader more slots (`num_slots`, now {n}); "
+            f"still references ({names}){jax}. The arrays of those batches are kept somewhere: "
+            "e.g. appended to a list, or as a view (`x[0]`, `x.reshape(...)`), or as a "
+            "`jax.Array` made from one on CPU (there `jnp.asarray`, `jax.device_put` and jitted "
+            "calls alias an aligned view instead of copying it; on a GPU they copy it to the "
+            "device, and keeping that array pins nothing). Keep a copy instead (`np.array(x)`), "
+            f"drop them sooner, or give the loader more slots (`num_slots`, now {n}); "
             "`shmfeed.jax.prefetch_to_device(loader)` hands JAX copies it owns.")
 
     def _slow_take(self, gen: int, epoch: int, b: int, epoch_batch: int, t0: float) -> Taken:
