@@ -171,7 +171,8 @@ print("done", flush=True)
 def _ctrl_c_storm(tmp_path: Path, trials: int, workers: int, seed: int) -> list:
     """One script, `trials` Ctrl-Cs at random instants of its loop of short prefetch
     epochs; each must be answered by the loop's `except KeyboardInterrupt` within
-    ANSWER_S.  Returns the bad trials (lost, or an ignored exception printed)."""
+    ANSWER_S.  Returns the bad trials: lost, or an ignored exception printed, except
+    those JAX's gc callback dropped (see below)."""
     script = _script(tmp_path, CTRL_C_LOOP)
     proc = subprocess.Popen([sys.executable, str(script), str(workers), str(trials)],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=_env(),
@@ -213,7 +214,17 @@ def _ctrl_c_storm(tmp_path: Path, trials: int, workers: int, seed: int) -> list:
         reader.join(SCRIPT_TIMEOUT_S)
         proc.stdout.close()
         proc.stderr.close()
-    bad += [("stderr", e) for e in err.split("Exception ignored")[1:]]
+    ignored = err.split("Exception ignored")[1:]
+    # JAX's own `gc.callbacks` entry is a Python function run at every garbage
+    # collection: a Ctrl-C noticed as it starts is dropped by CPython, in any JAX loop,
+    # with or without shmfeed (RELIABILITY.md, Limits).  Each such loss is printed; a
+    # lost Ctrl-C that no such report explains, or any other report, is shmfeed's.
+    in_jax = [e for e in ignored if "_xla_gc_callback" in e]
+    lost = [b for b in bad if b[1] == "lost"]
+    if len(lost) <= len(in_jax):
+        bad = [b for b in bad if b[1] != "lost"]
+    bad += [("stderr", e) for e in ignored if "_xla_gc_callback" not in e]
+    print(f"{trials} Ctrl-Cs: {len(lost)} lost, {len(in_jax)} dropped in JAX's gc callback")
     return bad
 
 
@@ -228,7 +239,6 @@ def test_ctrl_c_in_a_loop_of_prefetch_epochs_is_never_lost(tmp_path):
 @pytest.mark.parametrize("workers", [0, 1])
 def test_storm_ctrl_c_at_random_instants_of_prefetch_epochs_is_never_lost(tmp_path, trials, workers):
     bad = _ctrl_c_storm(tmp_path, trials, workers, seed=23 + workers)
-    print(f"{trials} Ctrl-Cs, {len(bad)} bad")
     assert not bad, f"{len(bad)} of {trials}: {bad[:3]}"
 
 
