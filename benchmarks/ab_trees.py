@@ -48,7 +48,7 @@ def overlay(tree: Path, harness_tree: Path, into: Path) -> Path:
 def workloads_of(tree: Path) -> list[str]:
     code = "from shmfeed._bench import workloads; print(','.join(workloads.WORKLOADS))"
     out = subprocess.run([sys.executable, "-c", code], env={**os.environ, "PYTHONPATH": str(tree)},
-                         capture_output=True, text=True, check=True, timeout=120)
+                         cwd=tree, capture_output=True, text=True, check=True, timeout=120)
     return [w for w in out.stdout.strip().split(",") if w not in SKIP]
 
 
