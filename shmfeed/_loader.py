@@ -25,7 +25,7 @@ import numpy as np
 
 from . import _forkserver, _interpreter, _state, _sysinfo
 from ._arrays import as_source
-from ._config import build, check_int
+from ._config import build
 from ._consumer import Consumer
 from ._errors import (
     LoaderClosedError,
@@ -35,7 +35,7 @@ from ._errors import (
     WorkerError,
     worker_error_as,
 )
-from ._order import DEFAULT_SHUFFLE_BLOCK
+from ._options import DEFAULT_SHUFFLE_BLOCK, check_int, describe, options_of
 from ._pool import Pool, sigint_deferred
 from ._ring import Ring
 from ._shards import ShardedSource
@@ -185,7 +185,7 @@ class Loader:
         num_workers: int,
         shuffle: bool | str = False,
         shuffle_block: int = DEFAULT_SHUFFLE_BLOCK,
-        seed: int = 0,
+        seed: int | None = 0,
         drop_last: bool = False,
         num_slots: int | None = None,
         memory_budget_bytes: int | None = None,
@@ -206,20 +206,10 @@ class Loader:
         worker_nice: int = 0,
         batch_transform: Callable[[Any], Any] | None = None,
     ):
+        options = options_of(locals())  # every parameter but self and source: _options.py
         # Arrays, dicts and tuples of arrays: shmfeed.sources.Arrays; generators: _stream.py.
-        source = stream_source(as_source(source), steps_per_epoch=steps_per_epoch,
-                               batch_size=batch_size, num_workers=num_workers, shuffle=shuffle,
-                               drop_last=drop_last, shard_index=shard_index, shard_count=shard_count)
-        cfg = build(source, batch_size=batch_size, num_workers=num_workers, shuffle=shuffle,
-                    shuffle_block=shuffle_block,
-                    seed=seed, drop_last=drop_last, num_slots=num_slots,
-                    memory_budget_bytes=memory_budget_bytes, max_batch_rows=max_batch_rows,
-                    timeout_s=timeout_s, max_restarts=max_restarts, start_method=start_method,
-                    seed_global_rngs=seed_global_rngs, shard_index=shard_index,
-                    shard_count=shard_count, padded_shapes=padded_shapes,
-                    padding_values=padding_values, with_lengths=with_lengths,
-                    bucket_boundaries=bucket_boundaries, bucket_lengths=bucket_lengths,
-                    token_budget=token_budget, worker_nice=worker_nice, batch_transform=batch_transform)
+        source = stream_source(as_source(source), options)
+        cfg = build(source, options)
         self._source = source
         self._cfg = cfg
         self._ring = Ring(cfg.spec, cfg.n_slots, cfg.max_workers)
@@ -601,6 +591,9 @@ class Loader:
                 "Every batch of the epoch before it was delivered; iterating again starts "
                 "the next epoch, or close the loader.",
                 epoch=epoch) from exc
+
+
+Loader.__doc__ = f"{Loader.__doc__}\n{describe()}\n    "
 
 
 def _stream_fingerprint(src: ShardedSource) -> dict:
