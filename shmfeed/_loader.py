@@ -1,7 +1,10 @@
-"""`Loader`: the public object.  Owns what a loader holds for its lifetime (its
-configuration, ring and worker pool), the epoch bookkeeping (which epoch, and from
-which batch, the next iteration produces), the source's epoch hooks, and the start
-of the pool; the epoch itself is taken from the ring by the consumer (_consumer.py).
+"""`Loader`: the public object.  Owns the epoch bookkeeping (which epoch, and from
+which batch, the next iteration produces; the position a feed acknowledged), the
+source's epoch hooks, and the public surface over the rest: its options are declared
+in _options.py and checked into a `Config` by _config.py, its pool started and
+replaced by _poolkeeper.py (which also holds what `close()` releases), its state
+written and checked by _state.py, and each epoch taken from the ring by the consumer
+(_consumer.py).
 
 Invariants (see DESIGN.md):
 1. each batch of an epoch is delivered exactly once, in batch order;
@@ -15,7 +18,6 @@ Invariants (see DESIGN.md):
 from __future__ import annotations
 
 import logging
-import os
 import time
 import weakref
 from collections.abc import Callable, Iterator
@@ -23,20 +25,18 @@ from typing import Any
 
 import numpy as np
 
-from . import _forkserver, _interpreter, _state, _sysinfo
+from . import _state, _sysinfo
 from ._arrays import as_source
 from ._config import build
 from ._consumer import Consumer
 from ._errors import (
     LoaderClosedError,
     ShmfeedError,
-    SourcePickleError,
     SpecError,
-    WorkerError,
     worker_error_as,
 )
 from ._options import DEFAULT_SHUFFLE_BLOCK, check_int, describe, options_of
-from ._pool import Pool, sigint_deferred
+from ._poolkeeper import PoolKeeper, Resources
 from ._ring import Ring
 from ._shards import ShardedSource
 from ._spec import Spec
@@ -46,7 +46,6 @@ from ._stream import GeneratorSource, stream_source
 log = logging.getLogger("shmfeed")
 
 _HOOKS = ("on_epoch_begin", "on_epoch_end")
-_said_spawn = False
 
 
 def _epoch_hook(source: Any, name: str) -> Any:
@@ -57,51 +56,6 @@ def _epoch_hook(source: Any, name: str) -> Any:
     if (getattr(method, "__module__", "") or "").startswith("keras"):
         return None
     return getattr(source, name)
-
-
-class _Resources:
-    """Everything `close()` must release, kept apart from the Loader so that the
-    finalizer holds no reference to it."""
-
-    def __init__(self, ring: Ring):
-        self.ring = ring
-        self.pool: Pool | None = None
-        self.pool_stale = False  # the pool must be replaced (its supervisor died)
-        self.source_stale = False  # the workers' copy of the source is out of date
-        self.owner_pid = os.getpid()
-        self.callbacks: list = []  # run once at close, before the ring goes
-        self.files = _interpreter.FileTable()  # the files the source maps, sent to pools
-
-    def stop_pool(self) -> None:
-        pool, self.pool = self.pool, None
-        if pool is not None:
-            pool.stop()
-
-    def close(self) -> None:
-        """Stop the pool, run the callbacks, release the ring: each step runs even if
-        one before it failed, and the first failure is raised after the last step."""
-        if os.getpid() != self.owner_pid:  # a forked copy owns nothing
-            return
-        failures: list[BaseException] = []
-        try:
-            if not self.ring.closed:
-                self.ring.ctl.shutdown()  # wakes a thread waiting in the ring, pool or not
-            self.stop_pool()
-        except BaseException as exc:  # noqa: B036 - reported once the rest is released
-            failures.append(exc)
-        callbacks, self.callbacks = self.callbacks, []
-        for fn in reversed(callbacks):
-            try:
-                fn()
-            except Exception:  # one failing callback must not keep the rest from running
-                log.exception("shmfeed: a close callback raised")
-        try:
-            self.ring.close()
-        except BaseException as exc:  # noqa: B036
-            failures.append(exc)
-        self.files.close()
-        if failures:
-            raise failures[0]
 
 
 class Loader:
@@ -213,8 +167,9 @@ class Loader:
         self._source = source
         self._cfg = cfg
         self._ring = Ring(cfg.spec, cfg.n_slots, cfg.max_workers)
-        self._res = _Resources(self._ring)
-        self._finalizer = weakref.finalize(self, _Resources.close, self._res)
+        self._res = Resources(self._ring)
+        self._finalizer = weakref.finalize(self, Resources.close, self._res)
+        self._pools = PoolKeeper(self._res, self._ring, cfg, source)
         self._epoch = 0  # the epoch the next iteration produces
         self._first_batch = 0  # and the batch it starts at (> 0 after a resume)
         self._active: int | None = None  # the epoch being iterated, until it completes
@@ -231,84 +186,7 @@ class Loader:
                             cpus=_sysinfo.usable_cpus().value)
         self._consumer = Consumer(self._ring, cfg, self._res, source, self._stats)
         if cfg.num_workers:
-            self._start_pool()
-
-    def _start_pool(self) -> None:
-        method = self._cfg.start_method
-        why = _sysinfo.accelerator_in_use()
-        if method == "auto":
-            method = "fork" if not why else "forkserver" if _forkserver.running() else "spawn"
-            global _said_spawn
-            if method == "spawn" and not _said_spawn:
-                _said_spawn = True
-                log.warning(
-                    "shmfeed: %s is running in this process and fork() would copy its locks; "
-                    "starting workers from a fresh interpreter instead (the source is pickled once, "
-                    "and the interpreter imports what it needs). Create the Loader before the first "
-                    "JAX computation to fork directly, or `import shmfeed.jax` (or `shmfeed.keras`, "
-                    "or call `shmfeed.start_fork_server()`) before it to start workers from a copy "
-                    "of this process taken then, in milliseconds.", why)
-        elif method == "forkserver" and not _forkserver.start():
-            raise SpecError(
-                "`start_method='forkserver'` needs a fork server, and none runs in this process or "
-                f"can start now: {_forkserver.cannot_start()}. Call `shmfeed.start_fork_server()` "
-                "(or `import shmfeed.jax` / `shmfeed.keras`) before JAX starts, or use "
-                "`start_method='auto'`.")
-        parcel = None
-        if method != "fork":
-            asked = f"`start_method={method!r}` was asked"
-            if isinstance(self._source, GeneratorSource):
-                self._source.check_sendable(why or asked)
-            parcel = _interpreter.dump_source(
-                self._source, f"{why} is running in this process" if why else asked, self._res.files)
-        try:
-            self._ring.ctl.reopen()
-            with sigint_deferred():  # a Ctrl-C meanwhile is raised once the pool is registered
-                self._res.pool = Pool(self._ring, self._source, self._cfg, method, parcel)
-                self._res.pool_stale = self._res.source_stale = False
-        finally:
-            if parcel is not None:  # the pool's supervisor has its own hold on it now
-                parcel.close()
-
-    def _pool_died(self) -> bool:
-        """Whether the pool's supervisor died since the last epoch (nothing waited on
-        it meanwhile to notice): said once, and the next epoch starts a new pool.  Not a
-        pool that gave up (`max_restarts`): that one ends every epoch with its report,
-        whether its supervisor has exited yet or not; a new pool would quietly reset
-        the restart budget."""
-        pool = self._res.pool
-        ended = pool.poll() if pool is not None else None
-        if ended is not None and self._ring.ctl.fatal:
-            return False
-        if pool is not None and ended is not None:
-            log.warning("shmfeed: the worker pool's supervisor (pid %d) %s between epochs; "
-                        "starting a new pool", pool.pid, ended)
-        return ended is not None
-
-    def _send_source(self) -> None:
-        """Give the running pool the source's new state: its supervisor re-forks the
-        workers (no interpreter start, no import), in any start mode."""
-        pool = self._res.pool
-        assert pool is not None
-        try:
-            parcel = _interpreter.dump_source(self._source, f"its state changed (an epoch hook ran) "
-                                              f"and the pool was started by {pool.start_method}",
-                                              self._res.files)
-        except SourcePickleError:
-            if pool.start_method != "fork":
-                raise
-            # A source that does not pickle can still be forked: a new pool, from here.
-            self._res.stop_pool()
-            self._start_pool()
-            return
-        try:
-            pool.update_source(parcel)
-        except WorkerError:
-            self._res.pool_stale = True
-            raise
-        finally:
-            parcel.close()
-        self._res.source_stale = False
+            self._pools.start()
 
     # -- public surface ----------------------------------------------------------------
     def __len__(self) -> int:
@@ -367,7 +245,7 @@ class Loader:
         self._check_resumable()
         if isinstance(self._source, ShardedSource):
             epoch, nxt = _state.check(state, self._cfg.order, self._cfg.order.n_batches)
-            self._source.resume = (epoch, nxt, _stream_ended(state, self._source, nxt))
+            self._source.resume = (epoch, nxt, _state.stream_ended(state, self._source, nxt))
             self.source_changed()  # the workers must skip the shards that had ended
             self._epoch, self._first_batch = epoch, nxt
             self._active = self._received = None
@@ -393,10 +271,7 @@ class Loader:
             ended = cut.ended_at
         else:  # not iterated since `load_state_dict`, or between epochs
             ended = src.ended_before(epoch, nxt)
-        state = _state.make(self._cfg.order, epoch, nxt, None)
-        state["stream"] = {**_stream_fingerprint(src),
-                           "ended": sorted([j, b] for j, b in ended.items() if b < nxt)}
-        return state
+        return _state.stream_state(self._cfg.order, src, epoch, nxt, ended)
 
     def _check_resumable(self) -> None:
         if isinstance(self._source, GeneratorSource):
@@ -542,11 +417,8 @@ class Loader:
                 self._snapshot = (epoch, _state.source_snapshot(self._source))
             except SpecError as exc:
                 self._snapshot = (epoch, exc)
-        if self._cfg.num_workers and (self._res.pool_stale or self._pool_died()):
-            self._res.stop_pool()
-            self._start_pool()
-        elif self._cfg.num_workers and self._res.source_stale:
-            self._send_source()
+        if self._cfg.num_workers:
+            self._pools.before_epoch()
         gen = self._consumer.start(epoch, first)
         self._active = epoch
         self._stats.epochs_started += 1
@@ -593,32 +465,5 @@ class Loader:
                 epoch=epoch) from exc
 
 
-Loader.__doc__ = f"{Loader.__doc__}\n{describe()}\n    "
-
-
-def _stream_fingerprint(src: ShardedSource) -> dict:
-    """What a Stream's batch numbers mean on this host (they are the host's own)."""
-    return {"num_shards": src.stream.num_shards, "shard_count": src.shard_count, "shard_index": src.shard_index}
-
-
-def _stream_ended(state: dict, src: ShardedSource, nxt: int) -> dict[int, int]:
-    """The `ended` entries of a Stream's state, checked against `src`."""
-    theirs = state.get("stream")
-    if not isinstance(theirs, dict):
-        raise SpecError("the loader state has no `stream` entry: pass a state from `state_dict()` of a "
-                        "loader over a Stream")
-    for key, value in _stream_fingerprint(src).items():
-        if theirs.get(key) != value:
-            raise SpecError(
-                f"the loader state was saved with {key}={theirs.get(key)!r} (`stream.{key}`), this loader "
-                f"has {key}={value!r}: a Stream's batch numbers are its host's own, so it resumes with "
-                "the same shards and hosts (each host loading its own state)")
-    ended: dict[int, int] = {}
-    for entry in theirs.get("ended", ()):
-        ok = (isinstance(entry, (list, tuple)) and len(entry) == 2
-              and all(isinstance(x, int) and not isinstance(x, bool) for x in entry))
-        if not ok or not 0 <= entry[0] < len(src.shards) or not 0 <= entry[1] < nxt:
-            raise SpecError(f"the loader state's `stream.ended` has {entry!r}: expected [local shard < "
-                            f"{len(src.shards)}, batch < next_batch = {nxt}]")
-        ended[entry[0]] = entry[1]
-    return ended
+if Loader.__doc__ is not None:  # None under `python -OO`
+    Loader.__doc__ = f"{Loader.__doc__}\n{describe()}\n    "
