@@ -11,7 +11,7 @@ A check here looks at its option alone and returns the value as the loader uses 
 What depends on several options or on the source (`shard_index < shard_count`,
 `token_budget` with buckets, `num_slots` with `memory_budget_bytes`, `max_batch_rows`
 against the batch, the shuffle modes, padding, streams) is checked where it is used;
-each such option's doc says where.
+each such option's declaration names where (`checked_by`).
 
 Invariant: checks run in declaration order, which is the signature's order.
 """
@@ -99,12 +99,14 @@ def _function(name: str, value: Any) -> Any:
     return value
 
 
-def _option(default: Any, doc: str, check: Check | None = None) -> Any:
-    return field(default=default, metadata={"doc": doc, "check": check})
+def _option(default: Any, doc: str, check: Check | None = None, *, checked_by: str = "") -> Any:
+    """A field: `check` checks the option alone; `checked_by` names where an option
+    checked with others (or with the source) is."""
+    return field(default=default, metadata={"doc": doc, "check": check, "checked_by": checked_by})
 
 
 def _required(doc: str, check: Check) -> Any:
-    return field(metadata={"doc": doc, "check": check})
+    return field(metadata={"doc": doc, "check": check, "checked_by": ""})
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -118,9 +120,9 @@ class LoaderOptions:
         "worker processes building batches; 0 builds them in the training process.", _int(0))
     shuffle: bool | str = _option(
         False, "True: a new order every epoch; \"block\": runs of `shuffle_block` consecutive items "
-        "kept together (shuffled within). Checked by the order (_order.py).")
+        "kept together (shuffled within).", checked_by="_order.Order")
     shuffle_block: int = _option(
-        DEFAULT_SHUFFLE_BLOCK, "items per block with `shuffle=\"block\"`. Checked by the order.")
+        DEFAULT_SHUFFLE_BLOCK, "items per block with `shuffle=\"block\"`.", checked_by="_order.Order")
     seed: int | None = _option(
         0, "the stream's seed (order and `shmfeed.rng()`); None follows the user's seeding of "
         "np.random, without drawing from it.", _seed)
@@ -134,7 +136,7 @@ class LoaderOptions:
         "not with `num_slots`.", _or_none(_int(1)))
     max_batch_rows: int | None = _option(
         None, "with `batch_size=None`: the most rows a batch may have (slots are sized from batch 0, "
-        "and a larger batch is an error). Checked against batch 0 by _config.build.")
+        "and a larger batch is an error).", checked_by="_config.build (against batch 0)")
     timeout_s: float | None = _option(
         300.0, "seconds a batch may take before a `WorkerError` (its worker is replaced); "
         "None waits forever.", _timeout)
@@ -151,11 +153,12 @@ class LoaderOptions:
     shard_count: int = _option(
         1, "hosts sharing each global batch of `shard_count * batch_size` rows.", _int(1))
     steps_per_epoch: int | None = _option(
-        None, "batches per epoch of a generator or iterable source. Checked by _stream.py.")
+        None, "batches per epoch of a generator or iterable source.",
+        checked_by="_stream.stream_source, _shards.sharded_source")
     padded_shapes: Any = _option(
         None, "shapes to pad varying sample fields to (None in a dimension bounded by "
-        "`bucket_boundaries`). Checked by _pad.py.")
-    padding_values: Any = _option(None, "what padding holds (default 0). Checked by _pad.py.")
+        "`bucket_boundaries`).", checked_by="_pad.plan")
+    padding_values: Any = _option(None, "what padding holds (default 0).", checked_by="_pad.plan")
     with_lengths: bool = _option(
         False, "add `batch[\"lengths\"]`, the padded fields' true sizes.", check_bool)
     bucket_boundaries: Any = _option(
@@ -163,10 +166,11 @@ class LoaderOptions:
         "each batch padded to the smallest boundary that holds it.",
         lambda name, value: check_boundaries(value))
     bucket_lengths: Any = _option(
-        None, "each sample's length for bucketing: len(source) ints, or a function of the index.")
+        None, "each sample's length for bucketing: len(source) ints, or a function of the index.",
+        checked_by="_config.build, _bucket.item_buckets")
     token_budget: int | None = _option(
         None, "with buckets and `batch_size=None`: `token_budget // boundary` rows per batch of "
-        "each bucket. Checked with them by _config.build.")
+        "each bucket.", checked_by="_config.check_token_budget")
     worker_nice: int = _option(
         0, f"added to the workers' nice value (0-{MAX_NICE}): lower their CPU priority below the "
         "training loop's.", _int(0, MAX_NICE, " (the largest nice value)"))
@@ -195,5 +199,9 @@ def describe(indent: str = "    ") -> str:
     for f in fields(LoaderOptions):
         default = "required" if f.default is dataclasses.MISSING else f"default {f.default!r}"
         lines.append(f"- `{f.name}`: {f.type}, {default}.")
-        lines += textwrap.wrap(f.metadata["doc"], 84, initial_indent="  ", subsequent_indent="  ")
+        # No line break inside a `code span`: the spaces in one are held back from wrap.
+        spans = f.metadata["doc"].split("`")
+        text = "`".join(p.replace(" ", "\0") if i % 2 else p for i, p in enumerate(spans))
+        lines += [line.replace("\0", " ")
+                  for line in textwrap.wrap(text, 84, initial_indent="  ", subsequent_indent="  ")]
     return textwrap.indent("\n".join(lines), indent)

@@ -5,6 +5,7 @@ Loader's docstring must not drift apart (issue 27, item 2)."""
 from __future__ import annotations
 
 import dataclasses
+import importlib
 import inspect
 
 import numpy as np
@@ -59,6 +60,15 @@ def test_a_bad_value_of_each_self_checked_option_names_that_option():
             dataclasses.replace(good, **{name: value}).checked()
         with pytest.raises(SpecError, match=f"`{name}`"):
             shmfeed.Loader(np.zeros(8), **{**dataclasses.asdict(good), name: value})
+
+
+def test_an_option_checked_nowhere_or_by_a_function_that_is_gone_is_caught():
+    for f in FIELDS:
+        check, where = f.metadata["check"], f.metadata["checked_by"]
+        assert (check is None) != (not where), f.name  # one of the two, not both
+        for name in filter(None, where.split(" (")[0].split(", ")):
+            module, attr = name.split(".")
+            assert callable(getattr(importlib.import_module(f"shmfeed.{module}"), attr)), (f.name, name)
 
 
 def test_checked_options_are_what_the_loader_uses():
