@@ -12,6 +12,9 @@ of new / old of that ratio.
     git worktree add /tmp/before HEAD~1 && (cd /tmp/before && python setup.py -q build_ext --inplace)
     python benchmarks/ab_trees.py /tmp/before . --rounds 7            # every workload
     python benchmarks/ab_trees.py /tmp/before . --workloads tokens,samples-large --rounds 3
+    python benchmarks/ab_trees.py /tmp/before . --own-harness    # where the new harness needs
+                                                                 # the new library (then the
+                                                                 # workloads both harnesses have)
 
 Prints one line per run, then a table: per workload, each tree's median batches/s and
 ratio, and new/old (>= 0.97 is "no slower" within this machine's noise).
@@ -52,9 +55,11 @@ def workloads_of(tree: Path) -> list[str]:
 def one_run(tree: Path, workload: str, seconds: float, extra: list[str]) -> tuple[float, float] | None:
     """(shmfeed batches/s, in-process batches/s) of one run, or None if it failed."""
     with tempfile.NamedTemporaryFile(suffix=".json") as out:
+        # A harness from before the headspace runs has no flag to turn them off (nor them).
+        headspace = "headspace" in (tree / "shmfeed" / "_bench" / "runner.py").read_text()
         cmd = [sys.executable, "-m", "shmfeed", "bench", "--workload", workload, "--compare", "inline",
                "--workers", "2", "--seconds", str(seconds), "--repeat", "1", "--no-progress",
-               "--json", out.name, *extra]
+               *(["--no-headspace"] if headspace else []), "--json", out.name, *extra]
         proc = subprocess.run(cmd, cwd=tree, env={**os.environ, "PYTHONPATH": str(tree)},
                               capture_output=True, text=True, timeout=600)
         if proc.returncode != 0:
@@ -82,7 +87,11 @@ def main() -> None:
         trees = {"old": old, "new": new}
         if not args.own_harness:
             trees = {"old": overlay(old, new, Path(tmp) / "old"), "new": overlay(new, new, Path(tmp) / "new")}
-        names = workloads_of(trees["new"]) if args.workloads == "all" else args.workloads.split(",")
+        if args.workloads != "all":
+            names = args.workloads.split(",")
+        else:  # every workload both harnesses run
+            old_names = set(workloads_of(trees["old"]))
+            names = [w for w in workloads_of(trees["new"]) if w in old_names]
         runs: dict[str, dict[str, list]] = {w: {"old": [], "new": []} for w in names}
         for r in range(args.rounds):
             order = ("old", "new") if r % 2 == 0 else ("new", "old")  # ABBA: drift cancels

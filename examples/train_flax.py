@@ -20,11 +20,23 @@ continues with exactly the batch after the last one of the checkpoint, so its lo
 are those of a run that was never interrupted.
 
     python examples/train_flax.py --checkpoint-dir /tmp/ckpt --checkpoint-every 50
+
+Several JAX processes (hosts; here 4 on one machine, on CPU): the same command in each,
+with its `--process-id`.  Each process loads its own part of every global batch
+(`shmfeed.jax.host_shard()`), `--batch-size` stays the global batch size, and the step
+sees global arrays over a mesh of every process's devices.  A checkpoint written by N
+processes resumes on any number that divides the global batch size.
+
+    for i in 0 1 2 3; do
+      JAX_PLATFORMS=cpu python examples/train_flax.py --num-processes 4 --process-id $i \
+          --coordinator 127.0.0.1:12355 --checkpoint-dir /tmp/ckpt &
+    done; wait
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import time
@@ -41,7 +53,9 @@ N_CLASSES = 6  # one per face of the cube
 # -- the dataset on disk -----------------------------------------------------------------
 def write_dataset(data_dir: Path, n_samples: int, seed: int) -> tuple[dict, dict]:
     """Write `n_samples` volumes as data_dir/<id>.npy (uint8) and return (partition,
-    labels); reuse what is there when it was written with the same arguments."""
+    labels); reuse what is there when it was written with the same arguments.  Every
+    file is written whole under a temporary name, then renamed: processes that write
+    the same (deterministic) dataset at once never read a half-written file."""
     data_dir.mkdir(parents=True, exist_ok=True)
     index_file = data_dir / "index.json"
     if index_file.exists():
@@ -60,14 +74,25 @@ def write_dataset(data_dir: Path, n_samples: int, seed: int) -> tuple[dict, dict
         sigma = rng.uniform(2.5, 4.0)
         d2 = (zz - centre[0]) ** 2 + (yy - centre[1]) ** 2 + (xx - centre[2]) ** 2
         vol = np.exp(-d2 / (2 * sigma**2)) + rng.normal(0.2, 0.15, size=d2.shape)
-        np.save(data_dir / f"{sid}.npy", np.clip(vol * 200, 0, 255).astype(np.uint8))
+        data = np.clip(vol * 200, 0, 255).astype(np.uint8)
+        with _written(data_dir / f"{sid}.npy") as f:
+            np.save(f, data)
         labels[sid] = label
     ids = list(labels)
     n_val = max(n_samples // 5, 1)
     partition = {"train": ids[n_val:], "validation": ids[:n_val]}
-    index_file.write_text(json.dumps({"n_samples": n_samples, "seed": seed,
-                                      "partition": partition, "labels": labels}))
+    index = {"n_samples": n_samples, "seed": seed, "partition": partition, "labels": labels}
+    with _written(index_file) as f:
+        f.write(json.dumps(index).encode())
     return partition, labels
+
+
+@contextlib.contextmanager
+def _written(path: Path):
+    tmp = path.with_name(f".{path.name}.{os.getpid()}")
+    with open(tmp, "wb") as f:
+        yield f
+    os.replace(tmp, path)
 
 
 class VolumeDataset:
@@ -92,7 +117,7 @@ def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--samples", type=int, default=3000, help="samples written to disk")
     p.add_argument("--epochs", type=int, default=5)
-    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--batch-size", type=int, default=32, help="global: over all processes")
     p.add_argument("--workers", type=int, default=max(1, (os.cpu_count() or 2) - 1))
     p.add_argument("--lr", type=float, default=3e-3)
     p.add_argument("--seed", type=int, default=0)
@@ -101,24 +126,51 @@ def main(argv: list[str] | None = None) -> None:
                    help="save model, optimiser and loader state here, and resume from it")
     p.add_argument("--checkpoint-every", type=int, default=100, help="steps between checkpoints")
     p.add_argument("--log-steps", action="store_true", help="print every step's loss")
+    p.add_argument("--num-processes", type=int, default=1, help="JAX processes in the run")
+    p.add_argument("--process-id", type=int, default=0, help="this process: 0 .. num-processes - 1")
+    p.add_argument("--coordinator", default="127.0.0.1:12355",
+                   help="host:port of process 0, where JAX's coordinator listens")
+    p.add_argument("--heartbeat-timeout", type=int, default=100,
+                   help="seconds after which the others give up on a process that died")
     args = p.parse_args(argv)
+
+    index, count = 0, 1
+    if args.num_processes > 1:
+        import jax
+
+        # Before any JAX computation, and before the loaders: it does not start JAX's
+        # backend, so their workers still fork from a clean process.
+        jax.distributed.initialize(args.coordinator, num_processes=args.num_processes,
+                                   process_id=args.process_id,
+                                   # listen where the others connect, not on every interface
+                                   coordinator_bind_address=args.coordinator,
+                                   heartbeat_timeout_seconds=args.heartbeat_timeout)
+        from shmfeed.jax import host_shard
+
+        index, count = host_shard()
+    if args.batch_size % count:
+        raise SystemExit(f"--batch-size {args.batch_size} must be divisible by the "
+                         f"{count} processes: each loads batch_size / processes rows")
 
     t0 = time.perf_counter()
     partition, labels = write_dataset(args.data_dir, args.samples, args.seed)
-    print(f"dataset: {len(partition['train'])} train / {len(partition['validation'])} validation "
-          f"volumes of {SIDE}^3 in {args.data_dir} ({time.perf_counter() - t0:.1f} s)", flush=True)
+    log = print if index == 0 else (lambda *a, **k: None)  # the processes agree: one speaks
+    log(f"dataset: {len(partition['train'])} train / {len(partition['validation'])} validation "
+        f"volumes of {SIDE}^3 in {args.data_dir} ({time.perf_counter() - t0:.1f} s)", flush=True)
 
-    # Loaders first: their workers fork before JAX starts any thread.
+    # Loaders first: their workers fork before JAX starts any thread.  Each process
+    # reads its own rows of every global batch.
+    shard = dict(batch_size=args.batch_size // count, shard_index=index, shard_count=count)
     train = shmfeed.Loader(VolumeDataset(args.data_dir, partition["train"], labels, augment=True),
-                           batch_size=args.batch_size, num_workers=args.workers, shuffle=True,
-                           seed=args.seed, drop_last=True)
+                           num_workers=args.workers, shuffle=True, seed=args.seed, drop_last=True,
+                           **shard)
     val = shmfeed.Loader(VolumeDataset(args.data_dir, partition["validation"], labels, augment=False),
-                         batch_size=args.batch_size, num_workers=1, drop_last=True)
+                         num_workers=1, drop_last=True, **shard)
     with train, val:
-        run(args, train, val)
+        run(args, train, val, log)
 
 
-def run(args: argparse.Namespace, train: shmfeed.Loader, val: shmfeed.Loader) -> None:
+def run(args: argparse.Namespace, train: shmfeed.Loader, val: shmfeed.Loader, log) -> None:
     import flax.linen as nn
     import jax
     import jax.numpy as jnp
@@ -146,17 +198,23 @@ def run(args: argparse.Namespace, train: shmfeed.Loader, val: shmfeed.Loader) ->
             x = nn.relu(nn.Dense(64)(x.reshape(x.shape[0], -1)))
             return nn.Dense(N_CLASSES)(x)
 
-    devices = jax.local_devices()
-    sharding = None
-    if len(devices) > 1 and args.batch_size % len(devices) == 0:
-        sharding = NamedSharding(Mesh(np.array(devices), ("data",)), P("data"))
-    print(f"devices: {len(devices)} x {devices[0].device_kind}"
-          f"{', batches split over them' if sharding else ''}", flush=True)
+    devices = jax.devices()  # with several processes: every process's devices
+    sharding = replicated = None
+    if len(devices) > 1 and args.batch_size // jax.process_count() % jax.local_device_count() == 0:
+        mesh = Mesh(np.array(devices), ("data",))
+        sharding, replicated = NamedSharding(mesh, P("data")), NamedSharding(mesh, P())
+    elif jax.process_count() > 1:
+        raise SystemExit(f"--batch-size {args.batch_size} / {jax.process_count()} processes must "
+                         f"be divisible by the {jax.local_device_count()} devices of each")
+    log(f"devices: {len(devices)} x {devices[0].device_kind} in {jax.process_count()} "
+        f"process(es){', batches split over them' if sharding else ''}", flush=True)
 
     model = CNN()
     params = model.init(jax.random.key(args.seed), jnp.zeros((1, SIDE, SIDE, SIDE, 1)))
     tx = optax.adam(args.lr)
     opt_state = tx.init(params)
+    if replicated is not None:  # the same values on every device of the mesh
+        params, opt_state = jax.device_put((params, opt_state), replicated)
 
     def loss_and_hits(params, batch):
         logits = model.apply(params, batch["volume"])
@@ -184,8 +242,8 @@ def run(args: argparse.Namespace, train: shmfeed.Loader, val: shmfeed.Loader) ->
                 loader=ocp.args.JsonRestore()))
             params, opt_state = restored.model["params"], restored.model["opt_state"]
             train.load_state_dict(restored.loader)  # continues after the saved batch
-            print(f"resumed at step {step}: epoch {train.epoch + 1}, batch "
-                  f"{restored.loader['next_batch']}", flush=True)
+            log(f"resumed at step {step}: epoch {train.epoch + 1}, batch "
+                f"{restored.loader['next_batch']}", flush=True)
 
     while train.epoch < args.epochs:
         epoch = train.epoch + 1
@@ -198,13 +256,21 @@ def run(args: argparse.Namespace, train: shmfeed.Loader, val: shmfeed.Loader) ->
             hits.append(h)
             seen += batch["label"].shape[0]
             if args.log_steps:
-                print(f"step {step} loss {float(loss)!r}", flush=True)
+                log(f"step {step} loss {float(loss)!r}", flush=True)
             if ckpt is not None and step % args.checkpoint_every == 0:
                 # The loader's state names the batch this step used: the feed's
-                # read-ahead is not counted.
+                # read-ahead is not counted.  It counts global batches, so every
+                # process holds the same one (orbax writes process 0's).
+                state = train.state_dict()
+                if jax.process_count() > 1:
+                    from jax.experimental import multihost_utils
+
+                    multihost_utils.assert_equal(
+                        np.frombuffer(json.dumps(state, sort_keys=True).encode(), np.uint8),
+                        "the processes' loader states differ")
                 ckpt.save(step, args=ocp.args.Composite(
                     model=ocp.args.StandardSave({"params": params, "opt_state": opt_state}),
-                    loader=ocp.args.JsonSave(train.state_dict())))
+                    loader=ocp.args.JsonSave(state)))
         if not losses:  # resumed after an epoch's last batch
             continue
         loss = float(jnp.mean(jnp.stack(losses)))
@@ -215,9 +281,9 @@ def run(args: argparse.Namespace, train: shmfeed.Loader, val: shmfeed.Loader) ->
             val_hits.append(eval_step(params, batch)[1])
             val_seen += batch["label"].shape[0]
         val_acc = float(jnp.sum(jnp.stack(val_hits))) / val_seen
-        print(f"epoch {epoch}/{args.epochs}  loss {loss:.4f}  accuracy {acc:.3f}  "
-              f"val_accuracy {val_acc:.3f}  examples/s {seen / dt:.0f}  "
-              f"input wait {train.stats().input_wait_fraction:.0%}", flush=True)
+        log(f"epoch {epoch}/{args.epochs}  loss {loss:.4f}  accuracy {acc:.3f}  "
+            f"val_accuracy {val_acc:.3f}  examples/s {seen / dt:.0f}  "
+            f"input wait {train.stats().input_wait_fraction:.0%}", flush=True)
     if ckpt is not None:
         ckpt.wait_until_finished()
         ckpt.close()

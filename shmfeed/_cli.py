@@ -159,6 +159,8 @@ def build_parser() -> argparse.ArgumentParser:
                        help="write every number (runs, medians, machine) as JSON; - for stdout")
     bench.add_argument("--plot", default=None, metavar="FILE.png",
                        help="draw a bar chart of batches/s (needs matplotlib)")
+    bench.add_argument("--no-headspace", action="store_true",
+                       help="skip the headspace runs (each loader again on a zero-cost source: its ceiling)")
     bench.add_argument("--no-progress", action="store_true", help="print nothing on stderr while running")
     bench.add_argument("--device", action="store_true",
                        help="run the GPU upload benchmark of shmfeed.jax instead (takes --seconds "
@@ -234,6 +236,7 @@ def _bench(args: argparse.Namespace, parser: argparse.ArgumentParser, argv: list
         progress=not args.no_progress,
         step_ms=args.step_ms,
         worker_nice=args.worker_nice,
+        headspace=not args.no_headspace,
     )
     if args.data_dir is not None:
         opts.data_dir = _path(args.data_dir)
@@ -246,6 +249,8 @@ def _bench(args: argparse.Namespace, parser: argparse.ArgumentParser, argv: list
     out = sys.stderr if args.json == "-" else sys.stdout
     print(report.heading(doc), file=out)
     print(report.table(doc), file=out)
+    for line in report.headspace(doc):
+        print(line, file=out)
     print(report.legend(doc), file=out)
     for line in report.verdicts(doc):
         print(line, file=out)
@@ -273,7 +278,8 @@ def _keras_fit(args: argparse.Namespace, parser: argparse.ArgumentParser, names:
     given = [flag for flag, value in (("--compare", args.compare), ("--batch-size", args.batch_size),
                                       ("--seconds", args.seconds), ("--slots", args.slots),
                                       ("--plot", args.plot), ("--step-ms", args.step_ms or None),
-                                      ("--worker-nice", args.worker_nice or None))
+                                      ("--worker-nice", args.worker_nice or None),
+                                      ("--no-headspace", args.no_headspace or None))
              if value is not None]
     if given:
         parser.error(f"--workload {keras_fit.NAME} always compares shmfeed, Keras's workers and "
@@ -310,7 +316,8 @@ def _gpu_present() -> bool:
 def _device(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     given = [flag for flag, value in (("--workload", args.workload), ("--compare", args.compare),
                                       ("--plot", args.plot), ("--step-ms", args.step_ms or None),
-                                      ("--worker-nice", args.worker_nice or None))
+                                      ("--worker-nice", args.worker_nice or None),
+                                      ("--no-headspace", args.no_headspace or None))
              if value is not None]
     if given:
         parser.error(f"--device measures the GPU upload only; it does not take {', '.join(given)}")

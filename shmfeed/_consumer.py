@@ -3,7 +3,9 @@ in the training process.
 
 Owns: opening a generation for an epoch (or the rest of one, on resume), the fast
 take and the slow take (health checks of the pool while waiting, the ring-full
-check, the timeout and the worker it kills), turning a slot into the batch's
+check, which first waits for what lets go of batches by itself: JAX's steps in
+flight and its deferred release, _jaxrefs.py; the timeout and the worker it kills),
+turning a slot into the batch's
 arrays (views of the `SlotRef` that the take returns, which gives the slot back
 when they all die), and, with `num_workers=0`, building each batch here just
 before taking it.
@@ -27,8 +29,8 @@ from typing import Any
 
 import psutil
 
-from . import _bucket, _rng
-from ._build import build_batch, builder_for
+from . import _bucket, _jaxrefs, _rng
+from ._build import LeaveBuild, build_batch, builder_for
 from ._config import Config
 from ._control import NO_CLAIM, PoolShutdown, RingBlocked, SlotState, Taken, tag, untag
 from ._errors import LoaderClosedError, RingFullError, ShmfeedError, WorkerError, internal
@@ -37,6 +39,12 @@ from ._ring import Ring
 from ._spec import unflatten
 
 TAKE_SLICE_S = 0.1  # how often a waiting consumer checks the pool's health
+# Every slot held: how often to look again while JAX computes (doubling up to the max),
+# and how long a finished computation's arguments may take to be released.
+RELEASE_POLL_S = 0.0005
+MAX_RELEASE_POLL_S = 0.004
+JAX_RELEASE_S = 0.05
+QUICK_RELEASE_S = 0.1  # looking again only, before asking JAX what it still computes
 MAX_SLICE_S = 2 * TAKE_SLICE_S  # a slice counts this much at most towards `timeout_s`
 # A pool starting in a fresh interpreter imports the training process's modules and
 # unpickles the source (a big in-memory dataset: seconds to minutes) before any worker
@@ -50,7 +58,8 @@ class Consumer:
     """Takes batches from the ring for one Loader.  `resources.pool` is the running
     pool (None with `num_workers=0`, or while none runs)."""
 
-    def __init__(self, ring: Ring, cfg: Config, resources: Any, source: Any, stats: Any):
+    def __init__(self, ring: Ring, cfg: Config, resources: Any, source: Any, stats: Any,
+                 build_here: bool = True):
         self.ring = ring
         self.cfg = cfg
         self.res = resources
@@ -59,7 +68,8 @@ class Consumer:
         self.first_batch = 0  # of the current generation, in its epoch
         self.next_slot = 0
         self.delivered = 0  # batches of the current epoch handed to the loop
-        self.builder = builder_for(source, cfg, ring) if cfg.num_workers == 0 else None
+        # With `num_workers=0` batches are built here, unless remote builders do.
+        self.builder = builder_for(source, cfg, ring) if cfg.num_workers == 0 and build_here else None
         self.row_bytes = cfg.spec.row_bytes  # a batch without a bucket: rows x this
         self.t_first: float | None = None
         self.thread: int | None = None  # the thread iterating the current generation
@@ -183,7 +193,17 @@ class Consumer:
         return unflatten(self.cfg.spec.tree, leaves)
 
     def _build_here(self, gen: int, b: int) -> None:
-        """num_workers=0: build the batch in this process with the workers' code."""
+        """num_workers=0: build the batch in this process with the workers' code.  A
+        `close()` from another thread meanwhile is a LoaderClosedError, wherever it
+        lands (the shutdown word makes the claim and the slot's wait leave)."""
+        try:
+            self._claim_and_build(gen, b)
+        except (LeaveBuild, PoolShutdown):
+            if self.ring.closed or self.ring.ctl.shutting_down:
+                raise LoaderClosedError("the loader was closed while a batch was being built") from None
+            raise
+
+    def _claim_and_build(self, gen: int, b: int) -> None:
         ctl = self.ring.ctl
         g, claimed = ctl.claim(0)
         if (g, claimed) != (gen, b):
@@ -191,6 +211,8 @@ class Consumer:
         if ctl.slot_of(gen, b) < 0:
             self._raise_if_full(gen, b, self.first_batch + b)
             if ctl.slot_of(gen, b) < 0:
+                if ctl.shutting_down:
+                    raise PoolShutdown()
                 raise internal(f"batch {b} has no slot although not every slot is held")
         # With `seed_global_rngs`, the global RNGs are keyed per batch here exactly as
         # in a worker (that is what keeps this mode the reference), and then put back:
@@ -203,21 +225,92 @@ class Consumer:
             build_batch(self.ring, self.builder, 0, gen, b, None)
 
     def _raise_if_full(self, gen: int, b: int, epoch_batch: int) -> None:
-        """Batch `b` has no slot: unless a garbage collection frees one, every slot is
-        pinned by a batch the caller still references."""
-        ctl, n = self.ring.ctl, self.ring.n_slots
-        gc.collect()  # batches caught in reference cycles
-        ctl.assign_free()
-        if ctl.slot_of(gen, b) >= 0:
+        """Batch `b` has no slot and every slot holds a batch this process took.  Return
+        once one is free (or on its way back), after what lets go of batches by itself
+        has done so: JAX's computations in flight, which hold their numpy arguments,
+        and its deferred release of them (see _jaxrefs.py), then reference cycles.
+        Otherwise the caller keeps every slot's batch: RingFullError.
+
+        The wait is bounded by the JAX work in flight once it has lasted
+        `QUICK_RELEASE_S` (never by work dispatched later, e.g. by another thread), plus
+        `JAX_RELEASE_S`; without jax, it raises at once."""
+        if self._slot_back(gen, b):
             return
-        held = sum(ctl.slot(s)["state"] == SlotState.HELD for s in range(n))
-        if held < n:
-            return  # a slot is on its way back (a worker is finishing a stale batch)
-        raise RingFullError(
-            f"batch {epoch_batch} has no ring slot: all {n} slots hold batches that are still "
-            "referenced (e.g. appended to a list, or held by in-flight device transfers). "
-            "Copy what you keep (`np.array(x)`, or `jax.device_put`), drop references "
-            f"sooner, or give the loader more slots (`num_slots`, now {n}).")
+        if _jaxrefs.loaded():
+            self._await_jax(gen, b)
+            if self._slot_back(gen, b):
+                return
+        gc.collect()  # batches caught in reference cycles
+        if self._slot_back(gen, b):
+            return
+        raise RingFullError(self._full_message(epoch_batch))
+
+    def _await_jax(self, gen: int, b: int) -> None:
+        """Wait while JAX may still let go of batches: first only looking again (most
+        waits end within a step: the oldest queued one finishes), then, after
+        `QUICK_RELEASE_S`, until the computations in flight at that moment are done
+        (listing JAX's live arrays costs ~0.5 us each, so not on every wait), and
+        `JAX_RELEASE_S` more for their arguments to be released."""
+        t0 = time.perf_counter()
+        pause_s = RELEASE_POLL_S
+        in_flight: list | None = None
+        settle_until = None
+        while True:
+            time.sleep(pause_s)
+            pause_s = min(2 * pause_s, MAX_RELEASE_POLL_S)
+            if self._slot_back(gen, b):
+                return
+            now = time.perf_counter()
+            if now - t0 < QUICK_RELEASE_S:
+                continue
+            if in_flight is None:
+                in_flight = _jaxrefs.computing()
+            in_flight = [a for a in in_flight if not _jaxrefs.ready(a)]
+            if in_flight:
+                settle_until = None
+            elif settle_until is None:
+                # A computation's arguments are released just after its results are
+                # ready (measured: within one more collection).
+                settle_until = now + JAX_RELEASE_S
+            elif now >= settle_until:
+                return
+
+    def _slot_back(self, gen: int, b: int) -> bool:
+        """Whether batch `b` has a slot, or one is on its way back (a worker finishing a
+        stale batch), or the loader is shutting down (the next take says so), after
+        letting JAX drop what its finished computations held."""
+        ctl, n = self.ring.ctl, self.ring.n_slots
+        _jaxrefs.collect()
+        ctl.assign_free()
+        if ctl.slot_of(gen, b) >= 0 or ctl.shutting_down:
+            return True
+        return sum(ctl.slot(s)["state"] == SlotState.HELD for s in range(n)) < n
+
+    def _full_message(self, epoch_batch: int) -> str:
+        ctl, n = self.ring.ctl, self.ring.n_slots
+        held: dict[int, list[int]] = {}  # epoch -> its batches still referenced
+        for s in range(n):
+            gen, batch = untag(ctl.slot(s)["tag"])
+            try:
+                info = ctl.gen_info(gen)
+            except Exception:  # a generation too old for the table: its epoch is unknown
+                held.setdefault(-1, []).append(batch)
+                continue
+            held.setdefault(info.epoch, []).append(info.first_batch + batch)
+        names = "; ".join(
+            ("epoch ?" if e < 0 else f"epoch {e}") + ": batch" + ("es " if len(bs) > 1 else " ")
+            + ", ".join(map(str, sorted(bs))) for e, bs in sorted(held.items()))
+        jax = (", with no computation of JAX in flight that could release them"
+               if _jaxrefs.loaded() else "")
+        return (
+            f"batch {epoch_batch} has no ring slot: all {n} slots hold batches that this process "
+            f"still references ({names}){jax}. The arrays of those batches are kept somewhere: "
+            "e.g. appended to a list, or as a view (`x[0]`, `x.reshape(...)`), or as a "
+            "`jax.Array` made from one on CPU (there `jnp.asarray`, `jax.device_put` and jitted "
+            "calls alias an aligned view instead of copying it; on a GPU they copy it to the "
+            "device, and keeping that array pins nothing). Keep a copy instead (`np.array(x)`), "
+            f"drop them sooner, or give the loader more slots (`num_slots`, now {n}); "
+            "`shmfeed.jax.prefetch_to_device(loader)` hands JAX copies it owns.")
 
     def _slow_take(self, gen: int, epoch: int, b: int, epoch_batch: int, t0: float) -> Taken:
         """Wait for batch b slice by slice, checking the pool between slices.  The

@@ -254,7 +254,7 @@ def _serve(sock: socket.socket, parent_pid: int, unfinished: list[str]) -> None:
     me = os.getpid()
     children: dict[int, tuple[int, int]] = {}  # pid -> (its pidfd, status pipe)
     while os.getppid() == parent_pid:
-        select.select([sock] + [pfd for pfd, _ in children.values()], [], [], SERVER_POLL_S)
+        ready = select.select([sock] + [pfd for pfd, _ in children.values()], [], [], SERVER_POLL_S)[0]
         for pid, (pfd, status_fd) in list(children.items()):
             done, status = os.waitpid(pid, os.WNOHANG)
             if done:
@@ -265,8 +265,13 @@ def _serve(sock: socket.socket, parent_pid: int, unfinished: list[str]) -> None:
                 os.close(pfd)
                 os.close(status_fd)
                 del children[pid]
+        # Only when a request is there: Python 3.11's `socket.recv_fds` drops its
+        # `flags` (MSG_DONTWAIT), and a receive that blocks leaves every supervisor
+        # that exits meanwhile unreaped, its pool's `close()` waiting for its status.
+        if sock not in ready:
+            continue
         try:
-            msg, fds, _, _ = socket.recv_fds(sock, 64, MAX_FDS, socket.MSG_DONTWAIT)
+            msg, fds, _, _ = socket.recv_fds(sock, 64, MAX_FDS)
         except BlockingIOError:
             continue
         if not msg:  # the training process closed its end (it stopped us, or exited)

@@ -10,13 +10,15 @@ Invariants (see DESIGN.md):
 1. each batch of an epoch is delivered exactly once, in batch order;
 2. the stream is a function of (source, seed, epoch, options) only;
 3. memory is fixed at construction (`ring_bytes`);
-4. batch data is written once, by the process that builds it, and read in place;
+4. batch data is written once, by the process that builds it (or, for a remote
+   builder, by the one copy from its transfer: shmfeed/ray.py), and read in place;
 5. nothing outlives the loader: `close()`, garbage collection, `with`, and the exit
    of the interpreter all run the pool's shutdown protocol (see _pool.py).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import time
 import weakref
@@ -27,7 +29,7 @@ import numpy as np
 
 from . import _state, _sysinfo
 from ._arrays import as_source
-from ._config import build
+from ._config import build, check_memory, default_num_slots
 from ._consumer import Consumer
 from ._errors import (
     LoaderClosedError,
@@ -37,7 +39,7 @@ from ._errors import (
 )
 from ._options import DEFAULT_SHUFFLE_BLOCK, check_int, describe, options_of
 from ._poolkeeper import PoolKeeper, Resources
-from ._ring import Ring
+from ._ring import Ring, ring_bytes
 from ._shards import ShardedSource
 from ._spec import Spec
 from ._stats import Stats
@@ -56,6 +58,21 @@ def _epoch_hook(source: Any, name: str) -> Any:
     if (getattr(method, "__module__", "") or "").startswith("keras"):
         return None
     return getattr(source, name)
+
+
+def _check_remote(source: Any, builders: Any) -> None:
+    """What remote builders (shmfeed.ray) cannot build yet: streams (read in one
+    process, in order) and sources with epoch hooks (their state would have to follow
+    them to every actor)."""
+    if not hasattr(builders, "_start"):
+        raise SpecError(f"`builders` must be a `shmfeed.ray.Builders`, got {type(builders).__name__}")
+    if isinstance(source, (GeneratorSource, ShardedSource)):
+        raise SpecError(f"`builders` build batches by index, and the source is {type(source).__name__}, a "
+                        "stream read in order: use local workers for it (no `builders`)")
+    if any(_epoch_hook(source, h) for h in _HOOKS):
+        raise SpecError("`builders` cannot build from a source with epoch hooks (on_epoch_begin/"
+                        "on_epoch_end) yet: its state would have to reach every actor. Use local "
+                        "workers for it (no `builders`).")
 
 
 class Loader:
@@ -103,6 +120,10 @@ class Loader:
     shapes are probed from batch 0 (built once at construction) and each leaf must keep
     the batch's rows; a later result that differs is an error naming the batch and
     leaf.  Each worker builds the batch in a private scratch slot first.
+
+    `builders=shmfeed.ray.Builders(num_actors=...)` adds batch builders on a Ray cluster
+    beside the `num_workers` local ones (or instead of them, with `num_workers=0`): the
+    same batches, delivered into the ring in order (see shmfeed/ray.py).
 
     `worker_nice` (0-19) lowers the workers' CPU priority below the training loop's:
     where the loop itself is the bottleneck on a machine with as many workers as CPUs
@@ -159,6 +180,7 @@ class Loader:
         token_budget: int | None = None,
         worker_nice: int = 0,
         batch_transform: Callable[[Any], Any] | None = None,
+        builders: Any = None,
     ):
         options = options_of(locals())  # every parameter but self and source: _options.py
         # Arrays, dicts and tuples of arrays: shmfeed.sources.Arrays; generators: _stream.py.
@@ -166,7 +188,19 @@ class Loader:
         cfg = build(source, options)
         self._source = source
         self._cfg = cfg
-        self._ring = Ring(cfg.spec, cfg.n_slots, cfg.max_workers)
+        self.builders = builders  # shmfeed.ray.Builders, or None
+        if builders is not None:
+            _check_remote(source, builders)
+            if num_slots is None and memory_budget_bytes is None:
+                # A slot for each batch in flight to the builders, beside the usual ring.
+                n_slots = default_num_slots(cfg.num_workers, cfg.spec.slot_bytes) + builders.window
+                check_memory(ring_bytes(n_slots, cfg.max_workers + builders.window, cfg.spec.slot_bytes),
+                             n_slots, cfg.spec.slot_bytes)
+                cfg = dataclasses.replace(cfg, n_slots=n_slots)
+                self._cfg = cfg
+        # Remote builders' delivery threads each have a worker record, after the local ones.
+        remote_workers = 0 if builders is None else builders.window
+        self._ring = Ring(cfg.spec, cfg.n_slots, cfg.max_workers + remote_workers)
         self._res = Resources(self._ring)
         self._finalizer = weakref.finalize(self, Resources.close, self._res)
         self._pools = PoolKeeper(self._res, self._ring, cfg, source)
@@ -184,9 +218,17 @@ class Loader:
         self._stats = Stats(n_slots=cfg.n_slots, slot_bytes=cfg.spec.slot_bytes,
                             ring_bytes=self._ring.nbytes, num_workers=cfg.num_workers,
                             cpus=_sysinfo.usable_cpus().value)
-        self._consumer = Consumer(self._ring, cfg, self._res, source, self._stats)
+        self._consumer = Consumer(self._ring, cfg, self._res, source, self._stats,
+                                  build_here=builders is None)
         if cfg.num_workers:
             self._pools.start()
+        if builders is not None:
+            try:  # after the pool: it is forked before the delivery threads exist
+                remote = builders._start(self._ring, source, cfg, first_worker=cfg.max_workers)
+            except BaseException:
+                self.close()
+                raise
+            self._res.callbacks.append(remote.stop)
 
     # -- public surface ----------------------------------------------------------------
     def __len__(self) -> int:
@@ -436,6 +478,10 @@ class Loader:
         The source is pickled each time and sent to the pool, whose workers are
         re-forked: tens of milliseconds, plus pickling the source's state."""
         self._check_open()
+        if self.builders is not None:
+            raise SpecError("this Loader's batches are also built by Ray actors (`builders`), whose "
+                            "copies of the source cannot take a new state yet: create a new Loader "
+                            "over the changed source")
         if self._cfg.num_workers == 0:
             return  # batches are built here, from the source itself
         self._res.source_stale = True

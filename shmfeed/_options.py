@@ -176,6 +176,9 @@ class LoaderOptions:
         "training loop's.", _int(0, MAX_NICE, " (the largest nice value)"))
     batch_transform: Callable[[Any], Any] | None = _option(
         None, "`fn(batch) -> batch`, run in the worker on each built batch.", _function)
+    builders: Any = _option(
+        None, "`shmfeed.ray.Builders(...)`: batch builders on a Ray cluster, beside the local "
+        "workers (shmfeed/ray.py).", checked_by="_loader._check_remote")
 
     def checked(self) -> LoaderOptions:
         """These options with each one checked on its own, as the loader uses them; the

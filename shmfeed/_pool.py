@@ -16,11 +16,18 @@ open: the old workers' half-built batches are of abandoned or finished epochs.
 
 Shutdown protocol (the only one; everything that ends a pool goes through it):
 1. The training process sets the control block's shutdown word (`Control.shutdown`),
-   which wakes every futex waiter.
+   which wakes every futex waiter, and closes its end of the channel, which wakes the
+   supervisor in its `select` at once.  A supervisor that has not forked a worker yet
+   (a fresh interpreter still importing) has nothing to take down: it is SIGKILLed.
 2. Workers see it at their next wait and exit; the supervisor gives them
-   `WORKER_GRACE_S`, SIGKILLs the rest, reaps them all, reclaims their slots, exits.
+   `WORKER_GRACE_S`, SIGKILLs the rest (one busy in a sample, or stuck in C code),
+   reaps them all, reclaims their slots, exits.
 3. The training process reaps the supervisor within `STOP_TIMEOUT_S`, else SIGKILLs
    it; the workers then die by PR_SET_PDEATHSIG, and we wait for their pids to go.
+So `close()` takes a few milliseconds with idle workers and at most ~`WORKER_GRACE_S`
+more with busy ones (a worker stuck in C code is SIGKILLed like any other); only a
+process the kernel cannot kill at once (uninterruptible I/O) makes it wait longer,
+3 * `STOP_TIMEOUT_S` at most (benchmarks/bench_close.py).
 If the training process dies instead, PR_SET_PDEATHSIG kills the supervisor and, in
 turn, the workers; the ring is a memfd, so no file or name is left anywhere.
 """
@@ -73,6 +80,12 @@ class sigint_deferred:
     needed: the at-fork hooks of another thread cannot be interrupted).
     """
 
+    def __init__(self, past: Any = None):
+        # `past`: the code object of the finalizer (`__del__`) this runs in, where a
+        # KeyboardInterrupt would be printed and dropped: a Ctrl-C caught meanwhile is
+        # raised in the code that runs after that finalizer returns instead.
+        self._past = past
+
     def __enter__(self) -> sigint_deferred:
         self._previous: Any = None
         self._caught = False
@@ -89,7 +102,63 @@ class sigint_deferred:
         if self._previous is not None:
             signal.signal(signal.SIGINT, self._previous)
             if self._caught:
-                signal.raise_signal(signal.SIGINT)
+                if self._past is not None:
+                    raise_sigint_after(self._past)
+                else:
+                    signal.raise_signal(signal.SIGINT)
+
+
+RETRIP_S = 0.001  # how soon a Ctrl-C held past a finalizer is looked at again
+
+
+def raise_sigint_after(code: Any) -> None:
+    """Deliver a Ctrl-C, caught while a finalizer ran `code`, to the code that runs
+    after that finalizer: the SIGINT handler becomes `_PastFinalizer` and another
+    thread sends the signal again a moment later (from the main thread it would be
+    raised at once, inside the finalizer: `signal.raise_signal`,
+    `signal.pthread_kill` and `_thread.interrupt_main` all check for it at once)."""
+    if threading.current_thread() is not threading.main_thread():
+        return
+    previous = signal.getsignal(signal.SIGINT)
+    if previous is None:
+        return
+    signal.signal(signal.SIGINT, _PastFinalizer(previous, code))
+    _trip_soon()
+
+
+def _trip_soon() -> None:
+    main = threading.main_thread().ident
+    assert main is not None
+
+    def trip() -> None:
+        time.sleep(RETRIP_S)
+        # A real signal, not `_thread.interrupt_main()`: it also wakes a main thread
+        # blocked in a system call (a sleep, a wait for a batch).
+        signal.pthread_kill(main, signal.SIGINT)
+
+    threading.Thread(target=trip, name="shmfeed-ctrl-c", daemon=True).start()
+
+
+class _PastFinalizer:
+    """A SIGINT handler that hands the signal to `previous` (a KeyboardInterrupt, by
+    default) once no frame of `code` is running any more, and meanwhile has it come
+    back a moment later."""
+
+    def __init__(self, previous: Any, code: Any):
+        self.previous, self.code = previous, code
+
+    def __call__(self, signum: int, frame: Any) -> None:
+        f = frame
+        while f is not None:
+            if f.f_code is self.code:
+                _trip_soon()
+                return
+            f = f.f_back
+        signal.signal(signal.SIGINT, self.previous)
+        if callable(self.previous):
+            self.previous(signum, frame)
+        elif self.previous == signal.SIG_DFL:
+            signal.raise_signal(signal.SIGINT)
 
 
 class Pool:
@@ -253,11 +322,20 @@ class Pool:
         # no descriptor), so that the pool stops even when this process has run out of
         # descriptors; a step that fails anyway does not keep the next from running.
         self.ring.ctl.shutdown()
+        self._chan.close()  # wakes the supervisor now, not at its next POLL_S
         pids = self.worker_pids()
         workers = self._worker_procs(pids)
+        if not pids and self.poll() is None:
+            # Still starting (a fresh interpreter importing takes seconds): no worker
+            # to take down, and a worker forked right now dies with it (pdeathsig) or
+            # leaves at the shutdown word.
+            try:
+                os.kill(self.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
         deadline = time.monotonic() + STOP_TIMEOUT_S
         while self.poll() is None and time.monotonic() < deadline:
-            time.sleep(0.005)
+            time.sleep(0.001)
         if self.poll() is None:
             try:
                 os.kill(self.pid, signal.SIGKILL)

@@ -39,7 +39,10 @@ from ._report import STOPPED_STATES, StartupFailure, exit_hint, proc_state, work
 from ._ring import Ring, forget_inherited, mapped_fds
 from ._worker import worker_loop
 
-WORKER_GRACE_S = 0.3  # workers get this long to leave on their own at shutdown
+# Workers get this long to leave on their own at shutdown: an idle one leaves within
+# microseconds (the shutdown word wakes it); one busy in a sample is SIGKILLed after it,
+# which keeps `close()` within ~100 ms (the ring is reclaimed either way).
+WORKER_GRACE_S = 0.05
 REAP_TIMEOUT_S = 2.0  # SIGKILLed workers are reaped within this long
 KILL_LANDS_S = 0.001  # a SIGKILL reaches a worker running on another CPU within this (an IPI)
 POLL_S = 0.05  # supervisor's loop period: how soon it notices shutdown

@@ -205,6 +205,40 @@ FAULTS = [
           "a timer thread closes the loader while the loop builds batches",
           "`LoaderClosedError` in the loop, not a `WorkerError` blaming the source", "",
           "test_edges.py::test_close_from_another_thread_with_num_workers_0_is_a_closed_error_not_a_worker_error"),
+    Fault("close_other_thread_storm", "`close()` from another thread at a random instant, `num_workers=0`",
+          "a timer thread closes the loader 0-20 ms into its loop: 20 trials, 200 in the `integration` storm",
+          "always `LoaderClosedError`, never the internal `LeaveBuild` (was 29 of 100 trials)", "",
+          "test_exit.py::test_close_from_another_thread_at_random_instants_is_always_loader_closed_error"),
+    Fault("close_many", "`close()` of several loaders, workers mid-sample",
+          "3 loaders (`num_workers=2`) whose workers sleep in `__getitem__`, closed one after the other: "
+          "fork, fork server (made after JAX started), spawn",
+          "each `close()` within ~50 ms + exit (`WORKER_GRACE_S`; the goal is 100 ms, the test "
+          "bound 1 s); the fork server's second supervisor used to wait 4 s to be reaped", "",
+          "test_close.py::test_every_close_of_several_loaders_is_fast_even_with_workers_mid_sample"),
+    Fault("feed_at_exit", "A `prefetch_to_device` feed still referenced at exit",
+          "the script ends with the feed referenced mid-epoch (and, in the `integration` storm, "
+          "200 Ctrl-Cs at random instants of a top-level prefetch loop, one script each)",
+          "nothing printed: an atexit hook closes the feed before the interpreter's teardown "
+          "(was `Exception ignored in Prefetch.__del__ ... TypeError`)", "",
+          "test_exit.py::test_a_feed_still_referenced_at_exit_leaves_quietly"),
+    Fault("ctrl_c_feed_cleanup", "Ctrl-C while a dropped feed is cleaned up",
+          "SIGINT raised inside a dropped feed's cleanup (its source's `close()`); in the "
+          "`integration` storm, 200 Ctrl-Cs at random instants of a loop of short prefetch epochs",
+          "`KeyboardInterrupt` in the loop once the cleanup is done (the feed's `finally` holds it "
+          "back, and raises it once its frame is gone); never printed and dropped while training "
+          "goes on", "",
+          "test_exit.py::test_ctrl_c_while_a_dropped_feed_is_cleaned_up_is_raised_after_it"),
+    Fault("jit_views", "Batch views passed straight into an async jitted step",
+          "a jitted step ~10x slower than the loader, 20 epochs, 3 slots, `num_workers` 0 and 2: "
+          "queued steps and JAX's deferred release hold every slot",
+          "no `RingFullError`: the take waits for the steps in flight and drives JAX's release; "
+          "each step read its own batch", "",
+          "test_jax.py::test_a_jitted_step_slower_than_the_loader_takes_the_views_for_20_epochs"),
+    Fault("every_batch_kept", "Every batch kept (with JAX steps running)",
+          "the loop appends each batch to a list, 4 slots",
+          "`RingFullError` within 2 s of the last step, naming the batches held (epoch 0: "
+          "batches 0-3) and the remedy (`np.array(x)`, `num_slots`)", "",
+          "test_jax.py::test_keeping_every_batch_raises_ring_full_error_promptly_naming_them"),
     Fault("pid1", "Training process is PID 1 (container without init)",
           "a PID namespace (`unshare --pid`); the supervisor SIGKILLed three times",
           "its orphaned workers are reaped: no zombie left", "",

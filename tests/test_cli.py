@@ -105,6 +105,7 @@ def _header(out: str) -> list[str]:
     (["bench", "--device", "--step-ms", "5"], "does not take --step-ms"),
     (["bench", "--worker-nice", "20"], "invalid choice: 20"),
     (["bench", "--workload", "keras-sequence", "--worker-nice", "5"], "does not take --worker-nice"),
+    (["bench", "--workload", "keras-sequence", "--no-headspace"], "does not take --no-headspace"),
     (["bench", "--json", "/nonexistent-dir/out.json"], "the folder '/nonexistent-dir' does not exist (nothing was run)"),
     (["bench", "--no-such-flag"], "unrecognized arguments"),
     (["bench", "--workload", "keras-sequence,transport"], "runs alone"),

@@ -15,16 +15,21 @@ import re
 import socket
 import subprocess
 import sys
+import time
+import weakref
 from collections import namedtuple
 from pathlib import Path
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 from _ring import held_slots
 
 import shmfeed
 import shmfeed.jax as sj
+from shmfeed import _jaxrefs
+from shmfeed.jax._transfer import HostPool
 
 ROOT = Path(__file__).resolve().parent.parent
 SUBPROCESS_TIMEOUT_S = 90.0  # for each helper process; they take a few seconds
@@ -173,6 +178,152 @@ def test_xla_transfer_on_cpu_holds_slots_safely_and_says_when_they_run_out():
         del first
         with pytest.raises(shmfeed.SpecError, match="transfer='copy'"):
             sj.prefetch_to_device(loader, size=4, transfer="xla")
+
+
+# -- batch views straight into a jitted step (the README's loop) ---------------------------
+class _Owner(np.ndarray):
+    """A numpy base whose death the tests can watch (a weakref.finalize on it)."""
+
+
+def _watched_aligned_f32(n: int) -> tuple[np.ndarray, list]:
+    raw = np.empty(4 * n + 64, np.uint8)
+    off = (-raw.ctypes.data) % 64
+    owner = raw[off:off + 4 * n].view(_Owner)
+    alive = [True]
+    weakref.finalize(owner, alive.__setitem__, 0, False)
+    x = owner[:].view(np.ndarray).view(np.float32)  # numpy keeps `owner` in x's base chain
+    x[:] = 1.0
+    return x, alive
+
+
+@jax.jit
+def _slow_sum(x):
+    y = x.reshape(128, -1)
+    for _ in range(40):  # tens of milliseconds on CPU: still running when checked
+        y = jnp.tanh(y @ y.T / 1e3) @ y
+    return y.sum()
+
+
+def test_jax_holds_an_aligned_numpy_argument_while_computing_and_lets_go_only_at_a_collection():
+    """What shmfeed's take relies on (jax 0.10.2, _jaxrefs.py): a jitted call on CPU
+    holds its 64-byte-aligned numpy argument (it reads it in place) while it computes,
+    the pending result is among JAX's live arrays and not ready, and once it is ready
+    the argument is still held until a garbage collection (JAX's gc callback), which
+    releases it.  (That `jax.device_put` aliases such an array is pinned by
+    test_xla_device_put_on_cpu_aliases_the_ring_and_keeps_the_slot_alive; for a jitted
+    call, holding the argument until done is what keeps a slot from being reused under
+    it.)  A JAX that changes any of this must fail here, not in a training loop."""
+    _slow_sum(np.ones(128 * 128, np.float32)).block_until_ready()  # compiled
+    x, alive = _watched_aligned_f32(128 * 128)
+    result = _slow_sum(x)
+    del x
+    assert alive[0]
+    computing = _jaxrefs.computing()
+    assert any(a is result for a in computing), "the pending result is not listed as computing"
+    del computing
+    result.block_until_ready()
+    time.sleep(0.05)
+    assert alive[0], "JAX let go of the argument without a collection: _jaxrefs can be simpler"
+    assert not any(a is result for a in _jaxrefs.computing())
+    for _ in range(100):  # released at the collection, or right after (the callback races)
+        _jaxrefs.collect()
+        if not alive[0]:
+            break
+        time.sleep(0.001)
+    assert not alive[0], "a garbage collection no longer makes JAX release its numpy arguments"
+
+
+class Frames:
+    """Sample i: a float32 frame of value i (aligned rows: XLA:CPU aliases the views)."""
+
+    def __len__(self) -> int:
+        return 12
+
+    def __getitem__(self, i: int):
+        return np.full((64, 64), float(i), np.float32)
+
+
+@jax.jit
+def _train_step(state, batch):
+    w = jnp.full((64, 1024), 1e-3, jnp.float32)
+    y = batch.reshape(-1, 64)
+    # ~40 ms on CPU: many times the loader's time per batch, and longer than the full
+    # garbage collection that ran before RingFullError (which released finished steps).
+    for _ in range(24):
+        y = jnp.tanh(jnp.tanh(y @ w) @ w.T) + y
+    return state + 1.0, batch.sum(), y.sum()
+
+
+@pytest.mark.parametrize("num_workers", [0, 2])
+def test_a_jitted_step_slower_than_the_loader_takes_the_views_for_20_epochs(num_workers):
+    """The README's loop with the views passed straight into a jitted step that async
+    dispatch queues ahead: slots held by queued steps and by JAX's deferred release must
+    come back (RingFullError here before), and never while a step still reads them
+    (each step's sum of its batch is the batch's own), and without a full garbage
+    collection per batch (~0.2 s each with jax loaded; what hid the error for shorter
+    steps)."""
+    epochs, n = 20, 3
+    sums = []
+    full_gcs = []  # a full collection takes ~0.2 s with jax loaded: once per batch was too many
+
+    def count(phase: str, info: dict) -> None:
+        if phase == "start" and info["generation"] == 2:
+            full_gcs.append(1)
+
+    with shmfeed.Loader(Frames(), batch_size=4, num_workers=num_workers, num_slots=3) as loader:
+        state = jnp.zeros(())
+        gc.callbacks.append(count)
+        try:
+            for _ in range(epochs):
+                for batch in loader:
+                    state, total, _ = _train_step(state, batch)
+                    sums.append(total)
+                    del batch
+        finally:
+            gc.callbacks.remove(count)
+        assert float(state) == epochs * n
+    assert len(full_gcs) < epochs * n // 4, f"{len(full_gcs)} full collections for {epochs * n} batches"
+    got = np.array([float(t) for t in sums]).reshape(epochs, n)
+    want = np.array([64 * 64 * sum(range(4 * k, 4 * k + 4)) for k in range(n)], np.float64)
+    np.testing.assert_array_equal(got, np.broadcast_to(want, got.shape))
+
+
+def test_keeping_every_batch_raises_ring_full_error_promptly_naming_them():
+    """A loop that keeps its batches (and runs JAX steps on them) is told so, once the
+    steps in flight are done: no hang, and the message names the batches held."""
+    with shmfeed.Loader(Frames(), batch_size=2, num_workers=0, num_slots=4) as loader:
+        kept, state = [], jnp.zeros(())
+        t_last = time.perf_counter()
+        with pytest.raises(shmfeed.RingFullError) as err:
+            for batch in loader:
+                state, _, _ = _train_step(state, batch)
+                kept.append(batch)
+                t_last = time.perf_counter()
+        waited_s = time.perf_counter() - t_last
+        message = str(err.value)
+        del kept, batch
+    assert "batch 4 has no ring slot" in message
+    assert "epoch 0: batches 0, 1, 2, 3" in message
+    assert "np.array(x)" in message and "`num_slots`, now 4" in message
+    assert waited_s < 2.0, f"RingFullError took {waited_s:.2f} s"
+
+
+def test_host_copies_are_reused_only_once_no_array_of_them_is_left():
+    """The "copy" transfer's buffers (HostPool, reused by reference count, with no
+    `__del__`): not while a copy, or a jax.Array that XLA:CPU made from it, lives."""
+    pool = HostPool()
+    x = np.arange(64, dtype=np.float32)
+    a = pool.copy(x)
+    first = a.ctypes.data
+    assert pool.copy(x).ctypes.data != first  # `a` lives
+    on_device = jax.device_put(a)
+    del a
+    gc.collect()
+    assert pool.copy(x).ctypes.data != first  # JAX still holds it
+    np.testing.assert_array_equal(np.asarray(on_device), x)
+    del on_device
+    gc.collect()  # JAX lets go at a collection
+    assert pool.copy(x).ctypes.data == first
 
 
 # -- the pipeline --------------------------------------------------------------------------
@@ -527,6 +678,7 @@ def _host_main(rank: int, port: str) -> None:
     from jax.sharding import PartitionSpec as P
 
     jax.distributed.initialize(f"127.0.0.1:{port}", num_processes=2, process_id=rank,
+                               coordinator_bind_address=f"127.0.0.1:{port}",  # not every interface
                                initialization_timeout=60)
     index, count = sj.host_shard()
     assert (index, count) == (rank, 2)

@@ -20,6 +20,18 @@ Owns what "a batch was delivered" means and how it is timed.
 - The loop CPU is the CPU time of this process (all its threads) per batch, step
   excluded (a sleep takes none): what the loader costs the training process itself,
   e.g. every item for in-process loading, unpickling for a pickling loader.
+- The tree CPU is the CPU time of the whole process tree of this run over the
+  measured time: this process and every live descendant (workers, supervisor, a
+  pool's processes), each with the CPU of the descendants it has reaped (the
+  kernel's `children_user/system`, so a pool replaced every epoch still counts),
+  read with psutil when the first batch is in hand and again at the end.  A process
+  that left the tree (re-parented to init) is missed.  Over the bytes delivered it
+  is the loader's cost: CPU-seconds per GB.
+- A headspace run (`Job.replay`) reads `workloads.replay(source)` instead of the
+  source: one sample (or batch) built once and handed out for every index, so that
+  only the loader's own work remains, with no step and a warm page cache; its rate
+  is the loader's ceiling.  `source_item_us` says what an item of the source read
+  cost in this process (near nothing for a replay).
 - A workload with a simulated step of its own (`Workload.step_ms`, unless `--step-ms`
   is given) sleeps the same way; one on a cold file (`cold`) drops the file's
   pages from the page cache before the loader starts and at every epoch start, so
@@ -33,7 +45,9 @@ measurement costs this process nothing.  The result is a JSON object:
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
 import sys
 import time
 import traceback
@@ -44,6 +58,8 @@ import psutil
 
 from . import workloads
 from .loaders import LOADERS, Job, adapter_module
+
+SOURCE_COST_ITEMS = 10  # items read to report what one item of the source costs
 
 
 def touch(batch: Any) -> int:
@@ -60,6 +76,31 @@ def touch(batch: Any) -> int:
     return arr.nbytes
 
 
+def tree_cpu_s() -> float:
+    """CPU seconds of this process and its live descendants, reaped ones included.
+
+    This process's own is `process_time` (nanoseconds); the rest is counted in the
+    kernel's clock ticks (10 ms), so a short run of a cheap loader reads coarsely."""
+    me = psutil.Process()
+    own = os.times()
+    total = time.process_time() + own.children_user + own.children_system
+    with contextlib.suppress(psutil.Error):
+        for p in me.children(recursive=True):
+            with contextlib.suppress(psutil.Error):  # it just exited: its parent reaps it
+                t = p.cpu_times()
+                total += t.user + t.system + t.children_user + t.children_system
+    return total
+
+
+def source_item_us(source: Any) -> float | None:
+    """Microseconds one item of `source` takes to read in this process."""
+    source[0]
+    t = time.perf_counter()
+    for i in range(SOURCE_COST_ITEMS):
+        source[i % len(source)]
+    return (time.perf_counter() - t) / SOURCE_COST_ITEMS * 1e6
+
+
 def measure(job: Job) -> dict:
     workload = workloads.WORKLOADS[job.workload]
     try:
@@ -68,9 +109,14 @@ def measure(job: Job) -> dict:
         return {"status": "skipped", "reason": f"cannot import {LOADERS[job.loader].requires}: {exc}"}
     source = workloads.make_source(workload, job.data_path, batch_size=job.batch_size,
                                    length=job.length, seed=job.seed)
+    item_us = None
+    if job.replay:
+        source = workloads.replay(source)
+        item_us = source_item_us(source)
     rss_base = psutil.Process().memory_info().rss
-    step_s = (job.step_ms or workload.step_ms) / 1e3
-    if workload.cold:
+    step_s = 0.0 if job.replay else (job.step_ms or workload.step_ms) / 1e3
+    cold = workload.cold and not job.replay
+    if cold:
         workloads.drop_page_cache(job.data_path)
 
     t_construct = time.perf_counter()
@@ -86,6 +132,7 @@ def measure(job: Job) -> dict:
         n = nbytes = 0
         wait_s = 0.0
         now = t_first
+        tree0_s = tree_cpu_s()  # (first: reading /proc is not the loop's CPU)
         cpu0_s = time.process_time()
         while now < deadline:
             t = time.perf_counter()
@@ -93,7 +140,7 @@ def measure(job: Job) -> dict:
                 batch = next(it)
             except StopIteration:
                 epoch += 1
-                if workload.cold:
+                if cold:
                     workloads.drop_page_cache(job.data_path)
                 it = iter(adapter.epoch(epoch))
                 now = time.perf_counter()
@@ -109,6 +156,7 @@ def measure(job: Job) -> dict:
                 now = time.perf_counter()
         elapsed_s = now - t_first
         loop_cpu_s = time.process_time() - cpu0_s
+        tree_s = tree_cpu_s() - tree0_s
         del it
         stats = adapter.stats()
     finally:
@@ -125,6 +173,12 @@ def measure(job: Job) -> dict:
         "startup_s": t_first - t_construct,
         "input_wait_fraction": wait_s / elapsed_s,
         "loop_cpu_ms_per_batch": loop_cpu_s / max(n, 1) * 1e3,
+        "tree_cpu_s": tree_s,
+        "tree_cpu_cores": tree_s / elapsed_s,
+        "cpu_s_per_GB": tree_s / (nbytes / 1e9) if nbytes else None,
+        "replay": job.replay,
+        "source": type(source).__name__,
+        "source_item_us": item_us,
         "epochs_started": epoch + 1,
         "close_s": close_s,
         "rss_before_loader_MB": rss_base / 1e6,

@@ -6,10 +6,17 @@ Owns the meaning of every column:
 - x shmfeed: the loader's median batches/s over shmfeed's, in the same run;
 - memcpy: MB/s as a fraction of the memcpy bound (copying one batch-sized buffer,
   measured in the same run), i.e. how close the loader gets to a single copy;
-- startup: construction of the loader to the first batch in hand;
+- startup: construction of the loader to the first batch in hand (the interpreter's
+  start and the loader's imports excluded);
 - peak PSS (RSS where PSS is not readable): of the measuring process and all its
   descendants, sampled every 0.1 s; shared memory is split among the processes that
   map it in PSS and counted once per process in RSS;
+- CPU s/GB: CPU seconds of the whole process tree (training process, workers,
+  supervisor, pools, reaped ones included; child.py) over the measured time, per GB
+  (10^9 bytes) of delivered leaves: what the loader costs, whatever its speed;
+- headspace (a line per workload under the table): each loader's batches/s on the
+  zero-cost twin of the source (`workloads.replay`, no step), its ceiling, and the
+  measured rate as a share of it;
 - loop CPU ms: CPU time of the training process (all its threads) per batch, the
   simulated step excluded: what loading costs the training loop's own process;
 - input wait (only with `--step-ms`): fraction of the measured time the training loop
@@ -31,7 +38,8 @@ from typing import IO
 LOG_SCALE_SPREAD = 30  # a panel whose fastest bar is this many times its slowest gets a log axis
 MEDIAN_FIELDS = ("batches_per_s", "MB_per_s", "startup_s", "input_wait_fraction",
                  "loop_cpu_ms_per_batch", "peak_rss_MB", "peak_pss_MB", "close_s",
-                 "background_cpu_cores")
+                 "background_cpu_cores", "tree_cpu_s", "tree_cpu_cores", "cpu_s_per_GB")
+HEADSPACE_FIELDS = ("batches_per_s", "MB_per_s", "cpu_s_per_GB", "source_item_us")
 
 
 def summarise(doc: dict) -> dict:
@@ -52,6 +60,8 @@ def summarise(doc: dict) -> dict:
                     summary["failed_repeats"] = len(failed)
                     summary["reason"] = failed[0].get("reason", "")
             info["summary"] = summary
+            if info.get("headspace_runs"):
+                _summarise_headspace(info["headspace_runs"], summary)
         base = entry["loaders"]["shmfeed"]["summary"]
         for info in entry["loaders"].values():
             s = info["summary"]
@@ -63,20 +73,35 @@ def summarise(doc: dict) -> dict:
     return doc
 
 
+def _summarise_headspace(runs: list[dict], summary: dict) -> None:
+    ok = [r for r in runs if r["status"] == "ok"]
+    if not ok:
+        summary["headspace_status"] = runs[0]["status"]
+        summary["headspace_reason"] = runs[0].get("reason", "")
+        return
+    summary["headspace_status"] = "ok"
+    for key in HEADSPACE_FIELDS:
+        values = [r[key] for r in ok if r.get(key) is not None]
+        summary[f"headspace_{key}"] = statistics.median(values) if values else None
+    if summary["status"] == "ok" and summary["headspace_batches_per_s"]:
+        summary["share_of_headspace"] = summary["batches_per_s"] / summary["headspace_batches_per_s"]
+
+
 def failures(doc: dict) -> list[str]:
     """'workload/loader: reason' for every measurement that failed (skips are not failures)."""
     out = []
     for wname, entry in doc["workloads"].items():
         for lname, info in entry["loaders"].items():
-            for r in info["runs"]:
-                if r["status"] == "error":
-                    out.append(f"{wname}/{lname} (repeat {r.get('repeat', 0) + 1}): {r['reason']}")
+            for kind, runs in (("", info["runs"]), (" headspace", info.get("headspace_runs", []))):
+                for r in runs:
+                    if r["status"] == "error":
+                        out.append(f"{wname}/{lname}{kind} (repeat {r.get('repeat', 0) + 1}): {r['reason']}")
     return out
 
 
 # -- the table --------------------------------------------------------------------------
 COLUMNS = ("workload", "loader", "batches/s", "MB/s", "x shmfeed", "memcpy", "startup s",
-           "peak PSS MB", "loop CPU ms", "input wait")
+           "peak PSS MB", "CPU s/GB", "loop CPU ms", "input wait")
 
 
 def step_ms(doc: dict) -> float:
@@ -107,6 +132,7 @@ def _row(wname: str, label: str, s: dict, cols: tuple[str, ...]) -> list[str]:
         f"{s['memcpy_fraction']:.0%}" if s["memcpy_fraction"] >= 0.1 else f"{s['memcpy_fraction']:.1%}",
         f"{s['startup_s']:.2f}",
         f"{memory:,.0f}" + ("" if s["peak_pss_MB"] is not None else " (RSS)"),
+        _cpu_ms(s.get("cpu_s_per_GB")),
         _cpu_ms(s.get("loop_cpu_ms_per_batch")),
         f"{s['input_wait_fraction']:.2f}",
     ]
@@ -155,7 +181,40 @@ def heading(doc: dict) -> str:
     return "\n".join(lines)
 
 
+def _rate(value: float) -> str:
+    return f"{value:,.0f}" if value >= 100 else f"{value:,.1f}"
+
+
+def headspace(doc: dict) -> list[str]:
+    """One line per workload: each loader's ceiling on a zero-cost source and the
+    measured rate's share of it; nothing for documents from before headspace runs."""
+    out = []
+    for wname, e in doc["workloads"].items():
+        if e.get("headspace"):
+            out.append(f"headspace ({wname}): {e['headspace']}")
+            continue
+        parts = []
+        for info in e["loaders"].values():
+            s = info["summary"]
+            if "headspace_status" not in s:
+                continue
+            if s["headspace_status"] != "ok":
+                parts.append(f"{info['label']} {s['headspace_status']}: {s.get('headspace_reason', '')}")
+                continue
+            share = s.get("share_of_headspace")
+            parts.append(f"{info['label']} {_rate(s['headspace_batches_per_s'])}"
+                         + ("" if share is None else f" ({share:.0%} used)"))
+        if parts:
+            out.append(f"headspace ({wname}, batches/s on a zero-cost source): " + ", ".join(parts))
+    return out
+
+
 LEGEND = {
+    "startup s": "construction of the loader to the first batch in hand",
+    "peak PSS MB": "peak memory of the run's whole process tree (training process and every "
+                   "worker), shared pages split among the processes that map them",
+    "CPU s/GB": "CPU seconds of that whole tree per GB delivered: what the batches cost, "
+                "whatever the speed",
     "x shmfeed": "batches/s over shmfeed's in the same run (below 1: slower than shmfeed)",
     "memcpy": "MB/s as a share of one memcpy of the batch (how close to a single copy)",
     "loop CPU ms": "CPU time the training process spends per batch: what loading takes "
@@ -164,9 +223,17 @@ LEGEND = {
 }
 
 
+HEADSPACE_LEGEND = ("each loader's ceiling: its batches/s when the source costs nothing (one "
+                    "built sample replayed, no step); \"used\": the measured rate's share of it")
+
+
 def legend(doc: dict) -> str:
-    """What the table's less obvious columns mean, one line each."""
-    return "\n".join(f"  {name}: {LEGEND[name]}" for name in LEGEND if name in columns(doc))
+    """What the table's less obvious columns and the headspace lines mean, one line each."""
+    lines = [f"  {name}: {LEGEND[name]}" for name in LEGEND if name in columns(doc)]
+    if any("headspace_status" in i["summary"] for e in doc["workloads"].values()
+           for i in e["loaders"].values()):
+        lines.append(f"  headspace: {HEADSPACE_LEGEND}")
+    return "\n".join(lines)
 
 
 def verdicts(doc: dict) -> list[str]:

@@ -10,6 +10,10 @@ Invariants:
   killed with everything it started (`CHILD_SLACK_S` after its `seconds`), and so
   that what a loader leaves running after its child exits is counted and ended
   before the next measurement starts.
+- Headspace: after the loaders of a workload in each repeat, each runs once more
+  on the zero-cost twin of the source (`workloads.replay`), with no step, for
+  `seconds` capped at `HEADSPACE_MAX_S` (`--no-headspace`: not at all); those runs
+  are kept apart (`headspace_runs`) and never mixed into the measured ones.
 - The sampler lives here, not in the measured process: it costs the measured loop
   no GIL time.  It sums RSS and, where /proc allows, PSS over the child and all its
   descendants every `MEMORY_SAMPLE_S` and keeps the peaks; and it reports the CPU
@@ -60,6 +64,7 @@ SAMPLE_COST_ITEMS = 20  # items read in-process to report what one costs
 CEILING_BUDGET_S = 0.5  # each process of the parallel-ceiling check reads for this long, at most
 CEILING_STRIDE = 8  # items read between two looks at the clock
 CEILING_ROUNDS = 2  # the 1-process and N-process checks alternate this many times
+HEADSPACE_MAX_S = 2.0  # a headspace run measures this long at most: a ceiling needs no more
 BUSY_LOAD_PER_CPU = 0.5  # a 1-minute load average above this per CPU gets a warning
 # Peers that need /dev/shm: for their semaphores (multiprocessing's locks are named
 # POSIX semaphores there), or for every batch in flight too.  shmfeed itself does not
@@ -90,6 +95,7 @@ class BenchOptions:
     progress: bool = True
     step_ms: float = 0.0  # simulated training step per batch (child.py)
     worker_nice: int = 0  # shmfeed's workers' `worker_nice`
+    headspace: bool = True  # also run each loader on a zero-cost source (its ceiling)
 
     def as_dict(self) -> dict:
         d = asdict(self)
@@ -511,7 +517,11 @@ def run_bench(opts: BenchOptions) -> dict:
     def applies(workload: workloads.Workload, name: str) -> bool:
         return workloads.not_applicable(workload, name) is None
 
-    n_runs = opts.repeat * sum(applies(workloads.WORKLOADS[w], n) for w in opts.workloads for n in runnable)
+    def runs_per_loader(workload: workloads.Workload) -> int:
+        return 1 + (opts.headspace and workloads.no_headspace(workload) is None)
+
+    n_runs = opts.repeat * sum(applies(workloads.WORKLOADS[w], n) * runs_per_loader(workloads.WORKLOADS[w])
+                               for w in opts.workloads for n in runnable)
     with Progress(opts.progress, n_runs, opts.seconds + STARTUP_GUESS_S) as progress:
         return _run(opts, loaders, missing, runnable, progress, applies)
 
@@ -562,6 +572,12 @@ def _run(opts: BenchOptions, loaders: list[str], missing: dict, runnable: list[s
                 batch_bytes, min(MEMCPY_BUDGET_S, MEMCPY_BUDGET_FRACTION * opts.seconds)) / 1e6,
             "loaders": {n: {"label": LOADERS[n].label, "runs": []} for n in loaders},
         }
+        headspace = opts.headspace and workloads.no_headspace(workload) is None
+        if headspace:
+            for n in loaders:
+                entry["loaders"][n]["headspace_runs"] = []
+        else:
+            entry["headspace"] = workloads.no_headspace(workload) or "none: --no-headspace"
         doc["workloads"][name] = entry
         for n in loaders:
             if missing[n] is not None:
@@ -570,17 +586,27 @@ def _run(opts: BenchOptions, loaders: list[str], missing: dict, runnable: list[s
                 entry["loaders"][n]["runs"].append(
                     {"status": "skipped", "reason": workloads.not_applicable(workload, n)})
         for rep in range(opts.repeat):
+            rep_note = f" (repeat {rep + 1}/{opts.repeat})" if opts.repeat > 1 else ""
             for n in [n for n in runnable if applies(workload, n)]:
                 job = Job(workload=name, loader=n, data_path=str(path), length=opts.length,
                           batch_size=batch_size, workers=opts.workers, slots=opts.slots,
                           shuffle=opts.shuffle, seed=opts.seed, seconds=opts.seconds,
                           step_ms=opts.step_ms, worker_nice=opts.worker_nice)
-                rep_note = f" (repeat {rep + 1}/{opts.repeat})" if opts.repeat > 1 else ""
                 progress.start(f"{name} / {n}{rep_note}")
                 result = run_child(job, progress.tick)
                 result["repeat"] = rep
                 progress.finish(_summary(result, opts.step_ms or workload.step_ms))
                 entry["loaders"][n]["runs"].append(result)
+            for n in [n for n in runnable if headspace and applies(workload, n)]:
+                job = Job(workload=name, loader=n, data_path=str(path), length=opts.length,
+                          batch_size=batch_size, workers=opts.workers, slots=opts.slots,
+                          shuffle=opts.shuffle, seed=opts.seed, seconds=min(opts.seconds, HEADSPACE_MAX_S),
+                          worker_nice=opts.worker_nice, replay=True)
+                progress.start(f"{name} / {n} headspace{rep_note}")
+                result = run_child(job, progress.tick)
+                result["repeat"] = rep
+                progress.finish(_summary(result, 0.0))
+                entry["loaders"][n]["headspace_runs"].append(result)
     doc["machine"]["load_avg_1min_at_end"] = os.getloadavg()[0]
     return doc
 

@@ -26,6 +26,11 @@ Invariants:
   torch as an `IterableDataset` that deals the files out to its workers, in-process
   round-robin over the shards as shmfeed orders them.  Its epoch is the files, read
   once each: every loader delivers every row once per epoch, none twice.
+- A headspace run reads `replay(source)`: the source's first sample (or batch, or
+  row) built once and handed out for every index, through the same type the
+  adapters recognise, so a loader does all its own work and the source none.  The
+  array workloads have none: their source is already a gather from memory, which is
+  the loader's own work.
 - A per-sample dataset is longer than its file: sample `i` reads row `i % rows`.  Epochs are
   then long enough that a few-seconds measurement is not dominated by epoch ends,
   while the file stays small enough to live in the page cache.
@@ -164,6 +169,13 @@ def not_applicable(workload: Workload, loader: str) -> str | None:
         return "n/a: array workloads compare shmfeed with in-process only"
     if workload.stream and loader not in STREAM_LOADERS:
         return "n/a: the stream workload compares shmfeed with in-process and torch's IterableDataset only"
+    return None
+
+
+def no_headspace(workload: Workload) -> str | None:
+    """Why `workload` has no headspace run (see `replay`), or None when it has one."""
+    if workload.arrays:
+        return "none: the source is a gather from memory already, the loader's own work"
     return None
 
 
@@ -486,6 +498,75 @@ class ShardFiles:
                 if len(samples) == batch_size:
                     still.append(it)
             running = still
+
+
+# -- the zero-cost sources of the headspace runs ----------------------------------------
+class Replay:
+    """Marks a zero-cost source: every item is one built at construction."""
+
+
+class ReplaySamples(Replay):
+    """`ds[i]`: sample 0 of a per-sample source, for every `i < len(source)`."""
+
+    def __init__(self, source: SampleSource | JpegSource):
+        first = source[0]
+        self.x = np.array(first["x"])
+        self.x.flags.writeable = False  # a loader that wrote into it would change every batch
+        self.y = first["y"]
+        self.length = len(source)
+
+    def __len__(self) -> int:
+        return self.length
+
+    def __getitem__(self, i: int) -> dict:
+        if not 0 <= int(i) < self.length:
+            raise IndexError(f"sample {i} out of range [0, {self.length})")
+        return {"x": self.x, "y": self.y}
+
+
+class ReplayBatches(BatchSource, Replay):
+    """`ds[b]`: batch 0 of a batch-level source, for every `b < len(source)`."""
+
+    def __init__(self, source: BatchSource):  # (not BatchSource's: no file is read)
+        self.batch = np.array(source[0])
+        self.batch.flags.writeable = False
+        self.batch_rows, self.n_distinct, self.length = source.batch_rows, 1, source.length
+
+    def __getitem__(self, b: int) -> np.ndarray:
+        if not 0 <= int(b) < self.length:
+            raise IndexError(f"batch {b} out of range [0, {self.length})")
+        return self.batch
+
+
+class ReplayShards(ShardFiles, Replay):
+    """Each shard file's first row as every row of that shard (rows differ between
+    shards, as Stream checks), as many rows as the files hold."""
+
+    def __init__(self, source: ShardFiles):  # (not ShardFiles's: no file is read)
+        self.paths, self.lengths, self.starts = source.paths, source.lengths, source.starts
+        self._pid, self._files = None, []
+        self.rows = [np.array(source[int(start)]["x"]) for start in self.starts[:-1]]
+        for row in self.rows:
+            row.flags.writeable = False
+
+    def __call__(self, shard_index: int, num_shards: int):
+        row = self.rows[shard_index]
+        for _ in range(self.lengths[shard_index]):
+            yield {"x": row}
+
+    def __getitem__(self, i: int) -> dict:
+        return {"x": self.rows[int(np.searchsorted(self.starts, i, side="right")) - 1]}
+
+
+def replay(source):
+    """The zero-cost twin of `source` for a headspace run (see the module docstring)."""
+    if isinstance(source, BatchSource):
+        return ReplayBatches(source)
+    if isinstance(source, ShardFiles):
+        return ReplayShards(source)
+    if isinstance(source, (SampleSource, JpegSource)):
+        return ReplaySamples(source)
+    raise TypeError(f"no replay of a {type(source).__name__}: the array workloads have no headspace run")
 
 
 def make_source(workload: Workload, path: str, *, batch_size: int, length: int | None, seed: int):

@@ -17,8 +17,9 @@ Transfers:
   its slot, until it is done with the array (it lets go lazily, at its next garbage
   collection, never early); but each batch a caller keeps, *and each step that
   async dispatch has queued*, holds a slot, so a loop that runs ahead of the device
-  exhausts the ring (RingFullError).  Zero copy on CPU is for loops that wait on
-  their steps.
+  waits for its steps when the ring is full (the take drives JAX's release:
+  _jaxrefs.py); batches kept exhaust it (RingFullError).  Zero copy on CPU is for
+  loops that wait on their steps.
 - "cupy" (default on a CUDA GPU with CuPy): see _gpu.py.
 
 Invariants:
@@ -40,8 +41,9 @@ Invariants:
 
 from __future__ import annotations
 
-import inspect
+import atexit
 import traceback
+import weakref
 from collections import deque
 from collections.abc import Generator, Iterable, Iterator
 from typing import Any
@@ -51,6 +53,7 @@ import numpy as np
 
 from .._errors import SpecError
 from .._loader import Loader
+from .._pool import raise_sigint_after, sigint_deferred
 from ._shard import Target
 from ._transfer import HostCopyTransfer, Pending, Transfer, XlaTransfer
 
@@ -96,16 +99,27 @@ class Prefetch(Iterator):
 
     It is closed, i.e. the uploads in flight are waited for, their ring slots
     released and the transfer closed (invariant 5), when it is exhausted, by
-    `close()` or a `with` block, and when it is dropped, even mid-epoch."""
+    `close()` or a `with` block, when it is dropped, even mid-epoch, and at the
+    interpreter's exit if it is still referenced then (an atexit hook: in the
+    teardown that follows, the modules the cleanup needs are gone).
 
-    __slots__ = ("_batches", "_transfer", "_len", "_input")
+    All of that is the `finally` of the generator behind it (`_feed`), which holds
+    Ctrl-C back while it runs and raises it once its frame is gone: a Ctrl-C raised
+    in a finalizer (a dropped feed's cleanup) would be printed and dropped by Python.
+    No `__del__` here, for the same reason: Python checks for a pending Ctrl-C when
+    such a method starts, and an exhausted feed has nothing left to clean up."""
 
-    def __init__(self, batches: Generator[Any, None, None], transfer: Transfer, length: int | None,
-                 input_name: str):
+    __slots__ = ("_batches", "_len", "_input", "__weakref__")
+
+    def __init__(self, batches: Generator[Any, None, None], length: int | None, input_name: str):
         self._batches = batches
-        self._transfer = transfer
         self._len = length
         self._input = input_name
+        # A weak reference with no callback: a callback would be Python code run as the
+        # feed dies, where a Ctrl-C is lost (WeakSet's is).  Dead ones are pruned here.
+        if len(_open) >= _PRUNE_AT:
+            _open[:] = [r for r in _open if r() is not None]
+        _open.append(weakref.ref(self))
 
     def __iter__(self) -> Prefetch:
         return self
@@ -123,12 +137,7 @@ class Prefetch(Iterator):
 
     def close(self) -> None:
         """Stop: wait for the uploads in flight and give their ring slots back."""
-        # A generator that never ran has no `finally` to run: the transfer, made
-        # before the first batch, is closed here instead.
-        unstarted = inspect.getgeneratorstate(self._batches) == inspect.GEN_CREATED
         self._batches.close()
-        if unstarted:
-            self._transfer.close()
 
     def __enter__(self) -> Prefetch:
         return self
@@ -136,8 +145,22 @@ class Prefetch(Iterator):
     def __exit__(self, *exc: Any) -> None:
         self.close()
 
-    def __del__(self) -> None:
-        self.close()
+
+_open: list[weakref.ref] = []  # the feeds made, some dead or closed already
+_PRUNE_AT = 64
+
+
+@atexit.register
+def _close_open_feeds() -> None:
+    """At exit, before the interpreter's teardown: close the feeds still referenced
+    (before the loaders, whose finalizers' atexit hook was registered earlier)."""
+    for ref in _open:
+        feed = ref()
+        if feed is not None:
+            try:
+                feed.close()
+            except Exception:  # one feed's failure must not keep the others open
+                pass
 
 
 def prefetch_to_device(
@@ -180,7 +203,7 @@ def prefetch_to_device(
     loader = loader_or_iterator if isinstance(loader_or_iterator, Loader) else None
     limit = size + 1
     if loader is not None:
-        target.check_spec(loader.spec)
+        target.check_spec(loader.spec, loader._cfg.order.shard_count)
     transfer_ = make_transfer(transfer, target, loader)
     if loader is not None:
         if transfer_.name == "xla" and "cpu" in target.platforms and size + 2 > loader.num_slots:
@@ -195,8 +218,9 @@ def prefetch_to_device(
         length = len(loader_or_iterator)  # type: ignore[arg-type]
     except TypeError:
         length = None
-    return Prefetch(_feed(loader_or_iterator, loader, size, limit, transfer_), transfer_, length,
-                    type(loader_or_iterator).__name__)
+    batches = _feed(loader_or_iterator, loader, size, limit, transfer_)
+    next(batches)  # to its first `yield`: from there, closing or dropping it runs its `finally`
+    return Prefetch(batches, length, type(loader_or_iterator).__name__)
 
 
 def make_transfer(transfer: str, target: Target, loader: Loader | None) -> Transfer:
@@ -230,9 +254,10 @@ def _feed(source: Iterable, loader: Loader | None, size: int, limit: int,
           transfer: Transfer) -> Generator[Any, None, None]:
     """The generator behind prefetch_to_device (see the invariants above).  A Loader
     is told which batch the loop has received (for its `state_dict`), not which ones
-    were read ahead."""
+    were read ahead.  Its first `yield` (None, taken by prefetch_to_device) comes
+    before any work, so that every way it ends runs its `finally`."""
     uploader = Uploader(transfer)
-    batches = iter(source)
+    batches: Iterator[Any] | None = None
     ahead: deque = deque()  # uploaded (or uploading) batches not yet yielded
     pending: deque[Pending] = deque()  # uploads that may still read host memory
     error: list[Exception] = []
@@ -250,6 +275,7 @@ def _feed(source: Iterable, loader: Loader | None, size: int, limit: int,
         reap()
         while len(pending) >= limit:
             pending.popleft().wait()
+        assert batches is not None  # made before the first start_one
         try:
             batch = next(batches)
         except StopIteration:
@@ -276,6 +302,8 @@ def _feed(source: Iterable, loader: Loader | None, size: int, limit: int,
         ahead.append((arrays, loader._position() if loader is not None else None))
 
     try:
+        yield None
+        batches = iter(source)
         while len(ahead) < size and not exhausted:
             start_one()
         while ahead:
@@ -289,10 +317,33 @@ def _feed(source: Iterable, loader: Loader | None, size: int, limit: int,
         if error:
             raise error[0]
     finally:
-        ahead.clear()
-        while pending:
-            pending.popleft().wait()
-        close = getattr(batches, "close", None)
-        if close is not None:
-            close()
-        transfer.close()
+        _finish(ahead, pending, batches, transfer)
+
+
+def _finish(ahead: deque, pending: deque, batches: Any, transfer: Transfer) -> None:
+    """The feed's cleanup, never interrupted halfway (a slot given back while an upload
+    still reads it, or an epoch left open, would outlive it): a Ctrl-C meanwhile is
+    raised once the feed's frame is gone, in the loop (in a dropped feed's finalizer,
+    Python would print and drop it).  Each step is idempotent, so a Ctrl-C that lands
+    before it is held back is handled by running it again, held back."""
+    try:
+        with sigint_deferred(past=_FEED_CODE):
+            _finish_steps(ahead, pending, batches, transfer)
+    except KeyboardInterrupt:
+        with sigint_deferred(past=_FEED_CODE):
+            _finish_steps(ahead, pending, batches, transfer)
+        raise_sigint_after(_FEED_CODE)
+
+
+def _finish_steps(ahead: deque, pending: deque, batches: Any, transfer: Transfer) -> None:
+    ahead.clear()
+    while pending:
+        pending[0].wait()
+        pending.popleft()
+    close = getattr(batches, "close", None)
+    if close is not None:
+        close()
+    transfer.close()
+
+
+_FEED_CODE = _feed.__code__

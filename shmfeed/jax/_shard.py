@@ -13,6 +13,11 @@ Invariants:
   (host copy, XLA, CuPy) builds the same `jax.Array` from the same batch.
 - A dimension split into `k` parts must have a size divisible by `k`; otherwise
   nothing is uploaded and a SpecError names the leaf and the fix.
+- A loader of `shard_count=k > 1` host shards feeds a sharding that spans several
+  processes only if that sharding gives every process rows of the batch axis of its
+  own (no row held by two processes, which would be fed different rows for it: JAX
+  does not check) and spans exactly `k` processes (else global batches of another
+  size than the loader's, samples lost or repeated).  Checked before the first batch.
 """
 
 from __future__ import annotations
@@ -103,12 +108,44 @@ class Target:
             plan = self._plans[local_shape] = self._place(local_shape, path)
         return plan
 
-    def check_spec(self, spec: Any) -> None:
+    def check_spec(self, spec: Any, shard_count: int = 1) -> None:
         """Fail before the first batch when a full batch of the loader's `spec` cannot
-        be placed (the last batch of an epoch may still be short: see `drop_last`)."""
+        be placed (the last batch of an epoch may still be short: see `drop_last`), or
+        when the loader's `shard_count` host shards cannot be the processes' parts of
+        the global batch."""
         if self.sharding is not None:
             for leaf in spec.leaves:
-                self.placement((spec.rows,) + tuple(leaf.shape), leaf.path or "(root)")
+                plan = self.placement((spec.rows,) + tuple(leaf.shape), leaf.path or "(root)")
+                if shard_count > 1:
+                    self._check_hosts(plan, shard_count, leaf.path or "(root)")
+
+    def _check_hosts(self, plan: Placement, shard_count: int, path: str) -> None:
+        s = cast(Sharding, self.sharding)
+        rows_of: dict[int, set[int]] = {}  # process -> starts of its rows of the batch axis
+        for d, idx in s.devices_indices_map(plan.global_shape).items():
+            proc = cast(Any, d).process_index  # (not in jax.Device's type)
+            rows_of.setdefault(proc, set()).add(_start(idx[0]) if idx else 0)
+        if len(rows_of) <= 1:  # process-local arrays: each process keeps its own rows
+            return
+        holder: dict[int, int] = {}
+        for proc in sorted(rows_of):
+            for start in sorted(rows_of[proc]):
+                if start in holder:
+                    raise SpecError(
+                        f"`sharding` {_describe(s)} puts the rows of leaf {path} from row {start} of "
+                        f"the global batch on devices of processes {holder[start]} and {proc}, but "
+                        f"each process loads rows of its own (`shard_count={shard_count}`): the "
+                        "two copies would differ. Split the batch axis across the processes "
+                        "(e.g. NamedSharding(Mesh(np.array(jax.devices()), ('data',)), "
+                        "P('data'))), or give every process the same rows (`shard_count=1`).")
+                holder[start] = proc
+        if len(rows_of) != shard_count:
+            raise SpecError(
+                f"`sharding` {_describe(s)} builds each global batch from the rows of "
+                f"{len(rows_of)} processes, but the loader splits it into `shard_count="
+                f"{shard_count}` parts: the global batches would not be the loader's. Pass "
+                "`shard_index, shard_count = shmfeed.jax.host_shard()` to the Loader, or a "
+                "mesh over every process's devices.")
 
     # -- the index arithmetic ----------------------------------------------------------
     def _place(self, local_shape: tuple[int, ...], path: str) -> Placement:

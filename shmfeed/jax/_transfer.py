@@ -10,6 +10,7 @@ each transfer gives are written down in _feed.py.
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Callable
 
 import jax
@@ -89,74 +90,61 @@ class XlaTransfer(Transfer):
                             lambda: jax.block_until_ready(out))
 
 
-class _Recycled(np.ndarray):
-    """Host memory of one device piece.  Every array of the piece is a view of it, so
-    its `__del__` runs when the last of them dies: for an array XLA:CPU adopted, when
-    JAX lets go of it.  It then hands the buffer back to its pool."""
-
-    _shmfeed_back: tuple  # (pool, raw buffer), set on the holder only
-
-    def __del__(self) -> None:
-        back = self.__dict__.get("_shmfeed_back")
-        if back is not None:
-            pool, raw = back
-            try:
-                pool.give(raw)
-            except Exception:  # interpreter shutdown: nothing to recycle for
-                pass
-
-
 class HostPool:
     """Aligned host buffers for the "copy" transfer, reused instead of freed.
 
     Fresh memory costs a page fault per page on first touch (here ~16 ms for 8 MiB,
     20x the copy itself), and with async dispatch several batches are alive at once,
-    so the allocator keeps handing out fresh pages.  A buffer returns to the pool
-    only when the last array over it dies, i.e. when JAX no longer reads it, so
-    reuse is as safe as the ring's own slots.  Idle memory is bounded:
-    `IDLE_PER_SIZE` buffers of each of at most `MAX_SIZES` sizes.
+    so the allocator keeps handing out fresh pages.  A buffer is reused only when no
+    array made from it is left, i.e. when JAX no longer reads it, so reuse is as safe
+    as the ring's own slots: every such array has the buffer's owner as its numpy
+    base, so the owner's reference count says whether one lives (for an array XLA:CPU
+    adopted, until JAX lets go of it).  That is checked when a buffer is asked for,
+    not by a `__del__` run as each array dies: a Ctrl-C that lands in Python code run
+    as a finalizer is printed and dropped.  Memory kept is bounded: `IDLE_PER_SIZE`
+    buffers of each of at most `MAX_SIZES` sizes.
     """
 
     IDLE_PER_SIZE = 8
     MAX_SIZES = 16
 
     def __init__(self) -> None:
-        self._idle: dict[int, list[np.ndarray]] = {}
+        self._owners: dict[int, list[np.ndarray]] = {}  # nbytes -> buffers handed out
 
     def take(self, nbytes: int) -> np.ndarray:
-        idle = self._idle.get(nbytes)
-        if idle:
-            try:
-                return idle.pop()
-            except IndexError:  # emptied by another thread meanwhile
-                pass
+        """A HOST_ALIGN_BYTES-aligned uint8 array of `nbytes` that nothing uses."""
+        owners = self._owners.get(nbytes)
+        if owners is None and len(self._owners) < self.MAX_SIZES:
+            owners = self._owners.setdefault(nbytes, [])
+        if owners is not None:
+            for i in range(len(owners)):
+                if sys.getrefcount(owners[i]) == _UNUSED_REFS:
+                    return _aligned(owners[i], nbytes)
         raw = np.empty(nbytes + HOST_ALIGN_BYTES, np.uint8)
-        off = (-raw.ctypes.data) % HOST_ALIGN_BYTES
-        return raw[off : off + nbytes]
-
-    def give(self, raw: np.ndarray) -> None:
-        idle = self._idle.get(raw.nbytes)
-        if idle is None:
-            if len(self._idle) >= self.MAX_SIZES:
-                return
-            idle = self._idle.setdefault(raw.nbytes, [])
-        if len(idle) < self.IDLE_PER_SIZE:
-            idle.append(raw)  # list.append is atomic: safe from whichever thread frees
+        if owners is not None and len(owners) < self.IDLE_PER_SIZE:
+            owners.append(raw)
+        return _aligned(raw, nbytes)
 
     def copy(self, x: np.ndarray) -> np.ndarray:
         """A C-contiguous, HOST_ALIGN_BYTES-aligned copy of `x` in the dtype JAX keeps
         (64-bit types become 32-bit unless `jax_enable_x64`), so that `jax.device_put`
         adopts it instead of converting it in a second copy."""
         dtype = np.dtype(jax.dtypes.canonicalize_dtype(x.dtype))
-        nbytes = x.size * dtype.itemsize
-        raw = self.take(nbytes)
-        holder = raw.view(_Recycled)
-        holder._shmfeed_back = (self, raw)
-        # Slice first: numpy keeps a subclass *slice* in the base chain of the views made
-        # from it (the ring's slot references rely on the same rule), not the holder itself.
-        out = holder[:nbytes].view(np.ndarray).view(dtype).reshape(x.shape)
+        out = self.take(x.size * dtype.itemsize).view(dtype).reshape(x.shape)
         np.copyto(out, x, casting="unsafe")  # what JAX's own conversion would do
         return out
+
+
+def _aligned(raw: np.ndarray, nbytes: int) -> np.ndarray:
+    # A view of `raw`, which owns the memory: numpy makes `raw` the base of every
+    # array derived from it, whatever the chain of views.
+    off = (-raw.ctypes.data) % HOST_ALIGN_BYTES
+    return raw[off : off + nbytes]
+
+
+# `sys.getrefcount(owners[i])` of a buffer nothing else refers to: the list's reference
+# and the call's argument (CPython; tests/test_jax.py checks reuse and its absence).
+_UNUSED_REFS = 2
 
 
 _host_pool = HostPool()

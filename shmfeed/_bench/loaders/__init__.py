@@ -39,6 +39,7 @@ class Job:
     seconds: float
     step_ms: float = 0.0  # simulated training step after each batch (0: none)
     worker_nice: int = 0  # shmfeed's `worker_nice`
+    replay: bool = False  # a headspace run: the source replays one built item (child.py)
 
     def as_dict(self) -> dict:
         return asdict(self)
