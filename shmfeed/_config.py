@@ -1,7 +1,8 @@
 """A loader's configuration: every option validated once, into one frozen object that
 the training process, the supervisor and the builders all read.
 
-Owns: argument checking (each error names the parameter, what it got and what it
+Owns: the checks of options that go together (each option is declared, with its own
+check, in _options.py; each error names the parameter, what it got and what it
 needs), the probe of the source's first item that infers the batch spec, and the
 ring's geometry (`n_slots`), including `memory_budget_bytes`, which bounds
 everything the ring allocates (slots, report areas and control block).
@@ -19,11 +20,10 @@ import resource
 from dataclasses import dataclass
 from typing import Any
 
-import numpy as np
-
 from . import _build, _rng, _sysinfo
 from ._bucket import BucketedOrder, BudgetOrder, item_buckets
 from ._errors import RingMemoryError, SpecError
+from ._options import MAX_SLOTS, LoaderOptions, check_int
 from ._order import Order
 from ._pad import Padding
 from ._pad import plan as plan_padding
@@ -32,10 +32,7 @@ from ._spec import Spec, infer, with_rows
 
 log = logging.getLogger("shmfeed")
 
-START_METHODS = ("auto", "fork", "forkserver", "spawn")
-MAX_NICE = 19
 MAX_BATCHES = 0xFFFFFFFF  # batch numbers are the low 32 bits of a tag; this one is reserved
-MAX_SLOTS = 0xFFFFFFFE  # slot numbers are 32-bit, and 0xFFFFFFFF means "no slot"
 
 
 @dataclass(frozen=True)
@@ -65,31 +62,6 @@ class Config:
         return ring_bytes(self.n_slots, self.max_workers, self.spec.slot_bytes)
 
 
-def check_int(name: str, value: Any, minimum: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < minimum:
-        raise SpecError(f"`{name}` must be an integer >= {minimum}, got {value!r}")
-    return int(value)
-
-
-def check_bool(name: str, value: Any) -> bool:
-    if not isinstance(value, (bool, np.bool_)):
-        raise SpecError(f"`{name}` must be True or False, got {value!r}")
-    return bool(value)
-
-
-def check_boundaries(value: Any) -> tuple[int, ...] | None:
-    """`bucket_boundaries`: None, or ascending lengths >= 1."""
-    if value is None:
-        return None
-    try:
-        out = tuple(check_int("bucket_boundaries", b, 1) for b in value)
-    except TypeError:
-        raise SpecError(f"`bucket_boundaries` must be a list of lengths, got {value!r}") from None
-    if not out or any(a >= b for a, b in zip(out, out[1:])):
-        raise SpecError(f"`bucket_boundaries` must be a non-empty list of increasing lengths, got {list(out)}")
-    return out
-
-
 def check_token_budget(value: Any, batch_size: Any, boundaries: tuple[int, ...] | None) -> int:
     """`token_budget`: an int >= the largest bucket length, with buckets and no `batch_size`."""
     budget = check_int("token_budget", value, 1)
@@ -106,42 +78,24 @@ def check_token_budget(value: Any, batch_size: Any, boundaries: tuple[int, ...] 
     return budget
 
 
-def build(source: Any, *, batch_size: Any, num_workers: Any, shuffle: Any, shuffle_block: Any, seed: Any,
-          drop_last: Any, num_slots: Any, memory_budget_bytes: Any, max_batch_rows: Any,
-          timeout_s: Any, max_restarts: Any, start_method: Any, seed_global_rngs: Any,
-          shard_index: Any, shard_count: Any, padded_shapes: Any = None, padding_values: Any = None,
-          with_lengths: Any = False, bucket_boundaries: Any = None, bucket_lengths: Any = None,
-          token_budget: Any = None, worker_nice: Any = 0, batch_transform: Any = None) -> Config:
-    """Validate the Loader's arguments, probe the source, size the ring."""
+def build(source: Any, options: LoaderOptions) -> Config:
+    """Check the Loader's options (each on its own: _options.py; here, those that go
+    together), probe the source, size the ring."""
     if not (hasattr(source, "__len__") and hasattr(source, "__getitem__")):
         raise SpecError(f"`source` must have __len__ and __getitem__, or be a generator, an iterable "
                         f"or a function returning one (with `steps_per_epoch`); got {type(source).__name__}")
-    if batch_size is not None:
-        batch_size = check_int("batch_size", batch_size, 1)
-    num_workers = check_int("num_workers", num_workers, 0)
-    # None: follow the user's seeding of np.random (without drawing from it).
-    seed = _rng.seed_of_user_rng() if seed is None else check_int("seed", seed, 0)
-    max_restarts = check_int("max_restarts", max_restarts, 0)
-    worker_nice = check_int("worker_nice", worker_nice, 0)
-    if worker_nice > MAX_NICE:
-        raise SpecError(f"`worker_nice` must be <= {MAX_NICE} (the largest nice value), got {worker_nice}")
-    shard_count = check_int("shard_count", shard_count, 1)
-    shard_index = check_int("shard_index", shard_index, 0)
-    drop_last = check_bool("drop_last", drop_last)
-    seed_global_rngs = check_bool("seed_global_rngs", seed_global_rngs)
-    with_lengths = check_bool("with_lengths", with_lengths)
-    boundaries = check_boundaries(bucket_boundaries)
+    o = options.checked()
+    batch_size, num_workers, seed = o.batch_size, o.num_workers, o.seed
+    assert seed is not None  # the check resolves None
+    shard_index, shard_count, shuffle = o.shard_index, o.shard_count, o.shuffle
+    boundaries: tuple[int, ...] | None = o.bucket_boundaries
+    token_budget = o.token_budget
     if token_budget is not None:
         token_budget = check_token_budget(token_budget, batch_size, boundaries)
         assert boundaries is not None  # checked there
         batch_size = token_budget // boundaries[0]  # bucket 0's batches are the largest: a slot's rows
     if shard_index >= shard_count:
         raise SpecError(f"`shard_index` must be < `shard_count` ({shard_count}), got {shard_index}")
-    if timeout_s is not None and (isinstance(timeout_s, bool) or not isinstance(timeout_s, (int, float))
-                                  or not timeout_s > 0):
-        raise SpecError(f"`timeout_s` must be > 0 seconds or None, got {timeout_s!r}")
-    if start_method not in START_METHODS:
-        raise SpecError(f"`start_method` must be one of {START_METHODS}, got {start_method!r}")
     cpus = _sysinfo.usable_cpus().value
     if num_workers > cpus:
         log.warning(
@@ -153,51 +107,49 @@ def build(source: Any, *, batch_size: Any, num_workers: Any, shuffle: Any, shuff
     if n_items == 0:
         raise SpecError("the source is empty (len(source) == 0): there is nothing to load")
     if boundaries is not None and batch_size is not None:
-        if bucket_lengths is None:
+        if o.bucket_lengths is None:
             raise SpecError("`bucket_boundaries` needs `bucket_lengths`: each sample's length (a sequence "
                             "of len(source) ints, or a function of the index), to group samples by it")
         if hasattr(type(source), "_shmfeed_builder"):
             raise SpecError("`bucket_boundaries` regroups samples by index, and a stream (a generator or "
                             "a `Stream`) is read in its own order: pad to fixed shapes (no None in "
                             "`padded_shapes`), or give a source read by index")
-        buckets = item_buckets(bucket_lengths, n_items, boundaries)
+        buckets = item_buckets(o.bucket_lengths, n_items, boundaries)
         order: Order
         if token_budget is not None:
-            order = BudgetOrder(n_items, batch_size, shuffle, seed, drop_last, shard_index, shard_count,
-                                shuffle_block, boundaries=boundaries, buckets=buckets, token_budget=token_budget)
+            order = BudgetOrder(n_items, batch_size, shuffle, seed, o.drop_last, shard_index, shard_count,
+                                o.shuffle_block, boundaries=boundaries, buckets=buckets, token_budget=token_budget)
         else:
-            order = BucketedOrder(n_items, batch_size, shuffle, seed, drop_last, shard_index,
-                                  shard_count, shuffle_block, boundaries=boundaries, buckets=buckets)
+            order = BucketedOrder(n_items, batch_size, shuffle, seed, o.drop_last, shard_index,
+                                  shard_count, o.shuffle_block, boundaries=boundaries, buckets=buckets)
     elif boundaries is not None and shard_count > 1:
         raise SpecError(
             f"`bucket_boundaries` with a batch-level source and `shard_count={shard_count}`: each host's "
             "batch would take its own bucket, and the hosts of one step need the same shapes. Pad to "
             "fixed shapes (no None in `padded_shapes`), or use a per-sample source with `bucket_lengths`.")
-    elif bucket_lengths is not None:
+    elif o.bucket_lengths is not None:
         raise SpecError("`bucket_lengths` is for grouping samples by length: give `bucket_boundaries` "
                         "too" if boundaries is None else
                         "`bucket_lengths` is for per-sample sources: a batch-level source's batch "
                         "takes the smallest bucket that holds it")
     else:
         # Order checks `shuffle` and `shuffle_block` (it knows the modes).
-        order = Order(n_items, batch_size, shuffle, seed, drop_last, shard_index, shard_count, shuffle_block)
+        order = Order(n_items, batch_size, shuffle, seed, o.drop_last, shard_index, shard_count, o.shuffle_block)
     order.check_not_empty()
     if order.n_batches >= MAX_BATCHES:
         raise SpecError(
             f"an epoch of {order.n_batches} batches: batch numbers are 32-bit, so an epoch holds "
             f"fewer than {MAX_BATCHES}. Raise `batch_size` (now {batch_size}).")
-    spec = probe(source, order, seed_global_rngs)
-    spec, padding = plan_padding(spec, padded_shapes, padding_values, with_lengths, boundaries,
+    spec = probe(source, order, o.seed_global_rngs)
+    spec, padding = plan_padding(spec, o.padded_shapes, o.padding_values, o.with_lengths, boundaries,
                                  order.first_item(),
                                  order.bucket_rows if isinstance(order, BudgetOrder) else None)
-    if max_batch_rows is not None:
+    if o.max_batch_rows is not None:
         if not spec.batch_level:
             raise SpecError("`max_batch_rows` is for batch-level sources (`batch_size=None`)")
-        spec = with_rows(spec, check_int("max_batch_rows", max_batch_rows, spec.rows))
+        spec = with_rows(spec, check_int("max_batch_rows", o.max_batch_rows, spec.rows))
     built_spec = None
-    if batch_transform is not None:
-        if not callable(batch_transform):
-            raise SpecError(f"`batch_transform` must be a function batch -> batch, got {batch_transform!r:.80}")
+    if o.batch_transform is not None:
         if boundaries is not None:
             raise SpecError("`batch_transform` with `bucket_boundaries`: each bucket's batch has its own "
                             "shapes, and a transform's result is probed once. Pad to fixed shapes, or "
@@ -206,14 +158,15 @@ def build(source: Any, *, batch_size: Any, num_workers: Any, shuffle: Any, shuff
             raise SpecError("`batch_transform` is not supported for a stream (a generator or a `Stream`) "
                             "yet: probing it would read the stream. Transform inside the stream.")
         pre = Config(order=order, spec=spec, n_slots=2, num_workers=0, max_restarts=0,
-                     seed_global_rngs=seed_global_rngs, timeout_s=None, start_method="auto", padding=padding)
-        built_spec, spec = spec, _build.probe_transform(source, pre, batch_transform)
+                     seed_global_rngs=o.seed_global_rngs, timeout_s=None, start_method="auto", padding=padding)
+        built_spec, spec = spec, _build.probe_transform(source, pre, o.batch_transform)
 
     max_workers = max(num_workers, 1)
-    if num_slots is not None and memory_budget_bytes is not None:
+    num_slots = o.num_slots
+    if num_slots is not None and o.memory_budget_bytes is not None:
         raise SpecError("give `num_slots` or `memory_budget_bytes`, not both")
-    if memory_budget_bytes is not None:
-        budget = check_int("memory_budget_bytes", memory_budget_bytes, 1)
+    if o.memory_budget_bytes is not None:
+        budget = o.memory_budget_bytes
         num_slots = slots_within(budget, max_workers, spec.slot_bytes)
         if num_slots < 2:
             need = ring_bytes(2, max_workers, spec.slot_bytes)
@@ -222,15 +175,11 @@ def build(source: Any, *, batch_size: Any, num_workers: Any, shuffle: Any, shuff
                 f"bytes with their control block; at least 2 are needed. Raise it to >= {need}.")
     elif num_slots is None:
         num_slots = default_num_slots(num_workers, spec.slot_bytes)
-    num_slots = check_int("num_slots", num_slots, 2)
-    if num_slots > MAX_SLOTS:
-        raise SpecError(f"`num_slots` must be <= {MAX_SLOTS} (slot numbers are 32-bit), got {num_slots}")
     check_memory(ring_bytes(num_slots, max_workers, spec.slot_bytes), num_slots, spec.slot_bytes)
     return Config(order=order, spec=spec, n_slots=num_slots, num_workers=num_workers,
-                  max_restarts=max_restarts, seed_global_rngs=seed_global_rngs,
-                  timeout_s=None if timeout_s is None else float(timeout_s),
-                  start_method=start_method, padding=padding, worker_nice=worker_nice,
-                  batch_transform=batch_transform, built_spec=built_spec)
+                  max_restarts=o.max_restarts, seed_global_rngs=o.seed_global_rngs,
+                  timeout_s=o.timeout_s, start_method=o.start_method, padding=padding, worker_nice=o.worker_nice,
+                  batch_transform=o.batch_transform, built_spec=built_spec)
 
 
 def check_memory(nbytes: int, n_slots: int, slot_bytes: int) -> None:

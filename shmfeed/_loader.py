@@ -1,7 +1,10 @@
-"""`Loader`: the public object.  Owns what a loader holds for its lifetime (its
-configuration, ring and worker pool), the epoch bookkeeping (which epoch, and from
-which batch, the next iteration produces), the source's epoch hooks, and the start
-of the pool; the epoch itself is taken from the ring by the consumer (_consumer.py).
+"""`Loader`: the public object.  Owns the epoch bookkeeping (which epoch, and from
+which batch, the next iteration produces; the position a feed acknowledged), the
+source's epoch hooks, and the public surface over the rest: its options are declared
+in _options.py and checked into a `Config` by _config.py, its pool started and
+replaced by _poolkeeper.py (which also holds what `close()` releases), its state
+written and checked by _state.py, and each epoch taken from the ring by the consumer
+(_consumer.py).
 
 Invariants (see DESIGN.md):
 1. each batch of an epoch is delivered exactly once, in batch order;
@@ -17,7 +20,6 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import os
 import time
 import weakref
 from collections.abc import Callable, Iterator
@@ -25,20 +27,18 @@ from typing import Any
 
 import numpy as np
 
-from . import _forkserver, _interpreter, _state, _sysinfo
+from . import _state, _sysinfo
 from ._arrays import as_source
-from ._config import build, check_int, check_memory, default_num_slots
+from ._config import build, check_memory, default_num_slots
 from ._consumer import Consumer
 from ._errors import (
     LoaderClosedError,
     ShmfeedError,
-    SourcePickleError,
     SpecError,
-    WorkerError,
     worker_error_as,
 )
-from ._order import DEFAULT_SHUFFLE_BLOCK
-from ._pool import Pool, sigint_deferred
+from ._options import DEFAULT_SHUFFLE_BLOCK, check_int, describe, options_of
+from ._poolkeeper import PoolKeeper, Resources
 from ._ring import Ring, ring_bytes
 from ._shards import ShardedSource
 from ._spec import Spec
@@ -48,7 +48,6 @@ from ._stream import GeneratorSource, stream_source
 log = logging.getLogger("shmfeed")
 
 _HOOKS = ("on_epoch_begin", "on_epoch_end")
-_said_spawn = False
 
 
 def _epoch_hook(source: Any, name: str) -> Any:
@@ -74,51 +73,6 @@ def _check_remote(source: Any, builders: Any) -> None:
         raise SpecError("`builders` cannot build from a source with epoch hooks (on_epoch_begin/"
                         "on_epoch_end) yet: its state would have to reach every actor. Use local "
                         "workers for it (no `builders`).")
-
-
-class _Resources:
-    """Everything `close()` must release, kept apart from the Loader so that the
-    finalizer holds no reference to it."""
-
-    def __init__(self, ring: Ring):
-        self.ring = ring
-        self.pool: Pool | None = None
-        self.pool_stale = False  # the pool must be replaced (its supervisor died)
-        self.source_stale = False  # the workers' copy of the source is out of date
-        self.owner_pid = os.getpid()
-        self.callbacks: list = []  # run once at close, before the ring goes
-        self.files = _interpreter.FileTable()  # the files the source maps, sent to pools
-
-    def stop_pool(self) -> None:
-        pool, self.pool = self.pool, None
-        if pool is not None:
-            pool.stop()
-
-    def close(self) -> None:
-        """Stop the pool, run the callbacks, release the ring: each step runs even if
-        one before it failed, and the first failure is raised after the last step."""
-        if os.getpid() != self.owner_pid:  # a forked copy owns nothing
-            return
-        failures: list[BaseException] = []
-        try:
-            if not self.ring.closed:
-                self.ring.ctl.shutdown()  # wakes a thread waiting in the ring, pool or not
-            self.stop_pool()
-        except BaseException as exc:  # noqa: B036 - reported once the rest is released
-            failures.append(exc)
-        callbacks, self.callbacks = self.callbacks, []
-        for fn in reversed(callbacks):
-            try:
-                fn()
-            except Exception:  # one failing callback must not keep the rest from running
-                log.exception("shmfeed: a close callback raised")
-        try:
-            self.ring.close()
-        except BaseException as exc:  # noqa: B036
-            failures.append(exc)
-        self.files.close()
-        if failures:
-            raise failures[0]
 
 
 class Loader:
@@ -206,7 +160,7 @@ class Loader:
         num_workers: int,
         shuffle: bool | str = False,
         shuffle_block: int = DEFAULT_SHUFFLE_BLOCK,
-        seed: int = 0,
+        seed: int | None = 0,
         drop_last: bool = False,
         num_slots: int | None = None,
         memory_budget_bytes: int | None = None,
@@ -228,20 +182,10 @@ class Loader:
         batch_transform: Callable[[Any], Any] | None = None,
         builders: Any = None,
     ):
+        options = options_of(locals())  # every parameter but self and source: _options.py
         # Arrays, dicts and tuples of arrays: shmfeed.sources.Arrays; generators: _stream.py.
-        source = stream_source(as_source(source), steps_per_epoch=steps_per_epoch,
-                               batch_size=batch_size, num_workers=num_workers, shuffle=shuffle,
-                               drop_last=drop_last, shard_index=shard_index, shard_count=shard_count)
-        cfg = build(source, batch_size=batch_size, num_workers=num_workers, shuffle=shuffle,
-                    shuffle_block=shuffle_block,
-                    seed=seed, drop_last=drop_last, num_slots=num_slots,
-                    memory_budget_bytes=memory_budget_bytes, max_batch_rows=max_batch_rows,
-                    timeout_s=timeout_s, max_restarts=max_restarts, start_method=start_method,
-                    seed_global_rngs=seed_global_rngs, shard_index=shard_index,
-                    shard_count=shard_count, padded_shapes=padded_shapes,
-                    padding_values=padding_values, with_lengths=with_lengths,
-                    bucket_boundaries=bucket_boundaries, bucket_lengths=bucket_lengths,
-                    token_budget=token_budget, worker_nice=worker_nice, batch_transform=batch_transform)
+        source = stream_source(as_source(source), options)
+        cfg = build(source, options)
         self._source = source
         self._cfg = cfg
         self.builders = builders  # shmfeed.ray.Builders, or None
@@ -257,8 +201,9 @@ class Loader:
         # Remote builders' delivery threads each have a worker record, after the local ones.
         remote_workers = 0 if builders is None else builders.window
         self._ring = Ring(cfg.spec, cfg.n_slots, cfg.max_workers + remote_workers)
-        self._res = _Resources(self._ring)
-        self._finalizer = weakref.finalize(self, _Resources.close, self._res)
+        self._res = Resources(self._ring)
+        self._finalizer = weakref.finalize(self, Resources.close, self._res)
+        self._pools = PoolKeeper(self._res, self._ring, cfg, source)
         self._epoch = 0  # the epoch the next iteration produces
         self._first_batch = 0  # and the batch it starts at (> 0 after a resume)
         self._active: int | None = None  # the epoch being iterated, until it completes
@@ -276,7 +221,7 @@ class Loader:
         self._consumer = Consumer(self._ring, cfg, self._res, source, self._stats,
                                   build_here=builders is None)
         if cfg.num_workers:
-            self._start_pool()
+            self._pools.start()
         if builders is not None:
             try:  # after the pool: it is forked before the delivery threads exist
                 remote = builders._start(self._ring, source, cfg, first_worker=cfg.max_workers)
@@ -284,83 +229,6 @@ class Loader:
                 self.close()
                 raise
             self._res.callbacks.append(remote.stop)
-
-    def _start_pool(self) -> None:
-        method = self._cfg.start_method
-        why = _sysinfo.accelerator_in_use()
-        if method == "auto":
-            method = "fork" if not why else "forkserver" if _forkserver.running() else "spawn"
-            global _said_spawn
-            if method == "spawn" and not _said_spawn:
-                _said_spawn = True
-                log.warning(
-                    "shmfeed: %s is running in this process and fork() would copy its locks; "
-                    "starting workers from a fresh interpreter instead (the source is pickled once, "
-                    "and the interpreter imports what it needs). Create the Loader before the first "
-                    "JAX computation to fork directly, or `import shmfeed.jax` (or `shmfeed.keras`, "
-                    "or call `shmfeed.start_fork_server()`) before it to start workers from a copy "
-                    "of this process taken then, in milliseconds.", why)
-        elif method == "forkserver" and not _forkserver.start():
-            raise SpecError(
-                "`start_method='forkserver'` needs a fork server, and none runs in this process or "
-                f"can start now: {_forkserver.cannot_start()}. Call `shmfeed.start_fork_server()` "
-                "(or `import shmfeed.jax` / `shmfeed.keras`) before JAX starts, or use "
-                "`start_method='auto'`.")
-        parcel = None
-        if method != "fork":
-            asked = f"`start_method={method!r}` was asked"
-            if isinstance(self._source, GeneratorSource):
-                self._source.check_sendable(why or asked)
-            parcel = _interpreter.dump_source(
-                self._source, f"{why} is running in this process" if why else asked, self._res.files)
-        try:
-            self._ring.ctl.reopen()
-            with sigint_deferred():  # a Ctrl-C meanwhile is raised once the pool is registered
-                self._res.pool = Pool(self._ring, self._source, self._cfg, method, parcel)
-                self._res.pool_stale = self._res.source_stale = False
-        finally:
-            if parcel is not None:  # the pool's supervisor has its own hold on it now
-                parcel.close()
-
-    def _pool_died(self) -> bool:
-        """Whether the pool's supervisor died since the last epoch (nothing waited on
-        it meanwhile to notice): said once, and the next epoch starts a new pool.  Not a
-        pool that gave up (`max_restarts`): that one ends every epoch with its report,
-        whether its supervisor has exited yet or not; a new pool would quietly reset
-        the restart budget."""
-        pool = self._res.pool
-        ended = pool.poll() if pool is not None else None
-        if ended is not None and self._ring.ctl.fatal:
-            return False
-        if pool is not None and ended is not None:
-            log.warning("shmfeed: the worker pool's supervisor (pid %d) %s between epochs; "
-                        "starting a new pool", pool.pid, ended)
-        return ended is not None
-
-    def _send_source(self) -> None:
-        """Give the running pool the source's new state: its supervisor re-forks the
-        workers (no interpreter start, no import), in any start mode."""
-        pool = self._res.pool
-        assert pool is not None
-        try:
-            parcel = _interpreter.dump_source(self._source, f"its state changed (an epoch hook ran) "
-                                              f"and the pool was started by {pool.start_method}",
-                                              self._res.files)
-        except SourcePickleError:
-            if pool.start_method != "fork":
-                raise
-            # A source that does not pickle can still be forked: a new pool, from here.
-            self._res.stop_pool()
-            self._start_pool()
-            return
-        try:
-            pool.update_source(parcel)
-        except WorkerError:
-            self._res.pool_stale = True
-            raise
-        finally:
-            parcel.close()
-        self._res.source_stale = False
 
     # -- public surface ----------------------------------------------------------------
     def __len__(self) -> int:
@@ -419,7 +287,7 @@ class Loader:
         self._check_resumable()
         if isinstance(self._source, ShardedSource):
             epoch, nxt = _state.check(state, self._cfg.order, self._cfg.order.n_batches)
-            self._source.resume = (epoch, nxt, _stream_ended(state, self._source, nxt))
+            self._source.resume = (epoch, nxt, _state.stream_ended(state, self._source, nxt))
             self.source_changed()  # the workers must skip the shards that had ended
             self._epoch, self._first_batch = epoch, nxt
             self._active = self._received = None
@@ -445,10 +313,7 @@ class Loader:
             ended = cut.ended_at
         else:  # not iterated since `load_state_dict`, or between epochs
             ended = src.ended_before(epoch, nxt)
-        state = _state.make(self._cfg.order, epoch, nxt, None)
-        state["stream"] = {**_stream_fingerprint(src),
-                           "ended": sorted([j, b] for j, b in ended.items() if b < nxt)}
-        return state
+        return _state.stream_state(self._cfg.order, src, epoch, nxt, ended)
 
     def _check_resumable(self) -> None:
         if isinstance(self._source, GeneratorSource):
@@ -594,11 +459,8 @@ class Loader:
                 self._snapshot = (epoch, _state.source_snapshot(self._source))
             except SpecError as exc:
                 self._snapshot = (epoch, exc)
-        if self._cfg.num_workers and (self._res.pool_stale or self._pool_died()):
-            self._res.stop_pool()
-            self._start_pool()
-        elif self._cfg.num_workers and self._res.source_stale:
-            self._send_source()
+        if self._cfg.num_workers:
+            self._pools.before_epoch()
         gen = self._consumer.start(epoch, first)
         self._active = epoch
         self._stats.epochs_started += 1
@@ -649,29 +511,5 @@ class Loader:
                 epoch=epoch) from exc
 
 
-def _stream_fingerprint(src: ShardedSource) -> dict:
-    """What a Stream's batch numbers mean on this host (they are the host's own)."""
-    return {"num_shards": src.stream.num_shards, "shard_count": src.shard_count, "shard_index": src.shard_index}
-
-
-def _stream_ended(state: dict, src: ShardedSource, nxt: int) -> dict[int, int]:
-    """The `ended` entries of a Stream's state, checked against `src`."""
-    theirs = state.get("stream")
-    if not isinstance(theirs, dict):
-        raise SpecError("the loader state has no `stream` entry: pass a state from `state_dict()` of a "
-                        "loader over a Stream")
-    for key, value in _stream_fingerprint(src).items():
-        if theirs.get(key) != value:
-            raise SpecError(
-                f"the loader state was saved with {key}={theirs.get(key)!r} (`stream.{key}`), this loader "
-                f"has {key}={value!r}: a Stream's batch numbers are its host's own, so it resumes with "
-                "the same shards and hosts (each host loading its own state)")
-    ended: dict[int, int] = {}
-    for entry in theirs.get("ended", ()):
-        ok = (isinstance(entry, (list, tuple)) and len(entry) == 2
-              and all(isinstance(x, int) and not isinstance(x, bool) for x in entry))
-        if not ok or not 0 <= entry[0] < len(src.shards) or not 0 <= entry[1] < nxt:
-            raise SpecError(f"the loader state's `stream.ended` has {entry!r}: expected [local shard < "
-                            f"{len(src.shards)}, batch < next_batch = {nxt}]")
-        ended[entry[0]] = entry[1]
-    return ended
+if Loader.__doc__ is not None:  # None under `python -OO`
+    Loader.__doc__ = f"{Loader.__doc__}\n{describe()}\n    "

@@ -52,7 +52,7 @@ import os
 import struct
 import zlib
 from collections.abc import Iterator
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -62,6 +62,9 @@ from ._config import check_int
 from ._control import PoolShutdown, SlotState, tag, untag
 from ._errors import SpecError, internal
 from ._rows import write_samples
+
+if TYPE_CHECKING:
+    from ._options import LoaderOptions
 
 STREAM_BATCH_BOUND = 1 << 31  # batch numbers a sharded epoch may use (tags hold 32 bits)
 PRINT_ELEMENTS = 256  # elements of each leaf of a batch its fingerprint reads, at most
@@ -477,9 +480,11 @@ def _same_sample(a: Any, b: Any) -> bool:
         return False
 
 
-def sharded_source(stream: Stream, *, steps_per_epoch: Any, batch_size: Any, num_workers: Any,
-                   shuffle: Any, drop_last: Any, shard_index: Any, shard_count: Any) -> ShardedSource:
-    """Check the Loader's options against `stream`; this host's `ShardedSource`."""
+def sharded_source(stream: Stream, options: LoaderOptions) -> ShardedSource:
+    """Check the Loader's options (as given) against `stream`; this host's `ShardedSource`."""
+    o = options
+    steps_per_epoch, batch_size, num_workers, shuffle = o.steps_per_epoch, o.batch_size, o.num_workers, o.shuffle
+    drop_last, shard_index, shard_count = o.drop_last, o.shard_index, o.shard_count
     if steps_per_epoch is not None:
         raise SpecError("`steps_per_epoch` is for generators; an epoch of a Stream ends when every "
                         "shard has ended")

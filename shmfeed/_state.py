@@ -27,6 +27,10 @@ of any of these kinds, e.g. the int IDs of a labels dict), `{"ndarray": {"dtype"
 {"dtype", "data"}}` for numpy scalars and `{"path": "..."}` for a `pathlib` path;
 `state_dict()` refuses, naming the attribute, anything else.  Every field of a state is checked on loading, and a malformed one is a
 `SpecError` naming it (numpy integers are taken where an int is expected).
+
+A Stream's state (`stream_state`) adds what its host's batch numbers mean (its shards
+and hosts, checked on loading) and the shards that had ended, with the batch each
+ended in: a resumed Stream skips them.
 """
 
 from __future__ import annotations
@@ -35,12 +39,15 @@ import base64
 import binascii
 import pathlib
 import reprlib
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from ._errors import SpecError
 from ._order import Order
+
+if TYPE_CHECKING:
+    from ._shards import ShardedSource
 
 FORMAT = 1
 MAX_EPOCH = 2**64 - 1  # the C order and control block hold the epoch in 64 bits
@@ -273,3 +280,40 @@ def restore_source(source: Any, snapshot: Any) -> None:
         raise _malformed("source.attributes", f"expected a dict of attribute names, got {_short(attributes)}")
     values = {name: decode(v, f"source.attributes.{name}") for name, v in attributes.items()}
     vars(source).update(values)
+
+
+# -- a Stream's state (shmfeed/_shards.py): its batch numbers are its host's own ------------
+def stream_state(order: Order, src: ShardedSource, epoch: int, nxt: int, ended: dict[int, int]) -> dict:
+    """A Stream's state: besides (epoch, next batch), the shards of this host that
+    ended before the next batch (of `ended`: local shard -> the batch it ended in)."""
+    state = make(order, epoch, nxt, None)
+    state["stream"] = {**stream_fingerprint(src), "ended": sorted([j, b] for j, b in ended.items() if b < nxt)}
+    return state
+
+
+def stream_fingerprint(src: ShardedSource) -> dict:
+    """What a Stream's batch numbers mean on this host (they are the host's own)."""
+    return {"num_shards": src.stream.num_shards, "shard_count": src.shard_count, "shard_index": src.shard_index}
+
+
+def stream_ended(state: dict, src: ShardedSource, nxt: int) -> dict[int, int]:
+    """The `ended` entries of a Stream's state, checked against `src`."""
+    theirs = state.get("stream")
+    if not isinstance(theirs, dict):
+        raise SpecError("the loader state has no `stream` entry: pass a state from `state_dict()` of a "
+                        "loader over a Stream")
+    for key, value in stream_fingerprint(src).items():
+        if theirs.get(key) != value:
+            raise SpecError(
+                f"the loader state was saved with {key}={theirs.get(key)!r} (`stream.{key}`), this loader "
+                f"has {key}={value!r}: a Stream's batch numbers are its host's own, so it resumes with "
+                "the same shards and hosts (each host loading its own state)")
+    ended: dict[int, int] = {}
+    for entry in theirs.get("ended", ()):
+        ok = (isinstance(entry, (list, tuple)) and len(entry) == 2
+              and all(isinstance(x, int) and not isinstance(x, bool) for x in entry))
+        if not ok or not 0 <= entry[0] < len(src.shards) or not 0 <= entry[1] < nxt:
+            raise SpecError(f"the loader state's `stream.ended` has {entry!r}: expected [local shard < "
+                            f"{len(src.shards)}, batch < next_batch = {nxt}]")
+        ended[entry[0]] = entry[1]
+    return ended

@@ -30,11 +30,14 @@ from __future__ import annotations
 
 import inspect
 from collections.abc import Iterator
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from ._build import Builder
 from ._errors import ShmfeedError, SourcePickleError, SpecError, WorkerError
 from ._shards import Stream, sharded_source
+
+if TYPE_CHECKING:
+    from ._options import LoaderOptions
 
 
 class StreamEndedError(ShmfeedError):
@@ -53,15 +56,14 @@ def _what(source: Any) -> str:
     return f"a {type(source).__name__}"
 
 
-def stream_source(source: Any, *, steps_per_epoch: Any, batch_size: Any, num_workers: Any,
-                  shuffle: Any, drop_last: Any, shard_index: Any, shard_count: Any) -> Any:
+def stream_source(source: Any, options: LoaderOptions) -> Any:
     """`source` as the Loader's engine takes it: unchanged when it is map-style, a
     `ShardedSource` for a `Stream`, a `GeneratorSource` when it is a generator, an
-    iterable or a callable returning one."""
+    iterable or a callable returning one.  `options` as given (not yet checked)."""
     if isinstance(source, Stream):
-        return sharded_source(source, steps_per_epoch=steps_per_epoch, batch_size=batch_size,
-                              num_workers=num_workers, shuffle=shuffle, drop_last=drop_last,
-                              shard_index=shard_index, shard_count=shard_count)
+        return sharded_source(source, options)
+    steps_per_epoch, batch_size, num_workers = options.steps_per_epoch, options.batch_size, options.num_workers
+    shuffle, shard_count = options.shuffle, options.shard_count
     if not _is_stream(source):
         if steps_per_epoch is not None:
             raise SpecError(

@@ -179,30 +179,47 @@ def supervise(ring: Ring, chan_fd: int, source: list, cfg: Config, parent_pid: i
     """The supervisor's main loop.  `source`: a list holding the source, which this
     takes out, so that a source replaced by an update is freed (its parcel's memory with
     it), not kept by a caller's frame for the pool's life."""
-    ctl = ring.ctl
-    chan = socket.socket(fileno=chan_fd)
-    me = os.getpid()
-    # The training process, or the fork server that forked us for it: we leave if it
-    # goes (PR_SET_PDEATHSIG kills us unless the pool was made in another thread).
-    ppid = os.getppid()
-    builder = builder_for(source.pop(), cfg, ring)
-    workers: dict[int, int] = {}  # pid -> worker index
-    pidfds: dict[int, int] = {}  # pid -> pidfd
-    parent_fd: list[int] = []  # the training process's pidfd, once opened
+    Supervisor(ring, chan_fd, source, cfg, parent_pid).run()
 
-    def start(w: int, pending: int | None) -> None:
+
+class Supervisor:
+    """The supervisor's state and its steps: fork the workers, wait (on their pidfds,
+    the training process's pidfd and the channel), replace the ones that die or stay
+    stopped, take an update, and at shutdown take them all down."""
+
+    def __init__(self, ring: Ring, chan_fd: int, source: list, cfg: Config, parent_pid: int):
+        self.ring, self.ctl, self.cfg = ring, ring.ctl, cfg
+        self.chan_fd = chan_fd
+        self.chan = socket.socket(fileno=chan_fd)
+        self.me = os.getpid()
+        # The training process, or the fork server that forked us for it: we leave if it
+        # goes (PR_SET_PDEATHSIG kills us unless the pool was made in another thread).
+        self.ppid = os.getppid()
+        self.parent_pid = parent_pid
+        self.builder = builder_for(source.pop(), cfg, ring)
+        self.workers: dict[int, int] = {}  # pid -> worker index
+        self.pidfds: dict[int, int] = {}  # pid -> pidfd
+        self.parent_fd: list[int] = []  # the training process's pidfd, once opened
+        self.retired: dict[int, int] = {}  # pid -> worker index, of workers replaced by an update
+        self.stopped_since: dict[int, float] = {}  # pid -> when it was first seen stopped
+        self.replaced_stopped: dict[int, float] = {}  # pid -> how long it had been stopped
+
+    def start(self, w: int, pending: int | None) -> None:
+        """Fork worker `w`, which first rebuilds `pending` (a claim tag) if not None."""
+        ctl, ring, me = self.ctl, self.ring, self.me
         # Recorded before the fork: a replacement that dies before running a line
         # (killed, or the OOM killer again) still leaves its predecessor's claim
         # where the next reclaim finds it, instead of losing the batch.
         ctl.set_claim(w, pending)
+        builder, cfg = self.builder, self.cfg
+        drop = {self.chan_fd, *self.pidfds.values(), *self.parent_fd}
 
         def worker() -> None:
             # First thing, so that a supervisor killed right after this fork still
             # leaves the pid where the training process finds (and, as PID 1, reaps) it.
             ctl.set_worker_pid(w, os.getpid())
             # The source's descriptors stay open; ours (the channel, pidfds) go.
-            child_setup(me, {ring.fd}, keep_ring=ring, keep_source_fds=True,
-                        drop_fds={chan_fd, *pidfds.values(), *parent_fd})
+            child_setup(me, {ring.fd}, keep_ring=ring, keep_source_fds=True, drop_fds=drop)
             # A segfault in native code then leaves the worker's Python stack on
             # stderr; the supervisor reports the signal.
             with contextlib.suppress(Exception):
@@ -212,27 +229,83 @@ def supervise(ring: Ring, chan_fd: int, source: list, cfg: Config, parent_pid: i
             worker_loop(ring, builder, w, pending, me)
 
         pid = fork_child(worker)
-        workers[pid] = w
+        self.workers[pid] = w
         ctl.set_worker_pid(w, pid)
         try:
-            pidfds[pid] = os.pidfd_open(pid)
+            self.pidfds[pid] = os.pidfd_open(pid)
         except OSError:
             pass  # older kernels: the POLL_S loop still reaps it
 
-    w: int | None  # a worker's index (None below: a pid that is no worker of ours)
-    for w in range(cfg.num_workers):
-        start(w, None)
+    def run(self) -> None:
+        ctl, chan = self.ctl, self.chan
+        for w in range(self.cfg.num_workers):
+            self.start(w, None)
+        # The training process's pidfd turns readable when it dies: noticed at once even
+        # when no parent-death signal was set up (a Loader made in a thread).
+        with contextlib.suppress(OSError):
+            self.parent_fd.append(os.pidfd_open(self.parent_pid))
+        listen: list[Any] = [chan]  # select() takes fds and sockets alike
+        orphaned = False
+        while not ctl.shutting_down and not orphaned:
+            ready = select.select(list(self.pidfds.values()) + self.parent_fd + listen, [], [], POLL_S)[0]
+            orphaned = os.getppid() != self.ppid or bool(self.parent_fd and self.parent_fd[0] in ready)
+            if chan in ready and not ctl.shutting_down and not self.update():
+                listen = []
+            _replace_stopped(self.workers, self.stopped_since, self.replaced_stopped)
+            if not self.reap_and_replace():
+                break
+        if orphaned:
+            ctl.shutdown()  # the training process is gone: workers leave at their next wait
+        self.stop()
 
-    # The training process's pidfd turns readable when it dies: noticed at once even
-    # when no parent-death signal was set up (a Loader made in a thread).
-    with contextlib.suppress(OSError):
-        parent_fd.append(os.pidfd_open(parent_pid))
-    stopped_since: dict[int, float] = {}  # pid -> when it was first seen stopped
-    replaced_stopped: dict[int, float] = {}  # pid -> how long it had been stopped
-    def update() -> bool:
+    def reap_and_replace(self) -> bool:
+        """Reap the workers that exited and replace them; False once `max_restarts`
+        is spent (the report is written and the pool shuts down)."""
+        ctl, cfg = self.ctl, self.cfg
+        while self.workers:
+            pid, status = os.waitpid(-1, os.WNOHANG)
+            if pid == 0:
+                break
+            w = self.workers.pop(pid, None)
+            self.retired.pop(pid, None)
+            pidfd = self.pidfds.pop(pid, None)
+            if pidfd is not None:
+                os.close(pidfd)
+            if w is None or ctl.shutting_down:
+                continue
+            held = ctl.worker(w)["claim"]  # what it was building, needed or not
+            pending = ctl.reclaim(w)
+            stopped_s = self.replaced_stopped.pop(pid, None)
+            self.stopped_since.pop(pid, None)
+            if stopped_s is not None:  # not a crash: replaced, and not counted
+                say(f"shmfeed: worker {w} (pid {pid}) had been stopped for {stopped_s:.1f} s "
+                    "(SIGSTOP, Ctrl-Z of it alone, or a debugger); replaced it"
+                    + (", the batch it held will be rebuilt." if pending is not None else "."))
+                self.start(w, pending)
+                continue
+            death = _death(ctl, w, pid, status, held)
+            # Counted in the ring, so over the loader's whole life, across pools.
+            restarts = ctl.header()["restarts"]
+            if restarts >= cfg.max_restarts:
+                self.ring.write_report(None, replace(death, message=(
+                    f"{death.message}; restarted {restarts} time(s) already, giving up "
+                    f"(`max_restarts={cfg.max_restarts}`).{exit_hint(status)} Fix the crash, "
+                    "or raise `max_restarts` if such deaths are expected.")))
+                ctl.set_fatal()
+                ctl.shutdown()
+                return False
+            restarts = ctl.add_restart()
+            say(f"shmfeed: {death.message}; replacing it ({restarts} of "
+                f"`max_restarts={cfg.max_restarts}`)"
+                + (", the batch will be rebuilt." if pending is not None else ".")
+                + exit_hint(status))
+            self.start(w, pending)
+        return True
+
+    def update(self) -> bool:
         """The update exchange: a new source, then every worker replaced.  False once
         the training process's end of the channel is closed."""
-        nonlocal builder
+        ctl, chan, cfg, ring = self.ctl, self.chan, self.cfg, self.ring
         try:
             msg, fds, _, _ = socket.recv_fds(chan, 64, MAX_FDS)
         except OSError:
@@ -248,100 +321,51 @@ def supervise(ring: Ring, chan_fd: int, source: list, cfg: Config, parent_pid: i
             return True
         finally:
             _close_all(fds)
-        builder = new
+        self.builder = new
         # Between epochs no generation is open, so a worker without a claim is idle in
         # its wait and, SIGKILLed, never touches the ring again: its record is reused
         # at once and the process reaped by the loop below once it has died (a dying
         # process needs the CPU to tear its memory down: tens of ms on a busy machine).
         # One still building a batch of a finished epoch is waited for and reclaimed.
-        old = dict(workers)
+        old = dict(self.workers)
         for pid in old:
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGKILL)
         busy = {pid for pid, w in old.items() if ctl.worker(w)["claim"] != _control.NO_CLAIM}
         time.sleep(KILL_LANDS_S)
         for pid, w in old.items():
-            del workers[pid]
+            del self.workers[pid]
             if pid in busy:
                 os.waitpid(pid, 0)
-                pidfd = pidfds.pop(pid, None)
+                pidfd = self.pidfds.pop(pid, None)
                 if pidfd is not None:
                     os.close(pidfd)
             else:
-                retired[pid] = w
+                self.retired[pid] = w
         for w in range(cfg.num_workers):
             ctl.reclaim(w)
-            start(w, None)
+            self.start(w, None)
         chan.send(UPDATED)
         return True
 
-    retired: dict[int, int] = {}  # pid -> worker index, of workers replaced by an update
-    listen: list[Any] = [chan]  # select() takes fds and sockets alike
-    orphaned = False
-    while not ctl.shutting_down and not orphaned:
-        ready = select.select(list(pidfds.values()) + parent_fd + listen, [], [], POLL_S)[0]
-        orphaned = os.getppid() != ppid or bool(parent_fd and parent_fd[0] in ready)
-        if chan in ready and not ctl.shutting_down and not update():
-            listen = []
-        _replace_stopped(workers, stopped_since, replaced_stopped)
-        while workers:
-            pid, status = os.waitpid(-1, os.WNOHANG)
-            if pid == 0:
-                break
-            w = workers.pop(pid, None)
-            retired.pop(pid, None)
-            pidfd = pidfds.pop(pid, None)
-            if pidfd is not None:
-                os.close(pidfd)
-            if w is None or ctl.shutting_down:
-                continue
-            held = ctl.worker(w)["claim"]  # what it was building, needed or not
-            pending = ctl.reclaim(w)
-            stopped_s = replaced_stopped.pop(pid, None)
-            stopped_since.pop(pid, None)
-            if stopped_s is not None:  # not a crash: replaced, and not counted
-                say(f"shmfeed: worker {w} (pid {pid}) had been stopped for {stopped_s:.1f} s "
-                    "(SIGSTOP, Ctrl-Z of it alone, or a debugger); replaced it"
-                    + (", the batch it held will be rebuilt." if pending is not None else "."))
-                start(w, pending)
-                continue
-            death = _death(ctl, w, pid, status, held)
-            # Counted in the ring, so over the loader's whole life, across pools.
-            restarts = ctl.header()["restarts"]
-            if restarts >= cfg.max_restarts:
-                ring.write_report(None, replace(death, message=(
-                    f"{death.message}; restarted {restarts} time(s) already, giving up "
-                    f"(`max_restarts={cfg.max_restarts}`).{exit_hint(status)} Fix the crash, "
-                    "or raise `max_restarts` if such deaths are expected.")))
-                ctl.set_fatal()
-                ctl.shutdown()
-                break
-            restarts = ctl.add_restart()
-            say(f"shmfeed: {death.message}; replacing it ({restarts} of "
-                 f"`max_restarts={cfg.max_restarts}`)"
-                 + (", the batch will be rebuilt." if pending is not None else ".")
-                 + exit_hint(status))
-            start(w, pending)
-
-    if orphaned:
-        ctl.shutdown()  # the training process is gone: workers leave at their next wait
-    for fd in parent_fd:
-        os.close(fd)
-
-    # Shutdown: workers leave at their next wait; the rest are killed.
-    workers.update(retired)
-    _reap(workers, WORKER_GRACE_S)
-    for pid in workers:
-        try:
-            os.kill(pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
-    _reap(workers, REAP_TIMEOUT_S)  # SIGKILLed: gone within microseconds
-    for fd in pidfds.values():
-        os.close(fd)
-    for w in range(cfg.num_workers):
-        ctl.reclaim(w)
-    chan.close()
+    def stop(self) -> None:
+        """Shutdown: workers leave at their next wait; the rest are killed."""
+        for fd in self.parent_fd:
+            os.close(fd)
+        workers = self.workers
+        workers.update(self.retired)
+        _reap(workers, WORKER_GRACE_S)
+        for pid in workers:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        _reap(workers, REAP_TIMEOUT_S)  # SIGKILLed: gone within microseconds
+        for fd in self.pidfds.values():
+            os.close(fd)
+        for w in range(self.cfg.num_workers):
+            self.ctl.reclaim(w)
+        self.chan.close()
 
 
 def _replace_stopped(workers: dict[int, int], since: dict[int, float],
