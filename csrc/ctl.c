@@ -486,7 +486,10 @@ shmf_status shmf_take(void *base, uint32_t gen, uint32_t batch, double timeout_s
     double spin_until = 0; /* set once the batch is seen being built */
     atomic_store(&h->consumer_tag, want);
     for (;;) {
-        if (atomic_load(&h->shutdown)) return SHMF_SHUTDOWN;
+        /* A pool that gave up (fatal) also shuts down, but the batches it published
+         * before the one it failed on are still delivered, in order: fatal is checked
+         * before sleeping, below. */
+        if (atomic_load(&h->shutdown) && !atomic_load(&h->fatal)) return SHMF_SHUTDOWN;
         uint32_t seq = atomic_load(&h->progress);
         uint32_t slot = shmf_slot_of(base, gen, batch);
         if (slot == SHMF_NO_SLOT) {

@@ -47,6 +47,8 @@ REAP_TIMEOUT_S = 2.0  # SIGKILLed workers are reaped within this long
 KILL_LANDS_S = 0.001  # a SIGKILL reaches a worker running on another CPU within this (an IPI)
 POLL_S = 0.05  # supervisor's loop period: how soon it notices shutdown
 STOPPED_REPLACE_S = 2.0  # a worker stopped this long is replaced
+GIVE_UP_DRAIN_S = 30.0  # a pool giving up waits this long at most for the batches before it
+DRAIN_POLL_S = 0.005
 # The update exchange's messages (see _pool.py).
 UPDATE = b"update"
 UPDATED = b"updated"
@@ -182,6 +184,14 @@ def supervise(ring: Ring, chan_fd: int, source: list, cfg: Config, parent_pid: i
     Supervisor(ring, chan_fd, source, cfg, parent_pid).run()
 
 
+def _running(pid: int) -> bool:
+    """Whether child `pid` has not exited (it is not reaped: the reap loop does that)."""
+    try:
+        return os.waitid(os.P_PID, pid, os.WEXITED | os.WNOHANG | os.WNOWAIT) is None
+    except ChildProcessError:
+        return False
+
+
 class Supervisor:
     """The supervisor's state and its steps: fork the workers, wait (on their pidfds,
     the training process's pidfd and the channel), replace the ones that die or stay
@@ -291,6 +301,7 @@ class Supervisor:
                     f"{death.message}; restarted {restarts} time(s) already, giving up "
                     f"(`max_restarts={cfg.max_restarts}`).{exit_hint(status)} Fix the crash, "
                     "or raise `max_restarts` if such deaths are expected.")))
+                self.drain_before(held)
                 ctl.set_fatal()
                 ctl.shutdown()
                 return False
@@ -301,6 +312,21 @@ class Supervisor:
                 + exit_hint(status))
             self.start(w, pending)
         return True
+
+    def drain_before(self, failed: int) -> None:
+        """Giving up on the batch claimed as `failed`: let the workers still alive finish
+        the batches before it (bounded by GIVE_UP_DRAIN_S and by their deaths), so that
+        the error comes after every earlier batch, in batch order, as a worker's
+        exception does.  Nothing replaces the dead worker, so `failed` is never built."""
+        if failed == _control.NO_CLAIM:
+            return
+        deadline = time.monotonic() + GIVE_UP_DRAIN_S
+        while time.monotonic() < deadline and not self.ctl.shutting_down:
+            earlier = [pid for pid, w in self.workers.items()
+                       if self.ctl.worker(w)["claim"] < failed and _running(pid)]
+            if not earlier:
+                return
+            time.sleep(DRAIN_POLL_S)
 
     def update(self) -> bool:
         """The update exchange: a new source, then every worker replaced.  False once
