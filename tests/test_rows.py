@@ -212,3 +212,40 @@ def test_stack_rows_with_streaming_stores_copies_every_byte():
         assert stack_rows(view, tuple(rows), np.ndarray, "B", (n,), True) == -1
         np.testing.assert_array_equal(view, np.stack(rows))
         assert not out[:5].any() and not out[5 + 3 * n :].any()  # nothing around it
+
+
+def test_workers_keep_the_memory_a_sample_frees_instead_of_faulting_it_in_again(tmp_path):
+    """Pillow decoding a JPEG (a 750 KB RGBX image, then the resized one, both freed
+    after the sample): glibc gave that memory back to the kernel past its trim threshold
+    and every page faulted in again for the next sample (~470 faults a sample), unless
+    the worker keeps what it frees (_worker.keep_freed_memory)."""
+    Image = pytest.importorskip("PIL.Image")
+    rng = np.random.default_rng(0)
+    (tmp_path / "a").mkdir()
+    for k in range(4):
+        Image.fromarray(rng.integers(0, 256, (375, 500, 3), dtype=np.uint8)).save(tmp_path / "a" / f"{k}.jpg")
+    folder = shmfeed.sources.ImageFolder(tmp_path, size=(224, 224))
+
+    class Many:  # the 4 files, many times over
+        def __len__(self):
+            return 4096
+
+        def __getitem__(self, i):
+            return {"x": folder.load(i % 4), "y": i}
+
+    with shmfeed.Loader(Many(), batch_size=16, num_workers=1) as loader:
+        it = iter(loader)
+        for _ in range(2 * loader.num_slots):
+            next(it)
+        (pid,) = loader.worker_pids
+        before = _minor_faults(pid)
+        for _ in range(20):
+            next(it)
+        faults = (_minor_faults(pid) - before) / 20 / 16
+        del it
+    assert faults < 150, f"{faults:.0f} minor faults per sample in the worker"
+
+
+def _minor_faults(pid: int) -> int:
+    with open(f"/proc/{pid}/stat") as f:
+        return int(f.read().rsplit(")", 1)[1].split()[7])
