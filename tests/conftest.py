@@ -100,8 +100,12 @@ def _readlink(fd: str) -> str:
 
 
 def pytest_collection_modifyitems(config, items):
-    """Tests that start JAX's backend run last: once it runs in this process, every
+    """Tests that start JAX's backend in this process run last (modules named for jax
+    or keras, or with `STARTS_JAX = True`): once it runs in this process, every
     later Loader starts its workers from a fresh interpreter instead of forking, and
     the other tests should exercise the fork path they were written for."""
-    items.sort(key=lambda item: any(n in item.module.__name__ for n in ("jax", "keras"))
-               if item.module else False)
+    def starts_jax(item) -> bool:  # a module says so (STARTS_JAX), or its name does
+        module = item.module
+        return module is not None and (getattr(module, "STARTS_JAX", False)
+                                       or any(n in module.__name__ for n in ("jax", "keras")))
+    items.sort(key=starts_jax)

@@ -35,6 +35,8 @@ SEED = 3
 HEARTBEAT_TIMEOUT_S = 10  # how long JAX's coordinator waits for a silent process
 RUN_TIMEOUT_S = 90.0  # for a whole group of processes; a run takes 10-30 s here
 
+STARTS_JAX = True  # the references run JAX here: after the tests that fork (conftest.py)
+
 
 class Points:
     """Sample i: features that depend on i and on the sample's keyed RNG (so a batch
