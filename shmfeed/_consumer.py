@@ -90,6 +90,13 @@ class Consumer:
     def start(self, epoch: int, first_batch: int) -> int:
         """Open a generation for batches first_batch.. of `epoch`; return it."""
         n = self.cfg.order.n_batches - first_batch
+        if self.builder is not None:
+            # Built here, nothing else writes slots: one the in-process builder still
+            # owns was left half-written by an epoch a Ctrl-C (or another exception
+            # between its acquire and its publish) ended.  Put it back, as the supervisor
+            # does for a dead worker; else the epoch would run a slot short ("no slot
+            # although not every slot is held", once in ~200 Ctrl-Cs of a storm).
+            self.ring.ctl.reclaim(0)
         # Free slots go to the new epoch's first batches in ring order from the one
         # after the last slot taken (warm caches); slots still held are skipped.
         self.gen = self.ring.ctl.start_epoch(epoch, first_batch, n, self.next_slot,
