@@ -18,12 +18,19 @@ RAY_EXIT_S = 15.0  # Ray's processes must be gone this long after its shutdown
 RAY_INIT = dict(include_dashboard=False, log_to_driver=False, object_store_memory=OBJECT_STORE_BYTES)
 
 
-def ray_children_gone() -> None:
-    """Fail unless Ray's raylet, GCS and workers exit within RAY_EXIT_S of its shutdown."""
+def children_now() -> set[int]:
+    """This process's descendants now (e.g. a fork server an earlier test started):
+    not Ray's, whatever ray_children_gone finds later."""
+    return {p.pid for p in psutil.Process().children(recursive=True)}
+
+
+def ray_children_gone(before: set[int] | frozenset[int] = frozenset()) -> None:
+    """Fail unless Ray's raylet, GCS and workers (the descendants not in `before`, taken
+    before Ray started) exit within RAY_EXIT_S of its shutdown."""
     me = psutil.Process()
     deadline = time.monotonic() + RAY_EXIT_S
     while True:
-        left = [p for p in me.children(recursive=True) if p.is_running()
+        left = [p for p in me.children(recursive=True) if p.pid not in before and p.is_running()
                 and p.status() != psutil.STATUS_ZOMBIE]
         if not left:
             return

@@ -21,7 +21,17 @@ ray = pytest.importorskip("ray")
 
 import _raysources  # noqa: E402
 from _raysources import Locked, Noisy, Ragged, mixup, ragged_length  # noqa: E402
-from _raytools import OPTS, RAY_INIT, copy, no_leaks, ray_children_gone, reference, same, take  # noqa: E402, F401
+from _raytools import (  # noqa: E402, F401
+    OPTS,
+    RAY_INIT,
+    children_now,
+    copy,
+    no_leaks,
+    ray_children_gone,
+    reference,
+    same,
+    take,
+)
 from ray import cloudpickle  # noqa: E402
 
 import shmfeed  # noqa: E402
@@ -33,8 +43,9 @@ cloudpickle.register_pickle_by_value(_raysources)
 
 @pytest.fixture(scope="module")
 def ray_local(request):
+    before = children_now()
     ray.init(num_cpus=2, **RAY_INIT)
-    request.addfinalizer(ray_children_gone)
+    request.addfinalizer(lambda: ray_children_gone(before))
     request.addfinalizer(ray.shutdown)
     return ray
 

@@ -16,6 +16,7 @@ from _raysources import Noisy  # noqa: E402
 from _raytools import (  # noqa: E402, F401
     OBJECT_STORE_BYTES,
     OPTS,
+    children_now,
     copy,
     no_leaks,
     ray_children_gone,
@@ -39,10 +40,11 @@ def cluster(request):
     Ray's driver keeps files, event fds and sockets open even after `ray.shutdown()`;
     its processes are checked (ray_children_gone)."""
     from ray.cluster_utils import Cluster
+    before = children_now()
     c = Cluster(initialize_head=True, connect=True,
                 head_node_args=dict(num_cpus=1, object_store_memory=OBJECT_STORE_BYTES,
                                     include_dashboard=False))
-    request.addfinalizer(ray_children_gone)
+    request.addfinalizer(lambda: ray_children_gone(before))
     request.addfinalizer(c.shutdown)
     request.addfinalizer(ray.shutdown)
     nodes = [c.add_node(num_cpus=1, object_store_memory=OBJECT_STORE_BYTES) for _ in range(2)]
