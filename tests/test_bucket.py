@@ -6,12 +6,10 @@ same batches with any `num_workers` and after a mid-epoch resume."""
 
 from __future__ import annotations
 
-import json
-
 import numpy as np
 import pytest
 from _sources import TokenBatches, Tokens
-from _trees import copy_tree
+from _trees import check_resume_mid_epoch, copy_tree
 
 import shmfeed
 from shmfeed import SpecError
@@ -81,22 +79,7 @@ def test_zero_and_two_workers_give_the_same_batches_and_epochs_differ():
 
 @pytest.mark.parametrize(("before", "after"), [(0, 2), (2, 0)])
 def test_resume_mid_epoch_with_bucketing(before, after):
-    with _loader(Tokens(150), 0) as ref:
-        reference = [[copy_tree(b) for b in ref] for _ in range(2)]
-    with _loader(Tokens(150), before) as first:
-        got = []
-        for i, b in enumerate(first):
-            got.append(copy_tree(b))
-            if i == 6:
-                state = json.loads(json.dumps(first.state_dict()))
-                break
-    with _loader(Tokens(150), after) as second:
-        second.load_state_dict(state)
-        got += [copy_tree(b) for b in second]
-        again = [copy_tree(b) for b in second]
-    for a, b in zip(got + again, reference[0] + reference[1], strict=True):
-        np.testing.assert_array_equal(a["tokens"], b["tokens"])
-        np.testing.assert_array_equal(a["label"], b["label"])
+    check_resume_mid_epoch(lambda workers: _loader(Tokens(150), workers), before, after, ("tokens", "label"))
 
 
 def test_a_state_of_other_lengths_or_boundaries_is_refused():

@@ -5,12 +5,10 @@ mid-epoch resume exact."""
 
 from __future__ import annotations
 
-import json
-
 import numpy as np
 import pytest
 from _sources import Tokens
-from _trees import copy_tree
+from _trees import check_resume_mid_epoch, copy_tree
 
 import shmfeed
 from shmfeed import SpecError
@@ -72,22 +70,7 @@ def test_zero_and_two_workers_give_the_same_batches():
 
 @pytest.mark.parametrize(("before", "after"), [(0, 2), (2, 0)])
 def test_resume_mid_epoch_with_a_token_budget_is_exact(before, after):
-    with _loader(Tokens(150), 0) as ref:
-        reference = [[copy_tree(b) for b in ref] for _ in range(2)]
-    with _loader(Tokens(150), before) as first:
-        got = []
-        for i, b in enumerate(first):
-            got.append(copy_tree(b))
-            if i == 6:
-                state = json.loads(json.dumps(first.state_dict()))
-                break
-    with _loader(Tokens(150), after) as second:
-        second.load_state_dict(state)
-        got += [copy_tree(b) for b in second]
-        again = [copy_tree(b) for b in second]
-    for a, b in zip(got + again, reference[0] + reference[1], strict=True):
-        np.testing.assert_array_equal(a["tokens"], b["tokens"])
-        np.testing.assert_array_equal(a["label"], b["label"])
+    check_resume_mid_epoch(lambda workers: _loader(Tokens(150), workers), before, after, ("tokens", "label"))
 
 
 def test_a_state_of_another_budget_is_refused():
