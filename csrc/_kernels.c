@@ -77,21 +77,29 @@ static shmf_kstatus order_kernel(uint64_t n, uint64_t block, uint64_t key, const
                  : shmf_permute(n, key, pos, out, count);
 }
 
-static PyObject *run_order(uint64_t n, uint64_t block, uint64_t key, PyObject *pos_obj,
-                           PyObject *out_obj) {
-    Py_buffer v[2];
-    if (get_array(pos_obj, &v[0], 'i', 8, 0, "positions") < 0) return NULL;
+/* The int64 `positions` and writable `out` of an order call, of equal length, into
+ * v[0] and v[1]: their item count, or -1 with an exception set (nothing held). */
+static Py_ssize_t get_positions_out(PyObject *pos_obj, PyObject *out_obj, Py_buffer v[2]) {
+    if (get_array(pos_obj, &v[0], 'i', 8, 0, "positions") < 0) return -1;
     if (get_array(out_obj, &v[1], 'i', 8, 1, "out") < 0) {
         release_arrays(v, 1);
-        return NULL;
+        return -1;
     }
     Py_ssize_t count = v[0].len / 8;
     if (v[1].len != v[0].len) {
         PyErr_Format(PyExc_ValueError, "out has %zd items, positions %zd: they must match",
                      v[1].len / 8, count);
         release_arrays(v, 2);
-        return NULL;
+        return -1;
     }
+    return count;
+}
+
+static PyObject *run_order(uint64_t n, uint64_t block, uint64_t key, PyObject *pos_obj,
+                           PyObject *out_obj) {
+    Py_buffer v[2];
+    Py_ssize_t count = get_positions_out(pos_obj, out_obj, v);
+    if (count < 0) return NULL;
     const int64_t *pos = v[0].buf;
     int64_t *out = v[1].buf;
     shmf_kstatus st;
@@ -279,18 +287,8 @@ static PyObject *EpochOrder_indices(EpochOrderObject *self, PyObject *args) {
     PyObject *pos_obj, *out_obj;
     if (!PyArg_ParseTuple(args, "KOO", &key, &pos_obj, &out_obj)) return NULL;
     Py_buffer v[2];
-    if (get_array(pos_obj, &v[0], 'i', 8, 0, "positions") < 0) return NULL;
-    if (get_array(out_obj, &v[1], 'i', 8, 1, "out") < 0) {
-        release_arrays(v, 1);
-        return NULL;
-    }
-    Py_ssize_t count = v[0].len / 8;
-    if (v[1].len != v[0].len) {
-        PyErr_Format(PyExc_ValueError, "out has %zd items, positions %zd: they must match",
-                     v[1].len / 8, count);
-        release_arrays(v, 2);
-        return NULL;
-    }
+    Py_ssize_t count = get_positions_out(pos_obj, out_obj, v);
+    if (count < 0) return NULL;
     const int64_t *pos = v[0].buf;
     shmf_kstatus st;
     if (count >= GIL_RELEASE_MIN_COUNT) {
