@@ -18,13 +18,12 @@ Invariants:
 
 from __future__ import annotations
 
-import os
 from typing import Any
 
 import numpy as np
 
 from ._errors import SpecError
-from ._objstore import ObjectCache, is_url, source_paths, stamp
+from ._objstore import ObjectCache, is_url, readable_path, source_paths, stamp
 from ._sourcefiles import PerProcess, SourceFileError, require
 
 # Random access: no readahead buffer, no reader threads (a worker is one core).
@@ -94,21 +93,8 @@ class ArrayRecord:
         return int(self._starts[-1])
 
     def _open(self, f: int) -> Any:
-        path = self.paths[f]
-        if is_url(path):
-            assert self.cache is not None  # held open (never evicted) while this process reads it
-            obj = self._readers.get(("cached", f), lambda: self.cache.open(path, self._stamps[f]))
-            return _module().ArrayRecordReader(obj.path, READER_OPTIONS)
-        try:
-            st = os.stat(path)
-        except OSError as exc:
-            raise SourceFileError(f"ArrayRecord file {path!r} is gone ({exc}); it was there when the "
-                                  "source was made. Restore it, or make a new source without it.") from exc
-        if (st.st_size, st.st_mtime_ns) != self._stamps[f]:
-            raise SourceFileError(
-                f"ArrayRecord file {path!r} changed since the source was made (size {self._stamps[f][0]} -> "
-                f"{st.st_size} bytes); its record index no longer holds. Make a new source (and Loader) "
-                "after rewriting files.")
+        path = readable_path(self.paths[f], self._stamps[f], self.cache, self._readers, f, "ArrayRecord",
+                             "record")
         return _module().ArrayRecordReader(path, READER_OPTIONS)
 
     def record(self, i: int) -> bytes:

@@ -340,3 +340,25 @@ def stamp(path: str, cache: ObjectCache | None) -> tuple:
         return cache.info(path)
     st = os.stat(path)
     return st.st_size, st.st_mtime_ns
+
+
+def readable_path(path: str, version: tuple, cache: ObjectCache | None, handles: PerProcess, key: Any,
+                  what: str, index: str) -> str:
+    """The local file to read `path` from in this process: a URL's cached copy (held
+    open, never evicted, while this process reads it: `handles` under `key`), or the
+    file itself once checked to be the `version` (`stamp`) the source was made from.
+    `what` names the format ("Parquet"), `index` what the source built on it ("row")."""
+    if is_url(path):
+        assert cache is not None
+        return handles.get(("cached", key), lambda: cache.open(path, version)).path
+    try:
+        st = os.stat(path)
+    except OSError as exc:
+        raise SourceFileError(f"{what} file {path!r} is gone ({exc}); it was there when the source "
+                              "was made. Restore it, or make a new source without it.") from exc
+    if (st.st_size, st.st_mtime_ns) != version:
+        raise SourceFileError(
+            f"{what} file {path!r} changed since the source was made (size {version[0]} -> "
+            f"{st.st_size} bytes); its {index} index no longer holds. Make a new source (and Loader) "
+            "after rewriting files.")
+    return path

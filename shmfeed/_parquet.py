@@ -29,14 +29,13 @@ Invariants:
 
 from __future__ import annotations
 
-import os
 from collections import OrderedDict
 from typing import Any
 
 import numpy as np
 
 from ._errors import SpecError
-from ._objstore import ObjectCache, is_url, source_paths, stamp
+from ._objstore import ObjectCache, is_url, readable_path, source_paths, stamp
 from ._sourcefiles import PerProcess, SourceFileError, require
 
 # Decoded chunks a process keeps (least recently used dropped; at least the last one):
@@ -296,22 +295,8 @@ class Parquet(_ArrowRows):
 
     def _open(self, f: int) -> Any:
         pq = require("pyarrow.parquet", "parquet", "Parquet")
-        path = self.paths[f]
-        if is_url(path):
-            assert self.cache is not None  # held open (never evicted) while this process reads it
-            obj = self._handles.get(("cached", f), lambda: self.cache.open(path, self._stamps[f]))
-            return pq.ParquetFile(obj.path)
-        try:
-            st = os.stat(path)
-        except OSError as exc:
-            raise SourceFileError(f"Parquet file {path!r} is gone ({exc}); it was there when the source "
-                                  "was made. Restore it, or make a new source without it.") from exc
-        if (st.st_size, st.st_mtime_ns) != self._stamps[f]:
-            raise SourceFileError(
-                f"Parquet file {path!r} changed since the source was made (size {self._stamps[f][0]} -> "
-                f"{st.st_size} bytes); its row index no longer holds. Make a new source (and Loader) "
-                "after rewriting files.")
-        return pq.ParquetFile(path)
+        return pq.ParquetFile(readable_path(self.paths[f], self._stamps[f], self.cache, self._handles, f,
+                                            "Parquet", "row"))
 
     def _read_chunk(self, k: int) -> Any:
         pa = _pyarrow("Parquet")
