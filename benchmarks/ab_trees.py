@@ -2,7 +2,7 @@
 `git worktree` with its extension built) on every `shmfeed bench` workload, alternating
 between them round by round, so that both see the same drift of this noisy VM's speed.
 
-Both trees run the SAME harness: by default tree B's `shmfeed/_bench` laid over a copy
+Both trees run the SAME harness: by default tree B's `shmfeed/_cli/bench` laid over a copy
 of each tree's library (`--own-harness` runs each tree's own instead), so a workload that
 only the newer harness has is measured on the old library too.  Each run measures
 shmfeed and in-process loading side by side; shmfeed / in-process is the figure compared
@@ -35,18 +35,30 @@ from pathlib import Path
 SKIP = {"keras-sequence"}  # trains a model and compares other loaders: not a tree A/B
 
 
+def harness(tree: Path) -> Path:
+    """Where `tree` keeps its benchmark harness: shmfeed/_cli/bench since the package
+    was laid out in subpackages, shmfeed/_bench before."""
+    new = tree / "shmfeed" / "_cli" / "bench"
+    return new if new.is_dir() else tree / "shmfeed" / "_bench"
+
+
 def overlay(tree: Path, harness_tree: Path, into: Path) -> Path:
     """A copy of `tree`'s package with `harness_tree`'s benchmark harness inside it."""
+    if harness(tree).relative_to(tree) != harness(harness_tree).relative_to(harness_tree):
+        sys.exit(f"{tree} and {harness_tree} lay out the package differently (one before the "
+                 "move into subpackages): the harness of one cannot run the other's library; "
+                 "use --own-harness")
     dst = into / tree.name
     shutil.copytree(tree / "shmfeed", dst / "shmfeed", ignore=shutil.ignore_patterns("__pycache__"))
-    shutil.rmtree(dst / "shmfeed" / "_bench")
-    shutil.copytree(harness_tree / "shmfeed" / "_bench", dst / "shmfeed" / "_bench",
-                    ignore=shutil.ignore_patterns("__pycache__"))
+    mine = dst / harness(tree).relative_to(tree)
+    shutil.rmtree(mine)
+    shutil.copytree(harness(harness_tree), mine, ignore=shutil.ignore_patterns("__pycache__"))
     return dst
 
 
 def workloads_of(tree: Path) -> list[str]:
-    code = "from shmfeed._bench import workloads; print(','.join(workloads.WORKLOADS))"
+    module = ".".join(harness(tree).relative_to(tree).parts)
+    code = f"from {module} import workloads; print(','.join(workloads.WORKLOADS))"
     out = subprocess.run([sys.executable, "-c", code], env={**os.environ, "PYTHONPATH": str(tree)},
                          cwd=tree, capture_output=True, text=True, check=True, timeout=120)
     return [w for w in out.stdout.strip().split(",") if w not in SKIP]
@@ -56,7 +68,7 @@ def one_run(tree: Path, workload: str, seconds: float, extra: list[str]) -> tupl
     """(shmfeed batches/s, in-process batches/s) of one run, or None if it failed."""
     with tempfile.NamedTemporaryFile(suffix=".json") as out:
         # A harness from before the headspace runs has no flag to turn them off (nor them).
-        headspace = "headspace" in (tree / "shmfeed" / "_bench" / "runner.py").read_text()
+        headspace = "headspace" in (harness(tree) / "runner.py").read_text()
         cmd = [sys.executable, "-m", "shmfeed", "bench", "--workload", workload, "--compare", "inline",
                "--workers", "2", "--seconds", str(seconds), "--repeat", "1", "--no-progress",
                *(["--no-headspace"] if headspace else []), "--json", out.name, *extra]
@@ -79,7 +91,7 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=7)
     parser.add_argument("--seconds", type=float, default=2.0)
     parser.add_argument("--own-harness", action="store_true",
-                        help="run each tree's own shmfeed/_bench (default: the new tree's in both)")
+                        help="run each tree's own harness (default: the new tree's in both)")
     parser.add_argument("--json", type=Path, help="write every run and the medians here")
     args, extra = parser.parse_known_args()
     old, new = args.old.resolve(), args.new.resolve()

@@ -33,7 +33,7 @@ import time
 import numpy as np
 import psutil
 
-from shmfeed._bench.runner import non_file_pss_bytes
+from shmfeed._cli.bench.runner import non_file_pss_bytes
 
 MODES = ("2 workers", "0 workers", "inline")
 BATCH_SIZE = 64
@@ -56,7 +56,7 @@ class Indices:
 def child(mode: str, n: int) -> dict:
     """One measurement, in this (fresh) process."""
     import shmfeed
-    from shmfeed._order import Order
+    from shmfeed._order.order import Order
 
     source = Indices(n)
     workers = 0 if mode == "inline" else int(mode.split()[0])
@@ -97,7 +97,7 @@ def measure(mode: str, n: int) -> dict:
 
 def kernel_costs() -> dict:
     from shmfeed import _kernels
-    from shmfeed._order import Order
+    from shmfeed._order.order import Order
 
     def best_cpu_s(fn, repeats: int = 5) -> float:
         best = float("inf")

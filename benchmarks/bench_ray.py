@@ -6,7 +6,7 @@
 
 Small versions of `shmfeed bench`'s `transport` (224x224x3 uint8, batch 64: 9.6 MB),
 `tokens` (512 int32, batch 32: 64 KB) and `compute` (64x64x3 float32 with ~1 ms of numpy
-per sample, batch 32) workloads (shmfeed/_bench/workloads.py: the same sources, over
+per sample, batch 32) workloads (shmfeed/_cli/bench/workloads.py: the same sources, over
 files of `--rows` rows in `--data-dir`).  Per workload, one after the other, each over
 `--batches` batches after the first (startup excluded):
 
@@ -52,7 +52,7 @@ import time
 from pathlib import Path
 
 import shmfeed
-from shmfeed._bench import workloads as wl
+from shmfeed._cli.bench import workloads as wl
 
 WORKLOADS = ("transport", "tokens", "compute")
 

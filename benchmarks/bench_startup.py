@@ -67,8 +67,8 @@ CHILD = r"""
 import json, sys, time
 import keras, numpy as np, psutil
 import shmfeed.keras
-from shmfeed._bench import keras_fit
-from shmfeed._bench.keras_fit_child import DataGenerator
+from shmfeed._cli.bench import keras_fit
+from shmfeed._cli.bench.keras_fit_child import DataGenerator
 
 method, data_dir = sys.argv[1], sys.argv[2]
 path = keras_fit.ensure_files(__import__("pathlib").Path(data_dir))
@@ -84,7 +84,7 @@ loader = shmfeed.Loader(seq, batch_size=None, num_workers=2,
 next(iter(loader))
 out["first_batch_s"] = time.perf_counter() - t0
 out["method"] = loader.start_method
-server = shmfeed._forkserver._server
+server = shmfeed._processes.forkserver._server
 if server is not None:
     info = psutil.Process(server.pid).memory_full_info()
     out["server_uss_mb"], out["server_pss_mb"] = info.uss / 1e6, info.pss / 1e6
@@ -491,7 +491,7 @@ def main() -> None:
     if args.sweep:
         sys.exit(sweep(args))
     sys.path.insert(0, str(ROOT))
-    from shmfeed._bench import workloads
+    from shmfeed._cli.bench import workloads
 
     data_dir = args.data_dir or str(workloads.default_data_dir())
     runs: dict[str, list[dict]] = {m: [] for m in METHODS}

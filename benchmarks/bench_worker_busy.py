@@ -20,7 +20,7 @@ import time
 import numpy as np
 
 import shmfeed
-from shmfeed._bench import workloads
+from shmfeed._cli.bench import workloads
 
 
 def run(workload: workloads.Workload, path: str, batch_size: int, workers: int, seconds: float) -> dict:

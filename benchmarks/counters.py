@@ -33,7 +33,7 @@ import tracemalloc
 from pathlib import Path
 
 import shmfeed
-from shmfeed._bench import workloads
+from shmfeed._cli.bench import workloads
 from shmfeed.sources import Stream
 
 BASELINE = Path(__file__).with_name("counters_baseline.json")

@@ -4,7 +4,7 @@
  * them all); the rest are read-only snapshots (header, worker, slot, gen_info) and
  * two objects whose deallocation makes one such call (SlotRef, EpochGuard; `take`
  * hands the slot it took to a new SlotRef, so that no path loses it).  Waits
- * release the GIL.  Status codes go back to shmfeed/_control.py, the one place that
+ * release the GIL.  Status codes go back to shmfeed/_engine/control.py, the one place that
  * interprets them.  The only exceptions raised here are for misuse (bad buffer,
  * index out of range) and for signals that arrive during a wait (PyErr_CheckSignals,
  * so Ctrl-C reaches the training loop promptly).

@@ -11,7 +11,7 @@
  * through get_array/release_arrays, and one line in kernels_methods.
  *
  * EpochOrder wraps order.h's shmf_order: the one description of an epoch's order,
- * which shmfeed/_order.py calls per batch and _core.c's GatherPlan copies (through
+ * which shmfeed/_order/order.py calls per batch and _core.c's GatherPlan copies (through
  * its capsule, SHMF_ORDER_CAPSULE) for the workers' C loop.
  */
 #define PY_SSIZE_T_CLEAN

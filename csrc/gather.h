@@ -9,9 +9,9 @@
  * and the Python around it (claim, acquire, order, gather, publish: ~15 calls) cost
  * more than the copy, on the same CPUs the training loop runs on.
  *
- * It builds exactly what the Python path (shmfeed/_build.py Builder.fill with
- * _arrays.py) builds: the batch's samples come from shmf_order_batch, the function
- * shmfeed/_order.py Order.batch_items calls, and each leaf's rows are copied by
+ * It builds exactly what the Python path (shmfeed/_batch/build.py Builder.fill with
+ * sources/_arrays.py) builds: the batch's samples come from shmf_order_batch, the function
+ * shmfeed/_order/order.py Order.batch_items calls, and each leaf's rows are copied by
  * shmf_gather_rows.  Only the common case runs here; the loop returns, holding the
  * claim, for anything else (a slot not there yet, a batch outside the plan's order),
  * and the caller builds that one the Python way.

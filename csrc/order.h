@@ -1,7 +1,7 @@
 /*
  * The epoch order: which samples each batch of an epoch holds, described once.
  *
- * Python (shmfeed/_order.py Order, through the _kernels binding) and the workers' C
+ * Python (shmfeed/_order/order.py Order, through the _kernels binding) and the workers' C
  * loop for array sources (gather.c) both call these functions, so the two can never
  * disagree about a batch.  Plain C11, no Python.h, nothing allocated.
  *
@@ -26,7 +26,7 @@
 
 #include "kernels.h"
 
-/* The shuffle modes; shmfeed/_order.py maps its `shuffle` values onto these (exported
+/* The shuffle modes; shmfeed/_order/order.py maps its `shuffle` values onto these (exported
  * by _kernels as SHUFFLE_NONE / SHUFFLE_FULL / SHUFFLE_BLOCK). */
 typedef enum {
     SHMF_SHUFFLE_NONE = 0,  /* shuffle=False */

@@ -28,9 +28,9 @@ from ._errors import (
     SpecError,
     WorkerError,
 )
-from ._forkserver import start as _start_fork_server
 from ._loader import Loader, Stats
-from ._rng import build_sample, rng, rng_key
+from ._order.rng import build_sample, rng, rng_key
+from ._processes.forkserver import start as _start_fork_server
 
 
 def start_fork_server() -> bool:

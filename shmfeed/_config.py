@@ -20,15 +20,17 @@ import resource
 from dataclasses import dataclass
 from typing import Any
 
-from . import _build, _rng, _sysinfo
-from ._bucket import BucketedOrder, BudgetOrder, item_buckets
+from . import _sysinfo
+from ._batch import build as _build
+from ._batch.pad import Padding
+from ._batch.pad import plan as plan_padding
+from ._batch.spec import Spec, infer, with_rows
+from ._engine.ring import ring_bytes
 from ._errors import RingMemoryError, SpecError
 from ._options import MAX_SLOTS, LoaderOptions, check_int
-from ._order import Order
-from ._pad import Padding
-from ._pad import plan as plan_padding
-from ._ring import ring_bytes
-from ._spec import Spec, infer, with_rows
+from ._order import rng as _rng
+from ._order.bucket import BucketedOrder, BudgetOrder, item_buckets
+from ._order.order import Order
 
 log = logging.getLogger("shmfeed")
 
@@ -45,7 +47,7 @@ class Config:
     seed_global_rngs: bool
     timeout_s: float | None
     start_method: str
-    padding: Padding | None = None  # padded_shapes and what goes with them (_pad.py)
+    padding: Padding | None = None  # padded_shapes and what goes with them (_batch/pad.py)
     worker_nice: int = 0  # added to the workers' nice value
     # fn(batch) -> batch, run by the builder; `spec` is then its result's (probed on
     # batch 0) and `built_spec` the batch's before it (a builder's scratch slot).

@@ -29,14 +29,16 @@ from typing import Any
 
 import psutil
 
-from . import _bucket, _jaxrefs, _rng
-from ._build import LeaveBuild, build_batch, builder_for
+from . import _jaxrefs
+from ._batch.build import LeaveBuild, build_batch, builder_for
+from ._batch.spec import unflatten
 from ._config import Config
-from ._control import NO_CLAIM, PoolShutdown, RingBlocked, SlotState, Taken, tag, untag
+from ._engine.control import NO_CLAIM, PoolShutdown, RingBlocked, SlotState, Taken, tag, untag
+from ._engine.report import STOPPED_STATES, proc_state
+from ._engine.ring import Ring
 from ._errors import LoaderClosedError, RingFullError, ShmfeedError, WorkerError, internal
-from ._report import STOPPED_STATES, proc_state
-from ._ring import Ring
-from ._spec import unflatten
+from ._order import bucket as _bucket
+from ._order import rng as _rng
 
 TAKE_SLICE_S = 0.1  # how often a waiting consumer checks the pool's health
 # Every slot held: how often to look again while JAX computes (doubling up to the max),

@@ -1,6 +1,6 @@
 # Stub of the C extension shmfeed._core (csrc/_core.c, over csrc/ctl.c, csrc/gather.c and
 # csrc/order.c).
-# Statuses are the SHMF_* ints below; shmfeed/_control.py turns them into exceptions.
+# Statuses are the SHMF_* ints below; shmfeed/_engine/control.py turns them into exceptions.
 from typing import Any, TypeAlias, final
 
 from ._kernels import EpochOrder

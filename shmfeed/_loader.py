@@ -2,8 +2,8 @@
 which batch, the next iteration produces; the position a feed acknowledged), the
 source's epoch hooks, and the public surface over the rest: its options are declared
 in _options.py and checked into a `Config` by _config.py, its pool started and
-replaced by _poolkeeper.py (which also holds what `close()` releases), its state
-written and checked by _state.py, and each epoch taken from the ring by the consumer
+replaced by _processes/keeper.py (which also holds what `close()` releases), its state
+written and checked by _order/state.py, and each epoch taken from the ring by the consumer
 (_consumer.py).
 
 Invariants (see DESIGN.md):
@@ -13,7 +13,7 @@ Invariants (see DESIGN.md):
 4. batch data is written once, by the process that builds it (or, for a remote
    builder, by the one copy from its transfer: shmfeed/ray.py), and read in place;
 5. nothing outlives the loader: `close()`, garbage collection, `with`, and the exit
-   of the interpreter all run the pool's shutdown protocol (see _pool.py).
+   of the interpreter all run the pool's shutdown protocol (see _processes/pool.py).
 """
 
 from __future__ import annotations
@@ -27,23 +27,19 @@ from typing import Any
 
 import numpy as np
 
-from . import _state, _sysinfo
-from ._arrays import as_source
+from . import _sysinfo
+from ._batch.spec import Spec
 from ._config import build, check_memory, default_num_slots
 from ._consumer import Consumer
-from ._errors import (
-    LoaderClosedError,
-    ShmfeedError,
-    SpecError,
-    worker_error_as,
-)
+from ._engine.ring import Ring, ring_bytes
+from ._engine.stats import Stats
+from ._errors import LoaderClosedError, ShmfeedError, SpecError, worker_error_as
 from ._options import DEFAULT_SHUFFLE_BLOCK, check_int, describe, options_of
-from ._poolkeeper import PoolKeeper, Resources
-from ._ring import Ring, ring_bytes
-from ._shards import ShardedSource
-from ._spec import Spec
-from ._stats import Stats
-from ._stream import GeneratorSource, stream_source
+from ._order import state as _state
+from ._processes.keeper import PoolKeeper, Resources
+from .sources._arrays import as_source
+from .sources._shards import ShardedSource
+from .sources._stream import GeneratorSource, stream_source
 
 log = logging.getLogger("shmfeed")
 
@@ -101,7 +97,7 @@ class Loader:
     memory grows with `len(source)`, up to 2**40 items); `shuffle="block"` keeps runs of
     `shuffle_block` consecutive items together (shuffled within), for sequential reads
     from disk.  With `shard_count=k` hosts, host `shard_index` gets its `batch_size`
-    rows of each global batch of `k * batch_size` (see _order.py for the last batch).
+    rows of each global batch of `k * batch_size` (see _order/order.py for the last batch).
 
     Samples whose arrays vary in size are padded into fixed slots: `padded_shapes`
     (e.g. `{"tokens": (512,)}`, only the fields that vary), `padding_values` (default
@@ -112,7 +108,7 @@ class Loader:
     to the smallest boundary that holds it: at most `len(bucket_boundaries)` shapes.
     `token_budget=T` (with `batch_size=None`) sizes each bucket's batches instead:
     `T // boundary` rows, so a batch holds about T tokens whatever its bucket.
-    See shmfeed/_pad.py and shmfeed/_bucket.py.
+    See shmfeed/_batch/pad.py and shmfeed/_order/bucket.py.
 
     `batch_transform=fn`: `fn(batch)` runs in the worker on each built batch (a pytree
     of numpy arrays; `shmfeed.rng()` inside is keyed by the batch) and its result is
@@ -183,7 +179,7 @@ class Loader:
         builders: Any = None,
     ):
         options = options_of(locals())  # every parameter but self and source: _options.py
-        # Arrays, dicts and tuples of arrays: shmfeed.sources.Arrays; generators: _stream.py.
+        # Arrays, dicts and tuples of arrays: shmfeed.sources.Arrays; generators: sources/_stream.py.
         source = stream_source(as_source(source), options)
         cfg = build(source, options)
         self._source = source
@@ -256,8 +252,8 @@ class Loader:
         bit-identical to an uninterrupted run, whatever `num_workers` (and, for several
         hosts, whatever their number at the same global batch size).  Inside
         `shmfeed.jax.prefetch_to_device(loader)`, "received" means yielded by the feed,
-        not prefetched.  See shmfeed/_state.py for sources with epoch hooks, and
-        shmfeed/_shards.py for a `Stream` (the same shards and hosts, any `num_workers`)."""
+        not prefetched.  See shmfeed/_order/state.py for sources with epoch hooks, and
+        shmfeed/sources/_shards.py for a `Stream` (the same shards and hosts, any `num_workers`)."""
         self._check_resumable()
         if self._received is not None:
             epoch, nxt = self._received

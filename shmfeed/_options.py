@@ -26,9 +26,9 @@ from typing import Any
 
 import numpy as np
 
-from . import _rng
 from ._errors import SpecError
-from ._order import DEFAULT_SHUFFLE_BLOCK
+from ._order import rng as _rng
+from ._order.order import DEFAULT_SHUFFLE_BLOCK
 
 START_METHODS = ("auto", "fork", "forkserver", "spawn")
 MAX_NICE = 19

@@ -65,12 +65,12 @@ from typing import Any, cast
 import keras
 import numpy as np
 
-from . import _state
+from ._batch.spec import unflatten
+from ._engine.stats import Stats
 from ._errors import ShmfeedError, SpecError
-from ._forkserver import start as _start_fork_server
 from ._loader import Loader
-from ._spec import unflatten
-from ._stats import Stats
+from ._order import state as _state
+from ._processes.forkserver import start as _start_fork_server
 
 __all__ = ["BackupAndRestore", "Feed", "InputWait", "feed"]
 

@@ -26,7 +26,7 @@ import threading
 import weakref
 from typing import Any
 
-from ._control import SlotState
+from ._engine.control import SlotState
 from ._errors import ShmfeedError, SpecError
 from ._loader import Loader
 

@@ -9,7 +9,7 @@ transport, the object store, actor death), none of it is ours.
 How a batch travels:
 
 - An actor (`_BuildActor`) holds the source, the loader's `Config` and a `Builder`
-  (shmfeed/_build.py) writing into one actor-local buffer laid out exactly like a ring
+  (shmfeed/_batch/build.py) writing into one actor-local buffer laid out exactly like a ring
   slot (`_SlotBuffer` borrows `Ring`'s own view code): the same keyed order, keyed RNG,
   spec and padding as a local worker, so batch `(epoch, b)` is the same bytes wherever
   it is built.  It returns a `Built` (the slot's bytes and the word a slot publishes:
@@ -57,11 +57,11 @@ from typing import Any, NamedTuple
 
 import numpy as np
 
-from ._build import WAIT_SLICE_S, builder_for
-from ._control import BatchStale, PoolShutdown, SlotState, untag
+from ._batch.build import WAIT_SLICE_S, builder_for
+from ._engine.control import BatchStale, PoolShutdown, SlotState, untag
+from ._engine.report import BuildFailure
+from ._engine.ring import Ring
 from ._errors import LoaderClosedError, ShmfeedError, SourcePickleError, SpecError, WorkerError
-from ._report import BuildFailure
-from ._ring import Ring
 
 try:
     import ray
@@ -275,7 +275,7 @@ def _shippable(source: Any, cfg: Any) -> Any:
     is refused here, naming the attribute to blame."""
     from ray import cloudpickle  # what Ray ships with
 
-    from ._interpreter import unpicklable_part
+    from ._processes.interpreter import unpicklable_part
     try:
         cloudpickle.dumps(source)
     except Exception as exc:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from shmfeed._order import Order
+from shmfeed._order.order import Order
 
 
 def epoch_items(order: Order, epoch: int) -> np.ndarray:

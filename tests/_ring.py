@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from shmfeed._control import SlotState
+from shmfeed._engine.control import SlotState
 
 
 def held_slots(loader) -> int:

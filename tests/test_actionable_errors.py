@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 import shmfeed
-from shmfeed._stats import Stats
+from shmfeed._engine.stats import Stats
 from shmfeed._sysinfo import most_useful_workers, usable_cpus
 
 

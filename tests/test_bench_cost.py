@@ -15,8 +15,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from shmfeed._bench import report, workloads
-from shmfeed._cli import main
+from shmfeed._cli.bench import report, workloads
+from shmfeed._cli.main import main
 from shmfeed.sources import Arrays
 
 ROOT = Path(__file__).resolve().parent.parent

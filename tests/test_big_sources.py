@@ -55,7 +55,7 @@ def _parcels_mapped(pid: int) -> set[str]:
 def fork_server():
     assert shmfeed.start_fork_server()
     yield
-    shmfeed._forkserver.stop()
+    shmfeed._processes.forkserver.stop()
 
 
 @pytest.fixture(params=["fork", "forkserver", "spawn"])

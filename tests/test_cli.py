@@ -23,10 +23,10 @@ from pathlib import Path
 
 import pytest
 
-from shmfeed._bench import report, workloads
-from shmfeed._bench.loaders import LOADERS, not_installed
-from shmfeed._bench.runner import Progress
-from shmfeed._cli import _gpu_present, main
+from shmfeed._cli.bench import report, workloads
+from shmfeed._cli.bench.loaders import LOADERS, not_installed
+from shmfeed._cli.bench.runner import Progress
+from shmfeed._cli.main import _gpu_present, main
 
 RUN_S = 0.2  # measured seconds per loader
 DATA_ROWS = 64  # rows of each small data file (tokens: 4x as many, so batchlevel has 8 batches)
@@ -132,7 +132,7 @@ def test_help_exits_0_and_names_every_workload_and_loader(capsys):
 
 
 def test_keras_sequence_epoch_boundary_numbers():
-    from shmfeed._bench.keras_fit import boundary_numbers
+    from shmfeed._cli.bench.keras_fit import boundary_numbers
 
     # Two epochs of steps (begin, end) in seconds: steady steps of 10 ms; the second
     # epoch's first step ends 60 ms after the first epoch's last.
@@ -213,8 +213,8 @@ def test_missing_peer_is_skipped_with_the_extra_to_install(data_dir, tmp_path, c
 _STREAM_EPOCHS = """
 import hashlib, json, sys
 import numpy as np
-from shmfeed._bench import workloads
-from shmfeed._bench.loaders import Job, adapter_module
+from shmfeed._cli.bench import workloads
+from shmfeed._cli.bench.loaders import Job, adapter_module
 loader, path = sys.argv[1:]
 job = Job("stream-shards", loader, path, None, 32, 2, None, False, 0, 1.0)
 source = workloads.make_source(workloads.WORKLOADS["stream-shards"], path, batch_size=32, length=None, seed=0)
@@ -453,7 +453,7 @@ def test_batches_or_a_ring_beyond_memory_are_refused_before_allocating(args, nee
 
 _UNDER_RLIMIT = """
 import resource, sys
-from shmfeed._cli import main
+from shmfeed._cli.main import main
 with open("/proc/self/statm") as f:
     vm = int(f.read().split()[0]) * resource.getpagesize()
 resource.setrlimit(resource.RLIMIT_AS, (vm + (64 << 20), resource.RLIM_INFINITY))
@@ -503,7 +503,7 @@ def test_a_read_only_data_dir_is_one_line(tmp_path):
 def test_a_dev_shm_a_peer_cannot_use_is_one_line_and_shmfeed_runs_without_it(data_dir):
     """shmfeed's ring is a memfd: a read-only or 1 MB /dev/shm is no matter to it, but
     `Pool.imap` needs its semaphores there, and torch every batch in flight."""
-    check = ("from shmfeed._bench.runner import BenchOptions, SetupError, check_shm\n"
+    check = ("from shmfeed._cli.bench.runner import BenchOptions, SetupError, check_shm\n"
              "try:\n"
              "    check_shm(['torch'], 9 << 20, BenchOptions(workloads=[], peers=[]))\n"
              "except SetupError as exc:\n"

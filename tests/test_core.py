@@ -23,7 +23,7 @@ from _sources import Augmenting, Bad, Counting, DataGenerator, Slices
 from _trees import copy_tree as _copy
 
 import shmfeed
-from shmfeed._order import Order
+from shmfeed._order.order import Order
 
 WORKERS_GONE_S = 2.0
 

@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 
 import shmfeed
-from shmfeed._arrays import gatherer
-from shmfeed._spec import infer
+from shmfeed._batch.build import gatherer
+from shmfeed._batch.spec import infer
 from shmfeed.sources import Arrow, Parquet, SourceFileError
 
 pa = pytest.importorskip("pyarrow")

@@ -21,7 +21,7 @@ from pathlib import Path
 import pytest
 
 from shmfeed import _sysinfo
-from shmfeed._doctor import PROBLEM, VERDICTS, WARN
+from shmfeed._cli.doctor import PROBLEM, VERDICTS, WARN
 
 CHECKS = ["cpus", "memory", "shm", "memlock", "address_space", "open_files", "core", "jax", "gpu",
           "start_method"]

@@ -32,10 +32,10 @@ from _orders import epoch_items
 from _procs import exited_after
 
 import shmfeed
-from shmfeed._control import NO_CLAIM, SlotState, tag, untag
-from shmfeed._order import Order
-from shmfeed._ring import Ring
-from shmfeed._spec import infer
+from shmfeed._batch.spec import infer
+from shmfeed._engine.control import NO_CLAIM, SlotState, tag, untag
+from shmfeed._engine.ring import Ring
+from shmfeed._order.order import Order
 
 DETECT_S = 1.0  # a fault must be noticed (and a dead worker's batch rebuilt) within this
 REPLACE_WAIT_S = 30.0  # an off-the-critical-path replacement, on a loaded machine

@@ -51,7 +51,7 @@ import shmfeed
 with open(os.environ["BODY_LOG"], "a") as f:
     f.write(f"body ran in {os.getpid()}\\n")
 jnp.zeros(3).block_until_ready()  # JAX's backend runs from here on
-server = getattr(shmfeed._forkserver._server, "pid", None)  # None: no server
+server = getattr(shmfeed._processes.forkserver._server, "pid", None)  # None: no server
 """
 
 
@@ -110,11 +110,11 @@ def test_a_process_forked_from_the_training_process_does_not_share_its_server(tm
         r, w = os.pipe()
         pid = os.fork()
         if pid == 0:
-            os.write(w, b"%d" % (shmfeed._forkserver._server is None))
+            os.write(w, b"%d" % (shmfeed._processes.forkserver._server is None))
             os._exit(0)
         os.waitpid(pid, 0)
         print(json.dumps({"child_dropped_it": os.read(r, 8) == b"1",
-                          "still_ours": shmfeed._forkserver.running()}))
+                          "still_ours": shmfeed._processes.forkserver.running()}))
     """)
     assert result == result | {"child_dropped_it": True, "still_ours": True}
 
@@ -125,9 +125,9 @@ def test_no_automatic_server_where_the_process_already_holds_more_memory_than_al
         import json, numpy as np
         data = np.ones(64 * 2**20 // 8)   # 64 MiB of private memory, above the 16 MiB allowed
         import shmfeed.jax
-        print(json.dumps({"running": shmfeed._forkserver.running(),
+        print(json.dumps({"running": shmfeed._processes.forkserver.running(),
                           "asked": shmfeed.start_fork_server()}))
-        shmfeed._forkserver.stop()
+        shmfeed._processes.forkserver.stop()
     """))
     out = subprocess.run([sys.executable, str(script)], capture_output=True, text=True,
                          timeout=SCRIPT_TIMEOUT_S, env=_env(tmp_path, SHMFEED_FORK_SERVER_MAX_MB="16"))

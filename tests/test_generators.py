@@ -14,7 +14,7 @@ import psutil
 import pytest
 
 import shmfeed
-from shmfeed._control import SlotState
+from shmfeed._engine.control import SlotState
 
 STEPS = 3
 BATCH = 4
@@ -215,7 +215,7 @@ def start_method(request):
     if request.param == "forkserver":
         assert shmfeed.start_fork_server()
         yield request.param
-        shmfeed._forkserver.stop()
+        shmfeed._processes.forkserver.stop()
     else:
         yield request.param
 

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 import shmfeed
-from shmfeed._order import Order
+from shmfeed._order.order import Order
 from shmfeed.sources import ImageDecodeError, ImageFolder
 
 Image = pytest.importorskip("PIL.Image")

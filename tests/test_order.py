@@ -24,7 +24,7 @@ from hypothesis import strategies as st
 
 import shmfeed
 from shmfeed import _kernels
-from shmfeed._order import MAX_SHUFFLED_ITEMS, Order
+from shmfeed._order.order import MAX_SHUFFLED_ITEMS, Order
 
 AWKWARD_N = [1, 2, 3, 5, 7, 31, 97, 127, 128, 129, 1000, 4096, 65537]
 MODES = [True, "block"]
@@ -233,8 +233,8 @@ def test_an_epoch_over_all_hosts_holds_each_item_at_most_once(n, batch_size, k, 
 _SCALE_SCRIPT = """
 import json, sys, time
 import numpy as np, psutil, shmfeed
-from shmfeed._bench.runner import non_file_pss_bytes
-from shmfeed._order import Order
+from shmfeed._cli.bench.runner import non_file_pss_bytes
+from shmfeed._order.order import Order
 
 class Indices:
     def __init__(self, n):

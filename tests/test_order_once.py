@@ -17,10 +17,12 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import shmfeed
-from shmfeed import _bucket, _kernels, _state
-from shmfeed._bucket import WINDOW_BATCHES, BucketedOrder
-from shmfeed._build import Builder
-from shmfeed._order import Order
+from shmfeed import _kernels
+from shmfeed._batch.build import Builder
+from shmfeed._order import bucket as _bucket
+from shmfeed._order import state as _state
+from shmfeed._order.bucket import WINDOW_BATCHES, BucketedOrder
+from shmfeed._order.order import Order
 from shmfeed.sources import Arrays
 
 SETTINGS = settings(max_examples=int(os.environ.get("SHMFEED_PROPERTY_EXAMPLES", 60)), deadline=None,
@@ -110,7 +112,7 @@ def test_the_order_travels_to_a_worker_whole():
 
 
 def test_shuffle_modes_are_the_c_headers_constants():
-    from shmfeed._order import _C_SHUFFLE
+    from shmfeed._order.order import _C_SHUFFLE
 
     assert _C_SHUFFLE == {False: _kernels.SHUFFLE_NONE, True: _kernels.SHUFFLE_FULL,
                           "block": _kernels.SHUFFLE_BLOCK}
@@ -120,7 +122,7 @@ def test_shuffle_modes_are_the_c_headers_constants():
 
 
 def test_a_gather_plan_refuses_leaves_that_cannot_hold_the_order():
-    from shmfeed._control import GatherPlan
+    from shmfeed._engine.control import GatherPlan
 
     order = _kernels.EpochOrder(10, 2, 1, 0, False, _kernels.SHUFFLE_FULL, 1)
     rows = np.zeros((10, 4), np.uint8)

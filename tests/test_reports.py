@@ -1,4 +1,4 @@
-"""Reports that cross a process boundary (shmfeed/_report.py): whatever a worker's
+"""Reports that cross a process boundary (shmfeed/_engine/report.py): whatever a worker's
 exception holds, it reaches the training loop as a WorkerError with its fields, in
 batch order, epoch after epoch, and no slot is left held.
 
@@ -16,8 +16,8 @@ import pytest
 from _ring import held_slots
 
 import shmfeed
-from shmfeed._control import REPORT_BYTES
-from shmfeed._report import (
+from shmfeed._engine.control import REPORT_BYTES
+from shmfeed._engine.report import (
     PAYLOAD_BYTES,
     SHORTENED,
     BuildFailure,

@@ -134,7 +134,7 @@ class Large:
 
 @pytest.mark.parametrize("num_workers", [0, 2])
 def test_large_samples_written_as_they_are_made_come_out_as_stacked(num_workers):
-    from shmfeed import _build
+    from shmfeed._batch import build as _build
 
     x = Large()[0]["x"]  # the row path runs:
     assert 16 * x.nbytes >= _build.ROW_AT_A_TIME_MIN_BYTES and x.nbytes >= _build.ROW_AT_A_TIME_MIN_ROW_BYTES

@@ -25,7 +25,7 @@ JOIN_S = 5.0
 def fork_server():
     assert shmfeed.start_fork_server()
     yield
-    shmfeed._forkserver.stop()
+    shmfeed._processes.forkserver.stop()
 
 
 def _echo(sock: socket.socket) -> None:

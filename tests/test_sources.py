@@ -85,7 +85,7 @@ def test_the_workers_c_loop_builds_what_the_python_path_builds(shuffle):
     builds every batch that has a slot, the epoch's first included (its key comes with
     the generation), byte for byte what Builder.fill writes, the short last batch of
     this host's shard included; at the epoch's end it says so."""
-    from shmfeed._control import SlotState
+    from shmfeed._engine.control import SlotState
 
     x = _table(n=211, width=7)
     y = (np.arange(len(x)) * 3).astype(np.int64)
@@ -116,7 +116,7 @@ def test_the_workers_c_loop_builds_what_the_python_path_builds(shuffle):
 
 
 def test_the_c_loop_refuses_a_plan_that_does_not_fit_the_ring():
-    from shmfeed._control import GatherPlan
+    from shmfeed._engine.control import GatherPlan
 
     x = _table(n=64, width=4)
     with shmfeed.Loader(Arrays(x), batch_size=8, num_workers=0) as loader:

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 import shmfeed
-from shmfeed._stats import INPUT_BOUND_FRACTION, KEEPS_UP_FRACTION
+from shmfeed._engine.stats import INPUT_BOUND_FRACTION, KEEPS_UP_FRACTION
 from shmfeed._sysinfo import most_useful_workers
 
 SLOW_SAMPLE_S = 0.01

@@ -20,9 +20,9 @@ import pytest
 import reliability
 
 import shmfeed
-from shmfeed._control import BatchStale, PoolShutdown, SlotState, tag
-from shmfeed._ring import Ring
-from shmfeed._spec import infer
+from shmfeed._batch.spec import infer
+from shmfeed._engine.control import BatchStale, PoolShutdown, SlotState, tag
+from shmfeed._engine.ring import Ring
 
 ROOT = Path(__file__).resolve().parent.parent
 LONG_WAIT_S = 5.0  # no wait of a healthy ring comes anywhere near this: one that runs out was lost

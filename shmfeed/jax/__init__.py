@@ -16,7 +16,7 @@ only when a CUDA device is fed.  How slots are kept safe while a device may stil
 read them is written down in `_feed.py`; the transfer interface is `_transfer.py`.
 """
 
-from .._forkserver import start as _start_fork_server
+from .._processes.forkserver import start as _start_fork_server
 from ._feed import GPU_DEFAULT_TRANSFER, TRANSFERS, Prefetch, prefetch_to_device
 from ._shard import host_shard
 from ._transfer import DeviceFeedError

@@ -53,7 +53,7 @@ import numpy as np
 
 from .._errors import SpecError
 from .._loader import Loader
-from .._pool import raise_sigint_after, sigint_deferred
+from .._processes.interrupts import raise_sigint_after, sigint_deferred
 from ._shard import Target
 from ._transfer import HostCopyTransfer, Pending, Transfer, XlaTransfer
 

@@ -1,0 +1,1 @@
+"""The `shmfeed` command: `bench` (the harness in bench/) and `doctor`."""

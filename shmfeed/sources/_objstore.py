@@ -1,0 +1,364 @@
+"""`ObjectCache`: objects of `s3://` (or any fsspec URL) read through a local cache of
+bounded size, shared by every worker and loader on the machine.
+
+Owns: where an object lives on disk (`<cache_dir>/<hash of URL and version>-<name>`),
+downloading it whole (with retries), the byte budget and LRU eviction, and the locks
+that make all of it safe between processes.
+
+How the locks work (fcntl.flock: released by the kernel when a process dies):
+- Each object has `<entry>.lock`.  A downloader holds it exclusively; a reader holds it
+  shared for as long as it reads the file (`CachedObject` open), so a file in use is
+  never evicted, and an object is downloaded once per machine: the others wait on the
+  lock and then find the file.
+- `.budget.lock` (exclusive) covers the budget check: the bytes of every file in the
+  directory (finished, and downloads in progress, reserved at full size before the
+  first byte) plus the new object must fit `max_bytes`; if not, the least recently
+  used files nobody reads (and downloads whose process died) are deleted first.
+- A download is written to `<entry>.part` and renamed when complete and of the
+  expected size, so no reader ever sees a partial file; a `.part` whose lock is free
+  was left by a dead process and is deleted.
+
+Invariants:
+- The bytes in the cache directory never exceed `max_bytes` (files still open by a
+  reader after eviction are impossible: a read holds the lock).
+- fsspec is imported lazily (the extra `shmfeed[s3]`), and each process makes its own
+  filesystem objects (an async one is not fork-safe).
+- Every failure is a `SourceFileError` naming the URL and the remedy: no object, no
+  access, a server that keeps failing (after `retries`), a cache too small or full, a
+  cache directory that cannot be written.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import hashlib
+import os
+import time
+from typing import Any
+
+from .._errors import SpecError
+from ._sourcefiles import PerProcess, SourceFileError, require
+
+BLOCK_BYTES = 4 << 20  # bytes a download reads at a time
+BUDGET_LOCK = ".budget.lock"
+
+
+def is_url(path: Any) -> bool:
+    """Whether `path` names a remote object (a URL other than file://)."""
+    return isinstance(path, str) and "://" in path and not path.startswith("file://")
+
+
+def _flock(path: str, mode: int) -> int:
+    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+    try:
+        fcntl.flock(fd, mode)
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
+
+
+def _try_flock(path: str) -> int | None:
+    """An exclusive lock on `path` if nobody holds one, else None."""
+    try:
+        return _flock(path, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return None
+
+
+def _unlock(fd: int) -> None:
+    os.close(fd)  # closing the only fd of the open file releases its flock
+
+
+def _version(info: dict) -> tuple[int, str]:
+    """(size, version tag) from an fsspec info dict."""
+    tag = info.get("ETag") or info.get("etag") or info.get("mtime") or info.get("LastModified") or ""
+    return int(info["size"]), str(tag).strip('"')
+
+
+class CachedObject:
+    """A cached object open for reading: `path` stays valid (never evicted) until
+    `close()` (or the end of the `with` block, or the process)."""
+
+    def __init__(self, path: str, lock_fd: int):
+        self.path = path
+        self._lock_fd: int | None = lock_fd
+
+    def close(self) -> None:
+        if self._lock_fd is not None:
+            _unlock(self._lock_fd)
+            self._lock_fd = None
+
+    def __enter__(self) -> CachedObject:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def __del__(self) -> None:
+        self.close()
+
+
+class ObjectCache:
+    """Objects at `s3://...` (or any fsspec URL: `gs://`, `az://`, `http://`) read through
+    a local directory of at most `max_bytes`, shared by every process that uses the same
+    `cache_dir` (workers, several loaders, several runs).
+
+    An object is downloaded whole, once per machine, into a temporary name and renamed
+    when complete; the least recently used objects nobody is reading are deleted to make
+    room.  `storage_options` go to fsspec (e.g. `{"key": ..., "secret": ...,
+    "client_kwargs": {"endpoint_url": ...}}` for s3fs); `retries` more tries, `retry_wait_s`
+    apart (doubling), before an error that is not "no such object" or "access denied"
+    becomes a `SourceFileError`.  Give it to a source: `TarShards("s3://b/train-*.tar",
+    decode, cache=cache)`, `Parquet("s3://b/*.parquet", cache=cache)`.  Needs
+    `pip install 'shmfeed[s3]'` (s3fs; other protocols their fsspec package).
+    """
+
+    def __init__(self, cache_dir: str | os.PathLike, max_bytes: int, *, storage_options: dict | None = None,
+                 retries: int = 3, retry_wait_s: float = 0.5, block_bytes: int = BLOCK_BYTES):
+        require("fsspec", "s3", "ObjectCache")
+        if isinstance(max_bytes, bool) or not isinstance(max_bytes, int) or max_bytes < 1:
+            raise SpecError(f"ObjectCache: `max_bytes` must be an integer >= 1, got {max_bytes!r}")
+        self.cache_dir = os.path.abspath(os.fspath(cache_dir))
+        self.max_bytes = max_bytes
+        self.storage_options = dict(storage_options or {})
+        self.retries = max(int(retries), 0)
+        self.retry_wait_s = float(retry_wait_s)
+        self.block_bytes = int(block_bytes)
+        try:
+            os.makedirs(self.cache_dir, exist_ok=True)
+            probe = os.path.join(self.cache_dir, f".probe-{os.getpid()}")
+            with open(probe, "wb"):
+                pass
+            os.unlink(probe)
+        except OSError as exc:
+            raise SpecError(
+                f"ObjectCache: cannot write to `cache_dir` {self.cache_dir!r} ({type(exc).__name__}: "
+                f"{exc}); give a directory on a writable local disk with room for `max_bytes`="
+                f"{max_bytes}.") from exc
+        self._fs = PerProcess()
+        self._listed: dict[str, tuple[int, str]] = {}
+
+    # -- the remote side -----------------------------------------------------------
+    def _filesystem(self, url: str) -> tuple[Any, str]:
+        fsspec = require("fsspec", "s3", "ObjectCache")
+        protocol = url.split("://", 1)[0]
+        try:
+            fs = self._fs.get(protocol, lambda: fsspec.filesystem(protocol, skip_instance_cache=True,
+                                                                  **self.storage_options))
+        except ImportError as exc:
+            raise SourceFileError(f"ObjectCache: no fsspec filesystem for {protocol}:// ({exc}). Install "
+                                  f"it: `pip install 'shmfeed[s3]'` for s3://, or the package fsspec "
+                                  "names for this protocol.") from exc
+        return fs, fs._strip_protocol(url)
+
+    def _remote(self, url: str, what: str, call: Any) -> Any:
+        """`call(fs, path)` with retries; errors named."""
+        last: BaseException | None = None
+        for attempt in range(self.retries + 1):
+            if attempt:
+                time.sleep(self.retry_wait_s * 2 ** (attempt - 1))
+            try:
+                fs, path = self._filesystem(url)
+                return call(fs, path)
+            except FileNotFoundError as exc:
+                raise SourceFileError(f"{url!r}: no such object ({what}); check the bucket and key "
+                                      "(`paths`).") from exc
+            except PermissionError as exc:
+                raise SourceFileError(f"{url!r}: access denied ({what}: {exc}); check the credentials "
+                                      "and endpoint given in `storage_options` (or the environment).") from exc
+            except (SourceFileError, SpecError):
+                raise
+            except Exception as exc:  # network, server and client errors: retried
+                last = exc
+        raise SourceFileError(
+            f"{url!r}: {what} failed {self.retries + 1} times, last with {type(last).__name__}: "
+            f"{' '.join(str(last).split())[:300]}. Check that the server is up and reachable, or "
+            "raise `retries` / `retry_wait_s` for a flaky one.") from last
+
+    def info(self, url: str) -> tuple[int, str]:
+        """(size in bytes, version tag) of the object at `url` (as listed by the last
+        `glob` that found it, else asked of the store)."""
+        known = self._listed.pop(url, None)
+        if known is not None:
+            return known
+        return self._remote(url, "reading its size", lambda fs, path: _version(fs.info(path)))
+
+    def glob(self, pattern: str) -> list[str]:
+        """The URLs that match `pattern` (sorted)."""
+        def call(fs: Any, path: str) -> list[str]:
+            found = {fs.unstrip_protocol(p): _version(i) for p, i in fs.glob(path, detail=True).items()
+                     if i.get("type", "file") == "file"}
+            self._listed.update(found)  # one listing instead of a request per object
+            return sorted(found)
+        return self._remote(pattern, "listing", call)
+
+    def open_remote(self, url: str) -> Any:
+        """A file object reading the object directly (e.g. a Parquet footer), uncached."""
+        return self._remote(url, "opening it", lambda fs, path: fs.open(path, "rb"))
+
+    # -- the local side ------------------------------------------------------------
+    def _entry(self, url: str, version: str) -> str:
+        digest = hashlib.sha256(f"{url}\0{version}".encode()).hexdigest()[:24]
+        name = url.rstrip("/").rsplit("/", 1)[-1][-80:]
+        return os.path.join(self.cache_dir, f"{digest}-{name}")
+
+    def open(self, url: str, expect: tuple[int, str] | None = None) -> CachedObject:
+        """The object at `url` as a local file, downloaded unless cached; `expect`: its
+        (size, version) from `info()` (then a cached copy is used with no remote call,
+        and a changed object is an error, not other data)."""
+        if expect is None:
+            expect = self.info(url)
+        size, version = expect
+        entry = self._entry(url, version)
+        lock = entry + ".lock"
+        if size > self.max_bytes:
+            raise SourceFileError(
+                f"{url!r} is {size} bytes, more than the whole cache (`max_bytes`={self.max_bytes}): "
+                "raise `max_bytes`, or split the data into smaller files.")
+        for _ in range(3):
+            fd = _flock(lock, fcntl.LOCK_SH)  # waits while someone downloads it
+            if os.path.exists(entry):
+                os.utime(entry)  # most recently used
+                return CachedObject(entry, fd)
+            _unlock(fd)
+            fd = _flock(lock, fcntl.LOCK_EX)
+            try:
+                if not os.path.exists(entry):
+                    self._download(url, entry, size, version)
+                # Downgrade; the conversion is not atomic, so check the file is still there.
+                fcntl.flock(fd, fcntl.LOCK_SH)
+            except BaseException:
+                _unlock(fd)
+                raise
+            if os.path.exists(entry):
+                os.utime(entry)
+                return CachedObject(entry, fd)
+            _unlock(fd)
+        raise SourceFileError(f"{url!r}: evicted from the cache as soon as it was downloaded, three times; "
+                              f"raise `max_bytes` (now {self.max_bytes}).")
+
+    def _reserve(self, part: str, size: int, url: str) -> None:
+        """Make room for `size` bytes and create `part` at that size (holds the budget lock)."""
+        fd = _flock(os.path.join(self.cache_dir, BUDGET_LOCK), fcntl.LOCK_EX)
+        try:
+            if os.path.exists(part):
+                os.unlink(part)  # a dead process's (we hold this object's lock)
+            entries = []
+            for e in os.scandir(self.cache_dir):
+                if e.name.endswith(".lock") or e.name.startswith(".") or not e.is_file():
+                    continue
+                st = e.stat()
+                entries.append((st.st_mtime_ns, e.path, st.st_size))
+            used = sum(s for _, _, s in entries)
+            busy = 0
+            for _, path, nbytes in sorted(entries):
+                if used + size <= self.max_bytes:
+                    break
+                base = path[: -len(".part")] if path.endswith(".part") else path
+                held = _try_flock(base + ".lock")
+                if held is None:  # being read or downloaded
+                    busy += nbytes
+                    continue
+                try:
+                    os.unlink(path)
+                    used -= nbytes
+                except FileNotFoundError:
+                    used -= nbytes
+                finally:
+                    _unlock(held)
+            if used + size > self.max_bytes:
+                raise SourceFileError(
+                    f"the object cache {self.cache_dir!r} is full: {url!r} needs {size} bytes, "
+                    f"{used} of `max_bytes`={self.max_bytes} are taken ({busy} by objects being read or "
+                    "downloaded right now). Raise `max_bytes`, or read fewer files at once (fewer "
+                    "workers or loaders on this cache).")
+            with open(part, "wb") as f:
+                f.truncate(size)  # reserved at full size: counted by every other budget check
+        finally:
+            _unlock(fd)
+
+    def _download(self, url: str, entry: str, size: int, version: str) -> None:
+        part = entry + ".part"
+        self._reserve(part, size, url)
+
+        def call(fs: Any, path: str) -> None:
+            with fs.open(path, "rb", block_size=self.block_bytes) as src, open(part, "r+b") as dst:
+                got = 0
+                while True:
+                    block = src.read(self.block_bytes)
+                    if not block:
+                        break
+                    dst.write(block)
+                    got += len(block)
+                if got != size:
+                    raise OSError(f"read {got} bytes, expected {size}")
+        try:
+            self._remote(url, "downloading it", call)
+            os.rename(part, entry)
+        except BaseException:
+            try:
+                os.unlink(part)
+            except FileNotFoundError:
+                pass
+            raise
+
+    def __repr__(self) -> str:
+        return f"shmfeed.sources.ObjectCache({self.cache_dir!r}, max_bytes={self.max_bytes})"
+
+
+def source_paths(paths: Any, cache: ObjectCache | None, what: str) -> list[str]:
+    """`paths` (files, URLs, glob patterns of either) as a list; URLs need `cache`."""
+    from ._sourcefiles import file_list
+    items = [paths] if isinstance(paths, (str, os.PathLike)) else list(paths)
+    if not any(is_url(p) for p in items):
+        return file_list(items, what)
+    if cache is None:
+        url = next(p for p in items if is_url(p))
+        raise SpecError(f"{what}: {url!r} is remote: give a local cache for it, `cache=shmfeed.sources."
+                        "ObjectCache(cache_dir, max_bytes=...)`")
+    out: list[str] = []
+    for p in items:
+        if not is_url(p):
+            out += file_list([p], what)
+            continue
+        url = str(p)
+        if any(c in url for c in "*?["):
+            matches = cache.glob(url)
+            if not matches:
+                raise SpecError(f"{what}: the pattern {url!r} matches no object")
+            out += matches
+        else:
+            out.append(url)
+    return out
+
+
+def stamp(path: str, cache: ObjectCache | None) -> tuple:
+    """What identifies this version of a file: (size, mtime) or, for a URL, (size, version tag)."""
+    if is_url(path):
+        assert cache is not None
+        return cache.info(path)
+    st = os.stat(path)
+    return st.st_size, st.st_mtime_ns
+
+
+def readable_path(path: str, version: tuple, cache: ObjectCache | None, handles: PerProcess, key: Any,
+                  what: str, index: str) -> str:
+    """The local file to read `path` from in this process: a URL's cached copy (held
+    open, never evicted, while this process reads it: `handles` under `key`), or the
+    file itself once checked to be the `version` (`stamp`) the source was made from.
+    `what` names the format ("Parquet"), `index` what the source built on it ("row")."""
+    if is_url(path):
+        assert cache is not None
+        return handles.get(("cached", key), lambda: cache.open(path, version)).path
+    try:
+        st = os.stat(path)
+    except OSError as exc:
+        raise SourceFileError(f"{what} file {path!r} is gone ({exc}); it was there when the source "
+                              "was made. Restore it, or make a new source without it.") from exc
+    if (st.st_size, st.st_mtime_ns) != version:
+        raise SourceFileError(
+            f"{what} file {path!r} changed since the source was made (size {version[0]} -> "
+            f"{st.st_size} bytes); its {index} index no longer holds. Make a new source (and Loader) "
+            "after rewriting files.")
+    return path

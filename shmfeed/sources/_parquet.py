@@ -1,0 +1,376 @@
+"""`Parquet` and `Arrow`: sources over Arrow data, read by row — Parquet files (random
+access through a row-group index) and an Arrow table in memory (a Hugging Face
+`datasets.Dataset` is one).
+
+Owns: the chunk index (the first row of every row group / record batch: built once,
+at construction, O(chunks) memory), the mapping of Arrow column types to sample
+fields, decoding one chunk into numpy (in the process that builds the batch), and the
+batch-gather hook (`__shmfeed_gather__`, see sources/_arrays.py) that fills a batch from the
+decoded chunks with one numpy take per column and chunk, no Python per row.
+
+Column types: integer, float and bool scalars -> numpy scalars; fixed-size lists
+(nested too) of numbers -> arrays of that shape; variable-length lists of numbers ->
+1-D arrays (give the Loader `padded_shapes` when their lengths differ).  Anything else
+(strings, structs, ...) is refused at construction: leave it out with `columns=`.
+
+Invariants:
+- Sample i is `{column: value}` for the chosen columns, in `columns` order; a
+  pure function of i (the chunk index and the files' contents).
+- pyarrow is imported lazily (the extra `shmfeed[parquet]`).  Files are opened per
+  process (_sourcefiles.PerProcess): a forked worker never uses its parent's reader,
+  and reads with `use_threads=False` (one worker, one core).
+- Each process keeps decoded chunks up to `cache_bytes` (least recently used dropped,
+  the last one always kept), so a batch inside one row group decodes it once.
+- A file changed since construction (size or mtime), one that cannot be decoded, a
+  null value, or a row whose length differs from the batch's without padding raise
+  `SourceFileError` / `SpecError` naming the file, row group, row and column; in a
+  worker it arrives in batch order.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from typing import Any
+
+import numpy as np
+
+from .._errors import SpecError
+from ._objstore import ObjectCache, is_url, readable_path, source_paths, stamp
+from ._sourcefiles import PerProcess, SourceFileError, require
+
+# Decoded chunks a process keeps (least recently used dropped; at least the last one):
+# enough for every row group of a shuffled epoch of a small dataset, a few of a large one.
+CACHE_BYTES = 64 << 20
+ARROW_CHUNK_ROWS = 1 << 16  # rows per chunk of an in-memory table split for reading
+
+
+def _pyarrow(what: str) -> Any:
+    require("pyarrow", "parquet", what)
+    import pyarrow as pa
+    return pa
+
+
+def _column_kind(pa: Any, name: str, typ: Any, what: str) -> tuple[str, np.dtype, tuple]:
+    """("scalar" | "fixed" | "var", dtype, row shape) of a column of Arrow type `typ`."""
+    def numeric(t: Any) -> bool:
+        return pa.types.is_integer(t) or pa.types.is_floating(t) or pa.types.is_boolean(t)
+
+    def dtype(t: Any) -> np.dtype:
+        return np.dtype(bool) if pa.types.is_boolean(t) else np.dtype(t.to_pandas_dtype())
+
+    if numeric(typ):
+        return "scalar", dtype(typ), ()
+    shape, t = [], typ
+    while pa.types.is_fixed_size_list(t):
+        shape.append(t.list_size)
+        t = t.value_type
+    if shape and numeric(t):
+        return "fixed", dtype(t), tuple(shape)
+    if (pa.types.is_list(typ) or pa.types.is_large_list(typ)) and numeric(typ.value_type):
+        return "var", dtype(typ.value_type), (None,)
+    raise SpecError(
+        f"{what}: column {name!r} has Arrow type {typ}, which shmfeed cannot put in a batch "
+        "(it reads integer, float and bool scalars, fixed-size lists of them, and lists of "
+        "numbers). Leave it out with `columns=[...]`, or encode it as numbers first (e.g. "
+        "token ids).")
+
+
+def _flat_values(arr: Any) -> Any:
+    """The innermost values of a (nested) fixed-size list array, respecting its slice."""
+    while hasattr(arr, "flatten") and hasattr(arr.type, "list_size"):
+        arr = arr.flatten()
+    return arr
+
+
+class _ArrowRows:
+    """Rows of Arrow chunks (row groups, record batches) by index.  Subclasses set
+    `columns`, `_kinds` (per column), `_starts` (first row of every chunk, then the
+    total) and implement `_read_chunk(k)` and `_where(k)`."""
+
+    columns: list[str]
+    _kinds: list[tuple[str, np.dtype, tuple]]
+    _starts: np.ndarray
+    cache_bytes: int
+
+    def _where(self, k: int) -> str:
+        """How an error names chunk k (a Parquet row group, an Arrow record batch)."""
+        raise NotImplementedError
+
+    def _read_chunk(self, k: int) -> Any:
+        raise NotImplementedError
+
+    def _init_cache(self) -> None:
+        self._handles = PerProcess()
+        self._var_len: dict[int, int] = {}
+
+    def __len__(self) -> int:
+        return int(self._starts[-1])
+
+    def _chunk_of(self, i: int) -> int:
+        return int(np.searchsorted(self._starts, i, side="right")) - 1
+
+    def _decoded(self, k: int) -> list:
+        """Chunk k's columns as numpy: an array per scalar / fixed column, (offsets,
+        values) per variable-length one; cached per process."""
+        cache = self._handles.get("decoded", OrderedDict)
+        cols = cache.get(k)
+        if cols is not None:
+            cache.move_to_end(k)
+            return cols
+        table = self._read_chunk(k)
+        cols = []
+        for name, (kind, dtype, shape) in zip(self.columns, self._kinds):
+            arr = table.column(name)
+            arr = arr.combine_chunks() if hasattr(arr, "combine_chunks") else arr
+            if arr.null_count:
+                valid = np.asarray(arr.is_valid().to_numpy(zero_copy_only=False))
+                row = int(self._starts[k]) + int(np.argmin(valid))
+                raise SourceFileError(
+                    f"{self._where(k)}, column {name!r}: row {row} is null ({arr.null_count} null "
+                    "rows in this chunk); shmfeed cannot put a null in a batch. Fill them "
+                    "(e.g. pyarrow.compute.fill_null) or filter them out, and write the data again.")
+            flat = arr.flatten() if kind == "var" else _flat_values(arr)
+            if kind != "scalar" and flat.null_count:
+                raise SourceFileError(
+                    f"{self._where(k)}, column {name!r}: {flat.null_count} null value(s) inside its lists; "
+                    "shmfeed cannot put a null in a batch. Fill them (e.g. with 0 or NaN) and write the "
+                    "data again.")
+            if kind == "var":
+                off = arr.offsets.to_numpy().astype(np.int64)
+                vals = arr.values.to_numpy(zero_copy_only=False)
+                if vals.dtype != dtype:
+                    vals = vals.astype(dtype)
+                cols.append((off, vals))
+            else:
+                cols.append(flat.to_numpy(zero_copy_only=False).reshape((len(arr),) + shape))
+        cache[k] = cols
+        sizes = self._handles.get("sizes", dict)
+        sizes[k] = sum(c.nbytes if isinstance(c, np.ndarray) else c[0].nbytes + c[1].nbytes for c in cols)
+        while len(cache) > 1 and sum(sizes[j] for j in cache) > self.cache_bytes:
+            del sizes[cache.popitem(last=False)[0]]
+        return cols
+
+    def __getitem__(self, i: int) -> dict:
+        i = int(i)
+        n = len(self)
+        if i < 0:
+            i += n
+        if not 0 <= i < n:
+            raise IndexError(f"row {i} out of range: {n} rows")
+        k = self._chunk_of(i)
+        r = i - int(self._starts[k])
+        out = {}
+        for name, (kind, _, _), col in zip(self.columns, self._kinds, self._decoded(k)):
+            if kind == "var":
+                off, vals = col
+                out[name] = vals[off[r]:off[r + 1]]
+            else:
+                out[name] = col[r]
+        return out
+
+    def __shmfeed_gather__(self, indices: np.ndarray, out: list[np.ndarray]) -> None:
+        ks = np.searchsorted(self._starts, indices, side="right") - 1
+        for k in np.unique(ks):
+            at = np.flatnonzero(ks == k)
+            rows = indices[at] - self._starts[k]
+            for c, (col, view) in enumerate(zip(self._decoded(int(k)), out)):
+                if self._kinds[c][0] != "var":
+                    view[at] = col[rows]
+                    continue
+                off, vals = col
+                lengths = off[rows + 1] - off[rows]
+                width = view.shape[1]
+                bad = np.flatnonzero(lengths != width)
+                if bad.size:
+                    row = int(indices[at[bad[0]]])
+                    raise SpecError(
+                        f"{self._where(int(k))}, column {self.columns[c]!r}: row {row} holds "
+                        f"{int(lengths[bad[0]])} values where the batch has room for {width} (the "
+                        "length of the first row). Rows of this column differ in length: give the "
+                        f"Loader `padded_shapes` (e.g. {{{self.columns[c]!r}: [{max(width, int(lengths.max()))}]}}"
+                        ", or None for a bucketed length).")
+                view[at] = vals[off[rows][:, None] + np.arange(width)]
+
+    def _row_copies(self) -> list[None]:
+        return [None] * len(self.columns)  # decoded per chunk: no fixed memory for C to copy from
+
+    def _leaf_rows(self) -> list[tuple[np.dtype, tuple]]:
+        rows = []
+        for c, (kind, dtype, shape) in enumerate(self._kinds):
+            if kind == "var":
+                if c not in self._var_len:
+                    self._var_len[c] = len(self[0][self.columns[c]])
+                shape = (self._var_len[c],)
+            rows.append((dtype, shape))
+        return rows
+
+
+def _check_columns(available: list[str], columns: Any, where: str, what: str) -> list[str]:
+    if columns is None:
+        return list(available)
+    if isinstance(columns, str):
+        columns = [columns]
+    columns = list(columns)
+    if not columns:
+        raise SpecError(f"{what}: `columns` is empty; name at least one column")
+    missing = [c for c in columns if c not in available]
+    if missing:
+        raise SpecError(f"{what}: {where} has no column {missing[0]!r} (its columns: "
+                        f"{', '.join(available)}); fix `columns`")
+    return columns
+
+
+class Parquet(_ArrowRows):
+    """Rows of Parquet files as samples `{column: value}`, read by row in the workers.
+
+    `paths`: a file, a glob pattern, or a list of them (rows numbered file after file,
+    in the order given, each pattern's matches sorted).  `columns`: the columns to read
+    (default: all; each must be a number, a fixed-size list of numbers, or a list of
+    numbers).  The row groups are indexed once, here (O(row groups) memory); a worker
+    decodes a whole row group at a time and keeps up to `cache_bytes` of them (the
+    least recently used dropped), so shuffled rows of data larger than that cost a
+    row-group decode each: write files with small row groups (e.g.
+    `row_group_size=1024`) when you shuffle.  Batches are filled by column, with no
+    Python per row.  Remote files (`"s3://bucket/*.parquet"`, any fsspec URL) are read
+    through `cache`, an `ObjectCache`: footers here, at construction, straight from the
+    store; each file whole, once per machine, by the first worker that needs it.
+    Needs `pip install 'shmfeed[parquet]'`.
+    """
+
+    def __init__(self, paths: Any, columns: Any = None, *, cache: ObjectCache | None = None,
+                 cache_bytes: int = CACHE_BYTES):
+        what = "Parquet"
+        pa = _pyarrow(what)
+        pq = require("pyarrow.parquet", "parquet", what)
+        self.paths = source_paths(paths, cache, what)
+        self.cache = cache
+        self.cache_bytes = int(cache_bytes)
+        starts, chunk_file, chunk_group, stamps = [0], [], [], []
+        schema0 = None
+        for f, path in enumerate(self.paths):
+            try:
+                if is_url(path):
+                    assert cache is not None
+                    with cache.open_remote(path) as remote:
+                        meta = pq.read_metadata(remote)
+                else:
+                    meta = pq.read_metadata(path)
+                schema = meta.schema.to_arrow_schema()
+            except (OSError, pa.ArrowException) as exc:
+                raise SourceFileError(
+                    f"{what}: cannot read the Parquet footer of {path!r} ({type(exc).__name__}: "
+                    f"{' '.join(str(exc).split())}); the file is truncated, corrupt or not Parquet. Write it again, or "
+                    "leave it out of `paths`.") from exc
+            if schema0 is None:
+                self.columns = _check_columns(schema.names, columns, f"{path!r}", what)
+                self._kinds = [_column_kind(pa, c, schema.field(c).type, what) for c in self.columns]
+                schema0 = (path, [schema.field(c).type for c in self.columns])
+            else:
+                _check_columns(schema.names, self.columns, f"{path!r}", what)
+                types = [schema.field(c).type for c in self.columns]
+                for c, t0, t in zip(self.columns, schema0[1], types):
+                    if t != t0:
+                        raise SpecError(
+                            f"{what}: column {c!r} is {t} in {path!r} but {t0} in {schema0[0]!r}; "
+                            "every file must have the same column types. Cast them when writing.")
+            for g in range(meta.num_row_groups):
+                starts.append(starts[-1] + meta.row_group(g).num_rows)
+                chunk_file.append(f)
+                chunk_group.append(g)
+            stamps.append(stamp(path, cache))
+        if starts[-1] == 0:
+            raise SpecError(f"{what}: the {len(self.paths)} file(s) hold no rows")
+        self._starts = np.asarray(starts, np.int64)
+        self._chunk_file = np.asarray(chunk_file, np.int32)
+        self._chunk_group = np.asarray(chunk_group, np.int32)
+        self._stamps = stamps
+        self._init_cache()
+
+    @property
+    def num_row_groups(self) -> int:
+        return len(self._chunk_file)
+
+    def _where(self, k: int) -> str:
+        return f"Parquet file {self.paths[self._chunk_file[k]]!r}, row group {int(self._chunk_group[k])}"
+
+    def _open(self, f: int) -> Any:
+        pq = require("pyarrow.parquet", "parquet", "Parquet")
+        return pq.ParquetFile(readable_path(self.paths[f], self._stamps[f], self.cache, self._handles, f,
+                                            "Parquet", "row"))
+
+    def _read_chunk(self, k: int) -> Any:
+        pa = _pyarrow("Parquet")
+        f, g = int(self._chunk_file[k]), int(self._chunk_group[k])
+        pf = self._handles.get(("file", f), lambda: self._open(f))
+        try:
+            return pf.read_row_group(g, columns=self.columns, use_threads=False)
+        except (OSError, pa.ArrowException) as exc:
+            raise SourceFileError(
+                f"{self._where(k)} (rows {int(self._starts[k])}..{int(self._starts[k + 1]) - 1}): cannot "
+                f"decode it ({type(exc).__name__}: {' '.join(str(exc).split())}); the file is corrupt. Write it again, or "
+                "leave it out of `paths`.") from exc
+
+    def __repr__(self) -> str:
+        return (f"shmfeed.sources.Parquet({len(self.paths)} file(s), {len(self)} rows in "
+                f"{self.num_row_groups} row groups; columns {self.columns})")
+
+
+class Arrow(_ArrowRows):
+    """Rows of an Arrow table in memory as samples `{column: value}`: a `pyarrow.Table`,
+    or a Hugging Face `datasets.Dataset` (its memory-mapped Arrow table, with no Python
+    per row).  Column types and `columns` as for `Parquet`.  A Dataset after `shuffle`
+    or `select` reads through an index mapping: call `ds.flatten_indices()` first, or
+    leave the shuffling to the Loader (`shuffle=True`).
+
+    With workers forked from this process the table is shared, not copied; a pool
+    started from a fresh interpreter is sent the table by value (write large data to
+    Parquet instead).  Needs `pip install 'shmfeed[parquet]'`.
+    """
+
+    def __init__(self, table: Any, columns: Any = None, *, chunk_rows: int = ARROW_CHUNK_ROWS,
+                 cache_bytes: int = CACHE_BYTES):
+        what = "Arrow"
+        pa = _pyarrow(what)
+        if getattr(table, "_indices", None) is not None:
+            raise SpecError(f"{what}: this Dataset reads its rows through an index mapping (after "
+                            "`shuffle`, `select`, `filter`...); call `ds = ds.flatten_indices()` first")
+        inner = getattr(getattr(table, "data", None), "table", None)  # datasets.Dataset
+        if isinstance(inner, pa.Table):
+            table = inner
+        if isinstance(table, pa.RecordBatch):
+            table = pa.Table.from_batches([table])
+        if not isinstance(table, pa.Table):
+            raise SpecError(f"{what}: expected a pyarrow.Table or a datasets.Dataset, got "
+                            f"{type(table).__name__}")
+        self.columns = _check_columns(table.schema.names, columns, "the table", what)
+        self._kinds = [_column_kind(pa, c, table.schema.field(c).type, what) for c in self.columns]
+        if table.num_rows == 0:
+            raise SpecError(f"{what}: the table has no rows")
+        self.table = table.select(self.columns)
+        self._batches = self.table.to_batches(max_chunksize=max(int(chunk_rows), 1))
+        self._starts = np.cumsum([0] + [b.num_rows for b in self._batches], dtype=np.int64)
+        self.cache_bytes = int(cache_bytes)
+        self._init_cache()
+
+    def _where(self, k: int) -> str:
+        return f"Arrow table, record batch {k}"
+
+    def _read_chunk(self, k: int) -> Any:
+        return self._batches[k]
+
+    def __getstate__(self) -> dict:
+        state = dict(self.__dict__)
+        del state["_batches"]  # views of the table: rebuilt on the other side
+        return state
+
+    def __setstate__(self, state: dict) -> None:
+        self.__dict__.update(state)
+        sizes = np.diff(self._starts)
+        self._batches, at = [], 0
+        for n in sizes:
+            self._batches += self.table.slice(at, int(n)).to_batches()
+            at += int(n)
+        self._starts = np.cumsum([0] + [b.num_rows for b in self._batches], dtype=np.int64)
+
+    def __repr__(self) -> str:
+        return f"shmfeed.sources.Arrow({len(self)} rows; columns {self.columns})"
