@@ -244,6 +244,17 @@ def test_mix_reads_each_source_without_repeats_until_exhausted_then_a_new_pass()
     assert len(Mix([Ids(30), Ids(100)], [0.5, 0.5])) == 60  # default epoch: the first source read once
 
 
+@pytest.mark.parametrize(("weights", "needle"), [
+    ([1.0, float("nan")], r"`weights\[1\]` is nan: weights must be finite and >= 0"),
+    ([float("inf"), 1.0], r"`weights\[0\]` is inf"),
+    ([0, 0], r"`weights` are all zero \(2 of them\)"),
+    ([[1, 1]], r"`weights` must be 1-D, got shape \(1, 2\)"),
+])
+def test_mix_refuses_nan_infinite_all_zero_or_misshapen_weights_naming_them(weights, needle):
+    with pytest.raises(shmfeed.SpecError, match=needle):
+        Mix([Ids(3), Ids(3)], weights)
+
+
 def test_mix_refuses_bad_weights_and_empty_sources_naming_them():
     with pytest.raises(shmfeed.SpecError, match="`weights` has 1 entries for 2 sources"):
         Mix([Ids(3), Ids(3)], [1])
@@ -316,6 +327,17 @@ def test_packed_refuses_bad_arguments_naming_them(kwargs, needle):
 def test_packed_refuses_an_empty_document_in_a_source_of_documents():
     with pytest.raises(shmfeed.SpecError, match="document 1 is empty"):
         Packed([np.arange(3), np.arange(0), np.arange(2)], 8)
+
+
+def test_packed_refuses_no_documents_and_a_length_that_is_not_a_positive_integer():
+    with pytest.raises(shmfeed.SpecError, match=r"`docs` is empty \(len 0\)"):
+        Packed([], 8)
+    with pytest.raises(shmfeed.SpecError, match=r"`boundaries` must be n\+1 >= 2 integer offsets .*shape \(1,\)"):
+        Packed(np.arange(0), 8, boundaries=[0])
+    with pytest.raises(shmfeed.SpecError, match=r"`length` must be an integer > 0, got -3"):
+        Packed(np.arange(6), -3, boundaries=[0, 6])
+    with pytest.raises(shmfeed.SpecError, match=r"`length` must be an integer > 0, got 2.5"):
+        Packed(np.arange(6), 2.5, boundaries=[0, 6])
 
 
 def test_mix_of_packed_sources_reads_each_in_its_own_order_every_document_once_per_pass():
