@@ -12,11 +12,17 @@ to [1, 2048]) in one flat int32 token array.  Modes, each `--workers` workers,
   per window of 1024, segment ids and positions), Loader `shuffle=False`;
 - mix:     `Mix([packed, packed'], [0.7, 0.3])`;
 - sampled: `Sampled(Windows(...), weights)` with log-normal weights;
-- windows+transform: `Windows` with a `batch_transform` that casts to int64.
+- windows+transform: `Windows` with a `batch_transform` that casts to int64;
+- token-budget: each document a sample `{"tokens": int32[L]}`, length buckets
+  `[256, 512, 1024, 2048]` with `token_budget=--batch-size * 2048` (bucket k's batches
+  `T // boundary_k` rows: 8 rows of 2048 tokens or 64 of 256 at the default);
+- padded-max: the same samples, every row padded to 2048, `--batch-size` rows (the
+  baseline for token-budget: the same tokens per batch).
 
 Modes interleaved over `--repeat` rounds; per mode the medians of batches/s, real
-(non-padding) tokens/s, and the training loop's CPU per batch (process CPU time over
-the measured window divided by batches: what the loop pays to take a batch).  Packed's
+(non-padding) tokens/s, the padding fraction of the delivered batches (1 - real /
+delivered tokens) and the training loop's CPU per batch (process CPU time over the
+measured window divided by batches: what the loop pays to take a batch).  Packed's
 non-padding fraction and construction time are printed once.
 """
 
@@ -33,6 +39,7 @@ import shmfeed
 from shmfeed.sources import Mix, Packed, Sampled, Windows
 
 LENGTH = 2048
+BUCKETS = [256, 512, 1024, LENGTH]
 
 
 def corpus(n_docs: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
@@ -43,11 +50,24 @@ def corpus(n_docs: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
     return tokens, bounds
 
 
+class Documents:
+    """Document i of the corpus as a sample `{"tokens": int32[L_i]}` (a view)."""
+
+    def __init__(self, tokens: np.ndarray, bounds: np.ndarray):
+        self.tokens, self.bounds = tokens, bounds
+
+    def __len__(self) -> int:
+        return len(self.bounds) - 1
+
+    def __getitem__(self, i: int) -> dict:
+        return {"tokens": self.tokens[self.bounds[i] : self.bounds[i + 1]]}
+
+
 def to_int64(batch):
     return batch.astype(np.int64)
 
 
-def make(mode: str, tokens: np.ndarray, bounds: np.ndarray) -> tuple[object, dict]:
+def make(mode: str, tokens: np.ndarray, bounds: np.ndarray, batch_size: int = 8) -> tuple[object, dict]:
     if mode == "windows":
         return Windows(tokens, LENGTH), dict(shuffle=True)
     if mode == "windows+transform":
@@ -60,28 +80,40 @@ def make(mode: str, tokens: np.ndarray, bounds: np.ndarray) -> tuple[object, dic
     if mode == "sampled":
         w = Windows(tokens, LENGTH)
         return Sampled(w, np.random.default_rng(2).lognormal(0, 1, len(w))), {}
+    if mode == "token-budget":
+        return Documents(tokens, bounds), dict(
+            shuffle=True, batch_size=None, token_budget=batch_size * LENGTH, padded_shapes={"tokens": (None,)},
+            bucket_boundaries=BUCKETS, bucket_lengths=np.diff(bounds), with_lengths=True)
+    if mode == "padded-max":
+        return Documents(tokens, bounds), dict(shuffle=True, padded_shapes={"tokens": (LENGTH,)}, with_lengths=True)
     raise ValueError(mode)
 
 
 def run(mode: str, tokens: np.ndarray, bounds: np.ndarray, args: argparse.Namespace) -> dict:
-    source, opts = make(mode, tokens, bounds)
-    with shmfeed.Loader(source, batch_size=args.batch_size, num_workers=args.workers, seed=0,
-                        drop_last=True, **opts) as loader:
+    source, opts = make(mode, tokens, bounds, args.batch_size)
+    opts = {"batch_size": args.batch_size, **opts}
+    with shmfeed.Loader(source, num_workers=args.workers, seed=0, drop_last=True, **opts) as loader:
         it = iter(loader)
         next(it)
-        batches = real = 0
+        batches = real = delivered = 0
         t0, c0 = time.perf_counter(), time.process_time()
         deadline = t0 + args.seconds
         for batch in it:
             batches += 1
-            if isinstance(batch, dict):
-                real += int(np.count_nonzero(batch["segment_ids"]))
-            else:
+            if not isinstance(batch, dict):
                 real += batch.size
+                delivered += batch.size
+            elif "lengths" in batch:
+                real += int(batch["lengths"]["tokens"].sum())
+                delivered += batch["tokens"].size
+            else:
+                real += int(np.count_nonzero(batch["segment_ids"]))
+                delivered += batch["tokens"].size
             if time.perf_counter() >= deadline:
                 break
         wall, cpu = time.perf_counter() - t0, time.process_time() - c0
     return {"batches_per_s": batches / wall, "real_tokens_per_s": real / wall,
+            "padding_fraction": 1 - real / max(delivered, 1),
             "loop_cpu_us_per_batch": cpu / max(batches, 1) * 1e6, "batches": batches}
 
 
@@ -92,7 +124,7 @@ def main() -> None:
     ap.add_argument("--batch-size", type=int, default=8)
     ap.add_argument("--seconds", type=float, default=3.0)
     ap.add_argument("--repeat", type=int, default=3)
-    ap.add_argument("--modes", default="windows,packed,mix,sampled,windows+transform")
+    ap.add_argument("--modes", default="windows,packed,mix,sampled,windows+transform,token-budget,padded-max")
     ap.add_argument("--json")
     args = ap.parse_args()
     tokens, bounds = corpus(args.docs)
@@ -106,12 +138,12 @@ def main() -> None:
         for m in modes:
             rounds[m].append(run(m, tokens, bounds, args))
     out = {"fill": packed.fill, "modes": {}}
-    print(f"{'mode':<20}{'batches/s':>12}{'real tok/s':>14}{'loop CPU us/batch':>20}")
+    print(f"{'mode':<20}{'batches/s':>12}{'real tok/s':>14}{'padding':>10}{'loop CPU us/batch':>20}")
     for m in modes:
         med = {k: statistics.median(r[k] for r in rounds[m]) for k in rounds[m][0]}
         out["modes"][m] = med
         print(f"{m:<20}{med['batches_per_s']:>12.1f}{med['real_tokens_per_s']:>14.3g}"
-              f"{med['loop_cpu_us_per_batch']:>20.1f}")
+              f"{med['padding_fraction']:>10.1%}{med['loop_cpu_us_per_batch']:>20.1f}")
     if args.json:
         with open(args.json, "w") as f:
             json.dump(out, f, indent=1)

@@ -109,6 +109,7 @@ def test_batch_level_source_pads_trailing_dimensions():
     (dict(padded_shapes=(40,)), r"the sample has a dict here, got tuple: give a dict"),
     (dict(padded_shapes={"words": (40,)}), r"keys \['words'\] are not in the sample"),
     (dict(padded_shapes={"tokens": "40"}), r"expected a shape"),
+    (dict(padded_shapes={"tokens": (-1,)}), r"field \['tokens'\]: expected a shape \(a tuple of ints >= 0\).*got \(-1,\)"),
     (dict(padded_shapes={"tokens": (40,)}, padding_values={"tokens": 0.5}), r"0.5 is not a number that dtype int32 holds"),
     (dict(padded_shapes={"tokens": (40,)}, padding_values={"label": 1}), r"gives values for \[\"\['label'\]\"\]"),
     (dict(padding_values={"tokens": 1}), r"`padding_values` need `padded_shapes`"),

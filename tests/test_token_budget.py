@@ -129,3 +129,7 @@ def test_token_budget_argument_errors():
         shmfeed.Loader(src, batch_size=None, num_workers=0, token_budget=80)
     with pytest.raises(SpecError, match=r"no batch to load.*`token_budget=80`.*drop_last=True"):
         _loader(Tokens(1), token_budget=80, drop_last=True, bucket_lengths=[40])
+    with pytest.raises(SpecError, match=r"`token_budget` must be an integer >= 1, got 2.5"):
+        _loader(src, token_budget=2.5)
+    with pytest.raises(SpecError, match=r"`bucket_boundaries` must be an integer >= 1, got 0"):
+        _loader(src, bucket_boundaries=[0, 40])

@@ -196,7 +196,7 @@ def _match(node: Node, ps: Any, path: str, found: dict, what: str) -> Any:
             found[node[1]] = int(ps)  # a text field's width, checked by plan()
             return None
         if what == "padded_shapes" and not _is_shape(ps):
-            raise SpecError(f"`padded_shapes`, field {here}: expected a shape (a tuple of ints) for "
+            raise SpecError(f"`padded_shapes`, field {here}: expected a shape (a tuple of ints >= 0) for "
                             f"this array field, a width (an int) for a text field, or None to keep it "
                             f"as it is; got {ps!r}")
         found[node[1]] = ps

@@ -15,7 +15,8 @@ epoch), and `Mix`'s proportions hold over consecutive positions, which the Loade
 shuffle would scatter.
 
 Memory per process: `Sampled` holds the cumulative weights (8 bytes a sample, O(1)
-beyond the weights); `Mix` O(number of sources); `Packed` one plan of a window of
+beyond the weights); `Mix` one period of its schedule (5 bytes a position, at most
+320 KiB); `Packed` one plan of a window of
 `window` documents at a time, plus one integer per window (its row count) and, for a
 source of documents without `lengths`, their lengths (4 bytes each; a flat token array
 has its boundaries already).
@@ -158,25 +159,83 @@ class Sampled:
 
 
 # -- mixing ---------------------------------------------------------------------------------
+MIX_PERIOD_MAX = 1 << 16  # positions of a Mix's schedule before it repeats (5 bytes each)
+
+
 def _integer_weights(w: np.ndarray) -> list[int]:
-    """Integers in the ratios of `w` (to 1 part in 2^32 of each weight)."""
+    """Integers in the ratios of `w`: exact when those sum to at most `MIX_PERIOD_MAX`
+    (weights like 0.7/0.2/0.1 or 3:2:1), else `w` rounded to parts of `MIX_PERIOD_MAX`
+    (largest remainders; a weight > 0 keeps at least 1, so that source is still drawn),
+    each share then off by less than about 1/65536."""
     fr = [Fraction(float(x)).limit_denominator(1 << 32) for x in w]
     den = math.lcm(*(f.denominator for f in fr))
     ints = [int(f * den) for f in fr]
     g = math.gcd(*ints)
-    return [x // g for x in ints]
+    ints = [x // g for x in ints]
+    if sum(ints) > MIX_PERIOD_MAX:
+        quotas = [Fraction(x * MIX_PERIOD_MAX, sum(ints)) for x in ints]
+        ints = [max(math.floor(q), 1 if x else 0) for q, x in zip(quotas, ints)]
+        short = MIX_PERIOD_MAX - sum(ints)
+        for k in sorted(range(len(ints)), key=lambda k: (quotas[k] - math.floor(quotas[k]), -k), reverse=True):
+            if short <= 0:
+                break
+            if ints[k] and quotas[k] > ints[k]:
+                ints[k] += 1
+                short -= 1
+        g = math.gcd(*ints)
+        ints = [x // g for x in ints]
+    return ints
+
+
+def mix_schedule(w: list[int]) -> np.ndarray:
+    """One period (`sum(w)` positions) of the sources that positions draw from, for
+    integer weights `w`: Tijdeman's rule (earliest deadline first).  With K sources of
+    weight > 0 and sigma = 1 - 1/(2K-2), source k's (c+1)-th draw becomes eligible at
+    the first position after which c+1 <= t*p_k + sigma and is due by the last after which
+    c >= t*p_k - sigma (t positions done, p_k = w_k/sum(w)); each position goes to the
+    eligible source with the earliest deadline, (c + sigma)/w_k, ties to the lower k.
+    Tijdeman (1980) proved this never misses a deadline, so every prefix keeps every
+    source within sigma of its share; after the period each source has had exactly w_k,
+    so the sequence repeats."""
+    live = [k for k, x in enumerate(w) if x]
+    b = max(2 * len(live) - 2, 1)  # sigma = a/b
+    a = b - 1 if len(live) > 1 else 0
+    total = sum(w)
+    count = dict.fromkeys(live, 0)
+    out = np.empty(total, np.uint8 if len(w) <= 256 else np.int32)
+    for t in range(1, total + 1):
+        best = -1
+        for k in live:
+            c = count[k]
+            if ((c + 1) * b - a) * total > t * w[k] * b:
+                continue  # not yet eligible: it would run ahead of its share by more than sigma
+            if best < 0 or (c * b + a) * w[best] < (count[best] * b + a) * w[k]:
+                best = k
+        if best < 0:
+            raise AssertionError(f"no source eligible at position {t - 1} of weights {w}")  # Tijdeman: never
+        out[t - 1] = best
+        count[best] += 1
+    return out
 
 
 class Mix:
     """Samples drawn from several `sources` in the proportions of `weights`.
 
-    The schedule (which source position i draws from) is deterministic: position i is
-    the i-th seat of the Sainte-Laguë (Webster) apportionment of seats to sources by
-    weight, found in O(K^2) integer arithmetic for K sources, with no state.  After any
-    prefix of n positions, source k has had within (1 + K p_k) / 2 of n p_k positions
-    (p_k its share); with two sources, every window of consecutive positions has
-    within one sample of its share (measured for more sources in
-    tests/test_pipelines.py).
+    The schedule (which source position i draws from) is a pure function of i: position
+    i draws from source `table[i % P]`, where the table is one period of Tijdeman's
+    earliest-deadline rule (`mix_schedule`) for the weights as integers summing to P
+    (exact ratios when P <= 65536, else rounded to parts of 65536: `proportions` holds the
+    shares used).  Built once at construction (P steps, ~0.2 s at P = 65536) and kept
+    (5 bytes a position, at most 320 KiB); O(1) per position.  Guarantee, with K >= 2
+    sources of weight > 0, p_k the share of source k and sigma = 1 - 1/(2K-2):
+    the first n positions hold n*p_k +- sigma draws of source k (within 1/2 for two
+    sources, 3/4 for three: less than one sample for any K), for every n; hence any
+    window of consecutive positions (a batch, from any start) holds its length times p_k
+    within 2*sigma < 2, and, with two sources, within less than one.  Within one over
+    every window is impossible in general for K >= 3: with weights 1:2:3 the third
+    source must fill every other position and the second one position in every three,
+    which collide (tests/test_pipelines.py also searches 1:2:8, which cannot keep even
+    |error| <= 1 for 10 positions).
 
     Each source is read in its own keyed order without repeats until exhausted, then
     in a new order for its next pass; passes continue across epochs (epoch e starts
@@ -187,7 +246,9 @@ class Mix:
     An epoch is `num_samples` positions, by default the most for which no source
     repeats a sample within the first epoch: `floor(min_k len_k / p_k)` (the smallest
     source relative to its share is read exactly once; larger ones in part, the rest
-    in later epochs).  `shmfeed.rng()` inside a source is keyed by the Mix position."""
+    in later epochs).  Epoch e is positions e*num_samples .. (e+1)*num_samples - 1 of
+    the one schedule, so the guarantee above holds across epoch boundaries too.
+    `shmfeed.rng()` inside a source is keyed by the Mix position."""
 
     _orders_by_epoch = True  # inside a Mix, reads its items in its own order
 
@@ -209,6 +270,11 @@ class Mix:
         self._w = _integer_weights(w)
         total = sum(self._w)
         self.proportions = [x / total for x in self._w]
+        self._table = mix_schedule(self._w)
+        # The draw of its source that each position of the period is (its seat).
+        self._seat = np.empty(total, np.int32)
+        for k, wk in enumerate(self._w):
+            self._seat[self._table == k] = np.arange(wk, dtype=np.int32)
         if num_samples is None:
             num_samples = min(n * total // x for n, x in zip(self.lengths, self._w) if x)
         self.num_samples = _check_positive("num_samples", num_samples)
@@ -218,45 +284,17 @@ class Mix:
     def __len__(self) -> int:
         return self.num_samples
 
-    # The seats of source k are keyed (2c+1)/w_k, c = 0, 1, ...; ties go to the lower k.
-    def _rank(self, k: int, c: int) -> int:
-        """How many seats come before seat c of source k."""
-        w, a = self._w, 2 * c + 1
-        r = 0
-        for j, wj in enumerate(w):
-            if not wj:
-                continue
-            limit = a * wj
-            m = limit // w[k] if j < k else (limit - 1) // w[k]  # odd multiples before ours
-            r += (m + 1) // 2
-        return r
-
     def _seats_before(self, k: int, n: int) -> int:
-        """Seats of source k among the first n."""
-        if not self._w[k]:
-            return 0
-        c = n * self._w[k] // sum(self._w)
-        while c > 0 and self._rank(k, c - 1) >= n:
-            c -= 1
-        while self._rank(k, c) < n:
-            c += 1
-        return c
+        """Draws of source k among the first n positions."""
+        periods, rest = divmod(n, len(self._table))
+        return periods * self._w[k] + int(np.count_nonzero(self._table[:rest] == k))
 
     def schedule(self, position: int) -> tuple[int, int]:
         """(source, seat): position `position` of the stream draws the `seat`-th sample
         of source `source`'s stream (epoch 0's numbering)."""
-        total = sum(self._w)
-        for k, wk in enumerate(self._w):
-            if not wk:
-                continue
-            c = position * wk // total
-            while c > 0 and self._rank(k, c) > position:
-                c -= 1
-            while self._rank(k, c) < position:
-                c += 1
-            if self._rank(k, c) == position:
-                return k, c
-        raise AssertionError(f"no seat at position {position}")  # ranks are a bijection
+        periods, at = divmod(position, len(self._table))
+        k = int(self._table[at])
+        return k, periods * self._w[k] + int(self._seat[at])
 
     def locate(self, index: int, *, seed: int = 0, epoch: int = 0) -> tuple[int, int]:
         """(source, source index) that position `index` of `epoch` reads."""
