@@ -13,8 +13,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import shmfeed
-from shmfeed._pipelines import MIX_PERIOD_MAX
 from shmfeed.sources import Mix, Packed, Sampled
+from shmfeed.sources._pipelines import MIX_PERIOD_MAX
 
 
 class Ids:
