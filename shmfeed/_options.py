@@ -33,6 +33,7 @@ from ._order import DEFAULT_SHUFFLE_BLOCK
 START_METHODS = ("auto", "fork", "forkserver", "spawn")
 MAX_NICE = 19
 MAX_SLOTS = 0xFFFFFFFE  # slot numbers are 32-bit, and 0xFFFFFFFF means "no slot"
+AUTO = "auto"  # `num_workers` and `num_slots` chosen (and the workers adjusted) by _autotune.py
 
 
 def check_int(name: str, value: Any, minimum: int) -> int:
@@ -70,6 +71,17 @@ def _int(minimum: int, maximum: int | None = None, why: str = "") -> Check:
             raise SpecError(f"`{name}` must be <= {maximum}{why}, got {value}")
         return value
     return check
+
+
+def _or_auto(check: Check, expected: str) -> Check:
+    """`check`, or the string "auto" (shmfeed/_autotune.py picks the value)."""
+    def checked(name: str, value: Any) -> Any:
+        if isinstance(value, str):
+            if value == AUTO:
+                return value
+            raise SpecError(f"`{name}` must be {expected} or \"auto\", got {value!r}")
+        return check(name, value)
+    return checked
 
 
 def _or_none(check: Check) -> Check:
@@ -116,8 +128,11 @@ class LoaderOptions:
     batch_size: int | None = _required(
         "samples per batch, stacked; None: `source[b]` is a whole batch (the Keras `Sequence` "
         "way).", _or_none(_int(1)))
-    num_workers: int = _required(
-        "worker processes building batches; 0 builds them in the training process.", _int(0))
+    num_workers: int | str = _required(
+        "worker processes building batches; 0 builds them in the training process; \"auto\": "
+        "usable CPUs - 1 to start, then adjusted between epochs from what the loop waited and "
+        "the workers' busy time (shmfeed/_autotune.py).",
+        _or_auto(_int(0), "an integer >= 0"))
     shuffle: bool | str = _option(
         False, "True: a new order every epoch; \"block\": runs of `shuffle_block` consecutive items "
         "kept together (shuffled within).", checked_by="_order.Order")
@@ -127,13 +142,15 @@ class LoaderOptions:
         0, "the stream's seed (order and `shmfeed.rng()`); None follows the user's seeding of "
         "np.random, without drawing from it.", _seed)
     drop_last: bool = _option(False, "drop a last batch that would be short.", check_bool)
-    num_slots: int | None = _option(
+    num_slots: int | str | None = _option(
         None, "slots in the ring (>= 2); None: sized from `memory_budget_bytes`, or "
-        "`2 * num_workers + 4` (more for small batches).",
-        _or_none(_int(2, MAX_SLOTS, " (slot numbers are 32-bit)")))
+        "`2 * num_workers + 4` (more for small batches); \"auto\": that default for the most "
+        "workers the loader may run, within `memory_budget_bytes` and the memory free now "
+        "(fixed at construction).",
+        _or_none(_or_auto(_int(2, MAX_SLOTS, " (slot numbers are 32-bit)"), "an integer >= 2")))
     memory_budget_bytes: int | None = _option(
         None, "the most bytes the ring may take (slots, reports and control block); "
-        "not with `num_slots`.", _or_none(_int(1)))
+        "not with an integer `num_slots`.", _or_none(_int(1)))
     max_batch_rows: int | None = _option(
         None, "with `batch_size=None`: the most rows a batch may have (slots are sized from batch 0, "
         "and a larger batch is an error).", checked_by="_config.build (against batch 0)")

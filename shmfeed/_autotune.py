@@ -1,0 +1,173 @@
+"""`num_workers="auto"` and `num_slots="auto"`: what the loader starts with, and how
+the worker count follows what the loop measures.
+
+Owns: the start (`start_workers`: the CPUs this process may use, less the loop's
+own; the ring for `num_slots="auto"` is `_config.auto_slots`, beside the default it
+starts from) and `WorkerTuner`, which turns the
+facts of each finished epoch (the loop's wait, the workers' busy time, batches per
+second) into the worker count of the next one, each change a `Decision` with its
+reason, which `stats()` reports.
+
+When it changes what: the worker count only between epochs (the Loader then starts
+a pool of the new size before the next epoch's first batch); nothing mid-epoch.
+Adding a worker mid-epoch would be safe (claims are dynamic), removing one would
+have to hand its claimed batch to another, and a pool start costs what an epoch
+boundary already pays for an epoch hook.  The ring (`num_slots`) is sized once, at
+construction, for the most workers: a new ring mid-run would invalidate the batches
+the loop still holds.
+
+Invariants:
+- never more workers than the CPUs this process may use (affinity and cgroup quota,
+  `_sysinfo.usable_cpus`), never fewer than one; the ring never past
+  `memory_budget_bytes`;
+- which batches come out never depends on any of this: the order is a keyed function
+  of (seed, epoch, position), the same for any worker count (DESIGN.md, invariant 2);
+- a change that did not pay (the loop no faster with one more worker, or waiting
+  more with fewer) is undone at the next boundary, and the count it came from becomes
+  a bound not crossed again: the count settles instead of oscillating.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass
+
+from . import _sysinfo
+
+# An epoch shorter than this (or with fewer batches) is measured together with the
+# next: a few milliseconds of batches say more about the scheduler than the loader.
+MIN_WINDOW_S = 0.25
+MIN_WINDOW_BATCHES = 16
+# The loop waited at least this fraction of the epoch, and the workers were busy at
+# least BUSY_MORE of theirs: one more worker can help.
+WAIT_MORE = 0.10
+BUSY_MORE = 0.70
+# The loop waited at most this fraction: the workers keep up; fewer can do it when
+# they were busy less than BUSY_FEWER of their time (sized to be busy BUSY_TARGET).
+WAIT_FEWER = 0.02
+BUSY_FEWER = 0.50
+BUSY_TARGET = 0.75
+# One more worker must make the loop at least this much faster to be kept.
+GAIN = 1.05
+
+
+def start_workers() -> tuple[int, int, str]:
+    """(workers to start with, the most the tuner may run, why): one CPU is the loop's,
+    the others the workers'; the tuner may use that last CPU too where the loop mostly
+    waits (it then sleeps, off the CPU)."""
+    cpus = _sysinfo.usable_cpus()
+    start = _sysinfo.most_useful_workers(cpus.value)
+    return start, max(cpus.value, 1), f"{cpus.value} usable CPU(s) ({cpus.source}), one left to the loop"
+
+
+@dataclass(frozen=True)
+class Window:
+    """What one or more finished epochs measured, with `workers` workers."""
+
+    workers: int
+    seconds: float  # from the first batch taken to the last
+    wait_s: float  # of them, waiting in next()
+    batches: int
+    busy_s: float  # the workers' building time, all together
+
+    @property
+    def wait_fraction(self) -> float:
+        return self.wait_s / self.seconds if self.seconds > 0 else 0.0
+
+    @property
+    def busy_fraction(self) -> float:
+        """Each worker's share of the window spent building, on average."""
+        return self.busy_s / (self.workers * self.seconds) if self.seconds > 0 else 0.0
+
+    @property
+    def batches_per_s(self) -> float:
+        return self.batches / self.seconds if self.seconds > 0 else 0.0
+
+    def plus(self, other: Window) -> Window:
+        return Window(self.workers, self.seconds + other.seconds, self.wait_s + other.wait_s,
+                      self.batches + other.batches, self.busy_s + other.busy_s)
+
+
+@dataclass(frozen=True)
+class Decision:
+    """One choice of the worker count: from `epoch` on, `workers` (from `previous`),
+    for `why`.  The facts are those of the window it was made from (None at the start)."""
+
+    epoch: int
+    workers: int
+    previous: int | None
+    action: str  # "start", "more", "fewer", "back" (a change undone), "keep"
+    why: str
+    wait_fraction: float | None = None
+    busy_fraction: float | None = None
+    batches_per_s: float | None = None
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
+def _pct(f: float) -> str:
+    return f"{100 * f:.0f} %"
+
+
+class WorkerTuner:
+    """The worker count of a `num_workers="auto"` loader, epoch after epoch."""
+
+    def __init__(self, start: int, most: int, why: str):
+        self.workers = start
+        self.most = most  # never more (the CPUs this process may use)
+        self.least = 1
+        self.history: list[Decision] = [Decision(0, start, None, "start", f"{start} worker(s) to start: {why}")]
+        self.last: Decision = self.history[0]  # the latest verdict, a change or not
+        self._pending: Window | None = None  # epochs too short to judge, added up
+        self._rate: dict[int, float] = {}  # batches/s last measured with each count
+        self._changed_from: int | None = None  # the count before the last change, until judged
+
+    def observe(self, window: Window, next_epoch: int) -> int:
+        """Take the facts of a finished epoch; the worker count for `next_epoch`."""
+        if window.workers != self.workers or window.seconds <= 0:
+            return self.workers  # a window of another pool (a resize raced it): not ours to judge
+        w = window if self._pending is None else self._pending.plus(window)
+        if w.seconds < MIN_WINDOW_S or w.batches < MIN_WINDOW_BATCHES:
+            self._pending = w
+            return self.workers
+        self._pending = None
+        self.last = decision = self._decide(w, next_epoch)
+        if decision.workers != self.workers:
+            self.history.append(decision)
+            self.workers = decision.workers
+        return self.workers
+
+    def _decide(self, w: Window, epoch: int) -> Decision:
+        n, wait, busy, rate = w.workers, w.wait_fraction, w.busy_fraction, w.batches_per_s
+        facts = dict(wait_fraction=wait, busy_fraction=busy, batches_per_s=rate)
+        seen = f"the loop waited {_pct(wait)} of the epoch with {n}, workers busy {_pct(busy)}"
+        before, self._changed_from = self._changed_from, None
+        self._rate[n] = rate
+        if before is not None and before < n and rate < GAIN * self._rate[before]:
+            self.most = before  # more did not pay: not again
+            return Decision(epoch, before, n, "back", f"{before} worker(s): {n} made the loop no faster "
+                            f"({rate:,.1f} batches/s against {self._rate[before]:,.1f} with {before})", **facts)
+        if before is not None and before > n and wait > WAIT_MORE and GAIN * rate < self._rate[before]:
+            self.least = before  # fewer cost the loop: not again
+            return Decision(epoch, before, n, "back", f"{before} worker(s): {seen}, slower than with "
+                            f"{before} ({rate:,.1f} against {self._rate[before]:,.1f} batches/s)", **facts)
+        if wait >= WAIT_MORE and busy >= BUSY_MORE and n < self.most:
+            self._changed_from = n
+            return Decision(epoch, n + 1, n, "more", f"{n + 1} worker(s): {seen}", **facts)
+        if wait <= WAIT_FEWER and busy < BUSY_FEWER and n > self.least:
+            fewer = max(self.least, math.ceil(w.busy_s / w.seconds / BUSY_TARGET))
+            if fewer < n:
+                self._changed_from = n
+                return Decision(epoch, fewer, n, "fewer", f"{fewer} worker(s): {seen}: "
+                                f"{fewer} can keep up", **facts)
+        limit = (f"; {self.most} is the most (the CPUs this process may use, or the count that "
+                 "did not pay)" if n >= self.most and wait >= WAIT_MORE else "")
+        return Decision(epoch, n, n, "keep", f"{n} worker(s): {seen}{limit}", **facts)
+
+    def summary(self) -> str:
+        """The count now and why, in a sentence."""
+        return self.last.why
+
+    def decisions(self) -> list[dict]:
+        return [d.as_dict() for d in self.history]
