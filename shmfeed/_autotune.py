@@ -57,7 +57,8 @@ def start_workers() -> tuple[int, int, str]:
     waits (it then sleeps, off the CPU)."""
     cpus = _sysinfo.usable_cpus()
     start = _sysinfo.most_useful_workers(cpus.value)
-    return start, max(cpus.value, 1), f"{cpus.value} usable CPU(s) ({cpus.source}), one left to the loop"
+    return start, max(cpus.value, 1), (f"{cpus.value} usable CPU(s) ({cpus.source}), "
+                                       f"{'one left to the loop' if cpus.value > 1 else 'shared with the loop'}")
 
 
 @dataclass(frozen=True)
@@ -117,11 +118,13 @@ class WorkerTuner:
         self.workers = start
         self.most = most  # never more (the CPUs this process may use)
         self.least = 1
-        self.history: list[Decision] = [Decision(0, start, None, "start", f"{start} worker(s) to start: {why}")]
+        self.history: list[Decision] = [Decision(0, start, None, "start", f"{why}")]
         self.last: Decision = self.history[0]  # the latest verdict, a change or not
         self._pending: Window | None = None  # epochs too short to judge, added up
         self._rate: dict[int, float] = {}  # batches/s last measured with each count
         self._changed_from: int | None = None  # the count before the last change, until judged
+        self._pending_from: int | None = None  # the first epoch of `_pending`
+        self._most_why = f"the {most} CPU(s) this process may use"
 
     def observe(self, window: Window, next_epoch: int) -> int:
         """Take the facts of a finished epoch; the worker count for `next_epoch`."""
@@ -129,45 +132,55 @@ class WorkerTuner:
             return self.workers  # a window of another pool (a resize raced it): not ours to judge
         w = window if self._pending is None else self._pending.plus(window)
         if w.seconds < MIN_WINDOW_S or w.batches < MIN_WINDOW_BATCHES:
+            if self._pending is None:
+                self._pending_from = next_epoch - 1
             self._pending = w
             return self.workers
-        self._pending = None
-        self.last = decision = self._decide(w, next_epoch)
+        first = next_epoch - 1 if self._pending is None or self._pending_from is None else self._pending_from
+        self._pending, self._pending_from = None, None
+        self.last = decision = self._decide(w, next_epoch, first)
         if decision.workers != self.workers:
             self.history.append(decision)
             self.workers = decision.workers
         return self.workers
 
-    def _decide(self, w: Window, epoch: int) -> Decision:
+    def _decide(self, w: Window, epoch: int, first: int) -> Decision:
         n, wait, busy, rate = w.workers, w.wait_fraction, w.busy_fraction, w.batches_per_s
         facts = dict(wait_fraction=wait, busy_fraction=busy, batches_per_s=rate)
-        seen = f"the loop waited {_pct(wait)} of the epoch with {n}, workers busy {_pct(busy)}"
+        epochs = f"epoch {first}" if first == epoch - 1 else f"epochs {first}-{epoch - 1}"
+        seen = f"the loop waited {_pct(wait)} of {epochs} with {n}, workers busy {_pct(busy)}"
         before, self._changed_from = self._changed_from, None
         self._rate[n] = rate
-        if before is not None and before < n and rate < GAIN * self._rate[before]:
-            self.most = before  # more did not pay: not again
-            return Decision(epoch, before, n, "back", f"{before} worker(s): {n} made the loop no faster "
-                            f"({rate:,.1f} batches/s against {self._rate[before]:,.1f} with {before})", **facts)
+        # Judged while the loop still waits: one that stopped waiting was fed (its own
+        # step may have grown meanwhile, which batches/s alone would take for no gain).
+        if before is not None and before < n and wait >= WAIT_MORE and rate < GAIN * self._rate[before]:
+            self.most, self._most_why = before, f"{n} made the loop no faster"
+            return Decision(epoch, before, n, "back", f"{n} made the loop no faster than {before} "
+                            f"({rate:,.1f} against {self._rate[before]:,.1f} batches/s)", **facts)
         if before is not None and before > n and wait > WAIT_MORE and GAIN * rate < self._rate[before]:
             self.least = before  # fewer cost the loop: not again
-            return Decision(epoch, before, n, "back", f"{before} worker(s): {seen}, slower than with "
-                            f"{before} ({rate:,.1f} against {self._rate[before]:,.1f} batches/s)", **facts)
+            return Decision(epoch, before, n, "back", f"{seen}: slower than with {before} "
+                            f"({rate:,.1f} against {self._rate[before]:,.1f} batches/s)", **facts)
         if wait >= WAIT_MORE and busy >= BUSY_MORE and n < self.most:
             self._changed_from = n
-            return Decision(epoch, n + 1, n, "more", f"{n + 1} worker(s): {seen}", **facts)
+            return Decision(epoch, n + 1, n, "more", seen, **facts)
         if wait <= WAIT_FEWER and busy < BUSY_FEWER and n > self.least:
             fewer = max(self.least, math.ceil(w.busy_s / w.seconds / BUSY_TARGET))
             if fewer < n:
                 self._changed_from = n
-                return Decision(epoch, fewer, n, "fewer", f"{fewer} worker(s): {seen}: "
-                                f"{fewer} can keep up", **facts)
-        limit = (f"; {self.most} is the most (the CPUs this process may use, or the count that "
-                 "did not pay)" if n >= self.most and wait >= WAIT_MORE else "")
-        return Decision(epoch, n, n, "keep", f"{n} worker(s): {seen}{limit}", **facts)
+                return Decision(epoch, fewer, n, "fewer", f"{seen}: {fewer} keep up", **facts)
+        limit = (f"; {n} is the most ({self._most_why})"
+                 if n >= self.most and wait >= WAIT_MORE and busy >= BUSY_MORE else "")
+        return Decision(epoch, n, n, "keep", f"{seen}{limit}", **facts)
 
     def summary(self) -> str:
         """The count now and why, in a sentence."""
-        return self.last.why
+        change = self.history[-1]
+        s = f"{change.workers} worker(s)" + ("" if change.action == "start" else f" from epoch {change.epoch}")
+        s += f": {change.why}"
+        if self.last is not change:
+            s += f"; then kept: {self.last.why}"
+        return s
 
     def decisions(self) -> list[dict]:
         return [d.as_dict() for d in self.history]

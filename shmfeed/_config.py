@@ -169,8 +169,8 @@ def build(source: Any, options: LoaderOptions) -> Config:
         built_spec, spec = spec, _build.probe_transform(source, pre, o.batch_transform)
 
     max_workers = max(num_workers, auto_workers, 1)
-    num_slots = o.num_slots
-    if num_slots == AUTO:
+    num_slots: int
+    if o.num_slots == AUTO:
         num_slots = auto_slots(max(num_workers, auto_workers), max_workers, spec.slot_bytes,
                                o.memory_budget_bytes)
         if o.memory_budget_bytes is not None and ring_bytes(num_slots, max_workers, spec.slot_bytes) > \
@@ -180,8 +180,11 @@ def build(source: Any, options: LoaderOptions) -> Config:
                 f"`memory_budget_bytes={o.memory_budget_bytes}` cannot hold 2 slots of {spec.slot_bytes} "
                 f"bytes with the control block of {max_workers} worker(s) (`num_slots=\"auto\"`). "
                 f"Raise it to >= {need}.")
-    elif num_slots is not None and o.memory_budget_bytes is not None:
-        raise SpecError("give `num_slots` or `memory_budget_bytes`, not both")
+    elif o.num_slots is not None:
+        if o.memory_budget_bytes is not None:
+            raise SpecError("give `num_slots` or `memory_budget_bytes`, not both")
+        assert isinstance(o.num_slots, int)
+        num_slots = o.num_slots
     elif o.memory_budget_bytes is not None:
         budget = o.memory_budget_bytes
         num_slots = slots_within(budget, max_workers, spec.slot_bytes)
@@ -190,8 +193,8 @@ def build(source: Any, options: LoaderOptions) -> Config:
             raise SpecError(
                 f"`memory_budget_bytes={budget}` holds {num_slots} slot(s) of {spec.slot_bytes} "
                 f"bytes with their control block; at least 2 are needed. Raise it to >= {need}.")
-    elif num_slots is None:
-        num_slots = default_num_slots(num_workers, spec.slot_bytes)
+    else:
+        num_slots = default_num_slots(max(num_workers, auto_workers), spec.slot_bytes)
     check_memory(ring_bytes(num_slots, max_workers, spec.slot_bytes), num_slots, spec.slot_bytes)
     return Config(order=order, spec=spec, n_slots=num_slots, num_workers=num_workers,
                   max_restarts=o.max_restarts, seed_global_rngs=o.seed_global_rngs,
