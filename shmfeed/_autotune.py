@@ -42,9 +42,9 @@ MIN_WINDOW_BATCHES = 16
 # least BUSY_MORE of theirs: one more worker can help.
 WAIT_MORE = 0.10
 BUSY_MORE = 0.70
-# The loop waited at most this fraction: the workers keep up; fewer can do it when
-# they were busy less than BUSY_FEWER of their time (sized to be busy BUSY_TARGET).
-WAIT_FEWER = 0.02
+# Workers busy less than this of their time are more than the loop needs, whether it
+# waited (then for a wake-up, not for building) or not: as many as would be busy
+# BUSY_TARGET do it (a drop that makes the loop slower is undone).
 BUSY_FEWER = 0.50
 BUSY_TARGET = 0.75
 # One more worker must make the loop at least this much faster to be kept.
@@ -157,6 +157,8 @@ class WorkerTuner:
             self.most, self._most_why = before, f"{n} made the loop no faster"
             return Decision(epoch, before, n, "back", f"{n} made the loop no faster than {before} "
                             f"({rate:,.1f} against {self._rate[before]:,.1f} batches/s)", **facts)
+        if before is not None and before < n and rate >= GAIN * self._rate[before]:
+            self.least = max(self.least, n)  # more paid: fewer would take it back
         if before is not None and before > n and wait > WAIT_MORE and GAIN * rate < self._rate[before]:
             self.least = before  # fewer cost the loop: not again
             return Decision(epoch, before, n, "back", f"{seen}: slower than with {before} "
@@ -164,7 +166,7 @@ class WorkerTuner:
         if wait >= WAIT_MORE and busy >= BUSY_MORE and n < self.most:
             self._changed_from = n
             return Decision(epoch, n + 1, n, "more", seen, **facts)
-        if wait <= WAIT_FEWER and busy < BUSY_FEWER and n > self.least:
+        if busy < BUSY_FEWER and n > self.least:
             fewer = max(self.least, math.ceil(w.busy_s / w.seconds / BUSY_TARGET))
             if fewer < n:
                 self._changed_from = n
