@@ -210,8 +210,9 @@ def test_a_window_of_another_worker_count_is_not_taken_for_this_one():
 
 # -- the batches, across changes and resumes ----------------------------------------------
 def _changing_run(loader) -> list[np.ndarray]:
-    """Epoch 0 input-bound (the count goes up where a CPU is free), epoch 1 and 2 with a
-    slow loop (the workers idle: the count goes down again)."""
+    """Epoch 0 input-bound (the count goes up where a CPU is free), epochs 1 and 2 with a
+    slower loop (the workers idle more: the count may go down again, as fast as this
+    machine builds)."""
     batches = _epochs(loader, 1)
     batches += _epochs(loader, 2, step_s=0.008)
     return batches
@@ -223,11 +224,12 @@ needs_two_cpus = pytest.mark.skipif(_usable_cpus() < 2, reason="auto adds a work
 @needs_two_cpus
 def test_a_change_of_worker_count_between_epochs_changes_no_batch():
     kw = dict(batch_size=4, shuffle=True, seed=7)
-    with shmfeed.Loader(Busy(), num_workers="auto", **kw) as loader:
+    source = Busy()  # 100 batches of 4 ms or more: 0.4 s for one worker
+    with shmfeed.Loader(source, num_workers="auto", **kw) as loader:
         auto = _changing_run(loader)
         counts = [d["workers"] for d in loader.stats().auto_decisions]
-    assert counts == [1, 2, 1], counts  # one more after epoch 0, one fewer after epoch 1
-    with shmfeed.Loader(Busy(), num_workers=1, **kw) as fixed:
+    assert counts[:2] == [1, 2], counts  # a real change between epochs 0 and 1
+    with shmfeed.Loader(source, num_workers=1, **kw) as fixed:
         reference = _epochs(fixed, 3)
     assert len(auto) == len(reference) == 300
     for a, b in zip(auto, reference):
