@@ -76,6 +76,10 @@ class Stats:
                 else "a few more workers (`num_workers`) may help"
             return f"{what}; {more} or make __getitem__ cheaper"
         most = most_useful_workers(self.cpus)
+        if self.auto and self.num_workers < self.cpus:
+            return (f"{what}; `num_workers=\"auto\"` adds a worker between epochs while that makes "
+                    f"the loop faster (now {self.num_workers}, up to {self.cpus}: the usable CPUs), "
+                    "or make __getitem__ cheaper")
         if self.num_workers < most:
             return (f"{what}; more workers may help (`num_workers={self.num_workers}`, at most "
                     f"{most} on {self.cpus} CPUs: one is the loop's), or make __getitem__ cheaper")
