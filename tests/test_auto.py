@@ -271,3 +271,28 @@ def test_stats_say_what_auto_did_and_why_in_words_and_as_data():
         ("start", 1, "more", 2, 1)
     assert more["wait_fraction"] > 0.1 and more["busy_fraction"] > 0.7 and more["epoch"] == 1
     assert [w["worker"] for w in d["workers"]] == [0, 1]
+
+
+def _count(i: int):
+    while True:
+        yield np.array([i], np.int64)
+        i += 1
+
+
+def _shard(s: int, num_shards: int):
+    for i in range(s, 12, num_shards):
+        yield np.array([i], np.int64)
+
+
+def test_auto_over_a_stream_is_a_fixed_count_that_reads_each_shard_once():
+    # A generator is one stream only one process can read: one worker, never more.
+    with shmfeed.Loader(lambda: _count(0), batch_size=2, num_workers="auto", steps_per_epoch=3) as loader:
+        got = [b.copy() for _ in range(2) for b in loader]
+        assert loader.stats().num_workers == 1 and loader.stats().auto == ""
+    assert np.concatenate(got).ravel().tolist() == list(range(12))
+    # A Stream's shards are dealt out by the worker count: at most one worker per shard.
+    with shmfeed.Loader(shmfeed.sources.Stream(_shard, num_shards=1), batch_size=2,
+                        num_workers="auto") as loader:
+        rows = sorted(np.concatenate([b.copy() for b in loader]).ravel().tolist())
+        assert loader.stats().num_workers == 1
+    assert rows == list(range(12))
