@@ -3,18 +3,18 @@ the worker count follows what the loop measures.
 
 Owns: the start (`start_workers`: the CPUs this process may use, less the loop's
 own; the ring for `num_slots="auto"` is `_config.auto_slots`, beside the default it
-starts from) and `WorkerTuner`, which turns the
-facts of each finished epoch (the loop's wait, the workers' busy time, batches per
-second) into the worker count of the next one, each change a `Decision` with its
-reason, which `stats()` reports.
+starts from) and `WorkerTuner`, which turns the facts of each finished epoch (the
+loop's wait, the workers' busy time, batches per second) into the worker count of
+the next one, each change a `Decision` with its reason, which `stats()` reports.
 
-When it changes what: the worker count only between epochs (the Loader then starts
-a pool of the new size before the next epoch's first batch); nothing mid-epoch.
-Adding a worker mid-epoch would be safe (claims are dynamic), removing one would
-have to hand its claimed batch to another, and a pool start costs what an epoch
-boundary already pays for an epoch hook.  The ring (`num_slots`) is sized once, at
-construction, for the most workers: a new ring mid-run would invalidate the batches
-the loop still holds.
+When it changes what: the worker count only between epochs; nothing mid-epoch.  A new
+count is a new pool (the Loader marks the running one stale and `PoolKeeper` starts
+one of the new size before the next epoch's first batch: tens of milliseconds by
+fork, an interpreter start by spawn), paid at most once per epoch and rarely once the
+count settles.  Adding a worker mid-epoch would be safe (claims are dynamic);
+removing one would have to hand its claimed batch to another, so neither is done.
+The ring (`num_slots`) is sized once, at construction, for the most workers: a new
+ring mid-run would invalidate the batches the loop still holds.
 
 Invariants:
 - never more workers than the CPUs this process may use (affinity and cgroup quota,
@@ -118,7 +118,7 @@ class WorkerTuner:
         self.workers = start
         self.most = most  # never more (the CPUs this process may use)
         self.least = 1
-        self.history: list[Decision] = [Decision(0, start, None, "start", f"{why}")]
+        self.history: list[Decision] = [Decision(0, start, None, "start", why)]
         self.last: Decision = self.history[0]  # the latest verdict, a change or not
         self._pending: Window | None = None  # epochs too short to judge, added up
         self._rate: dict[int, float] = {}  # batches/s last measured with each count
