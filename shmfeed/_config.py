@@ -5,7 +5,8 @@ Owns: the checks of options that go together (each option is declared, with its 
 check, in _options.py; each error names the parameter, what it got and what it
 needs), the probe of the source's first item that infers the batch spec, and the
 ring's geometry (`n_slots`), including `memory_budget_bytes`, which bounds
-everything the ring allocates (slots, report areas and control block).
+everything the ring allocates (slots, report areas and control block), and what
+`num_workers="auto"`/`num_slots="auto"` start with (the tuning is _autotune.py's).
 
 Invariants:
 - A `Config` is immutable and picklable; nothing derived from it is stored twice.
@@ -20,14 +21,14 @@ import resource
 from dataclasses import dataclass
 from typing import Any
 
-from . import _sysinfo
+from . import _autotune, _sysinfo
 from ._batch import build as _build
 from ._batch.pad import Padding
 from ._batch.pad import plan as plan_padding
 from ._batch.spec import Spec, infer, with_rows
 from ._engine.ring import ring_bytes
 from ._errors import RingMemoryError, SpecError
-from ._options import MAX_SLOTS, LoaderOptions, check_int
+from ._options import AUTO, MAX_SLOTS, LoaderOptions, check_int
 from ._order import rng as _rng
 from ._order.bucket import BucketedOrder, BudgetOrder, item_buckets
 from ._order.order import Order
@@ -53,11 +54,16 @@ class Config:
     # batch 0) and `built_spec` the batch's before it (a builder's scratch slot).
     batch_transform: Any = None
     built_spec: Spec | None = None
+    # `num_workers="auto"`: the most workers the loader may run (0: `num_workers` is
+    # fixed), and why it starts with `num_workers` (_autotune.py).
+    auto_workers: int = 0
+    auto_why: str = ""
 
     @property
     def max_workers(self) -> int:
-        """Worker records in the control block (the in-process builder uses one)."""
-        return max(self.num_workers, 1)
+        """Worker records in the control block (the in-process builder uses one; an
+        auto loader one for each worker it may run)."""
+        return max(self.num_workers, self.auto_workers, 1)
 
     @property
     def ring_bytes(self) -> int:
@@ -87,7 +93,8 @@ def build(source: Any, options: LoaderOptions) -> Config:
         raise SpecError(f"`source` must have __len__ and __getitem__, or be a generator, an iterable "
                         f"or a function returning one (with `steps_per_epoch`); got {type(source).__name__}")
     o = options.checked()
-    batch_size, num_workers, seed = o.batch_size, o.num_workers, o.seed
+    batch_size, seed = o.batch_size, o.seed
+    num_workers, auto_workers, auto_why = _start_workers(source, o.num_workers)
     assert seed is not None  # the check resolves None
     shard_index, shard_count, shuffle = o.shard_index, o.shard_count, o.shuffle
     boundaries: tuple[int, ...] | None = o.bucket_boundaries
@@ -163,11 +170,24 @@ def build(source: Any, options: LoaderOptions) -> Config:
                      seed_global_rngs=o.seed_global_rngs, timeout_s=None, start_method="auto", padding=padding)
         built_spec, spec = spec, _build.probe_transform(source, pre, o.batch_transform)
 
-    max_workers = max(num_workers, 1)
-    num_slots = o.num_slots
-    if num_slots is not None and o.memory_budget_bytes is not None:
-        raise SpecError("give `num_slots` or `memory_budget_bytes`, not both")
-    if o.memory_budget_bytes is not None:
+    max_workers = max(num_workers, auto_workers, 1)
+    num_slots: int
+    if o.num_slots == AUTO:
+        num_slots = auto_slots(max(num_workers, auto_workers), max_workers, spec.slot_bytes,
+                               o.memory_budget_bytes)
+        if o.memory_budget_bytes is not None and ring_bytes(num_slots, max_workers, spec.slot_bytes) > \
+                o.memory_budget_bytes:
+            need = ring_bytes(2, max_workers, spec.slot_bytes)
+            raise SpecError(
+                f"`memory_budget_bytes={o.memory_budget_bytes}` cannot hold 2 slots of {spec.slot_bytes} "
+                f"bytes with the control block of {max_workers} worker(s) (`num_slots=\"auto\"`). "
+                f"Raise it to >= {need}.")
+    elif o.num_slots is not None:
+        if o.memory_budget_bytes is not None:
+            raise SpecError("give `num_slots` or `memory_budget_bytes`, not both")
+        assert isinstance(o.num_slots, int)
+        num_slots = o.num_slots
+    elif o.memory_budget_bytes is not None:
         budget = o.memory_budget_bytes
         num_slots = slots_within(budget, max_workers, spec.slot_bytes)
         if num_slots < 2:
@@ -175,13 +195,27 @@ def build(source: Any, options: LoaderOptions) -> Config:
             raise SpecError(
                 f"`memory_budget_bytes={budget}` holds {num_slots} slot(s) of {spec.slot_bytes} "
                 f"bytes with their control block; at least 2 are needed. Raise it to >= {need}.")
-    elif num_slots is None:
-        num_slots = default_num_slots(num_workers, spec.slot_bytes)
+    else:
+        num_slots = default_num_slots(max(num_workers, auto_workers), spec.slot_bytes)
     check_memory(ring_bytes(num_slots, max_workers, spec.slot_bytes), num_slots, spec.slot_bytes)
     return Config(order=order, spec=spec, n_slots=num_slots, num_workers=num_workers,
                   max_restarts=o.max_restarts, seed_global_rngs=o.seed_global_rngs,
                   timeout_s=o.timeout_s, start_method=o.start_method, padding=padding, worker_nice=o.worker_nice,
-                  batch_transform=o.batch_transform, built_spec=built_spec)
+                  batch_transform=o.batch_transform, built_spec=built_spec,
+                  auto_workers=auto_workers, auto_why=auto_why)
+
+
+def _start_workers(source: Any, num_workers: int | str) -> tuple[int, int, str]:
+    """(workers to start, the most an auto loader may run (0: fixed), why) for the
+    `num_workers` asked.  A stream is read in order by one process per shard: "auto"
+    is then a fixed count (1 for a generator; a `Stream`'s is resolved before its
+    shards are dealt out, by the Loader)."""
+    if num_workers != AUTO:
+        assert isinstance(num_workers, int)
+        return num_workers, 0, ""
+    if hasattr(type(source), "_shmfeed_builder"):  # a generator: one process reads it
+        return 1, 0, ""
+    return _autotune.start_workers()
 
 
 def check_memory(nbytes: int, n_slots: int, slot_bytes: int) -> None:
@@ -234,6 +268,23 @@ def default_num_slots(num_workers: int, slot_bytes: int) -> int:
     if num_workers == 0:
         return base
     return max(base, min(4 * base, SMALL_RING_BYTES // max(slot_bytes, 1)))
+
+
+# At most this share of the memory free now goes to a ring sized by `num_slots="auto"`.
+AUTO_HEADROOM_SHARE = 0.5
+
+
+def auto_slots(workers: int, worker_records: int, slot_bytes: int, budget_bytes: int | None) -> int:
+    """`num_slots="auto"`: the default for `workers` (`default_num_slots`), but no
+    more than `budget_bytes` holds, nor than AUTO_HEADROOM_SHARE of the memory free
+    now; at least 2 (the caller's checks then say what refuses even that)."""
+    n = default_num_slots(workers, slot_bytes)
+    if budget_bytes is not None:
+        n = min(n, slots_within(budget_bytes, worker_records, slot_bytes))
+    headroom = _sysinfo.memory_headroom_bytes().value
+    if headroom is not None:
+        n = min(n, slots_within(int(headroom * AUTO_HEADROOM_SHARE), worker_records, slot_bytes))
+    return max(n, 2)
 
 
 def slots_within(budget_bytes: int, max_workers: int, slot_bytes: int) -> int:

@@ -74,6 +74,9 @@ class Consumer:
         self.builder = builder_for(source, cfg, ring) if cfg.num_workers == 0 and build_here else None
         self.row_bytes = cfg.spec.row_bytes  # a batch without a bucket: rows x this
         self.t_first: float | None = None
+        # (time, stats' wait_s, stats' batches, the workers' busy seconds) once the
+        # current epoch's first batch is taken: what an auto loader measures from.
+        self.epoch_mark: tuple[float, float, int, float] | None = None
         self.thread: int | None = None  # the thread iterating the current generation
         self.started_pool: Any = None  # the pool last seen with a worker running
         # A sharded stream says per epoch which batches hold data and when it ends.
@@ -104,6 +107,7 @@ class Consumer:
         self.gen = self.ring.ctl.start_epoch(epoch, first_batch, n, self.next_slot,
                                              self.cfg.order.epoch_key(epoch))
         self.first_batch = self.delivered = first_batch
+        self.epoch_mark = None
         self.cut = None if self.new_cut is None else self.new_cut(epoch, first_batch)
         return self.gen
 
@@ -199,6 +203,8 @@ class Consumer:
         stats.batches += 1
         stats.bytes += rows * self.row_bytes if bucket is None else sum([x.nbytes for x in leaves])
         self.delivered = epoch_batch + 1
+        if self.epoch_mark is None:
+            self.epoch_mark = (time.perf_counter(), stats.wait_s, stats.batches, self.busy_s())
         return unflatten(self.cfg.spec.tree, leaves)
 
     def _build_here(self, gen: int, b: int) -> None:
@@ -350,6 +356,11 @@ class Consumer:
                 stalled_s = 0.0
                 self._check_startup(epoch, epoch_batch, now - t0)
             self._check_health(epoch, epoch_batch, b, stalled_s, now - t0)
+
+    def busy_s(self) -> float:
+        """The workers' building time so far, all together."""
+        ctl = self.ring.ctl
+        return sum(ctl.worker(w)["busy_ns"] for w in range(self.ring.max_workers)) / 1e9
 
     def _published(self) -> int:
         ctl = self.ring.ctl

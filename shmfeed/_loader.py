@@ -27,18 +27,18 @@ from typing import Any
 
 import numpy as np
 
-from . import _sysinfo
+from . import _autotune, _sysinfo
 from ._batch.spec import Spec
 from ._config import build, check_memory, default_num_slots
 from ._consumer import Consumer
 from ._engine.ring import Ring, ring_bytes
 from ._engine.stats import Stats
 from ._errors import LoaderClosedError, ShmfeedError, SpecError, worker_error_as
-from ._options import DEFAULT_SHUFFLE_BLOCK, check_int, describe, options_of
+from ._options import AUTO, DEFAULT_SHUFFLE_BLOCK, LoaderOptions, check_int, describe, options_of
 from ._order import state as _state
 from ._processes.keeper import PoolKeeper, Resources
 from .sources._arrays import as_source
-from .sources._shards import ShardedSource
+from .sources._shards import ShardedSource, Stream, sharded_source
 from .sources._stream import GeneratorSource, stream_source
 
 log = logging.getLogger("shmfeed")
@@ -69,6 +69,16 @@ def _check_remote(source: Any, builders: Any) -> None:
         raise SpecError("`builders` cannot build from a source with epoch hooks (on_epoch_begin/"
                         "on_epoch_end) yet: its state would have to reach every actor. Use local "
                         "workers for it (no `builders`).")
+
+
+def _stream_workers(source: Any, options: LoaderOptions) -> LoaderOptions:
+    """`num_workers="auto"` for a `Stream`, whose shards are dealt out to the workers
+    by their count: fixed at construction, at most one worker per shard of this host."""
+    if options.num_workers != AUTO or not isinstance(source, Stream):
+        return options
+    probe = sharded_source(source, dataclasses.replace(options, num_workers=1))
+    start, _, _ = _autotune.start_workers()
+    return dataclasses.replace(options, num_workers=min(start, len(probe.shards)))
 
 
 class Loader:
@@ -117,6 +127,16 @@ class Loader:
     the batch's rows; a later result that differs is an error naming the batch and
     leaf.  Each worker builds the batch in a private scratch slot first.
 
+    `num_workers="auto"` starts with one worker per usable CPU but one (affinity and
+    cgroup quota), and between epochs adds one where the loop waited and the workers
+    were busy (up to the usable CPUs), or drops those the loop did not need; a change
+    that did not pay is undone and not tried again.  Never mid-epoch: a new worker
+    count is a new pool, started before the next epoch's first batch.  The batches are
+    the same for any count (and a state resumes under any).  `num_slots="auto"` sizes
+    the ring once, at construction, for the most workers it may run, within
+    `memory_budget_bytes` and the memory free then.  `stats()` says what auto did and
+    why (`auto`, `auto_decisions`).  See shmfeed/_autotune.py.
+
     `builders=shmfeed.ray.Builders(num_actors=...)` adds batch builders on a Ray cluster
     beside the `num_workers` local ones (or instead of them, with `num_workers=0`): the
     same batches, delivered into the ring in order (see shmfeed/ray.py).
@@ -153,12 +173,12 @@ class Loader:
         source: Any,
         *,
         batch_size: int | None,  # required, like num_workers (None: source[b] is a whole batch)
-        num_workers: int,
+        num_workers: int | str,
         shuffle: bool | str = False,
         shuffle_block: int = DEFAULT_SHUFFLE_BLOCK,
         seed: int | None = 0,
         drop_last: bool = False,
-        num_slots: int | None = None,
+        num_slots: int | str | None = None,
         memory_budget_bytes: int | None = None,
         max_batch_rows: int | None = None,
         timeout_s: float | None = 300.0,
@@ -179,6 +199,7 @@ class Loader:
         builders: Any = None,
     ):
         options = options_of(locals())  # every parameter but self and source: _options.py
+        options = _stream_workers(source, options)
         # Arrays, dicts and tuples of arrays: shmfeed.sources.Arrays; generators: sources/_stream.py.
         source = stream_source(as_source(source), options)
         cfg = build(source, options)
@@ -211,6 +232,8 @@ class Loader:
         self._hooks = any(_epoch_hook(source, h) for h in _HOOKS)
         self._snapshot: tuple[int, Any] | None = None  # (epoch, source state at its start)
         self._closed = False
+        self._tuner = (_autotune.WorkerTuner(cfg.num_workers, cfg.auto_workers, cfg.auto_why)
+                       if cfg.auto_workers else None)
         self._stats = Stats(n_slots=cfg.n_slots, slot_bytes=cfg.spec.slot_bytes,
                             ring_bytes=self._ring.nbytes, num_workers=cfg.num_workers,
                             cpus=_sysinfo.usable_cpus().value)
@@ -388,8 +411,12 @@ class Loader:
             s.restarts = ctl.header()["restarts"]
             s.workers = [
                 {"worker": w, "pid": info["pid"], "batches": info["batches"], "busy_s": info["busy_ns"] / 1e9}
-                for w in range(self._ring.max_workers) for info in [ctl.worker(w)]
+                for w in self._worker_records() for info in [ctl.worker(w)]
             ]
+        if self._tuner is not None:
+            s.num_workers = self._cfg.num_workers
+            s.auto = self._tuner.summary()
+            s.auto_decisions = self._tuner.decisions()
         copied: dict[str, Any] = {k: (list(v) if isinstance(v, list) else v) for k, v in s.__dict__.items()}
         out = Stats(**copied)
         if self._acked is not None and out.batches:
@@ -397,6 +424,31 @@ class Loader:
             out.bytes = round(out.bytes * min(self._acked, out.batches) / out.batches)
             out.batches = self._acked
         return out
+
+    def _worker_records(self) -> range | list[int]:
+        """The control block's worker records that `stats()` lists: every one, except
+        that an auto loader's beyond its current count (workers it ran before a
+        change) are left out."""
+        if self._tuner is None:
+            return range(self._ring.max_workers)
+        cfg = self._cfg
+        return list(range(cfg.num_workers)) + list(range(cfg.max_workers, self._ring.max_workers))
+
+    def _tune(self, epoch: int) -> None:
+        """An auto loader's epoch is over: its facts to the tuner, and a pool of the
+        count it asks for before the next epoch (`before_epoch` replaces it)."""
+        tuner, mark = self._tuner, self._consumer.epoch_mark
+        if tuner is None or mark is None:
+            return
+        t0, wait0, batches0, busy0 = mark
+        window = _autotune.Window(self._cfg.num_workers, time.perf_counter() - t0,
+                                  self._stats.wait_s - wait0, self._stats.batches - batches0,
+                                  self._consumer.busy_s() - busy0)
+        n = tuner.observe(window, epoch + 1)
+        if n != self._cfg.num_workers:
+            self._cfg = dataclasses.replace(self._cfg, num_workers=n)
+            self._pools.cfg = self._consumer.cfg = self._cfg
+            self._res.pool_stale = True
 
     def __repr__(self) -> str:
         mib = self._ring.nbytes / 2**20
@@ -464,6 +516,7 @@ class Loader:
                                       lambda: self._complete(epoch))
 
     def _complete(self, epoch: int) -> None:
+        self._tune(epoch)
         self._call_hook("on_epoch_end", epoch)
         if self._active == epoch:
             self._active = None

@@ -33,6 +33,7 @@ from ._order.order import DEFAULT_SHUFFLE_BLOCK
 START_METHODS = ("auto", "fork", "forkserver", "spawn")
 MAX_NICE = 19
 MAX_SLOTS = 0xFFFFFFFE  # slot numbers are 32-bit, and 0xFFFFFFFF means "no slot"
+AUTO = "auto"  # `num_workers` and `num_slots` chosen (and the workers adjusted) by _autotune.py
 
 
 def check_int(name: str, value: Any, minimum: int) -> int:
@@ -70,6 +71,17 @@ def _int(minimum: int, maximum: int | None = None, why: str = "") -> Check:
             raise SpecError(f"`{name}` must be <= {maximum}{why}, got {value}")
         return value
     return check
+
+
+def _or_auto(check: Check, expected: str) -> Check:
+    """`check`, or the string "auto" (shmfeed/_autotune.py picks the value)."""
+    def checked(name: str, value: Any) -> Any:
+        if isinstance(value, str):
+            if value == AUTO:
+                return value
+            raise SpecError(f"`{name}` must be {expected} or \"auto\", got {value!r}")
+        return check(name, value)
+    return checked
 
 
 def _or_none(check: Check) -> Check:
@@ -116,24 +128,29 @@ class LoaderOptions:
     batch_size: int | None = _required(
         "samples per batch, stacked; None: `source[b]` is a whole batch (the Keras `Sequence` "
         "way).", _or_none(_int(1)))
-    num_workers: int = _required(
-        "worker processes building batches; 0 builds them in the training process.", _int(0))
+    num_workers: int | str = _required(
+        "worker processes building batches; 0 builds them in the training process; \"auto\": "
+        "usable CPUs - 1 to start, then adjusted between epochs from what the loop waited and "
+        "the workers' busy time (shmfeed/_autotune.py).",
+        _or_auto(_int(0), "an integer >= 0"))
     shuffle: bool | str = _option(
         False, "True: a new order every epoch; \"block\": runs of `shuffle_block` consecutive items "
-        "kept together (shuffled within).", checked_by="_order.Order")
+        "kept together (shuffled within).", checked_by="_order.order.Order")
     shuffle_block: int = _option(
-        DEFAULT_SHUFFLE_BLOCK, "items per block with `shuffle=\"block\"`.", checked_by="_order.Order")
+        DEFAULT_SHUFFLE_BLOCK, "items per block with `shuffle=\"block\"`.", checked_by="_order.order.Order")
     seed: int | None = _option(
         0, "the stream's seed (order and `shmfeed.rng()`); None follows the user's seeding of "
         "np.random, without drawing from it.", _seed)
     drop_last: bool = _option(False, "drop a last batch that would be short.", check_bool)
-    num_slots: int | None = _option(
+    num_slots: int | str | None = _option(
         None, "slots in the ring (>= 2); None: sized from `memory_budget_bytes`, or "
-        "`2 * num_workers + 4` (more for small batches).",
-        _or_none(_int(2, MAX_SLOTS, " (slot numbers are 32-bit)")))
+        "`2 * num_workers + 4` (more for small batches); \"auto\": that default for the most "
+        "workers the loader may run, within `memory_budget_bytes` and the memory free now "
+        "(fixed at construction).",
+        _or_none(_or_auto(_int(2, MAX_SLOTS, " (slot numbers are 32-bit)"), "an integer >= 2")))
     memory_budget_bytes: int | None = _option(
         None, "the most bytes the ring may take (slots, reports and control block); "
-        "not with `num_slots`.", _or_none(_int(1)))
+        "not with an integer `num_slots`.", _or_none(_int(1)))
     max_batch_rows: int | None = _option(
         None, "with `batch_size=None`: the most rows a batch may have (slots are sized from batch 0, "
         "and a larger batch is an error).", checked_by="_config.build (against batch 0)")
@@ -154,11 +171,11 @@ class LoaderOptions:
         1, "hosts sharing each global batch of `shard_count * batch_size` rows.", _int(1))
     steps_per_epoch: int | None = _option(
         None, "batches per epoch of a generator or iterable source.",
-        checked_by="_stream.stream_source, _shards.sharded_source")
+        checked_by="sources._stream.stream_source, sources._shards.sharded_source")
     padded_shapes: Any = _option(
         None, "shapes to pad varying sample fields to (None in a dimension bounded by "
-        "`bucket_boundaries`).", checked_by="_pad.plan")
-    padding_values: Any = _option(None, "what padding holds (default 0).", checked_by="_pad.plan")
+        "`bucket_boundaries`).", checked_by="_batch.pad.plan")
+    padding_values: Any = _option(None, "what padding holds (default 0).", checked_by="_batch.pad.plan")
     with_lengths: bool = _option(
         False, "add `batch[\"lengths\"]`, the padded fields' true sizes.", check_bool)
     bucket_boundaries: Any = _option(
@@ -167,7 +184,7 @@ class LoaderOptions:
         lambda name, value: check_boundaries(value))
     bucket_lengths: Any = _option(
         None, "each sample's length for bucketing: len(source) ints, or a function of the index.",
-        checked_by="_config.build, _bucket.item_buckets")
+        checked_by="_config.build, _order.bucket.item_buckets")
     token_budget: int | None = _option(
         None, "with buckets and `batch_size=None`: `token_budget // boundary` rows per batch of "
         "each bucket.", checked_by="_config.check_token_budget")

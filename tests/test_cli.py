@@ -23,6 +23,7 @@ from pathlib import Path
 
 import pytest
 
+from shmfeed import _sysinfo
 from shmfeed._cli.bench import report, workloads
 from shmfeed._cli.bench.loaders import LOADERS, not_installed
 from shmfeed._cli.bench.runner import Progress
@@ -96,6 +97,8 @@ def _header(out: str) -> list[str]:
     (["bench", "--seconds", "0"], "must be > 0"),
     (["bench", "--seconds", "soon"], "expected a number of seconds"),
     (["bench", "--workers", "0"], "must be >= 1"),
+    (["bench", "--workers", "many"], "expected a whole number, got 'many'"),
+    (["bench", "--workload", "keras-sequence", "--workers", "auto"], "--workers N, not auto"),
     (["bench", "--batch-size", "many"], "expected a whole number"),
     (["bench", "--slots", "1"], "at least 2 slots"),
     (["bench", "--plot", "chart.txt"], "give a .png, .svg or .pdf"),
@@ -321,6 +324,20 @@ def test_worker_nice_reaches_shmfeeds_loader(data_dir, tmp_path, capsys):
     assert doc["options"]["worker_nice"] == 5
     run = doc["workloads"]["arrays-tokens"]["loaders"]["shmfeed"]["runs"][0]
     assert run["loader_stats"]["worker_nice"] == [5]  # as the kernel reports the workers
+
+
+def test_workers_and_slots_auto_reach_shmfeed_and_the_peers_get_numbers(data_dir, tmp_path, capsys):
+    code, doc, out, err = _bench(["--workload", "transport", "--compare", "pickle", "--workers", "auto",
+                                  "--slots", "auto", "--no-headspace"], data_dir, tmp_path, capsys)
+    assert code == 0, err
+    peers = _sysinfo.most_useful_workers(_sysinfo.usable_cpus().value)
+    assert doc["options"]["workers"] == "auto" and doc["options"]["peer_workers"] == peers
+    loaders = doc["workloads"]["transport"]["loaders"]
+    assert loaders["pickle"]["summary"]["status"] == "ok"
+    stats = loaders["shmfeed"]["runs"][0]["loader_stats"]
+    assert stats["auto"].startswith(f"{peers} worker(s): ") and stats["auto_decisions"][0]["action"] == "start"
+    assert f'shmfeed num_workers="auto" (the others {peers} workers)' in out
+    assert f"{peers} plain processes read" in out
 
 
 # -- the simulated step, the columns ------------------------------------------------------------

@@ -67,7 +67,7 @@ def test_an_option_checked_nowhere_or_by_a_function_that_is_gone_is_caught():
         check, where = f.metadata["check"], f.metadata["checked_by"]
         assert (check is None) != (not where), f.name  # one of the two, not both
         for name in filter(None, where.split(" (")[0].split(", ")):
-            module, attr = name.split(".")
+            module, attr = name.rsplit(".", 1)
             assert callable(getattr(importlib.import_module(f"shmfeed.{module}"), attr)), (f.name, name)
 
 

@@ -44,9 +44,15 @@ def _positive_int(text: str) -> int:
     return value
 
 
-def _slots(text: str) -> int:
+def _workers(text: str) -> int | str:
+    return "auto" if text == "auto" else _positive_int(text)
+
+
+def _slots(text: str) -> int | str:
     from .._config import MAX_SLOTS
 
+    if text == "auto":
+        return text
     value = _positive_int(text)
     if value < 2:
         raise argparse.ArgumentTypeError(f"a ring needs at least 2 slots, got {value}")
@@ -133,15 +139,17 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--batch-size", type=_positive_int, default=None, metavar="N",
                        help="samples per batch (default: per workload; for batchlevel, rows per "
                             "source batch)")
-    bench.add_argument("--workers", type=_positive_int, default=None, metavar="N",
+    bench.add_argument("--workers", type=_workers, default=None, metavar="N|auto",
                        help=f"worker processes of every loader (default: usable CPUs, at most "
-                            f"{DEFAULT_WORKERS_MAX}; here {min(_usable_cpus(), DEFAULT_WORKERS_MAX)})")
+                            f"{DEFAULT_WORKERS_MAX}; here {min(_usable_cpus(), DEFAULT_WORKERS_MAX)}); "
+                            "auto: shmfeed's `num_workers=\"auto\"`, the others usable CPUs - 1")
     bench.add_argument("--seconds", type=_seconds, default=None, metavar="S",
                        help=f"measured time per loader after its first batch (default: {DEFAULT_SECONDS:g})")
-    bench.add_argument("--slots", type=_slots, default=None, metavar="N",
+    bench.add_argument("--slots", type=_slots, default=None, metavar="N|auto",
                        help="shmfeed ring slots, also the in-flight cap of Pool.imap "
                             "(default: 2 x workers + 4, up to 4x that for batches small enough "
-                            "that the ring stays within 8 MiB)")
+                            "that the ring stays within 8 MiB; auto: shmfeed's `num_slots=\"auto\"`, "
+                            "the others that default)")
     bench.add_argument("--step-ms", type=_step_ms, default=0.0, metavar="MS",
                        help="simulate a training step of MS milliseconds after each batch (a "
                             "sleep: a GPU step leaves the CPU to the workers), so that input wait "
@@ -218,7 +226,7 @@ def _bench(args: argparse.Namespace, parser: argparse.ArgumentParser, argv: list
     names = args.workload or ["transport"]
     if keras_fit.NAME in names:
         return _keras_fit(args, parser, names, argv)
-    if args.workers is not None and args.workers > 4 * _usable_cpus():
+    if isinstance(args.workers, int) and args.workers > 4 * _usable_cpus():
         print(f"shmfeed: --workers {args.workers} on {_usable_cpus()} usable CPUs: "
               "expect the numbers to measure contention", file=sys.stderr)
     opts = BenchOptions(
@@ -281,6 +289,9 @@ def _keras_fit(args: argparse.Namespace, parser: argparse.ArgumentParser, names:
                                       ("--worker-nice", args.worker_nice or None),
                                       ("--no-headspace", args.no_headspace or None))
              if value is not None]
+    if args.workers == "auto":
+        parser.error(f"--workload {keras_fit.NAME} gives Keras's workers and shmfeed's the same number: "
+                     "--workers N, not auto")
     if given:
         parser.error(f"--workload {keras_fit.NAME} always compares shmfeed, Keras's workers and "
                      f"in-process loading over {keras_fit.EPOCHS} epochs (--repeat rounds); it does not take "

@@ -40,6 +40,10 @@ class Stats:
     ring_bytes: int = 0
     num_workers: int | None = None  # None: unknown (advice then does not count CPUs)
     cpus: int | None = None  # CPUs this process may use
+    # `num_workers="auto"`: the count now and why, in a sentence, and every change
+    # (`_autotune.Decision.as_dict()`: epoch, workers, previous, action, why, facts).
+    auto: str = ""
+    auto_decisions: list[dict] = field(default_factory=list)
 
     @property
     def input_wait_fraction(self) -> float:
@@ -53,6 +57,7 @@ class Stats:
     def as_dict(self) -> dict:
         d = dict(self.__dict__)
         d["workers"] = [dict(w) for w in self.workers]
+        d["auto_decisions"] = [dict(a) for a in self.auto_decisions]
         d["input_wait_fraction"] = self.input_wait_fraction
         d["batches_per_s"] = self.batches_per_s
         return d
@@ -71,6 +76,10 @@ class Stats:
                 else "a few more workers (`num_workers`) may help"
             return f"{what}; {more} or make __getitem__ cheaper"
         most = most_useful_workers(self.cpus)
+        if self.auto and self.num_workers < self.cpus:
+            return (f"{what}; `num_workers=\"auto\"` adds a worker between epochs while that makes "
+                    f"the loop faster (now {self.num_workers}, up to {self.cpus}: the usable CPUs), "
+                    "or make __getitem__ cheaper")
         if self.num_workers < most:
             return (f"{what}; more workers may help (`num_workers={self.num_workers}`, at most "
                     f"{most} on {self.cpus} CPUs: one is the loop's), or make __getitem__ cheaper")
@@ -103,6 +112,9 @@ class Stats:
                 f"  workers: {len(self.workers)}, busy {_seconds(total_busy_s)} in all; slowest: worker "
                 f"{slow['worker']} (pid {slow['pid']}), {slow['busy_s'] / slow['batches'] * 1e3:.1f} ms "
                 f"per batch over {slow['batches']:,} batches")
+        if self.auto:
+            changes = len(self.auto_decisions) - 1
+            lines.append(f"  num_workers=\"auto\": {self.auto} ({changes} change(s) since the start)")
         lines.append(f"  restarts: {self.restarts} dead worker(s) replaced")
         lines.append(f"  ring: {self.n_slots} slots x {human_bytes(self.slot_bytes)} = "
                      f"{human_bytes(self.ring_bytes)} (fixed at construction)")

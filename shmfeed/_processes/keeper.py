@@ -36,7 +36,7 @@ class Resources:
     def __init__(self, ring: Ring):
         self.ring = ring
         self.pool: Pool | None = None
-        self.pool_stale = False  # the pool must be replaced (its supervisor died)
+        self.pool_stale = False  # the pool must be replaced (its supervisor died, or auto changed its size)
         self.source_stale = False  # the workers' copy of the source is out of date
         self.owner_pid = os.getpid()
         self.callbacks: list = []  # run once at close, before the ring goes

@@ -85,7 +85,8 @@ class Pool:
         hold_fds(self)  # pools forked later (by any loader) close our channel
         try:
             if start_method == "fork":
-                self.pid = fork_child(lambda: fork_main(ring.fd, theirs.fileno(), source, cfg, me, pdeathsig))
+                self.pid = fork_child(lambda: fork_main(ring.fd, theirs.fileno(), source, cfg, me,
+                                                        pdeathsig, ring.max_workers))
             else:
                 assert parcel is not None
                 payload = self._payload(cfg)

@@ -437,11 +437,13 @@ def _death(ctl: _control.Control, w: int, pid: int, status: int, held: int):
 
 
 def fork_main(ring_fd: int, chan_fd: int, source: Any, cfg: Config, parent_pid: int,
-              pdeathsig: bool) -> None:
-    """Entry point of a forked supervisor (the child side of Pool's fork)."""
+              pdeathsig: bool, max_workers: int) -> None:
+    """Entry point of a forked supervisor (the child side of Pool's fork);
+    `max_workers`: the ring's worker records (more than `cfg.num_workers` for an auto
+    loader, or with remote builders)."""
     # The source came with the fork: what it holds open stays open (see child_setup).
     child_setup(parent_pid, {ring_fd, chan_fd}, pdeathsig, keep_source_fds=True)
-    ring = Ring(cfg.spec, cfg.n_slots, cfg.num_workers, fd=ring_fd)
+    ring = Ring(cfg.spec, cfg.n_slots, max_workers, fd=ring_fd)
     supervise(ring, chan_fd, [source], cfg, parent_pid)
 
 

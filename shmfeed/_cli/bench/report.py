@@ -160,12 +160,18 @@ def table(doc: dict) -> str:
     return "\n".join([line(list(cols)), sep] + [line(r) for r in rows])
 
 
+def _workers(o: dict) -> str:
+    if o["workers"] == "auto":
+        return f"shmfeed num_workers=\"auto\" (the others {o['peer_workers']} workers)"
+    return f"{o['workers']} workers"
+
+
 def heading(doc: dict) -> str:
     o, m = doc["options"], doc["machine"]
     step = (f"a simulated {step_ms(doc):g} ms training step per batch" if step_ms(doc) else
             "no training step (--step-ms 0: input wait is ~1 for every loader, left out)")
     lines = [
-        f"shmfeed {doc['shmfeed_version']} bench: {o['workers']} workers, {o['seconds']:g} s per loader, {step}, "
+        f"shmfeed {doc['shmfeed_version']} bench: {_workers(o)}, {o['seconds']:g} s per loader, {step}, "
         f"{o['repeat']} repeat(s) (medians), shuffle={o['shuffle']}; "
         f"{m['cpus_usable']} CPUs ({m['cpu_model']}), Python {m['python']}, load average "
         f"{m['load_avg_1min_at_start']:.1f} at start, {m.get('load_avg_1min_at_end', 0):.1f} at end",
@@ -177,7 +183,7 @@ def heading(doc: dict) -> str:
         lines.append(f"  {wname}: batch {e['batch_size']} = {e['batch_bytes'] / 1e6:.3g} MB, "
                      f"memcpy bound {e['memcpy_MB_per_s']:,.0f} MB/s, "
                      f"one item in-process {e['item_us_in_process']:,.1f} us, "
-                     f"{o['workers']} plain processes read {e['ceiling_ratio']:.2f}x the items/s of one{noise}")
+                     f"{o.get('peer_workers', o['workers'])} plain processes read {e['ceiling_ratio']:.2f}x the items/s of one{noise}")
     return "\n".join(lines)
 
 
@@ -258,7 +264,8 @@ def verdicts(doc: dict) -> list[str]:
             line += (f"; the loop waited for input {shm['input_wait_fraction']:.0%} of the time, "
                      f"in-process {inl['input_wait_fraction']:.0%}")
         if speed < 1 and e.get("ceiling_ratio"):
-            line += (f" (slower here: {doc['options']['workers']} plain processes read only "
+            o = doc["options"]
+            line += (f" (slower here: {o.get('peer_workers', o['workers'])} plain processes read only "
                      f"{e['ceiling_ratio']:.2f}x the items/s of one on this machine now)")
         out.append(line)
     return out

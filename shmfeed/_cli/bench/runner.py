@@ -84,9 +84,9 @@ class BenchOptions:
     workloads: list[str]
     peers: list[str]  # loaders compared with shmfeed, in the order asked
     batch_size: int | None = None  # None: each workload's default
-    workers: int = 2
+    workers: int | str = 2  # "auto": shmfeed's `num_workers="auto"`; the peers get `peer_workers`
     seconds: float = 3.0
-    slots: int | None = None
+    slots: int | str | None = None  # "auto": shmfeed's `num_slots="auto"`; the peers their default
     shuffle: bool = False
     seed: int = 0
     repeat: int = 1
@@ -98,9 +98,28 @@ class BenchOptions:
     worker_nice: int = 0  # shmfeed's workers' `worker_nice`
     headspace: bool = True  # also run each loader on a zero-cost source (its ceiling)
 
+    @property
+    def peer_workers(self) -> int:
+        """The worker count of what takes a number (the peers, the plain-process
+        ceiling): `--workers`, or for "auto" the count shmfeed's auto starts with."""
+        if isinstance(self.workers, int):
+            return self.workers
+        return _sysinfo.most_useful_workers(_sysinfo.usable_cpus().value)
+
+    @property
+    def most_workers(self) -> int:
+        """The most workers shmfeed may run (auto: one per usable CPU), for the memory checks."""
+        return self.workers if isinstance(self.workers, int) else _sysinfo.usable_cpus().value
+
+    @property
+    def fixed_slots(self) -> int | None:
+        """`--slots` for the peers and the memory checks (auto: the default)."""
+        return self.slots if isinstance(self.slots, int) else None
+
     def as_dict(self) -> dict:
         d = asdict(self)
         d["data_dir"] = str(self.data_dir)
+        d["peer_workers"] = self.peer_workers
         return d
 
 
@@ -117,8 +136,8 @@ def data_folder_error(data_dir: Path, exc: OSError) -> SetupError:
 def check_fits(workload: str, batch_size: int, batch_bytes: int, opts: BenchOptions) -> None:
     """Refuse, before allocating anything, batches and a ring beyond the memory left:
     the ring of `--slots` batches plus the two batch buffers of the memcpy bound."""
-    slots = opts.slots or default_num_slots(opts.workers, batch_bytes)
-    need = ring_bytes(min(slots, MAX_SLOTS), opts.workers, batch_bytes) + 2 * batch_bytes
+    slots = opts.fixed_slots or default_num_slots(opts.most_workers, batch_bytes)
+    need = ring_bytes(min(slots, MAX_SLOTS), opts.most_workers, batch_bytes) + 2 * batch_bytes
     why = memory_shortfall(need)
     if why is not None:
         raise SetupError(
@@ -143,7 +162,7 @@ def check_shm(loaders: list[str], batch_bytes: int, opts: BenchOptions,
         raise SetupError(f"{path} is missing or not writable ({size.source}), and {labels} "
                          f"need{'s' if len(users) == 1 else ''} it: {fix}")
     big = [n for n in users if n in SHM_FOR_BATCHES]
-    need = batch_bytes * (opts.slots or default_num_slots(opts.workers, batch_bytes))
+    need = batch_bytes * (opts.fixed_slots or default_num_slots(opts.peer_workers, batch_bytes))
     if big and free.value < need:
         raise SetupError(
             f"{path} has {free.value / 2**20:,.1f} MiB free, and {', '.join(big)} put every batch in "
@@ -510,6 +529,13 @@ def _summary(result: dict, step_ms: float) -> str:
             f"startup {result['startup_s']:.2f} s{wait}")
 
 
+def _workers_of(loader: str, opts: BenchOptions) -> dict:
+    """A job's `workers` and `slots`: "auto" goes to shmfeed only; the peers get numbers."""
+    if loader == "shmfeed":
+        return {"workers": opts.workers, "slots": opts.slots}
+    return {"workers": opts.peer_workers, "slots": opts.fixed_slots}
+
+
 def run_bench(opts: BenchOptions) -> dict:
     """Run the benchmark; the JSON document `report.py` renders."""
     loaders = ["shmfeed"] + [p for p in opts.peers if p != "shmfeed"]
@@ -558,7 +584,7 @@ def _run(opts: BenchOptions, loaders: list[str], missing: dict, runnable: list[s
         one = many = 0.0
         for _ in range(CEILING_ROUNDS):  # alternated, best of each: a short check is noisy
             one = max(one, parallel_ceiling(source, 1, budget_s))
-            many = max(many, parallel_ceiling(source, opts.workers, budget_s))
+            many = max(many, parallel_ceiling(source, opts.peer_workers, budget_s))
         del source
         entry: dict[str, Any] = {
             "about": workload.about,
@@ -567,7 +593,7 @@ def _run(opts: BenchOptions, loaders: list[str], missing: dict, runnable: list[s
             "batch_bytes": batch_bytes,
             "item_us_in_process": item_us,
             "ceiling_items_per_s_1_process": one,
-            f"ceiling_items_per_s_{opts.workers}_processes": many,
+            f"ceiling_items_per_s_{opts.peer_workers}_processes": many,
             "ceiling_ratio": many / one if one else None,
             "memcpy_MB_per_s": memcpy_bandwidth(
                 batch_bytes, min(MEMCPY_BUDGET_S, MEMCPY_BUDGET_FRACTION * opts.seconds)) / 1e6,
@@ -590,7 +616,7 @@ def _run(opts: BenchOptions, loaders: list[str], missing: dict, runnable: list[s
             rep_note = f" (repeat {rep + 1}/{opts.repeat})" if opts.repeat > 1 else ""
             for n in [n for n in runnable if applies(workload, n)]:
                 job = Job(workload=name, loader=n, data_path=str(path), length=opts.length,
-                          batch_size=batch_size, workers=opts.workers, slots=opts.slots,
+                          batch_size=batch_size, **_workers_of(n, opts),
                           shuffle=opts.shuffle, seed=opts.seed, seconds=opts.seconds,
                           step_ms=opts.step_ms, worker_nice=opts.worker_nice)
                 progress.start(f"{name} / {n}{rep_note}")
@@ -600,7 +626,7 @@ def _run(opts: BenchOptions, loaders: list[str], missing: dict, runnable: list[s
                 entry["loaders"][n]["runs"].append(result)
             for n in [n for n in runnable if headspace and applies(workload, n)]:
                 job = Job(workload=name, loader=n, data_path=str(path), length=opts.length,
-                          batch_size=batch_size, workers=opts.workers, slots=opts.slots,
+                          batch_size=batch_size, **_workers_of(n, opts),
                           shuffle=opts.shuffle, seed=opts.seed, seconds=min(opts.seconds, HEADSPACE_MAX_S),
                           worker_nice=opts.worker_nice, replay=True)
                 progress.start(f"{name} / {n} headspace{rep_note}")

@@ -32,8 +32,8 @@ class Job:
     data_path: str
     length: int | None  # samples (or batches) per epoch; None: the workload's default
     batch_size: int
-    workers: int
-    slots: int | None
+    workers: int | str  # "auto" only for shmfeed (runner._workers_of)
+    slots: int | str | None
     shuffle: bool
     seed: int
     seconds: float

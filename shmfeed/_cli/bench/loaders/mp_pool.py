@@ -49,6 +49,7 @@ class Adapter:
         self.source = source
         self.job = job
         self.batch_level = isinstance(source, workloads.BatchSource)
+        assert isinstance(job.workers, int) and not isinstance(job.slots, str)  # "auto" is shmfeed's only
         self.in_flight = job.slots or default_num_slots(job.workers, self._batch_nbytes())
         self.closing = threading.Event()
         self.results: Any = None  # the running epoch's imap iterator

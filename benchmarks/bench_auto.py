@@ -1,0 +1,151 @@
+"""`num_workers="auto"`/`num_slots="auto"` against every fixed choice (issue 31): for each
+`shmfeed bench` workload (or `--workloads`), shmfeed with auto, with each of
+`num_workers` {1, 2, 3} x `num_slots` {4, 8, 16}, and with today's default (what
+`shmfeed bench` runs without --workers/--slots: the usable CPUs, at most 8, and the
+default ring), `--rounds` rounds alternating the configurations (shuffled each round),
+each measurement in a fresh child interpreter by `shmfeed bench`'s own runner
+(`runner.run_child`: the same timing, epochs and touch of every batch).
+
+    python benchmarks/bench_auto.py [--workloads transport,arrays-tokens] [--rounds 5] [--seconds 3]
+                                    [--json out.json]
+
+Prints per workload the median batches/s of each configuration, auto / the best
+fixed one (goal: >= 0.9) and auto / today's default (goal: >= 1.0), and what auto
+did (`stats().auto` of its last round).  Numbers mean something only on a quiet
+machine: run it alone.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import statistics
+import sys
+from pathlib import Path
+
+from shmfeed import _sysinfo
+from shmfeed._cli.bench import workloads
+from shmfeed._cli.bench.loaders import Job
+from shmfeed._cli.bench.runner import BenchOptions, check_fits, describe_batch, run_child
+from shmfeed._cli.main import DEFAULT_WORKERS_MAX
+
+FIXED_WORKERS = (1, 2, 3)
+FIXED_SLOTS = (4, 8, 16)
+AUTO = "auto"
+DEFAULT = "default"
+
+
+def configs() -> dict[str, tuple[int | str, int | str | None]]:
+    """Name -> (num_workers, num_slots) of every configuration measured."""
+    out: dict[str, tuple[int | str, int | str | None]] = {AUTO: ("auto", "auto")}
+    out.update({f"w{w}-s{s}": (w, s) for w in FIXED_WORKERS for s in FIXED_SLOTS})
+    out[DEFAULT] = (min(_sysinfo.usable_cpus().value, DEFAULT_WORKERS_MAX), None)
+    return out
+
+
+def prepare(name: str, data_dir: Path, data_rows: int | None) -> tuple[str, int]:
+    """The workload's data file (made once, cached like `shmfeed bench`'s) and batch size."""
+    workload = workloads.WORKLOADS[name]
+    path, _ = workloads.ensure_file(workload.data, data_dir, data_rows)
+    if not workload.cold:
+        workloads.warm_page_cache(path)
+    return str(path), workload.batch_size
+
+
+def measure(name: str, path: str, batch_size: int, workers, slots, seconds: float,
+            length: int | None) -> dict:
+    job = Job(workload=name, loader="shmfeed", data_path=path, length=length, batch_size=batch_size,
+              workers=workers, slots=slots, shuffle=False, seed=0, seconds=seconds)
+    return run_child(job, lambda waited: None)
+
+
+def run_workload(name: str, rounds: int, seconds: float, data_dir: Path, data_rows: int | None,
+                 length: int | None, seed: int) -> dict:
+    path, batch_size = prepare(name, data_dir, data_rows)
+    workload = workloads.WORKLOADS[name]
+    source = workloads.make_source(workload, path, batch_size=batch_size, length=length, seed=0)
+    batch_bytes, _ = describe_batch(workload, source, batch_size)
+    del source
+    cfgs = configs()
+    most = max(w for w, _ in cfgs.values() if isinstance(w, int))
+    check_fits(name, batch_size, batch_bytes, BenchOptions(workloads=[name], peers=[], workers=most))
+    rates: dict[str, list[float]] = {c: [] for c in cfgs}
+    errors: dict[str, list[str]] = {c: [] for c in cfgs}
+    auto_said = ""
+    for r in range(rounds):
+        order = list(cfgs)
+        random.Random(seed * 1000 + r).shuffle(order)
+        for c in order:
+            workers, slots = cfgs[c]
+            result = measure(name, path, batch_size, workers, slots, seconds, length)
+            if result.get("status") != "ok":
+                errors[c].append(str(result.get("reason")))
+                print(f"  {name} round {r + 1} {c}: {result.get('status')}: {result.get('reason')}",
+                      file=sys.stderr)
+                continue
+            rates[c].append(result["batches_per_s"])
+            if c == AUTO:
+                auto_said = result.get("loader_stats", {}).get("auto", "")
+            print(f"  {name} round {r + 1}/{rounds} {c}: {result['batches_per_s']:,.1f} batches/s",
+                  file=sys.stderr)
+    medians = {c: statistics.median(v) for c, v in rates.items() if v}
+    fixed = {c: m for c, m in medians.items() if c not in (AUTO, DEFAULT)}
+    best = max(fixed, key=fixed.__getitem__) if fixed else None
+    auto = medians.get(AUTO)
+    return {
+        "batch_size": batch_size, "batch_bytes": batch_bytes, "rounds": rounds, "seconds": seconds,
+        "configs": {c: {"num_workers": w, "num_slots": s} for c, (w, s) in cfgs.items()},
+        "batches_per_s": rates, "errors": {c: e for c, e in errors.items() if e},
+        "median_batches_per_s": medians, "best_fixed": best,
+        "auto_over_best_fixed": auto / fixed[best] if auto and best else None,
+        "auto_over_default": auto / medians[DEFAULT] if auto and medians.get(DEFAULT) else None,
+        "auto_said": auto_said,
+    }
+
+
+def render(name: str, r: dict) -> str:
+    lines = [f"{name}: batch {r['batch_size']} ({r['batch_bytes'] / 1e6:.3g} MB), medians of {r['rounds']} "
+             f"round(s) of {r['seconds']:g} s"]
+    for c, m in sorted(r["median_batches_per_s"].items(), key=lambda kv: -kv[1]):
+        cfg = r["configs"][c]
+        lines.append(f"  {c:>8}  num_workers={cfg['num_workers']!s:>4} num_slots={cfg['num_slots']!s:>4}  "
+                     f"{m:>12,.1f} batches/s")
+    ab, ad = r["auto_over_best_fixed"], r["auto_over_default"]
+    lines.append(f"  auto / best fixed ({r['best_fixed']}): {ab:.2f}" if ab is not None else
+                 "  auto / best fixed: n/a")
+    lines.append(f"  auto / today's default: {ad:.2f}" if ad is not None else "  auto / today's default: n/a")
+    if r["auto_said"]:
+        lines.append(f"  auto said: {r['auto_said']}")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--workloads", default=",".join(workloads.WORKLOADS),
+                   help="comma-separated `shmfeed bench` workloads (default: all)")
+    p.add_argument("--rounds", type=int, default=5)
+    p.add_argument("--seconds", type=float, default=3.0, help="measured seconds per run")
+    p.add_argument("--data-dir", type=Path, default=None, help="as `shmfeed bench --data-dir`")
+    p.add_argument("--data-rows", type=int, default=None, help="rows of each data file (small: a quick check)")
+    p.add_argument("--length", type=int, default=None, help="samples per epoch (default: the workload's)")
+    p.add_argument("--seed", type=int, default=0, help="of the round orders")
+    p.add_argument("--json", type=Path, default=None, help="write every measurement here")
+    a = p.parse_args(argv)
+    names = [w for w in a.workloads.split(",") if w]
+    unknown = [w for w in names if w not in workloads.WORKLOADS]
+    if unknown:
+        p.error(f"unknown workload(s) {', '.join(unknown)}; known: {', '.join(workloads.WORKLOADS)}")
+    data_dir = a.data_dir or workloads.default_data_dir()
+    doc = {"machine": {"cpus_usable": _sysinfo.usable_cpus().value}, "workloads": {}}
+    for name in names:
+        r = run_workload(name, a.rounds, a.seconds, data_dir, a.data_rows, a.length, a.seed)
+        doc["workloads"][name] = r
+        print(render(name, r), flush=True)
+    if a.json is not None:
+        a.json.write_text(json.dumps(doc, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
