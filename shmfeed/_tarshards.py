@@ -93,16 +93,29 @@ class TarShards(Stream):
         # A remote shard's version, fixed here: a shard read again is the same bytes.
         self._stamps = [stamp(p, cache) if is_url(p) else None for p in self.paths]
         self.decode = decode
+        self._upcoming: list[int] = []
         super().__init__(self._read_shard, len(self.paths))
 
+    def _shmfeed_upcoming(self, shards: list[int]) -> None:
+        """The shards this worker reads after the one it opens next (ShardBuilder):
+        the cache downloads the first `prefetch` of them in the background."""
+        self._upcoming = shards
+
     def _read_shard(self, shard: int, num_shards: int) -> Iterator:
+        # Not a generator itself: the upcoming shards are taken now, before another
+        # shard's `make` is told its own.
+        ahead = [(self.paths[s], self._stamps[s]) for s in self._upcoming if is_url(self.paths[s])]
+        self._upcoming = []
+        return self._samples(shard, ahead)
+
+    def _samples(self, shard: int, ahead: list) -> Iterator:
         decode, path = self.decode, self.paths[shard]
         if not is_url(path):
             for group in read_groups(path):
                 yield decode(group)
             return
         assert self.cache is not None
-        with self.cache.open(path, self._stamps[shard]) as obj:  # never evicted while read
+        with self.cache.open(path, self._stamps[shard], ahead) as obj:  # never evicted while read
             for group in read_groups(obj.path, path):
                 yield decode(group)
 

@@ -1,8 +1,9 @@
 """`shmfeed.sources.ObjectCache` (issue 29) against a real S3-compatible server (moto's)
 started on 127.0.0.1 by each test: tar shards and Parquet files read from s3:// through
 a bounded local cache, once per machine, exactly once across a worker killed mid-
-download, and clear errors for a server that is down, a missing object, a cache too
-small or full, and a cache directory that cannot be written."""
+download, objects downloaded ahead of the read (prefetch) within the budget, and clear
+errors for a server that is down, a missing object, a cache too small or full, and a
+cache directory that cannot be written."""
 
 from __future__ import annotations
 
@@ -303,3 +304,61 @@ def test_array_record_files_from_s3_are_read_through_the_cache(s3, tmp_path):
     with shmfeed.Loader(src, batch_size=4, num_workers=2, shuffle=True) as loader:
         assert sorted(int(i) for b in loader for i in b) == list(range(20))
     assert len(_cache_files(tmp_path / "cache")) == 2
+
+
+SIX = [3, 2, 4, 3, 2, 3]  # samples of each of six shards
+
+
+def _put_six(fs) -> None:
+    for s, n in enumerate(SIX):
+        fs.pipe(f"{BUCKET}/six/train-{s}.tar", _tar_bytes(s, n))
+
+
+@pytest.mark.parametrize("prefetch", [2, 0])
+def test_workers_download_their_next_shards_ahead_so_no_read_waits_on_its_own_download(s3, tmp_path,
+                                                                                       prefetch):
+    fs, opts, _ = s3
+    _put_six(fs)
+    cache = ObjectCache(tmp_path / "cache", max_bytes=1 << 20, storage_options=opts, prefetch=prefetch)
+
+    def counted(fields):  # what this worker had downloaded, and how, when it decoded the sample
+        return {"s": json.loads(fields["json"])["s"], "pid": os.getpid(), **cache.downloads()}
+
+    src = TarShards(f"s3://{BUCKET}/six/train-*.tar", counted, cache=cache)
+    # The training process reads shards 0 and 1 (the batch spec, the shards-differ check):
+    # each worker (shards 0, 2, 4 / 1, 3, 5) finds its first shard cached.
+    with shmfeed.Loader(src, batch_size=4, num_workers=2, seed=1) as loader:
+        rows = [dict(zip(b, vals)) for b in loader for vals in zip(*(b[k].tolist() for k in b))]
+    assert sorted(r["s"] for r in rows) == [s for s, n in enumerate(SIX) for _ in range(n)]
+    last = {}
+    for r in rows:  # per worker, its counts at its last sample
+        last[r["pid"]] = max(last.get(r["pid"], (0, 0)), (r["read"], r["prefetched"]))
+    assert len(last) == 2
+    if prefetch:  # shards 2 and 4 (3 and 5) were fetched ahead while 0 (1) was read
+        assert sorted(last.values()) == [(0, 2), (0, 2)]
+    else:
+        assert sorted(last.values()) == [(2, 0), (2, 0)]
+    assert len(_cache_files(tmp_path / "cache")) == 6
+
+
+def test_a_prefetch_never_evicts_what_this_run_fetched_and_never_exceeds_the_budget(s3, tmp_path,
+                                                                                     monkeypatch):
+    from shmfeed import _objstore
+    fs, opts, _ = s3
+    for name in "abcde":
+        fs.pipe(f"{BUCKET}/{name}.bin", name.encode() * 1000)
+    url = f"s3://{BUCKET}/{{}}.bin".format
+    ObjectCache(tmp_path / "cache", max_bytes=2500, storage_options=opts).open(url("e")).close()
+    time.sleep(0.01)  # e: an earlier run's, older than the cache below
+    cache = ObjectCache(tmp_path / "cache", max_bytes=2500, storage_options=opts, prefetch=1)
+    monkeypatch.setattr(_objstore, "_prefetch_pid", os.getpid())  # as in a worker
+    ahead = {n: [(url(n), cache.info(url(n)))] for n in "bc"}
+    with cache.open(url("a"), ahead=ahead["b"]):  # b fits once the stale e goes
+        with cache.open(url("b"), ahead=ahead["c"]) as b:  # waits for b's prefetch: found whole
+            assert _read(b.path) == b"b" * 1000
+            assert sorted(n[-5:] for n in _cache_files(tmp_path / "cache")) == ["a.bin", "b.bin"]
+        # c's prefetch would have evicted a (being read) or b (read in this run): skipped.
+        with cache.open(url("c")) as c:  # so c's read downloads it, evicting b
+            assert _read(c.path) == b"c" * 1000
+            assert sorted(n[-5:] for n in _cache_files(tmp_path / "cache")) == ["a.bin", "c.bin"]
+        assert cache.downloads() == {"read": 2, "prefetched": 1}
