@@ -144,15 +144,17 @@ class ObjectCache:
 
     `prefetch`: how many objects ahead of the one being read (in the order the source
     needs them: a worker's next shards, the next files) each worker downloads at once,
-    in the background, within `max_bytes` (0: each object when first read).  A timeout
-    for a server that stalls goes in `storage_options` (s3fs: `"config_kwargs":
-    {"connect_timeout": 5, "read_timeout": 30}`); each try that times out counts
-    against `retries`.
+    in the background, within `max_bytes` (0: each object when first read).
+    `timeout_s`: how long a request may wait for the server (to connect, and for each
+    read) before the try fails; for s3:// it is botocore's `connect_timeout` and
+    `read_timeout` unless `storage_options["config_kwargs"]` sets them, and the tries
+    are only these `retries` (botocore's and s3fs's own are turned off), so a server
+    that stalls is an error after about (`retries` + 1) x `timeout_s`.
     """
 
     def __init__(self, cache_dir: str | os.PathLike, max_bytes: int, *, storage_options: dict | None = None,
                  retries: int = 3, retry_wait_s: float = 0.5, block_bytes: int = BLOCK_BYTES,
-                 prefetch: int = 2):
+                 prefetch: int = 2, timeout_s: float = 60.0):
         require("fsspec", "s3", "ObjectCache")
         if isinstance(max_bytes, bool) or not isinstance(max_bytes, int) or max_bytes < 1:
             raise SpecError(f"ObjectCache: `max_bytes` must be an integer >= 1, got {max_bytes!r}")
@@ -160,6 +162,7 @@ class ObjectCache:
             raise SpecError(f"ObjectCache: `prefetch` must be an integer >= 0 (objects downloaded ahead), "
                             f"got {prefetch!r}")
         self.prefetch = prefetch
+        self.timeout_s = float(timeout_s)
         self._born_ns = time.time_ns()  # objects last used before this are stale: a prefetch may evict them
         self.cache_dir = os.path.abspath(os.fspath(cache_dir))
         self.max_bytes = max_bytes
@@ -187,13 +190,26 @@ class ObjectCache:
         fsspec = require("fsspec", "s3", "ObjectCache")
         protocol = url.split("://", 1)[0]
         try:
-            fs = self._fs.get(protocol, lambda: fsspec.filesystem(protocol, skip_instance_cache=True,
-                                                                  **self.storage_options))
+            fs = self._fs.get(protocol, lambda: self._make_filesystem(fsspec, protocol))
         except ImportError as exc:
             raise SourceFileError(f"ObjectCache: no fsspec filesystem for {protocol}:// ({exc}). Install "
                                   f"it: `pip install 'shmfeed[s3]'` for s3://, or the package fsspec "
                                   "names for this protocol.") from exc
         return fs, fs._strip_protocol(url)
+
+    def _make_filesystem(self, fsspec: Any, protocol: str) -> Any:
+        options = dict(self.storage_options)
+        s3 = protocol in ("s3", "s3a")
+        if s3:  # `timeout_s` and `retries` are the whole story: no tries multiplied below ours
+            config = dict(options.get("config_kwargs") or {})
+            config.setdefault("connect_timeout", self.timeout_s)
+            config.setdefault("read_timeout", self.timeout_s)
+            config.setdefault("retries", {"total_max_attempts": 1})
+            options["config_kwargs"] = config
+        fs = fsspec.filesystem(protocol, skip_instance_cache=True, **options)
+        if s3 and isinstance(getattr(fs, "retries", None), int):
+            fs.retries = 1  # s3fs tries each call 5 times (a class attribute, no argument)
+        return fs
 
     def _remote(self, url: str, what: str, call: Any) -> Any:
         """`call(fs, path)` with retries; errors named."""
@@ -208,10 +224,15 @@ class ObjectCache:
                 raise SourceFileError(f"{url!r}: no such object ({what}); check the bucket and key "
                                       "(`paths`).") from exc
             except PermissionError as exc:
-                raise SourceFileError(f"{url!r}: access denied ({what}: {exc}); check the credentials "
-                                      "and endpoint given in `storage_options` (or the environment).") from exc
+                raise SourceFileError(
+                    f"{url!r}: access denied ({what}: {exc}); check the credentials (`storage_options` "
+                    "key/secret, or the environment's, e.g. AWS_ACCESS_KEY_ID / AWS_PROFILE) and that "
+                    "they may read this bucket, and the endpoint.") from exc
             except (SourceFileError, SpecError):
                 raise
+            except TypeError as exc:  # an argument the filesystem does not take: no retry mends it
+                raise SourceFileError(f"{url!r}: {what} failed ({exc}); check `storage_options`: they go to "
+                                      f"fsspec's {url.split('://', 1)[0]}:// filesystem.") from exc
             except Exception as exc:  # network, server and client errors: retried
                 last = exc
         raise SourceFileError(
