@@ -245,6 +245,23 @@ def test_a_missing_object_is_named(s3, tmp_path):
         TarShards(f"s3://{BUCKET}/nope.tar", decode)
 
 
+def test_a_truncated_object_is_an_error_naming_its_url_not_the_cached_copy(s3, tmp_path):
+    pa = pytest.importorskip("pyarrow")
+    pq = pytest.importorskip("pyarrow.parquet")
+    fs, opts, _ = s3
+    fs.pipe(f"{BUCKET}/bad/train-0.tar", _tar_bytes(0, 4)[: 512 * 3 + 10])  # inside the second member
+    buf = io.BytesIO()
+    pq.write_table(pa.table({"y": np.arange(10)}), buf)
+    fs.pipe(f"{BUCKET}/bad/part-0.parquet", buf.getvalue()[:-20])  # the footer cut
+    cache = ObjectCache(tmp_path / "cache", max_bytes=1 << 20, storage_options=opts)
+    src = TarShards(f"s3://{BUCKET}/bad/*.tar", decode, cache=cache)
+    with pytest.raises(SourceFileError, match=r"tar shard 's3://data/bad/train-0.tar': cannot read it at "
+                       r"or just after member '0-0001.json'.*truncated or corrupt"):
+        shmfeed.Loader(src, batch_size=1, num_workers=1)  # the first sample, read for the spec
+    with pytest.raises(SourceFileError, match=r"cannot read the Parquet footer of 's3://data/bad/part-0.parquet'"):
+        Parquet(f"s3://{BUCKET}/bad/*.parquet", cache=cache)
+
+
 def _read(path) -> bytes:
     with open(path, "rb") as f:
         return f.read()
