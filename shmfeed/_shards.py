@@ -17,6 +17,8 @@ are neither built nor taken (shmf_assign_free gives no slot to a number the
 consumer passed).  The epoch ends once every shard has ended; the consumer then
 gives the rest of the generation up, which sends the workers to the next one.
 The generation is opened with `STREAM_BATCH_BOUND` batches, a bound no epoch reaches.
+Before a worker opens a shard, a stream that has `_shmfeed_upcoming` is told the
+worker's shards after it (TarShards has an ObjectCache download them ahead).
 
 Resuming (`Loader.state_dict()`): batch numbers are fixed, so a state is the epoch, the
 next batch number, and the local shards that had ended before it (with the batch each
