@@ -1,8 +1,9 @@
 """`shmfeed.sources.ObjectCache` (issue 29) against a real S3-compatible server (moto's)
 started on 127.0.0.1 by each test: tar shards and Parquet files read from s3:// through
 a bounded local cache, once per machine, exactly once across a worker killed mid-
-download, and clear errors for a server that is down, a missing object, a cache too
-small or full, and a cache directory that cannot be written."""
+download, objects downloaded ahead of the read (prefetch) within the budget, and clear
+errors for a server that is down, a missing object, a cache too small or full, and a
+cache directory that cannot be written."""
 
 from __future__ import annotations
 
@@ -43,13 +44,14 @@ class MotoServer:
     test process forks workers, and a server's threads in it could hold a lock the
     children inherit."""
 
-    def __init__(self):
+    def __init__(self, env: dict | None = None):
         with socket.socket() as sock:
             sock.bind(("127.0.0.1", 0))
             self.port = sock.getsockname()[1]
         self.url = f"http://127.0.0.1:{self.port}"
         self.proc = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p",
-                                      str(self.port)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                                      str(self.port)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                                     env={**os.environ, **(env or {})})
         deadline = time.monotonic() + 30
         while True:
             try:
@@ -235,10 +237,29 @@ def test_a_missing_object_is_named(s3, tmp_path):
     cache = ObjectCache(tmp_path / "cache", max_bytes=1 << 20, storage_options=opts)
     with pytest.raises(SourceFileError, match=r"'s3://data/nope.tar': no such object"):
         TarShards(f"s3://{BUCKET}/nope.tar", decode, cache=cache)
+    with pytest.raises(SourceFileError, match=r"'s3://no-bucket/a.tar': no such object .*check the bucket"):
+        TarShards("s3://no-bucket/a.tar", decode, cache=cache)
     with pytest.raises(shmfeed.SpecError, match=r"matches no object"):
         TarShards(f"s3://{BUCKET}/nope-*.tar", decode, cache=cache)
     with pytest.raises(shmfeed.SpecError, match=r"is remote: give a local cache"):
         TarShards(f"s3://{BUCKET}/nope.tar", decode)
+
+
+def test_a_truncated_object_is_an_error_naming_its_url_not_the_cached_copy(s3, tmp_path):
+    pa = pytest.importorskip("pyarrow")
+    pq = pytest.importorskip("pyarrow.parquet")
+    fs, opts, _ = s3
+    fs.pipe(f"{BUCKET}/bad/train-0.tar", _tar_bytes(0, 4)[: 512 * 3 + 10])  # inside the second member
+    buf = io.BytesIO()
+    pq.write_table(pa.table({"y": np.arange(10)}), buf)
+    fs.pipe(f"{BUCKET}/bad/part-0.parquet", buf.getvalue()[:-20])  # the footer cut
+    cache = ObjectCache(tmp_path / "cache", max_bytes=1 << 20, storage_options=opts)
+    src = TarShards(f"s3://{BUCKET}/bad/*.tar", decode, cache=cache)
+    with pytest.raises(SourceFileError, match=r"tar shard 's3://data/bad/train-0.tar': cannot read it at "
+                       r"or just after member '0-0001.json'.*truncated or corrupt"):
+        shmfeed.Loader(src, batch_size=1, num_workers=1)  # the first sample, read for the spec
+    with pytest.raises(SourceFileError, match=r"cannot read the Parquet footer of 's3://data/bad/part-0.parquet'"):
+        Parquet(f"s3://{BUCKET}/bad/*.parquet", cache=cache)
 
 
 def _read(path) -> bytes:
@@ -303,3 +324,187 @@ def test_array_record_files_from_s3_are_read_through_the_cache(s3, tmp_path):
     with shmfeed.Loader(src, batch_size=4, num_workers=2, shuffle=True) as loader:
         assert sorted(int(i) for b in loader for i in b) == list(range(20))
     assert len(_cache_files(tmp_path / "cache")) == 2
+
+
+SIX = [3, 2, 4, 3, 2, 3]  # samples of each of six shards
+
+
+def _put_six(fs) -> None:
+    for s, n in enumerate(SIX):
+        fs.pipe(f"{BUCKET}/six/train-{s}.tar", _tar_bytes(s, n))
+
+
+@pytest.mark.parametrize("prefetch", [2, 0])
+def test_workers_download_their_next_shards_ahead_so_no_read_waits_on_its_own_download(s3, tmp_path,
+                                                                                       prefetch):
+    fs, opts, _ = s3
+    _put_six(fs)
+    cache = ObjectCache(tmp_path / "cache", max_bytes=1 << 20, storage_options=opts, prefetch=prefetch)
+
+    def counted(fields):  # what this worker had downloaded, and how, when it decoded the sample
+        return {"s": json.loads(fields["json"])["s"], "pid": os.getpid(), **cache.downloads()}
+
+    src = TarShards(f"s3://{BUCKET}/six/train-*.tar", counted, cache=cache)
+    # The training process reads shards 0 and 1 (the batch spec, the shards-differ check):
+    # each worker (shards 0, 2, 4 / 1, 3, 5) finds its first shard cached.
+    with shmfeed.Loader(src, batch_size=4, num_workers=2, seed=1) as loader:
+        rows = [dict(zip(b, vals)) for b in loader for vals in zip(*(b[k].tolist() for k in b))]
+    assert sorted(r["s"] for r in rows) == [s for s, n in enumerate(SIX) for _ in range(n)]
+    last = {}
+    for r in rows:  # per worker, its counts at its last sample
+        last[r["pid"]] = max(last.get(r["pid"], (0, 0)), (r["read"], r["prefetched"]))
+    assert len(last) == 2
+    if prefetch:  # shards 2 and 4 (3 and 5) were fetched ahead while 0 (1) was read
+        assert sorted(last.values()) == [(0, 2), (0, 2)]
+    else:
+        assert sorted(last.values()) == [(2, 0), (2, 0)]
+    assert len(_cache_files(tmp_path / "cache")) == 6
+
+
+def test_a_prefetch_never_evicts_what_this_run_fetched_and_never_exceeds_the_budget(s3, tmp_path,
+                                                                                     monkeypatch):
+    from shmfeed.sources import _objstore
+    fs, opts, _ = s3
+    for name in "abcde":
+        fs.pipe(f"{BUCKET}/{name}.bin", name.encode() * 1000)
+    url = f"s3://{BUCKET}/{{}}.bin".format
+    ObjectCache(tmp_path / "cache", max_bytes=2500, storage_options=opts).open(url("e")).close()
+    time.sleep(0.01)  # e: an earlier run's, older than the cache below
+    cache = ObjectCache(tmp_path / "cache", max_bytes=2500, storage_options=opts, prefetch=1)
+    monkeypatch.setattr(_objstore, "_prefetch_pid", os.getpid())  # as in a worker
+    ahead = {n: [(url(n), cache.info(url(n)))] for n in "bc"}
+    with cache.open(url("a"), ahead=ahead["b"]):  # b fits once the stale e goes
+        with cache.open(url("b"), ahead=ahead["c"]) as b:  # waits for b's prefetch: found whole
+            assert _read(b.path) == b"b" * 1000
+            assert sorted(n[-5:] for n in _cache_files(tmp_path / "cache")) == ["a.bin", "b.bin"]
+        # c's prefetch would have evicted a (being read) or b (read in this run): skipped.
+        with cache.open(url("c")) as c:  # so c's read downloads it, evicting b
+            assert _read(c.path) == b"c" * 1000
+            assert sorted(n[-5:] for n in _cache_files(tmp_path / "cache")) == ["a.bin", "c.bin"]
+        assert cache.downloads() == {"read": 2, "prefetched": 1}
+
+
+class Hostile:
+    """tests/_hostile.py in its own process, in front of a moto server: `mode(...)`
+    makes it forward, stall, answer 503 or deny."""
+
+    def __init__(self, upstream_port: int, mode_file):
+        self.mode_file = mode_file
+        self.mode("pass")
+        here = os.path.dirname(os.path.abspath(__file__))
+        self.proc = subprocess.Popen([sys.executable, os.path.join(here, "_hostile.py"), str(upstream_port),
+                                      str(mode_file)], stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
+        line = self.proc.stdout.readline()  # its port, once it listens (the test's timeout bounds this)
+        self.proc.stdout.close()
+        if not line.strip():
+            self.stop()
+            raise RuntimeError("the proxy did not start")
+        self.url = f"http://127.0.0.1:{int(line)}"
+
+    def mode(self, text: str) -> None:
+        tmp = f"{self.mode_file}.tmp"
+        with open(tmp, "w") as f:
+            f.write(text)
+        os.replace(tmp, self.mode_file)
+
+    def stop(self):
+        if self.proc.poll() is None:
+            self.proc.kill()
+        self.proc.wait(timeout=10)
+
+
+@pytest.fixture
+def hostile(s3, tmp_path):
+    """(filesystem straight to moto, with the shards put; storage_options through the proxy; proxy)."""
+    fs, opts, server = s3
+    _put_shards(fs)
+    proxy = Hostile(server.port, tmp_path / "mode")
+    try:
+        yield fs, {"client_kwargs": {"endpoint_url": proxy.url}}, proxy
+    finally:
+        proxy.stop()
+
+
+SHARDS = f"s3://{BUCKET}/shards/train-*.tar"
+
+
+def test_a_server_that_stalls_is_an_error_naming_the_url_after_retries_times_the_timeout(hostile, tmp_path):
+    _, opts, proxy = hostile
+    cache = ObjectCache(tmp_path / "cache", max_bytes=1 << 20, storage_options=opts, retries=1,
+                        retry_wait_s=0.05, timeout_s=0.5)
+    src = TarShards(SHARDS, decode, cache=cache)
+    proxy.mode("stall")
+    t0 = time.monotonic()
+    with pytest.raises(SourceFileError, match=r"'s3://data/shards/train-0.tar': downloading it failed 2 times, "
+                       r"last with ReadTimeoutError.*Check that the server is up"):
+        shmfeed.Loader(src, batch_size=2, num_workers=2)  # it reads the first sample for the spec
+    assert time.monotonic() - t0 < 2 * 0.5 + 5  # two tries of 0.5 s (not s3fs's 5 x botocore's 5 each)
+    assert _cache_files(tmp_path / "cache") == {}
+
+
+def test_a_server_that_answers_503_is_retried_and_read_once_it_recovers(hostile, tmp_path):
+    _, opts, proxy = hostile
+    ref = _local_reference(tmp_path)
+    proxy.mode("fail 2")  # one more than one retry: an error
+    cache = ObjectCache(tmp_path / "cache", max_bytes=1 << 20, storage_options=opts, retries=1,
+                        retry_wait_s=0.05)
+    with pytest.raises(SourceFileError, match=r"'s3://data/shards/train-\*.tar': listing failed 2 times, "
+                       r"last with .*Service ?Unavailable"):
+        TarShards(SHARDS, decode, cache=cache)
+    proxy.mode("fail 3")  # fewer than three retries: the listing gets through
+    cache = ObjectCache(tmp_path / "cache", max_bytes=1 << 20, storage_options=opts, retries=3,
+                        retry_wait_s=0.05)
+    src = TarShards(SHARDS, decode, cache=cache)
+    with shmfeed.Loader(src, batch_size=2, num_workers=2, seed=1) as loader:
+        assert _epoch(loader) == ref
+
+
+def test_wrong_credentials_are_an_error_naming_the_object_and_what_to_check(monkeypatch, tmp_path):
+    boto3 = pytest.importorskip("boto3")
+    for k, v in {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
+                 "AWS_DEFAULT_REGION": "us-east-1"}.items():
+        monkeypatch.setenv(k, v)
+    # moto checks credentials against its IAM users after the first two requests (the setup's).
+    server = MotoServer(env={"INITIAL_NO_AUTH_ACTION_COUNT": "2"})
+    try:
+        client = boto3.client("s3", endpoint_url=server.url)
+        client.create_bucket(Bucket=BUCKET)
+        client.put_object(Bucket=BUCKET, Key="shards/train-0.tar", Body=_tar_bytes(0, 2))
+        cache = ObjectCache(tmp_path / "cache", max_bytes=1 << 20, retries=1, retry_wait_s=0.05,
+                            storage_options={"client_kwargs": {"endpoint_url": server.url}})
+        checks = r"access denied \({}.*\); check the credentials \(`storage_options` key/secret, or the " \
+                 r"environment's, e.g. AWS_ACCESS_KEY_ID"
+        with pytest.raises(SourceFileError, match=r"'s3://data/shards/train-\*.tar': " + checks.format(
+                "listing: The AWS Access Key Id you provided does not exist in our records")):
+            TarShards(SHARDS, decode, cache=cache)
+        with pytest.raises(SourceFileError, match=r"'s3://data/shards/train-0.tar': " + checks.format(
+                "reading its size: ")):
+            TarShards(f"s3://{BUCKET}/shards/train-0.tar", decode, cache=cache)
+    finally:
+        server.stop()
+    assert _cache_files(tmp_path / "cache") == {}
+
+
+@pytest.mark.parametrize("mode, says", [
+    ("stall", r"downloading it failed 2 times, last with ReadTimeoutError"),
+    ("fail 100", r"downloading it failed 2 times, last with .*Service ?Unavailable"),
+    ("deny", r"access denied \(downloading it: "),
+])
+def test_a_hostile_server_met_mid_epoch_by_a_worker_is_an_error_in_batch_order_and_loses_nothing(
+        hostile, tmp_path, mode, says):
+    _, opts, proxy = hostile
+    ref = _local_reference(tmp_path)
+    cache = ObjectCache(tmp_path / "cache", max_bytes=1 << 20, storage_options=opts, retries=1,
+                        retry_wait_s=0.05, timeout_s=0.5)
+    src = TarShards(SHARDS, decode, cache=cache)
+    got = []
+    with shmfeed.Loader(src, batch_size=2, num_workers=2, seed=1) as loader:  # shards 0 and 1 read here
+        proxy.mode(mode)  # shard 2, worker 0's next, is fetched from a server gone bad
+        with pytest.raises(SourceFileError, match=r"'s3://data/shards/train-2.tar': " + says):
+            for b in loader:
+                got.append(b["s"].tolist())
+    assert got == [[0, 0], [1, 1]]  # batch 2 (shard 2's first) is the error
+    assert sorted(n.rsplit("-", 1)[-1] for n in _cache_files(tmp_path / "cache")) == ["0.tar", "1.tar"]
+    proxy.mode("pass")  # the server is back: the same source gives the whole stream
+    with shmfeed.Loader(src, batch_size=2, num_workers=2, seed=1) as loader:
+        assert _epoch(loader) == ref

@@ -1,6 +1,7 @@
 """`shmfeed.sources.TarShards` (issue 29): WebDataset-style tar shards written by the
 test, samples grouped by key and decoded in the workers, the same stream for any
-`num_workers`, exactly once across a worker's death, a broken shard named."""
+`num_workers`, exactly once across a worker's death, a broken shard (truncated, or a bad
+member header) named."""
 
 from __future__ import annotations
 
@@ -129,6 +130,27 @@ def test_a_truncated_shard_is_an_error_in_batch_order_naming_it(shards):
             for b in loader:
                 got += [(s, i) for s, i in zip(b["s"].tolist(), b["i"].tolist())]
     assert (3, 0) in got and (3, 1) in got and all(s != 3 or i < 2 for s, i in got)
+
+
+@pytest.mark.parametrize("damage", ["garbage", "cut"])
+def test_a_bad_member_header_is_an_error_in_batch_order_not_the_end_of_the_shard(shards, damage):
+    with open(shards[3], "rb") as f:
+        data = bytearray(f.read())
+    at = 4 * 1024  # the header of the fifth member (each is one header and one data block)
+    if damage == "garbage":
+        data[at + 100: at + 140] = b"\xff" * 40
+    else:
+        data = data[: at + 300]  # inside the header: tarfile alone ends the shard there, silently
+    with open(shards[3], "wb") as f:
+        f.write(data)
+    got = []
+    with shmfeed.Loader(TarShards(shards, decode), batch_size=BATCH, num_workers=2) as loader:
+        with pytest.raises(SourceFileError, match=r"train-003.tar': cannot read it at or just after member "
+                           r"'3/000001.x.npy' \(ReadError: bad member header at byte 4096"):
+            for b in loader:
+                got += [(s, i) for s, i in zip(b["s"].tolist(), b["i"].tolist())]
+    # Batch 3 (shard 3's first) ends at sample 1, known only at the next member: the error.
+    assert got == [(0, 0), (0, 1), (1, 0), (1, 1)]
 
 
 def test_bad_arguments_are_spec_errors(shards, tmp_path):

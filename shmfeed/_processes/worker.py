@@ -18,6 +18,7 @@ import os
 from .._batch.build import WAIT_SLICE_S, Builder, LeaveBuild, build_batch
 from .._engine.control import PoolShutdown, untag
 from .._engine.ring import Ring
+from ..sources._objstore import allow_prefetch
 
 # A worker keeps the heap memory it frees, for the next batch (glibc's mallopt): freed
 # memory above glibc's trim threshold (dynamic, ~2x the largest freed mapping) went back
@@ -49,6 +50,7 @@ def keep_freed_memory() -> bool:
 def worker_loop(ring: Ring, builder: Builder, worker: int, pending: int | None, parent_pid: int) -> None:
     """Run until the loader shuts down or the parent (the supervisor) is gone."""
     keep_freed_memory()
+    allow_prefetch()  # a worker never forks: an ObjectCache may download ahead in threads here
     own_loop = getattr(builder, "worker_loop", None)  # sharded streams choose their batches
     if own_loop is not None:
         return own_loop(ring, worker, pending, parent_pid)

@@ -23,7 +23,7 @@ from typing import Any
 import numpy as np
 
 from .._errors import SpecError
-from ._objstore import ObjectCache, is_url, readable_path, source_paths, stamp
+from ._objstore import ObjectCache, files_after, is_url, readable_path, source_paths, stamp
 from ._sourcefiles import PerProcess, SourceFileError, require
 
 # Random access: no readahead buffer, no reader threads (a worker is one core).
@@ -94,7 +94,7 @@ class ArrayRecord:
 
     def _open(self, f: int) -> Any:
         path = readable_path(self.paths[f], self._stamps[f], self.cache, self._readers, f, "ArrayRecord",
-                             "record")
+                             "record", files_after(self.paths, self._stamps, f, self.cache))
         return _module().ArrayRecordReader(path, READER_OPTIONS)
 
     def record(self, i: int) -> bytes:

@@ -18,11 +18,24 @@ How the locks work (fcntl.flock: released by the kernel when a process dies):
   expected size, so no reader ever sees a partial file; a `.part` whose lock is free
   was left by a dead process and is deleted.
 
+Prefetch (`prefetch` objects ahead): opening an object also hands the cache the next
+objects in the order the source will need them (`ahead`); up to `prefetch` of them are
+downloaded at once by threads of this process, through the same locks (a reader that
+needs one waits on its lock and finds it whole).  Threads run only in worker processes
+(`allow_prefetch`, called when a worker starts, after the fork): a process that forks
+must hold no download lock, or its child would inherit it.  A prefetch takes only room
+that is free or held by stale objects (nobody has opened them since this `ObjectCache`
+was made): it never evicts what this run fetched, nor waits, nor fails; it is skipped,
+and any error is met again, and reported, by the read that needs the object.  A read
+that finds the cache full while downloads are in progress waits for them (a finished
+prefetch is evictable) before it reports the cache full.
+
 Invariants:
 - The bytes in the cache directory never exceed `max_bytes` (files still open by a
   reader after eviction are impossible: a read holds the lock).
 - fsspec is imported lazily (the extra `shmfeed[s3]`), and each process makes its own
   filesystem objects (an async one is not fork-safe).
+- At most `prefetch` background downloads per process; none in a process that forks.
 - Every failure is a `SourceFileError` naming the URL and the remedy: no object, no
   access, a server that keeps failing (after `retries`), a cache too small or full, a
   cache directory that cannot be written.
@@ -33,7 +46,10 @@ from __future__ import annotations
 import fcntl
 import hashlib
 import os
+import threading
 import time
+from collections.abc import Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
 
 from .._errors import SpecError
@@ -41,6 +57,19 @@ from ._sourcefiles import PerProcess, SourceFileError, require
 
 BLOCK_BYTES = 4 << 20  # bytes a download reads at a time
 BUDGET_LOCK = ".budget.lock"
+FULL_WAIT_S = 0.05  # a read that finds the cache full rechecks this often while downloads run
+
+_prefetch_pid: int | None = None  # the process where prefetch threads may run
+
+
+def allow_prefetch() -> None:
+    """Let this process (a worker, which never forks) run prefetch threads."""
+    global _prefetch_pid
+    _prefetch_pid = os.getpid()
+
+
+class _NoRoom(Exception):
+    """A prefetch found no free or stale room: skipped."""
 
 
 def is_url(path: Any) -> bool:
@@ -112,13 +141,29 @@ class ObjectCache:
     becomes a `SourceFileError`.  Give it to a source: `TarShards("s3://b/train-*.tar",
     decode, cache=cache)`, `Parquet("s3://b/*.parquet", cache=cache)`.  Needs
     `pip install 'shmfeed[s3]'` (s3fs; other protocols their fsspec package).
+
+    `prefetch`: how many objects ahead of the one being read (in the order the source
+    needs them: a worker's next shards, the next files) each worker downloads at once,
+    in the background, within `max_bytes` (0: each object when first read).
+    `timeout_s`: how long a request may wait for the server (to connect, and for each
+    read) before the try fails; for s3:// it is botocore's `connect_timeout` and
+    `read_timeout` unless `storage_options["config_kwargs"]` sets them, and the tries
+    are only these `retries` (botocore's and s3fs's own are turned off), so a server
+    that stalls is an error after about (`retries` + 1) x `timeout_s`.
     """
 
     def __init__(self, cache_dir: str | os.PathLike, max_bytes: int, *, storage_options: dict | None = None,
-                 retries: int = 3, retry_wait_s: float = 0.5, block_bytes: int = BLOCK_BYTES):
+                 retries: int = 3, retry_wait_s: float = 0.5, block_bytes: int = BLOCK_BYTES,
+                 prefetch: int = 2, timeout_s: float = 60.0):
         require("fsspec", "s3", "ObjectCache")
         if isinstance(max_bytes, bool) or not isinstance(max_bytes, int) or max_bytes < 1:
             raise SpecError(f"ObjectCache: `max_bytes` must be an integer >= 1, got {max_bytes!r}")
+        if isinstance(prefetch, bool) or not isinstance(prefetch, int) or prefetch < 0:
+            raise SpecError(f"ObjectCache: `prefetch` must be an integer >= 0 (objects downloaded ahead), "
+                            f"got {prefetch!r}")
+        self.prefetch = prefetch
+        self.timeout_s = float(timeout_s)
+        self._born_ns = time.time_ns()  # objects last used before this are stale: a prefetch may evict them
         self.cache_dir = os.path.abspath(os.fspath(cache_dir))
         self.max_bytes = max_bytes
         self.storage_options = dict(storage_options or {})
@@ -138,19 +183,33 @@ class ObjectCache:
                 f"{max_bytes}.") from exc
         self._fs = PerProcess()
         self._listed: dict[str, tuple[int, str]] = {}
+        self._ahead = PerProcess()  # this process's prefetch threads and counts
 
     # -- the remote side -----------------------------------------------------------
     def _filesystem(self, url: str) -> tuple[Any, str]:
         fsspec = require("fsspec", "s3", "ObjectCache")
         protocol = url.split("://", 1)[0]
         try:
-            fs = self._fs.get(protocol, lambda: fsspec.filesystem(protocol, skip_instance_cache=True,
-                                                                  **self.storage_options))
+            fs = self._fs.get(protocol, lambda: self._make_filesystem(fsspec, protocol))
         except ImportError as exc:
             raise SourceFileError(f"ObjectCache: no fsspec filesystem for {protocol}:// ({exc}). Install "
                                   f"it: `pip install 'shmfeed[s3]'` for s3://, or the package fsspec "
                                   "names for this protocol.") from exc
         return fs, fs._strip_protocol(url)
+
+    def _make_filesystem(self, fsspec: Any, protocol: str) -> Any:
+        options = dict(self.storage_options)
+        s3 = protocol in ("s3", "s3a")
+        if s3:  # `timeout_s` and `retries` are the whole story: no tries multiplied below ours
+            config = dict(options.get("config_kwargs") or {})
+            config.setdefault("connect_timeout", self.timeout_s)
+            config.setdefault("read_timeout", self.timeout_s)
+            config.setdefault("retries", {"total_max_attempts": 1})
+            options["config_kwargs"] = config
+        fs = fsspec.filesystem(protocol, skip_instance_cache=True, **options)
+        if s3 and isinstance(getattr(fs, "retries", None), int):
+            fs.retries = 1  # s3fs tries each call 5 times (a class attribute, no argument)
+        return fs
 
     def _remote(self, url: str, what: str, call: Any) -> Any:
         """`call(fs, path)` with retries; errors named."""
@@ -165,10 +224,15 @@ class ObjectCache:
                 raise SourceFileError(f"{url!r}: no such object ({what}); check the bucket and key "
                                       "(`paths`).") from exc
             except PermissionError as exc:
-                raise SourceFileError(f"{url!r}: access denied ({what}: {exc}); check the credentials "
-                                      "and endpoint given in `storage_options` (or the environment).") from exc
+                raise SourceFileError(
+                    f"{url!r}: access denied ({what}: {exc}); check the credentials (`storage_options` "
+                    "key/secret, or the environment's, e.g. AWS_ACCESS_KEY_ID / AWS_PROFILE) and that "
+                    "they may read this bucket, and the endpoint.") from exc
             except (SourceFileError, SpecError):
                 raise
+            except TypeError as exc:  # an argument the filesystem does not take: no retry mends it
+                raise SourceFileError(f"{url!r}: {what} failed ({exc}); check `storage_options`: they go to "
+                                      f"fsspec's {url.split('://', 1)[0]}:// filesystem.") from exc
             except Exception as exc:  # network, server and client errors: retried
                 last = exc
         raise SourceFileError(
@@ -203,12 +267,16 @@ class ObjectCache:
         name = url.rstrip("/").rsplit("/", 1)[-1][-80:]
         return os.path.join(self.cache_dir, f"{digest}-{name}")
 
-    def open(self, url: str, expect: tuple[int, str] | None = None) -> CachedObject:
+    def open(self, url: str, expect: tuple[int, str] | None = None,
+             ahead: Sequence[tuple[str, Any]] = ()) -> CachedObject:
         """The object at `url` as a local file, downloaded unless cached; `expect`: its
         (size, version) from `info()` (then a cached copy is used with no remote call,
-        and a changed object is an error, not other data)."""
+        and a changed object is an error, not other data).  `ahead`: (url, expect) of
+        the objects needed next, in order; the first `prefetch` are downloaded in the
+        background (in a worker process)."""
         if expect is None:
             expect = self.info(url)
+        self._prefetch(list(ahead)[: self.prefetch])
         size, version = expect
         entry = self._entry(url, version)
         lock = entry + ".lock"
@@ -216,6 +284,11 @@ class ObjectCache:
             raise SourceFileError(
                 f"{url!r} is {size} bytes, more than the whole cache (`max_bytes`={self.max_bytes}): "
                 "raise `max_bytes`, or split the data into smaller files.")
+        pending = self._prefetching().futures.get(entry)
+        if pending is not None:  # this process downloads it already: once, and its error is ours
+            failed = pending.exception()
+            if isinstance(failed, SourceFileError):
+                raise failed
         for _ in range(3):
             fd = _flock(lock, fcntl.LOCK_SH)  # waits while someone downloads it
             if os.path.exists(entry):
@@ -226,6 +299,7 @@ class ObjectCache:
             try:
                 if not os.path.exists(entry):
                     self._download(url, entry, size, version)
+                    self._prefetching().count("read")
                 # Downgrade; the conversion is not atomic, so check the file is still there.
                 fcntl.flock(fd, fcntl.LOCK_SH)
             except BaseException:
@@ -238,49 +312,91 @@ class ObjectCache:
         raise SourceFileError(f"{url!r}: evicted from the cache as soon as it was downloaded, three times; "
                               f"raise `max_bytes` (now {self.max_bytes}).")
 
-    def _reserve(self, part: str, size: int, url: str) -> None:
-        """Make room for `size` bytes and create `part` at that size (holds the budget lock)."""
-        fd = _flock(os.path.join(self.cache_dir, BUDGET_LOCK), fcntl.LOCK_EX)
+    def downloads(self) -> dict[str, int]:
+        """Objects this process downloaded so far: `read` (when a read needed them) and
+        `prefetched` (ahead of the read)."""
+        return dict(self._prefetching().counts)
+
+    def _prefetching(self) -> _Prefetcher:
+        return self._ahead.get("state", lambda: _Prefetcher(self.prefetch))
+
+    def _prefetch(self, ahead: Sequence[tuple[str, Any]]) -> None:
+        if not ahead or _prefetch_pid != os.getpid():
+            return
+        state = self._prefetching()
+        for url, (size, version) in ahead:
+            entry = self._entry(url, version)
+            if size <= self.max_bytes and not os.path.exists(entry):
+                state.submit(entry, lambda u=url, e=entry, n=size, v=version: self._fetch_ahead(u, e, n, v))
+
+    def _fetch_ahead(self, url: str, entry: str, size: int, version: str) -> None:
+        fd = _try_flock(entry + ".lock")
+        if fd is None:  # being read (so there) or downloaded by another process
+            return
         try:
-            if os.path.exists(part):
-                os.unlink(part)  # a dead process's (we hold this object's lock)
-            entries = []
-            for e in os.scandir(self.cache_dir):
-                if e.name.endswith(".lock") or e.name.startswith(".") or not e.is_file():
-                    continue
-                st = e.stat()
-                entries.append((st.st_mtime_ns, e.path, st.st_size))
-            used = sum(s for _, _, s in entries)
-            busy = 0
-            for _, path, nbytes in sorted(entries):
-                if used + size <= self.max_bytes:
-                    break
-                base = path[: -len(".part")] if path.endswith(".part") else path
-                held = _try_flock(base + ".lock")
-                if held is None:  # being read or downloaded
-                    busy += nbytes
-                    continue
-                try:
-                    os.unlink(path)
-                    used -= nbytes
-                except FileNotFoundError:
-                    used -= nbytes
-                finally:
-                    _unlock(held)
-            if used + size > self.max_bytes:
-                raise SourceFileError(
-                    f"the object cache {self.cache_dir!r} is full: {url!r} needs {size} bytes, "
-                    f"{used} of `max_bytes`={self.max_bytes} are taken ({busy} by objects being read or "
-                    "downloaded right now). Raise `max_bytes`, or read fewer files at once (fewer "
-                    "workers or loaders on this cache).")
-            with open(part, "wb") as f:
-                f.truncate(size)  # reserved at full size: counted by every other budget check
+            if not os.path.exists(entry):
+                self._download(url, entry, size, version, ahead=True)
+                self._prefetching().count("prefetched")
+        except _NoRoom:
+            pass
         finally:
             _unlock(fd)
 
-    def _download(self, url: str, entry: str, size: int, version: str) -> None:
+    def _reserve(self, part: str, size: int, url: str, ahead: bool = False) -> None:
+        """Make room for `size` bytes and create `part` at that size (holds the budget
+        lock).  A read waits while downloads in progress fill the cache; a prefetch
+        (`ahead`) evicts only stale objects, and gives up (`_NoRoom`) rather than wait."""
+        while True:
+            fd = _flock(os.path.join(self.cache_dir, BUDGET_LOCK), fcntl.LOCK_EX)
+            try:
+                if os.path.exists(part):
+                    os.unlink(part)  # a dead process's (we hold this object's lock)
+                entries = []
+                for e in os.scandir(self.cache_dir):
+                    if e.name.endswith(".lock") or e.name.startswith(".") or not e.is_file():
+                        continue
+                    st = e.stat()
+                    entries.append((st.st_mtime_ns, e.path, st.st_size))
+                used = sum(s for _, _, s in entries)
+                busy = downloading = 0
+                for mtime, path, nbytes in sorted(entries):
+                    if used + size <= self.max_bytes:
+                        break
+                    is_part = path.endswith(".part")
+                    if ahead and not is_part and mtime >= self._born_ns:
+                        continue  # used in this run: maybe about to be read again
+                    base = path[: -len(".part")] if is_part else path
+                    held = _try_flock(base + ".lock")
+                    if held is None:  # being read or downloaded
+                        busy += nbytes
+                        downloading += nbytes if is_part else 0
+                        continue
+                    try:
+                        os.unlink(path)
+                        used -= nbytes
+                    except FileNotFoundError:
+                        used -= nbytes
+                    finally:
+                        _unlock(held)
+                if used + size <= self.max_bytes:
+                    with open(part, "wb") as f:
+                        f.truncate(size)  # reserved at full size: counted by every other budget check
+                    return
+                if ahead:
+                    raise _NoRoom
+                if not downloading:
+                    raise SourceFileError(
+                        f"the object cache {self.cache_dir!r} is full: {url!r} needs {size} bytes, "
+                        f"{used} of `max_bytes`={self.max_bytes} are taken ({busy} by objects being read "
+                        "or downloaded right now). Raise `max_bytes`, or read fewer files at once (fewer "
+                        "workers or loaders on this cache).")
+            finally:
+                _unlock(fd)
+            time.sleep(FULL_WAIT_S)  # a download finishing (a prefetch's then evictable) makes room
+
+    def _download(self, url: str, entry: str, size: int, version: str, ahead: bool = False) -> None:
         part = entry + ".part"
-        self._reserve(part, size, url)
+        self._reserve(part, size, url, ahead)
 
         def call(fs: Any, path: str) -> None:
             with fs.open(path, "rb", block_size=self.block_bytes) as src, open(part, "r+b") as dst:
@@ -305,6 +421,30 @@ class ObjectCache:
 
     def __repr__(self) -> str:
         return f"shmfeed.sources.ObjectCache({self.cache_dir!r}, max_bytes={self.max_bytes})"
+
+
+class _Prefetcher:
+    """One process's prefetch: at most `limit` downloads queued or running, by entry."""
+
+    def __init__(self, limit: int):
+        self.limit = limit
+        self.futures: dict[str, Future] = {}
+        self.counts = {"read": 0, "prefetched": 0}
+        self._lock = threading.Lock()
+        self._pool: ThreadPoolExecutor | None = None
+
+    def submit(self, entry: str, job: Any) -> None:
+        with self._lock:
+            self.futures = {e: f for e, f in self.futures.items() if not f.done()}
+            if entry in self.futures or len(self.futures) >= self.limit:
+                return
+            if self._pool is None:  # started on first use: in the worker, after the fork
+                self._pool = ThreadPoolExecutor(self.limit, thread_name_prefix="shmfeed-prefetch")
+            self.futures[entry] = self._pool.submit(job)
+
+    def count(self, what: str) -> None:
+        with self._lock:
+            self.counts[what] += 1
 
 
 def source_paths(paths: Any, cache: ObjectCache | None, what: str) -> list[str]:
@@ -342,15 +482,24 @@ def stamp(path: str, cache: ObjectCache | None) -> tuple:
     return st.st_size, st.st_mtime_ns
 
 
+def files_after(paths: list[str], stamps: list, f: int, cache: ObjectCache | None) -> list[tuple[str, tuple]]:
+    """(URL, version) of the remote files after file f, as many as `cache` fetches ahead:
+    a per-sample source's order (unshuffled) reads its files in turn."""
+    if cache is None:
+        return []
+    return [(p, v) for p, v in zip(paths[f + 1: f + 1 + cache.prefetch], stamps[f + 1:]) if is_url(p)]
+
+
 def readable_path(path: str, version: tuple, cache: ObjectCache | None, handles: PerProcess, key: Any,
-                  what: str, index: str) -> str:
+                  what: str, index: str, ahead: Sequence[tuple[str, tuple]] = ()) -> str:
     """The local file to read `path` from in this process: a URL's cached copy (held
-    open, never evicted, while this process reads it: `handles` under `key`), or the
+    open, never evicted, while this process reads it: `handles` under `key`; `ahead`:
+    the (URL, version) of the files after it, which the cache may fetch ahead), or the
     file itself once checked to be the `version` (`stamp`) the source was made from.
     `what` names the format ("Parquet"), `index` what the source built on it ("row")."""
     if is_url(path):
         assert cache is not None
-        return handles.get(("cached", key), lambda: cache.open(path, version)).path
+        return handles.get(("cached", key), lambda: cache.open(path, version, ahead)).path
     try:
         st = os.stat(path)
     except OSError as exc:

@@ -35,7 +35,7 @@ from typing import Any
 import numpy as np
 
 from .._errors import SpecError
-from ._objstore import ObjectCache, is_url, readable_path, source_paths, stamp
+from ._objstore import ObjectCache, files_after, is_url, readable_path, source_paths, stamp
 from ._sourcefiles import PerProcess, SourceFileError, require
 
 # Decoded chunks a process keeps (least recently used dropped; at least the last one):
@@ -296,7 +296,7 @@ class Parquet(_ArrowRows):
     def _open(self, f: int) -> Any:
         pq = require("pyarrow.parquet", "parquet", "Parquet")
         return pq.ParquetFile(readable_path(self.paths[f], self._stamps[f], self.cache, self._handles, f,
-                                            "Parquet", "row"))
+                                            "Parquet", "row", files_after(self.paths, self._stamps, f, self.cache)))
 
     def _read_chunk(self, k: int) -> Any:
         pa = _pyarrow("Parquet")

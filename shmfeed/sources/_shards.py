@@ -17,6 +17,8 @@ are neither built nor taken (shmf_assign_free gives no slot to a number the
 consumer passed).  The epoch ends once every shard has ended; the consumer then
 gives the rest of the generation up, which sends the workers to the next one.
 The generation is opened with `STREAM_BATCH_BOUND` batches, a bound no epoch reaches.
+Before a worker opens a shard, a stream that has `_shmfeed_upcoming` is told the
+worker's shards after it (TarShards has an ObjectCache download them ahead).
 
 Resuming (`Loader.state_dict()`): batch numbers are fixed, so a state is the epoch, the
 next batch number, and the local shards that had ended before it (with the batch each
@@ -69,6 +71,7 @@ if TYPE_CHECKING:
 STREAM_BATCH_BOUND = 1 << 31  # batch numbers a sharded epoch may use (tags hold 32 bits)
 PRINT_ELEMENTS = 256  # elements of each leaf of a batch its fingerprint reads, at most
 SAME_START_SAMPLES = 2  # samples of shards 0 and 1 compared at construction
+UPCOMING_SHARDS = 16  # a worker's next shards told to a stream that fetches ahead
 
 
 class Stream:
@@ -177,6 +180,7 @@ class ShardBuilder(Builder):
         self._shards: dict[int, _Shard] = {}
         self._prints = _Prints(len(self.source.shards))
         self._scratch: list[np.ndarray] | None = None  # a slot's leaves, for re-read batches
+        self._mine: list[int] | None = None  # the local shards this worker reads (in worker_loop)
 
     def describe_item(self, item: int) -> str:
         return _describe_item(item)
@@ -191,10 +195,12 @@ class ShardBuilder(Builder):
         self.current_item = _item_key(shard, round_ * rows)  # an error in `make` itself names the shard
         if round_ and src.stream.seekable:  # `make` starts where asked: nothing is re-read
             _rng.set_item(seed, epoch, self.current_item)
+            self._tell_upcoming(j)
             it = iter(src.stream.make(shard, src.stream.num_shards, start=round_ * rows))
             sh = self._shards[j] = _Shard(epoch, it, round_)
             return sh
         self.current_item = _item_key(shard, 0)
+        self._tell_upcoming(j)
         it = iter(src.stream.make(shard, src.stream.num_shards))
         sh = self._shards[j] = _Shard(epoch, it, 0)
         sh.expect = self._prints.recorded(j, epoch) if round_ else None
@@ -216,6 +222,15 @@ class ShardBuilder(Builder):
                 break
         sh.round = round_
         return sh
+
+    def _tell_upcoming(self, j: int) -> None:
+        """Before local shard j is opened: tell a stream that downloads its shards
+        (TarShards through an ObjectCache) which of this worker's shards come after
+        it, so it can fetch them ahead."""
+        upcoming = getattr(self.source.stream, "_shmfeed_upcoming", None)
+        if upcoming is not None:
+            mine = self._mine if self._mine is not None else range(len(self.source.shards))
+            upcoming([self.source.shards[m] for m in mine if m > j][:UPCOMING_SHARDS])
 
     def _replayed(self, samples: list, names: list) -> list[np.ndarray]:
         """The leaves of a slot holding these samples, as a worker writes them (a
@@ -300,7 +315,7 @@ class ShardBuilder(Builder):
         skipping the shards that ended (the consumer skips them too)."""
         ctl = ring.ctl
         n_local, n_workers = len(self.source.shards), self.source.num_workers
-        mine = [j for j in range(n_local) if j % n_workers == worker]
+        mine = self._mine = [j for j in range(n_local) if j % n_workers == worker]
         done_gen = 0
         try:
             while True:

@@ -10,7 +10,8 @@ Invariants:
   again gives the same samples (what `Stream` needs to replace a dead worker without
   losing or repeating one: sources/_shards.py re-reads the shard up to where it stopped).
 - A tar that cannot be read (truncated, corrupt) raises `SourceFileError` naming the
-  shard and the last member read, in batch order; nothing is skipped silently.
+  shard and the last member read, in batch order; nothing is skipped silently (a bad
+  header too, which tarfile alone takes for the end of the archive).
 """
 
 from __future__ import annotations
@@ -33,6 +34,19 @@ def split_key(name: str) -> tuple[str, str]:
     return (os.path.join(head, stem) if head else stem), ext
 
 
+class _StrictTarInfo(tarfile.TarInfo):
+    """A member header that is garbage or cut short is an error: tarfile, past the
+    first member, takes either for the end of the archive, and the shard's remaining
+    samples would be skipped without a word."""
+
+    @classmethod
+    def fromtarfile(cls, tar: tarfile.TarFile) -> _StrictTarInfo:
+        try:
+            return super().fromtarfile(tar)
+        except (tarfile.InvalidHeaderError, tarfile.TruncatedHeaderError) as exc:  # type: ignore[attr-defined]
+            raise tarfile.ReadError(f"bad member header at byte {tar.offset}: {exc}") from exc
+
+
 def read_groups(path: str, name: str | None = None) -> Iterator[dict]:
     """The samples of one tar file: dicts {"__key__": key, field: bytes, ...}, in member
     order; directories and other non-files are skipped.  `name`: what errors call the
@@ -41,7 +55,7 @@ def read_groups(path: str, name: str | None = None) -> Iterator[dict]:
     group: dict | None = None
     last = None
     try:
-        with tarfile.open(path, "r|*") as tar:
+        with tarfile.open(path, "r|*", tarinfo=_StrictTarInfo) as tar:
             for member in tar:
                 if not member.isfile():
                     continue
@@ -93,16 +107,29 @@ class TarShards(Stream):
         # A remote shard's version, fixed here: a shard read again is the same bytes.
         self._stamps = [stamp(p, cache) if is_url(p) else None for p in self.paths]
         self.decode = decode
+        self._upcoming: list[int] = []
         super().__init__(self._read_shard, len(self.paths))
 
+    def _shmfeed_upcoming(self, shards: list[int]) -> None:
+        """The shards this worker reads after the one it opens next (ShardBuilder):
+        the cache downloads the first `prefetch` of them in the background."""
+        self._upcoming = shards
+
     def _read_shard(self, shard: int, num_shards: int) -> Iterator:
+        # Not a generator itself: the upcoming shards are taken now, before another
+        # shard's `make` is told its own.
+        ahead = [(self.paths[s], self._stamps[s]) for s in self._upcoming if is_url(self.paths[s])]
+        self._upcoming = []
+        return self._samples(shard, ahead)
+
+    def _samples(self, shard: int, ahead: list) -> Iterator:
         decode, path = self.decode, self.paths[shard]
         if not is_url(path):
             for group in read_groups(path):
                 yield decode(group)
             return
         assert self.cache is not None
-        with self.cache.open(path, self._stamps[shard]) as obj:  # never evicted while read
+        with self.cache.open(path, self._stamps[shard], ahead) as obj:  # never evicted while read
             for group in read_groups(obj.path, path):
                 yield decode(group)
 
