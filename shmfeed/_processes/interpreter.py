@@ -40,8 +40,8 @@ from .._errors import SourcePickleError
 from ..sources._arrays import MappedFile, _file_ref
 from . import sharepages as _sharepages
 
-# The directory holding the imported `shmfeed` package.
-PACKAGE_PARENT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# The directory holding the imported `shmfeed` package (this file is shmfeed/_processes/).
+PACKAGE_PARENT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 _CULPRIT_DEPTH = 6  # how deep the search for an unpicklable attribute goes
 MAX_FILES = 248  # a message carries 253 descriptors (SCM_MAX_FD), 5 of them not the source's
 INBAND_BYTES = 64 << 10  # smaller arrays stay inside the pickle (a page each would cost more)
