@@ -508,3 +508,22 @@ def test_a_hostile_server_met_mid_epoch_by_a_worker_is_an_error_in_batch_order_a
     proxy.mode("pass")  # the server is back: the same source gives the whole stream
     with shmfeed.Loader(src, batch_size=2, num_workers=2, seed=1) as loader:
         assert _epoch(loader) == ref
+
+
+@pytest.mark.parametrize("glob", [True, False], ids=["pattern", "url"])
+def test_a_server_that_stalls_under_a_parquet_footer_is_named_as_such_not_a_corrupt_file(hostile, tmp_path, glob):
+    pa = pytest.importorskip("pyarrow")
+    pq = pytest.importorskip("pyarrow.parquet")
+    fs, opts, proxy = hostile
+    buf = io.BytesIO()
+    pq.write_table(pa.table({"y": np.arange(30)}), buf, row_group_size=7)
+    fs.pipe(f"{BUCKET}/pq/part-0.parquet", buf.getvalue())
+    cache = ObjectCache(tmp_path / "cache", max_bytes=1 << 20, storage_options=opts, retries=1,
+                        retry_wait_s=0.05, timeout_s=0.5)
+    proxy.mode("stall")
+    paths = f"s3://{BUCKET}/pq/*.parquet" if glob else [f"s3://{BUCKET}/pq/part-0.parquet"]
+    with pytest.raises(SourceFileError, match=r"failed 2 times, last with .*Check that the server is up") as err:
+        Parquet(paths, cache=cache)
+    assert "corrupt" not in str(err.value)
+    proxy.mode("pass")
+    assert len(Parquet(paths, cache=cache)) == 30

@@ -257,9 +257,15 @@ class ObjectCache:
             return sorted(found)
         return self._remote(pattern, "listing", call)
 
-    def open_remote(self, url: str) -> Any:
-        """A file object reading the object directly (e.g. a Parquet footer), uncached."""
-        return self._remote(url, "opening it", lambda fs, path: fs.open(path, "rb"))
+    def read_remote(self, url: str, what: str, read: Any) -> Any:
+        """`read(file)` of the object read directly, uncached (e.g. a Parquet footer),
+        opening and reading both under the retries and `timeout_s`: a server that stalls
+        or fails midway is named as such.  `read` raises SourceFileError for what no
+        retry mends (a corrupt file)."""
+        def call(fs: Any, path: str) -> Any:
+            with fs.open(path, "rb") as f:
+                return read(f)
+        return self._remote(url, what, call)
 
     # -- the local side ------------------------------------------------------------
     def _entry(self, url: str, version: str) -> str:

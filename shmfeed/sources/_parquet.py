@@ -248,19 +248,23 @@ class Parquet(_ArrowRows):
         starts, chunk_file, chunk_group, stamps = [0], [], [], []
         schema0 = None
         for f, path in enumerate(self.paths):
-            try:
-                if is_url(path):
-                    assert cache is not None
-                    with cache.open_remote(path) as remote:
-                        meta = pq.read_metadata(remote)
-                else:
-                    meta = pq.read_metadata(path)
-                schema = meta.schema.to_arrow_schema()
-            except (OSError, pa.ArrowException) as exc:
-                raise SourceFileError(
-                    f"{what}: cannot read the Parquet footer of {path!r} ({type(exc).__name__}: "
-                    f"{' '.join(str(exc).split())}); the file is truncated, corrupt or not Parquet. Write it again, or "
-                    "leave it out of `paths`.") from exc
+            def footer(file: Any, path: str = path, errors: tuple = (pa.ArrowInvalid,)) -> Any:
+                try:
+                    meta = pq.read_metadata(file)
+                    return meta, meta.schema.to_arrow_schema()
+                except errors as exc:
+                    raise SourceFileError(
+                        f"{what}: cannot read the Parquet footer of {path!r} ({type(exc).__name__}: "
+                        f"{' '.join(str(exc).split())}); the file is truncated, corrupt or not Parquet. Write it "
+                        "again, or leave it out of `paths`.") from exc
+
+            if is_url(path):
+                # A server that stalls or fails while the footer is read is retried and named
+                # as such; only what pyarrow finds invalid is called corrupt.
+                assert cache is not None
+                meta, schema = cache.read_remote(path, "reading its Parquet footer", footer)
+            else:
+                meta, schema = footer(path, errors=(OSError, pa.ArrowException))
             if schema0 is None:
                 self.columns = _check_columns(schema.names, columns, f"{path!r}", what)
                 self._kinds = [_column_kind(pa, c, schema.field(c).type, what) for c in self.columns]
