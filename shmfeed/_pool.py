@@ -8,17 +8,18 @@ no import), and stopping it; holding Ctrl-C back while a pool process is created
 updated or stopped.
 
 How the supervisor starts and how its end is seen depend on the start method, behind
-one interface (`_Supervisor`): forked here (`_Forked`: waitpid), forked by the fork
-server (`_FromServer`: the server writes its `ExitStatus` into a pipe), or a fresh
-interpreter (`_Spawned`: a Popen).  The last two start from a `SupervisorStart` and a
-parcel.  Every message named here is a typed record of _messages.py.
+one interface (`_SupervisorProcess`): forked here (`_Forked`: waitpid), forked by the
+fork server (`_FromServer`: the server writes its `ExitStatus` into a pipe), or a
+fresh interpreter (`_Spawned`: a Popen).  The last two start from a `SupervisorStart`
+and a parcel.  Every message named here is a typed record of _messages.py.
 
 The update exchange, over a SOCK_SEQPACKET socket pair that only this handle and the
 supervisor hold: the training process sends `Update` with the source's parcel (a memfd
 and the files it maps, see _interpreter.Parcel: never blocks, whatever its size), then
 waits for `Updated` (new workers are running; no worker of the old source is left) or
-`UpdateFailed` with the reason, checking that the supervisor lives.  It only ever does so between epochs, when no generation is
-open: the old workers' half-built batches are of abandoned or finished epochs.
+`UpdateFailed` with the reason, checking that the supervisor lives.  It only ever does
+so between epochs, when no generation is open: the old workers' half-built batches
+are of abandoned or finished epochs.
 
 Shutdown protocol (the only one; everything that ends a pool goes through it):
 1. The training process sets the control block's shutdown word (`Control.shutdown`),
@@ -195,7 +196,7 @@ class _StartArgs:
     start: bytes | None
 
 
-class _Supervisor(ABC):
+class _SupervisorProcess(ABC):
     """A supervisor process as its start method lets the training process see it."""
 
     method: str
@@ -203,7 +204,7 @@ class _Supervisor(ABC):
 
     @classmethod
     @abstractmethod
-    def start(cls, args: _StartArgs) -> _Supervisor | None:
+    def start(cls, args: _StartArgs) -> _SupervisorProcess | None:
         """Start one; None when this method cannot here and now (no fork server)."""
 
     @abstractmethod
@@ -220,7 +221,7 @@ class _Supervisor(ABC):
         return None
 
 
-class _Forked(_Supervisor):
+class _Forked(_SupervisorProcess):
     """Forked from this process: a child of ours."""
 
     method = "fork"
@@ -238,7 +239,7 @@ class _Forked(_Supervisor):
         return None if pid == 0 else status
 
 
-class _FromServer(_Supervisor):
+class _FromServer(_SupervisorProcess):
     """Forked by the fork server (the server's child, not ours): its exit status comes
     through a pipe, as an `ExitStatus`."""
 
@@ -289,7 +290,7 @@ class _FromServer(_Supervisor):
         return signal.SIGKILL
 
 
-class _Spawned(_Supervisor):
+class _Spawned(_SupervisorProcess):
     """A fresh interpreter: a Popen of ours."""
 
     method = "spawn"
@@ -327,7 +328,7 @@ class _Spawned(_Supervisor):
 
 # The start methods a Pool tries, in order: a fork server that is gone falls back on a
 # fresh interpreter.
-_STARTS: dict[str, tuple[type[_Supervisor], ...]] = {
+_STARTS: dict[str, tuple[type[_SupervisorProcess], ...]] = {
     "fork": (_Forked,), "forkserver": (_FromServer, _Spawned), "spawn": (_Spawned,)}
 
 
@@ -343,7 +344,7 @@ class Pool:
         # when that thread is the main one; otherwise the supervisor watches our pidfd.
         pdeathsig = threading.current_thread() is threading.main_thread()
         self._chan, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
-        self._sup: _Supervisor | None = None
+        self._sup: _SupervisorProcess | None = None
         hold_fds(self)  # pools forked later (by any loader) close our channel
         try:
             start = None if start_method == "fork" else self._start_message(cfg)
