@@ -484,9 +484,9 @@ def spawn_main() -> None:
 def start_from_payload(payload_fd: int, ring_fd: int, chan_fd: int, parent_pid: int,
                        ppid: int, pdeathsig: bool = True, *, source_fds: list[int]) -> None:
     """A supervisor that receives its config as bytes (a `SupervisorStart`, from
-    _pool.py) and its source as a parcel (_interpreter.Parcel, descriptors `source_fds`): in a
-    fresh interpreter, or forked by the fork server (`ppid`, its parent, is then the
-    server; `parent_pid` is always the training process)."""
+    _pool.py) and its source as a parcel (_interpreter.Parcel, descriptors
+    `source_fds`): in a fresh interpreter, or forked by the fork server (`ppid`, its
+    parent, is then the server; `parent_pid` is always the training process)."""
     with os.fdopen(payload_fd, "rb") as f:
         start = SupervisorStart.decode(f.read())
     child_setup(ppid, {ring_fd, chan_fd, *source_fds}, pdeathsig)
