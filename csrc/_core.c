@@ -60,8 +60,9 @@ static int Control_init(ControlObject *self, PyObject *args, PyObject *kwds) {
  * (Ctrl-C's KeyboardInterrupt), and its exception is now pending.  After an
  * interrupted wait, and after a timed-out one too: a signal that the kernel gave to
  * another thread (one that does not block it, e.g. OpenBLAS's) sets CPython's flag
- * without interrupting this thread's wait, and 3.11 then never trips the main
- * thread's eval breaker for it.  Checking costs one atomic load.  Every wait runs it. */
+ * without interrupting this thread's wait.  Every wait runs it, so that the wait
+ * itself raises, even where no bytecode runs before the next wait (a caller in C);
+ * checking costs one atomic load. */
 static int wait_interrupted(shmf_status st) {
     return (st == SHMF_INTERRUPTED || st == SHMF_TIMEOUT) && PyErr_CheckSignals() < 0;
 }
