@@ -32,6 +32,7 @@ setup(
         # the control block, and the workers' loop for array sources (which copies rows)
         _extension("shmfeed._core", ["csrc/ctl.c", "csrc/gather.c", "csrc/kernels.c", "csrc/order.c",
                                        "csrc/_core.c"]),
-        _extension("shmfeed._kernels", ["csrc/kernels.c", "csrc/order.c", "csrc/_kernels.c"]),  # hot loops, the order
+        # hot loops, the order: their binding only; the code is _core's (csrc/kernels_api.h)
+        _extension("shmfeed._kernels", ["csrc/_kernels.c"]),
     ]
 )

@@ -19,7 +19,7 @@
 #include <unistd.h>
 
 #include "gather.h"
-#include "kernels.h"
+#include "kernels_api.h"
 #include "shmfeed_ctl.h"
 
 typedef struct {
@@ -56,14 +56,20 @@ static int Control_init(ControlObject *self, PyObject *args, PyObject *kwds) {
     return 0;
 }
 
-/* Turn the status of an interrupted wait into the pending Python exception. */
+/* Whether a wait that ended with `st` must raise instead: a signal's handler raised
+ * (Ctrl-C's KeyboardInterrupt), and its exception is now pending.  After an
+ * interrupted wait, and after a timed-out one too: a signal that the kernel gave to
+ * another thread (one that does not block it, e.g. OpenBLAS's) sets CPython's flag
+ * without interrupting this thread's wait.  Every wait runs it, so that the wait
+ * itself raises, even where no bytecode runs before the next wait (a caller in C);
+ * checking costs one atomic load. */
+static int wait_interrupted(shmf_status st) {
+    return (st == SHMF_INTERRUPTED || st == SHMF_TIMEOUT) && PyErr_CheckSignals() < 0;
+}
+
+/* Turn the status of a wait into its Python result, or the pending exception. */
 static PyObject *status_result(shmf_status st) {
-    if (st == SHMF_INTERRUPTED && PyErr_CheckSignals() < 0) return NULL;
-    /* After a timed-out wait too: a signal that the kernel gave to another thread
-     * (one that does not block it, e.g. OpenBLAS's) sets CPython's flag without
-     * interrupting this thread's wait, and 3.11 then never trips the main thread's
-     * eval breaker for it.  Checking costs one atomic load. */
-    if (st == SHMF_TIMEOUT && PyErr_CheckSignals() < 0) return NULL;
+    if (wait_interrupted(st)) return NULL;
     return PyLong_FromLong(st);
 }
 
@@ -103,8 +109,11 @@ static PyObject *Control_claim_wait(ControlObject *self, PyObject *args) {
     uint32_t gen = 0, batch = 0;
     uint64_t epoch = 0;
     shmf_status st;
-    Py_BEGIN_ALLOW_THREADS st = shmf_claim_wait(self->base, worker, timeout_s, &gen, &epoch, &batch);
-    Py_END_ALLOW_THREADS return Py_BuildValue("iIKI", (int)st, gen, (unsigned long long)epoch, batch);
+    Py_BEGIN_ALLOW_THREADS
+    st = shmf_claim_wait(self->base, worker, timeout_s, &gen, &epoch, &batch);
+    Py_END_ALLOW_THREADS
+    if (wait_interrupted(st)) return NULL;
+    return Py_BuildValue("iIKI", (int)st, gen, (unsigned long long)epoch, batch);
 }
 
 static PyObject *Control_wait_gen(ControlObject *self, PyObject *args) {
@@ -112,8 +121,10 @@ static PyObject *Control_wait_gen(ControlObject *self, PyObject *args) {
     double timeout_s;
     if (!PyArg_ParseTuple(args, "Id", &gen, &timeout_s)) return NULL;
     shmf_status st;
-    Py_BEGIN_ALLOW_THREADS st = shmf_wait_gen(self->base, gen, timeout_s);
-    Py_END_ALLOW_THREADS return status_result(st);
+    Py_BEGIN_ALLOW_THREADS
+    st = shmf_wait_gen(self->base, gen, timeout_s);
+    Py_END_ALLOW_THREADS
+    return status_result(st);
 }
 
 static PyObject *Control_acquire(ControlObject *self, PyObject *args) {
@@ -122,8 +133,10 @@ static PyObject *Control_acquire(ControlObject *self, PyObject *args) {
     if (!PyArg_ParseTuple(args, "IIId", &worker, &gen, &batch, &timeout_s)) return NULL;
     shmf_status st;
     uint32_t slot = SHMF_NO_SLOT;
-    Py_BEGIN_ALLOW_THREADS st = shmf_acquire(self->base, worker, gen, batch, timeout_s, &slot);
-    Py_END_ALLOW_THREADS PyObject *status = status_result(st);
+    Py_BEGIN_ALLOW_THREADS
+    st = shmf_acquire(self->base, worker, gen, batch, timeout_s, &slot);
+    Py_END_ALLOW_THREADS
+    PyObject *status = status_result(st);
     if (!status) return NULL;
     return Py_BuildValue("NI", status, slot);
 }
@@ -262,6 +275,7 @@ static PyObject *Control_gather_batches(ControlObject *self, PyObject *args) {
                              &claimed_epoch, &batch);
     Py_END_ALLOW_THREADS
     PyMem_Free(scratch);
+    if (wait_interrupted(st)) return NULL;
     return Py_BuildValue("iIKI", (int)st, gen, (unsigned long long)claimed_epoch, batch);
 }
 
@@ -272,7 +286,8 @@ static PyObject *Control_take(ControlObject *self, PyObject *args) {
     shmf_status st;
     uint32_t state = 0, slot = 0;
     uint64_t rows = 0;
-    Py_BEGIN_ALLOW_THREADS st = shmf_take(self->base, gen, batch, timeout_s, &state, &rows, &slot);
+    Py_BEGIN_ALLOW_THREADS
+    st = shmf_take(self->base, gen, batch, timeout_s, &state, &rows, &slot);
     Py_END_ALLOW_THREADS
     /* The slot is HELD from here on: its SlotRef releases it however this call and the
      * caller end (with the tuple, on an error; with the batch's arrays, otherwise). */
@@ -639,6 +654,17 @@ static struct PyModuleDef core_module = {
     core_methods,
 };
 
+/* Handed to _kernels (kernels_api.h): the one copy of each kernel in the process. */
+static const shmf_kernels_api kernels_api = {
+    .permute = shmf_permute,
+    .block_permute = shmf_block_permute,
+    .copy_stream = shmf_copy_stream,
+    .gather_rows = shmf_gather_rows,
+    .order_init = shmf_order_init,
+    .order_map = shmf_order_map,
+    .order_batch = shmf_order_batch,
+};
+
 PyMODINIT_FUNC PyInit__core(void) {
     refresh_pid();
     if (pthread_atfork(NULL, NULL, refresh_pid) != 0) return PyErr_NoMemory();
@@ -658,6 +684,9 @@ PyMODINIT_FUNC PyInit__core(void) {
     ADD(SHMF_REPORT_BYTES); ADD(SHMF_DATA_ALIGN); ADD(SHMF_VERSION);
 #undef ADD
     if (PyModule_AddObject(m, "SHMF_NO_CLAIM", PyLong_FromUnsignedLongLong(SHMF_NO_CLAIM)) < 0)
+        return NULL;
+    if (PyModule_AddObject(m, "kernels_api",
+                           PyCapsule_New((void *)&kernels_api, SHMF_KERNELS_API_CAPSULE, NULL)) < 0)
         return NULL;
     return m;
 }

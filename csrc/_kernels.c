@@ -1,5 +1,6 @@
 /*
- * Thin CPython binding over kernels.c.  Each method maps to one shmf_* kernel: it
+ * Thin CPython binding over kernels.c and order.c, which are compiled into _core and
+ * reached through its table (kernels_api.h).  Each method maps to one shmf_* kernel: it
  * takes C-contiguous buffers (numpy arrays), checks their item type and lengths,
  * runs the kernel into the caller's output buffer (nothing is allocated here), and
  * turns a kernel status into ValueError.  The kernels are pure, so the GIL is
@@ -7,7 +8,8 @@
  * getting the GIL back could cost a switch interval (5 ms) if another thread of the
  * training process holds it, far more than the work.
  *
- * A new kernel: a function taking (PyObject *module, PyObject *args), the buffers
+ * A new kernel: its pointer in kernels_api.h's table (filled in _core.c), a function
+ * taking (PyObject *module, PyObject *args) that calls it through K, the buffers
  * through get_array/release_arrays, and one line in kernels_methods.
  *
  * EpochOrder wraps order.h's shmf_order: the one description of an epoch's order,
@@ -19,11 +21,13 @@
 
 #include <string.h>
 
-#include "kernels.h"
-#include "order.h"
+#include "kernels_api.h"
 
 #define GIL_RELEASE_MIN_COUNT 4096 /* elements; below this the work is under ~50 us */
 #define GATHER_GIL_RELEASE_MIN_BYTES (1 << 20) /* copied; below this, under ~100 us */
+
+/* The kernels and the order, compiled once, into _core (kernels_api.h): set at load. */
+static const shmf_kernels_api *K;
 
 /* A C-contiguous buffer of `itemsize`-byte items of kind `kind` ('i' signed integer,
  * 'u' unsigned, 'f' float), described by its struct format. */
@@ -73,8 +77,8 @@ static PyObject *order_error(shmf_kstatus st, uint64_t n, uint64_t block, const 
 /* block == 0 selects the plain permutation. */
 static shmf_kstatus order_kernel(uint64_t n, uint64_t block, uint64_t key, const int64_t *pos,
                                  int64_t *out, size_t count) {
-    return block ? shmf_block_permute(n, block, key, pos, out, count)
-                 : shmf_permute(n, key, pos, out, count);
+    return block ? K->block_permute(n, block, key, pos, out, count)
+                 : K->permute(n, key, pos, out, count);
 }
 
 /* The int64 `positions` and writable `out` of an order call, of equal length, into
@@ -162,11 +166,11 @@ static PyObject *kernels_gather_rows(PyObject *Py_UNUSED(m), PyObject *args) {
         shmf_kstatus st;
         if ((uint64_t)count * (uint64_t)row_bytes >= GATHER_GIL_RELEASE_MIN_BYTES) {
             Py_BEGIN_ALLOW_THREADS
-            st = shmf_gather_rows(v[0].buf, n_rows, (size_t)stride, (size_t)row_bytes, idx,
+            st = K->gather_rows(v[0].buf, n_rows, (size_t)stride, (size_t)row_bytes, idx,
                                   (size_t)count, v[2].buf);
             Py_END_ALLOW_THREADS
         } else {
-            st = shmf_gather_rows(v[0].buf, n_rows, (size_t)stride, (size_t)row_bytes, idx,
+            st = K->gather_rows(v[0].buf, n_rows, (size_t)stride, (size_t)row_bytes, idx,
                                   (size_t)count, v[2].buf);
         }
         if (st == SHMF_K_OK) {
@@ -221,7 +225,7 @@ static PyObject *kernels_stack_rows(PyObject *Py_UNUSED(m), PyObject *args) {
         if (ok && row_bytes < 0) row_bytes = v.len;
         ok = ok && v.len == row_bytes && (k + 1) * row_bytes <= out.len;
         if (ok && stream)
-            shmf_copy_stream((char *)out.buf + k * row_bytes, v.buf, (size_t)row_bytes);
+            K->copy_stream((char *)out.buf + k * row_bytes, v.buf, (size_t)row_bytes);
         else if (ok)
             memcpy((char *)out.buf + k * row_bytes, v.buf, (size_t)row_bytes);
         PyBuffer_Release(&v);
@@ -248,7 +252,7 @@ static int EpochOrder_init(EpochOrderObject *self, PyObject *args, PyObject *kwd
     if (!PyArg_ParseTupleAndKeywords(args, kwds, "KKKKpiK", kwlist, &n, &bs, &count, &index,
                                      &drop_last, &shuffle, &block))
         return -1;
-    if (shmf_order_init(&self->order, n, bs, count, index, drop_last, shuffle, block) != SHMF_K_OK) {
+    if (K->order_init(&self->order, n, bs, count, index, drop_last, shuffle, block) != SHMF_K_OK) {
         PyErr_Format(PyExc_ValueError, "EpochOrder(n_items=%llu, batch_size=%llu, shard_count=%llu, "
                      "shard_index=%llu, shuffle=%d, shuffle_block=%llu): outside what order.h accepts",
                      n, bs, count, index, shuffle, block);
@@ -273,7 +277,7 @@ static PyObject *EpochOrder_batch(EpochOrderObject *self, PyObject *args) {
     else if ((uint64_t)v.len / 8 != rows)
         PyErr_Format(PyExc_ValueError, "out has %zd items, batch %llu has %llu rows", v.len / 8, b,
                      (unsigned long long)rows);
-    else if (shmf_order_batch(&self->order, key, b, v.buf) != SHMF_K_OK)
+    else if (K->order_batch(&self->order, key, b, v.buf) != SHMF_K_OK)
         PyErr_SetString(PyExc_SystemError, "[INTERNAL ERROR] shmf_order_batch failed on a batch it has");
     else
         r = Py_NewRef(Py_None);
@@ -293,10 +297,10 @@ static PyObject *EpochOrder_indices(EpochOrderObject *self, PyObject *args) {
     shmf_kstatus st;
     if (count >= GIL_RELEASE_MIN_COUNT) {
         Py_BEGIN_ALLOW_THREADS
-        st = shmf_order_map(&self->order, key, pos, v[1].buf, (size_t)count);
+        st = K->order_map(&self->order, key, pos, v[1].buf, (size_t)count);
         Py_END_ALLOW_THREADS
     } else {
-        st = shmf_order_map(&self->order, key, pos, v[1].buf, (size_t)count);
+        st = K->order_map(&self->order, key, pos, v[1].buf, (size_t)count);
     }
     PyObject *r = st == SHMF_K_OK ? Py_NewRef(Py_None)
                                   : order_error(st, self->order.n_items, self->order.shuffle_block, pos, count);
@@ -391,6 +395,16 @@ static struct PyModuleDef kernels_module = {
 };
 
 PyMODINIT_FUNC PyInit__kernels(void) {
+    /* Imported by name, not with PyCapsule_Import: that only looks up attributes,
+     * and `shmfeed` is still importing (its _core attribute not set yet) here. */
+    PyObject *core = PyImport_ImportModule("shmfeed._core");
+    if (!core) return NULL;
+    PyObject *cap = PyObject_GetAttrString(core, "kernels_api");
+    Py_DECREF(core);
+    if (!cap) return NULL;
+    K = PyCapsule_GetPointer(cap, SHMF_KERNELS_API_CAPSULE); /* a static table of _core's */
+    Py_DECREF(cap);
+    if (!K) return NULL;
     if (PyType_Ready(&EpochOrderType) < 0) return NULL;
     PyObject *m = PyModule_Create(&kernels_module);
     if (!m) return NULL;

@@ -1,5 +1,5 @@
-# Stub of the C extension shmfeed._core (csrc/_core.c, over csrc/ctl.c, csrc/gather.c and
-# csrc/order.c).
+# Stub of the C extension shmfeed._core (csrc/_core.c, over csrc/ctl.c, csrc/gather.c,
+# csrc/kernels.c and csrc/order.c).
 # Statuses are the SHMF_* ints below; shmfeed/_engine/control.py turns them into exceptions.
 from typing import Any, TypeAlias, final
 
@@ -27,6 +27,8 @@ SHMF_REPORT_BYTES: int
 SHMF_DATA_ALIGN: int
 SHMF_VERSION: int
 SHMF_NO_CLAIM: int
+# The kernels and the order, for the _kernels binding (a capsule: csrc/kernels_api.h).
+kernels_api: object
 
 @final
 class SlotRef:

@@ -1,5 +1,5 @@
 # Stub of the C extension shmfeed._kernels (csrc/_kernels.c over csrc/kernels.c and
-# csrc/order.c): hot loops that release the GIL, and the epoch order.  Arrays are any
+# csrc/order.c, which are compiled into _core: csrc/kernels_api.h): hot loops that release the GIL, and the epoch order.  Arrays are any
 # buffer of the stated item type.
 from typing import Any, TypeAlias, final
 

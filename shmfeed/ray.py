@@ -12,8 +12,9 @@ How a batch travels:
   (shmfeed/_batch/build.py) writing into one actor-local buffer laid out exactly like a ring
   slot (`_SlotBuffer` borrows `Ring`'s own view code): the same keyed order, keyed RNG,
   spec and padding as a local worker, so batch `(epoch, b)` is the same bytes wherever
-  it is built.  It returns a `Built` (the slot's bytes and the word a slot publishes:
-  rows, bucket), or the `BuildFailure` a worker would have written.
+  it is built.  It returns an encoded `Built` (_processes/messages.py: the word a slot publishes,
+  rows and bucket, then the slot's bytes, built in place behind it), or the
+  `BuildFailure` a worker would have written.
 - A delivery thread in the training process is a worker as far as the control block
   knows (a worker record of its own, after the local workers'): it claims the next
   batch that has a slot (`claim_wait`), asks an actor for it, waits, acquires the slot,
@@ -53,7 +54,7 @@ import socket
 import threading
 import time
 from dataclasses import dataclass, field
-from typing import Any, NamedTuple
+from typing import Any
 
 import numpy as np
 
@@ -62,6 +63,7 @@ from ._engine.control import BatchStale, PoolShutdown, SlotState, untag
 from ._engine.report import BuildFailure
 from ._engine.ring import Ring
 from ._errors import LoaderClosedError, ShmfeedError, SourcePickleError, SpecError, WorkerError
+from ._processes.messages import Built
 
 try:
     import ray
@@ -101,20 +103,12 @@ class _SlotBuffer:
 
     def __init__(self, spec: Any):
         self.spec = spec
-        backing = np.empty(spec.slot_bytes + ALIGN_BYTES, np.uint8)
-        start = -backing.ctypes.data % ALIGN_BYTES
-        self.raw = backing[start:start + spec.slot_bytes]
+        self.frame = Built.frame(spec.slot_bytes, ALIGN_BYTES)  # the reply, with the word before
+        self.raw = self.frame[Built.HEADER_BYTES:]
         self.slot_raw = [self.raw]
         self._write_views: list | None = None
         self._layout_spec: Any = None
         self._layout: list = []
-
-
-class Built(NamedTuple):
-    """What an actor returns for a batch it built."""
-
-    word: int  # what the slot publishes: rows, and the bucket (see _bucket.pack)
-    data: np.ndarray  # the slot's bytes, uint8[slot_bytes]
 
 
 class _BuildActor:
@@ -129,8 +123,8 @@ class _BuildActor:
         """The id of the node it runs on (hex)."""
         return ray.get_runtime_context().get_node_id()
 
-    def build(self, epoch: int, batch: int, worker: int) -> Built | BuildFailure:
-        """The batch, or the BuildFailure a worker would have written."""
+    def build(self, epoch: int, batch: int, worker: int) -> np.ndarray | BuildFailure:
+        """The batch (an encoded `Built`), or the BuildFailure a worker would have written."""
         builder = self.builder
         try:
             word = builder.fill(0, epoch, batch)
@@ -139,7 +133,8 @@ class _BuildActor:
             return BuildFailure.of(exc, worker=worker, batch=batch, epoch=epoch, item=item,
                                    item_name=None if item is None else builder.describe_item(item),
                                    batch_level=builder.spec.batch_level)
-        return Built(word, self.buffer.raw)  # Ray copies it into the object store as it returns
+        # Ray copies it into the object store as it returns.
+        return Built(word, self.buffer.raw).encode(self.buffer.frame)
 
 
 _actor_classes: dict[tuple, Any] = {}
@@ -440,12 +435,13 @@ class _Remote:
             self.ring.write_report(slot, result)
             ctl.publish(worker, slot, gen, batch, 0, SlotState.ERROR, time.perf_counter_ns() - t0)
             return
-        word, payload = result.word, result.data
+        built = Built.decode(result, self.ring.slot_bytes)
+        word, payload = built.word, built.data
         t_copy = time.perf_counter()
         self.ring.slot_raw[slot][:payload.nbytes] = payload  # the one copy into the ring
         c = self.counters
         nbytes = payload.nbytes
-        del result, payload  # the object-store copy can go
+        del result, built, payload  # the object-store copy can go
         ctl.publish(worker, slot, gen, batch, word, SlotState.READY, time.perf_counter_ns() - t0)
         with c.lock:
             c.batches += 1

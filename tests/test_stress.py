@@ -10,7 +10,9 @@ from __future__ import annotations
 import mmap
 import os
 import shutil
+import signal
 import subprocess
+import threading
 import time
 from pathlib import Path
 
@@ -195,3 +197,118 @@ def test_soak_memory_fds_and_children_stay_flat():
     for before, after in zip(warm["worker_rss"], end["worker_rss"]):
         assert after < before * 1.05, (before, after)
     reliability.record("soak", elapsed)
+
+
+# -- a worker's wait in C, woken or interrupted from another thread ----------------------------
+
+WAKE_S = 0.1  # the second thread acts this long after the wait began
+
+
+def _full_ring(loader) -> tuple:
+    """Batches 0 and 1 of a 3-batch epoch built in C into the loader's 2 slots and held by
+    the consumer: the next claim has no slot until one comes back.  (ctl, plan, gen,
+    what `take` gave for batches 0 and 1)."""
+    ring, builder = loader._consumer.ring, loader._consumer.builder
+    ctl, plan = ring.ctl, builder.gather_plan()
+    assert plan is not None
+    gen = ctl.start_epoch(0, 0, 3, 0, loader._cfg.order.epoch_key(0))
+    assert ctl.gather_batches(0, 0.0, plan) is None  # batch 2 has no slot
+    taken = [ctl.take(gen, b, LONG_WAIT_S) for b in (0, 1)]
+    assert all(t is not None for t in taken)
+    return ctl, plan, gen, taken
+
+
+def _wait_in_c(ctl, plan, loop: str, timeout_s: float):
+    if loop == "claim_wait":
+        return ctl.claim_wait(0, timeout_s)
+    return ctl.gather_batches(0, timeout_s, plan)
+
+
+def _x(n: int) -> np.ndarray:
+    return np.arange(n * 2, dtype=np.int64).reshape(n, 2)
+
+
+@pytest.mark.parametrize("loop", ["claim_wait", "gather_batches"])
+def test_a_slot_released_by_another_thread_wakes_a_worker_waiting_in_c(loop):
+    """The ring full of batches the consumer holds; a worker's loop waits in C for a
+    slot (GIL released) while a second thread gives one back: the release must wake it
+    at once (not at the end of its wait), with no deadlock, and batch 2 go there."""
+    from shmfeed.sources import Arrays
+
+    x = _x(6)
+    with shmfeed.Loader(Arrays({"x": x}), batch_size=2, num_slots=2, num_workers=0) as loader:
+        ctl, plan, gen, taken = _full_ring(loader)
+        slot0 = taken[0][2]
+
+        def give_back() -> None:
+            time.sleep(WAKE_S)
+            assert ctl.release(slot0, tag(gen, 0))
+
+        releaser = threading.Thread(target=give_back)
+        releaser.start()
+        t0 = time.monotonic()
+        try:
+            got = _wait_in_c(ctl, plan, loop, LONG_WAIT_S)
+        finally:
+            releaser.join(LONG_WAIT_S)
+        waited = time.monotonic() - t0
+        assert not releaser.is_alive()
+        assert waited < LONG_WAIT_S / 2, f"the release did not wake the wait ({waited:.2f} s)"
+        if loop == "claim_wait":
+            assert got == (gen, 2)  # claimed, for the caller to build
+        else:
+            assert got == (gen, None)  # built in C, and the epoch has no batch left
+            state, rows, slot, ref = ctl.take(gen, 2, LONG_WAIT_S)
+            assert (state, rows, slot) == (SlotState.READY, 2, slot0)
+            np.testing.assert_array_equal(loader._consumer.ring.views(ref, rows)[0], x[4:6])
+            del ref
+        del taken
+
+
+def _in_futex_wait(tid: int) -> bool:
+    try:
+        with open(f"/proc/self/task/{tid}/wchan") as f:
+            return "futex" in f.read()
+    except OSError:
+        return False
+
+
+@pytest.mark.parametrize("loop", ["claim_wait", "gather_batches"])
+def test_ctrl_c_raises_from_inside_a_wait_in_c_even_when_c_called_it(loop):
+    """Ctrl-C while the main thread waits in C for a slot: like every other wait of the
+    control block, this one raises KeyboardInterrupt itself (PyErr_CheckSignals) rather
+    than returning a status for the next bytecode to turn into it, so that the
+    interrupt lands even when what called the wait is C: here `map`, which would start
+    the second (long) wait at once."""
+    from shmfeed.sources import Arrays
+
+    main = threading.main_thread()
+    if threading.current_thread() is not main:
+        pytest.skip("signals are handled in the main thread only")
+    with shmfeed.Loader(Arrays({"x": _x(6)}), batch_size=2, num_slots=2, num_workers=0) as loader:
+        ctl, plan, gen, taken = _full_ring(loader)
+        sent = threading.Event()
+
+        def ctrl_c() -> None:
+            time.sleep(WAKE_S)
+            deadline = time.monotonic() + LONG_WAIT_S
+            while not _in_futex_wait(os.getpid()) and time.monotonic() < deadline:
+                time.sleep(0.01)
+            assert main.ident is not None
+            signal.pthread_kill(main.ident, signal.SIGINT)
+            sent.set()
+
+        wait = getattr(ctl._c, loop)
+        args = [[0, 0], [3 * LONG_WAIT_S] * 2] + ([[plan, plan]] if loop == "gather_batches" else [])
+        sender = threading.Thread(target=ctrl_c)
+        sender.start()
+        t0 = time.monotonic()
+        try:
+            with pytest.raises(KeyboardInterrupt):
+                list(map(wait, *args))
+        finally:
+            sender.join(LONG_WAIT_S)
+        assert sent.is_set()
+        waited = time.monotonic() - t0
+        assert waited < LONG_WAIT_S, f"Ctrl-C surfaced only after {waited:.1f} s"
+        del taken

@@ -20,6 +20,8 @@ from __future__ import annotations
 
 import argparse
 import sys
+from collections.abc import Callable
+from typing import Any
 
 from .. import _sysinfo
 from .bench import keras_fit, workloads
@@ -34,14 +36,28 @@ def _usable_cpus() -> int:
     return _sysinfo.usable_cpus().value
 
 
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
-    return value
+def _number(parse: type, what: str, low: float, high: float | None = None, *,
+            above: bool = False, unit: str = "") -> Callable[[str], Any]:
+    """An argparse type: `parse(text)` (int or float, `what` it is called in the error)
+    within [low, high] (`above`: low itself excluded; high None: no bound)."""
+
+    def check(text: str) -> Any:
+        try:
+            value = parse(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected {what}, got {text!r}") from None
+        if not ((value > low if above else value >= low) and (high is None or value <= high)):  # NaN fails
+            bounds = f"{'>' if above else '>='} {low:g}" + ("" if high is None else f" and <= {high:g}")
+            raise argparse.ArgumentTypeError(
+                f"must be {bounds}{unit}, got {value if parse is int else text}")
+        return value
+
+    return check
+
+
+_positive_int = _number(int, "a whole number", 1)
+_seconds = _number(float, "a number of seconds", 0, 3600, above=True, unit=" seconds")
+_step_ms = _number(float, "a number of milliseconds", 0, MAX_STEP_MS, unit=" ms")
 
 
 def _workers(text: str) -> int | str:
@@ -58,26 +74,6 @@ def _slots(text: str) -> int | str:
         raise argparse.ArgumentTypeError(f"a ring needs at least 2 slots, got {value}")
     if value > MAX_SLOTS:
         raise argparse.ArgumentTypeError(f"a ring has at most {MAX_SLOTS} slots, got {value}")
-    return value
-
-
-def _seconds(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number of seconds, got {text!r}") from None
-    if not 0 < value <= 3600:
-        raise argparse.ArgumentTypeError(f"must be > 0 and <= 3600 seconds, got {text}")
-    return value
-
-
-def _step_ms(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number of milliseconds, got {text!r}") from None
-    if not 0 <= value <= MAX_STEP_MS:
-        raise argparse.ArgumentTypeError(f"must be >= 0 and <= {MAX_STEP_MS:g} ms, got {text}")
     return value
 
 

@@ -18,13 +18,14 @@ automatic start off, and it is skipped (with a warning) in a process that alread
 holds more than `AUTO_MAX_PRIVATE_BYTES` of private memory, which the copy would pin.
 
 The exchange, over a SOCK_SEQPACKET socket pair that only this process and the server
-hold, one request at a time (a lock): the training process sends `SPAWN` with the
-descriptors of a memfd holding the spawn payload of _processes/pool.py, the ring, the supervisor's
-end of its channel, the write end of a status pipe, then the source's parcel
-(_interpreter.Parcel: its memfd, then the files it maps), the server forks the supervisor
-and answers `PID <pid>`.  When that supervisor exits, the server reaps it and writes
-its wait status (decimal) into the status pipe, which the pool's handle reads; EOF
-without a status means the server died first.
+hold, one request at a time (a lock): the training process sends a `SpawnRequest`
+(_processes/messages.py) with the descriptors of a memfd holding the `SupervisorStart` of
+_processes/pool.py, the ring, the supervisor's end of its channel, the write end of a status
+pipe, then the source's parcel (interpreter.Parcel: its memfd, then the files it
+maps), the server forks the supervisor and answers a `SpawnReply` (its pid).  When
+that supervisor exits, the server reaps it and writes its `ExitStatus` into the
+status pipe, which the pool's handle reads; EOF without a status means the server
+died first.
 
 Invariants:
 - The server is single-threaded, ignores SIGINT, and dies with the training process
@@ -52,12 +53,11 @@ import psutil
 
 from .. import _sysinfo
 from .interrupts import in_pool_process, sigint_deferred
-from .supervisor import MAX_FDS, child_setup, fork_child, start_from_payload
+from .messages import MAX_FDS, ExitStatus, MessageError, SpawnReply, SpawnRequest
+from .supervisor import child_setup, fork_child, start_from_payload
 
 log = logging.getLogger("shmfeed")
 
-SPAWN = b"spawn"
-PID = b"pid "
 REPLY_TIMEOUT_S = 10.0  # the server forks a supervisor within this long, or is dropped
 SERVER_POLL_S = 1.0  # how often the idle server checks that its parent lives
 ENV_SWITCH = "SHMFEED_FORK_SERVER"  # "0": no automatic start
@@ -206,7 +206,8 @@ def request(payload_fd: int, ring_fd: int, chan_fd: int, status_fd: int,
         return None
     with server.lock:
         try:
-            socket.send_fds(server.sock, [SPAWN], [payload_fd, ring_fd, chan_fd, status_fd, *source_fds])
+            msg, fds = SpawnRequest(payload_fd, ring_fd, chan_fd, status_fd, tuple(source_fds)).encode()
+            socket.send_fds(server.sock, [msg], fds)
             deadline = time.monotonic() + REPLY_TIMEOUT_S
             while not select.select([server.sock], [], [], 0.05)[0]:
                 if not _alive(server.pid) or time.monotonic() > deadline:
@@ -217,10 +218,13 @@ def request(payload_fd: int, ring_fd: int, chan_fd: int, status_fd: int,
                         "from a fresh interpreter instead", server.pid, exc)
             _drop()
             return None
-    if not answer.startswith(PID):
+    try:
+        return SpawnReply.decode(answer).pid
+    except MessageError as exc:
+        log.warning("shmfeed: the fork server (pid %d) answered wrongly (%s); starting workers "
+                    "from a fresh interpreter instead", server.pid, exc)
         _drop()
         return None
-    return int(answer[len(PID):])
 
 
 # -- the server ------------------------------------------------------------------------
@@ -248,7 +252,7 @@ def _serve(sock: socket.socket, parent_pid: int, unfinished: list[str]) -> None:
             done, status = os.waitpid(pid, os.WNOHANG)
             if done:
                 try:
-                    os.write(status_fd, str(status).encode())
+                    os.write(status_fd, ExitStatus(status).encode())
                 except OSError:  # the pool's handle is gone: nobody to tell
                     pass
                 os.close(pfd)
@@ -265,17 +269,18 @@ def _serve(sock: socket.socket, parent_pid: int, unfinished: list[str]) -> None:
             continue
         if not msg:  # the training process closed its end (it stopped us, or exited)
             return
-        if msg != SPAWN or len(fds) < 5:
+        try:
+            req = SpawnRequest.decode(msg, fds)
+        except MessageError:  # only our training process writes here: ignored
             for fd in fds:
                 os.close(fd)
             continue
-        payload_fd, ring_fd, chan_fd, status_fd, *source_fds = fds
-        pid = fork_child(functools.partial(start_from_payload, payload_fd, ring_fd, chan_fd, parent_pid, me,
-                                           source_fds=source_fds))
-        for fd in (payload_fd, ring_fd, chan_fd, *source_fds):
+        pid = fork_child(functools.partial(start_from_payload, req.payload_fd, req.ring_fd, req.chan_fd,
+                                           parent_pid, me, source_fds=list(req.source_fds)))
+        for fd in (req.payload_fd, req.ring_fd, req.chan_fd, *req.source_fds):
             os.close(fd)
-        children[pid] = (os.pidfd_open(pid), status_fd)
+        children[pid] = (os.pidfd_open(pid), req.status_fd)
         try:
-            sock.send(PID + str(pid).encode())
+            sock.send(SpawnReply(pid).encode())
         except OSError:  # the training process gave up waiting and dropped us
             return

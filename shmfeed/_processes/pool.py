@@ -7,12 +7,19 @@ supervisor re-forks only the workers, so an epoch hook costs no interpreter star
 no import), and stopping it; holding Ctrl-C back while a pool process is created,
 updated or stopped.
 
+How the supervisor starts and how its end is seen depend on the start method, behind
+one interface (`_SupervisorProcess`): forked here (`_Forked`: waitpid), forked by the
+fork server (`_FromServer`: the server writes its `ExitStatus` into a pipe), or a
+fresh interpreter (`_Spawned`: a Popen).  The last two start from a `SupervisorStart`
+and a parcel.  Every message named here is a typed record of messages.py.
+
 The update exchange, over a SOCK_SEQPACKET socket pair that only this handle and the
-supervisor hold: the training process sends `UPDATE` with the source's parcel (a memfd
-and the files it maps, see _interpreter.Parcel: never blocks, whatever its size), then waits for `UPDATED` (new workers are
-running; no worker of the old source is left) or `UPDATE_FAILED` + reason, checking
-that the supervisor lives.  It only ever does so between epochs, when no generation is
-open: the old workers' half-built batches are of abandoned or finished epochs.
+supervisor hold: the training process sends `Update` with the source's parcel (a memfd
+and the files it maps, see _interpreter.Parcel: never blocks, whatever its size), then
+waits for `Updated` (new workers are running; no worker of the old source is left) or
+`UpdateFailed` with the reason, checking that the supervisor lives.  It only ever does
+so between epochs, when no generation is open: the old workers' half-built batches
+are of abandoned or finished epochs.
 
 Shutdown protocol (the only one; everything that ends a pool goes through it):
 1. The training process sets the control block's shutdown word (`Control.shutdown`),
@@ -42,6 +49,8 @@ import subprocess
 import sys
 import threading
 import time
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
 from typing import Any
 
 # NumPy >= 2 imports numpy.random on first use, and a Ctrl-C that lands inside that
@@ -57,13 +66,175 @@ from .._errors import WorkerError
 from . import forkserver as _forkserver
 from . import interpreter as _interpreter
 from .interrupts import sigint_deferred
-from .supervisor import UPDATE, UPDATE_FAILED, UPDATED, fork_child, fork_main, hold_fds
+from .messages import (
+    ExitStatus,
+    MessageError,
+    SpawnArgs,
+    SupervisorStart,
+    Update,
+    UpdateFailed,
+    decode_update_reply,
+)
+from .supervisor import fork_child, fork_main, hold_fds, kill_and_reap, sigkill, wait_until
 
 # Popen arguments that start a spawned supervisor in a process group of its own.
 _NEW_GROUP: dict = {"process_group": 0} if sys.version_info >= (3, 11) else {"start_new_session": True}
 STOP_TIMEOUT_S = 2.0  # the supervisor gets this long to finish the shutdown protocol
 UPDATE_TIMEOUT_S = 120.0  # the supervisor gets this long to rebuild a source and re-fork
 UPDATE_POLL_S = 0.05  # how often the training process checks the supervisor meanwhile
+
+
+@dataclass(frozen=True)
+class _StartArgs:
+    """What every start method gets: the pool's ring, source and config, the
+    supervisor's end of the channel, the training process, whether the supervisor sets
+    a parent-death signal, and (all but fork) the source's parcel and the
+    `SupervisorStart` it starts from."""
+
+    ring: Ring
+    source: Any
+    cfg: Config
+    chan_fd: int
+    parent_pid: int
+    pdeathsig: bool
+    parcel: _interpreter.Parcel | None
+    start: bytes | None
+
+
+class _SupervisorProcess(ABC):
+    """A supervisor process as its start method lets the training process see it."""
+
+    method: str
+    pid: int
+
+    @classmethod
+    @abstractmethod
+    def start(cls, args: _StartArgs) -> _SupervisorProcess | None:
+        """Start one; None when this method cannot here and now (no fork server)."""
+
+    @abstractmethod
+    def exit_status(self) -> int | None:
+        """Its wait status once it has exited (asked until it is not None), else None."""
+
+    def own_fds(self) -> set[int]:
+        """Descriptors held to watch it (see Pool.own_fds)."""
+        return set()
+
+    def close(self) -> int | None:
+        """Let go of what watches it, the pool being stopped; the wait status to take
+        if `exit_status` can no longer tell, else None."""
+        return None
+
+
+class _Forked(_SupervisorProcess):
+    """Forked from this process: a child of ours."""
+
+    method = "fork"
+
+    def __init__(self, pid: int):
+        self.pid = pid
+
+    @classmethod
+    def start(cls, args: _StartArgs) -> _Forked:
+        return cls(fork_child(lambda: fork_main(args.ring.fd, args.chan_fd, args.source, args.cfg,
+                                                args.parent_pid, args.pdeathsig, args.ring.max_workers)))
+
+    def exit_status(self) -> int | None:
+        pid, status = os.waitpid(self.pid, os.WNOHANG)
+        return None if pid == 0 else status
+
+
+class _FromServer(_SupervisorProcess):
+    """Forked by the fork server (the server's child, not ours): its exit status comes
+    through a pipe, as an `ExitStatus`."""
+
+    method = "forkserver"
+
+    def __init__(self, pid: int, status_fd: int):
+        self.pid = pid
+        self.status_fd: int | None = status_fd
+
+    @classmethod
+    def start(cls, args: _StartArgs) -> _FromServer | None:
+        assert args.parcel is not None and args.start is not None
+        pfd = _memfd_with(args.start)
+        read_fd, write_fd = os.pipe2(os.O_CLOEXEC | os.O_NONBLOCK)
+        try:
+            pid = _forkserver.request(pfd, args.ring.fd, args.chan_fd, write_fd, args.parcel.fds())
+        except BaseException:
+            os.close(read_fd)
+            raise
+        finally:
+            os.close(pfd)
+            os.close(write_fd)
+        if pid is None:
+            os.close(read_fd)
+            return None
+        return cls(pid, read_fd)
+
+    def exit_status(self) -> int | None:
+        if self.status_fd is None:
+            return None
+        try:
+            data = os.read(self.status_fd, 32)
+        except BlockingIOError:
+            return None
+        os.close(self.status_fd)
+        self.status_fd = None
+        # EOF without a status: the fork server died, and the supervisor with it.
+        return ExitStatus.decode(data).status if data else signal.SIGKILL
+
+    def own_fds(self) -> set[int]:
+        return {self.status_fd} if self.status_fd is not None else set()
+
+    def close(self) -> int | None:
+        if self.status_fd is None:
+            return None
+        os.close(self.status_fd)  # the fork server never told: killed
+        self.status_fd = None
+        return signal.SIGKILL
+
+
+class _Spawned(_SupervisorProcess):
+    """A fresh interpreter: a Popen of ours."""
+
+    method = "spawn"
+
+    def __init__(self, popen: subprocess.Popen):
+        self.popen = popen
+        self.pid = popen.pid
+
+    @classmethod
+    def start(cls, args: _StartArgs) -> _Spawned:
+        assert args.parcel is not None and args.start is not None
+        # The payload goes through a memfd, not a pipe: writing it can never block.
+        pfd = _memfd_with(args.start)
+        fds = args.parcel.fds()
+        try:
+            popen = subprocess.Popen(
+                _interpreter.python_command("from shmfeed._processes.supervisor import spawn_main; spawn_main()")
+                + SpawnArgs(pfd, args.ring.fd, args.chan_fd, args.parent_pid, args.pdeathsig,
+                            tuple(fds)).encode(),
+                pass_fds=(pfd, args.ring.fd, args.chan_fd, *fds), stdin=subprocess.DEVNULL,
+                # Its own process group: the terminal's Ctrl-C (sent to the foreground
+                # group) would otherwise hit the new interpreter while it starts, before
+                # it can ignore SIGINT, and print a traceback.
+                **_NEW_GROUP)
+        finally:
+            os.close(pfd)
+        return cls(popen)
+
+    def exit_status(self) -> int | None:
+        rc = self.popen.poll()
+        if rc is None:
+            return None
+        return (-rc & 0x7F) if rc < 0 else (rc << 8)
+
+
+# The start methods a Pool tries, in order: a fork server that is gone falls back on a
+# fresh interpreter.
+_STARTS: dict[str, tuple[type[_SupervisorProcess], ...]] = {
+    "fork": (_Forked,), "forkserver": (_FromServer, _Spawned), "spawn": (_Spawned,)}
 
 
 class Pool:
@@ -73,82 +244,44 @@ class Pool:
                  parcel: _interpreter.Parcel | None = None):
         self.ring = ring
         self.cfg = cfg
-        self.start_method = start_method
-        self._popen: subprocess.Popen | None = None
-        self._status_fd: int | None = None  # a fork server's supervisor: its exit status
         self._status: int | None = None
-        me = os.getpid()
         # PR_SET_PDEATHSIG fires when the *thread* that forked exits, so it is set only
         # when that thread is the main one; otherwise the supervisor watches our pidfd.
         pdeathsig = threading.current_thread() is threading.main_thread()
         self._chan, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        self._sup: _SupervisorProcess | None = None
         hold_fds(self)  # pools forked later (by any loader) close our channel
         try:
-            if start_method == "fork":
-                self.pid = fork_child(lambda: fork_main(ring.fd, theirs.fileno(), source, cfg, me,
-                                                        pdeathsig, ring.max_workers))
-            else:
-                assert parcel is not None
-                payload = self._payload(cfg)
-                if start_method == "forkserver" and not self._from_server(payload, theirs.fileno(), parcel):
-                    self.start_method = "spawn"
-                if self.start_method == "spawn":
-                    self._spawn(payload, theirs.fileno(), me, pdeathsig, parcel)
+            start = None if start_method == "fork" else self._start_message(cfg)
+            args = _StartArgs(ring, source, cfg, theirs.fileno(), os.getpid(), pdeathsig, parcel, start)
+            for kind in _STARTS[start_method]:
+                self._sup = kind.start(args)
+                if self._sup is not None:
+                    break
         except BaseException:
             self._chan.close()
-            if self._status_fd is not None:
-                os.close(self._status_fd)
+            if self._sup is not None:
+                self._sup.close()
             raise
         finally:
             theirs.close()
+        assert self._sup is not None  # the last of each _STARTS entry always starts
+        self.pid = self._sup.pid
+        self.start_method = self._sup.method
 
     def own_fds(self) -> set[int]:
         """Our descriptors, which no other pool process may keep (see child_setup)."""
-        fds = {self._chan.fileno()} | ({self._status_fd} if self._status_fd is not None else set())
+        fds = {self._chan.fileno()} | (self._sup.own_fds() if self._sup is not None else set())
         return {fd for fd in fds if fd >= 0}
 
-    def _payload(self, cfg: Config) -> bytes:
-        """What a supervisor that does not share our memory starts from (with the
-        source's parcel, which travels as descriptors)."""
-        geometry = (cfg.n_slots, self.ring.max_workers, self.ring.slot_bytes)
+    def _start_message(self, cfg: Config) -> bytes:
+        """The `SupervisorStart` a supervisor that does not share our memory starts from
+        (with the source's parcel, which travels as descriptors)."""
         # Not multiprocessing's spawn: it would import the user's __main__ there (and run
         # an unguarded script a second time).  What __main__ defines travels by value.
-        return _interpreter.dumps((_interpreter.parent_sys_path(), geometry, _interpreter.dumps(cfg)))
-
-    def _from_server(self, payload: bytes, chan_fd: int, parcel: _interpreter.Parcel) -> bool:
-        """Have the fork server fork the supervisor; False if there is none."""
-        pfd = _memfd_with(payload)
-        read_fd, write_fd = os.pipe2(os.O_CLOEXEC | os.O_NONBLOCK)
-        try:
-            pid = _forkserver.request(pfd, self.ring.fd, chan_fd, write_fd, parcel.fds())
-        finally:
-            os.close(pfd)
-            os.close(write_fd)
-        if pid is None:
-            os.close(read_fd)
-            return False
-        self.pid = pid
-        self._status_fd = read_fd
-        return True
-
-    def _spawn(self, payload: bytes, chan_fd: int, me: int, pdeathsig: bool,
-               parcel: _interpreter.Parcel) -> None:
-        ring = self.ring
-        # The payload goes through a memfd, not a pipe: writing it can never block.
-        pfd = _memfd_with(payload)
-        try:
-            self._popen = subprocess.Popen(
-                _interpreter.python_command("from shmfeed._processes.supervisor import spawn_main; spawn_main()")
-                + [str(pfd), str(ring.fd), str(chan_fd), str(me), str(int(pdeathsig)),
-                   ",".join(str(fd) for fd in parcel.fds())],
-                pass_fds=(pfd, ring.fd, chan_fd, *parcel.fds()), stdin=subprocess.DEVNULL,
-                # Its own process group: the terminal's Ctrl-C (sent to the foreground
-                # group) would otherwise hit the new interpreter while it starts, before
-                # it can ignore SIGINT, and print a traceback.
-                **_NEW_GROUP)
-        finally:
-            os.close(pfd)
-        self.pid = self._popen.pid
+        return SupervisorStart(tuple(os.fsdecode(p) for p in _interpreter.parent_sys_path()),
+                               cfg.n_slots, self.ring.max_workers, self.ring.slot_bytes,
+                               _interpreter.dumps(cfg)).encode()
 
     def update_source(self, parcel: _interpreter.Parcel) -> None:
         """Have the supervisor replace every worker by one building from the source in
@@ -161,7 +294,8 @@ class Pool:
 
         with sigint_deferred():  # interrupted halfway, an answer would be left unread
             try:
-                socket.send_fds(self._chan, [UPDATE], parcel.fds())
+                msg, fds = Update(tuple(parcel.fds())).encode()
+                socket.send_fds(self._chan, [msg], fds)
                 deadline = time.monotonic() + UPDATE_TIMEOUT_S
                 while not select.select([self._chan], [], [], UPDATE_POLL_S)[0]:
                     ended = self.poll()
@@ -171,34 +305,22 @@ class Pool:
                 answer = self._chan.recv(4096)
             except OSError as exc:  # it died meanwhile: its end of the channel is gone
                 raise failed(f"closed its channel ({type(exc).__name__}: {exc})") from None
-        if answer != UPDATED:
-            reason = answer[len(UPDATE_FAILED):].decode(errors="replace") if answer else "no answer"
+        try:
+            reply = decode_update_reply(answer) if answer else UpdateFailed("no answer")
+        except MessageError as exc:
+            reply = UpdateFailed(str(exc))
+        if isinstance(reply, UpdateFailed):
             raise WorkerError(
                 f"the worker pool could not rebuild the source's new state (after an epoch hook): "
-                f"{reason}", pid=self.pid)
+                f"{reply.reason}", pid=self.pid)
 
     def poll(self) -> str | None:
         """None while the supervisor runs; otherwise how it ended."""
         if self._status is None:
-            if self._status_fd is not None:
-                try:
-                    data = os.read(self._status_fd, 32)
-                except BlockingIOError:
-                    return None
-                # EOF without a status: the fork server died, and the supervisor with it.
-                self._status = int(data) if data else signal.SIGKILL
-                os.close(self._status_fd)
-                self._status_fd = None
-            elif self._popen is not None:
-                rc = self._popen.poll()
-                if rc is None:
-                    return None
-                self._status = (-rc & 0x7F) if rc < 0 else (rc << 8)
-            else:
-                pid, status = os.waitpid(self.pid, os.WNOHANG)
-                if pid == 0:
-                    return None
-                self._status = status
+            assert self._sup is not None
+            self._status = self._sup.exit_status()
+            if self._status is None:
+                return None
         return describe_exit(self._status)
 
     def worker_pids(self) -> list[int]:
@@ -218,10 +340,10 @@ class Pool:
                 self._stop()
             finally:
                 self._chan.close()
-                if self._status_fd is not None:  # the fork server never told: killed
-                    os.close(self._status_fd)
-                    self._status_fd = None
-                    self._status = signal.SIGKILL
+                assert self._sup is not None
+                status = self._sup.close()
+                if status is not None and self._status is None:
+                    self._status = status
 
     def _stop(self) -> None:
         # Each step needs as little as it can (the shutdown word, waitpid and kill need
@@ -235,21 +357,10 @@ class Pool:
             # Still starting (a fresh interpreter importing takes seconds): no worker
             # to take down, and a worker forked right now dies with it (pdeathsig) or
             # leaves at the shutdown word.
-            try:
-                os.kill(self.pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
-        deadline = time.monotonic() + STOP_TIMEOUT_S
-        while self.poll() is None and time.monotonic() < deadline:
-            time.sleep(0.001)
-        if self.poll() is None:
-            try:
-                os.kill(self.pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
-            deadline = time.monotonic() + STOP_TIMEOUT_S
-            while self.poll() is None and time.monotonic() < deadline:
-                time.sleep(0.005)
+            sigkill([self.pid])
+        ended = lambda: self.poll() is not None  # noqa: E731
+        if not wait_until(ended, STOP_TIMEOUT_S, 0.001):
+            kill_and_reap([self.pid], ended, STOP_TIMEOUT_S, 0.005)
         # A supervisor that was killed reaped nobody: its workers die by their
         # PR_SET_PDEATHSIG (or leave at the shutdown word).  Wait until they have.
         _wait_exited(workers, STOP_TIMEOUT_S)

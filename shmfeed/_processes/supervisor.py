@@ -39,6 +39,15 @@ from .._engine.report import STOPPED_STATES, StartupFailure, exit_hint, proc_sta
 from .._engine.ring import Ring, forget_inherited, mapped_fds
 from . import interpreter as _interpreter
 from .interrupts import mark_pool_process
+from .messages import (
+    MAX_FDS,
+    MessageError,
+    SpawnArgs,
+    SupervisorStart,
+    Update,
+    Updated,
+    UpdateFailed,
+)
 from .worker import worker_loop
 
 # Workers get this long to leave on their own at shutdown: an idle one leaves within
@@ -46,17 +55,12 @@ from .worker import worker_loop
 # which keeps `close()` within ~100 ms (the ring is reclaimed either way).
 WORKER_GRACE_S = 0.05
 REAP_TIMEOUT_S = 2.0  # SIGKILLed workers are reaped within this long
+REAP_POLL_S = 0.002  # how often the supervisor reaps meanwhile
 KILL_LANDS_S = 0.001  # a SIGKILL reaches a worker running on another CPU within this (an IPI)
 POLL_S = 0.05  # supervisor's loop period: how soon it notices shutdown
 STOPPED_REPLACE_S = 2.0  # a worker stopped this long is replaced
 GIVE_UP_DRAIN_S = 30.0  # a pool giving up waits this long at most for the batches before it
 DRAIN_POLL_S = 0.005
-# The update exchange's messages (see _processes/pool.py).
-UPDATE = b"update"
-UPDATED = b"updated"
-UPDATE_FAILED = b"update-failed:"
-_REASON_BYTES = 3000  # of an UPDATE_FAILED reason
-MAX_FDS = 253  # the most descriptors one message carries (the kernel's SCM_MAX_FD)
 
 
 def say(text: str) -> None:
@@ -168,6 +172,31 @@ def fork_child(main: Callable[[], None]) -> int:
         finally:
             os._exit(code)
     return pid
+
+
+def sigkill(pids: Iterable[int]) -> None:
+    """SIGKILL each of `pids` that still exists."""
+    for pid in pids:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+
+
+def wait_until(done: Callable[[], bool], timeout_s: float, poll_s: float) -> bool:
+    """Call `done` every `poll_s` until it says so, at most `timeout_s`; its last answer."""
+    deadline = time.monotonic() + timeout_s
+    while not done():
+        if time.monotonic() >= deadline:
+            return False
+        time.sleep(poll_s)
+    return True
+
+
+def kill_and_reap(pids: Iterable[int], reaped: Callable[[], bool], timeout_s: float,
+                  poll_s: float) -> bool:
+    """SIGKILL `pids`, then wait until `reaped()` (which reaps them: only the caller
+    knows how its processes are waited for), at most `timeout_s`; whether they were."""
+    sigkill(pids)
+    return wait_until(reaped, timeout_s, poll_s)
 
 
 def _max_fd() -> int:
@@ -336,14 +365,18 @@ class Supervisor:
             msg, fds, _, _ = socket.recv_fds(chan, 64, MAX_FDS)
         except OSError:
             msg, fds = b"", []
-        if msg != UPDATE or not fds:
+        if not msg:
             _close_all(fds)
-            return bool(msg)
+            return False
         try:
-            new = builder_for(_interpreter.load_source(fds), cfg, ring)
+            update = Update.decode(msg, fds)
+        except MessageError:  # only our Pool writes here: ignored, as before typed messages
+            _close_all(fds)
+            return True
+        try:
+            new = builder_for(_interpreter.load_source(list(update.source_fds)), cfg, ring)
         except BaseException as exc:  # noqa: B036 - whatever the source's unpickling raises
-            reason = f"{type(exc).__name__}: {exc}".encode(errors="replace")[:_REASON_BYTES]
-            chan.send(UPDATE_FAILED + reason)
+            chan.send(UpdateFailed(f"{type(exc).__name__}: {exc}").encode())
             return True
         finally:
             _close_all(fds)
@@ -354,9 +387,7 @@ class Supervisor:
         # process needs the CPU to tear its memory down: tens of ms on a busy machine).
         # One still building a batch of a finished epoch is waited for and reclaimed.
         old = dict(self.workers)
-        for pid in old:
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(pid, signal.SIGKILL)
+        sigkill(old)
         busy = {pid for pid, w in old.items() if ctl.worker(w)["claim"] != _control.NO_CLAIM}
         time.sleep(KILL_LANDS_S)
         for pid, w in old.items():
@@ -371,7 +402,7 @@ class Supervisor:
         for w in range(cfg.num_workers):
             ctl.reclaim(w)
             self.start(w, None)
-        chan.send(UPDATED)
+        chan.send(Updated().encode())
         return True
 
     def stop(self) -> None:
@@ -380,13 +411,9 @@ class Supervisor:
             os.close(fd)
         workers = self.workers
         workers.update(self.retired)
-        _reap(workers, WORKER_GRACE_S)
-        for pid in workers:
-            try:
-                os.kill(pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
-        _reap(workers, REAP_TIMEOUT_S)  # SIGKILLed: gone within microseconds
+        wait_until(lambda: _reaped_all(workers), WORKER_GRACE_S, REAP_POLL_S)
+        # SIGKILLed: gone within microseconds
+        kill_and_reap(list(workers), lambda: _reaped_all(workers), REAP_TIMEOUT_S, REAP_POLL_S)
         for fd in self.pidfds.values():
             os.close(fd)
         for w in range(self.cfg.num_workers):
@@ -409,22 +436,17 @@ def _replace_stopped(workers: dict[int, int], since: dict[int, float],
         first = since.setdefault(pid, now)
         if now - first >= STOPPED_REPLACE_S:
             replaced[pid] = now - first
-            try:
-                os.kill(pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
+            sigkill([pid])
 
 
-def _reap(workers: dict[int, int], timeout_s: float) -> None:
-    """Reap exited children, dropping them from `workers`, until none is left or
-    `timeout_s` has passed."""
-    deadline = time.monotonic() + timeout_s
-    while workers and time.monotonic() < deadline:
+def _reaped_all(workers: dict[int, int]) -> bool:
+    """Reap the children that exited, dropping them from `workers`; whether none is left."""
+    while workers:
         pid, _ = os.waitpid(-1, os.WNOHANG)
-        if pid:
-            workers.pop(pid, None)
-        else:
-            time.sleep(0.002)
+        if not pid:
+            return False
+        workers.pop(pid, None)
+    return True
 
 
 def _death(ctl: _control.Control, w: int, pid: int, status: int, held: int):
@@ -455,33 +477,30 @@ def _close_all(fds: Iterable[int]) -> None:
 
 def spawn_main() -> None:
     """Entry point of a spawned supervisor (see _interpreter.python_command):
-    `python -c ... <payload fd> <ring fd> <channel fd> <parent pid> <pdeathsig>
-    <the parcel's fds, comma-separated>`."""
-    payload_fd, ring_fd, chan_fd, parent_pid, pdeathsig = (int(a) for a in sys.argv[1:6])
-    source_fds = [int(a) for a in sys.argv[6].split(",")]
-    start_from_payload(payload_fd, ring_fd, chan_fd, parent_pid, parent_pid, bool(pdeathsig),
-                       source_fds=source_fds)
+    `python -c ... <SpawnArgs>` (messages.py)."""
+    args = SpawnArgs.decode(sys.argv[1:])
+    start_from_payload(args.payload_fd, args.ring_fd, args.chan_fd, args.parent_pid, args.parent_pid,
+                       args.pdeathsig, source_fds=list(args.source_fds))
 
 
 def start_from_payload(payload_fd: int, ring_fd: int, chan_fd: int, parent_pid: int,
                        ppid: int, pdeathsig: bool = True, *, source_fds: list[int]) -> None:
-    """A supervisor that receives its config as bytes (the spawn payload of _processes/pool.py)
-    and its source as a parcel (_interpreter.Parcel, descriptors `source_fds`): in a
-    fresh interpreter, or forked by the fork server (`ppid`, its parent, is then the
-    server; `parent_pid` is always the training process)."""
+    """A supervisor that receives its config as bytes (a `SupervisorStart`, from
+    _processes/pool.py) and its source as a parcel (_interpreter.Parcel, descriptors
+    `source_fds`): in a fresh interpreter, or forked by the fork server (`ppid`, its
+    parent, is then the server; `parent_pid` is always the training process)."""
     with os.fdopen(payload_fd, "rb") as f:
-        sys_path, geometry, cfg_bytes = _interpreter.loads(f.read())
+        start = SupervisorStart.decode(f.read())
     child_setup(ppid, {ring_fd, chan_fd, *source_fds}, pdeathsig)
     # Map the ring from its plain geometry first, so that a failure to rebuild the
     # config (which names the user's classes, e.g. a namedtuple in the batch spec) or
     # the source can still be reported to the training process.
-    n_slots, max_workers, slot_bytes = geometry
-    ring = Ring(None, n_slots, max_workers, fd=ring_fd, slot_bytes=slot_bytes)
+    ring = Ring(None, start.n_slots, start.max_workers, fd=ring_fd, slot_bytes=start.slot_bytes)
     try:
         # The training process's modules by reference, from its sys.path; what its
         # __main__ defines came by value (its __main__ is never imported here).
-        _interpreter.adopt_sys_path(sys_path)
-        cfg = _interpreter.loads(cfg_bytes)
+        _interpreter.adopt_sys_path(list(start.sys_path))
+        cfg = _interpreter.loads(start.cfg)
         ring.spec = cfg.spec
         source = _interpreter.load_source(source_fds)
     except BaseException as exc:

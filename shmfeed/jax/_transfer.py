@@ -38,7 +38,9 @@ class Pending:
 
 
 class Transfer:
-    """Moves one host leaf to its devices.  Subclasses say how."""
+    """Moves one batch's host leaves to their devices.  Subclasses say how: `upload`
+    (one leaf) and `pending`, or all of `upload_leaves` (one that schedules the batch
+    as a whole, like CuPy's)."""
 
     name = "?"
 
@@ -46,7 +48,15 @@ class Transfer:
         self.target = target
 
     def upload_leaves(self, leaves: list[np.ndarray], plans: list[Placement]) -> tuple[list, Pending | None]:
+        out = [self.upload(leaf, plan) for leaf, plan in zip(leaves, plans)]
+        return out, self.pending(leaves, out)
+
+    def upload(self, leaf: np.ndarray, plan: Placement) -> jax.Array:
         raise NotImplementedError
+
+    def pending(self, leaves: list[np.ndarray], out: list) -> Pending | None:
+        """What of `leaves` the uploads to `out` may still read (None: nothing)."""
+        return None
 
     def close(self) -> None:
         """The feed is done with this transfer (every upload has completed)."""
@@ -57,21 +67,19 @@ class HostCopyTransfer(Transfer):
 
     name = "copy"
 
-    def upload_leaves(self, leaves, plans):
-        out = []
-        for leaf, plan in zip(leaves, plans):
-            if plan.sharding is None:
-                out.append(jax.device_put(aligned_copy(leaf)))
-                continue
-            copies: dict[str, np.ndarray] = {}  # devices that hold the same rows share a copy
-            shards = []
-            for d, idx in plan.pieces:
-                key = repr(idx)
-                if key not in copies:
-                    copies[key] = aligned_copy(host_slice(leaf, idx))
-                shards.append(jax.device_put(copies[key], d))
-            out.append(jax.make_array_from_single_device_arrays(plan.global_shape, plan.sharding, shards))
-        return out, None  # the ring is not read any more
+    def upload(self, leaf, plan):
+        if plan.sharding is None:
+            return jax.device_put(aligned_copy(leaf))
+        copies: dict[str, np.ndarray] = {}  # devices that hold the same rows share a copy
+        shards = []
+        for d, idx in plan.pieces:
+            key = repr(idx)
+            if key not in copies:
+                copies[key] = aligned_copy(host_slice(leaf, idx))
+            shards.append(jax.device_put(copies[key], d))
+        return jax.make_array_from_single_device_arrays(plan.global_shape, plan.sharding, shards)
+
+    # `pending`: None, the ring is not read any more.
 
 
 class XlaTransfer(Transfer):
@@ -79,15 +87,14 @@ class XlaTransfer(Transfer):
 
     name = "xla"
 
-    def upload_leaves(self, leaves, plans):
-        out = []
-        for leaf, plan in zip(leaves, plans):
-            if plan.sharding is None:
-                out.append(jax.device_put(leaf))
-            else:
-                out.append(jax.make_array_from_process_local_data(plan.sharding, leaf, plan.global_shape))
-        return out, Pending(list(leaves), lambda: all(a.is_ready() for a in out),
-                            lambda: jax.block_until_ready(out))
+    def upload(self, leaf, plan):
+        if plan.sharding is None:
+            return jax.device_put(leaf)
+        return jax.make_array_from_process_local_data(plan.sharding, leaf, plan.global_shape)
+
+    def pending(self, leaves, out):
+        return Pending(list(leaves), lambda: all(a.is_ready() for a in out),
+                       lambda: jax.block_until_ready(out))
 
 
 class HostPool:

@@ -45,12 +45,12 @@ class Adapter:
         batch_level = isinstance(source, workloads.BatchSource)
         stream = isinstance(source, workloads.ShardFiles)
         shuffle = job.shuffle and not stream  # an IterableDataset is not reordered
-        self.loader = DataLoader(
+        self.loader: Any = DataLoader(
             _ShardStream(source) if stream else source,
             batch_size=None if batch_level else job.batch_size,
             shuffle=shuffle,
             generator=torch.Generator().manual_seed(job.seed) if shuffle else None,
-            num_workers=job.workers,
+            num_workers=int(job.workers),  # "auto" is shmfeed's only: runner._workers_of
             persistent_workers=True,
             worker_init_fn=_quiet_worker,
         )
