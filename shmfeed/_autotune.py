@@ -1,8 +1,8 @@
 """`num_workers="auto"` and `num_slots="auto"`: what the loader starts with, and how
 the worker count follows what the loop measures.
 
-Owns: the start (`start_workers`: the CPUs this process may use, less the loop's
-own; the ring for `num_slots="auto"` is `_config.auto_slots`, beside the default it
+Owns: the start (`start_workers`: one worker per CPU this process may use, at most
+START_MAX; the ring for `num_slots="auto"` is `_config.auto_slots`, beside the default it
 starts from) and `WorkerTuner`, which turns the facts of each finished epoch (the
 loop's wait, the workers' busy time, batches per second) into the worker count of
 the next one, each change a `Decision` with its reason, which `stats()` reports.
@@ -49,16 +49,25 @@ BUSY_FEWER = 0.50
 BUSY_TARGET = 0.75
 # One more worker must make the loop at least this much faster to be kept.
 GAIN = 1.05
+# Workers an auto loader starts with, at most (one per usable CPU up to this); more only
+# where the tuner measures that they pay.
+START_MAX = 8
 
 
 def start_workers() -> tuple[int, int, str]:
-    """(workers to start with, the most the tuner may run, why): one CPU is the loop's,
-    the others the workers'; the tuner may use that last CPU too where the loop mostly
-    waits (it then sleeps, off the CPU)."""
+    """(workers to start with, the most the tuner may run, why): one per usable CPU, at
+    most START_MAX, as `shmfeed bench` runs by default.
+
+    Why not one CPU left to the loop: the tuner changes the count only between epochs,
+    and an epoch may be the whole run, so the start must already be right for the
+    common loop, one that waits on an accelerator (or on a light step) and leaves its
+    CPU free.  Measured on 2 CPUs (benchmarks/bench_auto.py): starting at one worker
+    ran every workload at about half the best fixed count.  A loop that keeps its CPU
+    busy leaves the workers idle part of the time, and the tuner then drops those it
+    does not need at the first epoch's end."""
     cpus = _sysinfo.usable_cpus()
-    start = _sysinfo.most_useful_workers(cpus.value)
-    return start, max(cpus.value, 1), (f"{cpus.value} usable CPU(s) ({cpus.source}), "
-                                       f"{'one left to the loop' if cpus.value > 1 else 'shared with the loop'}")
+    start = min(max(cpus.value, 1), START_MAX)
+    return start, max(cpus.value, 1), f"{cpus.value} usable CPU(s) ({cpus.source})"
 
 
 @dataclass(frozen=True)

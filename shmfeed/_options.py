@@ -130,7 +130,7 @@ class LoaderOptions:
         "way).", _or_none(_int(1)))
     num_workers: int | str = _required(
         "worker processes building batches; 0 builds them in the training process; \"auto\": "
-        "usable CPUs - 1 to start, then adjusted between epochs from what the loop waited and "
+        "one per usable CPU (at most 8) to start, then adjusted between epochs from what the loop waited and "
         "the workers' busy time (shmfeed/_autotune.py).",
         _or_auto(_int(0), "an integer >= 0"))
     shuffle: bool | str = _option(

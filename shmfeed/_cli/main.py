@@ -138,7 +138,7 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--workers", type=_workers, default=None, metavar="N|auto",
                        help=f"worker processes of every loader (default: usable CPUs, at most "
                             f"{DEFAULT_WORKERS_MAX}; here {min(_usable_cpus(), DEFAULT_WORKERS_MAX)}); "
-                            "auto: shmfeed's `num_workers=\"auto\"`, the others usable CPUs - 1")
+                            "auto: shmfeed's `num_workers=\"auto\"`, the others the count it starts with")
     bench.add_argument("--seconds", type=_seconds, default=None, metavar="S",
                        help=f"measured time per loader after its first batch (default: {DEFAULT_SECONDS:g})")
     bench.add_argument("--slots", type=_slots, default=None, metavar="N|auto",

@@ -45,7 +45,7 @@ from typing import Any
 import numpy as np
 import psutil
 
-from ... import _sysinfo
+from ... import _autotune, _sysinfo
 from ..._config import MAX_SLOTS, default_num_slots, memory_shortfall
 from ..._engine.ring import ring_bytes
 from ..._processes import interpreter as _interpreter
@@ -104,7 +104,7 @@ class BenchOptions:
         ceiling): `--workers`, or for "auto" the count shmfeed's auto starts with."""
         if isinstance(self.workers, int):
             return self.workers
-        return _sysinfo.most_useful_workers(_sysinfo.usable_cpus().value)
+        return _autotune.start_workers()[0]
 
     @property
     def most_workers(self) -> int:
