@@ -43,7 +43,6 @@ import functools
 import logging
 import os
 import select
-import signal
 import socket
 import sys
 import threading
@@ -54,7 +53,7 @@ import psutil
 from .. import _sysinfo
 from .interrupts import in_pool_process, sigint_deferred
 from .messages import MAX_FDS, ExitStatus, MessageError, SpawnReply, SpawnRequest
-from .supervisor import child_setup, fork_child, start_from_payload
+from .supervisor import child_setup, fork_child, kill_and_reap, start_from_payload
 
 log = logging.getLogger("shmfeed")
 
@@ -184,8 +183,7 @@ def stop() -> None:
     while _alive(server.pid) and time.monotonic() < deadline:
         time.sleep(0.002)
     if _alive(server.pid):
-        os.kill(server.pid, signal.SIGKILL)
-        os.waitpid(server.pid, 0)
+        kill_and_reap([server.pid], lambda: not _alive(server.pid), REPLY_TIMEOUT_S, 0.002)
 
 
 def _drop() -> None:

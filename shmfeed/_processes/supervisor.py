@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import contextlib
 import faulthandler
+import functools
 import gc
 import os
 import select
@@ -393,7 +394,9 @@ class Supervisor:
         for pid, w in old.items():
             del self.workers[pid]
             if pid in busy:
-                os.waitpid(pid, 0)
+                # Bounded: a SIGKILLed process that is not reaped within REAP_TIMEOUT_S
+                # runs no more code of ours (it is in the kernel); the reap loop takes it.
+                wait_until(functools.partial(_reaped, pid), REAP_TIMEOUT_S, REAP_POLL_S)
                 pidfd = self.pidfds.pop(pid, None)
                 if pidfd is not None:
                     os.close(pidfd)
@@ -437,6 +440,15 @@ def _replace_stopped(workers: dict[int, int], since: dict[int, float],
         if now - first >= STOPPED_REPLACE_S:
             replaced[pid] = now - first
             sigkill([pid])
+
+
+def _reaped(pid: int) -> bool:
+    """Reap child `pid` if it has exited; whether it is gone."""
+    try:
+        done, _ = os.waitpid(pid, os.WNOHANG)
+    except ChildProcessError:
+        return True
+    return done != 0
 
 
 def _reaped_all(workers: dict[int, int]) -> bool:
