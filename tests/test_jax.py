@@ -33,6 +33,13 @@ from shmfeed import _jaxrefs
 # fork tests run first, faster without it (tests/_lazy.py).
 jax, jnp, sj = Lazy("jax"), Lazy("jax.numpy"), Lazy("shmfeed.jax")
 
+
+@pytest.fixture(scope="module", autouse=True)
+def jax_imported():
+    """`import shmfeed.jax` starts the fork server (a process and its socket): before
+    the per-test leak check looks."""
+    sj.module()
+
 ROOT = Path(__file__).resolve().parent.parent
 SUBPROCESS_TIMEOUT_S = 90.0  # for each helper process; they take a few seconds
 Meta = namedtuple("Meta", ["id", "weight"])

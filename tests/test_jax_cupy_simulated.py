@@ -28,6 +28,13 @@ import shmfeed
 # fork tests run first, faster without it (tests/_lazy.py).
 jax, sj, _gpu = Lazy("jax"), Lazy("shmfeed.jax"), Lazy("shmfeed.jax._gpu")
 
+
+@pytest.fixture(scope="module", autouse=True)
+def jax_imported():
+    """`import shmfeed.jax` starts the fork server (a process and its socket): before
+    the per-test leak check looks."""
+    sj.module()
+
 CUDA_HOST_REGISTER_PORTABLE = 1
 
 
