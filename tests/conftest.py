@@ -100,14 +100,19 @@ def _readlink(fd: str) -> str:
         return "?"
 
 
-def pytest_collection_finish(session):
-    """Freeze what collection left on the heap (the modules of jax, keras, ray, pyarrow:
-    ~330k objects) out of the garbage collector's sight: the leak check's collection
-    after every test then scans only what tests made, instead of ~0.1-0.25 s of
-    modules per test (~1.5 of the default tier's minutes on 2 cores).  No test's object
-    exists yet, so nothing a test leaks is hidden from that collection."""
+def freeze_heap() -> None:
+    """Take what is on the heap now (modules, above all) out of the garbage collector's
+    sight: the leak check's collection after every test then scans only what tests
+    made since, not ~0.1-0.25 s of modules (with keras and jax, ~330k objects).  Called
+    where no test's object is alive (after collection; in the module fixtures that
+    import jax or keras, after the previous test's leak check collected its garbage),
+    so nothing a test leaks is hidden from that collection."""
     gc.collect()
     gc.freeze()
+
+
+def pytest_collection_finish(session):
+    freeze_heap()
 
 
 def pytest_configure(config):

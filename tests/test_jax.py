@@ -21,6 +21,7 @@ from collections import namedtuple
 from pathlib import Path
 
 import _lazy
+import conftest
 import numpy as np
 import pytest
 from _lazy import Lazy
@@ -39,6 +40,7 @@ def jax_imported():
     """`import shmfeed.jax` starts the fork server (a process and its socket): before
     the per-test leak check looks."""
     sj.module()
+    conftest.freeze_heap()
 
 ROOT = Path(__file__).resolve().parent.parent
 SUBPROCESS_TIMEOUT_S = 90.0  # for each helper process; they take a few seconds

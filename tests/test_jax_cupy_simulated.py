@@ -15,6 +15,7 @@ import sys
 import threading
 import time
 
+import conftest
 import numpy as np
 import pytest
 from _lazy import Lazy
@@ -34,6 +35,7 @@ def jax_imported():
     """`import shmfeed.jax` starts the fork server (a process and its socket): before
     the per-test leak check looks."""
     sj.module()
+    conftest.freeze_heap()
 
 CUDA_HOST_REGISTER_PORTABLE = 1
 

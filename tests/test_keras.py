@@ -11,6 +11,7 @@ from __future__ import annotations
 import os
 import random
 
+import conftest
 import numpy as np
 import pytest
 from _sources import DataGenerator, Labelled
@@ -62,6 +63,7 @@ def import_keras() -> None:
     # Last: it may start the fork server, a copy of this process from now on, whose pools
     # unpickle `test_keras.Tutorial`.
     import shmfeed.keras  # noqa: F401
+    conftest.freeze_heap()
 
 
 def __getattr__(name: str):  # `from test_keras import Tutorial`, or a pool unpickling one
