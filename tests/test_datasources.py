@@ -200,6 +200,7 @@ def test_an_arrow_table_gives_its_rows_in_forked_and_spawned_workers(files):
         assert sorted(rows) == [(i, _expected(i)["x"].tolist()) for i in range(87)]
 
 
+@pytest.mark.imports_big
 def test_a_hugging_face_dataset_gives_its_rows(tmp_path):
     datasets = pytest.importorskip("datasets")
     features = datasets.Features({"x": datasets.Sequence(datasets.Value("float32"), length=3),

@@ -835,7 +835,8 @@ def test_leak_fixture_fails_tests_that_leave_a_process_fd_or_shm_file(tmp_path):
     """))
     try:
         run = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider",
-                              str(tmp_path)], cwd=tmp_path, env={**os.environ, "SHMFEED_TEST_SHM_PREFIX": prefix},
+                              str(tmp_path)], cwd=tmp_path, env={**os.environ, "SHMFEED_TEST_SHM_PREFIX": prefix,
+                                                    "SHMFEED_TEST_LEAK_WAIT_S": "0.5"},
                              capture_output=True, text=True, timeout=120)
     finally:
         if os.path.exists(shm_file):

@@ -20,16 +20,27 @@ import weakref
 from collections import namedtuple
 from pathlib import Path
 
-import jax
-import jax.numpy as jnp
+import _lazy
+import conftest
 import numpy as np
 import pytest
+from _lazy import Lazy
 from _ring import held_slots
 
 import shmfeed
-import shmfeed.jax as sj
 from shmfeed import _jaxrefs
-from shmfeed.jax._transfer import HostPool
+
+# jax is imported when this module's first test runs, not when pytest collects it: the
+# fork tests run first, faster without it (tests/_lazy.py).
+jax, jnp, sj = Lazy("jax"), Lazy("jax.numpy"), Lazy("shmfeed.jax")
+
+
+@pytest.fixture(scope="module", autouse=True)
+def jax_imported():
+    """`import shmfeed.jax` starts the fork server (a process and its socket): before
+    the per-test leak check looks."""
+    sj.module()
+    conftest.freeze_heap()
 
 ROOT = Path(__file__).resolve().parent.parent
 SUBPROCESS_TIMEOUT_S = 90.0  # for each helper process; they take a few seconds
@@ -196,7 +207,7 @@ def _watched_aligned_f32(n: int) -> tuple[np.ndarray, list]:
     return x, alive
 
 
-@jax.jit
+@_lazy.jit
 def _slow_sum(x):
     y = x.reshape(128, -1)
     for _ in range(40):  # tens of milliseconds on CPU: still running when checked
@@ -243,7 +254,7 @@ class Frames:
         return np.full((64, 64), float(i), np.float32)
 
 
-@jax.jit
+@_lazy.jit
 def _train_step(state, batch):
     w = jnp.full((64, 1024), 1e-3, jnp.float32)
     y = batch.reshape(-1, 64)
@@ -311,6 +322,8 @@ def test_keeping_every_batch_raises_ring_full_error_promptly_naming_them():
 def test_host_copies_are_reused_only_once_no_array_of_them_is_left():
     """The "copy" transfer's buffers (HostPool, reused by reference count, with no
     `__del__`): not while a copy, or a jax.Array that XLA:CPU made from it, lives."""
+    from shmfeed.jax._transfer import HostPool
+
     pool = HostPool()
     x = np.arange(64, dtype=np.float32)
     a = pool.copy(x)

@@ -15,16 +15,27 @@ import sys
 import threading
 import time
 
-import jax
+import conftest
 import numpy as np
 import pytest
+from _lazy import Lazy
 from _ring import held_slots
 from _simcuda import SimCuda
 from _sources import Stamped
 
 import shmfeed
-import shmfeed.jax as sj
-from shmfeed.jax import _gpu
+
+# jax is imported when this module's first test runs, not when pytest collects it: the
+# fork tests run first, faster without it (tests/_lazy.py).
+jax, sj, _gpu = Lazy("jax"), Lazy("shmfeed.jax"), Lazy("shmfeed.jax._gpu")
+
+
+@pytest.fixture(scope="module", autouse=True)
+def jax_imported():
+    """`import shmfeed.jax` starts the fork server (a process and its socket): before
+    the per-test leak check looks."""
+    sj.module()
+    conftest.freeze_heap()
 
 CUDA_HOST_REGISTER_PORTABLE = 1
 
@@ -52,8 +63,8 @@ def wait_until(cond, timeout_s: float = 5.0) -> bool:
 def sim(monkeypatch):
     s = SimCuda(device_count=len(jax.local_devices()))
     monkeypatch.setitem(sys.modules, "cupy", s.module)
-    monkeypatch.setattr(_gpu, "CUDA_PLATFORMS", ("cpu",))  # the CPU device stands in
-    monkeypatch.setattr(_gpu, "_streams", {})
+    monkeypatch.setattr(_gpu.module(), "CUDA_PLATFORMS", ("cpu",))  # the CPU device stands in
+    monkeypatch.setattr(_gpu.module(), "_streams", {})
     yield s
     s.close()
     assert s.violations == []

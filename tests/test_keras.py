@@ -11,16 +11,12 @@ from __future__ import annotations
 import os
 import random
 
+import conftest
 import numpy as np
 import pytest
 from _sources import DataGenerator, Labelled
 
 import shmfeed
-
-keras = pytest.importorskip("keras")
-if keras.backend.backend() != "jax":
-    pytest.skip(f"needs Keras's JAX backend, not {keras.backend.backend()!r}", allow_module_level=True)
-import shmfeed.keras  # noqa: E402  (needs keras)
 
 # Keras 3.15's Variable.__array__ predates numpy 2's `copy` keyword (its get_weights warns).
 pytestmark = pytest.mark.filterwarnings("ignore:__array__ implementation doesn't accept a copy")
@@ -29,9 +25,10 @@ N_CLASSES = 5
 LABELS = {i: i % N_CLASSES for i in range(N_IDS)}
 
 
-class Tutorial(DataGenerator, keras.utils.Sequence):
+class TutorialBody(DataGenerator):
     """The tutorial generator as users write it: a keras.utils.Sequence whose
-    on_epoch_end reshuffles with np.random.  Records where and when its hooks ran."""
+    on_epoch_end reshuffles with np.random.  Records where and when its hooks ran.
+    `Tutorial` is this on keras.utils.Sequence, made once keras is imported."""
 
     def __init__(self, n_ids: int = N_IDS, **kw):
         keras.utils.Sequence.__init__(self)
@@ -46,6 +43,39 @@ class Tutorial(DataGenerator, keras.utils.Sequence):
         if hasattr(self, "hooks"):
             self.hooks.append(("end", os.getpid()))
         super().on_epoch_end()
+
+
+# keras (~300 MB with jax) is imported when this module's first test runs, not when
+# pytest collects it: the fork tests run first, faster without it (tests/_lazy.py).
+keras = None
+
+
+def import_keras() -> None:
+    global keras, Tutorial
+    if keras is not None:
+        return
+    imported = pytest.importorskip("keras")
+    if imported.backend.backend() != "jax":
+        pytest.skip(f"needs Keras's JAX backend, not {imported.backend.backend()!r}")
+    Tutorial = type("Tutorial", (TutorialBody, imported.utils.Sequence),
+                    {"__module__": __name__, "__doc__": TutorialBody.__doc__})
+    keras = imported
+    # Last: it may start the fork server, a copy of this process from now on, whose pools
+    # unpickle `test_keras.Tutorial`.
+    import shmfeed.keras  # noqa: F401
+    conftest.freeze_heap()
+
+
+def __getattr__(name: str):  # `from test_keras import Tutorial`, or a pool unpickling one
+    if name == "Tutorial":
+        import_keras()
+        return Tutorial
+    raise AttributeError(name)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def keras_imported():
+    import_keras()
 
 
 def small_model(shape: tuple = (2, 3)) -> keras.Model:

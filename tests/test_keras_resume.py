@@ -18,19 +18,32 @@ from pathlib import Path
 import numpy as np
 import pytest
 from _sources import Labelled
+from test_keras import import_keras
 
 import shmfeed
-
-keras = pytest.importorskip("keras")
-if keras.backend.backend() != "jax":
-    pytest.skip(f"needs Keras's JAX backend, not {keras.backend.backend()!r}", allow_module_level=True)
-import shmfeed.keras  # noqa: E402  (needs keras)
 
 pytestmark = pytest.mark.filterwarnings("ignore:__array__ implementation doesn't accept a copy")
 BATCHES = 40
 BS = 4
 N = BATCHES * BS
 ROOT = Path(__file__).resolve().parent.parent
+keras = StopAt = None  # imported when this module's first test runs (test_keras.import_keras)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def keras_imported():
+    global keras, StopAt
+    import_keras()
+    import keras
+
+    class StopAt(keras.callbacks.Callback):
+        def __init__(self, batch: int):
+            super().__init__()
+            self.batch = batch
+
+        def on_train_batch_end(self, batch, logs=None):
+            if batch == self.batch:
+                self.model.stop_training = True
 
 
 def model(steps_per_execution: int = 1) -> keras.Model:
@@ -44,16 +57,6 @@ def model(steps_per_execution: int = 1) -> keras.Model:
 
 def loader() -> shmfeed.Loader:
     return shmfeed.Loader(Labelled(N), batch_size=BS, num_workers=1, shuffle=True, seed=3)
-
-
-class StopAt(keras.callbacks.Callback):
-    def __init__(self, batch: int):
-        super().__init__()
-        self.batch = batch
-
-    def on_train_batch_end(self, batch, logs=None):
-        if batch == self.batch:
-            self.model.stop_training = True
 
 
 def assert_same_weights(a: keras.Model, b: keras.Model) -> None:
@@ -199,15 +202,26 @@ json.dump({"weights": [w.tolist() for w in m.get_weights()], "trained": trained}
 """
 
 
-def run_fit(tmp_path: Path, backup: Path, kind: str, data: str) -> subprocess.CompletedProcess:
+def start_fit(tmp_path: Path, backup: Path, kind: str, data: str) -> subprocess.Popen:
     out = tmp_path / f"{kind}.json"
-    return subprocess.run(
-        [sys.executable, "-c", KILLED_FIT, str(backup), kind, str(out), data], capture_output=True,
-        text=True, timeout=120,
+    return subprocess.Popen(
+        [sys.executable, "-c", KILLED_FIT, str(backup), kind, str(out), data], stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE, text=True,
         env=dict(os.environ, PYTHONPATH=f"{ROOT}{os.pathsep}{ROOT / 'tests'}", KERAS_BACKEND="jax"))
 
 
-@pytest.mark.parametrize("data", ["loader", "sequence"])
+def finish(proc: subprocess.Popen) -> tuple[int, str]:
+    try:
+        _, err = proc.communicate(timeout=120)
+    finally:
+        proc.kill()
+        proc.wait(10)
+    return proc.returncode, err
+
+
+# Each run is a fresh interpreter starting JAX (seconds): the default tier kills the
+# tutorial's Sequence, the `integration` tier the Loader's order too.
+@pytest.mark.parametrize("data", [pytest.param("loader", marks=pytest.mark.integration), "sequence"])
 def test_a_fit_killed_mid_epoch_resumes_at_the_exact_batch_through_backup_and_restore(tmp_path, data):
     """12 batches an epoch, a checkpoint every 3 (the one due at an epoch's last batch is
     taken at its end), SIGKILL at epoch 1's batch 7: the second run starts after batch 5
@@ -215,17 +229,20 @@ def test_a_fit_killed_mid_epoch_resumes_at_the_exact_batch_through_backup_and_re
     in fit's shuffled order that also takes the pass's order, the Sequence's state and
     the RNGs its hooks and Keras's shuffle draw from."""
     backup = tmp_path / "backup"
-    killed = run_fit(tmp_path, backup, "kill", data)
-    assert killed.returncode == -signal.SIGKILL, killed.stderr
-    metadata = json.loads((backup / "training_metadata.json").read_text())
-    assert (metadata["epoch"], metadata["batch"]) == (1, 5)
-    assert metadata["shmfeed"]["position"] == 6 and not metadata["shmfeed"]["between_epochs"]
-    resumed = run_fit(tmp_path, backup, "resume", data)
-    assert resumed.returncode == 0, resumed.stderr
-    assert "ran out of data" not in resumed.stderr
-    assert not backup.exists()  # Keras's delete_checkpoint, once fit completed
-    full = run_fit(tmp_path, tmp_path / "other", "full", data)
-    assert full.returncode == 0, full.stderr
+    full = start_fit(tmp_path, tmp_path / "other", "full", data)  # beside the others: 2 CPUs
+    try:
+        code, err = finish(start_fit(tmp_path, backup, "kill", data))
+        assert code == -signal.SIGKILL, err
+        metadata = json.loads((backup / "training_metadata.json").read_text())
+        assert (metadata["epoch"], metadata["batch"]) == (1, 5)
+        assert metadata["shmfeed"]["position"] == 6 and not metadata["shmfeed"]["between_epochs"]
+        code, err = finish(start_fit(tmp_path, backup, "resume", data))
+        assert code == 0, err
+        assert "ran out of data" not in err
+        assert not backup.exists()  # Keras's delete_checkpoint, once fit completed
+    finally:
+        code, err = finish(full)
+    assert code == 0, err
     got, want = (json.loads((tmp_path / f"{k}.json").read_text()) for k in ("resume", "full"))
     assert got["trained"] == 6 + 12 and want["trained"] == 36
     for a, b in zip(got["weights"], want["weights"]):

@@ -7,6 +7,7 @@ cache directory that cannot be written."""
 
 from __future__ import annotations
 
+import importlib.util
 import io
 import json
 import os
@@ -20,12 +21,16 @@ import urllib.request
 
 import numpy as np
 import pytest
+from _lazy import Lazy
 
 import shmfeed
 from shmfeed.sources import ArrayRecord, ObjectCache, Parquet, SourceFileError, TarShards
 
-pytest.importorskip("moto.server")
-s3fs = pytest.importorskip("s3fs")
+for _needed in ("moto", "s3fs"):  # not importorskip: that imports them while collecting
+    if importlib.util.find_spec(_needed) is None:
+        pytest.skip(f"needs {_needed}", allow_module_level=True)
+s3fs = Lazy("s3fs")
+IMPORTS_BIG = True  # fsspec and s3fs, in this process from its first test on
 
 BUCKET = "data"
 LENGTHS = [6, 4, 7]
@@ -69,19 +74,39 @@ class MotoServer:
         self.proc.wait(timeout=10)
 
 
-@pytest.fixture
-def s3(monkeypatch):
-    """A fresh S3 server on loopback: (filesystem to put objects with, storage_options, server)."""
+@pytest.fixture(scope="module")
+def s3_server():
+    """One server for the module's tests (starting one takes ~1-2 s), emptied before each."""
+    server = MotoServer()
+    yield server
+    server.stop()
+
+
+def _s3(monkeypatch, server):
     for k, v in {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
                  "AWS_DEFAULT_REGION": "us-east-1"}.items():
         monkeypatch.setenv(k, v)
+    opts = {"client_kwargs": {"endpoint_url": server.url},
+            "config_kwargs": {"retries": {"max_attempts": 1}, "connect_timeout": 2, "read_timeout": 5}}
+    fs = s3fs.S3FileSystem(skip_instance_cache=True, **opts)
+    fs.mkdir(BUCKET)
+    return fs, opts, server
+
+
+@pytest.fixture
+def s3(monkeypatch, s3_server):
+    """An empty S3 server on loopback: (filesystem to put objects with, storage_options, server)."""
+    urllib.request.urlopen(urllib.request.Request(s3_server.url + "/moto-api/reset", method="POST"),
+                           timeout=10).close()
+    return _s3(monkeypatch, s3_server)
+
+
+@pytest.fixture
+def s3_of_its_own(monkeypatch):
+    """`s3` on a server of the test's own, which it may stop."""
     server = MotoServer()
     try:
-        opts = {"client_kwargs": {"endpoint_url": server.url},
-                "config_kwargs": {"retries": {"max_attempts": 1}, "connect_timeout": 2, "read_timeout": 5}}
-        fs = s3fs.S3FileSystem(skip_instance_cache=True, **opts)
-        fs.mkdir(BUCKET)
-        yield fs, opts, server
+        yield _s3(monkeypatch, server)
     finally:
         server.stop()
 
@@ -202,8 +227,8 @@ def test_a_worker_killed_mid_download_leaves_no_partial_file_and_every_sample_co
 
 
 @pytest.mark.integration
-def test_a_server_that_is_down_is_an_error_after_retries(s3, tmp_path):
-    fs, opts, server = s3
+def test_a_server_that_is_down_is_an_error_after_retries(s3_of_its_own, tmp_path):
+    fs, opts, server = s3_of_its_own
     _put_shards(fs)
     cache = ObjectCache(tmp_path / "cache", max_bytes=1 << 20, storage_options=opts, retries=1,
                         retry_wait_s=0.05)

@@ -7,6 +7,8 @@ its index and field, never a crash of the training process.
 
 from __future__ import annotations
 
+import os
+
 import numpy as np
 import pytest
 from _orders import epoch_items
@@ -20,7 +22,14 @@ from shmfeed._order.order import Order
 DTYPES = [np.bool_, np.int8, np.int16, np.int32, np.int64, np.uint8, np.uint16, np.uint32,
           np.uint64, np.float16, np.float32, np.float64, np.complex64, np.complex128]
 PY_SCALARS = [bool, int, float, complex]
-SETTINGS = settings(max_examples=int(__import__("os").environ.get("SHMFEED_PROPERTY_EXAMPLES", 100)), deadline=None,
+# Each example starts a Loader (up to 4 workers): the default tier tries a few dozen, the
+# `integration` tier a few hundred; SHMFEED_PROPERTY_EXAMPLES sets both (RELIABILITY.md).
+_EXAMPLES = os.environ.get("SHMFEED_PROPERTY_EXAMPLES")
+EXAMPLES = [int(_EXAMPLES or 25), pytest.param(int(_EXAMPLES or 250), marks=pytest.mark.integration)]
+
+
+def examples(n: int):
+    return settings(max_examples=n, deadline=None,
                     suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
 
 # A template is the structure of a sample: ("leaf", dtype, shape) for an array,
@@ -101,12 +110,16 @@ class Source:
         return self.bad[i] if i in self.bad else build(self.template, i)
 
 
-@SETTINGS
-@given(template=templates, n=st.integers(1, 30), batch_size=st.integers(1, 8),
-       drop_last=st.booleans(), shuffle=st.booleans(), seed=st.integers(0, 3),
-       num_workers=st.integers(0, 4))
-def test_loader_output_equals_the_in_process_reference(template, n, batch_size, drop_last,
-                                                       shuffle, seed, num_workers):
+@pytest.mark.parametrize("n_examples", EXAMPLES)
+def test_loader_output_equals_the_in_process_reference(n_examples):
+    examples(n_examples)(given(
+        template=templates, n=st.integers(1, 30), batch_size=st.integers(1, 8),
+        drop_last=st.booleans(), shuffle=st.booleans(), seed=st.integers(0, 3),
+        num_workers=st.integers(0, 4))(_loader_output_equals_the_reference))()
+
+
+def _loader_output_equals_the_reference(template, n, batch_size, drop_last, shuffle, seed,
+                                        num_workers):
     assume(not (drop_last and n < batch_size))
     source = Source(template, n)
     order = Order(n, batch_size, shuffle, seed, drop_last)
@@ -191,12 +204,15 @@ def corrupt(template, i: int, leaf_no: int, how: str):
     return _replace(sample, keys, bad), path
 
 
-@SETTINGS
-@given(template=templates, n=st.integers(2, 24), batch_size=st.integers(1, 6),
-       shuffle=st.booleans(), num_workers=st.sampled_from([0, 2]),
-       how=st.sampled_from(CORRUPTIONS), data=st.data())
-def test_invalid_sample_is_a_spec_error_with_index_and_field_path(template, n, batch_size, shuffle,
-                                                                   num_workers, how, data):
+@pytest.mark.parametrize("n_examples", EXAMPLES)
+def test_invalid_sample_is_a_spec_error_with_index_and_field_path(n_examples):
+    examples(n_examples)(given(
+        template=templates, n=st.integers(2, 24), batch_size=st.integers(1, 6),
+        shuffle=st.booleans(), num_workers=st.sampled_from([0, 2]),
+        how=st.sampled_from(CORRUPTIONS), data=st.data())(_invalid_sample_is_a_spec_error))()
+
+
+def _invalid_sample_is_a_spec_error(template, n, batch_size, shuffle, num_workers, how, data):
     order = Order(n, batch_size, shuffle, 0, False)
     perm = epoch_items(order, 0)
     # Not the first sample of epoch 0: that one defines the spec.

@@ -14,14 +14,11 @@ import os
 import subprocess
 import sys
 
+import _raysources
 import numpy as np
 import pytest
-
-ray = pytest.importorskip("ray")
-
-import _raysources  # noqa: E402
-from _raysources import Locked, Noisy, Ragged, mixup, ragged_length  # noqa: E402
-from _raytools import (  # noqa: E402, F401
+from _raysources import Locked, Noisy, Ragged, mixup, ragged_length
+from _raytools import (  # noqa: F401
     OPTS,
     RAY_INIT,
     children_now,
@@ -32,17 +29,28 @@ from _raytools import (  # noqa: E402, F401
     same,
     take,
 )
-from ray import cloudpickle  # noqa: E402
 
-import shmfeed  # noqa: E402
-from shmfeed.ray import Builders, RayClusterError  # noqa: E402
+import shmfeed
 
-# The actors do not have tests/ on their path: the sources travel by value.
-cloudpickle.register_pickle_by_value(_raysources)
+# Ray is imported when this module's first test runs, which is after the fork tests
+# (tests/_lazy.py).
+IMPORTS_BIG = True
+ray = Builders = RayClusterError = None
+
+
+@pytest.fixture(scope="module", autouse=True)
+def ray_imported():
+    global ray, Builders, RayClusterError
+    ray = pytest.importorskip("ray")
+    from ray import cloudpickle
+
+    from shmfeed.ray import Builders, RayClusterError
+    # The actors do not have tests/ on their path: the sources travel by value.
+    cloudpickle.register_pickle_by_value(_raysources)
 
 
 @pytest.fixture(scope="module")
-def ray_local(request):
+def ray_local(request, ray_imported):
     before = children_now()
     ray.init(num_cpus=2, **RAY_INIT)
     request.addfinalizer(lambda: ray_children_gone(before))

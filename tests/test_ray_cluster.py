@@ -7,13 +7,10 @@ from __future__ import annotations
 
 import random
 
+import _raysources
 import pytest
-
-ray = pytest.importorskip("ray")
-
-import _raysources  # noqa: E402
-from _raysources import Noisy  # noqa: E402
-from _raytools import (  # noqa: E402, F401
+from _raysources import Noisy
+from _raytools import (  # noqa: F401
     OBJECT_STORE_BYTES,
     OPTS,
     children_now,
@@ -24,18 +21,28 @@ from _raytools import (  # noqa: E402, F401
     same,
     take,
 )
-from ray import cloudpickle  # noqa: E402
 
-import shmfeed  # noqa: E402
-from shmfeed.ray import Builders  # noqa: E402
-
-cloudpickle.register_pickle_by_value(_raysources)  # the actors do not have tests/ on their path
+import shmfeed
 
 pytestmark = pytest.mark.integration
+# Ray is imported when this module's first test runs, not when the default tier, which
+# deselects it, collects it (tests/_lazy.py).
+IMPORTS_BIG = True
+ray = Builders = None
+
+
+@pytest.fixture(scope="module", autouse=True)
+def ray_imported():
+    global ray, Builders
+    ray = pytest.importorskip("ray")
+    from ray import cloudpickle
+
+    from shmfeed.ray import Builders
+    cloudpickle.register_pickle_by_value(_raysources)  # the actors do not have tests/ on their path
 
 
 @pytest.fixture(scope="module")
-def cluster(request):
+def cluster(request, ray_imported):
     """3 nodes of 1 CPU.  Module-scoped, i.e. set up before the per-test leak check:
     Ray's driver keeps files, event fds and sockets open even after `ray.shutdown()`;
     its processes are checked (ray_children_gone)."""

@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from _sources import Augmenting, DataGenerator, Stamped
-from hypothesis import HealthCheck, given, settings
+from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import shmfeed
@@ -338,12 +338,17 @@ def hooked_state():
         return _roundtrip(loader.state_dict())
 
 
-@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
-@given(data=st.data())
-def test_a_malformed_state_is_a_shmfeed_error_naming_the_field(hooked_state, data):
+# 100 odd states in the default tier, 300 in `integration`.
+@pytest.mark.parametrize("n_examples", [100, pytest.param(300, marks=pytest.mark.integration)])
+def test_a_malformed_state_is_a_shmfeed_error_naming_the_field(hooked_state, n_examples):
     """Any field of a real state (the tutorial generator's, with its source attributes),
     replaced by an odd value or deleted: the state loads, or the error is shmfeed's and
     names the field; never another exception, never a half-restored source."""
+    settings(max_examples=n_examples, deadline=None)(given(data=st.data())(
+        lambda data: _load_a_malformed_state(hooked_state, data)))()
+
+
+def _load_a_malformed_state(hooked_state, data):
     path = data.draw(st.sampled_from([p for p in _paths(hooked_state) if p]))
     value = data.draw(_ODD)
     state = _edit(hooked_state, path, value)
