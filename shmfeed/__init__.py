@@ -18,6 +18,11 @@ if not _sys.platform.startswith("linux"):
     raise ImportError(f"shmfeed runs on Linux only (this is {_sys.platform}): its shared-memory "
                       "ring uses memfd_create and futex waits. Use a Linux machine or container.")
 
+# First: the C core, whose absence this import names with how to build it (any other
+# module would fail on it less clearly: _kernels imports it too).
+from ._engine import control as _control  # noqa: F401
+
+# isort: split
 from . import sources
 from ._errors import (
     LoaderClosedError,
