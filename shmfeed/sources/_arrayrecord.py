@@ -109,7 +109,9 @@ class ArrayRecord:
         r = i - int(self._starts[f])
         reader = self._readers.get(f, lambda: self._open(f))
         try:
-            return reader.read([r])[0]
+            # read(start, end), not read([r]): the list form goes through the reader's
+            # parallel machinery, 15x the time for one record (47 against 3 us).
+            return reader.read(r, r + 1)[0]
         except Exception as exc:
             raise SourceFileError(
                 f"ArrayRecord file {self.paths[f]!r}, record {r} (sample {i}): cannot read it "
