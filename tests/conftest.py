@@ -5,6 +5,7 @@ but never forever."""
 from __future__ import annotations
 
 import gc
+import importlib
 import os
 import time
 
@@ -112,6 +113,15 @@ def freeze_heap() -> None:
 
 
 def pytest_collection_finish(session):
+    freeze_heap()
+
+
+@pytest.fixture(scope="module")
+def shmfeed_jax_imported():
+    """`import shmfeed.jax` starts the fork server (a process and its socket): done
+    before the per-test leak check looks, by the modules that test shmfeed.jax
+    (`pytestmark = pytest.mark.usefixtures("shmfeed_jax_imported")`)."""
+    importlib.import_module("shmfeed.jax")
     freeze_heap()
 
 

@@ -21,7 +21,6 @@ from collections import namedtuple
 from pathlib import Path
 
 import _lazy
-import conftest
 import numpy as np
 import pytest
 from _lazy import Lazy
@@ -35,12 +34,7 @@ from shmfeed import _jaxrefs
 jax, jnp, sj = Lazy("jax"), Lazy("jax.numpy"), Lazy("shmfeed.jax")
 
 
-@pytest.fixture(scope="module", autouse=True)
-def jax_imported():
-    """`import shmfeed.jax` starts the fork server (a process and its socket): before
-    the per-test leak check looks."""
-    sj.module()
-    conftest.freeze_heap()
+pytestmark = pytest.mark.usefixtures("shmfeed_jax_imported")  # conftest.py
 
 ROOT = Path(__file__).resolve().parent.parent
 SUBPROCESS_TIMEOUT_S = 90.0  # for each helper process; they take a few seconds

@@ -15,7 +15,6 @@ import sys
 import threading
 import time
 
-import conftest
 import numpy as np
 import pytest
 from _lazy import Lazy
@@ -30,12 +29,7 @@ import shmfeed
 jax, sj, _gpu = Lazy("jax"), Lazy("shmfeed.jax"), Lazy("shmfeed.jax._gpu")
 
 
-@pytest.fixture(scope="module", autouse=True)
-def jax_imported():
-    """`import shmfeed.jax` starts the fork server (a process and its socket): before
-    the per-test leak check looks."""
-    sj.module()
-    conftest.freeze_heap()
+pytestmark = pytest.mark.usefixtures("shmfeed_jax_imported")  # conftest.py
 
 CUDA_HOST_REGISTER_PORTABLE = 1
 

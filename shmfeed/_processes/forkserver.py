@@ -53,7 +53,7 @@ import psutil
 from .. import _sysinfo
 from .interrupts import in_pool_process, sigint_deferred
 from .messages import MAX_FDS, ExitStatus, MessageError, SpawnReply, SpawnRequest
-from .supervisor import child_setup, fork_child, kill_and_reap, start_from_payload
+from .supervisor import child_setup, fork_child, kill_and_reap, reaped, start_from_payload
 
 log = logging.getLogger("shmfeed")
 
@@ -97,11 +97,7 @@ def running() -> bool:
 
 def _alive(pid: int) -> bool:
     """Whether our child `pid` runs (reaping it if it has exited)."""
-    try:
-        done, _ = os.waitpid(pid, os.WNOHANG)
-    except ChildProcessError:
-        return False
-    return not done
+    return not reaped(pid)
 
 
 def cannot_start() -> str | None:
@@ -183,7 +179,7 @@ def stop() -> None:
     while _alive(server.pid) and time.monotonic() < deadline:
         time.sleep(0.002)
     if _alive(server.pid):
-        kill_and_reap([server.pid], lambda: not _alive(server.pid), REPLY_TIMEOUT_S, 0.002)
+        kill_and_reap([server.pid], functools.partial(reaped, server.pid), REPLY_TIMEOUT_S, 0.002)
 
 
 def _drop() -> None:

@@ -396,7 +396,7 @@ class Supervisor:
             if pid in busy:
                 # Bounded: a SIGKILLed process that is not reaped within REAP_TIMEOUT_S
                 # runs no more code of ours (it is in the kernel); the reap loop takes it.
-                wait_until(functools.partial(_reaped, pid), REAP_TIMEOUT_S, REAP_POLL_S)
+                wait_until(functools.partial(reaped, pid), REAP_TIMEOUT_S, REAP_POLL_S)
                 pidfd = self.pidfds.pop(pid, None)
                 if pidfd is not None:
                     os.close(pidfd)
@@ -442,8 +442,8 @@ def _replace_stopped(workers: dict[int, int], since: dict[int, float],
             sigkill([pid])
 
 
-def _reaped(pid: int) -> bool:
-    """Reap child `pid` if it has exited; whether it is gone."""
+def reaped(pid: int) -> bool:
+    """Reap child `pid` if it has exited; whether it is gone (also the fork server's test)."""
     try:
         done, _ = os.waitpid(pid, os.WNOHANG)
     except ChildProcessError:
