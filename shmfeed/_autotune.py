@@ -48,9 +48,9 @@ MIN_WINDOW_BATCHES = 16
 # least BUSY_MORE of theirs: one more worker can help.
 WAIT_MORE = 0.10
 BUSY_MORE = 0.70
-# Workers busy less than this of their time, while the loop hardly waited (less than
-# WAIT_MORE), are more than the loop needs: as many as would be busy BUSY_TARGET do it
-# (a drop that makes the loop slower is undone).  A loop that waits keeps its workers
+# Workers busy less than this of their time (not counting their wait for a CPU), while
+# the loop hardly waited (less than WAIT_MORE), are more than the loop needs: as many
+# as would be busy BUSY_TARGET do it (a drop that makes the loop slower is undone).  A loop that waits keeps its workers
 # even when they idle: it waits for a wake-up, not for building, and fewer workers
 # only make it wait longer (measured on `windows`, 2 CPUs, batches of microseconds:
 # the loop waited 32 % of its time with 2 workers busy 28 %, 58 % with 1), besides
@@ -233,11 +233,15 @@ class WorkerTuner:
         if beyond is not None:
             self._changed_from = n
             return Decision(epoch, n + 1, n, "more", f"{seen}{beyond}", **facts)
-        if busy < BUSY_FEWER and wait < WAIT_MORE and n > self.least:
-            fewer = max(self.least, math.ceil(w.busy_s / w.seconds / BUSY_TARGET))
+        # Of the busy time, what the building took: not the time spent waiting for a CPU
+        # (a machine busy with other work stretches a build without needing a worker more).
+        work_s = max(w.busy_s - (w.queued_s or 0.0), 0.0)
+        if work_s < BUSY_FEWER * n * w.seconds and wait < WAIT_MORE and n > self.least:
+            fewer = max(self.least, math.ceil(work_s / w.seconds / BUSY_TARGET))
             if fewer < n:
+                queued = f" ({_pct(w.queued_s / w.busy_s)} of it waiting for a CPU)" if w.queued_s and w.busy_s else ""
                 self._changed_from = n
-                return Decision(epoch, fewer, n, "fewer", f"{seen}: {fewer} keep up", **facts)
+                return Decision(epoch, fewer, n, "fewer", f"{seen}{queued}: {fewer} keep up", **facts)
         limit = ""
         if n >= self.most and wait >= WAIT_MORE and busy >= BUSY_MORE:
             blocked = w.blocked_fraction

@@ -235,13 +235,15 @@ class Loader:
         self._closed = False
         self._tuner = (_autotune.WorkerTuner(cfg.num_workers, cfg.auto_workers, cfg.auto_why, cfg.max_workers)
                        if cfg.auto_workers else None)
-        # An auto loader's workers' (CPU, waiting for a CPU) seconds at the last epoch end.
+        # An auto loader's workers' (CPU, waiting for a CPU) seconds at its epoch's first batch.
         self._sched: dict[int, tuple[float, float]] = {}
         self._stats = Stats(n_slots=cfg.n_slots, slot_bytes=cfg.spec.slot_bytes,
                             ring_bytes=self._ring.nbytes, num_workers=cfg.num_workers,
                             cpus=_sysinfo.usable_cpus().value)
         self._consumer = Consumer(self._ring, cfg, self._res, source, self._stats,
                                   build_here=builders is None)
+        if self._tuner is not None:
+            self._consumer.on_mark = self._mark_sched
         if cfg.num_workers:
             self._pools.start()
         if builders is not None:
@@ -437,6 +439,15 @@ class Loader:
         cfg = self._cfg
         return list(range(cfg.num_workers)) + list(range(cfg.max_workers, self._ring.max_workers))
 
+    def _worker_pids(self) -> list[int]:
+        ctl = self._ring.ctl
+        return [pid for w in range(self._cfg.num_workers) if (pid := ctl.worker(w)["pid"]) > 0]
+
+    def _mark_sched(self) -> None:
+        """An auto loader's epoch has taken its first batch: where its workers' time on a
+        CPU and waiting for one is measured from (a few reads of /proc, once an epoch)."""
+        self._sched = _autotune.sched_times(self._worker_pids())
+
     def _tune(self, epoch: int) -> None:
         """An auto loader's epoch is over: its facts to the tuner, and a pool of the
         count it asks for before the next epoch (`before_epoch` replaces it)."""
@@ -444,14 +455,12 @@ class Loader:
         if tuner is None or mark is None:
             return
         t0, wait0, batches0, busy0 = mark
-        ctl = self._ring.ctl
-        pids = [pid for w in range(self._cfg.num_workers) if (pid := ctl.worker(w)["pid"]) > 0]
+        pids = self._worker_pids()
         sched, cpu_s, queued_s = _autotune.sched_times(pids), None, None
         if pids and len(sched) == len(pids):
-            # A worker new since the last reading (a new pool, a restart) counts from its start.
+            # A worker new since the mark (a restart) counts from its start.
             cpu_s = sum(c - self._sched.get(pid, (0.0, 0.0))[0] for pid, (c, _) in sched.items())
             queued_s = sum(q - self._sched.get(pid, (0.0, 0.0))[1] for pid, (_, q) in sched.items())
-        self._sched = sched
         window = _autotune.Window(self._cfg.num_workers, time.perf_counter() - t0,
                                   self._stats.wait_s - wait0, self._stats.batches - batches0,
                                   self._consumer.busy_s() - busy0, cpu_s, queued_s)
