@@ -116,7 +116,9 @@ class Window:
     batches: int
     busy_s: float  # the workers' building time, all together
     # Of the workers' time, all together: on a CPU, and runnable but waiting for one
-    # (None: not known, e.g. no /proc/<pid>/schedstat).
+    # (None: not known, e.g. no /proc/<pid>/schedstat).  Read at a window's two ends
+    # only (`WorkerTuner.window_starts`, `judges`): the last epoch of a window that adds
+    # up several carries the account of them all.
     cpu_s: float | None = None
     queued_s: float | None = None
 
@@ -142,11 +144,9 @@ class Window:
         return self.batches / self.seconds if self.seconds > 0 else 0.0
 
     def plus(self, other: Window) -> Window:
-        known = None not in (self.cpu_s, self.queued_s, other.cpu_s, other.queued_s)
         return Window(self.workers, self.seconds + other.seconds, self.wait_s + other.wait_s,
                       self.batches + other.batches, self.busy_s + other.busy_s,
-                      (self.cpu_s or 0.0) + (other.cpu_s or 0.0) if known else None,
-                      (self.queued_s or 0.0) + (other.queued_s or 0.0) if known else None)
+                      other.cpu_s, other.queued_s)
 
 
 @dataclass(frozen=True)
@@ -162,6 +162,7 @@ class Decision:
     wait_fraction: float | None = None
     busy_fraction: float | None = None
     batches_per_s: float | None = None
+    blocked_fraction: float | None = None  # of the workers' building time (Window.blocked_fraction)
 
     def as_dict(self) -> dict:
         return asdict(self)
@@ -188,12 +189,22 @@ class WorkerTuner:
         self._pending_from: int | None = None  # the first epoch of `_pending`
         self._most_why = f"the {most} CPU(s) this process may use"
 
+    @property
+    def window_starts(self) -> bool:
+        """Whether the next epoch starts a window (no shorter epochs wait to be added to)."""
+        return self._pending is None
+
+    def judges(self, window: Window) -> bool:
+        """Whether `observe(window)` decides (the window it closes is long enough)."""
+        w = window if self._pending is None else self._pending.plus(window)
+        return w.seconds >= MIN_WINDOW_S and w.batches >= MIN_WINDOW_BATCHES
+
     def observe(self, window: Window, next_epoch: int) -> int:
         """Take the facts of a finished epoch; the worker count for `next_epoch`."""
         if window.workers != self.workers or window.seconds <= 0:
             return self.workers  # a window of another pool (a resize raced it): not ours to judge
         w = window if self._pending is None else self._pending.plus(window)
-        if w.seconds < MIN_WINDOW_S or w.batches < MIN_WINDOW_BATCHES:
+        if not self.judges(window):
             if self._pending is None:
                 self._pending_from = next_epoch - 1
             self._pending = w
@@ -208,7 +219,8 @@ class WorkerTuner:
 
     def _decide(self, w: Window, epoch: int, first: int) -> Decision:
         n, wait, busy, rate = w.workers, w.wait_fraction, w.busy_fraction, w.batches_per_s
-        facts = dict(wait_fraction=wait, busy_fraction=busy, batches_per_s=rate)
+        facts = dict(wait_fraction=wait, busy_fraction=busy, batches_per_s=rate,
+                     blocked_fraction=w.blocked_fraction)
         epochs = f"epoch {first}" if first == epoch - 1 else f"epochs {first}-{epoch - 1}"
         seen = f"the loop waited {_pct(wait)} of {epochs} with {n}, workers busy {_pct(busy)}"
         before, self._changed_from = self._changed_from, None

@@ -235,7 +235,7 @@ class Loader:
         self._closed = False
         self._tuner = (_autotune.WorkerTuner(cfg.num_workers, cfg.auto_workers, cfg.auto_why, cfg.max_workers)
                        if cfg.auto_workers else None)
-        # An auto loader's workers' (CPU, waiting for a CPU) seconds at its epoch's first batch.
+        # An auto loader's workers' (CPU, waiting for a CPU) seconds at its window's first batch.
         self._sched: dict[int, tuple[float, float]] = {}
         self._stats = Stats(n_slots=cfg.n_slots, slot_bytes=cfg.spec.slot_bytes,
                             ring_bytes=self._ring.nbytes, num_workers=cfg.num_workers,
@@ -445,8 +445,10 @@ class Loader:
 
     def _mark_sched(self) -> None:
         """An auto loader's epoch has taken its first batch: where its workers' time on a
-        CPU and waiting for one is measured from (a few reads of /proc, once an epoch)."""
-        self._sched = _autotune.sched_times(self._worker_pids())
+        CPU and waiting for one is measured from, if the epoch starts a window (a read of
+        /proc per worker: ~16 us each, at most once an epoch)."""
+        if self._tuner is not None and self._tuner.window_starts:
+            self._sched = _autotune.sched_times(self._worker_pids())
 
     def _tune(self, epoch: int) -> None:
         """An auto loader's epoch is over: its facts to the tuner, and a pool of the
@@ -455,15 +457,16 @@ class Loader:
         if tuner is None or mark is None:
             return
         t0, wait0, batches0, busy0 = mark
-        pids = self._worker_pids()
-        sched, cpu_s, queued_s = _autotune.sched_times(pids), None, None
-        if pids and len(sched) == len(pids):
-            # A worker new since the mark (a restart) counts from its start.
-            cpu_s = sum(c - self._sched.get(pid, (0.0, 0.0))[0] for pid, (c, _) in sched.items())
-            queued_s = sum(q - self._sched.get(pid, (0.0, 0.0))[1] for pid, (_, q) in sched.items())
         window = _autotune.Window(self._cfg.num_workers, time.perf_counter() - t0,
                                   self._stats.wait_s - wait0, self._stats.batches - batches0,
-                                  self._consumer.busy_s() - busy0, cpu_s, queued_s)
+                                  self._consumer.busy_s() - busy0)
+        pids = self._worker_pids() if tuner.judges(window) else []
+        sched = _autotune.sched_times(pids)
+        if pids and len(sched) == len(pids):
+            # Since the window's first mark; a worker new since then (a restart) from its start.
+            window = dataclasses.replace(
+                window, cpu_s=sum(c - self._sched.get(pid, (0.0, 0.0))[0] for pid, (c, _) in sched.items()),
+                queued_s=sum(q - self._sched.get(pid, (0.0, 0.0))[1] for pid, (_, q) in sched.items()))
         n = tuner.observe(window, epoch + 1)
         if n != self._cfg.num_workers:
             self._cfg = dataclasses.replace(self._cfg, num_workers=n)
