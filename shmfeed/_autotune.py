@@ -6,7 +6,7 @@ START_MAX; the ring for `num_slots="auto"` is `_config.auto_slots`: the default 
 the workers it starts with, so that an auto loader starts exactly where one with that
 `num_workers` does) and `WorkerTuner`, which turns the facts of each finished epoch
 (the loop's wait, the workers' busy time, batches per second, and the workers' time
-on a CPU and waiting for one, read from /proc at epoch ends: `sched_times`) into the
+on a CPU and waiting for one, read from /proc at a window's ends: `sched_times`) into the
 worker count of the next one, each change a `Decision` with its reason, which
 `stats()` reports.  Nothing of it runs per batch.
 
@@ -50,11 +50,12 @@ WAIT_MORE = 0.10
 BUSY_MORE = 0.70
 # Workers busy less than this of their time (not counting their wait for a CPU), while
 # the loop hardly waited (less than WAIT_MORE), are more than the loop needs: as many
-# as would be busy BUSY_TARGET do it (a drop that makes the loop slower is undone).  A loop that waits keeps its workers
-# even when they idle: it waits for a wake-up, not for building, and fewer workers
-# only make it wait longer (measured on `windows`, 2 CPUs, batches of microseconds:
-# the loop waited 32 % of its time with 2 workers busy 28 %, 58 % with 1), besides
-# the new pool a drop costs (38 ms there: an epoch of 3,051 batches took 30 ms).
+# as would be busy BUSY_TARGET do it (a drop that makes the loop slower is undone).
+# A loop that waits keeps its workers even when they idle: it waits for a wake-up, not
+# for building, and fewer workers only make it wait longer (measured on `windows`, 2
+# CPUs, batches of microseconds: the loop waited 32 % of its time with 2 workers busy
+# 28 %, 58 % with 1), besides the new pool a drop costs (38 ms there, where an epoch
+# of 3,051 batches took 30 ms).
 BUSY_FEWER = 0.50
 BUSY_TARGET = 0.75
 # One more worker must make the loop at least this much faster to be kept.
@@ -94,7 +95,7 @@ def most_workers(cpus: int) -> int:
 def sched_times(pids: list[int]) -> dict[int, tuple[float, float]]:
     """pid -> (seconds on a CPU, seconds runnable but waiting for one) since it started,
     from /proc/<pid>/schedstat (nanoseconds); a pid that cannot be read is left out.
-    Read at epoch ends only: never a cost per batch."""
+    Read at a tuner window's two ends only: never a cost per batch."""
     out = {}
     for pid in pids:
         try:
