@@ -7,12 +7,22 @@ each measurement in a fresh child interpreter by `shmfeed bench`'s own runner
 (`runner.run_child`: the same timing, epochs and touch of every batch).
 
     python benchmarks/bench_auto.py [--workloads transport,arrays-tokens] [--rounds 5] [--seconds 3]
-                                    [--json out.json]
+                                    [--epoch-batches 200] [--json out.json]
 
 Prints per workload the median batches/s of each configuration, auto / the best
 fixed one (goal: >= 0.9) and auto / today's default (goal: >= 1.0), and what auto
-did (`stats().auto` of its last round).  Numbers mean something only on a quiet
-machine: run it alone.
+did: per round (on stderr) and for its last round, `stats().auto`, with the epochs
+its run saw.  Numbers mean something only on a quiet machine: run it alone.
+
+The tuner changes the worker count only between epochs, after at least
+`_autotune.MIN_WINDOW_S` of them: a run that ends inside its first epoch measures
+auto's start (the default's configuration) and nothing of the tuner.  At the
+default lengths, the per-sample workloads' epochs are 16,384 batches (minutes at
+tens to hundreds of batches/s); `windows` is 3,051 batches, `arrays-tokens` and
+`stream-shards` 2,048, `arrays-images` and `disk-images` 32.  So each workload's
+line says how many epochs auto's runs started, and `--epoch-batches N` makes the
+epochs of the workloads whose length is free (per-sample and batch-level) N
+batches long, for runs that are long enough (`--seconds`) to reach several.
 """
 
 from __future__ import annotations
@@ -60,12 +70,31 @@ def measure(name: str, path: str, batch_size: int, workers, slots, seconds: floa
     return run_child(job, lambda waited: None)
 
 
+def epoch_length(name: str, length: int | None, epoch_batches: int | None) -> int | None:
+    """The `length` (samples, or batches for a batch-level source) that gives `name`'s
+    epochs `epoch_batches` batches, where its length is free; else `length`."""
+    workload = workloads.WORKLOADS[name]
+    if epoch_batches is None or workload.stream or workload.arrays:
+        return length
+    return epoch_batches if workload.batch_level else epoch_batches * workload.batch_size
+
+
+def batches_per_epoch(workload: workloads.Workload, source, batch_size: int) -> int | None:
+    """What one epoch of `source` is in batches (None for a stream: known once read)."""
+    if workload.stream:
+        return None
+    n = len(source)
+    # The array workloads run with drop_last (shmfeed_ring.py); the others keep a short last batch.
+    return n if workload.batch_level else (n // batch_size if workload.arrays else -(-n // batch_size))
+
+
 def run_workload(name: str, rounds: int, seconds: float, data_dir: Path, data_rows: int | None,
                  length: int | None, seed: int) -> dict:
     path, batch_size = prepare(name, data_dir, data_rows)
     workload = workloads.WORKLOADS[name]
     source = workloads.make_source(workload, path, batch_size=batch_size, length=length, seed=0)
     batch_bytes, _ = describe_batch(workload, source, batch_size)
+    epoch_batches = batches_per_epoch(workload, source, batch_size)
     del source
     cfgs = configs()
     most = max(w for w, _ in cfgs.values() if isinstance(w, int))
@@ -73,6 +102,7 @@ def run_workload(name: str, rounds: int, seconds: float, data_dir: Path, data_ro
     rates: dict[str, list[float]] = {c: [] for c in cfgs}
     errors: dict[str, list[str]] = {c: [] for c in cfgs}
     auto_said = ""
+    auto_rounds: list[dict] = []  # per round: what auto said, and the epochs its run saw
     for r in range(rounds):
         order = list(cfgs)
         random.Random(seed * 1000 + r).shuffle(order)
@@ -85,10 +115,17 @@ def run_workload(name: str, rounds: int, seconds: float, data_dir: Path, data_ro
                       file=sys.stderr)
                 continue
             rates[c].append(result["batches_per_s"])
-            if c == AUTO:
-                auto_said = result.get("loader_stats", {}).get("auto", "")
             print(f"  {name} round {r + 1}/{rounds} {c}: {result['batches_per_s']:,.1f} batches/s",
                   file=sys.stderr)
+            if c == AUTO:
+                st = result.get("loader_stats", {})
+                auto_said = st.get("auto", "")
+                auto_rounds.append({"said": auto_said, "batches": result["batches"],
+                                    "epochs_started": result["epochs_started"],
+                                    "num_workers_end": st.get("num_workers"),
+                                    "decisions": st.get("auto_decisions", [])})
+                print(f"    auto: {result['batches']:,} batches, {result['epochs_started']} epoch(s) started; "
+                      f"{auto_said}", file=sys.stderr)
     medians = {c: statistics.median(v) for c, v in rates.items() if v}
     fixed = {c: m for c, m in medians.items() if c not in (AUTO, DEFAULT)}
     best = max(fixed, key=fixed.__getitem__) if fixed else None
@@ -100,7 +137,8 @@ def run_workload(name: str, rounds: int, seconds: float, data_dir: Path, data_ro
         "median_batches_per_s": medians, "best_fixed": best,
         "auto_over_best_fixed": auto / fixed[best] if auto and best else None,
         "auto_over_default": auto / medians[DEFAULT] if auto and medians.get(DEFAULT) else None,
-        "auto_said": auto_said,
+        "auto_said": auto_said, "auto_rounds": auto_rounds, "epoch_batches": epoch_batches,
+        "length": length,
     }
 
 
@@ -115,6 +153,13 @@ def render(name: str, r: dict) -> str:
     lines.append(f"  auto / best fixed ({r['best_fixed']}): {ab:.2f}" if ab is not None else
                  "  auto / best fixed: n/a")
     lines.append(f"  auto / today's default: {ad:.2f}" if ad is not None else "  auto / today's default: n/a")
+    runs = r.get("auto_rounds") or []
+    if runs:
+        epochs = sorted(a["epochs_started"] for a in runs)
+        per = "?" if r["epoch_batches"] is None else f"{r['epoch_batches']:,}"
+        lines.append(f"  auto's runs: {statistics.median(a['batches'] for a in runs):,.0f} batches (median), "
+                     f"epochs of {per} batches, {epochs[0]}-{epochs[-1]} epoch(s) started"
+                     + ("; no epoch end: auto ran as it started" if epochs[-1] <= 1 else ""))
     if r["auto_said"]:
         lines.append(f"  auto said: {r['auto_said']}")
     return "\n".join(lines)
@@ -129,6 +174,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--data-dir", type=Path, default=None, help="as `shmfeed bench --data-dir`")
     p.add_argument("--data-rows", type=int, default=None, help="rows of each data file (small: a quick check)")
     p.add_argument("--length", type=int, default=None, help="samples per epoch (default: the workload's)")
+    p.add_argument("--epoch-batches", type=int, default=None,
+                   help="batches per epoch of the workloads whose length is free (per-sample, batch-level), "
+                        "so that a run reaches the tuner's epoch ends; overrides --length for them")
     p.add_argument("--seed", type=int, default=0, help="of the round orders")
     p.add_argument("--json", type=Path, default=None, help="write every measurement here")
     a = p.parse_args(argv)
@@ -139,7 +187,8 @@ def main(argv: list[str] | None = None) -> int:
     data_dir = a.data_dir or workloads.default_data_dir()
     doc = {"machine": {"cpus_usable": _sysinfo.usable_cpus().value}, "workloads": {}}
     for name in names:
-        r = run_workload(name, a.rounds, a.seconds, data_dir, a.data_rows, a.length, a.seed)
+        r = run_workload(name, a.rounds, a.seconds, data_dir, a.data_rows,
+                         epoch_length(name, a.length, a.epoch_batches), a.seed)
         doc["workloads"][name] = r
         print(render(name, r), flush=True)
     if a.json is not None:

@@ -2,10 +2,13 @@
 the worker count follows what the loop measures.
 
 Owns: the start (`start_workers`: one worker per CPU this process may use, at most
-START_MAX; the ring for `num_slots="auto"` is `_config.auto_slots`, beside the default it
-starts from) and `WorkerTuner`, which turns the facts of each finished epoch (the
-loop's wait, the workers' busy time, batches per second) into the worker count of
-the next one, each change a `Decision` with its reason, which `stats()` reports.
+START_MAX; the ring for `num_slots="auto"` is `_config.auto_slots`: the default ring of
+the workers it starts with, so that an auto loader starts exactly where one with that
+`num_workers` does) and `WorkerTuner`, which turns the facts of each finished epoch
+(the loop's wait, the workers' busy time, batches per second, and the workers' time
+on a CPU and waiting for one, read from /proc at a window's ends: `sched_times`) into the
+worker count of the next one, each change a `Decision` with its reason, which
+`stats()` reports.  Nothing of it runs per batch.
 
 When it changes what: the worker count only between epochs; nothing mid-epoch.  A new
 count is a new pool (the Loader marks the running one stale and `PoolKeeper` starts
@@ -18,8 +21,11 @@ ring mid-run would invalidate the batches the loop still holds.
 
 Invariants:
 - never more workers than the CPUs this process may use (affinity and cgroup quota,
-  `_sysinfo.usable_cpus`), never fewer than one; the ring never past
-  `memory_budget_bytes`;
+  `_sysinfo.usable_cpus`) for building that needs a CPU: one more than that only
+  where the workers were blocked part of their building time (neither on a CPU nor
+  waiting for one) so that one more, as busy, needs no more CPUs than there are, and
+  never more than BLOCKED_WORKERS_PER_CPU per CPU; never fewer than one; the ring
+  never past `memory_budget_bytes`;
 - which batches come out never depends on any of this: the order is a keyed function
   of (seed, epoch, position), the same for any worker count (DESIGN.md, invariant 2);
 - a change that did not pay (the loop no faster with one more worker, or waiting
@@ -42,9 +48,14 @@ MIN_WINDOW_BATCHES = 16
 # least BUSY_MORE of theirs: one more worker can help.
 WAIT_MORE = 0.10
 BUSY_MORE = 0.70
-# Workers busy less than this of their time are more than the loop needs, whether it
-# waited (then for a wake-up, not for building) or not: as many as would be busy
-# BUSY_TARGET do it (a drop that makes the loop slower is undone).
+# Workers busy less than this of their time (not counting their wait for a CPU), while
+# the loop hardly waited (less than WAIT_MORE), are more than the loop needs: as many
+# as would be busy BUSY_TARGET do it (a drop that makes the loop slower is undone).
+# A loop that waits keeps its workers even when they idle: it waits for a wake-up, not
+# for building, and fewer workers only make it wait longer (measured on `windows`, 2
+# CPUs, batches of microseconds: the loop waited 32 % of its time with 2 workers busy
+# 28 %, 58 % with 1), besides the new pool a drop costs (38 ms there, where an epoch
+# of 3,051 batches took 30 ms).
 BUSY_FEWER = 0.50
 BUSY_TARGET = 0.75
 # One more worker must make the loop at least this much faster to be kept.
@@ -52,6 +63,11 @@ GAIN = 1.05
 # Workers an auto loader starts with, at most (one per usable CPU up to this); more only
 # where the tuner measures that they pay.
 START_MAX = 8
+# Past the usable CPUs, a worker is added only where the workers spend part of their
+# building time off a CPU without waiting for one (blocked: a disk, page faults, a
+# lock), so that one more of them, as busy, would still need no more CPUs than there
+# are; at most this many per usable CPU (the ring has a worker record for each).
+BLOCKED_WORKERS_PER_CPU = 2
 
 
 def start_workers() -> tuple[int, int, str]:
@@ -70,6 +86,27 @@ def start_workers() -> tuple[int, int, str]:
     return start, max(cpus.value, 1), f"{cpus.value} usable CPU(s) ({cpus.source})"
 
 
+def most_workers(cpus: int) -> int:
+    """The most workers an auto loader may ever run with `cpus` usable CPUs, the
+    blocked ones included (the ring's worker records)."""
+    return BLOCKED_WORKERS_PER_CPU * max(cpus, 1)
+
+
+def sched_times(pids: list[int]) -> dict[int, tuple[float, float]]:
+    """pid -> (seconds on a CPU, seconds runnable but waiting for one) since it started,
+    from /proc/<pid>/schedstat (nanoseconds); a pid that cannot be read is left out.
+    Read at a tuner window's two ends only: never a cost per batch."""
+    out = {}
+    for pid in pids:
+        try:
+            with open(f"/proc/{pid}/schedstat") as f:
+                on_cpu, queued = f.read().split()[:2]
+        except (OSError, ValueError):
+            continue
+        out[pid] = (int(on_cpu) / 1e9, int(queued) / 1e9)
+    return out
+
+
 @dataclass(frozen=True)
 class Window:
     """What one or more finished epochs measured, with `workers` workers."""
@@ -79,6 +116,20 @@ class Window:
     wait_s: float  # of them, waiting in next()
     batches: int
     busy_s: float  # the workers' building time, all together
+    # Of the workers' time, all together: on a CPU, and runnable but waiting for one
+    # (None: not known, e.g. no /proc/<pid>/schedstat).  Read at a window's two ends
+    # only (`WorkerTuner.window_starts`, `judges`): the last epoch of a window that adds
+    # up several carries the account of them all.
+    cpu_s: float | None = None
+    queued_s: float | None = None
+
+    @property
+    def blocked_fraction(self) -> float | None:
+        """Of the workers' building time, the share spent neither on a CPU nor waiting
+        for one: blocked on something one more worker could overlap."""
+        if self.cpu_s is None or self.queued_s is None or self.busy_s <= 0:
+            return None
+        return min(max(1.0 - (self.cpu_s + self.queued_s) / self.busy_s, 0.0), 1.0)
 
     @property
     def wait_fraction(self) -> float:
@@ -95,7 +146,8 @@ class Window:
 
     def plus(self, other: Window) -> Window:
         return Window(self.workers, self.seconds + other.seconds, self.wait_s + other.wait_s,
-                      self.batches + other.batches, self.busy_s + other.busy_s)
+                      self.batches + other.batches, self.busy_s + other.busy_s,
+                      other.cpu_s, other.queued_s)
 
 
 @dataclass(frozen=True)
@@ -111,6 +163,7 @@ class Decision:
     wait_fraction: float | None = None
     busy_fraction: float | None = None
     batches_per_s: float | None = None
+    blocked_fraction: float | None = None  # of the workers' building time (Window.blocked_fraction)
 
     def as_dict(self) -> dict:
         return asdict(self)
@@ -123,9 +176,11 @@ def _pct(f: float) -> str:
 class WorkerTuner:
     """The worker count of a `num_workers="auto"` loader, epoch after epoch."""
 
-    def __init__(self, start: int, most: int, why: str):
+    def __init__(self, start: int, most: int, why: str, ceiling: int | None = None):
         self.workers = start
-        self.most = most  # never more (the CPUs this process may use)
+        self.cpus = most
+        self.most = most  # never more (the CPUs this process may use), but for blocked workers
+        self.ceiling = most if ceiling is None else max(ceiling, most)  # never more at all
         self.least = 1
         self.history: list[Decision] = [Decision(0, start, None, "start", why)]
         self.last: Decision = self.history[0]  # the latest verdict, a change or not
@@ -135,12 +190,22 @@ class WorkerTuner:
         self._pending_from: int | None = None  # the first epoch of `_pending`
         self._most_why = f"the {most} CPU(s) this process may use"
 
+    @property
+    def window_starts(self) -> bool:
+        """Whether the next epoch starts a window (no shorter epochs wait to be added to)."""
+        return self._pending is None
+
+    def judges(self, window: Window) -> bool:
+        """Whether `observe(window)` decides (the window it closes is long enough)."""
+        w = window if self._pending is None else self._pending.plus(window)
+        return w.seconds >= MIN_WINDOW_S and w.batches >= MIN_WINDOW_BATCHES
+
     def observe(self, window: Window, next_epoch: int) -> int:
         """Take the facts of a finished epoch; the worker count for `next_epoch`."""
         if window.workers != self.workers or window.seconds <= 0:
             return self.workers  # a window of another pool (a resize raced it): not ours to judge
         w = window if self._pending is None else self._pending.plus(window)
-        if w.seconds < MIN_WINDOW_S or w.batches < MIN_WINDOW_BATCHES:
+        if not self.judges(window):
             if self._pending is None:
                 self._pending_from = next_epoch - 1
             self._pending = w
@@ -155,7 +220,8 @@ class WorkerTuner:
 
     def _decide(self, w: Window, epoch: int, first: int) -> Decision:
         n, wait, busy, rate = w.workers, w.wait_fraction, w.busy_fraction, w.batches_per_s
-        facts = dict(wait_fraction=wait, busy_fraction=busy, batches_per_s=rate)
+        facts = dict(wait_fraction=wait, busy_fraction=busy, batches_per_s=rate,
+                     blocked_fraction=w.blocked_fraction)
         epochs = f"epoch {first}" if first == epoch - 1 else f"epochs {first}-{epoch - 1}"
         seen = f"the loop waited {_pct(wait)} of {epochs} with {n}, workers busy {_pct(busy)}"
         before, self._changed_from = self._changed_from, None
@@ -163,7 +229,8 @@ class WorkerTuner:
         # Judged while the loop still waits: one that stopped waiting was fed (its own
         # step may have grown meanwhile, which batches/s alone would take for no gain).
         if before is not None and before < n and wait >= WAIT_MORE and rate < GAIN * self._rate[before]:
-            self.most, self._most_why = before, f"{n} made the loop no faster"
+            self.most, self._most_why = min(self.most, before), f"{n} made the loop no faster"
+            self.ceiling = before
             return Decision(epoch, before, n, "back", f"{n} made the loop no faster than {before} "
                             f"({rate:,.1f} against {self._rate[before]:,.1f} batches/s)", **facts)
         if before is not None and before < n and rate >= GAIN * self._rate[before]:
@@ -175,14 +242,39 @@ class WorkerTuner:
         if wait >= WAIT_MORE and busy >= BUSY_MORE and n < self.most:
             self._changed_from = n
             return Decision(epoch, n + 1, n, "more", seen, **facts)
-        if busy < BUSY_FEWER and n > self.least:
-            fewer = max(self.least, math.ceil(w.busy_s / w.seconds / BUSY_TARGET))
+        beyond = self._beyond_cpus(w) if wait >= WAIT_MORE and busy >= BUSY_MORE else None
+        if beyond is not None:
+            self._changed_from = n
+            return Decision(epoch, n + 1, n, "more", f"{seen}{beyond}", **facts)
+        # Of the busy time, what the building took: not the time spent waiting for a CPU
+        # (a machine busy with other work stretches a build without needing a worker more).
+        work_s = max(w.busy_s - (w.queued_s or 0.0), 0.0)
+        if work_s < BUSY_FEWER * n * w.seconds and wait < WAIT_MORE and n > self.least:
+            fewer = max(self.least, math.ceil(work_s / w.seconds / BUSY_TARGET))
             if fewer < n:
+                queued = f" ({_pct(w.queued_s / w.busy_s)} of it waiting for a CPU)" if w.queued_s and w.busy_s else ""
                 self._changed_from = n
-                return Decision(epoch, fewer, n, "fewer", f"{seen}: {fewer} keep up", **facts)
-        limit = (f"; {n} is the most ({self._most_why})"
-                 if n >= self.most and wait >= WAIT_MORE and busy >= BUSY_MORE else "")
+                return Decision(epoch, fewer, n, "fewer", f"{seen}{queued}: {fewer} keep up", **facts)
+        limit = ""
+        if n >= self.most and wait >= WAIT_MORE and busy >= BUSY_MORE:
+            blocked = w.blocked_fraction
+            limit = f"; {n} is the most ({self._most_why}" + (
+                ")" if blocked is None or n >= self.ceiling else
+                f", and the workers were blocked only {_pct(blocked)} of their building time)")
         return Decision(epoch, n, n, "keep", f"{seen}{limit}", **facts)
+
+    def _beyond_cpus(self, w: Window) -> str | None:
+        """Why one more worker than the CPUs pays, if it does: the workers were blocked
+        part of their building time (off a CPU, not waiting for one), and one more,
+        as busy, would still need no more CPUs than this process may use."""
+        n, blocked = w.workers, w.blocked_fraction
+        if n < self.most or n >= self.ceiling or blocked is None:
+            return None
+        need = (n + 1) * w.busy_fraction * (1.0 - blocked)
+        if need > self.cpus:
+            return None
+        return (f", blocked {_pct(blocked)} of their building time: {n + 1} would need {need:.1f} "
+                f"of the {self.cpus} CPU(s)")
 
     def summary(self) -> str:
         """The count now and why, in a sentence."""

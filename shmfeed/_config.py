@@ -54,8 +54,9 @@ class Config:
     # batch 0) and `built_spec` the batch's before it (a builder's scratch slot).
     batch_transform: Any = None
     built_spec: Spec | None = None
-    # `num_workers="auto"`: the most workers the loader may run (0: `num_workers` is
-    # fixed), and why it starts with `num_workers` (_autotune.py).
+    # `num_workers="auto"`: the most workers the loader may run on CPU-bound building
+    # (the usable CPUs; 0: `num_workers` is fixed; blocked workers may go past it, up to
+    # `_autotune.most_workers`), and why it starts with `num_workers` (_autotune.py).
     auto_workers: int = 0
     auto_why: str = ""
 
@@ -63,7 +64,7 @@ class Config:
     def max_workers(self) -> int:
         """Worker records in the control block (the in-process builder uses one; an
         auto loader one for each worker it may run)."""
-        return max(self.num_workers, self.auto_workers, 1)
+        return max(self.num_workers, _autotune.most_workers(self.auto_workers) if self.auto_workers else 0, 1)
 
     @property
     def ring_bytes(self) -> int:
@@ -170,11 +171,12 @@ def build(source: Any, options: LoaderOptions) -> Config:
                      seed_global_rngs=o.seed_global_rngs, timeout_s=None, start_method="auto", padding=padding)
         built_spec, spec = spec, _build.probe_transform(source, pre, o.batch_transform)
 
-    max_workers = max(num_workers, auto_workers, 1)
+    max_workers = max(num_workers, _autotune.most_workers(auto_workers) if auto_workers else 0, 1)
     num_slots: int
     if o.num_slots == AUTO:
-        num_slots = auto_slots(max(num_workers, auto_workers), max_workers, spec.slot_bytes,
-                               o.memory_budget_bytes)
+        # The ring of the workers it starts with: an auto loader starts exactly where
+        # one given that `num_workers` does (2 CPUs, `windows`: 32 slots either way).
+        num_slots = auto_slots(num_workers, max_workers, spec.slot_bytes, o.memory_budget_bytes)
         if o.memory_budget_bytes is not None and ring_bytes(num_slots, max_workers, spec.slot_bytes) > \
                 o.memory_budget_bytes:
             need = ring_bytes(2, max_workers, spec.slot_bytes)
@@ -196,7 +198,7 @@ def build(source: Any, options: LoaderOptions) -> Config:
                 f"`memory_budget_bytes={budget}` holds {num_slots} slot(s) of {spec.slot_bytes} "
                 f"bytes with their control block; at least 2 are needed. Raise it to >= {need}.")
     else:
-        num_slots = default_num_slots(max(num_workers, auto_workers), spec.slot_bytes)
+        num_slots = default_num_slots(num_workers, spec.slot_bytes)
     check_memory(ring_bytes(num_slots, max_workers, spec.slot_bytes), num_slots, spec.slot_bytes)
     return Config(order=order, spec=spec, n_slots=num_slots, num_workers=num_workers,
                   max_restarts=o.max_restarts, seed_global_rngs=o.seed_global_rngs,

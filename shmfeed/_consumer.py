@@ -77,6 +77,7 @@ class Consumer:
         # (time, stats' wait_s, stats' batches, the workers' busy seconds) once the
         # current epoch's first batch is taken: what an auto loader measures from.
         self.epoch_mark: tuple[float, float, int, float] | None = None
+        self.on_mark: Callable[[], None] | None = None  # called as the mark is taken (auto: _loader.py)
         self.thread: int | None = None  # the thread iterating the current generation
         self.started_pool: Any = None  # the pool last seen with a worker running
         # A sharded stream says per epoch which batches hold data and when it ends.
@@ -205,6 +206,8 @@ class Consumer:
         self.delivered = epoch_batch + 1
         if self.epoch_mark is None:
             self.epoch_mark = (time.perf_counter(), stats.wait_s, stats.batches, self.busy_s())
+            if self.on_mark is not None:
+                self.on_mark()
         return unflatten(self.cfg.spec.tree, leaves)
 
     def _build_here(self, gen: int, b: int) -> None:

@@ -127,14 +127,15 @@ class Loader:
     the batch's rows; a later result that differs is an error naming the batch and
     leaf.  Each worker builds the batch in a private scratch slot first.
 
-    `num_workers="auto"` starts with one worker per usable CPU but one (affinity and
-    cgroup quota), and between epochs adds one where the loop waited and the workers
-    were busy (up to the usable CPUs), or drops those the loop did not need; a change
-    that did not pay is undone and not tried again.  Never mid-epoch: a new worker
-    count is a new pool, started before the next epoch's first batch.  The batches are
-    the same for any count (and a state resumes under any).  `num_slots="auto"` sizes
-    the ring once, at construction, for the most workers it may run, within
-    `memory_budget_bytes` and the memory free then.  `stats()` says what auto did and
+    `num_workers="auto"` starts with one worker per usable CPU (affinity and cgroup
+    quota, at most 8), and between epochs adds one where the loop waited and the
+    workers were busy (up to the usable CPUs; one past them only for workers blocked
+    part of their building time, off a CPU), or drops those a loop that hardly waited
+    did not need; a change that did not pay is undone and not tried again.  Never
+    mid-epoch: a new worker count is a new pool, started before the next epoch's first
+    batch.  The batches are the same for any count (and a state resumes under any).
+    `num_slots="auto"` sizes the ring once, at construction: the default ring of the
+    workers it starts with, within `memory_budget_bytes` and the memory free then.  `stats()` says what auto did and
     why (`auto`, `auto_decisions`).  See shmfeed/_autotune.py.
 
     `builders=shmfeed.ray.Builders(num_actors=...)` adds batch builders on a Ray cluster
@@ -232,13 +233,17 @@ class Loader:
         self._hooks = any(_epoch_hook(source, h) for h in _HOOKS)
         self._snapshot: tuple[int, Any] | None = None  # (epoch, source state at its start)
         self._closed = False
-        self._tuner = (_autotune.WorkerTuner(cfg.num_workers, cfg.auto_workers, cfg.auto_why)
+        self._tuner = (_autotune.WorkerTuner(cfg.num_workers, cfg.auto_workers, cfg.auto_why, cfg.max_workers)
                        if cfg.auto_workers else None)
+        # An auto loader's workers' (CPU, waiting for a CPU) seconds at its window's first batch.
+        self._sched: dict[int, tuple[float, float]] = {}
         self._stats = Stats(n_slots=cfg.n_slots, slot_bytes=cfg.spec.slot_bytes,
                             ring_bytes=self._ring.nbytes, num_workers=cfg.num_workers,
                             cpus=_sysinfo.usable_cpus().value)
         self._consumer = Consumer(self._ring, cfg, self._res, source, self._stats,
                                   build_here=builders is None)
+        if self._tuner is not None:
+            self._consumer.on_mark = self._mark_sched
         if cfg.num_workers:
             self._pools.start()
         if builders is not None:
@@ -434,6 +439,17 @@ class Loader:
         cfg = self._cfg
         return list(range(cfg.num_workers)) + list(range(cfg.max_workers, self._ring.max_workers))
 
+    def _worker_pids(self) -> list[int]:
+        ctl = self._ring.ctl
+        return [pid for w in range(self._cfg.num_workers) if (pid := ctl.worker(w)["pid"]) > 0]
+
+    def _mark_sched(self) -> None:
+        """An auto loader's epoch has taken its first batch: where its workers' time on a
+        CPU and waiting for one is measured from, if the epoch starts a window (a read of
+        /proc per worker: ~16 us each, at most once an epoch)."""
+        if self._tuner is not None and self._tuner.window_starts:
+            self._sched = _autotune.sched_times(self._worker_pids())
+
     def _tune(self, epoch: int) -> None:
         """An auto loader's epoch is over: its facts to the tuner, and a pool of the
         count it asks for before the next epoch (`before_epoch` replaces it)."""
@@ -444,6 +460,13 @@ class Loader:
         window = _autotune.Window(self._cfg.num_workers, time.perf_counter() - t0,
                                   self._stats.wait_s - wait0, self._stats.batches - batches0,
                                   self._consumer.busy_s() - busy0)
+        pids = self._worker_pids() if tuner.judges(window) else []
+        sched = _autotune.sched_times(pids)
+        if pids and len(sched) == len(pids):
+            # Since the window's first mark; a worker new since then (a restart) from its start.
+            window = dataclasses.replace(
+                window, cpu_s=sum(c - self._sched.get(pid, (0.0, 0.0))[0] for pid, (c, _) in sched.items()),
+                queued_s=sum(q - self._sched.get(pid, (0.0, 0.0))[1] for pid, (_, q) in sched.items()))
         n = tuner.observe(window, epoch + 1)
         if n != self._cfg.num_workers:
             self._cfg = dataclasses.replace(self._cfg, num_workers=n)

@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 
 import shmfeed
-from shmfeed._autotune import MIN_WINDOW_S, Window, WorkerTuner
+from shmfeed._autotune import MIN_WINDOW_S, Window, WorkerTuner, most_workers
 from shmfeed._errors import SpecError
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -76,7 +76,7 @@ def test_an_auto_ring_stays_within_memory_budget_bytes():
         assert loader.ring_bytes <= budget
         # As many slots as fit, with the control block of every worker it may run.
         one_more = shmfeed._engine.ring.ring_bytes(loader.num_slots + 1, loader._ring.max_workers, loader.slot_bytes)
-        assert one_more > budget and loader._ring.max_workers == _usable_cpus()
+        assert one_more > budget and loader._ring.max_workers == most_workers(_usable_cpus())
         assert sum(1 for _ in loader) == 64
     with pytest.raises(SpecError, match=r"`memory_budget_bytes=100000` cannot hold 2 slots"):
         shmfeed.Loader(x, batch_size=64, num_workers="auto", num_slots="auto", memory_budget_bytes=100_000)
@@ -87,6 +87,58 @@ def test_an_explicit_worker_count_keeps_todays_ring_and_no_tuner():
         assert loader.num_slots == shmfeed._config.default_num_slots(2, loader.slot_bytes)
         assert loader.stats().auto == "" and loader.stats().auto_decisions == []
         assert "auto" not in str(loader.stats())
+
+
+@pytest.mark.parametrize("row_bytes", [2 * 1025, 224 * 224 * 3])  # windows' rows; images'
+@pytest.mark.parametrize("num_slots", ["auto", None])
+def test_an_auto_loader_starts_with_the_workers_and_ring_of_the_default_on_this_machine(row_bytes, num_slots):
+    # What `shmfeed bench` runs by default: the usable CPUs (at most 8), the default ring.
+    x = np.zeros((256, row_bytes), np.uint8)
+    start = min(_usable_cpus(), shmfeed._autotune.START_MAX)
+    with shmfeed.Loader(x, batch_size=32, num_workers=start) as default, \
+            shmfeed.Loader(x, batch_size=32, num_workers="auto", num_slots=num_slots) as auto:
+        assert (auto.stats().num_workers, auto.num_slots, auto.slot_bytes) == \
+            (default.stats().num_workers, default.num_slots, default.slot_bytes)
+        deadline = time.monotonic() + 10  # each worker records its pid as it starts
+        while {len(auto.worker_pids), len(default.worker_pids)} != {start} and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert len(auto.worker_pids) == len(default.worker_pids) == start
+
+
+class _Counter:
+    """Python and C calls made in this thread while it is on."""
+
+    def __init__(self):
+        self.calls = 0
+
+    def __call__(self, frame, event, arg):
+        if event in ("call", "c_call"):
+            self.calls += 1
+
+    def count(self, it, n: int) -> int:
+        self.calls = 0
+        sys.setprofile(self)
+        try:
+            for _ in range(n):
+                next(it)
+        finally:
+            sys.setprofile(None)
+        return self.calls
+
+
+def test_an_auto_loader_makes_no_more_calls_per_batch_than_a_fixed_one():
+    # Tiny batches (as `windows`): anything the tuner measured per batch would show here.
+    # Its work is per epoch (`_tune`), and the slow take's calls are few and rare.
+    x = np.zeros((4096, 8), np.uint8)
+    n = 400
+    calls = {}
+    for workers in (2, "auto"):
+        with shmfeed.Loader(x, batch_size=4, num_workers=workers) as loader:
+            it = iter(loader)
+            next(it)  # the start, and the first take, outside the count
+            calls[workers] = _Counter().count(it, n)
+            del it
+    assert calls["auto"] <= calls[2] + n // 2, calls
 
 
 # -- the start, within this process's CPUs ------------------------------------------------
@@ -208,6 +260,82 @@ def test_a_window_of_another_worker_count_is_not_taken_for_this_one():
     assert tuner.decisions() == [tuner.history[0].as_dict()]
 
 
+def test_a_waiting_loop_keeps_idle_workers_that_wake_up_for_it():
+    # `windows` on 2 CPUs: batches of microseconds, the loop waits for a worker's wake-up,
+    # not for building. One worker fewer made it wait longer (32 % -> 58 %) and cost a new pool.
+    tuner = WorkerTuner(2, 2, "2 CPUs")
+    for epoch in range(1, 4):
+        assert tuner.observe(_window(2, wait=0.5, busy=0.2, batches_per_s=100_000), epoch) == 2
+    assert [d["action"] for d in tuner.decisions()] == ["start"]
+    # The same workers as idle under a loop that hardly waits: one is dropped.
+    assert tuner.observe(_window(2, wait=0.02, busy=0.2, batches_per_s=100_000), 4) == 1
+
+
+def _sched_window(workers: int, wait: float, busy: float, on_cpu: float, queued: float,
+                  batches_per_s: float = 100.0) -> Window:
+    """A window of 1 s whose workers were each busy `busy`, on a CPU `on_cpu` and
+    waiting for one `queued` of it."""
+    return Window(workers, 1.0, wait, int(batches_per_s), busy * workers, on_cpu * workers, queued * workers)
+
+
+def test_workers_blocked_off_a_cpu_get_one_more_than_the_cpus_and_cpu_bound_ones_do_not():
+    # Busy all along, on a CPU 60 % of it: 3 such workers need 1.8 of the 2 CPUs.
+    tuner = WorkerTuner(2, 2, "2 CPUs", ceiling=4)
+    assert tuner.observe(_sched_window(2, wait=0.4, busy=0.98, on_cpu=0.6, queued=0.0), 1) == 3
+    assert "blocked 39 % of their building time: 3 would need 1.8 of the 2 CPU(s)" in tuner.summary()
+    # 3 did not make the loop faster: back to 2, and not tried again.
+    assert tuner.observe(_sched_window(3, wait=0.4, busy=0.98, on_cpu=0.4, queued=0.0, batches_per_s=101), 2) == 2
+    for epoch in range(3, 6):
+        assert tuner.observe(_sched_window(2, wait=0.4, busy=0.98, on_cpu=0.6, queued=0.0), epoch) == 2
+    assert [d["action"] for d in tuner.decisions()] == ["start", "more", "back"]
+    # Building that needs a CPU all the time (on one, or waiting for one: a machine busy
+    # with other work) gets no worker past the CPUs.
+    for on_cpu, queued in [(0.97, 0.0), (0.5, 0.48)]:
+        tuner = WorkerTuner(2, 2, "2 CPUs", ceiling=4)
+        assert tuner.observe(_sched_window(2, wait=0.4, busy=0.98, on_cpu=on_cpu, queued=queued), 1) == 2
+        assert "2 is the most (the 2 CPU(s) this process may use, and the workers were blocked only" \
+            in tuner.summary()
+    # Nor where nothing says what they did (no /proc/<pid>/schedstat).
+    tuner = WorkerTuner(2, 2, "2 CPUs", ceiling=4)
+    assert tuner.observe(_window(2, wait=0.4, busy=0.98), 1) == 2
+
+
+def test_workers_stretched_by_waiting_for_a_cpu_are_not_taken_for_busy_ones():
+    # 2 workers "busy" 60 % of the time, half of it queued behind other work on the
+    # machine: 0.6 CPUs of building, which one does at 60 %. Dropped to one.
+    tuner = WorkerTuner(2, 2, "2 CPUs")
+    assert tuner.observe(_sched_window(2, wait=0.02, busy=0.6, on_cpu=0.3, queued=0.3), 1) == 1
+    assert tuner.summary().endswith("workers busy 60 % (50 % of it waiting for a CPU): 1 keep up")
+    # Without the kernel's account of it, the same workers look needed.
+    tuner = WorkerTuner(2, 2, "2 CPUs")
+    assert tuner.observe(_window(2, wait=0.02, busy=0.6), 1) == 2
+
+
+class Sleepy:
+    """Items that each wait `cost_s` off a CPU (a sleep: as a read from a slow disk)."""
+
+    def __init__(self, n: int = 200, cost_s: float = 0.001):
+        self.n, self.cost_s = n, cost_s
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __getitem__(self, i: int) -> np.ndarray:
+        time.sleep(self.cost_s)
+        return np.full(3, i, np.int64)
+
+
+def test_a_source_that_blocks_gets_workers_past_the_cpus_but_never_past_two_per_cpu():
+    cpus = _usable_cpus()
+    with shmfeed.Loader(Sleepy(), batch_size=4, num_workers="auto", num_slots="auto") as loader:
+        got = _epochs(loader, 16)
+        s = loader.stats()
+    counts = [d["workers"] for d in s.auto_decisions]
+    assert max(counts) > cpus and max(counts) <= most_workers(cpus), s.auto_decisions
+    assert "of their building time" in s.auto_decisions[1]["why"], s.auto_decisions
+    assert [int(b[0, 0]) for b in got] == list(range(0, 200, 4)) * 16  # the same batches, in order
+
+
 # -- the batches, across changes and resumes ----------------------------------------------
 def _changing_run(loader) -> list[np.ndarray]:
     """Epoch 0 with a slow loop (the workers idle: the count goes down), epochs 1 and 2
@@ -219,8 +347,9 @@ def _changing_run(loader) -> list[np.ndarray]:
 
 
 needs_two_cpus = pytest.mark.skipif(_usable_cpus() < 2, reason="auto adds a worker only with a CPU free")
-# A loop step four times a batch's build time: 2 workers each busy about 12 %, so still
-# under the tuner's 50 % when a loaded machine makes each build take up to 4x as long.
+# A loop step four times a batch's build time: 2 workers each busy about 12 %, below
+# BUSY_FEWER even where a loaded machine doubles the build's wall time (at twice the
+# build time, 25 % read 41-59 % with 5 other jobs on 2 CPUs).
 SLOW_STEP_S = 0.016
 
 
@@ -231,8 +360,9 @@ def test_a_change_of_worker_count_between_epochs_changes_no_batch():
     with shmfeed.Loader(source, num_workers="auto", **kw) as loader:
         auto = _changing_run(loader)
         counts = [d["workers"] for d in loader.stats().auto_decisions]
-    # Down between epochs 0 and 1 (idle workers), up again between 1 and 2 (the loop waited).
-    assert counts == [2, 1, 2], counts
+    # Down between epochs 0 and 1 (idle workers), up again between 1 and 2 (the loop waited);
+    # the verdict on 2 after the last epoch depends on what else the machine runs.
+    assert counts[:3] == [2, 1, 2], counts
     with shmfeed.Loader(source, num_workers=1, **kw) as fixed:
         reference = _epochs(fixed, 3)
     assert len(auto) == len(reference) == 300
