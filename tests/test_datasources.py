@@ -86,11 +86,51 @@ def test_batches_are_gathered_by_column_like_rows_by_index(files):
     spec = infer(src[0], rows=6, index=0)
     gather = gatherer(src, spec)
     assert gather is not None  # no Python per row
-    idx = np.array([86, 3, 60, 4, 49, 50], np.int64)
+    # shuffled; ordered in one row group (copied as a slice); ordered across two; in one
+    # row group, first and last 5 apart, but not in order
+    for idx in ([86, 3, 60, 4, 49, 50], [16, 17, 18, 19, 20, 21], [5, 6, 7, 8, 9, 10], [0, 2, 1, 3, 4, 5]):
+        idx = np.array(idx, np.int64)
+        out = [np.zeros((6,) + lf.shape, lf.dtype) for lf in spec.leaves]
+        gather(idx, out)
+        for name, col in zip(src.columns, out):
+            np.testing.assert_array_equal(col, np.stack([src[int(i)][name] for i in idx]))
+    # a last, short batch fills the first rows of the slot's leaves and no others
     out = [np.zeros((6,) + lf.shape, lf.dtype) for lf in spec.leaves]
-    gather(idx, out)
+    gather(np.array([84, 85, 86], np.int64), out)
     for name, col in zip(src.columns, out):
-        np.testing.assert_array_equal(col, np.stack([src[int(i)][name] for i in idx]))
+        np.testing.assert_array_equal(col[:3], np.stack([src[i][name] for i in (84, 85, 86)]))
+        assert not col[3:].any()
+
+
+class _CountedParquet(Parquet):
+    """Appends the process and row group of every row-group decode to `log`."""
+
+    def __init__(self, *args, log: str, **kw):
+        super().__init__(*args, **kw)
+        self.log = log
+
+    def _read_chunk(self, k):
+        with open(self.log, "a") as f:
+            f.write(f"{os.getpid()} {k}\n")
+        return super()._read_chunk(k)
+
+
+@pytest.mark.parametrize("shuffle", [False, True])
+def test_a_worker_decodes_each_row_group_once_an_epoch_not_once_a_batch(files, tmp_path, shuffle):
+    # Batches of 2 rows: 4 to a row group (in order), each in a different row group
+    # (shuffled); decoding per batch would be 44 decodes an epoch, or more.
+    log = tmp_path / "decodes"
+    src = _CountedParquet(files, columns=["x", "y"], log=str(log))
+    with shmfeed.Loader(src, batch_size=2, num_workers=2, shuffle=shuffle, seed=1) as loader:
+        for epoch in range(2):
+            log.write_text("")
+            loader.set_epoch(epoch)
+            assert sorted(_all_rows(loader)) == list(range(sum(ROWS)))
+            decodes = [tuple(line.split()) for line in log.read_text().splitlines()]
+            per_worker = {pid: [k for p, k in decodes if p == pid] for pid, _ in decodes}
+            assert len(per_worker) <= 2
+            for pid, groups in per_worker.items():
+                assert sorted(groups) == sorted(set(groups)), (epoch, pid, groups)  # once each
 
 
 def test_variable_length_rows_are_padded_with_padded_shapes(files):

@@ -170,26 +170,45 @@ class _ArrowRows:
 
     def __shmfeed_gather__(self, indices: np.ndarray, out: list[np.ndarray]) -> None:
         ks = np.searchsorted(self._starts, indices, side="right") - 1
-        for k in np.unique(ks):
-            at = np.flatnonzero(ks == k)
-            rows = indices[at] - self._starts[k]
-            for c, (col, view) in enumerate(zip(self._decoded(int(k)), out)):
-                if self._kinds[c][0] != "var":
-                    view[at] = col[rows]
-                    continue
-                off, vals = col
-                lengths = off[rows + 1] - off[rows]
-                width = view.shape[1]
-                bad = np.flatnonzero(lengths != width)
-                if bad.size:
-                    row = int(indices[at[bad[0]]])
-                    raise SpecError(
-                        f"{self._where(int(k))}, column {self.columns[c]!r}: row {row} holds "
-                        f"{int(lengths[bad[0]])} values where the batch has room for {width} (the "
-                        "length of the first row). Rows of this column differ in length: give the "
-                        f"Loader `padded_shapes` (e.g. {{{self.columns[c]!r}: [{max(width, int(lengths.max()))}]}}"
-                        ", or None for a bucketed length).")
-                view[at] = vals[off[rows][:, None] + np.arange(width)]
+        if ks[0] == ks[-1] and bool((np.diff(indices) == 1).all()):
+            # An ordered batch inside one chunk (most of them, unshuffled): its rows are
+            # a slice, copied as one (into the first rows of `out`: a last, short batch
+            # has fewer than the slot).
+            r0 = int(indices[0] - self._starts[ks[0]])
+            self._gather_chunk(int(ks[0]), indices, slice(0, len(indices)), slice(r0, r0 + len(indices)), out)
+            return
+        # Otherwise the batch's rows sorted by chunk (stable), so that each chunk's are a
+        # run: a batch of 256 shuffled rows spread over ~50 chunks cost ~370 us (CPU, 2
+        # columns) with a mask and a fancy index per chunk, ~240 us this way; an ordered
+        # one ~30 us, ~10 us as a slice.
+        by_chunk = np.argsort(ks, kind="stable")
+        sk = ks[by_chunk]
+        cuts = np.flatnonzero(sk[1:] != sk[:-1]) + 1
+        rows = indices[by_chunk] - self._starts[sk]
+        for lo, hi in zip(np.r_[0, cuts].tolist(), np.r_[cuts, len(sk)].tolist()):
+            self._gather_chunk(int(sk[lo]), indices, by_chunk[lo:hi], rows[lo:hi], out)
+
+    def _gather_chunk(self, k: int, indices: np.ndarray, at: Any, rows: Any, out: list[np.ndarray]) -> None:
+        """Rows `rows` of chunk k (a slice or an array) into rows `at` of the batch's
+        leaves `out`."""
+        for c, (col, view) in enumerate(zip(self._decoded(k), out)):
+            if self._kinds[c][0] != "var":
+                view[at] = col[rows]
+                continue
+            off, vals = col
+            r = np.arange(rows.start, rows.stop) if isinstance(rows, slice) else rows
+            lengths = off[r + 1] - off[r]
+            width = view.shape[1]
+            bad = np.flatnonzero(lengths != width)
+            if bad.size:
+                row = int(indices[at][bad[0]])
+                raise SpecError(
+                    f"{self._where(k)}, column {self.columns[c]!r}: row {row} holds "
+                    f"{int(lengths[bad[0]])} values where the batch has room for {width} (the "
+                    "length of the first row). Rows of this column differ in length: give the "
+                    f"Loader `padded_shapes` (e.g. {{{self.columns[c]!r}: [{max(width, int(lengths.max()))}]}}"
+                    ", or None for a bucketed length).")
+            view[at] = vals[off[r][:, None] + np.arange(width)]
 
     def _row_copies(self) -> list[None]:
         return [None] * len(self.columns)  # decoded per chunk: no fixed memory for C to copy from
