@@ -187,6 +187,72 @@ def test_a_missing_column_or_an_unreadable_type_is_refused_naming_it(files, tmp_
     assert Parquet(p, columns="y")[1] == {"y": 2}
 
 
+def _png(i: int) -> bytes:
+    import io
+
+    from PIL import Image
+    buf = io.BytesIO()
+    Image.fromarray(np.full((4, 3, 3), i % 256, np.uint8)).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def _decode_png(row: dict) -> dict:
+    import io
+
+    from PIL import Image
+    return {"image": np.asarray(Image.open(io.BytesIO(row["image"]["bytes"]))), "label": row["label"]}
+
+
+@pytest.fixture
+def image_file(tmp_path):
+    pytest.importorskip("PIL")
+    # Hugging Face's Image feature: a struct of the encoded bytes and a path.
+    images = pa.array([{"bytes": _png(i), "path": f"{i}.png"} for i in range(30)],
+                      pa.struct([("bytes", pa.binary()), ("path", pa.string())]))
+    p = tmp_path / "images.parquet"
+    pq.write_table(pa.table({"image": images, "label": pa.array(np.arange(30))}), p, row_group_size=8)
+    return str(p)
+
+
+@pytest.mark.parametrize("shuffle", [False, True])
+def test_an_image_bytes_column_is_decoded_by_decode_in_the_workers_row_by_row(image_file, shuffle):
+    src = Parquet(image_file, decode=_decode_png)
+    with shmfeed.Loader(src, batch_size=7, num_workers=2, shuffle=shuffle, seed=2) as loader:
+        batches = [{k: v.copy() for k, v in b.items()} for b in loader]
+    with shmfeed.Loader(src, batch_size=7, num_workers=0, shuffle=shuffle, seed=2) as ref:
+        assert [b["label"].tolist() for b in ref] == [b["label"].tolist() for b in batches]
+    assert sorted(int(y) for b in batches for y in b["label"]) == list(range(30))
+    for b in batches:
+        assert b["image"].shape[1:] == (4, 3, 3) and b["image"].dtype == np.uint8
+        for img, y in zip(b["image"], b["label"]):
+            assert (img == y).all()
+    table = pq.read_table(image_file)
+    got = Arrow(table, decode=_decode_png)[9]
+    assert got["label"] == 9 and (got["image"] == 9).all()
+
+
+def test_a_binary_column_without_decode_is_refused_naming_decode(image_file):
+    with pytest.raises(shmfeed.SpecError, match=r"column 'image' has Arrow type struct.*`decode=`"):
+        Parquet(image_file)
+    with pytest.raises(shmfeed.SpecError, match=r"`decode` must be a function"):
+        Parquet(image_file, decode="png")
+
+
+def test_an_exception_in_decode_arrives_in_batch_order_naming_row_and_row_group(image_file):
+    def decode(row):
+        if row["label"] == 19:
+            raise ValueError("bad image")
+        return _decode_png(row)
+
+    got = []
+    with shmfeed.Loader(Parquet(image_file, decode=decode), batch_size=5, num_workers=2) as loader:
+        with pytest.raises(shmfeed.ShmfeedError, match=r"bad image") as err:
+            for b in loader:
+                got += b["label"].tolist()
+    assert got == list(range(15))
+    assert "in `decode` of row 19, Parquet file" in str(err.value) and "row group 2" in str(err.value)
+
+
 def test_a_corrupt_row_group_arrives_in_batch_order_naming_file_and_row_group(files):
     meta = pq.read_metadata(files[0])
     col = meta.row_group(2).column(0)

@@ -11,11 +11,16 @@ decoded chunks with one numpy take per column and chunk, no Python per row.
 Column types: integer, float and bool scalars -> numpy scalars; fixed-size lists
 (nested too) of numbers -> arrays of that shape; variable-length lists of numbers ->
 1-D arrays (give the Loader `padded_shapes` when their lengths differ).  Anything else
-(strings, structs, ...) is refused at construction: leave it out with `columns=`.
+(strings, binary, structs such as a Hugging Face `Image`, ...) is refused at
+construction, unless the source has a `decode`: then such a column's value is its
+Python object (`bytes`, `str`, a dict...; None for a null), converted a chunk at a time,
+and sample i is `decode({column: value})`, run per row in the process that builds the
+batch (no batch-gather hook then: the Builder stacks what `decode` returns).
 
 Invariants:
-- Sample i is `{column: value}` for the chosen columns, in `columns` order; a
-  pure function of i (the chunk index and the files' contents).
+- Sample i is `{column: value}` for the chosen columns, in `columns` order (passed
+  through `decode` when there is one); a pure function of i (the chunk index and the
+  files' contents) and `decode`.
 - pyarrow is imported lazily (the extra `shmfeed[parquet]`).  Files are opened per
   process (_sourcefiles.PerProcess): a forked worker never uses its parent's reader,
   and reads with `use_threads=False` (one worker, one core).
@@ -50,8 +55,9 @@ def _pyarrow(what: str) -> Any:
     return pa
 
 
-def _column_kind(pa: Any, name: str, typ: Any, what: str) -> tuple[str, np.dtype, tuple]:
-    """("scalar" | "fixed" | "var", dtype, row shape) of a column of Arrow type `typ`."""
+def _column_kind(pa: Any, name: str, typ: Any, what: str, objects: bool = False) -> tuple[str, np.dtype, tuple]:
+    """("scalar" | "fixed" | "var" | "object", dtype, row shape) of a column of Arrow
+    type `typ`; "object" (Python values, for a `decode`) only with `objects`."""
     def numeric(t: Any) -> bool:
         return pa.types.is_integer(t) or pa.types.is_floating(t) or pa.types.is_boolean(t)
 
@@ -68,11 +74,20 @@ def _column_kind(pa: Any, name: str, typ: Any, what: str) -> tuple[str, np.dtype
         return "fixed", dtype(t), tuple(shape)
     if (pa.types.is_list(typ) or pa.types.is_large_list(typ)) and numeric(typ.value_type):
         return "var", dtype(typ.value_type), (None,)
+    if objects:
+        return "object", np.dtype(object), ()
     raise SpecError(
         f"{what}: column {name!r} has Arrow type {typ}, which shmfeed cannot put in a batch "
         "(it reads integer, float and bool scalars, fixed-size lists of them, and lists of "
-        "numbers). Leave it out with `columns=[...]`, or encode it as numbers first (e.g. "
-        "token ids).")
+        "numbers). Give a `decode=` function that makes arrays of the row (e.g. decodes "
+        "image bytes), leave the column out with `columns=[...]`, or encode it as numbers "
+        "first (e.g. token ids).")
+
+
+def _check_decode(decode: Any, what: str) -> None:
+    if decode is not None and not callable(decode):
+        raise SpecError(f"{what}: `decode` must be a function decode(row: dict) -> sample, "
+                        f"got {type(decode).__name__}")
 
 
 def _flat_values(arr: Any) -> Any:
@@ -91,6 +106,7 @@ class _ArrowRows:
     _kinds: list[tuple[str, np.dtype, tuple]]
     _starts: np.ndarray
     cache_bytes: int
+    decode: Any = None
 
     def _where(self, k: int) -> str:
         """How an error names chunk k (a Parquet row group, an Arrow record batch)."""
@@ -119,9 +135,14 @@ class _ArrowRows:
             return cols
         table = self._read_chunk(k)
         cols = []
+        size = 0
         for name, (kind, dtype, shape) in zip(self.columns, self._kinds):
             arr = table.column(name)
             arr = arr.combine_chunks() if hasattr(arr, "combine_chunks") else arr
+            if kind == "object":  # for `decode`: a null is its None
+                cols.append(arr.to_pylist())
+                size += arr.nbytes
+                continue
             if arr.null_count:
                 valid = np.asarray(arr.is_valid().to_numpy(zero_copy_only=False))
                 row = int(self._starts[k]) + int(np.argmin(valid))
@@ -141,11 +162,13 @@ class _ArrowRows:
                 if vals.dtype != dtype:
                     vals = vals.astype(dtype)
                 cols.append((off, vals))
+                size += off.nbytes + vals.nbytes
             else:
                 cols.append(flat.to_numpy(zero_copy_only=False).reshape((len(arr),) + shape))
+                size += cols[-1].nbytes
         cache[k] = cols
         sizes = self._handles.get("sizes", dict)
-        sizes[k] = sum(c.nbytes if isinstance(c, np.ndarray) else c[0].nbytes + c[1].nbytes for c in cols)
+        sizes[k] = size
         while len(cache) > 1 and sum(sizes[j] for j in cache) > self.cache_bytes:
             del sizes[cache.popitem(last=False)[0]]
         return cols
@@ -166,7 +189,14 @@ class _ArrowRows:
                 out[name] = vals[off[r]:off[r + 1]]
             else:
                 out[name] = col[r]
-        return out
+        if self.decode is None:
+            return out
+        try:
+            return self.decode(out)
+        except Exception as exc:
+            if hasattr(exc, "add_note"):  # Python 3.11+; 3.10 keeps the exception as it is
+                exc.add_note(f"(shmfeed: in `decode` of row {i}, {self._where(k)})")
+            raise
 
     def __shmfeed_gather__(self, indices: np.ndarray, out: list[np.ndarray]) -> None:
         ks = np.searchsorted(self._starts, indices, side="right") - 1
@@ -214,6 +244,8 @@ class _ArrowRows:
         return [None] * len(self.columns)  # decoded per chunk: no fixed memory for C to copy from
 
     def _leaf_rows(self) -> list[tuple[np.dtype, tuple]]:
+        if self.decode is not None:
+            return []  # a sample is what `decode` returns: built row by row, never gathered
         rows = []
         for c, (kind, dtype, shape) in enumerate(self._kinds):
             if kind == "var":
@@ -245,7 +277,12 @@ class Parquet(_ArrowRows):
     `paths`: a file, a glob pattern, or a list of them (rows numbered file after file,
     in the order given, each pattern's matches sorted).  `columns`: the columns to read
     (default: all; each must be a number, a fixed-size list of numbers, or a list of
-    numbers).  The row groups are indexed once, here (O(row groups) memory); a worker
+    numbers, unless `decode` is given).  `decode(row) -> sample`, optional, runs per row
+    in the worker that builds the batch, on `row = {column: value}`, where a column
+    that is not numbers (binary, string, struct: a Hugging Face `Image` is
+    `{"bytes": ..., "path": ...}`) is its Python value: e.g. decode image bytes with
+    Pillow; `shmfeed.rng()` is keyed by the row there.  The row groups are indexed once,
+    here (O(row groups) memory); a worker
     decodes a whole row group at a time and keeps up to `cache_bytes` of them (the
     least recently used dropped), so shuffled rows of data larger than that cost a
     row-group decode each: write files with small row groups (e.g.
@@ -256,11 +293,13 @@ class Parquet(_ArrowRows):
     Needs `pip install 'shmfeed[parquet]'`.
     """
 
-    def __init__(self, paths: Any, columns: Any = None, *, cache: ObjectCache | None = None,
+    def __init__(self, paths: Any, columns: Any = None, *, decode: Any = None, cache: ObjectCache | None = None,
                  cache_bytes: int = CACHE_BYTES):
         what = "Parquet"
         pa = _pyarrow(what)
         pq = require("pyarrow.parquet", "parquet", what)
+        _check_decode(decode, what)
+        self.decode = decode
         self.paths = source_paths(paths, cache, what)
         self.cache = cache
         self.cache_bytes = int(cache_bytes)
@@ -286,7 +325,8 @@ class Parquet(_ArrowRows):
                 meta, schema = footer(path, errors=(OSError, pa.ArrowException))
             if schema0 is None:
                 self.columns = _check_columns(schema.names, columns, f"{path!r}", what)
-                self._kinds = [_column_kind(pa, c, schema.field(c).type, what) for c in self.columns]
+                self._kinds = [_column_kind(pa, c, schema.field(c).type, what, decode is not None)
+                               for c in self.columns]
                 schema0 = (path, [schema.field(c).type for c in self.columns])
             else:
                 _check_columns(schema.names, self.columns, f"{path!r}", what)
@@ -343,17 +383,19 @@ class Arrow(_ArrowRows):
     or a Hugging Face `datasets.Dataset` (its memory-mapped Arrow table, with no Python
     per row).  Column types and `columns` as for `Parquet`.  A Dataset after `shuffle`
     or `select` reads through an index mapping: call `ds.flatten_indices()` first, or
-    leave the shuffling to the Loader (`shuffle=True`).
+    leave the shuffling to the Loader (`shuffle=True`).  `decode` as for `Parquet`.
 
     With workers forked from this process the table is shared, not copied; a pool
     started from a fresh interpreter is sent the table by value (write large data to
     Parquet instead).  Needs `pip install 'shmfeed[parquet]'`.
     """
 
-    def __init__(self, table: Any, columns: Any = None, *, chunk_rows: int = ARROW_CHUNK_ROWS,
+    def __init__(self, table: Any, columns: Any = None, *, decode: Any = None, chunk_rows: int = ARROW_CHUNK_ROWS,
                  cache_bytes: int = CACHE_BYTES):
         what = "Arrow"
         pa = _pyarrow(what)
+        _check_decode(decode, what)
+        self.decode = decode
         if getattr(table, "_indices", None) is not None:
             raise SpecError(f"{what}: this Dataset reads its rows through an index mapping (after "
                             "`shuffle`, `select`, `filter`...); call `ds = ds.flatten_indices()` first")
@@ -366,7 +408,8 @@ class Arrow(_ArrowRows):
             raise SpecError(f"{what}: expected a pyarrow.Table or a datasets.Dataset, got "
                             f"{type(table).__name__}")
         self.columns = _check_columns(table.schema.names, columns, "the table", what)
-        self._kinds = [_column_kind(pa, c, table.schema.field(c).type, what) for c in self.columns]
+        self._kinds = [_column_kind(pa, c, table.schema.field(c).type, what, decode is not None)
+                       for c in self.columns]
         if table.num_rows == 0:
             raise SpecError(f"{what}: the table has no rows")
         self.table = table.select(self.columns)
