@@ -26,7 +26,11 @@ on (downloads are the point), with a cold cache and `prefetch=--prefetch`, a col
 and `prefetch=0` (each object when first read), and a warm cache; the bytes in the
 cache directory are checked against `max_bytes` after each epoch.  Loopback has no
 latency: `--latency-ms` makes each request to the server wait that long first (this
-script as a delaying proxy, in a process of its own), as a remote store does.
+script as a delaying proxy, in a process of its own), as a remote store does (a shard
+of `BLOCK_BYTES` blocks is several requests).  Counted, not timed: per cold run, the
+workers' reads that had to download their own shard and those that waited for a
+download in progress (`ObjectCache.downloads()` at each worker's last sample); a
+prefetch that pays leaves both at 0 (try `--latency-ms 150`).
 
 Decode-dominated workloads (`--images parquet|arrayrecord|tar`), the shapes users'
 data has: `--rows` (default 4,000) RGB images of `--image-size` pixels a side (smooth
@@ -412,21 +416,37 @@ def decode_tar(fields: dict) -> dict:
     return {"x": np.load(io.BytesIO(fields["x.npy"])), "y": json.loads(fields["json"])["y"]}
 
 
-def run_s3(opts: dict, cache_dir: str, max_bytes: int, prefetch: int, batch: int, workers: int) -> float:
+def decode_tar_counted(cache, fields: dict) -> dict:
+    """`decode_tar`, and what this worker's cache had downloaded, and how, so far."""
+    return {**decode_tar(fields), "pid": os.getpid(), **cache.downloads()}
+
+
+def run_s3(opts: dict, cache_dir: str, max_bytes: int, prefetch: int, batch: int,
+           workers: int) -> tuple[float, dict[str, int]]:
+    """(rows/s, the workers' download counts summed: `read`, `prefetched`, `waited`)."""
+    import functools
+
     from shmfeed.sources import ObjectCache, TarShards
     t0 = time.perf_counter()
     cache = ObjectCache(cache_dir, max_bytes=max_bytes, storage_options=opts, prefetch=prefetch)
     rows = 0
-    with shmfeed.Loader(TarShards("s3://bench/train-*.tar", decode_tar, cache=cache), batch_size=batch,
+    last: dict[int, tuple[int, int, int]] = {}
+    decode = functools.partial(decode_tar_counted, cache)
+    with shmfeed.Loader(TarShards("s3://bench/train-*.tar", decode, cache=cache), batch_size=batch,
                         num_workers=workers) as loader:
         for b in loader:
             rows += len(b["y"])
             _ = b["x"][0, 0] + b["y"][0]
+            for pid in np.unique(b["pid"]):  # the counts only grow: a worker's last is its most
+                at = np.flatnonzero(b["pid"] == pid)[-1]
+                last[int(pid)] = max(last.get(int(pid), (0, 0, 0)),
+                                     (int(b["read"][at]), int(b["prefetched"][at]), int(b["waited"][at])))
     rate = rows / (time.perf_counter() - t0)
+    counts = dict(zip(("read", "prefetched", "waited"), np.sum(list(last.values()), axis=0).tolist()))
     used = sum(e.stat().st_size for e in os.scandir(cache_dir) if not e.name.endswith(".lock"))
     if used > max_bytes:
         raise AssertionError(f"the cache holds {used} bytes, over its `max_bytes`={max_bytes}")
-    return rate
+    return rate, counts
 
 
 def main_s3(args: argparse.Namespace) -> None:
@@ -443,14 +463,18 @@ def main_s3(args: argparse.Namespace) -> None:
         size = write_shards(fs, "bench", args.shards, args.rows, args.width)
         runs: dict[str, list[float]] = {f"cold, prefetch={args.prefetch}": [], "cold, prefetch=0": [],
                                         "warm": []}
+        counts: dict[str, list[dict]] = {k: [] for k in runs}
         with tempfile.TemporaryDirectory() as tmp:
             cache_dir = os.path.join(tmp, "cache")
             for _ in range(args.rounds):
                 for prefetch in (args.prefetch, 0):
                     shutil.rmtree(cache_dir, ignore_errors=True)
-                    runs[f"cold, prefetch={prefetch}"].append(
-                        run_s3(opts, cache_dir, 2 * size, prefetch, args.batch, args.workers))
-                runs["warm"].append(run_s3(opts, cache_dir, 2 * size, args.prefetch, args.batch, args.workers))
+                    rate, count = run_s3(opts, cache_dir, 2 * size, prefetch, args.batch, args.workers)
+                    runs[f"cold, prefetch={prefetch}"].append(rate)
+                    counts[f"cold, prefetch={prefetch}"].append(count)
+                rate, count = run_s3(opts, cache_dir, 2 * size, args.prefetch, args.batch, args.workers)
+                runs["warm"].append(rate)
+                counts["warm"].append(count)
     finally:
         server.stop()
     med = {k: statistics.median(v) for k, v in runs.items()}
@@ -458,10 +482,14 @@ def main_s3(args: argparse.Namespace) -> None:
           f"(+{args.latency_ms} ms a request), {size / 1e6:.1f} MB, batch {args.batch}, {args.workers} workers, "
           f"whole epochs from the Loader's construction, cpus={os.cpu_count()}")
     for k, v in med.items():
-        print(f"  {k:28s} {v:12,.0f} rows/s {v * size / args.rows / 1e6:8.1f} MB/s (object bytes)")
+        c = counts[k]
+        print(f"  {k:28s} {v:12,.0f} rows/s {v * size / args.rows / 1e6:8.1f} MB/s (object bytes); workers' "
+              f"reads that downloaded their shard {[x['read'] for x in c]}, waited for a download "
+              f"{[x['waited'] for x in c]}, shards prefetched {[x['prefetched'] for x in c]} (per round)")
     if args.json:
         with open(args.json, "w") as f:
-            json.dump({"args": vars(args), "object_bytes": size, "rows_per_s": med, "runs": runs}, f, indent=1)
+            json.dump({"args": vars(args), "object_bytes": size, "rows_per_s": med, "runs": runs,
+                       "downloads": counts}, f, indent=1)
 
 
 def main() -> None:
