@@ -333,6 +333,30 @@ def test_a_process_keeps_decoded_row_groups_within_cache_bytes(files):
     assert list(big._handles.get("decoded", dict)) == list(range(11))
 
 
+def test_a_batch_over_more_row_groups_than_cache_bytes_holds_is_gathered_whole(files):
+    # Shuffled batches move a process's row groups into one block per column (a pool of
+    # 3 row groups here): a batch over more is gathered in parts, and a sample taken by
+    # index outlives its row group's place there.
+    src = Parquet(files, columns=["x", "y"], cache_bytes=3 * GROUP * (12 + 8))
+    spec = infer(src[0], rows=30, index=0)
+    gather = gatherer(src, spec)
+    kept = None
+    for seed in range(3):
+        idx = np.random.default_rng(seed).permutation(87)[:30]  # over all 12 row groups
+        out = [np.zeros((30,) + lf.shape, lf.dtype) for lf in spec.leaves]
+        gather(idx, out)
+        np.testing.assert_array_equal(out[1], idx)
+        np.testing.assert_array_equal(out[0], np.stack([_expected(int(i))["x"] for i in idx]))
+        assert src._pool().n == 3 and sorted(src._pool().chunk_in.tolist()) != [-1, -1, -1]
+        kept = kept or src[3]
+    assert not src._handles.get("decoded", dict)  # the pool holds them all
+    assert int(kept["y"]) == 3
+    np.testing.assert_array_equal(kept["x"], _expected(3)["x"])
+    out = [np.zeros((30,) + lf.shape, lf.dtype) for lf in spec.leaves]
+    gather(np.arange(8, 11), out)  # ordered, from the pool
+    np.testing.assert_array_equal(out[1][:4], [8, 9, 10, 0])
+
+
 def test_shmfeed_imports_without_the_extras_and_names_the_one_to_install():
     import subprocess
     import sys

@@ -25,7 +25,12 @@ Invariants:
   process (_sourcefiles.PerProcess): a forked worker never uses its parent's reader,
   and reads with `use_threads=False` (one worker, one core).
 - Each process keeps decoded chunks up to `cache_bytes` (least recently used dropped,
-  the last one always kept), so a batch inside one row group decodes it once.
+  the last one always kept), so a batch inside one row group decodes it once: as
+  decoded, or, in a Parquet source of fixed-shape columns once a batch spans several
+  chunks (shuffled), copied into a `_ChunkPool` (one block per column, gathered with
+  one numpy call per column).  A worker decodes a row group once an epoch when they
+  fit, but every worker decodes each row group its batches touch: batches go to
+  workers in turn, and pyarrow decodes no less than a row group's column chunk.
 - A file changed since construction (size or mtime), one that cannot be decoded, a
   null value, or a row whose length differs from the batch's without padding raise
   `SourceFileError` / `SpecError` naming the file, row group, row and column; in a
@@ -47,6 +52,9 @@ from ._sourcefiles import PerProcess, SourceFileError, require
 # enough for every row group of a shuffled epoch of a small dataset, a few of a large one.
 CACHE_BYTES = 64 << 20
 ARROW_CHUNK_ROWS = 1 << 16  # rows per chunk of an in-memory table split for reading
+# A batch over this many chunks moves its process's chunks to a _ChunkPool: an ordered
+# batch spans one or two, a shuffled one of a few hundred rows dozens.
+POOL_MIN_CHUNKS = 4
 
 
 def _pyarrow(what: str) -> Any:
@@ -118,6 +126,11 @@ class _ArrowRows:
     def _init_cache(self) -> None:
         self._handles = PerProcess()
         self._var_len: dict[int, int] = {}
+        # A process may move its chunks to a _ChunkPool (see `__shmfeed_gather__`): when
+        # every column has a fixed shape, and the chunks are decoded copies (Parquet's;
+        # an Arrow table's are views of memory it holds anyway).
+        self._use_pool = self._pooled and self.decode is None and all(
+            kind in ("scalar", "fixed") for kind, _, _ in self._kinds)
 
     def __len__(self) -> int:
         return int(self._starts[-1])
@@ -128,13 +141,40 @@ class _ArrowRows:
     def _decoded(self, k: int) -> list:
         """Chunk k's columns as numpy: an array per scalar / fixed column, (offsets,
         values) per variable-length one; cached per process."""
+        pool = self._pool()
+        if pool is not None:
+            return pool.chunk(self, k)
         cache = self._handles.get("decoded", OrderedDict)
         cols = cache.get(k)
         if cols is not None:
             cache.move_to_end(k)
             return cols
+        cols, size = self._convert(k)
+        cache[k] = cols
+        sizes = self._handles.get("sizes", dict)
+        sizes[k] = size
+        while len(cache) > 1 and sum(sizes[j] for j in cache) > self.cache_bytes:
+            del sizes[cache.popitem(last=False)[0]]
+        return cols
+
+    def _pool(self, start: bool = False) -> _ChunkPool | None:
+        """This process's `_ChunkPool` if it has one (or, with `start`, one made now,
+        its chunks leaving the per-chunk cache), else None."""
+        if not self._use_pool:
+            return None
+        holder = self._handles.get("pool", lambda: [None])
+        if holder[0] is None and start:
+            holder[0] = _ChunkPool(self._kinds, self._starts, self.cache_bytes)
+            self._handles.get("decoded", OrderedDict).clear()
+            self._handles.get("sizes", dict).clear()
+        return holder[0]
+
+    _pooled = False
+
+    def _convert(self, k: int) -> tuple[list, int]:
+        """Chunk k read and converted (`_decoded`'s columns), and its bytes."""
         table = self._read_chunk(k)
-        cols = []
+        cols: list = []
         size = 0
         for name, (kind, dtype, shape) in zip(self.columns, self._kinds):
             arr = table.column(name)
@@ -166,12 +206,7 @@ class _ArrowRows:
             else:
                 cols.append(flat.to_numpy(zero_copy_only=False).reshape((len(arr),) + shape))
                 size += cols[-1].nbytes
-        cache[k] = cols
-        sizes = self._handles.get("sizes", dict)
-        sizes[k] = size
-        while len(cache) > 1 and sum(sizes[j] for j in cache) > self.cache_bytes:
-            del sizes[cache.popitem(last=False)[0]]
-        return cols
+        return cols, size
 
     def __getitem__(self, i: int) -> dict:
         i = int(i)
@@ -189,6 +224,8 @@ class _ArrowRows:
                 out[name] = vals[off[r]:off[r + 1]]
             else:
                 out[name] = col[r]
+        if self._pool() is not None:  # views of a pool slot, which a later chunk reuses: copies
+            out = {name: np.array(v) for name, v in out.items()}
         if self.decode is None:
             return out
         try:
@@ -200,6 +237,15 @@ class _ArrowRows:
 
     def __shmfeed_gather__(self, indices: np.ndarray, out: list[np.ndarray]) -> None:
         ks = np.searchsorted(self._starts, indices, side="right") - 1
+        pool = self._pool()
+        if pool is None and self._use_pool and ks[0] != ks[-1]:
+            # A batch over many chunks (shuffled) from then on takes one numpy call per
+            # column from a pool rather than a Python step per chunk; ordered batches,
+            # in one or two chunks, keep the chunks as decoded, with no copy.
+            pool = self._pool(start=len(np.unique(ks)) >= POOL_MIN_CHUNKS)
+        if pool is not None:
+            pool.gather(self, indices, ks, out)
+            return
         if ks[0] == ks[-1] and bool((np.diff(indices) == 1).all()):
             # An ordered batch inside one chunk (most of them, unshuffled): its rows are
             # a slice, copied as one (into the first rows of `out`: a last, short batch
@@ -208,9 +254,9 @@ class _ArrowRows:
             self._gather_chunk(int(ks[0]), indices, slice(0, len(indices)), slice(r0, r0 + len(indices)), out)
             return
         # Otherwise the batch's rows sorted by chunk (stable), so that each chunk's are a
-        # run: a batch of 256 shuffled rows spread over ~50 chunks cost ~370 us (CPU, 2
-        # columns) with a mask and a fancy index per chunk, ~240 us this way; an ordered
-        # one ~30 us, ~10 us as a slice.
+        # run (variable-length columns, an Arrow table): a batch of 256 shuffled rows over
+        # ~50 chunks cost ~370 us (CPU, 2 columns) with a mask and a fancy index per chunk,
+        # ~240 us this way (~50 us from a _ChunkPool); an ordered one ~30 us, ~10 us as a slice.
         by_chunk = np.argsort(ks, kind="stable")
         sk = ks[by_chunk]
         cuts = np.flatnonzero(sk[1:] != sk[:-1]) + 1
@@ -254,6 +300,76 @@ class _ArrowRows:
                 shape = (self._var_len[c],)
             rows.append((dtype, shape))
         return rows
+
+
+class _ChunkPool:
+    """A process's decoded chunks when every column has a fixed row shape: one block
+    per column of `n` slots of `rows` rows (the largest chunk), a chunk in a slot, so
+    that a batch's rows, in any number of cached chunks, are one numpy take per column.
+    A shuffled batch of 256 rows over ~50 row groups took a Python step per chunk
+    (~240 us CPU a batch of 2 columns); this takes ~50 us.  Chunks are copied in (~0.1-0.25
+    ms a 1 MB row group decoded in ~2 ms), which is why ordered batches, in one chunk,
+    do without until a batch spans POOL_MIN_CHUNKS.  `n` slots hold at most `cache_bytes`
+    (at least one); the slot used least recently is reused, never one the batch being
+    built needs (a batch over more chunks than slots is built in parts)."""
+
+    def __init__(self, kinds: list[tuple[str, np.dtype, tuple]], starts: np.ndarray, cache_bytes: int):
+        self.rows = int(np.diff(starts).max())
+        row_bytes = sum(dtype.itemsize * int(np.prod(shape)) for _, dtype, shape in kinds)
+        self.n = int(max(1, min(len(starts) - 1, cache_bytes // max(1, self.rows * row_bytes))))
+        self.blocks = [np.empty((self.n * self.rows,) + shape, dtype) for _, dtype, shape in kinds]
+        self.slot_of = np.full(len(starts) - 1, -1, np.int64)  # per chunk: its slot, or -1
+        self.chunk_in = np.full(self.n, -1, np.int64)  # per slot: its chunk, or -1
+        self.used = np.zeros(self.n, np.int64)  # per slot: the tick it was last used
+        self.tick = 0
+
+    def _load(self, src: _ArrowRows, ks: np.ndarray) -> None:
+        """Have the chunks `ks` (distinct, at most `n`) in slots, stamped with a new tick."""
+        self.tick += 1
+        slots = self.slot_of[ks]
+        self.used[slots[slots >= 0]] = self.tick
+        for k in ks[slots < 0].tolist():
+            s = int(np.argmin(self.used))  # used longest ago: never this tick's
+            if self.chunk_in[s] >= 0:
+                self.slot_of[self.chunk_in[s]] = -1
+                self.chunk_in[s] = -1
+            cols, _ = src._convert(k)
+            for block, col in zip(self.blocks, cols):
+                block[s * self.rows: s * self.rows + len(col)] = col
+            self.slot_of[k], self.chunk_in[s], self.used[s] = s, k, self.tick
+
+    def _slot(self, src: _ArrowRows, k: int) -> int:
+        """Chunk k's slot (`_load` for one chunk, with less numpy on the way)."""
+        s = int(self.slot_of[k])
+        if s < 0:
+            self._load(src, np.array([k]))
+            return int(self.slot_of[k])
+        self.tick += 1
+        self.used[s] = self.tick
+        return s
+
+    def chunk(self, src: _ArrowRows, k: int) -> list[np.ndarray]:
+        """Chunk k's columns: views of its slot, valid until the slot is reused."""
+        s, n = self._slot(src, k), int(src._starts[k + 1] - src._starts[k])
+        return [block[s * self.rows: s * self.rows + n] for block in self.blocks]
+
+    def gather(self, src: _ArrowRows, indices: np.ndarray, ks: np.ndarray, out: list[np.ndarray]) -> None:
+        """Rows `indices` (in chunks `ks`) into the first rows of the leaves `out`."""
+        if ks[0] == ks[-1] and bool((np.diff(indices) == 1).all()):  # in order, one chunk: a slice
+            k = int(ks[0])
+            r0 = self._slot(src, k) * self.rows + int(indices[0] - src._starts[k])
+            for block, view in zip(self.blocks, out):
+                view[:len(indices)] = block[r0: r0 + len(indices)]
+            return
+        uk = np.unique(ks)
+        for part in range(0, len(uk), self.n):
+            some = uk[part: part + self.n]
+            self._load(src, some)
+            at = slice(0, len(indices)) if len(some) == len(uk) else \
+                np.flatnonzero((ks >= some[0]) & (ks <= some[-1]))
+            row = self.slot_of[ks[at]] * self.rows + (indices[at] - src._starts[ks[at]])
+            for block, view in zip(self.blocks, out):
+                view[at] = block[row]
 
 
 def _check_columns(available: list[str], columns: Any, where: str, what: str) -> list[str]:
@@ -348,6 +464,8 @@ class Parquet(_ArrowRows):
         self._chunk_group = np.asarray(chunk_group, np.int32)
         self._stamps = stamps
         self._init_cache()
+
+    _pooled = True  # row groups are decoded copies: kept in a _ChunkPool
 
     @property
     def num_row_groups(self) -> int:
