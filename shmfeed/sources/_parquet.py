@@ -115,6 +115,7 @@ class _ArrowRows:
     _starts: np.ndarray
     cache_bytes: int
     decode: Any = None
+    _pooled = False  # whether chunks are decoded copies, which a _ChunkPool may hold instead
 
     def _where(self, k: int) -> str:
         """How an error names chunk k (a Parquet row group, an Arrow record batch)."""
@@ -168,8 +169,6 @@ class _ArrowRows:
             self._handles.get("decoded", OrderedDict).clear()
             self._handles.get("sizes", dict).clear()
         return holder[0]
-
-    _pooled = False
 
     def _convert(self, k: int) -> tuple[list, int]:
         """Chunk k read and converted (`_decoded`'s columns), and its bytes."""
@@ -225,7 +224,7 @@ class _ArrowRows:
             else:
                 out[name] = col[r]
         if self._pool() is not None:  # views of a pool slot, which a later chunk reuses: copies
-            out = {name: np.array(v) for name, v in out.items()}
+            out = {name: v.copy() if isinstance(v, np.ndarray) else v for name, v in out.items()}
         if self.decode is None:
             return out
         try:
@@ -465,7 +464,7 @@ class Parquet(_ArrowRows):
         self._stamps = stamps
         self._init_cache()
 
-    _pooled = True  # row groups are decoded copies: kept in a _ChunkPool
+    _pooled = True
 
     @property
     def num_row_groups(self) -> int:
