@@ -86,11 +86,51 @@ def test_batches_are_gathered_by_column_like_rows_by_index(files):
     spec = infer(src[0], rows=6, index=0)
     gather = gatherer(src, spec)
     assert gather is not None  # no Python per row
-    idx = np.array([86, 3, 60, 4, 49, 50], np.int64)
+    # shuffled; ordered in one row group (copied as a slice); ordered across two; in one
+    # row group, first and last 5 apart, but not in order
+    for idx in ([86, 3, 60, 4, 49, 50], [16, 17, 18, 19, 20, 21], [5, 6, 7, 8, 9, 10], [0, 2, 1, 3, 4, 5]):
+        idx = np.array(idx, np.int64)
+        out = [np.zeros((6,) + lf.shape, lf.dtype) for lf in spec.leaves]
+        gather(idx, out)
+        for name, col in zip(src.columns, out):
+            np.testing.assert_array_equal(col, np.stack([src[int(i)][name] for i in idx]))
+    # a last, short batch fills the first rows of the slot's leaves and no others
     out = [np.zeros((6,) + lf.shape, lf.dtype) for lf in spec.leaves]
-    gather(idx, out)
+    gather(np.array([84, 85, 86], np.int64), out)
     for name, col in zip(src.columns, out):
-        np.testing.assert_array_equal(col, np.stack([src[int(i)][name] for i in idx]))
+        np.testing.assert_array_equal(col[:3], np.stack([src[i][name] for i in (84, 85, 86)]))
+        assert not col[3:].any()
+
+
+class _CountedParquet(Parquet):
+    """Appends the process and row group of every row-group decode to `log`."""
+
+    def __init__(self, *args, log: str, **kw):
+        super().__init__(*args, **kw)
+        self.log = log
+
+    def _read_chunk(self, k):
+        with open(self.log, "a") as f:
+            f.write(f"{os.getpid()} {k}\n")
+        return super()._read_chunk(k)
+
+
+@pytest.mark.parametrize("shuffle", [False, True])
+def test_a_worker_decodes_each_row_group_once_an_epoch_not_once_a_batch(files, tmp_path, shuffle):
+    # Batches of 2 rows: 4 to a row group (in order), each in a different row group
+    # (shuffled); decoding per batch would be 44 decodes an epoch, or more.
+    log = tmp_path / "decodes"
+    src = _CountedParquet(files, columns=["x", "y"], log=str(log))
+    with shmfeed.Loader(src, batch_size=2, num_workers=2, shuffle=shuffle, seed=1) as loader:
+        for epoch in range(2):
+            log.write_text("")
+            loader.set_epoch(epoch)
+            assert sorted(_all_rows(loader)) == list(range(sum(ROWS)))
+            decodes = [tuple(line.split()) for line in log.read_text().splitlines()]
+            per_worker = {pid: [k for p, k in decodes if p == pid] for pid, _ in decodes}
+            assert len(per_worker) <= 2
+            for pid, groups in per_worker.items():
+                assert sorted(groups) == sorted(set(groups)), (epoch, pid, groups)  # once each
 
 
 def test_variable_length_rows_are_padded_with_padded_shapes(files):
@@ -145,6 +185,72 @@ def test_a_missing_column_or_an_unreadable_type_is_refused_naming_it(files, tmp_
     with pytest.raises(shmfeed.SpecError, match=r"column 's' has Arrow type string.*`columns=\[...\]`"):
         Parquet(p)
     assert Parquet(p, columns="y")[1] == {"y": 2}
+
+
+def _png(i: int) -> bytes:
+    import io
+
+    from PIL import Image
+    buf = io.BytesIO()
+    Image.fromarray(np.full((4, 3, 3), i % 256, np.uint8)).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def _decode_png(row: dict) -> dict:
+    import io
+
+    from PIL import Image
+    return {"image": np.asarray(Image.open(io.BytesIO(row["image"]["bytes"]))), "label": row["label"]}
+
+
+@pytest.fixture
+def image_file(tmp_path):
+    pytest.importorskip("PIL")
+    # Hugging Face's Image feature: a struct of the encoded bytes and a path.
+    images = pa.array([{"bytes": _png(i), "path": f"{i}.png"} for i in range(30)],
+                      pa.struct([("bytes", pa.binary()), ("path", pa.string())]))
+    p = tmp_path / "images.parquet"
+    pq.write_table(pa.table({"image": images, "label": pa.array(np.arange(30))}), p, row_group_size=8)
+    return str(p)
+
+
+@pytest.mark.parametrize("shuffle", [False, True])
+def test_an_image_bytes_column_is_decoded_by_decode_in_the_workers_row_by_row(image_file, shuffle):
+    src = Parquet(image_file, decode=_decode_png)
+    with shmfeed.Loader(src, batch_size=7, num_workers=2, shuffle=shuffle, seed=2) as loader:
+        batches = [{k: v.copy() for k, v in b.items()} for b in loader]
+    with shmfeed.Loader(src, batch_size=7, num_workers=0, shuffle=shuffle, seed=2) as ref:
+        assert [b["label"].tolist() for b in ref] == [b["label"].tolist() for b in batches]
+    assert sorted(int(y) for b in batches for y in b["label"]) == list(range(30))
+    for b in batches:
+        assert b["image"].shape[1:] == (4, 3, 3) and b["image"].dtype == np.uint8
+        for img, y in zip(b["image"], b["label"]):
+            assert (img == y).all()
+    table = pq.read_table(image_file)
+    got = Arrow(table, decode=_decode_png)[9]
+    assert got["label"] == 9 and (got["image"] == 9).all()
+
+
+def test_a_binary_column_without_decode_is_refused_naming_decode(image_file):
+    with pytest.raises(shmfeed.SpecError, match=r"column 'image' has Arrow type struct.*`decode=`"):
+        Parquet(image_file)
+    with pytest.raises(shmfeed.SpecError, match=r"`decode` must be a function"):
+        Parquet(image_file, decode="png")
+
+
+def test_an_exception_in_decode_arrives_in_batch_order_naming_row_and_row_group(image_file):
+    def decode(row):
+        if row["label"] == 19:
+            raise ValueError("bad image")
+        return _decode_png(row)
+
+    got = []
+    with shmfeed.Loader(Parquet(image_file, decode=decode), batch_size=5, num_workers=2) as loader:
+        with pytest.raises(shmfeed.ShmfeedError, match=r"bad image") as err:
+            for b in loader:
+                got += b["label"].tolist()
+    assert got == list(range(15))
+    assert "in `decode` of row 19, Parquet file" in str(err.value) and "row group 2" in str(err.value)
 
 
 def test_a_corrupt_row_group_arrives_in_batch_order_naming_file_and_row_group(files):
@@ -225,6 +331,30 @@ def test_a_process_keeps_decoded_row_groups_within_cache_bytes(files):
     for i in range(0, 87, 8):
         big[i]
     assert list(big._handles.get("decoded", dict)) == list(range(11))
+
+
+def test_a_batch_over_more_row_groups_than_cache_bytes_holds_is_gathered_whole(files):
+    # Shuffled batches move a process's row groups into one block per column (a pool of
+    # 3 row groups here): a batch over more is gathered in parts, and a sample taken by
+    # index outlives its row group's place there.
+    src = Parquet(files, columns=["x", "y"], cache_bytes=3 * GROUP * (12 + 8))
+    spec = infer(src[0], rows=30, index=0)
+    gather = gatherer(src, spec)
+    kept = None
+    for seed in range(3):
+        idx = np.random.default_rng(seed).permutation(87)[:30]  # over all 12 row groups
+        out = [np.zeros((30,) + lf.shape, lf.dtype) for lf in spec.leaves]
+        gather(idx, out)
+        np.testing.assert_array_equal(out[1], idx)
+        np.testing.assert_array_equal(out[0], np.stack([_expected(int(i))["x"] for i in idx]))
+        assert src._pool().n == 3 and sorted(src._pool().chunk_in.tolist()) != [-1, -1, -1]
+        kept = kept or src[3]
+    assert not src._handles.get("decoded", dict)  # the pool holds them all
+    assert isinstance(kept["y"], np.int64) and kept["y"] == 3  # a scalar, as without the pool
+    np.testing.assert_array_equal(kept["x"], _expected(3)["x"])
+    out = [np.zeros((30,) + lf.shape, lf.dtype) for lf in spec.leaves]
+    gather(np.arange(8, 11), out)  # ordered, from the pool
+    np.testing.assert_array_equal(out[1][:4], [8, 9, 10, 0])
 
 
 def test_shmfeed_imports_without_the_extras_and_names_the_one_to_install():

@@ -406,7 +406,45 @@ def test_a_prefetch_never_evicts_what_this_run_fetched_and_never_exceeds_the_bud
         with cache.open(url("c")) as c:  # so c's read downloads it, evicting b
             assert _read(c.path) == b"c" * 1000
             assert sorted(n[-5:] for n in _cache_files(tmp_path / "cache")) == ["a.bin", "c.bin"]
-        assert cache.downloads() == {"read": 2, "prefetched": 1}
+        counts = cache.downloads()
+        assert (counts["read"], counts["prefetched"]) == (2, 1)
+
+
+def _blocked_on(path: str) -> bool:
+    """Whether some process or thread waits for an flock on `path` (/proc/locks shows
+    a waiter as `-> FLOCK ...`, with the file's device:inode)."""
+    ino = os.stat(path).st_ino
+    with open("/proc/locks") as f:
+        return any("->" in line and line.split()[-3].endswith(f":{ino}") for line in f)
+
+
+def test_a_read_that_finds_its_object_being_downloaded_counts_a_wait(s3, tmp_path):
+    import fcntl
+    import threading
+    fs, opts, _ = s3
+    fs.pipe(f"{BUCKET}/w.bin", b"w" * 1000)
+    url = f"s3://{BUCKET}/w.bin"
+    cache = ObjectCache(tmp_path / "cache", max_bytes=10_000, storage_options=opts, prefetch=0)
+    lock = cache._entry(url, cache.info(url)[1]) + ".lock"
+    fd = os.open(lock, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC)  # as another process downloading it
+    got = []
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        def read() -> None:
+            with cache.open(url) as obj:
+                got.append(_read(obj.path))
+
+        reader = threading.Thread(target=read)
+        reader.start()
+        deadline = time.monotonic() + 10
+        while not _blocked_on(lock):
+            assert time.monotonic() < deadline, "the read never waited on the lock"
+            time.sleep(0.01)
+    finally:
+        os.close(fd)  # the "download" ends without a file: the read fetches it itself
+    reader.join(timeout=30)
+    assert got == [b"w" * 1000]
+    assert cache.downloads() == {"read": 1, "prefetched": 0, "waited": 1}
 
 
 class Hostile:

@@ -292,11 +292,17 @@ class ObjectCache:
                 "raise `max_bytes`, or split the data into smaller files.")
         pending = self._prefetching().futures.get(entry)
         if pending is not None:  # this process downloads it already: once, and its error is ours
+            if not pending.done():  # still downloading: the read waits for it
+                self._prefetching().count("waited")
             failed = pending.exception()
             if isinstance(failed, SourceFileError):
                 raise failed
         for _ in range(3):
-            fd = _flock(lock, fcntl.LOCK_SH)  # waits while someone downloads it
+            try:
+                fd = _flock(lock, fcntl.LOCK_SH | fcntl.LOCK_NB)
+            except BlockingIOError:  # another process downloads it: wait
+                self._prefetching().count("waited")
+                fd = _flock(lock, fcntl.LOCK_SH)
             if os.path.exists(entry):
                 os.utime(entry)  # most recently used
                 return CachedObject(entry, fd)
@@ -320,7 +326,9 @@ class ObjectCache:
 
     def downloads(self) -> dict[str, int]:
         """Objects this process downloaded so far: `read` (when a read needed them) and
-        `prefetched` (ahead of the read)."""
+        `prefetched` (ahead of the read); and `waited`: reads that found their object's
+        lock taken (a download in progress, by a prefetch thread or another process) and
+        waited for it.  A prefetch that pays leaves both `read` and `waited` at 0."""
         return dict(self._prefetching().counts)
 
     def _prefetching(self) -> _Prefetcher:
@@ -435,7 +443,7 @@ class _Prefetcher:
     def __init__(self, limit: int):
         self.limit = limit
         self.futures: dict[str, Future] = {}
-        self.counts = {"read": 0, "prefetched": 0}
+        self.counts = {"read": 0, "prefetched": 0, "waited": 0}
         self._lock = threading.Lock()
         self._pool: ThreadPoolExecutor | None = None
 
