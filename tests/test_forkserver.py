@@ -105,6 +105,32 @@ def test_after_jax_starts_pools_fork_from_the_server_and_the_script_runs_once(tm
     assert exited_after([result["server"]], GONE_S) is not None  # left with the script
 
 
+def test_workers_from_the_server_see_the_environment_and_directory_the_script_has_now(tmp_path):
+    # The server was forked at `import mylib`: credentials exported, a variable removed
+    # and a chdir made since must reach the workers as they would through a fork.
+    (tmp_path / "elsewhere").mkdir()
+    result = _run(tmp_path, """
+        os.environ["SHMFEED_TEST_KEY"] = "s3cr\u00e9t"
+        del os.environ["SHMFEED_TEST_GONE"]
+        os.chdir("elsewhere")
+        here = os.getcwd()
+
+        class Env:
+            def __len__(self):
+                return 4
+            def __getitem__(self, i):
+                return np.array([os.environ.get("SHMFEED_TEST_KEY") == "s3cr\u00e9t",
+                                 "SHMFEED_TEST_GONE" not in os.environ, os.getcwd() == here])
+
+        with shmfeed.Loader(Env(), batch_size=2, num_workers=2) as loader:
+            method = loader.start_method
+            seen = [b.tolist() for b in loader]
+        print(json.dumps({"method": method, "seen": seen}))
+    """, SHMFEED_TEST_GONE="set when the server started")
+    assert result["method"] == "forkserver"
+    assert result["seen"] == [[[True, True, True]] * 2] * 2
+
+
 def test_a_process_forked_from_the_training_process_does_not_share_its_server(tmp_path):
     result = _run(tmp_path, """
         r, w = os.pipe()

@@ -110,7 +110,8 @@ def test_an_exit_status_that_is_not_one_is_refused(garbage):
 
 def _start() -> SupervisorStart:
     return SupervisorStart(("/opt/pkgs", "/home/u/proj", "/tmp/\udcff-undecodable"), 8, 5,
-                           1 << 20, b"\x80\x05cloudpickled config\x00")
+                           1 << 20, b"\x80\x05cloudpickled config\x00", "/home/u/\udcfe-run",
+                           (("AWS_ACCESS_KEY_ID", "k\u00e9y"), ("RAW", "\udc80\n=x"), ("EMPTY", "")))
 
 
 def test_supervisor_start_round_trips_any_path_and_config_bytes():
@@ -135,10 +136,14 @@ def test_a_supervisor_start_of_garbage_or_of_the_old_pickle_is_refused():
                     SupervisorStart.MAGIC + b"\xff" * 40):
         with pytest.raises(MessageError, match="`SupervisorStart` message must be"):
             SupervisorStart.decode(garbage)
-    # The sys.path part is there but is not a list of strings.
-    bad = _start().encode().replace(b'["/opt/pkgs"', b'[1234567890 ')
-    with pytest.raises(MessageError, match="as a JSON list of strings"):
-        SupervisorStart.decode(bad)
+    # The process's part is there but is not JSON, or not the object of strings it must be.
+    for old, new in ((b'["/opt/pkgs"', b'[1234567890 '), (b'["/opt/pkgs"', b'[1234567890,'),
+                     (b'"cwd": "', b'"cwd": 7, "x": "'), (b'"EMPTY": ""', b'"EMPTY": []'),
+                     (b'"environ": {', b'"environ": [{')):
+        bad = _start().encode().replace(old, new)
+        assert bad != _start().encode()
+        with pytest.raises(MessageError, match=r"environment \(strings to strings\) as a JSON object"):
+            SupervisorStart.decode(bad)
 
 
 def test_spawn_args_round_trip_as_a_command_line():

@@ -67,6 +67,27 @@ def adopt_sys_path(paths: list[str]) -> None:
     sys.path[:] = list(dict.fromkeys(paths))
 
 
+def parent_process_state() -> tuple[str, tuple[tuple[str, str], ...]]:
+    """This process's working directory and environment, as `adopt_process_state` takes
+    them: what a forked worker would have inherited."""
+    return os.fsdecode(os.getcwd()), tuple((os.fsdecode(k), os.fsdecode(v)) for k, v in os.environb.items())
+
+
+def adopt_process_state(cwd: str, environ: tuple[tuple[str, str], ...]) -> None:
+    """Take the training process's working directory and environment (see
+    `parent_process_state`): a pool forked by the fork server would otherwise see the
+    server's, as they were when JAX's import started it, not the credentials or the
+    `chdir` the script made since.  A working directory gone since stays the server's."""
+    wanted = {os.fsencode(k): os.fsencode(v) for k, v in environ}
+    for k in [k for k in os.environb if k not in wanted]:
+        del os.environb[k]
+    os.environb.update(wanted)
+    try:
+        os.chdir(cwd)
+    except OSError:
+        pass
+
+
 def dumps(obj: Any) -> bytes:
     return cloudpickle.dumps(obj)
 

@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import json
 import struct
+from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import ClassVar
 
@@ -195,41 +196,56 @@ class ExitStatus:
 class SupervisorStart:
     """What a supervisor forked by the server or started as a fresh interpreter starts
     from, besides the source's parcel: the training process's `sys.path` (to import its
-    modules from), the ring's geometry (mapped before anything of the user's is
-    unpickled, so that a failure to do so can still be reported in it), and the loader's
-    `Config`, pickled (it names the user's classes)."""
+    modules from), its working directory and environment as they are when the pool
+    starts (the fork server was forked long before: a variable set or a `chdir` since
+    must reach the workers as it would through a fork), the ring's geometry (mapped
+    before anything of the user's is unpickled, so that a failure to do so can still be
+    reported in it), and the loader's `Config`, pickled (it names the user's classes)."""
 
     sys_path: tuple[str, ...]
     n_slots: int
     max_workers: int
     slot_bytes: int
     cfg: bytes
-    MAGIC: ClassVar[bytes] = b"shmfeed-start-1\n"
-    _HEAD: ClassVar[struct.Struct] = struct.Struct("<QQQQ")  # geometry, then the sys.path's bytes
+    cwd: str = "/"
+    environ: tuple[tuple[str, str], ...] = ()
+    MAGIC: ClassVar[bytes] = b"shmfeed-start-2\n"
+    _HEAD: ClassVar[struct.Struct] = struct.Struct("<QQQQ")  # geometry, then the process part's bytes
 
     def encode(self) -> bytes:
-        path = json.dumps(list(self.sys_path)).encode()
-        return (self.MAGIC + self._HEAD.pack(self.n_slots, self.max_workers, self.slot_bytes, len(path))
-                + path + self.cfg)
+        # json escapes the lone surrogates of undecodable bytes (os.fsdecode) and gives them back.
+        process = json.dumps({"sys_path": list(self.sys_path), "cwd": self.cwd,
+                              "environ": dict(self.environ)}).encode()
+        return (self.MAGIC + self._HEAD.pack(self.n_slots, self.max_workers, self.slot_bytes, len(process))
+                + process + self.cfg)
 
     @classmethod
     def decode(cls, data: bytes) -> SupervisorStart:
         expected = (f"{cls.MAGIC!r}, then {cls._HEAD.size} bytes of geometry and length, the "
-                    "sys.path as a JSON list of strings, then the pickled config")
+                    "process's sys.path (a list of strings), working directory (a string) and "
+                    "environment (strings to strings) as a JSON object, then the pickled config")
         head_end = len(cls.MAGIC) + cls._HEAD.size
         if not data.startswith(cls.MAGIC) or len(data) < head_end:
             raise _refuse("SupervisorStart", expected, data)
-        n_slots, max_workers, slot_bytes, path_bytes = cls._HEAD.unpack_from(data, len(cls.MAGIC))
-        if len(data) < head_end + path_bytes:
-            raise _refuse("SupervisorStart", f"{expected} ({path_bytes} bytes of sys.path announced, "
-                          f"{len(data) - head_end} there)", data)
+        n_slots, max_workers, slot_bytes, process_bytes = cls._HEAD.unpack_from(data, len(cls.MAGIC))
+        if len(data) < head_end + process_bytes:
+            raise _refuse("SupervisorStart", f"{expected} ({process_bytes} bytes of the process's "
+                          f"part announced, {len(data) - head_end} there)", data)
         try:
-            path = json.loads(data[head_end:head_end + path_bytes])
+            process = json.loads(data[head_end:head_end + process_bytes])
         except ValueError:
-            path = None
-        if not isinstance(path, list) or not all(isinstance(p, str) for p in path):
+            process = None
+        if not (isinstance(process, dict) and set(process) == {"sys_path", "cwd", "environ"}
+                and isinstance(process["sys_path"], list) and _all_str(process["sys_path"])
+                and isinstance(process["cwd"], str)
+                and isinstance(process["environ"], dict) and _all_str(process["environ"].values())):
             raise _refuse("SupervisorStart", expected, data)
-        return cls(tuple(path), n_slots, max_workers, slot_bytes, data[head_end + path_bytes:])
+        return cls(tuple(process["sys_path"]), n_slots, max_workers, slot_bytes,
+                   data[head_end + process_bytes:], process["cwd"], tuple(process["environ"].items()))
+
+
+def _all_str(values: Iterable[object]) -> bool:
+    return all(isinstance(v, str) for v in values)
 
 
 @dataclass(frozen=True)

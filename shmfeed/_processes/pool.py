@@ -281,7 +281,7 @@ class Pool:
         # an unguarded script a second time).  What __main__ defines travels by value.
         return SupervisorStart(tuple(os.fsdecode(p) for p in _interpreter.parent_sys_path()),
                                cfg.n_slots, self.ring.max_workers, self.ring.slot_bytes,
-                               _interpreter.dumps(cfg)).encode()
+                               _interpreter.dumps(cfg), *_interpreter.parent_process_state()).encode()
 
     def update_source(self, parcel: _interpreter.Parcel) -> None:
         """Have the supervisor replace every worker by one building from the source in

@@ -511,6 +511,7 @@ def start_from_payload(payload_fd: int, ring_fd: int, chan_fd: int, parent_pid: 
     try:
         # The training process's modules by reference, from its sys.path; what its
         # __main__ defines came by value (its __main__ is never imported here).
+        _interpreter.adopt_process_state(start.cwd, start.environ)
         _interpreter.adopt_sys_path(list(start.sys_path))
         cfg = _interpreter.loads(start.cfg)
         ring.spec = cfg.spec
