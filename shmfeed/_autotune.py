@@ -132,6 +132,14 @@ class Window:
         return min(max(1.0 - (self.cpu_s + self.queued_s) / self.busy_s, 0.0), 1.0)
 
     @property
+    def queued_fraction(self) -> float | None:
+        """Of the workers' building time, the share spent runnable but waiting for a CPU
+        (a machine busy with other work stretching the builds)."""
+        if self.queued_s is None or self.busy_s <= 0:
+            return None
+        return min(self.queued_s / self.busy_s, 1.0)
+
+    @property
     def wait_fraction(self) -> float:
         return self.wait_s / self.seconds if self.seconds > 0 else 0.0
 
@@ -164,6 +172,7 @@ class Decision:
     busy_fraction: float | None = None
     batches_per_s: float | None = None
     blocked_fraction: float | None = None  # of the workers' building time (Window.blocked_fraction)
+    queued_fraction: float | None = None  # of it, waiting for a CPU (Window.queued_fraction)
 
     def as_dict(self) -> dict:
         return asdict(self)
@@ -221,7 +230,7 @@ class WorkerTuner:
     def _decide(self, w: Window, epoch: int, first: int) -> Decision:
         n, wait, busy, rate = w.workers, w.wait_fraction, w.busy_fraction, w.batches_per_s
         facts = dict(wait_fraction=wait, busy_fraction=busy, batches_per_s=rate,
-                     blocked_fraction=w.blocked_fraction)
+                     blocked_fraction=w.blocked_fraction, queued_fraction=w.queued_fraction)
         epochs = f"epoch {first}" if first == epoch - 1 else f"epochs {first}-{epoch - 1}"
         seen = f"the loop waited {_pct(wait)} of {epochs} with {n}, workers busy {_pct(busy)}"
         before, self._changed_from = self._changed_from, None
@@ -252,7 +261,7 @@ class WorkerTuner:
         if work_s < BUSY_FEWER * n * w.seconds and wait < WAIT_MORE and n > self.least:
             fewer = max(self.least, math.ceil(work_s / w.seconds / BUSY_TARGET))
             if fewer < n:
-                queued = f" ({_pct(w.queued_s / w.busy_s)} of it waiting for a CPU)" if w.queued_s and w.busy_s else ""
+                queued = f" ({_pct(w.queued_fraction)} of it waiting for a CPU)" if w.queued_fraction else ""
                 self._changed_from = n
                 return Decision(epoch, fewer, n, "fewer", f"{seen}{queued}: {fewer} keep up", **facts)
         limit = ""

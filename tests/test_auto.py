@@ -405,7 +405,10 @@ def test_stats_say_what_auto_did_and_why_in_words_and_as_data():
     assert (start["action"], start["workers"], fewer["action"], fewer["workers"], fewer["previous"]) == \
         ("start", 2, "fewer", 1, 2)
     assert start["why"].startswith("2 usable CPU(s)")
-    assert fewer["busy_fraction"] < 0.5 and fewer["epoch"] == 1
+    # Busy less than half the time, not counting the time a loaded machine kept them
+    # waiting for a CPU (which stretches a build without calling for a worker more).
+    work = fewer["busy_fraction"] * (1 - (fewer["queued_fraction"] or 0.0))
+    assert work < 0.5 and fewer["epoch"] == 1, fewer
     assert [w["worker"] for w in d["workers"]] == [0]
 
 
