@@ -7,6 +7,7 @@ from __future__ import annotations
 import gc
 import importlib
 import os
+import signal
 import time
 
 import psutil
@@ -126,6 +127,11 @@ def shmfeed_jax_imported():
 
 
 def pytest_configure(config):
+    # A runner that starts the suite as a background job of a non-interactive shell
+    # (`nohup cmd &`) hands it SIGINT ignored, and every process it starts inherits
+    # that, so the Ctrl-C tests could deliver none. The suite tests Ctrl-C: take it back.
+    if signal.getsignal(signal.SIGINT) == signal.SIG_IGN:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
     config.addinivalue_line(
         "markers", "imports_big: imports keras, ray, datasets or s3fs into the test process; "
         "runs after the other fork tests (pytest_collection_modifyitems)")
