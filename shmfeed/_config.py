@@ -64,7 +64,7 @@ class Config:
     def max_workers(self) -> int:
         """Worker records in the control block (the in-process builder uses one; an
         auto loader one for each worker it may run)."""
-        return max(self.num_workers, _autotune.most_workers(self.auto_workers) if self.auto_workers else 0, 1)
+        return worker_records(self.num_workers, self.auto_workers)
 
     @property
     def ring_bytes(self) -> int:
@@ -85,6 +85,12 @@ def check_token_budget(value: Any, batch_size: Any, boundaries: tuple[int, ...] 
                         "largest of `bucket_boundaries`): a batch of that bucket would have no row. Raise "
                         f"`token_budget` to >= {boundaries[-1]}, or lower the largest boundary.")
     return budget
+
+
+def worker_records(num_workers: int, auto_workers: int) -> int:
+    """Worker records the control block needs (`Config.max_workers`): one for the
+    in-process builder at least, and for an auto loader every worker it may ever run."""
+    return max(num_workers, _autotune.most_workers(auto_workers) if auto_workers else 0, 1)
 
 
 def build(source: Any, options: LoaderOptions) -> Config:
@@ -171,7 +177,7 @@ def build(source: Any, options: LoaderOptions) -> Config:
                      seed_global_rngs=o.seed_global_rngs, timeout_s=None, start_method="auto", padding=padding)
         built_spec, spec = spec, _build.probe_transform(source, pre, o.batch_transform)
 
-    max_workers = max(num_workers, _autotune.most_workers(auto_workers) if auto_workers else 0, 1)
+    max_workers = worker_records(num_workers, auto_workers)
     num_slots: int
     if o.num_slots == AUTO:
         # The ring of the workers it starts with: an auto loader starts exactly where

@@ -105,6 +105,12 @@ def _flat_values(arr: Any) -> Any:
     return arr
 
 
+def _one_slice(indices: np.ndarray, ks: np.ndarray) -> bool:
+    """Whether a batch's rows `indices` (in chunks `ks`) are consecutive rows of one
+    chunk: an ordered batch, copied as one slice."""
+    return bool(ks[0] == ks[-1] and (np.diff(indices) == 1).all())
+
+
 class _ArrowRows:
     """Rows of Arrow chunks (row groups, record batches) by index.  Subclasses set
     `columns`, `_kinds` (per column), `_starts` (first row of every chunk, then the
@@ -245,7 +251,7 @@ class _ArrowRows:
         if pool is not None:
             pool.gather(self, indices, ks, out)
             return
-        if ks[0] == ks[-1] and bool((np.diff(indices) == 1).all()):
+        if _one_slice(indices, ks):
             # An ordered batch inside one chunk (most of them, unshuffled): its rows are
             # a slice, copied as one (into the first rows of `out`: a last, short batch
             # has fewer than the slot).
@@ -354,7 +360,7 @@ class _ChunkPool:
 
     def gather(self, src: _ArrowRows, indices: np.ndarray, ks: np.ndarray, out: list[np.ndarray]) -> None:
         """Rows `indices` (in chunks `ks`) into the first rows of the leaves `out`."""
-        if ks[0] == ks[-1] and bool((np.diff(indices) == 1).all()):  # in order, one chunk: a slice
+        if _one_slice(indices, ks):
             k = int(ks[0])
             r0 = self._slot(src, k) * self.rows + int(indices[0] - src._starts[k])
             for block, view in zip(self.blocks, out):
