@@ -148,6 +148,10 @@ def child_setup(parent_pid: int, keep_fds: set[int], pdeathsig: bool = True,
             os.closerange(fd, keep)
             fd = keep + 1
         os.closerange(fd, _max_fd())
+    # The holders' descriptors were the parent's, closed just now: their numbers are free
+    # here, and a descriptor this process opens next (a source's: Parquet's shared cache
+    # in a supervisor) may get one, which its own children must not then close as ours.
+    _fd_holders.clear()
     # sys.stdout/sys.stderr may have written to a descriptor just closed: give the
     # source's print() the real fds 1 and 2 instead of an OSError per sample.
     for name, fileno in (("stdout", 1), ("stderr", 2)):
@@ -207,6 +211,15 @@ def _max_fd() -> int:
         return 1024
 
 
+def _before_workers(source: Any) -> Any:
+    """`source`, once it has made what the workers forked from here share
+    (`__shmfeed_pool__`: Parquet's cache of decoded row groups)."""
+    prepare = getattr(source, "__shmfeed_pool__", None)
+    if prepare is not None:
+        prepare()
+    return source
+
+
 def supervise(ring: Ring, chan_fd: int, source: list, cfg: Config, parent_pid: int) -> None:
     """The supervisor's main loop.  `source`: a list holding the source, which this
     takes out, so that a source replaced by an update is freed (its parcel's memory with
@@ -236,7 +249,7 @@ class Supervisor:
         # goes (PR_SET_PDEATHSIG kills us unless the pool was made in another thread).
         self.ppid = os.getppid()
         self.parent_pid = parent_pid
-        self.builder = builder_for(source.pop(), cfg, ring)
+        self.builder = builder_for(_before_workers(source.pop()), cfg, ring)
         self.workers: dict[int, int] = {}  # pid -> worker index
         self.pidfds: dict[int, int] = {}  # pid -> pidfd
         self.parent_fd: list[int] = []  # the training process's pidfd, once opened
@@ -375,7 +388,7 @@ class Supervisor:
             _close_all(fds)
             return True
         try:
-            new = builder_for(_interpreter.load_source(list(update.source_fds)), cfg, ring)
+            new = builder_for(_before_workers(_interpreter.load_source(list(update.source_fds))), cfg, ring)
         except BaseException as exc:  # noqa: B036 - whatever the source's unpickling raises
             chan.send(UpdateFailed(f"{type(exc).__name__}: {exc}").encode())
             return True

@@ -57,6 +57,9 @@ def worker_loop(ring: Ring, builder: Builder, worker: int, pending: int | None, 
     ctl = ring.ctl
     # Array sources: C builds the batches, and hands back anything unusual to build here.
     plan = builder.gather_plan()
+    # What the source does between batches, once the last one is out (Parquet: decode
+    # the next row group ahead); looked up once.
+    idle = getattr(getattr(builder, "source", None), "__shmfeed_idle__", None)
     batch: int | None
     try:
         if pending is not None:
@@ -76,6 +79,8 @@ def worker_loop(ring: Ring, builder: Builder, worker: int, pending: int | None, 
             gen, batch = claimed
             if batch is not None:
                 build_batch(ring, builder, worker, gen, batch, parent_pid)
+                if idle is not None:
+                    idle()
             elif not ctl.wait_gen(gen, WAIT_SLICE_S) and os.getppid() != parent_pid:
                 return
     except (LeaveBuild, PoolShutdown):

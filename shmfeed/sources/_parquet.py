@@ -28,9 +28,14 @@ Invariants:
   the last one always kept), so a batch inside one row group decodes it once: as
   decoded, or, in a Parquet source of fixed-shape columns once a batch spans several
   chunks (shuffled), copied into a `_ChunkPool` (one block per column, gathered with
-  one numpy call per column).  A worker decodes a row group once an epoch when they
-  fit, but every worker decodes each row group its batches touch: batches go to
-  workers in turn, and pyarrow decodes no less than a row group's column chunk.
+  one numpy call per column).
+- In a pool, a Parquet source of fixed-shape columns (no `decode`) given to the Loader
+  itself has, besides, a cache of `cache_bytes` shared by the workers
+  (sources/_chunkshare.py: made by the supervisor, `__shmfeed_pool__`, inherited by the
+  workers it forks), which batches in fewer than POOL_MIN_CHUNKS row groups read from:
+  batches go to the workers in turn and pyarrow decodes no less than a row group's
+  column chunk, so without it every worker decoded every row group.  Inside a pipeline
+  (`Sampled`, `Mix`), rows are read one by one from each process's own chunks.
 - A file changed since construction (size or mtime), one that cannot be decoded, a
   null value, or a row whose length differs from the batch's without padding raise
   `SourceFileError` / `SpecError` naming the file, row group, row and column; in a
@@ -45,6 +50,7 @@ from typing import Any
 import numpy as np
 
 from .._errors import SpecError
+from ._chunkshare import SharedChunks
 from ._objstore import ObjectCache, files_after, is_url, readable_path, source_paths, stamp
 from ._sourcefiles import PerProcess, SourceFileError, require
 
@@ -55,6 +61,9 @@ ARROW_CHUNK_ROWS = 1 << 16  # rows per chunk of an in-memory table split for rea
 # A batch over this many chunks moves its process's chunks to a _ChunkPool: an ordered
 # batch spans one or two, a shuffled one of a few hundred rows dozens.
 POOL_MIN_CHUNKS = 4
+# In order, a worker decodes ahead the first of this many next row groups that no
+# worker has decoded or decodes (one per row group it reads from, between batches).
+PREFETCH_ROW_GROUPS = 4
 
 
 def _pyarrow(what: str) -> Any:
@@ -122,6 +131,9 @@ class _ArrowRows:
     cache_bytes: int
     decode: Any = None
     _pooled = False  # whether chunks are decoded copies, which a _ChunkPool may hold instead
+    _shared: SharedChunks | None = None  # in a pool's processes (Parquet): their shared row groups
+    _ahead: int | None = None  # the row group to decode into `_shared` after this batch
+    _ahead_of = -1  # the row group whose successor this process last asked for
 
     def _where(self, k: int) -> str:
         """How an error names chunk k (a Parquet row group, an Arrow record batch)."""
@@ -257,6 +269,10 @@ class _ArrowRows:
             # has fewer than the slot).
             r0 = int(indices[0] - self._starts[ks[0]])
             self._gather_chunk(int(ks[0]), indices, slice(0, len(indices)), slice(r0, r0 + len(indices)), out)
+            k = int(ks[0])
+            if self._shared is not None and k != self._ahead_of and k + 1 < len(self._starts) - 1:
+                # In order: the next row group, once this batch is out (once per row group)
+                self._ahead, self._ahead_of = k + 1, k
             return
         # Otherwise the batch's rows sorted by chunk (stable), so that each chunk's are a
         # run (variable-length columns, an Arrow table): a batch of 256 shuffled rows over
@@ -272,6 +288,16 @@ class _ArrowRows:
     def _gather_chunk(self, k: int, indices: np.ndarray, at: Any, rows: Any, out: list[np.ndarray]) -> None:
         """Rows `rows` of chunk k (a slice or an array) into rows `at` of the batch's
         leaves `out`."""
+        shared = self._shared
+        if shared is not None:  # fixed-shape columns only: a slot of the pool's shared cache
+            s = shared.acquire(k, self._convert)
+            if s >= 0:
+                try:
+                    for col, view in zip(shared.columns(s, int(self._starts[k + 1] - self._starts[k])), out):
+                        view[at] = col[rows]
+                finally:
+                    shared.release(s)
+                return
         for c, (col, view) in enumerate(zip(self._decoded(k), out)):
             if self._kinds[c][0] != "var":
                 view[at] = col[rows]
@@ -403,9 +429,10 @@ class Parquet(_ArrowRows):
     that is not numbers (binary, string, struct: a Hugging Face `Image` is
     `{"bytes": ..., "path": ...}`) is its Python value: e.g. decode image bytes with
     Pillow; `shmfeed.rng()` is keyed by the row there.  The row groups are indexed once,
-    here (O(row groups) memory); a worker
-    decodes a whole row group at a time and keeps up to `cache_bytes` of them (the
-    least recently used dropped), so shuffled rows of data larger than that cost a
+    here (O(row groups) memory); pyarrow
+    decodes a whole row group at a time: the workers share up to `cache_bytes` of them
+    (each decoded once, by one worker), and shuffled, each keeps up to `cache_bytes` of
+    its own (the least recently used dropped), so shuffled rows of data larger than that cost a
     row-group decode each: write files with small row groups (e.g.
     `row_group_size=1024`) when you shuffle.  Batches are filled by column, with no
     Python per row.  Remote files (`"s3://bucket/*.parquet"`, any fsspec URL) are read
@@ -471,6 +498,36 @@ class Parquet(_ArrowRows):
         self._init_cache()
 
     _pooled = True
+
+    def __getstate__(self) -> dict:
+        state = self.__dict__.copy()
+        state.pop("_shared", None)  # the pool's own, never sent
+        state.pop("_ahead", None)
+        state.pop("_ahead_of", None)
+        return state
+
+    def __shmfeed_pool__(self) -> None:
+        """In a pool's supervisor, before it forks the workers: the cache of decoded row
+        groups they inherit and share, so that each is decoded once, not once per worker."""
+        if self._use_pool and self._shared is None:
+            self._shared = SharedChunks(self._kinds, self._starts, self.cache_bytes)
+
+    def __shmfeed_idle__(self) -> None:
+        """In a worker, between batches (the one just built is published): decode the
+        row group after that batch's into the shared cache if no worker has, so that
+        batches in order find it decoded instead of waiting on one worker's decode."""
+        k, self._ahead = self._ahead, None
+        if k is None or self._shared is None:
+            return
+        # The first of the next PREFETCH_ROW_GROUPS that no worker has or decodes: the
+        # workers then decode different row groups at once (decoding is most of the work;
+        # one decoding while the others wait on it would leave them idle).
+        for j in range(k, min(k + PREFETCH_ROW_GROUPS, len(self._starts) - 1)):
+            try:
+                if self._shared.prefetch(j, self._convert) != "there":
+                    return
+            except Exception:  # noqa: BLE001 - a batch that needs j decodes it again, and reports it in order
+                return
 
     @property
     def num_row_groups(self) -> int:
