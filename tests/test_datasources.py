@@ -407,3 +407,27 @@ def test_shmfeed_imports_without_the_extras_and_names_the_one_to_install():
     assert out.stdout.split("\n")[:4] == [
         "`pip install 'shmfeed[parquet]'`.", "`pip install 'shmfeed[parquet]'`.",
         "`pip install 'shmfeed[arrayrecord]'`.", "`pip install 'shmfeed[s3]'`."], out.stderr
+
+
+def test_a_token_list_column_is_packed_through_field_like_the_same_documents_as_arrays(files):
+    src = Parquet(files, columns=["tokens", "y"])
+    docs = [_expected(i)["tokens"] for i in range(len(src))]
+    want = shmfeed.sources.Packed(docs, length=8, window=16, seed=2)
+    packed = shmfeed.sources.Packed(src, length=8, window=16, seed=2, field="tokens")
+    assert len(packed) == len(want) and packed.n_tokens == sum(map(len, docs))
+    with shmfeed.Loader(packed, batch_size=4, num_workers=2, shuffle=False) as loader:
+        got = [{k: v.copy() for k, v in b.items()} for b in loader]
+    with shmfeed.Loader(want, batch_size=4, num_workers=0, shuffle=False) as loader:
+        ref = [{k: v.copy() for k, v in b.items()} for b in loader]
+    assert len(got) == len(ref)
+    for g, r in zip(got, ref):
+        for k in ("tokens", "segment_ids", "positions"):
+            np.testing.assert_array_equal(g[k], r[k])
+
+
+def test_packing_a_source_of_dicts_without_field_names_the_fields(files):
+    src = Parquet(files, columns=["tokens", "y"])
+    with pytest.raises(shmfeed.SpecError, match=r"name the token field: `field=` one of \['tokens', 'y'\]"):
+        shmfeed.sources.Packed(src, length=8)
+    with pytest.raises(shmfeed.SpecError, match=r"document 0 \(dict\) has no field 'ids'.*\['tokens', 'y'\]"):
+        shmfeed.sources.Packed(src, length=8, field="ids")

@@ -355,9 +355,10 @@ def pack_window(sizes: list[int], length: int) -> list[list[tuple[int, int, int]
 class Packed:
     """Variable-length token sequences packed into rows of `length` tokens.
 
-    `docs` is a source whose sample is a 1-D integer array (a document), or, with
-    `boundaries` (n+1 increasing offsets, like ragged row splits), a flat token array
-    whose document d is `docs[boundaries[d]:boundaries[d+1]]`.  Row i is a dict
+    `docs` is a source whose sample is a 1-D integer array (a document), or a dict
+    holding one under `field` (a `Parquet` or `Arrow` list column: `field="input_ids"`),
+    or, with `boundaries` (n+1 increasing offsets, like ragged row splits), a flat token
+    array whose document d is `docs[boundaries[d]:boundaries[d+1]]`.  Row i is a dict
     `{"tokens", "segment_ids", "positions"}` of `length` each (the Flax/MaxText
     convention): segment ids count the documents of the row from 1, 0 is padding
     (`pad_id` tokens); positions restart at 0 with each document.  A document longer
@@ -383,7 +384,12 @@ class Packed:
     _orders_by_epoch = True  # inside a Mix, reads its items in its own order
 
     def __init__(self, docs: Any, length: int, *, boundaries: Any = None, lengths: Any = None,
-                 window: int = 1024, shuffle: bool = True, seed: int = 0, pad_id: int = 0):
+                 window: int = 1024, shuffle: bool = True, seed: int = 0, pad_id: int = 0,
+                 field: str | None = None):
+        if field is not None and (boundaries is not None or not isinstance(field, str)):
+            raise SpecError(f"`field` must be the name of a document's token field (a str), and only "
+                            f"for a source of documents (not with `boundaries`), got {field!r}")
+        self.field = field
         self.length = _check_positive("length", length)
         self.window = _check_positive("window", window)
         self.shuffle = bool(shuffle)
@@ -418,7 +424,7 @@ class Packed:
         else:
             n = _check_source("docs", docs)
             if lengths is None:
-                lengths = [len(docs[d]) for d in range(n)]
+                lengths = [len(self._read(d)) for d in range(n)]
             sizes = np.asarray(lengths)
             if sizes.shape != (n,) or sizes.dtype.kind not in "iu":
                 raise SpecError(f"`lengths` must be {n} integers (one per document), got shape {sizes.shape} "
@@ -428,10 +434,13 @@ class Packed:
                 raise SpecError(f"document {d} is empty (length {int(sizes[d])}): every document needs >= 1 "
                                 "token; leave empty ones out of `docs`")
             self._sizes = sizes.astype(np.int32 if sizes.max() < 2**31 else np.int64)
-            first = np.asarray(docs[0])
+            first = np.asarray(self._read(0))
             if first.ndim != 1 or first.dtype.kind not in "iu":
                 raise SpecError(f"document 0 has shape {first.shape} dtype {first.dtype}: a document must "
-                                "be a 1-D integer token array")
+                                "be a 1-D integer token array" + (
+                                    ": its sample is a dict, so name the token field: `field=`"
+                                    f" one of {sorted(docs[0])}" if isinstance(docs[0], dict) and self.field is None
+                                    else ""))
             self.dtype = first.dtype
         self.n_docs = len(self._sizes)
         self.n_windows = -(-self.n_docs // self.window)
@@ -493,11 +502,22 @@ class Packed:
             row = _permuted(int(self._window_rows[w]), _order_key(seed, epoch, w, PACK_STREAM), row)
         return w, row
 
+    def _read(self, d: int) -> Any:
+        """Document d of a source of documents: its sample, or that sample's `field`."""
+        doc = self.docs[d]
+        if self.field is None:
+            return doc
+        try:
+            return doc[self.field]
+        except (KeyError, TypeError, IndexError):
+            raise SpecError(f"document {d} ({type(doc).__name__}) has no field {self.field!r} (`field`)"
+                            + (f"; its fields: {sorted(doc)}" if isinstance(doc, dict) else "")) from None
+
     def _doc(self, d: int, start: int, size: int) -> np.ndarray:
         if self._bounds is not None:
             first = int(self._bounds[d]) + start
             return self.docs[first : first + size]
-        doc = np.asarray(self.docs[d])
+        doc = np.asarray(self._read(d))
         if doc.shape != (int(self._sizes[d]),):
             raise SpecError(f"document {d} has shape {doc.shape}, but its length was given as "
                             f"{int(self._sizes[d])} (`lengths`) and a document is a 1-D token array")
