@@ -51,11 +51,12 @@ BUSY_MORE = 0.70
 # Workers busy less than this of their time (not counting their wait for a CPU), while
 # the loop hardly waited (less than WAIT_MORE), are more than the loop needs: as many
 # as would be busy BUSY_TARGET do it (a drop that makes the loop slower is undone).
-# A loop that waits keeps its workers even when they idle: it waits for a wake-up, not
-# for building, and fewer workers only make it wait longer (measured on `windows`, 2
-# CPUs, batches of microseconds: the loop waited 32 % of its time with 2 workers busy
-# 28 %, 58 % with 1), besides the new pool a drop costs (38 ms there, where an epoch
-# of 3,051 batches took 30 ms).
+# A loop that waits on idle workers (busy less than BUSY_FEWER) waits for a wake-up, not
+# for building: one worker fewer may make it wait longer (measured on `windows`, 2 CPUs,
+# batches of microseconds: the loop waited 32 % of its time with 2 workers busy 28 %,
+# 58 % with 1), or leave it a CPU of its own and deliver more (the same workload and
+# arrays-tokens, runs of 3 s: 1 worker 5-15 % more batches/s than 2).  So it is tried
+# once, and taken back at the next verdict unless the loop got batches at least as fast.
 BUSY_FEWER = 0.50
 BUSY_TARGET = 0.75
 # One more worker must make the loop at least this much faster to be kept.
@@ -196,6 +197,7 @@ class WorkerTuner:
         self._pending: Window | None = None  # epochs too short to judge, added up
         self._rate: dict[int, float] = {}  # batches/s last measured with each count
         self._changed_from: int | None = None  # the count before the last change, until judged
+        self._tried_fewer: int | None = None  # the count one fewer than which was tried (once)
         self._pending_from: int | None = None  # the first epoch of `_pending`
         self._most_why = f"the {most} CPU(s) this process may use"
 
@@ -244,7 +246,9 @@ class WorkerTuner:
                             f"({rate:,.1f} against {self._rate[before]:,.1f} batches/s)", **facts)
         if before is not None and before < n and rate >= GAIN * self._rate[before]:
             self.least = max(self.least, n)  # more paid: fewer would take it back
-        if before is not None and before > n and wait > WAIT_MORE and GAIN * rate < self._rate[before]:
+        tried = before is not None and before > n and self._tried_fewer == before
+        if before is not None and before > n and (
+                rate < self._rate[before] if tried else wait > WAIT_MORE and GAIN * rate < self._rate[before]):
             self.least = before  # fewer cost the loop: not again
             return Decision(epoch, before, n, "back", f"{seen}: slower than with {before} "
                             f"({rate:,.1f} against {self._rate[before]:,.1f} batches/s)", **facts)
@@ -258,6 +262,11 @@ class WorkerTuner:
         # Of the busy time, what the building took: not the time spent waiting for a CPU
         # (a machine busy with other work stretches a build without needing a worker more).
         work_s = max(w.busy_s - (w.queued_s or 0.0), 0.0)
+        if wait >= WAIT_MORE and work_s < BUSY_FEWER * n * w.seconds and n > self.least \
+                and self._tried_fewer is None:
+            self._tried_fewer = self._changed_from = n
+            return Decision(epoch, n - 1, n, "fewer", f"{seen}: the loop waits on idle workers, "
+                            f"so {n - 1} is tried (taken back if the loop gets batches slower)", **facts)
         if work_s < BUSY_FEWER * n * w.seconds and wait < WAIT_MORE and n > self.least:
             fewer = max(self.least, math.ceil(work_s / w.seconds / BUSY_TARGET))
             if fewer < n:
