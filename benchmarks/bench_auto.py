@@ -10,7 +10,8 @@ each measurement in a fresh child interpreter by `shmfeed bench`'s own runner
                                     [--epoch-batches 200] [--json out.json]
 
 Prints per workload the median batches/s of each configuration, auto / the best
-fixed one (goal: >= 0.9) and auto / today's default (goal: >= 1.0), and what auto
+fixed one (goal: >= 0.9) and auto / today's default (goal: >= 1.0), both also as the
+median of each round's ratio (the machine's drift between rounds cancels), and what auto
 did: per round (on stderr) and for its last round, `stats().auto`, with the epochs
 its run saw.  Numbers mean something only on a quiet machine: run it alone.
 
@@ -103,7 +104,9 @@ def run_workload(name: str, rounds: int, seconds: float, data_dir: Path, data_ro
     errors: dict[str, list[str]] = {c: [] for c in cfgs}
     auto_said = ""
     auto_rounds: list[dict] = []  # per round: what auto said, and the epochs its run saw
+    round_rates: list[dict[str, float]] = []  # per round: each configuration's batches/s
     for r in range(rounds):
+        round_rates.append({})
         order = list(cfgs)
         random.Random(seed * 1000 + r).shuffle(order)
         for c in order:
@@ -115,6 +118,7 @@ def run_workload(name: str, rounds: int, seconds: float, data_dir: Path, data_ro
                       file=sys.stderr)
                 continue
             rates[c].append(result["batches_per_s"])
+            round_rates[-1][c] = result["batches_per_s"]
             print(f"  {name} round {r + 1}/{rounds} {c}: {result['batches_per_s']:,.1f} batches/s",
                   file=sys.stderr)
             if c == AUTO:
@@ -130,6 +134,14 @@ def run_workload(name: str, rounds: int, seconds: float, data_dir: Path, data_ro
     fixed = {c: m for c, m in medians.items() if c not in (AUTO, DEFAULT)}
     best = max(fixed, key=fixed.__getitem__) if fixed else None
     auto = medians.get(AUTO)
+
+    def paired(other: str | None) -> float | None:
+        """The median over rounds of auto's batches/s over `other`'s in the same round:
+        the machine's drift from round to round (often more than the difference sought)
+        cancels, which a ratio of medians over all rounds keeps."""
+        ratios = [rr[AUTO] / rr[other] for rr in round_rates if other and AUTO in rr and other in rr]
+        return statistics.median(ratios) if ratios else None
+
     return {
         "batch_size": batch_size, "batch_bytes": batch_bytes, "rounds": rounds, "seconds": seconds,
         "configs": {c: {"num_workers": w, "num_slots": s} for c, (w, s) in cfgs.items()},
@@ -137,6 +149,8 @@ def run_workload(name: str, rounds: int, seconds: float, data_dir: Path, data_ro
         "median_batches_per_s": medians, "best_fixed": best,
         "auto_over_best_fixed": auto / fixed[best] if auto and best else None,
         "auto_over_default": auto / medians[DEFAULT] if auto and medians.get(DEFAULT) else None,
+        "auto_over_best_fixed_paired": paired(best), "auto_over_default_paired": paired(DEFAULT),
+        "round_rates": round_rates,
         "auto_said": auto_said, "auto_rounds": auto_rounds, "epoch_batches": epoch_batches,
         "length": length,
     }
@@ -153,6 +167,9 @@ def render(name: str, r: dict) -> str:
     lines.append(f"  auto / best fixed ({r['best_fixed']}): {ab:.2f}" if ab is not None else
                  "  auto / best fixed: n/a")
     lines.append(f"  auto / today's default: {ad:.2f}" if ad is not None else "  auto / today's default: n/a")
+    pb, pd = r.get("auto_over_best_fixed_paired"), r.get("auto_over_default_paired")
+    if pb is not None and pd is not None:
+        lines.append(f"  the same, paired by round (median of each round's ratio): {pb:.2f} and {pd:.2f}")
     runs = r.get("auto_rounds") or []
     if runs:
         epochs = sorted(a["epochs_started"] for a in runs)
