@@ -54,11 +54,12 @@ class SharedChunks:
     def __init__(self, kinds: list[tuple[str, np.dtype, tuple]], starts: np.ndarray, cache_bytes: int):
         self.rows = int(np.diff(starts).max())
         row_bytes = [np.dtype(dtype).itemsize * int(np.prod(shape)) for _, dtype, shape in kinds]
-        self.slot_bytes = -(-self.rows * sum(row_bytes) // 64) * 64
+        col_bytes = [-(-self.rows * b // 64) * 64 for b in row_bytes]  # each column 64-byte aligned
+        self.slot_bytes = sum(col_bytes)
         chunks = len(starts) - 1
         self.n = int(max(2, min(chunks, cache_bytes // max(1, self.slot_bytes), (HEADER_BYTES - 64) // 24)))
         self.kinds = kinds
-        self._col_offsets = np.cumsum([0] + [self.rows * b for b in row_bytes[:-1]]).tolist()
+        self._col_offsets = np.cumsum([0] + col_bytes[:-1]).tolist()
         fd = os.memfd_create("shmfeed-parquet-row-groups", os.MFD_CLOEXEC)
         try:
             os.ftruncate(fd, HEADER_BYTES + self.n * self.slot_bytes)
