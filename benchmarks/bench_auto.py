@@ -100,7 +100,6 @@ def run_workload(name: str, rounds: int, seconds: float, data_dir: Path, data_ro
     cfgs = configs()
     most = max(w for w, _ in cfgs.values() if isinstance(w, int))
     check_fits(name, batch_size, batch_bytes, BenchOptions(workloads=[name], peers=[], workers=most))
-    rates: dict[str, list[float]] = {c: [] for c in cfgs}
     errors: dict[str, list[str]] = {c: [] for c in cfgs}
     auto_said = ""
     auto_rounds: list[dict] = []  # per round: what auto said, and the epochs its run saw
@@ -117,7 +116,6 @@ def run_workload(name: str, rounds: int, seconds: float, data_dir: Path, data_ro
                 print(f"  {name} round {r + 1} {c}: {result.get('status')}: {result.get('reason')}",
                       file=sys.stderr)
                 continue
-            rates[c].append(result["batches_per_s"])
             round_rates[-1][c] = result["batches_per_s"]
             print(f"  {name} round {r + 1}/{rounds} {c}: {result['batches_per_s']:,.1f} batches/s",
                   file=sys.stderr)
@@ -130,6 +128,7 @@ def run_workload(name: str, rounds: int, seconds: float, data_dir: Path, data_ro
                                     "decisions": st.get("auto_decisions", [])})
                 print(f"    auto: {result['batches']:,} batches, {result['epochs_started']} epoch(s) started; "
                       f"{auto_said}", file=sys.stderr)
+    rates = {c: [rr[c] for rr in round_rates if c in rr] for c in cfgs}
     medians = {c: statistics.median(v) for c, v in rates.items() if v}
     fixed = {c: m for c, m in medians.items() if c not in (AUTO, DEFAULT)}
     best = max(fixed, key=fixed.__getitem__) if fixed else None

@@ -262,12 +262,12 @@ class WorkerTuner:
         # Of the busy time, what the building took: not the time spent waiting for a CPU
         # (a machine busy with other work stretches a build without needing a worker more).
         work_s = max(w.busy_s - (w.queued_s or 0.0), 0.0)
-        if wait >= WAIT_MORE and work_s < BUSY_FEWER * n * w.seconds and n > self.least \
-                and self._tried_fewer is None:
+        idle = work_s < BUSY_FEWER * n * w.seconds
+        if wait >= WAIT_MORE and idle and n > self.least and self._tried_fewer is None:
             self._tried_fewer = self._changed_from = n
             return Decision(epoch, n - 1, n, "fewer", f"{seen}: the loop waits on idle workers, "
                             f"so {n - 1} is tried (taken back if the loop gets batches slower)", **facts)
-        if work_s < BUSY_FEWER * n * w.seconds and wait < WAIT_MORE and n > self.least:
+        if idle and wait < WAIT_MORE and n > self.least:
             fewer = max(self.least, math.ceil(work_s / w.seconds / BUSY_TARGET))
             if fewer < n:
                 queued = f" ({_pct(w.queued_fraction)} of it waiting for a CPU)" if w.queued_fraction else ""

@@ -86,6 +86,8 @@ class Builder:
 
     def __init__(self, source: Any, cfg: Config, ring: Ring):
         self.source = source
+        # What the source does in a worker between batches (Parquet: decode ahead), or None.
+        self.idle = getattr(source, "__shmfeed_idle__", None)
         self.spec = spec = cfg.spec
         self.order = cfg.order
         self.ring = ring
@@ -235,6 +237,7 @@ class TransformBuilder:
 
     def __init__(self, inner: Builder, cfg: Config, ring: Ring):
         self.inner, self.ring, self.fn = inner, ring, cfg.batch_transform
+        self.idle = inner.idle
         self.out_spec = cfg.spec
         self.order = inner.order
         self.seed_global_rngs = cfg.seed_global_rngs  # the transform is user code

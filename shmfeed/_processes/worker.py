@@ -58,8 +58,8 @@ def worker_loop(ring: Ring, builder: Builder, worker: int, pending: int | None, 
     # Array sources: C builds the batches, and hands back anything unusual to build here.
     plan = builder.gather_plan()
     # What the source does between batches, once the last one is out (Parquet: decode
-    # the next row group ahead); looked up once.
-    idle = getattr(getattr(builder, "source", None), "__shmfeed_idle__", None)
+    # the next row group ahead).
+    idle = getattr(builder, "idle", None)
     batch: int | None
     try:
         if pending is not None:

@@ -138,13 +138,7 @@ class SharedChunks:
 
     def _acquire(self, k: int, convert: Callable[[int], tuple[list, int]]) -> int:
         while True:
-            self._lock(fcntl.LOCK_EX, TABLE)
-            action = "error"
-            try:
-                action, s = self._decide(k)
-            finally:
-                if action != "load":
-                    self._lock(fcntl.LOCK_UN, TABLE)
+            action, s = self._decided(k)
             if action == "wait":  # another process decodes k into s: until it is done (or dead)
                 self._lock(fcntl.LOCK_SH, s)
                 self._lock(fcntl.LOCK_UN, s)
@@ -152,6 +146,17 @@ class SharedChunks:
             if action == "load":
                 self._load(k, s, convert)
             return s
+
+    def _decided(self, k: int, ahead: bool = False) -> tuple[str, int]:
+        """`_decide` under the table lock, which stays held only for a 'load'."""
+        self._lock(fcntl.LOCK_EX, TABLE)
+        action = "error"
+        try:
+            action, s = self._decide(k, ahead)
+        finally:
+            if action != "load":
+                self._lock(fcntl.LOCK_UN, TABLE)
+        return action, s
 
     def _decide(self, k: int, ahead: bool = False) -> tuple[str, int]:
         """Under the table lock: what to do for row group k.  'hit' (its slot's lock now
@@ -182,13 +187,7 @@ class SharedChunks:
         decoded into ('there'), or every slot is in use ('full'); 'loaded' if it was.
         What a worker does between batches that run in order, so that the next row
         groups are decoded, by several workers at once, before a batch needs them."""
-        self._lock(fcntl.LOCK_EX, TABLE)
-        action = "error"
-        try:
-            action, s = self._decide(k, ahead=True)
-        finally:
-            if action != "load":
-                self._lock(fcntl.LOCK_UN, TABLE)
+        action, s = self._decided(k, ahead=True)
         if action == "own":
             return "full"
         if action != "load":

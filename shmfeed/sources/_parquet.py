@@ -267,9 +267,9 @@ class _ArrowRows:
             # An ordered batch inside one chunk (most of them, unshuffled): its rows are
             # a slice, copied as one (into the first rows of `out`: a last, short batch
             # has fewer than the slot).
-            r0 = int(indices[0] - self._starts[ks[0]])
-            self._gather_chunk(int(ks[0]), indices, slice(0, len(indices)), slice(r0, r0 + len(indices)), out)
             k = int(ks[0])
+            r0 = int(indices[0] - self._starts[k])
+            self._gather_chunk(k, indices, slice(0, len(indices)), slice(r0, r0 + len(indices)), out)
             if self._shared is not None and k != self._ahead_of and k + 1 < len(self._starts) - 1:
                 # In order: the next row group, once this batch is out (once per row group)
                 self._ahead, self._ahead_of = k + 1, k
